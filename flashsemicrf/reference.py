@@ -1,0 +1,525 @@
+"""The plain-PyTorch streaming semi-CRF: the executable specification.
+
+Every compiled backend implements exactly the scan written here (SPEC §3), and
+the tests check them against it. It is dtype-generic (it computes in the dtype
+it is given), vectorised over the batch, and slow: a Python loop over
+positions. Clarity wins over speed everywhere in this file.
+
+Conventions used throughout (see SPEC §1 for the model):
+
+* Positions t = 0 … L. "Step t" computes the forward messages at boundary t:
+  alpha[t, c], the score of all segmentations of [0, t) whose last segment has
+  label c, and sigma[t, c], the score of "a label-c segment may start at t".
+* Every message is stored relative to a per-sequence running offset O_t
+  (float64, the sum of the maxima subtracted so far), so float32 values stay
+  small however long the sequence is. ``hat`` values are relative ones.
+* The forward state is a ring of the K open segments that end at the current
+  boundary: entry d-1 holds a label-c segment [t-d, t) whose emission sum has
+  been accumulated one position at a time (no global prefix sums, which lose
+  precision on long sequences).
+  - static (C, C) transition: the entry is sigma_hat[t-d] + gain, one (K, C)
+    array;
+  - duration-dependent (K, C, C) transition: the label-to-label step depends on
+    d, so the ring keeps alpha_hat[t-d] and the gain separately, a (2K, C)
+    array. The entry for start 0 holds start_transition - O_0 in the alpha slot
+    (there is no previous label to transition from).
+  "gain" of the segment starting at s is start_scores[s] + Σ_{u=s}^{t-1}
+  scores[u] + O_s - O_{t-1}: its emission sum re-expressed against the current
+  offset.
+* Checkpoints: the state (ring and offset) at the beginning of every
+  ``interval``-th step. The backward recomputes one span of the forward at a
+  time from its checkpoint and sweeps the backward messages through it with a
+  mirror-image ring, so working memory is O((T/interval)·K·C + interval·C).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+NEG_INF = float("-inf")
+
+
+class Problem(NamedTuple):
+    """Validated inputs, all in the compute dtype, optional ones filled in.
+
+    scores (B, T, C); transition (C, C) or (K, C, C); duration (K, C);
+    lengths (B,) int64; start_transition, end_transition (C,);
+    start_scores, end_scores (B, T, C) (zeros when the caller gave none).
+    """
+
+    scores: Tensor
+    transition: Tensor
+    duration: Tensor
+    lengths: Tensor
+    start_transition: Tensor
+    end_transition: Tensor
+    start_scores: Tensor
+    end_scores: Tensor
+
+    @property
+    def duration_dependent(self) -> bool:
+        return self.transition.dim() == 3
+
+
+def default_checkpoint_interval(T: int, K: int) -> int:
+    """Δ ≈ √(T·K) balances the checkpoints (T/Δ)·K·C against the span Δ·C."""
+    return max(1, math.isqrt(max(1, T * K)))
+
+
+def _finite_max(x: Tensor, dim) -> Tensor:
+    """Max over ``dim`` that is 0 where the max is ±inf or NaN, so that
+    subtracting it never creates NaN (an all -inf row stays -inf)."""
+    m = x.amax(dim=dim)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _reduce(x: Tensor, dim, semiring: str) -> Tensor:
+    if semiring == "log":
+        return torch.logsumexp(x, dim=dim)
+    return x.amax(dim=dim)
+
+
+def _shift_in(ring: Tensor, new: Tensor) -> Tensor:
+    """Ring (B, K, C) with ``new`` (B, C) in slot 0 and the oldest slot dropped."""
+    return torch.cat([new.unsqueeze(1), ring[:, :-1]], dim=1)
+
+
+# --------------------------------------------------------------------------
+# The forward scan
+# --------------------------------------------------------------------------
+
+
+class ForwardState(NamedTuple):
+    ring: Tensor  # (B, K, C) static, (B, 2K, C) duration-dependent
+    offset: Tensor  # (B,) float64: O_{t-1}
+
+
+class StepResult(NamedTuple):
+    alpha: Tensor | None  # (B, C) alpha_hat[t] relative to O_t (None at t = 0)
+    sigma: Tensor | None  # (B, C) sigma_hat[t] relative to O_t (None at t = T)
+    offset: Tensor  # (B,) float64 O_t
+    best_duration: Tensor | None  # max semiring: (B, C) argmax d of alpha[t]
+    best_previous: Tensor | None  # max semiring: (B, C) argmax c' (see viterbi)
+
+
+def initial_state(p: Problem) -> ForwardState:
+    B, _, C = p.scores.shape
+    K = p.duration.shape[0]
+    width = 2 * K if p.duration_dependent else K
+    ring = p.scores.new_full((B, width, C), NEG_INF)
+    return ForwardState(ring, torch.zeros(B, dtype=torch.float64, device=p.scores.device))
+
+
+def _segment_terms(p: Problem, t: int, ring: Tensor, semiring: str):
+    """Scores of the open segments [t-d, t), d = 1…K, before end_scores: (B, K, C).
+
+    Duration-dependent transitions also return the (B, K, C', C) terms per
+    previous label (for backpointers). Ring entries of segments that would
+    start before 0 are -inf from the initial state on.
+    """
+    K = p.duration.shape[0]
+    if not p.duration_dependent:
+        return ring + p.duration, None
+    alpha_hist, gain = ring[:, :K], ring[:, K:]
+    # (B, K, C', C): alpha_hat[t-d, c'] + transition[d-1, c', c]
+    per_prev = alpha_hist.unsqueeze(-1) + p.transition
+    entry = _reduce(per_prev, 2, semiring)
+    if 1 <= t <= K:
+        # The segment starting at 0 has no previous label: its alpha slot
+        # holds start_transition - O_0, per new label.
+        entry[:, t - 1] = alpha_hist[:, t - 1]
+    return entry + gain + p.duration, per_prev
+
+
+def forward_step(p: Problem, t: int, state: ForwardState, semiring: str = "log"):
+    """One step of the scan; returns (StepResult, new ForwardState).
+
+    Rows whose sequence has ended (t > L) compute values nobody reads.
+    """
+    B, T, C = p.scores.shape
+    K = p.duration.shape[0]
+    ring, offset = state
+    best_duration = best_previous = None
+    alpha = None
+    if t == 0:
+        sigma = p.start_transition + p.start_scores[:, 0]  # (B, C)
+        m = _finite_max(sigma, -1)
+        sigma = sigma - m[:, None]
+    else:
+        terms, per_prev = _segment_terms(p, t, ring, semiring)  # (B, K, C)
+        alpha = p.end_scores[:, t - 1] + _reduce(terms, 1, semiring)
+        if semiring == "max":
+            best_duration = terms.argmax(dim=1) + 1  # first max: shortest d
+            if per_prev is not None:
+                d_idx = (best_duration - 1)[:, None, None, :].expand(B, 1, C, C)
+                chosen = per_prev.gather(1, d_idx).squeeze(1)  # (B, C', C)
+                best_previous = chosen.argmax(dim=1)
+                best_previous = torch.where(best_duration == t, -1, best_previous)
+        m = _finite_max(alpha, -1)
+        alpha = alpha - m[:, None]
+        sigma = None
+        if t < T and not p.duration_dependent:
+            per_prev_sigma = alpha[:, :, None] + p.transition  # (B, C', C)
+            sigma = _reduce(per_prev_sigma, 1, semiring) + p.start_scores[:, t]
+            if semiring == "max":
+                best_previous = per_prev_sigma.argmax(dim=1)
+    new_offset = offset + m.to(torch.float64)
+
+    if t < T:
+        if p.duration_dependent:
+            alpha_hist, gain = ring[:, :K], ring[:, K:]
+            slot = p.start_transition.expand(B, C) - m[:, None] if t == 0 else alpha
+            alpha_hist = _shift_in(alpha_hist, slot)
+            gain = _shift_in(gain - m[:, None, None], p.start_scores[:, t])
+            gain = gain + p.scores[:, t, None, :]
+            ring = torch.cat([alpha_hist, gain], dim=1)
+        else:
+            ring = _shift_in(ring - m[:, None, None], sigma) + p.scores[:, t, None, :]
+    step = StepResult(alpha, sigma, new_offset, best_duration, best_previous)
+    return step, ForwardState(ring, new_offset)
+
+
+def _end_value(p: Problem, alpha: Tensor, semiring: str) -> Tensor:
+    return _reduce(alpha + p.end_transition, -1, semiring)
+
+
+class Checkpoints(NamedTuple):
+    ring: Tensor  # (B, N, S, C): the state at the beginning of step j·interval
+    offset: Tensor  # (B, N) float64
+
+
+def forward(p: Problem, interval: int | None = None) -> tuple[Tensor, Checkpoints]:
+    """log Z (B,) and the checkpoints the backward needs."""
+    B, T, C = p.scores.shape
+    K = p.duration.shape[0]
+    interval = interval or default_checkpoint_interval(T, K)
+    n_ckpt = -(-T // interval)
+    state = initial_state(p)
+    ck_ring = p.scores.new_full((B, n_ckpt) + state.ring.shape[1:], NEG_INF)
+    ck_off = torch.zeros(B, n_ckpt, dtype=torch.float64, device=p.scores.device)
+    log_z = p.scores.new_full((B,), NEG_INF)
+    for t in range(T + 1):
+        if t < T and t % interval == 0:
+            ck_ring[:, t // interval] = state.ring
+            ck_off[:, t // interval] = state.offset
+        step, state = forward_step(p, t, state)
+        ends = p.lengths == t
+        if t > 0 and bool(ends.any()):
+            value = step.offset + _end_value(p, step.alpha, "log").to(torch.float64)
+            log_z = torch.where(ends, value.to(log_z.dtype), log_z)
+    return log_z, Checkpoints(ck_ring, ck_off)
+
+
+class History(NamedTuple):
+    """Forward messages at every boundary t = 0 … T (for decoding and sampling)."""
+
+    alpha: Tensor  # (B, T+1, C) alpha_hat[t] (row 0: -inf)
+    sigma: Tensor  # (B, T+1, C) sigma_hat[t] (row T: -inf)
+    offset: Tensor  # (B, T+1) float64
+    best_duration: Tensor | None  # (B, T+1, C) max semiring
+    best_previous: Tensor | None  # (B, T+1, C) max semiring
+
+
+def forward_history(p: Problem, semiring: str = "log") -> tuple[Tensor, History]:
+    """The scan keeping every boundary's messages: O(T·C) memory.
+
+    Returns (value (B,), History): log Z or, in the max semiring, the Viterbi
+    score.
+    """
+    B, T, C = p.scores.shape
+    alpha = p.scores.new_full((B, T + 1, C), NEG_INF)
+    sigma = p.scores.new_full((B, T + 1, C), NEG_INF)
+    offset = torch.zeros(B, T + 1, dtype=torch.float64, device=p.scores.device)
+    long = dict(dtype=torch.long, device=p.scores.device)
+    best_d = torch.zeros(B, T + 1, C, **long) if semiring == "max" else None
+    best_c = torch.full((B, T + 1, C), -1, **long) if semiring == "max" else None
+    value = p.scores.new_full((B,), NEG_INF)
+    state = initial_state(p)
+    for t in range(T + 1):
+        step, state = forward_step(p, t, state, semiring)
+        offset[:, t] = step.offset
+        if step.sigma is not None:
+            sigma[:, t] = step.sigma
+        if step.alpha is not None:
+            alpha[:, t] = step.alpha
+            ends = p.lengths == t
+            end = step.offset + _end_value(p, step.alpha, semiring).to(torch.float64)
+            value = torch.where(ends, end.to(value.dtype), value)
+        if semiring == "max":
+            if step.best_duration is not None:
+                best_d[:, t] = step.best_duration
+            if step.best_previous is not None:
+                best_c[:, t] = step.best_previous
+    return value, History(alpha, sigma, offset, best_d, best_c)
+
+
+# --------------------------------------------------------------------------
+# The backward sweep
+# --------------------------------------------------------------------------
+
+
+class Gradients(NamedTuple):
+    """d log Z_b / d input, per sequence b, times the upstream gradient.
+
+    The shared parameters get a leading batch dimension (summed by autograd).
+    start_scores/end_scores are the posterior masses of segments starting /
+    ending at each position (None when not asked for).
+    """
+
+    scores: Tensor  # (B, T, C)
+    transition: Tensor  # (B, C, C) or (B, K, C, C)
+    duration: Tensor  # (B, K, C)
+    start_transition: Tensor  # (B, C)
+    end_transition: Tensor  # (B, C)
+    start_scores: Tensor | None  # (B, T, C)
+    end_scores: Tensor | None  # (B, T, C)
+
+
+def _recompute_span(p: Problem, ckpt: Checkpoints, j: int, first: int, last: int, interval):
+    """Forward messages alpha_hat, sigma_hat, O at boundaries first … last."""
+    B, T, C = p.scores.shape
+    n = last - first + 1
+    alpha = p.scores.new_full((B, n, C), NEG_INF)
+    sigma = p.scores.new_full((B, n, C), NEG_INF)
+    offset = torch.zeros(B, n, dtype=torch.float64, device=p.scores.device)
+    state = ForwardState(ckpt.ring[:, j], ckpt.offset[:, j])
+    for t in range(first, last + 1):
+        step, state = forward_step(p, t, state)
+        offset[:, t - first] = step.offset
+        if step.alpha is not None:
+            alpha[:, t - first] = step.alpha
+        if step.sigma is not None:
+            sigma[:, t - first] = step.sigma
+    return alpha, sigma, offset
+
+
+def backward(
+    p: Problem,
+    grad_log_z: Tensor,
+    log_z: Tensor,
+    ckpt: Checkpoints,
+    interval: int | None = None,
+    boundary_mass: bool = False,
+) -> Gradients:
+    """Gradients of log Z, walking the checkpoints in reverse.
+
+    The backward ring mirrors the forward one: entry d-1 at step t holds a
+    label-c segment [t, t+d) with its emissions, end score and the backward
+    message beta_hat[t+d] (relative to the backward offset Q).
+    ``boundary_mass``: also return the start/end-score gradients when the
+    problem has no start/end scores (marginals need them).
+    """
+    B, T, C = p.scores.shape
+    K = p.duration.shape[0]
+    dev, dt = p.scores.device, p.scores.dtype
+    interval = interval or default_checkpoint_interval(T, K)
+    n_ckpt = ckpt.ring.shape[1]
+    dd = p.duration_dependent
+    L = p.lengths
+
+    # Sequences with no valid segmentation (log Z = -inf) get zero gradients.
+    dead = log_z == NEG_INF
+    upstream = torch.where(dead, torch.zeros_like(grad_log_z), grad_log_z).to(dt)
+    log_z64 = torch.where(dead, torch.zeros_like(log_z), log_z).to(torch.float64)
+
+    g_scores = torch.zeros(B, T, C, dtype=dt, device=dev)
+    g_trans = torch.zeros((B,) + p.transition.shape, dtype=dt, device=dev)
+    g_dur = torch.zeros(B, K, C, dtype=dt, device=dev)
+    g_start_t = torch.zeros(B, C, dtype=dt, device=dev)
+    g_end_t = torch.zeros(B, C, dtype=dt, device=dev)
+    g_start_s = torch.zeros(B, T, C, dtype=dt, device=dev)
+    g_end_s = torch.zeros(B, T, C, dtype=dt, device=dev)
+
+    ring = p.scores.new_full((B, K, C), NEG_INF)
+    back_off = torch.zeros(B, dtype=torch.float64, device=dev)  # Q
+    u = upstream[:, None]
+
+    def mass(log_rel: Tensor, shift: Tensor) -> Tensor:
+        """exp(log_rel + shift) times the upstream gradient, 0 when dead."""
+        extra = (None,) * (log_rel.dim() - 1)
+        value = torch.exp(log_rel + shift.to(dt)[(...,) + extra]) * upstream[(...,) + extra]
+        return torch.where(dead[(...,) + extra], torch.zeros_like(value), value)
+
+    for j in range(n_ckpt - 1, -1, -1):
+        first = j * interval
+        last = T if j == n_ckpt - 1 else (j + 1) * interval - 1
+        alpha_s, sigma_s, off_s = _recompute_span(p, ckpt, j, first, last, interval)
+        for t in range(last, first - 1, -1):
+            alpha, sigma, off = alpha_s[:, t - first], sigma_s[:, t - first], off_s[:, t - first]
+            active = t < L  # a regular step: segments starting at t
+            ending = t == L  # initialise the backward messages
+            shift = off + back_off - log_z64  # (B,) float64
+
+            if t < T:
+                # Segments [t, t+d): posteriors, and tau = their backward score.
+                x = ring + p.duration  # (B, K, C)
+                if dd and t > 0:
+                    # (B, K, C): the start term depends on d through transition.
+                    start = torch.logsumexp(alpha[:, None, :, None] + p.transition, dim=2)
+                    start = start + p.start_scores[:, t, None, :]
+                else:
+                    start = sigma[:, None, :]
+                post = mass(start + x, shift)  # (B, K, C)
+                post = torch.where(active[:, None, None], post, torch.zeros_like(post))
+                g_dur += post
+                starts = post.sum(1)  # (B, C)
+                g_start_s[:, t] = starts
+                if t == 0:
+                    g_start_t += starts
+                # Position t+k lies in every segment [t, t+d) with d > k.
+                covers = post.flip(1).cumsum(1).flip(1)  # (B, K, C)
+                span = min(K, T - t)
+                g_scores[:, t : t + span] += covers[:, :span]
+
+            if t > 0:
+                # beta[t, c']: the backward score of "a segment ended at t".
+                beta_reg = torch.full_like(alpha, NEG_INF)
+                if t < T:
+                    x = ring + p.duration  # (B, K, C)
+                    if dd:
+                        inner = p.start_scores[:, t, None, None, :] + x[:, :, None, :]
+                        joint = p.transition + inner  # (B, K, C', C)
+                        beta_reg = torch.logsumexp(joint, dim=(1, 3))
+                        tr = mass(alpha[:, None, :, None] + joint, shift)
+                    else:
+                        tau = torch.logsumexp(x, dim=1)  # (B, C)
+                        joint = p.transition + (p.start_scores[:, t] + tau)[:, None, :]
+                        beta_reg = torch.logsumexp(joint, dim=2)  # (B, C')
+                        tr = mass(alpha[:, :, None] + joint, shift)  # (B, C', C)
+                    keep = active.view((B,) + (1,) * (tr.dim() - 1))
+                    g_trans += torch.where(keep, tr, torch.zeros_like(tr))
+                beta = torch.where(ending[:, None], p.end_transition.expand(B, C), beta_reg)
+                q = _finite_max(beta, -1)
+                beta = beta - q[:, None]
+                back_off_t = torch.where(ending, q.to(torch.float64), back_off + q)
+                shift_t = off + back_off_t - log_z64
+                ends_here = mass(alpha + beta, shift_t)  # mass of segments ending at t
+                use = (active | ending)[:, None]
+                g_end_s[:, t - 1] = torch.where(use, ends_here, g_end_s[:, t - 1])
+                g_end_t = torch.where(ending[:, None], ends_here, g_end_t)
+
+                # Move the ring from step t to step t-1.
+                fresh = beta + p.end_scores[:, t - 1]
+                moved = _shift_in(ring - q[:, None, None], fresh) + p.scores[:, t - 1, None, :]
+                started = _shift_in(torch.full_like(ring, NEG_INF), fresh) + p.scores[
+                    :, t - 1, None, :
+                ]
+                ring = torch.where(
+                    ending[:, None, None], started, torch.where(active[:, None, None], moved, ring)
+                )
+                back_off = torch.where(active | ending, back_off_t, back_off)
+
+    if not boundary_mass:
+        g_start_s = g_end_s = None
+    return Gradients(g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s)
+
+
+# --------------------------------------------------------------------------
+# Decoding and sampling (from the full history: O(T·C) memory)
+# --------------------------------------------------------------------------
+
+
+def viterbi(p: Problem) -> tuple[Tensor, Tensor]:
+    """The max semiring scan and its traceback: (best (B,), segments (N, 4)).
+
+    Ties go to the shortest duration, then the smallest previous label, then
+    (for the last segment) the smallest label. A sequence with no valid
+    segmentation has best = -inf and no segments.
+    """
+    best, h = forward_history(p, "max")
+    alpha, best_d, best_c = h.alpha.cpu(), h.best_duration.cpu(), h.best_previous.cpu()
+    end_transition = p.end_transition.cpu()
+    rows: list[tuple[int, int, int, int]] = []
+    for b in range(p.scores.shape[0]):
+        if not best[b] > NEG_INF:  # -inf or NaN: nothing to trace
+            continue
+        t = int(p.lengths[b])
+        c = int((alpha[b, t] + end_transition).argmax())
+        trace = []
+        while t > 0:
+            d = int(best_d[b, t, c])
+            s = t - d
+            trace.append((b, s, d, c))
+            if s > 0:
+                # Static: the previous label was chosen when sigma[s] was
+                # formed; duration-dependent: together with d at alpha[t].
+                c = int(best_c[b, t, c] if p.duration_dependent else best_c[b, s, c])
+            t = s
+        rows.extend(reversed(trace))
+    segments = torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
+    return best, segments.to(p.scores.device)
+
+
+def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """An exact sample from softmax(logits) along the last dim (Gumbel-max)."""
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    u = u.clamp_min(torch.finfo(logits.dtype).tiny)
+    return (logits - torch.log(-torch.log(u))).argmax(-1)
+
+
+def sample(
+    p: Problem, log_z: Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Forward filtering, backward sampling: (N, 5) rows (sample, batch, start, duration, label).
+
+    Each of the S·B samplers walks back from its sequence's end one segment at
+    a time: label of the last segment ∝ exp(alpha[L] + end_transition); then
+    its duration given its end e and label c ∝ exp(sigma[e-d, c] + emissions +
+    duration[d-1, c]); then the previous label ∝ exp(alpha[s, c'] +
+    transition[c', c]). Sequences with no valid segmentation get no rows.
+    """
+    B, T, C = p.scores.shape
+    K = p.duration.shape[0]
+    dev = p.scores.device
+    f64 = torch.float64
+    _, h = forward_history(p, "log")
+    alpha = h.alpha.to(f64) + h.offset[..., None]  # (B, T+1, C) absolute
+    sigma = h.sigma.to(f64) + h.offset[..., None]
+    scores = p.scores.to(f64)
+    transition, duration = p.transition.to(f64), p.duration.to(f64)
+    start_scores = p.start_scores.to(f64)
+
+    S = num_samples
+    batch = torch.arange(B, device=dev).repeat(S)  # sampler m -> its sequence
+    sample_id = torch.arange(S, device=dev).repeat_interleave(B)
+    end = p.lengths.to(dev).repeat(S)
+    alive = (log_z > NEG_INF).repeat(S)
+    last = alpha[batch, end] + p.end_transition.to(f64)
+    label = _gumbel_argmax(last, generator)
+    d_range = torch.arange(1, K + 1, device=dev)
+    found: list[Tensor] = []
+    while bool(alive.any()):
+        m = alive.nonzero().squeeze(1)
+        b, e, c = batch[m], end[m], label[m]
+        starts = e[:, None] - d_range  # (M, K) start of a duration-d segment
+        valid = starts >= 0
+        s_idx = starts.clamp_min(0)
+        # Emissions of [e-d, e): reverse cumulative sum over the last K positions.
+        pos = (e[:, None] - d_range).clamp_min(0)
+        emit = scores[b[:, None], pos, c[:, None]]
+        emit = torch.where(valid, emit, torch.zeros_like(emit)).cumsum(1)
+        if p.duration_dependent:
+            prev = alpha[b[:, None], s_idx]  # (M, K, C')
+            into = transition[:, :, c].permute(2, 0, 1)  # (M, K, C')
+            enter = torch.logsumexp(prev + into, -1) + start_scores[b[:, None], s_idx, c[:, None]]
+            enter = torch.where(starts == 0, sigma[b, 0, c][:, None], enter)
+        else:
+            enter = sigma[b[:, None], s_idx, c[:, None]]
+        logits = enter + emit + duration[:, c].T
+        logits = torch.where(valid, logits, torch.full_like(logits, NEG_INF))
+        d = _gumbel_argmax(logits, generator) + 1
+        s = e - d
+        found.append(torch.stack([sample_id[m], b, s, d, c], 1))
+        # The label of the segment before, for samplers not yet at position 0.
+        into = transition[d - 1, :, c] if p.duration_dependent else transition[:, c].T
+        prev_label = _gumbel_argmax(alpha[b, s] + into, generator)
+        end[m] = s
+        label[m] = prev_label
+        alive[m] = s > 0
+    rows = torch.cat(found) if found else torch.zeros(0, 5, dtype=torch.long, device=dev)
+    key = (rows[:, 0] * B + rows[:, 1]) * (T + 1) + rows[:, 2]
+    return rows[key.argsort()]
