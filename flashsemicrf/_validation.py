@@ -1,0 +1,223 @@
+"""Input checks at the public entry points (SPEC §5).
+
+Every message names the function, the argument, what was expected and what
+was received. Nothing here copies or modifies the caller's tensors, except
+that ``lengths`` given as a list or on the CPU is turned into an int64 tensor
+on the scores' device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+
+class Inputs(NamedTuple):
+    """The validated problem, in the caller's tensors (no copies).
+
+    lengths is always an int64 tensor on the scores' device; the optional
+    inputs stay None when not given.
+    """
+
+    scores: Tensor
+    transition: Tensor
+    duration: Tensor
+    lengths: Tensor
+    start_transition: Tensor | None
+    end_transition: Tensor | None
+    start_scores: Tensor | None
+    end_scores: Tensor | None
+
+    @property
+    def floats(self) -> tuple[Tensor | None, ...]:
+        """The float inputs in signature order (lengths left out)."""
+        return (self.scores, self.transition, self.duration) + tuple(self[4:])
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dim()}-D {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"{type(x).__name__}"
+
+
+def _float_tensor(fn: str, name: str, x, shape_text: str, dims: Sequence[int]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: {name} must be a floating tensor {shape_text}, got {_describe(x)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: {name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got {x.dtype}"
+        )
+    if x.dim() not in dims:
+        raise ValueError(f"{fn}: {name} must be {shape_text}, got {_describe(x)}")
+
+
+def _same_shape(fn: str, name: str, x: Tensor, expected: tuple, shape_text: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(
+            f"{fn}: {name} must have shape {shape_text} = {tuple(expected)}, "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def check_backend(fn: str, backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_lengths(fn: str, lengths, batch: int, length: int, device) -> Tensor:
+    """lengths as an int64 tensor (B,) on ``device``, every value in [1, T]."""
+    if lengths is None:
+        return torch.full((batch,), length, dtype=torch.long, device=device)
+    if isinstance(lengths, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
+            raise TypeError(f"{fn}: lengths must be integers, got {lengths!r}")
+        lengths = torch.tensor(lengths, dtype=torch.long).reshape(-1)
+    if not isinstance(lengths, Tensor):
+        raise TypeError(
+            f"{fn}: lengths must be an integer tensor (B,) or None, got {_describe(lengths)}"
+        )
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise TypeError(f"{fn}: lengths must have an integer dtype, got {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"{fn}: lengths must have shape (B,) = ({batch},), got {_describe(lengths)}")
+    if lengths.device != torch.device(device) and lengths.device.type != "cpu":
+        raise ValueError(
+            f"{fn}: lengths must be on the scores' device ({device}) or on the CPU, "
+            f"got {lengths.device}"
+        )
+    if batch > 0:
+        low, high = int(lengths.min()), int(lengths.max())
+        if low < 1 or high > length:
+            raise ValueError(
+                f"{fn}: lengths must lie in [1, T] = [1, {length}], got values in [{low}, {high}]"
+            )
+    return lengths.to(device=device, dtype=torch.long)
+
+
+def check_problem(
+    fn: str,
+    scores,
+    transition,
+    duration,
+    lengths,
+    start_transition,
+    end_transition,
+    start_scores,
+    end_scores,
+) -> Inputs:
+    _float_tensor(fn, "scores", scores, "(B, T, C)", (3,))
+    B, T, C = scores.shape
+    if T < 1 or C < 1:
+        raise ValueError(f"{fn}: scores must have T ≥ 1 and C ≥ 1, got shape {tuple(scores.shape)}")
+    _float_tensor(fn, "duration", duration, "(K, C)", (2,))
+    K = duration.shape[0]
+    if K < 1:
+        raise ValueError(f"{fn}: duration must have K ≥ 1 rows, got shape {tuple(duration.shape)}")
+    _same_shape(fn, "duration", duration, (K, C), "(K, C)")
+    _float_tensor(fn, "transition", transition, "(C, C) or (K, C, C)", (2, 3))
+    if transition.dim() == 2:
+        _same_shape(fn, "transition", transition, (C, C), "(C, C)")
+    else:
+        _same_shape(fn, "transition", transition, (K, C, C), "(K, C, C)")
+    optional = {
+        "start_transition": (start_transition, (C,), "(C,)"),
+        "end_transition": (end_transition, (C,), "(C,)"),
+        "start_scores": (start_scores, (B, T, C), "(B, T, C)"),
+        "end_scores": (end_scores, (B, T, C), "(B, T, C)"),
+    }
+    for name, (x, shape, text) in optional.items():
+        if x is not None:
+            _float_tensor(fn, name, x, text, (len(shape),))
+            _same_shape(fn, name, x, shape, text)
+    named = {"transition": transition, "duration": duration}
+    named.update({k: v[0] for k, v in optional.items() if v[0] is not None})
+    for name, x in named.items():
+        if x.device != scores.device:
+            raise ValueError(
+                f"{fn}: {name} is on {x.device} but scores is on {scores.device}; "
+                "all tensors must be on one device"
+            )
+    lengths = check_lengths(fn, lengths, B, T, scores.device)
+    return Inputs(
+        scores, transition, duration, lengths, start_transition, end_transition,
+        start_scores, end_scores,
+    )
+
+
+def check_segments(fn: str, segments, inputs: Inputs) -> Tensor:
+    """segments (N, 4) rows (batch, start, duration, label) that tile every sequence.
+
+    Rows must be sorted by batch then start, and for every sequence b tile
+    [0, L_b) exactly with durations in [1, K] and labels in [0, C).
+    """
+    B, T, C = inputs.scores.shape
+    K = inputs.duration.shape[0]
+    segments = check_segment_tensor(fn, segments, inputs.scores.device)
+    batch, start, dur, label = segments.unbind(1)
+    n = segments.shape[0]
+
+    def first_bad(mask: Tensor, what: str) -> None:
+        if bool(mask.any()):
+            i = int(mask.nonzero()[0, 0])
+            row = tuple(segments[i].tolist())
+            raise ValueError(f"{fn}: segments row {i} (batch, start, duration, label) = {row} {what}")
+
+    first_bad((batch < 0) | (batch >= B), f"has a batch index outside [0, {B})")
+    first_bad((dur < 1) | (dur > K), f"has a duration outside [1, K] = [1, {K}]")
+    first_bad((label < 0) | (label >= C), f"has a label outside [0, C) = [0, {C})")
+    first_bad(start < 0, "has a negative start")
+    L = inputs.lengths
+    first_bad(start + dur > L[batch.clamp(0, B - 1)], "runs past the end of its sequence (lengths)")
+    if n > 1:
+        same = batch[1:] == batch[:-1]
+        order = (batch[1:] < batch[:-1]) | (same & (start[1:] <= start[:-1]))
+        first_bad(torch.cat([order.new_zeros(1), order]), "is out of order: sort by batch, then start")
+        expected = start[:-1] + dur[:-1]
+        overlap = same & (start[1:] < expected)
+        gap = same & (start[1:] > expected)
+        first_bad(torch.cat([overlap.new_zeros(1), overlap]), "overlaps the segment before it")
+        first_bad(torch.cat([gap.new_zeros(1), gap]), "leaves a gap after the segment before it")
+    is_first = torch.ones(n, dtype=torch.bool, device=segments.device)
+    is_last = torch.ones(n, dtype=torch.bool, device=segments.device)
+    if n > 1:
+        is_first[1:] = batch[1:] != batch[:-1]
+        is_last[:-1] = batch[1:] != batch[:-1]
+    first_bad(is_first & (start != 0), "starts its sequence at a position other than 0 (a gap)")
+    first_bad(is_last & (start + dur != L[batch.clamp(0, B - 1)]), "ends its sequence before lengths")
+    covered = torch.zeros(B, dtype=torch.bool, device=segments.device)
+    covered[batch] = True
+    if not bool(covered.all()):
+        b = int((~covered).nonzero()[0, 0])
+        raise ValueError(f"{fn}: segments has no segment for sequence {b}: every sequence must be tiled")
+    return segments
+
+
+def check_segment_tensor(fn: str, segments, device) -> Tensor:
+    if not isinstance(segments, Tensor):
+        raise TypeError(f"{fn}: segments must be an integer tensor (N, 4), got {_describe(segments)}")
+    if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
+        raise TypeError(f"{fn}: segments must have an integer dtype, got {segments.dtype}")
+    if segments.dim() != 2 or segments.shape[1] != 4:
+        raise ValueError(
+            f"{fn}: segments must have shape (N, 4) with rows (batch, start, duration, label), "
+            f"got {_describe(segments)}"
+        )
+    if segments.device != torch.device(device):
+        raise ValueError(f"{fn}: segments is on {segments.device} but scores is on {device}")
+    return segments.long()
+
+
+def check_positive_int(fn: str, name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be ≥ {minimum}, got {value}")
+    return value

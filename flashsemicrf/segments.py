@@ -1,0 +1,125 @@
+"""Segmentations as tensors: rows (batch, start, duration, label).
+
+Conversions to and from per-position label maps, and the score of a given
+segmentation (plain differentiable PyTorch on every backend: it is O(T)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._validation import Inputs, check_lengths, check_positive_int, check_segment_tensor
+
+Tensor = torch.Tensor
+
+
+def _positions(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(batch, position, label) of every position covered by a segment."""
+    batch, start, dur, label = segments.unbind(1)
+    n = int(dur.sum()) if segments.shape[0] else 0
+    row = torch.repeat_interleave(torch.arange(segments.shape[0], device=segments.device), dur,
+                                  output_size=n)
+    first = torch.cumsum(dur, 0) - dur  # index of each row's first position
+    pos = start[row] + torch.arange(n, device=segments.device) - first[row]
+    return batch[row], pos, label[row]
+
+
+def segment_scores(segments: Tensor, x: Inputs, dtype: torch.dtype) -> Tensor:
+    """Score (B,) of validated segmentations that tile every sequence."""
+    B = x.scores.shape[0]
+    batch, start, dur, label = segments.unbind(1)
+    b_pos, t_pos, c_pos = _positions(segments)
+    emissions = x.scores[b_pos, t_pos, c_pos].to(dtype)
+    total = torch.zeros(B, dtype=dtype, device=x.scores.device).index_add(0, b_pos, emissions)
+    per_row = x.duration[dur - 1, label].to(dtype)
+    n = segments.shape[0]
+    first = torch.ones(n, dtype=torch.bool, device=segments.device)
+    first[1:] = batch[1:] != batch[:-1]
+    prev_label = torch.roll(label, 1)
+    if x.transition.dim() == 3:
+        into = x.transition[dur - 1, prev_label, label]
+    else:
+        into = x.transition[prev_label, label]
+    into = into.to(dtype)
+    begin = (
+        x.start_transition[label].to(dtype)
+        if x.start_transition is not None
+        else torch.zeros_like(into)
+    )
+    per_row = per_row + torch.where(first, begin, into)
+    if x.end_transition is not None:
+        last = torch.ones(n, dtype=torch.bool, device=segments.device)
+        last[:-1] = batch[1:] != batch[:-1]
+        ends = x.end_transition[label].to(dtype)
+        per_row = per_row + torch.where(last, ends, torch.zeros_like(ends))
+    if x.start_scores is not None:
+        per_row = per_row + x.start_scores[batch, start, label].to(dtype)
+    if x.end_scores is not None:
+        per_row = per_row + x.end_scores[batch, start + dur - 1, label].to(dtype)
+    return total.index_add(0, batch, per_row)
+
+
+def segments_to_labels(segments: Tensor, batch_size: int, length: int) -> Tensor:
+    """Label map (batch_size, length) int64 from segments (N, 4); −1 where uncovered.
+
+    Rows may leave gaps but must not overlap or run outside the map.
+    """
+    fn = "segments_to_labels"
+    check_positive_int(fn, "batch_size", batch_size, minimum=0)
+    check_positive_int(fn, "length", length)
+    segments = check_segment_tensor(fn, segments, segments.device if hasattr(segments, "device") else "cpu")
+    batch, start, dur, label = segments.unbind(1)
+    bad = (batch < 0) | (batch >= batch_size) | (start < 0) | (dur < 1) | (start + dur > length)
+    bad |= label < 0
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{fn}: segments row {i} = {tuple(segments[i].tolist())} lies outside a "
+            f"({batch_size}, {length}) map or has a duration < 1 or a negative label"
+        )
+    out = torch.full((batch_size, length), -1, dtype=torch.long, device=segments.device)
+    b_pos, t_pos, c_pos = _positions(segments)
+    hits = torch.zeros((batch_size, length), dtype=torch.long, device=segments.device)
+    hits.index_put_((b_pos, t_pos), torch.ones_like(t_pos), accumulate=True)
+    if bool((hits > 1).any()):
+        b, t = (hits > 1).nonzero()[0].tolist()
+        raise ValueError(f"{fn}: segments overlap at batch {b}, position {t}")
+    out[b_pos, t_pos] = c_pos
+    return out
+
+
+def labels_to_segments(labels: Tensor, lengths: Tensor | None, max_duration: int) -> Tensor:
+    """Segments (N, 4) from a label map (B, T): every maximal run of one label,
+    split into pieces of at most ``max_duration`` from its start.
+
+    A label map cannot tell two adjacent segments of the same label apart, so
+    such segments come back merged (then split only by ``max_duration``).
+    Positions at or beyond lengths[b] are ignored.
+    """
+    fn = "labels_to_segments"
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool \
+            or labels.dim() != 2:
+        raise TypeError(f"{fn}: labels must be an integer tensor (B, T), got {labels!r:.80}")
+    check_positive_int(fn, "max_duration", max_duration)
+    B, T = labels.shape
+    if T < 1:
+        raise ValueError(f"{fn}: labels must have T ≥ 1, got shape {tuple(labels.shape)}")
+    lengths = check_lengths(fn, lengths, B, T, labels.device)
+    inside = torch.arange(T, device=labels.device)[None, :] < lengths[:, None]
+    if bool((labels[inside] < 0).any()):
+        raise ValueError(f"{fn}: labels must be ≥ 0 within lengths")
+    labels = labels.long()
+    # A run starts at 0 or where the label changes; a piece every max_duration into a run.
+    change = torch.ones_like(inside)
+    change[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    pos = torch.arange(T, device=labels.device).expand(B, T)
+    run_start = torch.where(change, pos, torch.zeros_like(pos)).cummax(1).values
+    boundary = inside & ((pos - run_start) % max_duration == 0)
+    b_idx, s_idx = boundary.nonzero(as_tuple=True)
+    # Each piece ends where the next one of its sequence starts, or at L_b.
+    nxt = torch.roll(s_idx, -1)
+    same_next = torch.roll(b_idx, -1) == b_idx
+    if s_idx.numel():
+        same_next[-1] = False
+    end = torch.where(same_next, nxt, lengths[b_idx])
+    return torch.stack([b_idx, s_idx, end - s_idx, labels[b_idx, s_idx]], 1)
