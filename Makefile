@@ -1,0 +1,88 @@
+# make test | make bench | make build | make clean
+#
+#   VENV=path       virtual environment to create and use (default .venv)
+#   PYTHON=path     use this interpreter as is: no venv, no dependency install
+#                   (e.g. an offline GPU machine: make test PYTHON=python3)
+#   PYTEST_ARGS=... extra pytest arguments, e.g. PYTEST_ARGS="-k viterbi -x"
+#   CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS and FLASHSEMICRF_* reach setup.py.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+VENV ?= .venv
+PYTEST_ARGS ?=
+DEPS := torch numpy pytest ninja triton hypothesis tqdm matplotlib \
+        flash-semicrf==0.2.0 torch-struct==0.5
+
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.flashsemicrf-deps
+BUILD_STAMP := $(VENV)/.flashsemicrf-build
+else
+# A given interpreter is used as it is; the build step then always runs
+# (ninja keeps it incremental).
+DEPS_STAMP :=
+BUILD_STAMP := build-always
+endif
+
+ifeq ($(origin CUDA_HOME),undefined)
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME := /usr/local/cuda
+endif
+endif
+
+# No GPU to query: give torch one architecture instead of every one it knows.
+ifeq ($(origin TORCH_CUDA_ARCH_LIST),undefined)
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),)
+export TORCH_CUDA_ARCH_LIST := 9.0
+endif
+endif
+
+PIP_FLAGS := $(if $(filter true,$(CI)),--progress-bar off,)
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
+
+.PHONY: test bench build clean build-always
+
+test: $(BUILD_STAMP)
+	@rc=0; $(PYTHON) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; \
+	exit $$rc
+
+bench: $(BUILD_STAMP)
+	$(PYTHON) -m bench
+
+build: $(BUILD_STAMP)
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+$(VENV)/.flashsemicrf-deps: | $(VENV)/bin/python
+	$(PYTHON) -m pip install $(PIP_FLAGS) "setuptools>=64" wheel $(DEPS)
+	touch $@
+
+# The full compiler output goes to build/build.log; shown here: what setup.py
+# chose, one line per compiled file, compiler warnings, the log's tail on failure.
+define build_ext
+	@mkdir -p build
+	@echo "building flashsemicrf._C (CUDA_HOME=$${CUDA_HOME:-unset}, TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-unset}, log: build/build.log)"
+	@if $(PYTHON) -m pip install $(PIP_FLAGS) --no-build-isolation --no-deps -v -e . \
+		> build/build.log 2>&1; then \
+	  sed -n -E 's/^ +//; s/^(\[[0-9]+\/[0-9]+\]) ([^ ]+) .* -c ([^ ]+) .*/\1 \2 \3/p; /^flashsemicrf setup|warning:/p' \
+	    build/build.log | cut -c1-240 | awk '!seen[$$0]++'; \
+	else \
+	  tail -n 80 build/build.log; echo "make: building flashsemicrf._C failed" >&2; exit 1; \
+	fi
+endef
+
+$(VENV)/.flashsemicrf-build: $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
+	$(build_ext)
+	touch $@
+
+build-always: $(DEPS_STAMP)
+	$(build_ext)
+
+clean:
+	rm -rf build *.egg-info flashsemicrf/*.egg-info .pytest_cache
+	rm -f flashsemicrf/_C*.so flashsemicrf/_C*.pyd $(VENV)/.flashsemicrf-build
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
