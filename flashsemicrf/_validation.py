@@ -93,7 +93,9 @@ def check_lengths(fn: str, lengths, batch: int, length: int, device) -> Tensor:
             f"{fn}: lengths must be on the scores' device ({device}) or on the CPU, "
             f"got {lengths.device}"
         )
-    if batch > 0:
+    # Reading the values would break a torch.compile graph: traced calls check
+    # shapes, dtypes and devices only.
+    if batch > 0 and not torch.compiler.is_compiling():
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > length:
             raise ValueError(

@@ -35,46 +35,9 @@ def _prepare(fn, scores, transition, duration, lengths, opt, backend):
 
 
 def _interval(x: Inputs) -> int:
-    return reference.default_checkpoint_interval(x.scores.shape[1], x.duration.shape[0])
-
-
-class _LogPartition(torch.autograd.Function):
-    """log Z with the backend's checkpointed backward (no autograd through a loop)."""
-
-    @staticmethod
-    def forward(ctx, impl, *tensors):
-        x = Inputs(*tensors)
-        xc = _backends.to_compute(x)
-        interval = _interval(xc)
-        log_z, ckpt_ring, ckpt_offset = impl.forward(xc, interval)
-        ctx.impl, ctx.interval = impl, interval
-        ctx.save_for_backward(log_z, ckpt_ring, ckpt_offset, *tensors)
-        return log_z
-
-    @staticmethod
-    def backward(ctx, grad):
-        log_z, ckpt_ring, ckpt_offset, *tensors = ctx.saved_tensors
-        x = Inputs(*tensors)
-        xc = _backends.to_compute(x)
-        needs = ctx.needs_input_grad[1:]
-        boundary = needs[6] or needs[7]
-        g = ctx.impl.backward(
-            xc, grad.to(log_z.dtype), log_z, ckpt_ring, ckpt_offset, ctx.interval, boundary
-        )
-        per_input = (
-            g.scores,
-            g.transition.sum(0),
-            g.duration.sum(0),
-            None,
-            g.start_transition.sum(0),
-            g.end_transition.sum(0),
-            g.start_scores,
-            g.end_scores,
-        )
-        out = []
-        for value, original, need in zip(per_input, x, needs):
-            out.append(value.to(original.dtype) if need and value is not None else None)
-        return (None, *out)
+    """Checkpoint interval: 0 lets each backend use the default ⌊√(T·K)⌋
+    (a Python int computed from symbolic T would fix T under torch.compile)."""
+    return 0
 
 
 def log_partition(
@@ -98,9 +61,10 @@ def log_partition(
     """
     opt = (start_transition, end_transition, start_scores, end_scores)
     x, impl = _prepare("log_partition", scores, transition, duration, lengths, opt, backend)
+    xc = _backends.to_compute(x)  # differentiable casts
     if scores.shape[0] == 0:
-        return scores.sum(dim=(1, 2)).to(_backends.compute_dtype(x))
-    return _LogPartition.apply(impl, *x)
+        return xc.scores.sum(dim=(1, 2))
+    return impl.log_partition(xc, _interval(xc))
 
 
 class Marginals(NamedTuple):

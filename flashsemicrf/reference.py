@@ -66,7 +66,10 @@ class Problem(NamedTuple):
 
 
 def default_checkpoint_interval(T: int, K: int) -> int:
-    """Δ ≈ √(T·K) balances the checkpoints (T/Δ)·K·C against the span Δ·C."""
+    """Δ = ⌊√(T·K)⌋ balances the checkpoints (T/Δ)·K·C against the span Δ·C.
+
+    The compiled ops use the same formula when given interval 0.
+    """
     return max(1, math.isqrt(max(1, T * K)))
 
 
@@ -192,8 +195,8 @@ class Checkpoints(NamedTuple):
     offset: Tensor  # (B, N) float64
 
 
-def forward(p: Problem, interval: int | None = None) -> tuple[Tensor, Checkpoints]:
-    """log Z (B,) and the checkpoints the backward needs."""
+def forward(p: Problem, interval: int = 0) -> tuple[Tensor, Checkpoints]:
+    """log Z (B,) and the checkpoints the backward needs (interval 0: the default)."""
     B, T, C = p.scores.shape
     K = p.duration.shape[0]
     interval = interval or default_checkpoint_interval(T, K)
@@ -204,8 +207,10 @@ def forward(p: Problem, interval: int | None = None) -> tuple[Tensor, Checkpoint
     log_z = p.scores.new_full((B,), NEG_INF)
     for t in range(T + 1):
         if t < T and t % interval == 0:
-            ck_ring[:, t // interval] = state.ring
-            ck_off[:, t // interval] = state.offset
+            # Past a sequence's end the state is never read: store the empty one.
+            done = p.lengths < t
+            ck_ring[:, t // interval] = torch.where(done[:, None, None], NEG_INF, state.ring)
+            ck_off[:, t // interval] = torch.where(done, 0.0, state.offset)
         step, state = forward_step(p, t, state)
         ends = p.lengths == t
         if t > 0 and bool(ends.any()):
@@ -302,16 +307,18 @@ def backward(
     grad_log_z: Tensor,
     log_z: Tensor,
     ckpt: Checkpoints,
-    interval: int | None = None,
-    boundary_mass: bool = False,
+    interval: int = 0,
+    start_mass: bool = False,
+    end_mass: bool = False,
 ) -> Gradients:
     """Gradients of log Z, walking the checkpoints in reverse.
 
     The backward ring mirrors the forward one: entry d-1 at step t holds a
     label-c segment [t, t+d) with its emissions, end score and the backward
     message beta_hat[t+d] (relative to the backward offset Q).
-    ``boundary_mass``: also return the start/end-score gradients when the
-    problem has no start/end scores (marginals need them).
+    ``start_mass`` / ``end_mass``: return the start/end-score gradients (the
+    posterior masses of segments starting / ending at each position), else
+    None for them.
     """
     B, T, C = p.scores.shape
     K = p.duration.shape[0]
@@ -413,8 +420,10 @@ def backward(
                 )
                 back_off = torch.where(active | ending, back_off_t, back_off)
 
-    if not boundary_mass:
-        g_start_s = g_end_s = None
+    if not start_mass:
+        g_start_s = None
+    if not end_mass:
+        g_end_s = None
     return Gradients(g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s)
 
 
@@ -462,7 +471,11 @@ def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
 
 
 def sample(
-    p: Problem, log_z: Tensor, num_samples: int, generator: torch.Generator | None = None
+    p: Problem,
+    history: History,
+    log_z: Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Forward filtering, backward sampling: (N, 5) rows (sample, batch, start, duration, label).
 
@@ -476,7 +489,7 @@ def sample(
     K = p.duration.shape[0]
     dev = p.scores.device
     f64 = torch.float64
-    _, h = forward_history(p, "log")
+    h = history
     alpha = h.alpha.to(f64) + h.offset[..., None]  # (B, T+1, C) absolute
     sigma = h.sigma.to(f64) + h.offset[..., None]
     scores = p.scores.to(f64)

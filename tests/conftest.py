@@ -1,0 +1,147 @@
+"""Shared test helpers: random problems with readable ids, tolerances in one place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+OPTIONAL = ("start_transition", "end_transition", "start_scores", "end_scores")
+
+# Absolute tolerances per compute dtype (max difference printed before asserting).
+TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
+
+
+@dataclass
+class Case:
+    """A random problem; ``kwargs`` feed every public function."""
+
+    B: int
+    T: int
+    K: int
+    C: int
+    duration_dependent: bool
+    optional: tuple
+    neg_inf: bool
+    seed: int
+    tensors: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        opt = "".join(name[0] + name.split("_")[1][0] for name in self.optional) or "none"
+        return (
+            f"B{self.B}-T{self.T}-K{self.K}-C{self.C}-{'kcc' if self.duration_dependent else 'cc'}"
+            f"-opt_{opt}{'-neginf' if self.neg_inf else ''}-s{self.seed}"
+        )
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.tensors)
+
+    def leaves(self, dtype=torch.float64) -> dict:
+        """Fresh leaf tensors that require grad (lengths untouched)."""
+        out = {}
+        for k, v in self.tensors.items():
+            out[k] = v if k == "lengths" else v.detach().to(dtype).clone().requires_grad_()
+        return out
+
+
+def make_case(
+    seed: int,
+    B: int,
+    T: int,
+    K: int,
+    C: int,
+    *,
+    duration_dependent: bool = False,
+    optional: tuple = OPTIONAL,
+    neg_inf: bool = False,
+    ragged: bool = True,
+    dtype=torch.float64,
+    device="cpu",
+    scale: float = 1.0,
+) -> Case:
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    def sprinkle(x, p=0.2):
+        if not neg_inf:
+            return x
+        mask = torch.rand(x.shape, generator=g) < p
+        return x.masked_fill(mask, -math.inf)
+
+    t = {
+        "scores": randn(B, T, C),
+        "transition": sprinkle(randn(K, C, C) if duration_dependent else randn(C, C)),
+        "duration": sprinkle(randn(K, C)),
+    }
+    if ragged:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        if B:
+            lengths[0] = T
+        t["lengths"] = lengths
+    else:
+        t["lengths"] = torch.full((B,), T, dtype=torch.long)
+    if "start_transition" in optional:
+        t["start_transition"] = sprinkle(randn(C))
+    if "end_transition" in optional:
+        t["end_transition"] = sprinkle(randn(C))
+    if "start_scores" in optional:
+        t["start_scores"] = sprinkle(randn(B, T, C), 0.1)
+    if "end_scores" in optional:
+        t["end_scores"] = sprinkle(randn(B, T, C), 0.1)
+    t = {k: v.to(device) for k, v in t.items()}
+    return Case(B, T, K, C, duration_dependent, tuple(optional), neg_inf, seed, t)
+
+
+def random_small_cases(n: int, seed0: int = 0, max_T: int = 8, max_K: int = 4, max_C: int = 3):
+    """n problems small enough to enumerate: every optional input on and off,
+    2-D and 3-D transitions, ragged lengths, K > T, T = 1, −inf entries."""
+    g = torch.Generator().manual_seed(seed0)
+    cases = []
+    for i in range(n):
+        r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+        T = 1 if i % 10 == 0 else r(1, max_T)
+        K = r(1, max_K)
+        if i % 7 == 0:
+            K = max(K, T + 1)  # K > T
+        C = r(1, max_C)
+        optional = tuple(name for j, name in enumerate(OPTIONAL) if (i >> j) & 1)
+        cases.append(
+            make_case(
+                seed0 * 100003 + i,
+                r(1, 3),
+                T,
+                K,
+                C,
+                duration_dependent=bool(i % 3 == 1),
+                optional=optional,
+                neg_inf=bool(i % 4 == 3),
+            )
+        )
+    return cases
+
+
+def assert_close(name: str, got, expected, tol: float) -> None:
+    """|got − expected| ≤ tol elementwise, ±inf must match exactly; prints the max difference."""
+    got = torch.as_tensor(got, dtype=torch.float64).detach().cpu()
+    expected = torch.as_tensor(expected, dtype=torch.float64).detach().cpu()
+    assert got.shape == expected.shape, f"{name}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in result"
+    inf_mismatch = torch.isinf(got) != torch.isinf(expected)
+    inf_mismatch |= torch.isinf(got) & (got != expected)
+    assert not inf_mismatch.any(), f"{name}: infinities differ: got {got}, expected {expected}"
+    finite = torch.isfinite(expected)
+    diff = (got[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
+    print(f"{name}: max |diff| = {diff:.3e} (tol {tol:.1e})")
+    assert diff <= tol, f"{name}: max |diff| {diff:.3e} > {tol:.1e}"
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+    yield
