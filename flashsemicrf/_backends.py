@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from . import reference
+from . import _extension, ops, reference  # noqa: F401  (ops registers fakes)
 from ._validation import Inputs
 
 Tensor = torch.Tensor
@@ -60,22 +60,116 @@ class ReferenceBackend:
 
     name = "torch"
 
+    def log_partition(self, x: Inputs, interval: int) -> Tensor:
+        return _ReferenceLogPartition.apply(self, interval, *x)
+
     def forward(self, x: Inputs, interval: int):
         log_z, ckpt = reference.forward(to_problem(x), interval)
         return log_z, ckpt.ring, ckpt.offset
 
     def backward(self, x, grad, log_z, ckpt_ring, ckpt_offset, interval, boundary_mass):
         ckpt = reference.Checkpoints(ckpt_ring, ckpt_offset)
-        return reference.backward(to_problem(x), grad, log_z, ckpt, interval, boundary_mass)
+        # The ops' rule: start/end score gradients when asked for or when present.
+        start = boundary_mass or x.start_scores is not None
+        end = boundary_mass or x.end_scores is not None
+        return reference.backward(to_problem(x), grad, log_z, ckpt, interval, start, end)
 
     def viterbi(self, x: Inputs):
         return reference.viterbi(to_problem(x))
 
     def sample(self, x: Inputs, log_z, num_samples, generator):
-        return reference.sample(to_problem(x), log_z, num_samples, generator)
+        p = to_problem(x)
+        _, history = reference.forward_history(p)
+        return reference.sample(p, history, log_z, num_samples, generator)
+
+
+class CompiledBackend:
+    """The C++ CPU kernel (``"cpu"``) or the handwritten CUDA kernels (``"cuda"``),
+    through the ``torch.ops.flashsemicrf`` ops (flashsemicrf/ops.py)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @staticmethod
+    def args(x: Inputs) -> tuple:
+        """The ops' inputs: start/end transitions filled with zeros when absent."""
+        C = x.scores.shape[2]
+        zeros = x.scores.new_zeros(C)
+        return (
+            x.scores, x.transition, x.duration, x.lengths,
+            zeros if x.start_transition is None else x.start_transition,
+            zeros if x.end_transition is None else x.end_transition,
+            x.start_scores, x.end_scores,
+        )
+
+    def log_partition(self, x: Inputs, interval: int) -> Tensor:
+        return torch.ops.flashsemicrf.forward(*self.args(x), interval)[0]
+
+    def forward(self, x: Inputs, interval: int):
+        return torch.ops.flashsemicrf.forward(*self.args(x), interval)
+
+    def backward(self, x, grad, log_z, ckpt_ring, ckpt_offset, interval, boundary_mass):
+        g = torch.ops.flashsemicrf.backward(
+            grad, *self.args(x), log_z, ckpt_ring, ckpt_offset, interval, boundary_mass
+        )
+        boundary = [t if t.dim() == 3 else None for t in g[5:]]
+        return reference.Gradients(*g[:5], *boundary)
+
+    def viterbi(self, x: Inputs):
+        best, label = torch.ops.flashsemicrf.viterbi(*self.args(x))
+        return best, segments_from_starts(label, x.lengths)
+
+    def sample(self, x: Inputs, log_z, num_samples, generator):
+        alpha, sigma, offset = torch.ops.flashsemicrf.filter(*self.args(x))
+        history = reference.History(alpha, sigma, offset, None, None)
+        return reference.sample(to_problem(x), history, log_z, num_samples, generator)
+
+
+def segments_from_starts(label: Tensor, lengths: Tensor) -> Tensor:
+    """Segments (N, 4) from a (B, T) map holding each segment's label at its start, −1 elsewhere."""
+    b, s = (label >= 0).nonzero(as_tuple=True)
+    nxt = torch.roll(s, -1)
+    same = torch.roll(b, -1) == b
+    if s.numel():
+        same[-1] = False
+    end = torch.where(same, nxt, lengths[b])
+    return torch.stack([b, s, end - s, label[b, s]], 1)
+
+
+class _ReferenceLogPartition(torch.autograd.Function):
+    """log Z with the reference's checkpointed backward (no autograd through a loop)."""
+
+    @staticmethod
+    def forward(ctx, impl, interval, *tensors):
+        log_z, ckpt_ring, ckpt_offset = impl.forward(Inputs(*tensors), interval)
+        ctx.impl, ctx.interval = impl, interval
+        ctx.save_for_backward(log_z, ckpt_ring, ckpt_offset, *tensors)
+        return log_z
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_z, ckpt_ring, ckpt_offset, *tensors = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        g = ctx.impl.backward(
+            Inputs(*tensors), grad, log_z, ckpt_ring, ckpt_offset, ctx.interval, False
+        )
+        per_input = (
+            g.scores, g.transition.sum(0), g.duration.sum(0), None,
+            g.start_transition.sum(0), g.end_transition.sum(0), g.start_scores, g.end_scores,
+        )
+        return (None, None) + tuple(v if need else None for v, need in zip(per_input, needs))
 
 
 _REFERENCE = ReferenceBackend()
+_CPU = CompiledBackend("cpu")
+_CUDA = CompiledBackend("cuda")
+# Decided once at import, so that torch.compile traces `resolve` as constants.
+HAS_CPU_KERNELS = _extension.has_cpu_kernels()
+HAS_CUDA_KERNELS = _extension.has_cuda_kernels()
+
+
+def _unavailable(fn: str, backend: str, why: str) -> RuntimeError:
+    return RuntimeError(f"{fn}: backend {backend!r} is not available: {why}")
 
 
 def resolve(fn: str, backend: str, device: torch.device):
@@ -87,9 +181,32 @@ def resolve(fn: str, backend: str, device: torch.device):
                 f"{fn}: the environment variable {ENV_BACKEND} must be one of "
                 f"auto, cuda, triton, cpu, torch; got {backend!r}"
             )
-    if backend in ("auto", "torch"):
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cpu" and HAS_CPU_KERNELS:
+            return _CPU
+        if device.type == "cuda" and HAS_CUDA_KERNELS:
+            return _CUDA
         return _REFERENCE
-    raise RuntimeError(
-        f"{fn}: backend {backend!r} is not available in this build of flashsemicrf: "
-        "the compiled kernels are not implemented yet; use backend='torch' or 'auto'"
+    if backend == "torch":
+        return _REFERENCE
+    build = (
+        "build the compiled extension with `pip install --no-build-isolation -e .` in the "
+        "source checkout"
     )
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{fn}: backend 'cpu' needs CPU tensors, got tensors on {device}")
+        if not HAS_CPU_KERNELS:
+            raise _unavailable(fn, backend, f"flashsemicrf._C is not loaded; {build}")
+        return _CPU
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{fn}: backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        if not HAS_CUDA_KERNELS:
+            raise _unavailable(
+                fn, backend, f"flashsemicrf._C was built without CUDA kernels; {build} with "
+                "nvcc found through CUDA_HOME"
+            )
+        return _CUDA
+    raise _unavailable(fn, backend, "the Triton kernels are not implemented yet")

@@ -1,0 +1,488 @@
+// The C++ CPU kernels: the streaming scan of flashsemicrf/reference.py, one
+// sequence per task (at::parallel_for over the batch), rings stored
+// circularly (the entry of a segment starting or ending at position s lives in
+// slot s % K) so nothing is shifted. Deterministic: every output element is
+// written by one task in a fixed order.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "semicrf.h"
+#include "semicrf_host.h"
+
+namespace flashsemicrf {
+namespace {
+
+template <typename scalar_t>
+scalar_t lse(const scalar_t* x, int64_t n) {
+  scalar_t m = neg_inf<scalar_t>();
+  for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
+  scalar_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += exp_from(x[i], m);
+  return lse_finish(m, sum);
+}
+
+// First index of the max (ties go to the smallest index); NaN wins.
+template <typename scalar_t>
+int64_t argmax(const scalar_t* x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (x[i] > x[best] || (x[i] != x[i] && x[best] == x[best])) best = i;
+  return best;
+}
+
+// The forward scan of one sequence. MAX selects the max semiring (Viterbi),
+// DD the duration-dependent (K, C, C) transition.
+template <typename scalar_t, bool DD, bool MAX>
+struct ForwardScan {
+  const SequenceInputs<scalar_t>& in;
+  const int64_t K, C, L;
+  // Static: K slots of sigma_hat[s] + gain. DD: K alpha slots, then K gain slots.
+  std::vector<scalar_t> ring;
+  std::vector<scalar_t> alpha, sigma;  // (C): this step's normalised messages
+  std::vector<scalar_t> terms, inner;  // scratch: (K), (C)
+  std::vector<int32_t> term_prev;      // MAX && DD: best previous label per d
+  double offset = 0.0;                 // O_t
+
+  ForwardScan(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
+      : in(in_), K(K_), C(C_), L(L_),
+        ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
+        terms(K_), inner(C_), term_prev(K_) {}
+
+  scalar_t reduce(const scalar_t* x, int64_t n) const {
+    if (MAX) return x[argmax(x, n)];
+    return lse(x, n);
+  }
+
+  // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L), both relative to
+  // O_t. Returns the max m_t subtracted. bp_*: this step's backpointer rows.
+  scalar_t step(int64_t t, int32_t* bp_duration = nullptr, int32_t* bp_previous = nullptr) {
+    scalar_t m = neg_inf<scalar_t>();
+    if (t == 0) {
+      for (int64_t c = 0; c < C; ++c) {
+        sigma[c] = in.start_transition[c] + in.start(0, c);
+        m = nan_max(m, sigma[c]);
+      }
+      m = finite_or_zero(m);
+      for (int64_t c = 0; c < C; ++c) sigma[c] -= m;
+      offset += m;
+      return m;
+    }
+    const int64_t dmax = std::min(K, t);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t d = 1; d <= dmax; ++d) {
+        const int64_t s = t - d, slot = s % K;
+        scalar_t e;
+        if (!DD) {
+          e = ring[slot * C + c];
+        } else {
+          if (s == 0) {
+            e = ring[slot * C + c];  // start_transition - O_0: no previous label
+            term_prev[d - 1] = -1;
+          } else {
+            for (int64_t cp = 0; cp < C; ++cp) inner[cp] = ring[slot * C + cp] + in.trans(d, cp, c);
+            if (MAX) {
+              const int64_t a = argmax(inner.data(), C);
+              term_prev[d - 1] = static_cast<int32_t>(a);
+              e = inner[a];
+            } else {
+              e = lse(inner.data(), C);
+            }
+          }
+          e += ring[(K + slot) * C + c];
+        }
+        terms[d - 1] = e + in.dur(d, c);
+      }
+      if (MAX) {
+        const int64_t a = argmax(terms.data(), dmax);
+        alpha[c] = in.end(t - 1, c) + terms[a];
+        if (bp_duration) bp_duration[c] = static_cast<int32_t>(a + 1);
+        if (DD && bp_previous) bp_previous[c] = term_prev[a];
+      } else {
+        alpha[c] = in.end(t - 1, c) + lse(terms.data(), dmax);
+      }
+      m = nan_max(m, alpha[c]);
+    }
+    m = finite_or_zero(m);
+    for (int64_t c = 0; c < C; ++c) alpha[c] -= m;
+    offset += m;
+    if (!DD && t < L) {
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t cp = 0; cp < C; ++cp) inner[cp] = alpha[cp] + in.trans(cp, c);
+        if (MAX) {
+          const int64_t a = argmax(inner.data(), C);
+          if (bp_previous) bp_previous[c] = static_cast<int32_t>(a);
+          sigma[c] = inner[a] + in.start(t, c);
+        } else {
+          sigma[c] = lse(inner.data(), C) + in.start(t, c);
+        }
+      }
+    }
+    return m;
+  }
+
+  // Move the ring from step t to step t+1 (t < L): re-base every entry by m,
+  // open the segments starting at t, and add position t's emissions.
+  void advance(int64_t t, scalar_t m) {
+    const int64_t fresh = t % K;
+    for (int64_t slot = 0; slot < K; ++slot) {
+      scalar_t* gain = ring.data() + ((DD ? K : 0) + slot) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t v;
+        if (slot == fresh) {
+          v = DD ? in.start(t, c) : sigma[c];
+        } else {
+          v = gain[c] - m;
+        }
+        gain[c] = v + in.score(t, c);
+      }
+    }
+    if (DD) {
+      scalar_t* slot_alpha = ring.data() + fresh * C;
+      for (int64_t c = 0; c < C; ++c)
+        slot_alpha[c] = t == 0 ? in.start_transition[c] - m : alpha[c];
+    }
+  }
+
+  // Checkpoints hold the ring in duration order (row d-1: the segment that
+  // started at t-d), the layout every backend shares.
+  void save(int64_t t, scalar_t* out, double* out_offset) const {
+    const int64_t parts = DD ? 2 : 1;
+    for (int64_t part = 0; part < parts; ++part)
+      for (int64_t d = 1; d <= K; ++d) {
+        const int64_t slot = ((t - d) % K + K) % K;
+        std::copy_n(ring.data() + (part * K + slot) * C, C, out + (part * K + d - 1) * C);
+      }
+    *out_offset = offset;
+  }
+
+  void load(int64_t t, const scalar_t* src, double src_offset) {
+    const int64_t parts = DD ? 2 : 1;
+    for (int64_t part = 0; part < parts; ++part)
+      for (int64_t d = 1; d <= K; ++d) {
+        const int64_t slot = ((t - d) % K + K) % K;
+        std::copy_n(src + (part * K + d - 1) * C, C, ring.data() + (part * K + slot) * C);
+      }
+    offset = src_offset;
+  }
+
+  scalar_t end_value() const {
+    std::vector<scalar_t> v(C);
+    for (int64_t c = 0; c < C; ++c) v[c] = alpha[c] + in.end_transition[c];
+    return reduce(v.data(), C);
+  }
+};
+
+template <typename scalar_t, bool DD>
+void forward_sequence(const Params& p, int64_t b) {
+  const SequenceInputs<scalar_t> in(p, b);
+  const int64_t L = p.lengths[b], S = p.ring_width, C = p.C;
+  ForwardScan<scalar_t, DD, false> scan(in, p.K, C, L);
+  scalar_t* ckpt = static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
+  double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  for (int64_t t = 0; t <= L; ++t) {
+    if (t < p.T && t % p.interval == 0) {
+      const int64_t j = t / p.interval;
+      scan.save(t, ckpt + j * S * C, ckpt_off + j);
+    }
+    const scalar_t m = scan.step(t);
+    if (t == L) {
+      static_cast<scalar_t*>(p.log_z)[b] =
+          static_cast<scalar_t>(scan.offset + static_cast<double>(scan.end_value()));
+    } else {
+      scan.advance(t, m);
+    }
+  }
+  // Checkpoints past the end of a short sequence are never read: fill them
+  // with the empty state so that outputs do not depend on memory contents.
+  for (int64_t j = L / p.interval + 1; j < p.n_ckpt; ++j) {
+    std::fill_n(ckpt + j * S * C, S * C, neg_inf<scalar_t>());
+    ckpt_off[j] = 0.0;
+  }
+}
+
+template <typename scalar_t, bool DD>
+void backward_sequence(const Params& p, int64_t b) {
+  const int64_t K = p.K, C = p.C, L = p.lengths[b], S = p.ring_width, T = p.T;
+  const double log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
+  const scalar_t g = static_cast<const scalar_t*>(p.grad_log_z)[b];
+  if (log_z == -std::numeric_limits<double>::infinity()) return;  // outputs stay 0
+
+  const SequenceInputs<scalar_t> in(p, b);
+  scalar_t* g_scores = static_cast<scalar_t*>(p.grad_scores) + b * T * C;
+  scalar_t* g_trans = static_cast<scalar_t*>(p.grad_transition) + b * (DD ? K : 1) * C * C;
+  scalar_t* g_dur = static_cast<scalar_t*>(p.grad_duration) + b * K * C;
+  scalar_t* g_start_t = static_cast<scalar_t*>(p.grad_start_transition) + b * C;
+  scalar_t* g_end_t = static_cast<scalar_t*>(p.grad_end_transition) + b * C;
+  scalar_t* g_start_s =
+      p.grad_start_scores ? static_cast<scalar_t*>(p.grad_start_scores) + b * T * C : nullptr;
+  scalar_t* g_end_s =
+      p.grad_end_scores ? static_cast<scalar_t*>(p.grad_end_scores) + b * T * C : nullptr;
+
+  const scalar_t* ckpt = static_cast<const scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
+  const double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  ForwardScan<scalar_t, DD, false> scan(in, K, C, L);
+  const int64_t span = p.interval + 1;
+  std::vector<scalar_t> alpha_buf(span * C), sigma_buf(span * C);
+  std::vector<double> off_buf(span);
+
+  // Backward ring: slot e % K holds the label-c segment [t, e) with its
+  // emissions, end score and beta_hat[e], relative to the backward offset Q.
+  std::vector<scalar_t> ring(K * C, neg_inf<scalar_t>());
+  std::vector<scalar_t> x(K * C), beta(C), u(C), inner(std::max(K, C) * C);
+  double Q = 0.0;
+
+  const int64_t last_span = std::min(L / p.interval, p.n_ckpt - 1);
+  for (int64_t j = last_span; j >= 0; --j) {
+    const int64_t first = j * p.interval;
+    const int64_t last = j == last_span ? L : (j + 1) * p.interval - 1;
+    scan.load(first, ckpt + j * S * C, ckpt_off[j]);
+    for (int64_t t = first; t <= last; ++t) {
+      const scalar_t m = scan.step(t);
+      std::copy_n(scan.alpha.data(), C, alpha_buf.data() + (t - first) * C);
+      std::copy_n(scan.sigma.data(), C, sigma_buf.data() + (t - first) * C);
+      off_buf[t - first] = scan.offset;
+      if (t < last) scan.advance(t, m);
+    }
+
+    for (int64_t t = last; t >= first; --t) {
+      const scalar_t* alpha = alpha_buf.data() + (t - first) * C;
+      const scalar_t* sigma = sigma_buf.data() + (t - first) * C;
+      const double off = off_buf[t - first];
+
+      if (t == L) {
+        scalar_t q = neg_inf<scalar_t>();
+        for (int64_t c = 0; c < C; ++c) q = nan_max(q, beta[c] = in.end_transition[c]);
+        q = finite_or_zero(q);
+        Q = q;
+        const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
+        for (int64_t c = 0; c < C; ++c) {
+          beta[c] -= q;
+          const scalar_t mass = exp(alpha[c] + beta[c] + shift) * g;
+          g_end_t[c] = mass;
+          if (g_end_s) g_end_s[(L - 1) * C + c] = mass;
+        }
+        std::fill(ring.begin(), ring.end(), neg_inf<scalar_t>());
+        for (int64_t c = 0; c < C; ++c)
+          ring[(L % K) * C + c] = beta[c] + in.end(L - 1, c) + in.score(L - 1, c);
+        continue;
+      }
+
+      // Segments [t, t+d): posteriors, their durations and coverage.
+      const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
+      const int64_t dmax = std::min(K, L - t);
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t covered = 0;  // Σ_{d' ≥ d} posterior: position t+d-1 lies in these
+        for (int64_t d = dmax; d >= 1; --d) {
+          const scalar_t xd = ring[((t + d) % K) * C + c] + in.dur(d, c);
+          x[(d - 1) * C + c] = xd;
+          scalar_t enter;
+          if (DD && t > 0) {
+            for (int64_t cp = 0; cp < C; ++cp) inner[cp] = alpha[cp] + in.trans(d, cp, c);
+            enter = lse(inner.data(), C) + in.start(t, c);
+          } else {
+            enter = sigma[c];
+          }
+          const scalar_t post = exp(enter + xd + shift) * g;
+          g_dur[(d - 1) * C + c] += post;
+          covered += post;
+          g_scores[(t + d - 1) * C + c] += covered;
+        }
+        if (g_start_s) g_start_s[t * C + c] = covered;
+        if (t == 0) g_start_t[c] = covered;
+      }
+      if (t == 0) break;
+
+      // beta[t, c']: the backward score of "a segment ended at t".
+      scalar_t q = neg_inf<scalar_t>();
+      if (!DD) {
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t d = 1; d <= dmax; ++d) inner[d - 1] = x[(d - 1) * C + c];
+          u[c] = in.start(t, c) + lse(inner.data(), dmax);  // start score + tau
+        }
+        for (int64_t cp = 0; cp < C; ++cp) {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t v = in.trans(cp, c) + u[c];
+            inner[c] = v;
+            g_trans[cp * C + c] += exp(alpha[cp] + v + shift) * g;
+          }
+          beta[cp] = lse(inner.data(), C);
+          q = nan_max(q, beta[cp]);
+        }
+      } else {
+        for (int64_t cp = 0; cp < C; ++cp) {
+          int64_t n = 0;
+          for (int64_t d = 1; d <= dmax; ++d)
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t v = in.trans(d, cp, c) + in.start(t, c) + x[(d - 1) * C + c];
+              inner[n++] = v;
+              g_trans[((d - 1) * C + cp) * C + c] += exp(alpha[cp] + v + shift) * g;
+            }
+          beta[cp] = lse(inner.data(), n);
+          q = nan_max(q, beta[cp]);
+        }
+      }
+      q = finite_or_zero(q);
+      Q += q;
+      const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
+      for (int64_t c = 0; c < C; ++c) {
+        beta[c] -= q;
+        if (g_end_s) g_end_s[(t - 1) * C + c] = exp(alpha[c] + beta[c] + shift_beta) * g;
+      }
+      // Move the ring to step t-1: re-base, open the segments ending at t.
+      const int64_t fresh = t % K;
+      for (int64_t slot = 0; slot < K; ++slot)
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t& r = ring[slot * C + c];
+          r = (slot == fresh ? beta[c] + in.end(t - 1, c) : r - q) + in.score(t - 1, c);
+        }
+    }
+  }
+}
+
+template <typename scalar_t, bool DD>
+void viterbi_sequence(const Params& p, int64_t b) {
+  const SequenceInputs<scalar_t> in(p, b);
+  const int64_t L = p.lengths[b], C = p.C, T = p.T;
+  ForwardScan<scalar_t, DD, true> scan(in, p.K, C, L);
+  int32_t* bp_d = p.best_duration + b * (T + 1) * C;
+  int32_t* bp_c = p.best_previous + b * (T + 1) * C;
+  int64_t* label = p.segment_label + b * T;
+  std::fill_n(label, T, int64_t(-1));
+  int64_t c = 0;
+  scalar_t* best = static_cast<scalar_t*>(p.best) + b;
+  for (int64_t t = 0; t <= L; ++t) {
+    const scalar_t m = scan.step(t, bp_d + t * C, bp_c + t * C);
+    if (t == L) {
+      std::vector<scalar_t> v(C);
+      for (int64_t k = 0; k < C; ++k) v[k] = scan.alpha[k] + in.end_transition[k];
+      c = argmax(v.data(), C);
+      *best = static_cast<scalar_t>(scan.offset + static_cast<double>(v[c]));
+    } else {
+      scan.advance(t, m);
+    }
+  }
+  if (!(*best > neg_inf<scalar_t>())) return;  // -inf or NaN: no path
+  for (int64_t t = L; t > 0;) {
+    const int64_t s = t - bp_d[t * C + c];
+    label[s] = c;
+    if (s > 0) c = DD ? bp_c[t * C + c] : bp_c[s * C + c];
+    t = s;
+  }
+}
+
+template <typename scalar_t, bool DD>
+void filter_sequence(const Params& p, int64_t b) {
+  const SequenceInputs<scalar_t> in(p, b);
+  const int64_t L = p.lengths[b], C = p.C, T = p.T;
+  ForwardScan<scalar_t, DD, false> scan(in, p.K, C, L);
+  scalar_t* alpha = static_cast<scalar_t*>(p.history_alpha) + b * (T + 1) * C;
+  scalar_t* sigma = static_cast<scalar_t*>(p.history_sigma) + b * (T + 1) * C;
+  double* offset = p.history_offset + b * (T + 1);
+  std::fill_n(alpha, (T + 1) * C, neg_inf<scalar_t>());
+  std::fill_n(sigma, (T + 1) * C, neg_inf<scalar_t>());
+  std::fill_n(offset, T + 1, 0.0);
+  for (int64_t t = 0; t <= L; ++t) {
+    const scalar_t m = scan.step(t);
+    if (t > 0) std::copy_n(scan.alpha.data(), C, alpha + t * C);
+    if (t < L && (t == 0 || !DD)) std::copy_n(scan.sigma.data(), C, sigma + t * C);
+    offset[t] = scan.offset;
+    if (t < L) scan.advance(t, m);
+  }
+}
+
+template <typename Fn>
+void over_batch(int64_t B, Fn fn) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) fn(b);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+    const at::Tensor& lengths, const at::Tensor& start_transition,
+    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+    const std::optional<at::Tensor>& end_scores, int64_t interval) {
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, interval);
+  auto out = prob.forward_outputs();
+  Params& p = prob.params;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_forward_cpu", [&] {
+    over_batch(p.B, [&](int64_t b) {
+      if (p.duration_dependent) forward_sequence<scalar_t, true>(p, b);
+      else forward_sequence<scalar_t, false>(p, b);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_cpu(const at::Tensor& grad_log_z, const at::Tensor& scores, const at::Tensor& transition,
+             const at::Tensor& duration, const at::Tensor& lengths,
+             const at::Tensor& start_transition, const at::Tensor& end_transition,
+             const std::optional<at::Tensor>& start_scores,
+             const std::optional<at::Tensor>& end_scores, const at::Tensor& log_z,
+             const at::Tensor& ckpt_ring, const at::Tensor& ckpt_offset, int64_t interval,
+             bool boundary_mass) {
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, interval);
+  auto out = prob.backward_outputs(grad_log_z, log_z, ckpt_ring, ckpt_offset, boundary_mass);
+  Params& p = prob.params;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_backward_cpu", [&] {
+    over_batch(p.B, [&](int64_t b) {
+      if (p.duration_dependent) backward_sequence<scalar_t, true>(p, b);
+      else backward_sequence<scalar_t, false>(p, b);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> viterbi_cpu(
+    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+    const at::Tensor& lengths, const at::Tensor& start_transition,
+    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+    const std::optional<at::Tensor>& end_scores) {
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, /*interval=*/1);
+  auto out = prob.viterbi_outputs();
+  Params& p = prob.params;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_viterbi_cpu", [&] {
+    over_batch(p.B, [&](int64_t b) {
+      if (p.duration_dependent) viterbi_sequence<scalar_t, true>(p, b);
+      else viterbi_sequence<scalar_t, false>(p, b);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_cpu(
+    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+    const at::Tensor& lengths, const at::Tensor& start_transition,
+    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+    const std::optional<at::Tensor>& end_scores) {
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, /*interval=*/1);
+  auto out = prob.filter_outputs();
+  Params& p = prob.params;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_filter_cpu", [&] {
+    over_batch(p.B, [&](int64_t b) {
+      if (p.duration_dependent) filter_sequence<scalar_t, true>(p, b);
+      else filter_sequence<scalar_t, false>(p, b);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) {
+  m.impl("forward", &forward_cpu);
+  m.impl("backward", &backward_cpu);
+  m.impl("viterbi", &viterbi_cpu);
+  m.impl("filter", &filter_cpu);
+}
+
+}  // namespace flashsemicrf

@@ -1,0 +1,221 @@
+// Host-side checks and Params filling, shared by the CPU and CUDA entry
+// points: the ops are checked here once, with messages naming the tensor.
+// (The public Python functions validate user input first; these checks guard
+// direct calls of the ops.)
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "semicrf.h"
+
+namespace flashsemicrf {
+
+#define FLASHSEMICRF_CHECK_SHAPE(x, ...)                                               \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "flashsemicrf: " #x \
+              " must have shape (" #__VA_ARGS__ ") = ",                               \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
+
+// Δ = floor(sqrt(T·K)): (T/Δ)·K·C checkpoint numbers against a Δ·C span
+// buffer. The same integer formula as flashsemicrf.reference; interval 0 in
+// an op call means this default.
+inline int64_t default_interval(int64_t T, int64_t K) {
+  const int64_t n = std::max<int64_t>(1, T * K);
+  int64_t r = static_cast<int64_t>(std::sqrt(static_cast<double>(n)));
+  while (r * r > n) --r;
+  while ((r + 1) * (r + 1) <= n) ++r;
+  return std::max<int64_t>(1, r);
+}
+
+class Problem {
+ public:
+  Params params;
+
+  Problem(const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+          const at::Tensor& lengths, const at::Tensor& start_transition,
+          const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+          const std::optional<at::Tensor>& end_scores, int64_t interval)
+      : scores_(scores) {
+    TORCH_CHECK(scores.dim() == 3, "flashsemicrf: scores must be (B, T, C), got ", scores.sizes());
+    TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+                "flashsemicrf: the kernels take float32 or float64 scores, got ",
+                scores.scalar_type());
+    const int64_t B = scores.size(0), T = scores.size(1), C = scores.size(2);
+    TORCH_CHECK(duration.dim() == 2, "flashsemicrf: duration must be (K, C), got ",
+                duration.sizes());
+    const int64_t K = duration.size(0);
+    TORCH_CHECK(T >= 1 && C >= 1 && K >= 1, "flashsemicrf: need T, C, K >= 1");
+    FLASHSEMICRF_CHECK_SHAPE(duration, K, C);
+    const bool dd = transition.dim() == 3;
+    if (dd) {
+      FLASHSEMICRF_CHECK_SHAPE(transition, K, C, C);
+    } else {
+      FLASHSEMICRF_CHECK_SHAPE(transition, C, C);
+    }
+    FLASHSEMICRF_CHECK_SHAPE(lengths, B);
+    FLASHSEMICRF_CHECK_SHAPE(start_transition, C);
+    FLASHSEMICRF_CHECK_SHAPE(end_transition, C);
+    TORCH_CHECK(lengths.scalar_type() == at::kLong, "flashsemicrf: lengths must be int64, got ",
+                lengths.scalar_type());
+    TORCH_CHECK(interval >= 0, "flashsemicrf: interval must be >= 0, got ", interval);
+    check_like(transition, "transition");
+    check_like(duration, "duration");
+    check_like(start_transition, "start_transition");
+    check_like(end_transition, "end_transition");
+    TORCH_CHECK(lengths.device() == scores.device(), "flashsemicrf: lengths is on ",
+                lengths.device(), " but scores is on ", scores.device());
+
+    transition_ = transition.contiguous();
+    duration_ = duration.contiguous();
+    lengths_ = lengths.contiguous();
+    start_transition_ = start_transition.contiguous();
+    end_transition_ = end_transition.contiguous();
+
+    if (interval == 0) interval = default_interval(T, K);
+    Params& p = params;
+    p.B = B;
+    p.T = T;
+    p.K = K;
+    p.C = C;
+    p.interval = interval;
+    p.n_ckpt = (T + interval - 1) / interval;
+    p.ring_width = dd ? 2 * K : K;
+    p.duration_dependent = dd;
+    p.scores = scores.data_ptr();
+    p.scores_sb = scores.stride(0);
+    p.scores_st = scores.stride(1);
+    p.scores_sc = scores.stride(2);
+    if (start_scores.has_value()) {
+      FLASHSEMICRF_CHECK_SHAPE(*start_scores, B, T, C);
+      check_like(*start_scores, "start_scores");
+      p.start_scores = start_scores->data_ptr();
+      p.start_sb = start_scores->stride(0);
+      p.start_st = start_scores->stride(1);
+      p.start_sc = start_scores->stride(2);
+    }
+    if (end_scores.has_value()) {
+      FLASHSEMICRF_CHECK_SHAPE(*end_scores, B, T, C);
+      check_like(*end_scores, "end_scores");
+      p.end_scores = end_scores->data_ptr();
+      p.end_sb = end_scores->stride(0);
+      p.end_st = end_scores->stride(1);
+      p.end_sc = end_scores->stride(2);
+    }
+    p.transition = transition_.data_ptr();
+    p.duration = duration_.data_ptr();
+    p.start_transition = start_transition_.data_ptr();
+    p.end_transition = end_transition_.data_ptr();
+    p.lengths = lengths_.data_ptr<int64_t>();
+  }
+
+  // (log_z (B,), checkpoint_ring (B, N, S, C), checkpoint_offset (B, N) float64)
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs() {
+    Params& p = params;
+    auto opts = scores_.options();
+    at::Tensor log_z = at::empty({p.B}, opts);
+    at::Tensor ring = at::empty({p.B, p.n_ckpt, p.ring_width, p.C}, opts);
+    at::Tensor offset = at::empty({p.B, p.n_ckpt}, opts.dtype(at::kDouble));
+    p.log_z = log_z.data_ptr();
+    p.ckpt_ring = ring.data_ptr();
+    p.ckpt_offset = offset.data_ptr<double>();
+    return {log_z, ring, offset};
+  }
+
+  // Per-sequence gradients, zero-filled (kernels accumulate into them).
+  // start/end score gradients are (B, T, C) when asked for (boundary_mass) or
+  // when the problem has those inputs, else empty (0,).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+  backward_outputs(const at::Tensor& grad_log_z, const at::Tensor& log_z,
+                   const at::Tensor& ckpt_ring, const at::Tensor& ckpt_offset,
+                   bool boundary_mass) {
+    Params& p = params;
+    FLASHSEMICRF_CHECK_SHAPE(grad_log_z, p.B);
+    FLASHSEMICRF_CHECK_SHAPE(log_z, p.B);
+    FLASHSEMICRF_CHECK_SHAPE(ckpt_ring, p.B, p.n_ckpt, p.ring_width, p.C);
+    FLASHSEMICRF_CHECK_SHAPE(ckpt_offset, p.B, p.n_ckpt);
+    check_like(grad_log_z, "grad_log_z");
+    check_like(log_z, "log_z");
+    check_like(ckpt_ring, "checkpoint_ring");
+    TORCH_CHECK(ckpt_offset.scalar_type() == at::kDouble,
+                "flashsemicrf: checkpoint_offset must be float64");
+    grad_log_z_ = grad_log_z.contiguous();
+    log_z_ = log_z.contiguous();
+    ckpt_ring_ = ckpt_ring.contiguous();
+    ckpt_offset_ = ckpt_offset.contiguous();
+    p.grad_log_z = grad_log_z_.data_ptr();
+    p.log_z = log_z_.data_ptr();
+    p.ckpt_ring = ckpt_ring_.data_ptr();
+    p.ckpt_offset = ckpt_offset_.data_ptr<double>();
+    p.boundary_mass = boundary_mass;
+
+    auto opts = scores_.options();
+    const int64_t B = p.B, T = p.T, K = p.K, C = p.C;
+    at::Tensor g_scores = at::zeros({B, T, C}, opts);
+    at::Tensor g_trans = p.duration_dependent ? at::zeros({B, K, C, C}, opts)
+                                              : at::zeros({B, C, C}, opts);
+    at::Tensor g_dur = at::zeros({B, K, C}, opts);
+    at::Tensor g_start_t = at::zeros({B, C}, opts);
+    at::Tensor g_end_t = at::zeros({B, C}, opts);
+    const bool want_start = boundary_mass || p.start_scores != nullptr;
+    const bool want_end = boundary_mass || p.end_scores != nullptr;
+    at::Tensor g_start_s = want_start ? at::zeros({B, T, C}, opts) : at::empty({0}, opts);
+    at::Tensor g_end_s = want_end ? at::zeros({B, T, C}, opts) : at::empty({0}, opts);
+    p.grad_scores = g_scores.data_ptr();
+    p.grad_transition = g_trans.data_ptr();
+    p.grad_duration = g_dur.data_ptr();
+    p.grad_start_transition = g_start_t.data_ptr();
+    p.grad_end_transition = g_end_t.data_ptr();
+    p.grad_start_scores = want_start ? g_start_s.data_ptr() : nullptr;
+    p.grad_end_scores = want_end ? g_end_s.data_ptr() : nullptr;
+    return {g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s};
+  }
+
+  // (best (B,), segment_label (B, T) int64: label of the segment starting at
+  // t, -1 elsewhere). Backpointers are workspace, freed on return.
+  std::tuple<at::Tensor, at::Tensor> viterbi_outputs() {
+    Params& p = params;
+    auto opts = scores_.options();
+    at::Tensor best = at::empty({p.B}, opts);
+    at::Tensor label = at::empty({p.B, p.T}, opts.dtype(at::kLong));
+    bp_duration_ = at::zeros({p.B, p.T + 1, p.C}, opts.dtype(at::kInt));
+    bp_previous_ = at::zeros({p.B, p.T + 1, p.C}, opts.dtype(at::kInt));
+    p.best = best.data_ptr();
+    p.segment_label = label.data_ptr<int64_t>();
+    p.best_duration = bp_duration_.data_ptr<int32_t>();
+    p.best_previous = bp_previous_.data_ptr<int32_t>();
+    return {best, label};
+  }
+
+  // (alpha_hat (B, T+1, C), sigma_hat (B, T+1, C), offset (B, T+1) float64):
+  // the forward messages at every boundary, -inf where undefined.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_outputs() {
+    Params& p = params;
+    auto opts = scores_.options();
+    at::Tensor alpha = at::empty({p.B, p.T + 1, p.C}, opts);
+    at::Tensor sigma = at::empty({p.B, p.T + 1, p.C}, opts);
+    at::Tensor offset = at::empty({p.B, p.T + 1}, opts.dtype(at::kDouble));
+    p.history_alpha = alpha.data_ptr();
+    p.history_sigma = sigma.data_ptr();
+    p.history_offset = offset.data_ptr<double>();
+    return {alpha, sigma, offset};
+  }
+
+  const at::Tensor& scores() const { return scores_; }
+
+ private:
+  void check_like(const at::Tensor& x, const char* name) const {
+    TORCH_CHECK(x.scalar_type() == scores_.scalar_type(), "flashsemicrf: ", name, " has dtype ",
+                x.scalar_type(), " but scores has ", scores_.scalar_type());
+    TORCH_CHECK(x.device() == scores_.device(), "flashsemicrf: ", name, " is on ", x.device(),
+                " but scores is on ", scores_.device());
+  }
+
+  at::Tensor scores_, transition_, duration_, lengths_, start_transition_, end_transition_;
+  at::Tensor grad_log_z_, log_z_, ckpt_ring_, ckpt_offset_, bp_duration_, bp_previous_;
+};
+
+}  // namespace flashsemicrf
