@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "semicrf.h"
@@ -16,13 +18,41 @@
 namespace flashsemicrf {
 namespace {
 
+// exp written so that the compiler vectorises loops calling it (std::exp
+// does not vectorise without -ffast-math, which would break -inf and NaN).
+// float: Cody–Waite range reduction and a degree-6 polynomial (≈ 1 ulp);
+// exp(-inf) = 0, NaN stays NaN, results below ~1e-38 flush to 0.
+inline float vexp(float x) {
+  const float lo = -87.3f, hi = 88.7f;
+  const float xc = x < lo ? lo : (x > hi ? hi : x);
+  // Round to nearest by the 1.5·2^23 trick (vectorises without SSE4.1's floor).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float g = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * g + 1.3981999507e-3f;
+  y = y * g + 8.3334519073e-3f;
+  y = y * g + 4.1665795894e-2f;
+  y = y * g + 1.6666665459e-1f;
+  y = y * g + 5.0000001201e-1f;
+  y = y * g * g + g + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float r = y * scale;
+  r = x < lo ? 0.0f : r;
+  r = x > hi ? std::numeric_limits<float>::infinity() : r;
+  return x != x ? x : r;
+}
+inline double vexp(double x) { return std::exp(x); }
+
 template <typename scalar_t>
 scalar_t lse(const scalar_t* x, int64_t n) {
   scalar_t m = neg_inf<scalar_t>();
   for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
+  if (m == neg_inf<scalar_t>()) return m;
   scalar_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += exp_from(x[i], m);
-  return lse_finish(m, sum);
+  for (int64_t i = 0; i < n; ++i) sum += vexp(x[i] - m);
+  return m + std::log(sum);
 }
 
 // First index of the max (ties go to the smallest index); NaN wins.
@@ -34,6 +64,29 @@ int64_t argmax(const scalar_t* x, int64_t n) {
   return best;
 }
 
+// Column-wise log-sum-exp of rows[r][c] (r < n_rows, c < C) into out[c]; the
+// loops run along c, contiguous, so they vectorise. `top` receives the column
+// maxima and `scaled` (n_rows × C) exp(rows - top), for callers that reuse
+// the terms. An all -inf column has top = out = -inf and scaled = 0, so that
+// scaled · exp(anything + top) is 0, never 0 · inf.
+template <typename scalar_t>
+void lse_columns(const scalar_t* rows, int64_t n_rows, int64_t C, scalar_t* out, scalar_t* top,
+                 scalar_t* scaled) {
+  for (int64_t c = 0; c < C; ++c) top[c] = neg_inf<scalar_t>();
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t c = 0; c < C; ++c) top[c] = nan_max(top[c], rows[r * C + c]);
+  // What each column subtracts: 0 for an all -inf one, whose terms are then
+  // exp(-inf) = 0 rather than exp(NaN).
+  for (int64_t c = 0; c < C; ++c) out[c] = top[c] == neg_inf<scalar_t>() ? scalar_t(0) : top[c];
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t c = 0; c < C; ++c) scaled[r * C + c] = vexp(rows[r * C + c] - out[c]);
+  for (int64_t c = 0; c < C; ++c) out[c] = 0;
+  for (int64_t r = 0; r < n_rows; ++r)
+    for (int64_t c = 0; c < C; ++c) out[c] += scaled[r * C + c];
+  for (int64_t c = 0; c < C; ++c)
+    out[c] = top[c] == neg_inf<scalar_t>() ? top[c] : top[c] + std::log(out[c]);
+}
+
 // The forward scan of one sequence. MAX selects the max semiring (Viterbi),
 // DD the duration-dependent (K, C, C) transition.
 template <typename scalar_t, bool DD, bool MAX>
@@ -43,14 +96,17 @@ struct ForwardScan {
   // Static: K slots of sigma_hat[s] + gain. DD: K alpha slots, then K gain slots.
   std::vector<scalar_t> ring;
   std::vector<scalar_t> alpha, sigma;  // (C): this step's normalised messages
-  std::vector<scalar_t> terms, inner;  // scratch: (K), (C)
-  std::vector<int32_t> term_prev;      // MAX && DD: best previous label per d
+  std::vector<scalar_t> terms;         // scratch (K, C)
+  std::vector<scalar_t> pairs;         // scratch (C, C)
+  std::vector<scalar_t> scratch;       // scratch (max(K, C), C)
+  std::vector<scalar_t> entered, top;  // scratch (C)
+  std::vector<int32_t> term_prev;      // MAX && DD: best previous label per (d, c)
   double offset = 0.0;                 // O_t
 
   ForwardScan(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_),
         ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
-        terms(K_), inner(C_), term_prev(K_) {}
+        terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_), term_prev(K_ * C_) {}
 
   scalar_t reduce(const scalar_t* x, int64_t n) const {
     if (MAX) return x[argmax(x, n)];
@@ -72,56 +128,74 @@ struct ForwardScan {
       return m;
     }
     const int64_t dmax = std::min(K, t);
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t d = 1; d <= dmax; ++d) {
-        const int64_t s = t - d, slot = s % K;
-        scalar_t e;
-        if (!DD) {
-          e = ring[slot * C + c];
-        } else {
-          if (s == 0) {
-            e = ring[slot * C + c];  // start_transition - O_0: no previous label
-            term_prev[d - 1] = -1;
-          } else {
-            for (int64_t cp = 0; cp < C; ++cp) inner[cp] = ring[slot * C + cp] + in.trans(d, cp, c);
-            if (MAX) {
-              const int64_t a = argmax(inner.data(), C);
-              term_prev[d - 1] = static_cast<int32_t>(a);
-              e = inner[a];
-            } else {
-              e = lse(inner.data(), C);
-            }
-          }
-          e += ring[(K + slot) * C + c];
-        }
-        terms[d - 1] = e + in.dur(d, c);
-      }
-      if (MAX) {
-        const int64_t a = argmax(terms.data(), dmax);
-        alpha[c] = in.end(t - 1, c) + terms[a];
-        if (bp_duration) bp_duration[c] = static_cast<int32_t>(a + 1);
-        if (DD && bp_previous) bp_previous[c] = term_prev[a];
+    // terms[d-1][c]: the open segment [t-d, t) with its duration score.
+    for (int64_t d = 1; d <= dmax; ++d) {
+      const int64_t s = t - d, slot = s % K;
+      scalar_t* row = terms.data() + (d - 1) * C;
+      const scalar_t* dur = in.duration + (d - 1) * C;
+      if (!DD) {
+        const scalar_t* r = ring.data() + slot * C;
+        for (int64_t c = 0; c < C; ++c) row[c] = r[c] + dur[c];
       } else {
-        alpha[c] = in.end(t - 1, c) + lse(terms.data(), dmax);
+        const scalar_t* prev = ring.data() + slot * C;  // alpha_hat[s], or start_transition - O_0
+        const scalar_t* gain = ring.data() + (K + slot) * C;
+        if (s == 0) {
+          for (int64_t c = 0; c < C; ++c) row[c] = prev[c] + gain[c] + dur[c];
+          if (MAX)
+            for (int64_t c = 0; c < C; ++c) term_prev[(d - 1) * C + c] = -1;
+        } else {
+          into(prev, in.transition + (d - 1) * C * C,
+               MAX ? term_prev.data() + (d - 1) * C : nullptr);
+          for (int64_t c = 0; c < C; ++c) row[c] = entered[c] + gain[c] + dur[c];
+        }
       }
-      m = nan_max(m, alpha[c]);
     }
+    if (MAX) {
+      for (int64_t c = 0; c < C; ++c) {
+        int64_t best = 0;
+        for (int64_t d = 1; d < dmax; ++d) {
+          const scalar_t v = terms[d * C + c], w = terms[best * C + c];
+          if (v > w || (v != v && w == w)) best = d;
+        }
+        alpha[c] = in.end(t - 1, c) + terms[best * C + c];
+        if (bp_duration) bp_duration[c] = static_cast<int32_t>(best + 1);
+        if (DD && bp_previous) bp_previous[c] = term_prev[best * C + c];
+      }
+    } else {
+      lse_columns(terms.data(), dmax, C, alpha.data(), top.data(), scratch.data());
+      for (int64_t c = 0; c < C; ++c) alpha[c] += in.end(t - 1, c);
+    }
+    for (int64_t c = 0; c < C; ++c) m = nan_max(m, alpha[c]);
     m = finite_or_zero(m);
     for (int64_t c = 0; c < C; ++c) alpha[c] -= m;
     offset += m;
     if (!DD && t < L) {
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t cp = 0; cp < C; ++cp) inner[cp] = alpha[cp] + in.trans(cp, c);
-        if (MAX) {
-          const int64_t a = argmax(inner.data(), C);
-          if (bp_previous) bp_previous[c] = static_cast<int32_t>(a);
-          sigma[c] = inner[a] + in.start(t, c);
-        } else {
-          sigma[c] = lse(inner.data(), C) + in.start(t, c);
-        }
-      }
+      into(alpha.data(), in.transition, bp_previous);
+      for (int64_t c = 0; c < C; ++c) sigma[c] = entered[c] + in.start(t, c);
     }
     return m;
+  }
+
+  // entered[c] = reduce_c' (prev[c'] + trans[c', c]) for one (C, C) matrix,
+  // row by row so the inner loops run along c. MAX: argmax c' into best.
+  void into(const scalar_t* prev, const scalar_t* trans, int32_t* best) {
+    for (int64_t cp = 0; cp < C; ++cp) {
+      scalar_t* row = pairs.data() + cp * C;
+      for (int64_t c = 0; c < C; ++c) row[c] = prev[cp] + trans[cp * C + c];
+    }
+    if (MAX) {
+      for (int64_t c = 0; c < C; ++c) {
+        int64_t a = 0;
+        for (int64_t cp = 1; cp < C; ++cp) {
+          const scalar_t v = pairs[cp * C + c], w = pairs[a * C + c];
+          if (v > w || (v != v && w == w)) a = cp;
+        }
+        entered[c] = pairs[a * C + c];
+        if (best) best[c] = static_cast<int32_t>(a);
+      }
+    } else {
+      lse_columns(pairs.data(), C, C, entered.data(), top.data(), scratch.data());
+    }
   }
 
   // Move the ring from step t to step t+1 (t < L): re-base every entry by m,
@@ -232,7 +306,8 @@ void backward_sequence(const Params& p, int64_t b) {
   // Backward ring: slot e % K holds the label-c segment [t, e) with its
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
   std::vector<scalar_t> ring(K * C, neg_inf<scalar_t>());
-  std::vector<scalar_t> x(K * C), beta(C), u(C), inner(std::max(K, C) * C);
+  std::vector<scalar_t> x(K * C), scaled(K * C), post(K * C), inner(K * C), pairs(C * C);
+  std::vector<scalar_t> beta(C), u(C), tau(C), top(C), weight(C), covered(C);
   double Q = 0.0;
 
   const int64_t last_span = std::min(L / p.interval, p.n_ckpt - 1);
@@ -249,7 +324,7 @@ void backward_sequence(const Params& p, int64_t b) {
     }
 
     for (int64_t t = last; t >= first; --t) {
-      const scalar_t* alpha = alpha_buf.data() + (t - first) * C;
+      const scalar_t* alpha = alpha_buf.data() + (t - first) * C;  // alpha_hat[t]
       const scalar_t* sigma = sigma_buf.data() + (t - first) * C;
       const double off = off_buf[t - first];
 
@@ -271,66 +346,120 @@ void backward_sequence(const Params& p, int64_t b) {
         continue;
       }
 
-      // Segments [t, t+d): posteriors, their durations and coverage.
+      // Segments [t, t+d): x[d-1][c] = backward ring + duration score, and
+      // scaled = exp(x - top[c]); tau[c] = LSE_d x shares those exps with the
+      // posteriors exp(enter + x + shift).
       const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
       const int64_t dmax = std::min(K, L - t);
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t covered = 0;  // Σ_{d' ≥ d} posterior: position t+d-1 lies in these
-        for (int64_t d = dmax; d >= 1; --d) {
-          const scalar_t xd = ring[((t + d) % K) * C + c] + in.dur(d, c);
-          x[(d - 1) * C + c] = xd;
-          scalar_t enter;
-          if (DD && t > 0) {
-            for (int64_t cp = 0; cp < C; ++cp) inner[cp] = alpha[cp] + in.trans(d, cp, c);
-            enter = lse(inner.data(), C) + in.start(t, c);
-          } else {
-            enter = sigma[c];
-          }
-          const scalar_t post = exp(enter + xd + shift) * g;
-          g_dur[(d - 1) * C + c] += post;
-          covered += post;
-          g_scores[(t + d - 1) * C + c] += covered;
-        }
-        if (g_start_s) g_start_s[t * C + c] = covered;
-        if (t == 0) g_start_t[c] = covered;
+      for (int64_t d = 1; d <= dmax; ++d) {
+        const scalar_t* r = ring.data() + ((t + d) % K) * C;
+        const scalar_t* dur = in.duration + (d - 1) * C;
+        scalar_t* row = x.data() + (d - 1) * C;
+        for (int64_t c = 0; c < C; ++c) row[c] = r[c] + dur[c];
       }
-      if (t == 0) break;
-
-      // beta[t, c']: the backward score of "a segment ended at t".
-      scalar_t q = neg_inf<scalar_t>();
-      if (!DD) {
-        for (int64_t c = 0; c < C; ++c) {
-          for (int64_t d = 1; d <= dmax; ++d) inner[d - 1] = x[(d - 1) * C + c];
-          u[c] = in.start(t, c) + lse(inner.data(), dmax);  // start score + tau
+      lse_columns(x.data(), dmax, C, tau.data(), top.data(), scaled.data());
+      if (DD && t > 0) {
+        // The start term depends on d through transition[d-1]: posterior
+        // exp(enter_d + x + shift) = scaled · exp(enter_d + top + shift).
+        for (int64_t d = 1; d <= dmax; ++d) {
+          scan.into(alpha, in.transition + (d - 1) * C * C, nullptr);
+          scalar_t* row = post.data() + (d - 1) * C;
+          const scalar_t* sc = scaled.data() + (d - 1) * C;
+          for (int64_t c = 0; c < C; ++c)
+            row[c] = sc[c] * vexp(scan.entered[c] + in.start(t, c) + top[c] + shift) * g;
         }
+      } else {
+        for (int64_t c = 0; c < C; ++c) weight[c] = vexp(sigma[c] + top[c] + shift) * g;
+        for (int64_t d = 1; d <= dmax; ++d) {
+          scalar_t* row = post.data() + (d - 1) * C;
+          const scalar_t* sc = scaled.data() + (d - 1) * C;
+          for (int64_t c = 0; c < C; ++c) row[c] = sc[c] * weight[c];
+        }
+      }
+      // Position t+d-1 lies in every segment [t, t+d') with d' >= d.
+      for (int64_t c = 0; c < C; ++c) covered[c] = 0;
+      for (int64_t d = dmax; d >= 1; --d) {
+        const scalar_t* row = post.data() + (d - 1) * C;
+        scalar_t* gd = g_dur + (d - 1) * C;
+        scalar_t* gs = g_scores + (t + d - 1) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          gd[c] += row[c];
+          covered[c] += row[c];
+          gs[c] += covered[c];
+        }
+      }
+      if (g_start_s) std::copy_n(covered.data(), C, g_start_s + t * C);
+      if (t == 0) {
+        std::copy_n(covered.data(), C, g_start_t);
+        break;
+      }
+
+      // beta[t, c']: the backward score of "a segment ended at t", and the
+      // transition posteriors exp(alpha[c'] + v[c] + shift), sharing exps.
+      if (!DD) {
+        for (int64_t c = 0; c < C; ++c) u[c] = in.start(t, c) + tau[c];
         for (int64_t cp = 0; cp < C; ++cp) {
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t v = in.trans(cp, c) + u[c];
-            inner[c] = v;
-            g_trans[cp * C + c] += exp(alpha[cp] + v + shift) * g;
+          scalar_t* row = pairs.data() + cp * C;
+          const scalar_t* tr = in.transition + cp * C;
+          for (int64_t c = 0; c < C; ++c) row[c] = tr[c] + u[c];
+        }
+        // Rows are c' here: reduce each row over c.
+        for (int64_t cp = 0; cp < C; ++cp) {
+          const scalar_t* row = pairs.data() + cp * C;
+          scalar_t mx = neg_inf<scalar_t>();
+          for (int64_t c = 0; c < C; ++c) mx = nan_max(mx, row[c]);
+          if (mx == neg_inf<scalar_t>()) {
+            beta[cp] = mx;
+            continue;
           }
-          beta[cp] = lse(inner.data(), C);
-          q = nan_max(q, beta[cp]);
+          const scalar_t w = vexp(alpha[cp] + mx + shift) * g;
+          scalar_t sum = 0;
+          scalar_t* gt = g_trans + cp * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t e = vexp(row[c] - mx);
+            sum += e;
+            gt[c] += e * w;
+          }
+          beta[cp] = mx + std::log(sum);
         }
       } else {
         for (int64_t cp = 0; cp < C; ++cp) {
-          int64_t n = 0;
-          for (int64_t d = 1; d <= dmax; ++d)
+          scalar_t mx = neg_inf<scalar_t>();
+          for (int64_t d = 1; d <= dmax; ++d) {
+            const scalar_t* tr = in.transition + ((d - 1) * C + cp) * C;
+            const scalar_t* xd = x.data() + (d - 1) * C;
+            scalar_t* row = inner.data() + (d - 1) * C;
             for (int64_t c = 0; c < C; ++c) {
-              const scalar_t v = in.trans(d, cp, c) + in.start(t, c) + x[(d - 1) * C + c];
-              inner[n++] = v;
-              g_trans[((d - 1) * C + cp) * C + c] += exp(alpha[cp] + v + shift) * g;
+              row[c] = tr[c] + in.start(t, c) + xd[c];
+              mx = nan_max(mx, row[c]);
             }
-          beta[cp] = lse(inner.data(), n);
-          q = nan_max(q, beta[cp]);
+          }
+          if (mx == neg_inf<scalar_t>()) {
+            beta[cp] = mx;
+            continue;
+          }
+          const scalar_t w = vexp(alpha[cp] + mx + shift) * g;
+          scalar_t sum = 0;
+          for (int64_t d = 1; d <= dmax; ++d) {
+            const scalar_t* row = inner.data() + (d - 1) * C;
+            scalar_t* gt = g_trans + ((d - 1) * C + cp) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const scalar_t e = vexp(row[c] - mx);
+              sum += e;
+              gt[c] += e * w;
+            }
+          }
+          beta[cp] = mx + std::log(sum);
         }
       }
+      scalar_t q = neg_inf<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) q = nan_max(q, beta[c]);
       q = finite_or_zero(q);
       Q += q;
       const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
       for (int64_t c = 0; c < C; ++c) {
         beta[c] -= q;
-        if (g_end_s) g_end_s[(t - 1) * C + c] = exp(alpha[c] + beta[c] + shift_beta) * g;
+        if (g_end_s) g_end_s[(t - 1) * C + c] = vexp(alpha[c] + beta[c] + shift_beta) * g;
       }
       // Move the ring to step t-1: re-base, open the segments ending at t.
       const int64_t fresh = t % K;
