@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -145,3 +146,14 @@ def assert_close(name: str, got, expected, tol: float) -> None:
 def _fixed_seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (soak and scale runs) run only when asked for:
+    FLASHSEMICRF_RUN_SLOW=1, or a marker expression (`-m slow`, `-m cuda`)."""
+    if os.environ.get("FLASHSEMICRF_RUN_SLOW") == "1" or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow: set FLASHSEMICRF_RUN_SLOW=1 or select with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
