@@ -24,8 +24,9 @@ Conventions used throughout (see SPEC §1 for the model):
     array. The entry for start 0 holds start_transition - O_0 in the alpha slot
     (there is no previous label to transition from).
   "gain" of the segment starting at s is start_scores[s] + Σ_{u=s}^{t-1}
-  scores[u] + O_s - O_{t-1}: its emission sum re-expressed against the current
-  offset.
+  scores[u] + O_s - (current offset): its emission sum re-expressed against
+  the current offset. Between steps the current offset is O_t plus the
+  largest emission of position t, so entries stay O(1).
 * Checkpoints: the state (ring and offset) at the beginning of every
   ``interval``-th step. The backward recomputes one span of the forward at a
   time from its checkpoint and sweeps the backward messages through it with a
@@ -171,19 +172,24 @@ def forward_step(p: Problem, t: int, state: ForwardState, semiring: str = "log")
             if semiring == "max":
                 best_previous = per_prev_sigma.argmax(dim=1)
     new_offset = offset + m.to(torch.float64)
-
+    state_offset = new_offset
     if t < T:
+        # Position t's emissions enter every open segment. Their largest value
+        # moves into the offset, so that ring entries stay O(1) between steps
+        # (float32 would otherwise carry ~|scores| of rounding from step to step).
+        emit_max = _finite_max(p.scores[:, t], -1)  # (B,)
+        emit = (p.scores[:, t] - emit_max[:, None])[:, None, :]  # (B, 1, C)
+        state_offset = new_offset + emit_max.to(torch.float64)
         if p.duration_dependent:
             alpha_hist, gain = ring[:, :K], ring[:, K:]
             slot = p.start_transition.expand(B, C) - m[:, None] if t == 0 else alpha
             alpha_hist = _shift_in(alpha_hist, slot)
-            gain = _shift_in(gain - m[:, None, None], p.start_scores[:, t])
-            gain = gain + p.scores[:, t, None, :]
+            gain = _shift_in(gain - m[:, None, None], p.start_scores[:, t]) + emit
             ring = torch.cat([alpha_hist, gain], dim=1)
         else:
-            ring = _shift_in(ring - m[:, None, None], sigma) + p.scores[:, t, None, :]
+            ring = _shift_in(ring - m[:, None, None], sigma) + emit
     step = StepResult(alpha, sigma, new_offset, best_duration, best_previous)
-    return step, ForwardState(ring, new_offset)
+    return step, ForwardState(ring, state_offset)
 
 
 def _end_value(p: Problem, alpha: Tensor, semiring: str) -> Tensor:
@@ -359,6 +365,12 @@ def backward(
             alpha, sigma, off = alpha_s[:, t - first], sigma_s[:, t - first], off_s[:, t - first]
             active = t < L  # a regular step: segments starting at t
             ending = t == L  # initialise the backward messages
+            if t > 0 and bool(ending.any()):
+                # log Z again, in float64: the forward's value carries the
+                # compute dtype's rounding (|log Z|·6e-8 in float32), too coarse
+                # to normalise the posteriors of a long sequence.
+                exact = off + _end_value(p, alpha, "log").to(torch.float64)
+                log_z64 = torch.where(ending & ~dead, exact, log_z64)
             shift = off + back_off - log_z64  # (B,) float64
 
             if t < T:
@@ -409,15 +421,17 @@ def backward(
                 g_end_s[:, t - 1] = torch.where(use, ends_here, g_end_s[:, t - 1])
                 g_end_t = torch.where(ending[:, None], ends_here, g_end_t)
 
-                # Move the ring from step t to step t-1.
+                # Move the ring from step t to step t-1; as in the forward, the
+                # largest emission of position t-1 moves into the offset.
                 fresh = beta + p.end_scores[:, t - 1]
-                moved = _shift_in(ring - q[:, None, None], fresh) + p.scores[:, t - 1, None, :]
-                started = _shift_in(torch.full_like(ring, NEG_INF), fresh) + p.scores[
-                    :, t - 1, None, :
-                ]
+                emit_max = _finite_max(p.scores[:, t - 1], -1)
+                emit = (p.scores[:, t - 1] - emit_max[:, None])[:, None, :]
+                moved = _shift_in(ring - q[:, None, None], fresh) + emit
+                started = _shift_in(torch.full_like(ring, NEG_INF), fresh) + emit
                 ring = torch.where(
                     ending[:, None, None], started, torch.where(active[:, None, None], moved, ring)
                 )
+                back_off_t = back_off_t + emit_max.to(torch.float64)
                 back_off = torch.where(active | ending, back_off_t, back_off)
 
     if not start_mass:

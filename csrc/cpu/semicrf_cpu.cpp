@@ -99,14 +99,14 @@ struct ForwardScan {
   std::vector<scalar_t> terms;         // scratch (K, C)
   std::vector<scalar_t> pairs;         // scratch (C, C)
   std::vector<scalar_t> scratch;       // scratch (max(K, C), C)
-  std::vector<scalar_t> entered, top;  // scratch (C)
+  std::vector<scalar_t> entered, top, emit;  // scratch (C)
   std::vector<int32_t> term_prev;      // MAX && DD: best previous label per (d, c)
   double offset = 0.0;                 // O_t
 
   ForwardScan(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_),
         ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
-        terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_), term_prev(K_ * C_) {}
+        terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_), emit(C_), term_prev(K_ * C_) {}
 
   scalar_t reduce(const scalar_t* x, int64_t n) const {
     if (MAX) return x[argmax(x, n)];
@@ -199,19 +199,22 @@ struct ForwardScan {
   }
 
   // Move the ring from step t to step t+1 (t < L): re-base every entry by m,
-  // open the segments starting at t, and add position t's emissions.
+  // open the segments starting at t, and add position t's emissions. Their
+  // largest value moves into the offset so that entries stay O(1) between
+  // steps (adding raw emissions of size 1e4 would cost float32 ~1e-3 a step).
   void advance(int64_t t, scalar_t m) {
+    scalar_t emit_max = neg_inf<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) emit_max = nan_max(emit_max, in.score(t, c));
+    emit_max = finite_or_zero(emit_max);
+    for (int64_t c = 0; c < C; ++c) emit[c] = in.score(t, c) - emit_max;
+    offset += emit_max;
     const int64_t fresh = t % K;
     for (int64_t slot = 0; slot < K; ++slot) {
       scalar_t* gain = ring.data() + ((DD ? K : 0) + slot) * C;
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t v;
-        if (slot == fresh) {
-          v = DD ? in.start(t, c) : sigma[c];
-        } else {
-          v = gain[c] - m;
-        }
-        gain[c] = v + in.score(t, c);
+      if (slot == fresh) {
+        for (int64_t c = 0; c < C; ++c) gain[c] = (DD ? in.start(t, c) : sigma[c]) + emit[c];
+      } else {
+        for (int64_t c = 0; c < C; ++c) gain[c] = (gain[c] - m) + emit[c];
       }
     }
     if (DD) {
@@ -281,7 +284,11 @@ void forward_sequence(const Params& p, int64_t b) {
 template <typename scalar_t, bool DD>
 void backward_sequence(const Params& p, int64_t b) {
   const int64_t K = p.K, C = p.C, L = p.lengths[b], S = p.ring_width, T = p.T;
-  const double log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
+  // The forward's log Z only says whether the sequence is dead (-inf): in
+  // float32 it holds |log Z|·6e-8 of rounding, too coarse to normalise the
+  // posteriors of a long sequence; the backward recomputes it in float64 at
+  // t = L, its first step.
+  double log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
   const scalar_t g = static_cast<const scalar_t*>(p.grad_log_z)[b];
   if (log_z == -std::numeric_limits<double>::infinity()) return;  // outputs stay 0
 
@@ -307,7 +314,15 @@ void backward_sequence(const Params& p, int64_t b) {
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
   std::vector<scalar_t> ring(K * C, neg_inf<scalar_t>());
   std::vector<scalar_t> x(K * C), scaled(K * C), post(K * C), inner(K * C), pairs(C * C);
-  std::vector<scalar_t> beta(C), u(C), tau(C), top(C), weight(C), covered(C);
+  std::vector<scalar_t> beta(C), u(C), tau(C), top(C), weight(C), covered(C), emit(C);
+  // emit[c] = scores[t, c] - max_c scores[t, c]; returns that max (0 if not finite).
+  auto emissions = [&](int64_t t, std::vector<scalar_t>& out) -> double {
+    scalar_t mx = neg_inf<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) mx = nan_max(mx, in.score(t, c));
+    mx = finite_or_zero(mx);
+    for (int64_t c = 0; c < C; ++c) out[c] = in.score(t, c) - mx;
+    return static_cast<double>(mx);
+  };
   double Q = 0.0;
 
   const int64_t last_span = std::min(L / p.interval, p.n_ckpt - 1);
@@ -329,6 +344,8 @@ void backward_sequence(const Params& p, int64_t b) {
       const double off = off_buf[t - first];
 
       if (t == L) {
+        for (int64_t c = 0; c < C; ++c) u[c] = alpha[c] + in.end_transition[c];
+        log_z = off + static_cast<double>(lse(u.data(), C));
         scalar_t q = neg_inf<scalar_t>();
         for (int64_t c = 0; c < C; ++c) q = nan_max(q, beta[c] = in.end_transition[c]);
         q = finite_or_zero(q);
@@ -341,8 +358,8 @@ void backward_sequence(const Params& p, int64_t b) {
           if (g_end_s) g_end_s[(L - 1) * C + c] = mass;
         }
         std::fill(ring.begin(), ring.end(), neg_inf<scalar_t>());
-        for (int64_t c = 0; c < C; ++c)
-          ring[(L % K) * C + c] = beta[c] + in.end(L - 1, c) + in.score(L - 1, c);
+        Q += emissions(L - 1, emit);
+        for (int64_t c = 0; c < C; ++c) ring[(L % K) * C + c] = beta[c] + in.end(L - 1, c) + emit[c];
         continue;
       }
 
@@ -359,16 +376,19 @@ void backward_sequence(const Params& p, int64_t b) {
       }
       lse_columns(x.data(), dmax, C, tau.data(), top.data(), scaled.data());
       if (DD && t > 0) {
-        // The start term depends on d through transition[d-1]: posterior
-        // exp(enter_d + x + shift) = scaled · exp(enter_d + top + shift).
+        // The start term depends on d through transition[d-1], so the
+        // posterior takes its own exp: splitting it as scaled · exp(enter_d +
+        // top + shift) could overflow where scaled underflows.
         for (int64_t d = 1; d <= dmax; ++d) {
           scan.into(alpha, in.transition + (d - 1) * C * C, nullptr);
           scalar_t* row = post.data() + (d - 1) * C;
-          const scalar_t* sc = scaled.data() + (d - 1) * C;
+          const scalar_t* xd = x.data() + (d - 1) * C;
           for (int64_t c = 0; c < C; ++c)
-            row[c] = sc[c] * vexp(scan.entered[c] + in.start(t, c) + top[c] + shift) * g;
+            row[c] = vexp(scan.entered[c] + in.start(t, c) + xd[c] + shift) * g;
         }
       } else {
+        // exp(sigma + x + shift) = scaled · exp(sigma + top + shift): the
+        // second factor is the posterior of the best-scoring duration, ≤ 1.
         for (int64_t c = 0; c < C; ++c) weight[c] = vexp(sigma[c] + top[c] + shift) * g;
         for (int64_t d = 1; d <= dmax; ++d) {
           scalar_t* row = post.data() + (d - 1) * C;
@@ -461,13 +481,18 @@ void backward_sequence(const Params& p, int64_t b) {
         beta[c] -= q;
         if (g_end_s) g_end_s[(t - 1) * C + c] = vexp(alpha[c] + beta[c] + shift_beta) * g;
       }
-      // Move the ring to step t-1: re-base, open the segments ending at t.
+      // Move the ring to step t-1: re-base, open the segments ending at t,
+      // add position t-1's emissions (their max moves into Q, as forward).
+      Q += emissions(t - 1, emit);
       const int64_t fresh = t % K;
-      for (int64_t slot = 0; slot < K; ++slot)
-        for (int64_t c = 0; c < C; ++c) {
-          scalar_t& r = ring[slot * C + c];
-          r = (slot == fresh ? beta[c] + in.end(t - 1, c) : r - q) + in.score(t - 1, c);
+      for (int64_t slot = 0; slot < K; ++slot) {
+        scalar_t* r = ring.data() + slot * C;
+        if (slot == fresh) {
+          for (int64_t c = 0; c < C; ++c) r[c] = beta[c] + in.end(t - 1, c) + emit[c];
+        } else {
+          for (int64_t c = 0; c < C; ++c) r[c] = (r[c] - q) + emit[c];
         }
+      }
     }
   }
 }
