@@ -7,11 +7,15 @@ labels_to_segments.
 
 from .api import Marginals, entropy, log_partition, marginals, nll, sample, score, viterbi
 from .segments import labels_to_segments, segments_to_labels
+from .distribution import SemiCRFDistribution
+from .nn import SemiCRF
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Marginals",
+    "SemiCRF",
+    "SemiCRFDistribution",
     "entropy",
     "labels_to_segments",
     "log_partition",

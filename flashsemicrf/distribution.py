@@ -1,0 +1,162 @@
+"""A distribution object over segmentations, for users coming from torch-struct.
+
+``SemiCRFDistribution(scores, transition, duration, lengths)`` holds one batch
+of potentials and answers the usual questions about the distribution they
+define; every answer is the corresponding public function of
+:mod:`flashsemicrf.api` on those potentials, computed once and cached.
+
+torch-struct ``SemiMarkovCRF(edge, lengths=L + 1)`` → this class with the
+potentials whose ψ equals ``edge[b, s, d, c, c']`` (docs/guide.md); its
+``partition`` is our ``log_partition`` (also available as ``partition``),
+``argmax`` gives segments (N, 4) instead of a one-hot edge tensor, and
+``marginals`` gives per-position label and start marginals instead of edge
+marginals.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from . import api
+from ._validation import check_backend, check_problem
+
+Tensor = torch.Tensor
+
+
+class SemiCRFDistribution:
+    """The distribution over segmentations defined by one batch of potentials.
+
+    Args (shapes as in SPEC §1; all float tensors may require grad):
+        scores: (B, T, C) emissions.
+        transition: (C, C), or (K, C, C) indexed by the incoming segment's duration.
+        duration: (K, C); K = duration.shape[0] is the longest segment.
+        lengths: (B,) integers in [1, T]; None means all T.
+        start_transition, end_transition: (C,) or None.
+        start_scores, end_scores: (B, T, C) or None.
+        backend: "auto", "cuda", "triton", "cpu" or "torch".
+
+    Properties are computed on first use and cached: ``log_partition`` (B,)
+    (differentiable; ``log_prob`` reuses it, so call ``backward`` through
+    several ``log_prob`` results with ``retain_graph=True`` or sum them first),
+    ``marginals``, ``argmax``, ``max``, ``entropy``.
+    """
+
+    def __init__(
+        self,
+        scores: Tensor,
+        transition: Tensor,
+        duration: Tensor,
+        lengths: Tensor | None = None,
+        *,
+        start_transition: Tensor | None = None,
+        end_transition: Tensor | None = None,
+        start_scores: Tensor | None = None,
+        end_scores: Tensor | None = None,
+        backend: str = "auto",
+    ):
+        fn = "SemiCRFDistribution"
+        check_backend(fn, backend)
+        x = check_problem(fn, scores, transition, duration, lengths, start_transition,
+                          end_transition, start_scores, end_scores)
+        self.scores, self.transition, self.duration = scores, transition, duration
+        self.lengths = x.lengths
+        self.start_transition, self.end_transition = start_transition, end_transition
+        self.start_scores, self.end_scores = start_scores, end_scores
+        self.backend = backend
+
+    @property
+    def batch_size(self) -> int:
+        """B."""
+        return self.scores.shape[0]
+
+    @property
+    def num_labels(self) -> int:
+        """C."""
+        return self.scores.shape[2]
+
+    @property
+    def max_duration(self) -> int:
+        """K."""
+        return self.duration.shape[0]
+
+    def _kwargs(self) -> dict:
+        return dict(
+            lengths=self.lengths,
+            start_transition=self.start_transition,
+            end_transition=self.end_transition,
+            start_scores=self.start_scores,
+            end_scores=self.end_scores,
+            backend=self.backend,
+        )
+
+    def _args(self) -> tuple:
+        return self.scores, self.transition, self.duration
+
+    @cached_property
+    def log_partition(self) -> Tensor:
+        """log Z (B,); differentiable with respect to every float input."""
+        return api.log_partition(*self._args(), **self._kwargs())
+
+    @property
+    def partition(self) -> Tensor:
+        """log Z (B,): torch-struct's name for :attr:`log_partition`."""
+        return self.log_partition
+
+    @cached_property
+    def marginals(self) -> api.Marginals:
+        """``(log_partition (B,), labels (B, T, C), starts (B, T))``; not differentiable.
+
+        labels[b, t, c] = P(position t lies in a label-c segment), starts[b, t] =
+        P(a segment starts at t); 0 at padding positions.
+        """
+        return api.marginals(*self._args(), **self._kwargs())
+
+    @cached_property
+    def _viterbi(self) -> tuple[Tensor, Tensor]:
+        return api.viterbi(*self._args(), **self._kwargs())
+
+    @property
+    def argmax(self) -> Tensor:
+        """The most likely segmentation: segments (N, 4) rows (batch, start, duration, label)."""
+        return self._viterbi[1]
+
+    @property
+    def max(self) -> Tensor:
+        """The score (B,) of :attr:`argmax`, unnormalised (its log-probability is max − log Z)."""
+        return self._viterbi[0]
+
+    @cached_property
+    def entropy(self) -> Tensor:
+        """Exact entropy (B,) in nats; not differentiable."""
+        return api.entropy(*self._args(), **self._kwargs())
+
+    def sample(self, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+        """Exact samples: segments (N, 5) rows (sample, batch, start, duration, label).
+
+        Not cached: every call draws afresh.
+        """
+        return api.sample(*self._args(), **self._kwargs(), num_samples=num_samples,
+                          generator=generator)
+
+    def score(self, segments: Tensor) -> Tensor:
+        """Unnormalised score (B,) of segmentations (N, 4); differentiable."""
+        return api.score(segments, *self._args(), **self._kwargs())
+
+    def log_prob(self, segments: Tensor) -> Tensor:
+        """log P(segments) (B,) = score − log Z ≤ 0; differentiable.
+
+        segments: (N, 4) rows (batch, start, duration, label) tiling [0, L_b) for
+        every sequence b. log Z is computed once and cached.
+        """
+        return self.score(segments) - self.log_partition
+
+    def __repr__(self) -> str:
+        B, T, C = self.scores.shape
+        transition = "(K, C, C)" if self.transition.dim() == 3 else "(C, C)"
+        return (f"SemiCRFDistribution(B={B}, T={T}, C={C}, K={self.max_duration}, "
+                f"transition={transition}, backend={self.backend!r})")
+
+
+__all__ = ["SemiCRFDistribution"]
