@@ -273,6 +273,33 @@ def forward_history(p: Problem, semiring: str = "log") -> tuple[Tensor, History]
 # --------------------------------------------------------------------------
 
 
+def _crossing_mass(p: Problem, t: int, fwd: Tensor, bwd: Tensor, shift: Tensor) -> Tensor:
+    """(B,) probability that one segment [t-d1, t+d2) covers both t-1 and t.
+
+    fwd: the forward ring at the beginning of step t (a checkpoint: open
+    segments [t-d1, t)); bwd: the backward ring at step t (segments [t, t+d2));
+    shift (B,) float64: both rings' offsets minus log Z.
+    """
+    B, _, C = p.scores.shape
+    K = p.duration.shape[0]
+    total = torch.zeros(B, dtype=p.scores.dtype, device=p.scores.device)
+    for d1 in range(1, min(K - 1, t) + 1):
+        d2 = torch.arange(1, K - d1 + 1, device=p.scores.device)
+        d = d1 + d2  # (n,) total durations
+        if p.duration_dependent:
+            if d1 == t:  # the segment starts at 0: start_transition, no previous label
+                enter = fwd[:, d1 - 1, None, :]
+            else:
+                prev = fwd[:, d1 - 1, None, :, None]  # (B, 1, C', 1)
+                enter = torch.logsumexp(prev + p.transition[d - 1], dim=2)  # (B, n, C)
+            opened = enter + fwd[:, K + d1 - 1, None, :]
+        else:
+            opened = fwd[:, d1 - 1, None, :]
+        terms = opened + bwd[:, d2 - 1] + p.duration[d - 1]  # (B, n, C)
+        total = total + torch.exp(terms + shift.to(terms.dtype)[:, None, None]).sum((1, 2))
+    return total
+
+
 class Gradients(NamedTuple):
     """d log Z_b / d input, per sequence b, times the upstream gradient.
 
@@ -420,6 +447,18 @@ def backward(
                 use = (active | ending)[:, None]
                 g_end_s[:, t - 1] = torch.where(use, ends_here, g_end_s[:, t - 1])
                 g_end_t = torch.where(ending[:, None], ends_here, g_end_t)
+                if t == first:
+                    # Re-anchor the backward offset at every checkpoint: a
+                    # segment boundary at t or one segment across t has
+                    # probability 1, so the rounding that forward and backward
+                    # gather over (t, L] cannot pile up over the whole sequence.
+                    boundary = torch.exp(alpha + beta + shift_t.to(dt)[:, None]).sum(-1)
+                    total = boundary + _crossing_mass(
+                        p, t, ckpt.ring[:, j], ring, ckpt.offset[:, j] + back_off - log_z64
+                    )
+                    fix = active & ~dead & (total > 0)
+                    safe = torch.where(fix, total, torch.ones_like(total))
+                    back_off_t = back_off_t - torch.where(fix, torch.log(safe), 0.0).to(torch.float64)
 
                 # Move the ring from step t to step t-1; as in the forward, the
                 # largest emission of position t-1 moves into the offset.

@@ -481,6 +481,37 @@ void backward_sequence(const Params& p, int64_t b) {
         beta[c] -= q;
         if (g_end_s) g_end_s[(t - 1) * C + c] = vexp(alpha[c] + beta[c] + shift_beta) * g;
       }
+      if (t == first) {
+        // Re-anchor Q at every checkpoint: a segment boundary at t, or one
+        // segment across t, has probability 1, so the rounding that forward
+        // and backward gather over (t, L] cannot pile up over the sequence.
+        double total = 0.0;
+        for (int64_t c = 0; c < C; ++c)
+          total += static_cast<double>(vexp(alpha[c] + beta[c] + shift_beta));
+        const scalar_t* fwd = ckpt + j * S * C;  // open segments [t-d1, t)
+        const scalar_t shift_x = static_cast<scalar_t>(ckpt_off[j] + (Q - q) - log_z);
+        for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {
+          for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
+            const int64_t d = d1 + d2;
+            const scalar_t* opened = fwd + (d1 - 1) * C;
+            if (DD) {
+              if (d1 < t) {
+                scan.into(opened, in.transition + (d - 1) * C * C, nullptr);
+                opened = scan.entered.data();
+              }
+              for (int64_t c = 0; c < C; ++c) u[c] = opened[c] + fwd[(K + d1 - 1) * C + c];
+              opened = u.data();
+            }
+            const scalar_t* back = ring.data() + ((t + d2) % K) * C;  // [t, t+d2)
+            const scalar_t* dur = in.duration + (d - 1) * C;
+            scalar_t part = 0;
+            for (int64_t c = 0; c < C; ++c) part += vexp(opened[c] + back[c] + dur[c] + shift_x);
+            total += static_cast<double>(part);
+          }
+        }
+        if (total > 0 && std::isfinite(total)) Q -= std::log(total);
+      }
+
       // Move the ring to step t-1: re-base, open the segments ending at t,
       // add position t-1's emissions (their max moves into Q, as forward).
       Q += emissions(t - 1, emit);
