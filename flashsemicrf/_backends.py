@@ -209,4 +209,8 @@ def resolve(fn: str, backend: str, device: torch.device):
                 "nvcc found through CUDA_HOME"
             )
         return _CUDA
-    raise _unavailable(fn, backend, "the Triton kernels are not implemented yet")
+    from . import triton as triton_backend  # lazily: importing Triton takes a while
+
+    if not triton_backend.AVAILABLE:
+        raise _unavailable(fn, backend, f"Triton is not installed; {triton_backend.INSTALL_HINT}")
+    return triton_backend.backend_for(fn, device)

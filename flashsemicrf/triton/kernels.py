@@ -1,0 +1,760 @@
+"""Triton kernels of the streaming semi-CRF: forward, backward, Viterbi, filter.
+
+The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
+(SPEC §3). Mapping:
+
+* One program per sequence (grid (B,)); the length L is read from memory, so
+  the loops over positions have runtime bounds and T, the checkpoint interval
+  and every T-dependent stride are ``do_not_specialize``: a new length never
+  recompiles.
+* Labels live on a power-of-two lane axis C_PAD >= C; padded lanes hold -inf
+  and every access to an input or output is masked on them, through indices
+  that stay in range even on masked lanes (``cl``, the label index clamped to
+  C - 1; rows clamped likewise), so no lane ever forms an out-of-range address.
+* The forward state, a ring of the K open segments, lives in a global-memory
+  workspace (B, S, C_PAD) (Triton has no addressable shared memory), slot
+  s % K for the segment that started at s, so nothing is shifted. Durations
+  are swept in chunks of BLOCK_D rows with an online log-sum-exp, so any K
+  fits. The static (C, C) transition is one register tile and the label step
+  costs O(C² + K·C) per position; the (K, C, C) transition uses
+  (BLOCK_D, C_PAD, C_PAD) tiles.
+* Normalisation as in SPEC §3: the running maximum is subtracted each step,
+  each position's largest emission moves from the ring into the offset (as in
+  the reference), and the offsets are carried in float64.
+* The backward recomputes one checkpoint span at a time into span buffers of
+  the workspace (interval + 1 rows of C_PAD) and sweeps a mirror ring through
+  them. Every gradient element belongs to one program, which accumulates it in
+  a fixed order: no atomics, bit-identical reruns.
+
+Threads of a program share the workspace through global memory, so every
+phase that writes it is fenced by ``tl.debug_barrier()`` (a CTA barrier, which
+also orders global memory within the CTA) on both sides: before, so that no
+thread overwrites what another is still to read; after, so that the writes
+are visible to the next phase. The interpreter runs programs sequentially and
+cannot catch a missing barrier; keep them when editing.
+
+Kernels compute in the dtype of the scores pointer (float32 or float64).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_NO_INDEX = tl.constexpr(2**30)  # larger than any duration or label index
+
+
+# --------------------------------------------------------------------------
+# Per-element helpers
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """What a renormalisation subtracts: m, or 0 when m is ±inf or NaN."""
+    return tl.where(m - m == 0, m, 0.0)
+
+
+@triton.jit
+def _lse(x, AXIS: tl.constexpr):
+    """log-sum-exp along AXIS; -inf when every term is -inf."""
+    top = tl.max(x, AXIS)
+    base = tl.where(top == _NEG_INF, 0.0, top)
+    return base + tl.log(tl.sum(tl.exp(x - tl.expand_dims(base, AXIS)), AXIS))
+
+
+@triton.jit
+def _lse_update(run_max, run_sum, x, AXIS: tl.constexpr):
+    """Online log-sum-exp: fold the terms of x along AXIS into (run_max, run_sum)."""
+    new_max = tl.maximum(run_max, tl.max(x, AXIS))
+    base = tl.where(new_max == _NEG_INF, 0.0, new_max)
+    run_sum = run_sum * tl.exp(run_max - base) + tl.sum(
+        tl.exp(x - tl.expand_dims(base, AXIS)), AXIS
+    )
+    return new_max, run_sum
+
+
+@triton.jit
+def _lse_finish(run_max, run_sum):
+    return tl.where(run_max == _NEG_INF, 0.0, run_max) + tl.log(run_sum)
+
+
+@triton.jit
+def _first_argmax(x, index, AXIS: tl.constexpr):
+    """(max, smallest index attaining it) along AXIS; ``index`` broadcasts to x."""
+    top = tl.max(x, AXIS)
+    hit = x == tl.expand_dims(top, AXIS)
+    return top, tl.min(tl.where(hit, index, _NO_INDEX), AXIS)
+
+
+@triton.jit
+def _row(ptr, t, stride_t, stride_c, C, C_PAD: tl.constexpr, PRESENT: tl.constexpr):
+    """Row t (C_PAD,) of an optional (T, C) input of one sequence: 0 where absent or padded."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    if PRESENT:
+        return tl.load(ptr + t * stride_t + cl * stride_c, mask=cs < C, other=0.0)
+    else:
+        return tl.zeros([C_PAD], ptr.dtype.element_ty)
+
+
+@triton.jit
+def _emissions(scores_ptr, t, s_st, s_sc, C, C_PAD: tl.constexpr):
+    """(scores[t] - e, e) with e = max_c scores[t, c] (0 if not finite): the
+    ring takes the first, the offset the second, so entries stay O(1) between
+    steps however large the emissions."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    score = tl.load(scores_ptr + t * s_st + cl * s_sc, mask=cs < C, other=float("-inf"))
+    top = _finite_or_zero(tl.max(score, 0))
+    return score - top, top
+
+
+# --------------------------------------------------------------------------
+# One step of the forward scan, and moving the ring (shared by every kernel)
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment_ends(
+    t, ring, trans_ptr, dur_ptr,
+    K, C,
+    tr_sd, tr_si, tr_sj, du_sd, du_sc,
+    MAX: tl.constexpr, DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Reduce the open segments [t-d, t), d = 1 … min(K, t), per label (t >= 1).
+
+    Returns (value (C_PAD,), best_d, best_prev): log-sum-exp (or max) over d
+    of the ring entries plus duration scores; in the max semiring also the
+    first maximising duration and (duration-dependent transition) the previous
+    label chosen with it, -1 for a segment starting at 0.
+    """
+    DT = dur_ptr.dtype.element_ty
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    ds = tl.arange(0, BLOCK_D)
+    dmax = tl.minimum(t, K)
+    run_max = tl.full([C_PAD], float("-inf"), DT)
+    run_sum = tl.zeros([C_PAD], DT)
+    best_d = tl.full([C_PAD], 1, tl.int32)
+    best_prev = tl.full([C_PAD], -1, tl.int32)
+    GAIN = K if DD else 0
+    for d0 in range(0, dmax, BLOCK_D):
+        d = d0 + 1 + ds  # (BLOCK_D,) durations
+        dok = d <= dmax
+        d_row = tl.where(dok, d - 1, 0)  # in-range row for every lane
+        slot = tl.where(dok, t - d, 0) % K
+        ok = dok[:, None] & cm[None, :]
+        dur = tl.load(dur_ptr + d_row[:, None] * du_sd + cl[None, :] * du_sc, mask=ok,
+                      other=float("-inf"))
+        gain = tl.load(ring + (GAIN + slot)[:, None] * C_PAD + cs[None, :])
+        if DD:
+            # alpha_hat[t-d, c'] + transition[d-1, c', c], reduced over c'.
+            hist = tl.load(ring + slot[:, None] * C_PAD + cs[None, :])  # (BLOCK_D, C_PAD)
+            ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
+            tr = tl.load(
+                trans_ptr + d_row[:, None, None] * tr_sd + cl[None, :, None] * tr_si
+                + cl[None, None, :] * tr_sj, mask=ok3, other=float("-inf"))
+            inner = hist[:, :, None] + tr
+            if MAX:
+                enter, prev = _first_argmax(inner, cs[None, :, None], 1)
+            else:
+                enter = _lse(inner, 1)
+                prev = tl.zeros([BLOCK_D, C_PAD], tl.int32)
+            # The segment starting at 0 has no previous label: its alpha slot
+            # holds start_transition - O_0 per new label.
+            first = (d == t)[:, None]
+            enter = tl.where(first, hist, enter)
+            prev = tl.where(first, -1, prev)
+            x = enter + gain + dur
+        else:
+            x = gain + dur
+        x = tl.where(ok, x, float("-inf"))
+        if MAX:
+            chunk_max, chunk_d = _first_argmax(x, d[:, None], 0)
+            better = chunk_max > run_max  # strict: ties keep the shorter duration
+            run_max = tl.where(better, chunk_max, run_max)
+            best_d = tl.where(better, chunk_d.to(tl.int32), best_d)
+            if DD:
+                chunk_prev = tl.sum(tl.where(d[:, None] == chunk_d[None, :], prev, 0), 0)
+                best_prev = tl.where(better, chunk_prev, best_prev)
+        else:
+            run_max, run_sum = _lse_update(run_max, run_sum, x, 0)
+    if MAX:
+        value = run_max
+    else:
+        value = _lse_finish(run_max, run_sum)
+    return value, best_d, best_prev
+
+
+@triton.jit
+def _scan_step(
+    t, T, ring, trans_tile,
+    scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr, end_sc_ptr,
+    K, C,
+    s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s, ss_st, ss_sc, es_st, es_sc,
+    MAX: tl.constexpr, DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step t of the scan (reference.forward_step).
+
+    Returns (alpha_hat[t], sigma_hat[t], m, best_d, best_prev), the messages
+    relative to O_t = O_{t-1} + m. alpha is -inf at t = 0; sigma is computed
+    for every t (static transition) but only meaningful for t < L; best_d and
+    best_prev are the max semiring's backpointers of this step.
+    """
+    DT = dur_ptr.dtype.element_ty
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    if t == 0:
+        sigma = tl.load(start_tr_ptr + cl * stt_s, mask=cm, other=float("-inf"))
+        sigma += _row(start_sc_ptr, 0, ss_st, ss_sc, C, C_PAD, HAS_START)
+        m = _finite_or_zero(tl.max(sigma, 0))
+        sigma = sigma - m
+        alpha = tl.full([C_PAD], float("-inf"), DT)
+        best_d = tl.full([C_PAD], 1, tl.int32)
+        best_prev = tl.full([C_PAD], -1, tl.int32)
+    else:
+        alpha, best_d, best_prev = _segment_ends(
+            t, ring, trans_ptr, dur_ptr, K, C, tr_sd, tr_si, tr_sj, du_sd, du_sc,
+            MAX, DD, C_PAD, BLOCK_D)
+        alpha += _row(end_sc_ptr, t - 1, es_st, es_sc, C, C_PAD, HAS_END)
+        alpha = tl.where(cm, alpha, float("-inf"))
+        m = _finite_or_zero(tl.max(alpha, 0))
+        alpha = alpha - m
+        sigma = tl.full([C_PAD], float("-inf"), DT)
+        if not DD:
+            # sigma[t, c] = reduce_c' (alpha[t, c'] + transition[c', c]) + start_scores[t, c]
+            inner = alpha[:, None] + trans_tile
+            if MAX:
+                sigma, best_prev = _first_argmax(inner, cs[:, None], 0)
+            else:
+                sigma = _lse(inner, 0)
+            sigma += _row(start_sc_ptr, tl.minimum(t, T - 1), ss_st, ss_sc, C, C_PAD, HAS_START)
+            sigma = tl.where(cm, sigma, float("-inf"))
+    return alpha, sigma, m, best_d, best_prev
+
+
+@triton.jit
+def _advance(
+    t, ring, sigma, alpha, m,
+    scores_ptr, start_tr_ptr, start_sc_ptr,
+    K, C,
+    s_st, s_sc, stt_s, ss_st, ss_sc,
+    DD: tl.constexpr, HAS_START: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Move the ring from step t to step t+1 (t < L): re-base every entry by m,
+    open the segments starting at t (slot t % K), add position t's emissions
+    less their maximum, which is returned: the caller adds it to the offset."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    rs = tl.arange(0, BLOCK_D)
+    emit, emit_max = _emissions(scores_ptr, t, s_st, s_sc, C, C_PAD)
+    if DD:
+        fresh = _row(start_sc_ptr, t, ss_st, ss_sc, C, C_PAD, HAS_START)
+        GAIN = K
+    else:
+        fresh = sigma
+        GAIN = 0
+    fresh_slot = t % K
+    tl.debug_barrier()
+    for r0 in range(0, K, BLOCK_D):
+        rows = r0 + rs
+        rok = rows < K
+        rows = tl.where(rok, rows, 0)
+        ptrs = ring + (GAIN + rows)[:, None] * C_PAD + cs[None, :]
+        old = tl.load(ptrs)
+        new = tl.where((rows == fresh_slot)[:, None], fresh[None, :], old - m) + emit[None, :]
+        tl.store(ptrs, tl.where(cm[None, :], new, float("-inf")), mask=rok[:, None])
+    if DD:
+        start_tr = tl.load(start_tr_ptr + cl * stt_s, mask=cm, other=float("-inf"))
+        slot_alpha = tl.where(t == 0, start_tr - m, alpha)
+        tl.store(ring + fresh_slot * C_PAD + cs, tl.where(cm, slot_alpha, float("-inf")))
+    tl.debug_barrier()
+    return emit_max
+
+
+@triton.jit
+def _fill_ring(ring, S, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Every slot -inf: no open segment."""
+    cs = tl.arange(0, C_PAD)
+    rs = tl.arange(0, BLOCK_D)
+    tl.debug_barrier()
+    for r0 in range(0, S, BLOCK_D):
+        rows = r0 + rs
+        rok = rows < S
+        rows = tl.where(rok, rows, 0)
+        tl.store(ring + rows[:, None] * C_PAD + cs[None, :],
+                 tl.full([BLOCK_D, C_PAD], float("-inf"), ring.dtype.element_ty),
+                 mask=rok[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _copy_checkpoint_part(
+    t, ring, ckpt, K, C, ck_sr, ck_sc, PART: tl.constexpr,
+    SAVE: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    rs = tl.arange(0, BLOCK_D)
+    for r0 in range(0, K, BLOCK_D):
+        rows = r0 + rs
+        rok = rows < K
+        rows = tl.where(rok, rows, 0)
+        slot = (t - rows - 1 + K) % K
+        ring_ptrs = ring + (PART * K + slot)[:, None] * C_PAD + cs[None, :]
+        ck_ptrs = ckpt + (PART * K + rows)[:, None] * ck_sr + cl[None, :] * ck_sc
+        ok = rok[:, None] & cm[None, :]
+        if SAVE:
+            tl.store(ck_ptrs, tl.load(ring_ptrs), mask=ok)
+        else:
+            v = tl.load(ck_ptrs, mask=ok, other=float("-inf"))
+            tl.store(ring_ptrs, v, mask=rok[:, None])
+
+
+@triton.jit
+def _copy_checkpoint(
+    t, ring, ckpt, K, C, ck_sr, ck_sc,
+    SAVE: tl.constexpr, DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Ring (slot (t-d) % K) <-> checkpoint (row d-1, the layout every backend
+    shares; duration-dependent: K alpha rows then K gain rows)."""
+    tl.debug_barrier()
+    _copy_checkpoint_part(t, ring, ckpt, K, C, ck_sr, ck_sc, 0, SAVE, C_PAD, BLOCK_D)
+    if DD:
+        _copy_checkpoint_part(t, ring, ckpt, K, C, ck_sr, ck_sc, 1, SAVE, C_PAD, BLOCK_D)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD: tl.constexpr, DD: tl.constexpr):
+    """The static transition as a (C_PAD, C_PAD) register tile, -inf on padding
+    (a placeholder for the duration-dependent one, which is read per chunk)."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    if DD:
+        return tl.zeros([C_PAD, C_PAD], trans_ptr.dtype.element_ty)
+    else:
+        ok = (cs[:, None] < C) & (cs[None, :] < C)
+        return tl.load(trans_ptr + cl[:, None] * tr_si + cl[None, :] * tr_sj, mask=ok,
+                       other=float("-inf"))
+
+
+# --------------------------------------------------------------------------
+# Forward: log Z and the checkpoints
+# --------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "s_sb", "ss_sb", "es_sb",
+                               "ck_sb", "co_sb"])
+def _forward_kernel(
+    # pointers
+    scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
+    end_sc_ptr, log_z_ptr, ckpt_ptr, ckpt_off_ptr, ring_ws_ptr,
+    # sizes
+    T, K, C, interval, n_ckpt,
+    # strides
+    s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
+    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, lz_s, ck_sb, ck_sn, ck_sr, ck_sc, co_sb, co_sn,
+    # meta-parameters
+    DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    L = tl.load(lengths_ptr + b * len_s)
+    S = 2 * K if DD else K
+    scores_ptr += b * s_sb
+    start_sc_ptr += b * ss_sb
+    end_sc_ptr += b * es_sb
+    ckpt_ptr += b * ck_sb
+    ckpt_off_ptr += b * co_sb
+    ring = ring_ws_ptr + b * S * C_PAD
+    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
+    _fill_ring(ring, S, C_PAD, BLOCK_D)
+    offset = tl.full([], 0.0, tl.float64)  # O_{t-1}
+    for t in range(0, L + 1):
+        if (t % interval == 0) & (t < T):
+            j = t // interval
+            _copy_checkpoint(t, ring, ckpt_ptr + j * ck_sn, K, C, ck_sr, ck_sc,
+                             True, DD, C_PAD, BLOCK_D)
+            tl.store(ckpt_off_ptr + j * co_sn, offset)
+        alpha, sigma, m, _bd, _bp = _scan_step(
+            t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr,
+            end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s,
+            ss_st, ss_sc, es_st, es_sc, False, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+        offset += m.to(tl.float64)
+        if t < L:
+            offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr, start_sc_ptr,
+                               K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD, HAS_START, C_PAD,
+                               BLOCK_D).to(tl.float64)
+        else:
+            end_tr = tl.load(end_tr_ptr + cl * ent_s, mask=cm, other=float("-inf"))
+            value = _lse(alpha + end_tr, 0)
+            tl.store(log_z_ptr + b * lz_s, (offset + value.to(tl.float64)).to(value.dtype))
+    # Checkpoints past the end of a short sequence are never read: the empty state.
+    for j in range(L // interval + 1, n_ckpt):
+        for r0 in range(0, S, BLOCK_D):
+            rows = r0 + tl.arange(0, BLOCK_D)
+            ok = (rows < S)[:, None] & cm[None, :]
+            rows = tl.where(rows < S, rows, 0)
+            tl.store(ckpt_ptr + j * ck_sn + rows[:, None] * ck_sr + cl[None, :] * ck_sc,
+                     tl.full([BLOCK_D, C_PAD], float("-inf"), ckpt_ptr.dtype.element_ty),
+                     mask=ok)
+        tl.store(ckpt_off_ptr + j * co_sn, 0.0)
+
+
+# --------------------------------------------------------------------------
+# Backward: span recompute + mirror ring
+# --------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "s_sb", "ss_sb", "es_sb",
+                               "ck_sb", "co_sb", "gs_sb", "gss_sb", "ges_sb"])
+def _backward_kernel(
+    # pointers
+    grad_ptr, scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr,
+    start_sc_ptr, end_sc_ptr, log_z_ptr, ckpt_ptr, ckpt_off_ptr,
+    g_scores_ptr, g_trans_ptr, g_dur_ptr, g_start_tr_ptr, g_end_tr_ptr, g_start_sc_ptr,
+    g_end_sc_ptr,
+    ring_ws_ptr, back_ws_ptr, alpha_ws_ptr, sigma_ws_ptr, off_ws_ptr,
+    # sizes
+    T, K, C, interval, n_ckpt,
+    # strides
+    gr_s, s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
+    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, lz_s, ck_sb, ck_sn, ck_sr, ck_sc, co_sb, co_sn,
+    gs_sb, gs_st, gs_sc, gt_sb, gt_sd, gt_si, gt_sj, gd_sb, gd_sd, gd_sc, gst_sb, gst_sc,
+    get_sb, get_sc, gss_sb, gss_st, gss_sc, ges_sb, ges_st, ges_sc,
+    # meta-parameters
+    DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    WANT_START: tl.constexpr, WANT_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    DT = scores_ptr.dtype.element_ty
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    ds = tl.arange(0, BLOCK_D)
+    L = tl.load(lengths_ptr + b * len_s)
+    S = 2 * K if DD else K
+    scores_ptr += b * s_sb
+    start_sc_ptr += b * ss_sb
+    end_sc_ptr += b * es_sb
+    ckpt_ptr += b * ck_sb
+    ckpt_off_ptr += b * co_sb
+    g_scores_ptr += b * gs_sb
+    g_trans_ptr += b * gt_sb
+    g_dur_ptr += b * gd_sb
+    g_start_sc_ptr += b * gss_sb
+    g_end_sc_ptr += b * ges_sb
+    ring = ring_ws_ptr + b * S * C_PAD
+    back = back_ws_ptr + b * K * C_PAD  # slot e % K: the segment [t, e)
+    alpha_buf = alpha_ws_ptr + b * (interval + 1) * C_PAD
+    sigma_buf = sigma_ws_ptr + b * (interval + 1) * C_PAD
+    off_buf = off_ws_ptr + b * (interval + 1)
+
+    log_z = tl.load(log_z_ptr + b * lz_s)
+    g = tl.load(grad_ptr + b * gr_s)
+    log_z64 = log_z.to(tl.float64)
+    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
+    end_tr = tl.load(end_tr_ptr + cl * ent_s, mask=cm, other=float("-inf"))
+    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)  # static transition: kept in registers
+    Q = tl.full([], 0.0, tl.float64)  # backward offset
+    last_span = tl.minimum(L // interval, n_ckpt - 1)
+    # A sequence with no valid segmentation keeps its zero gradients.
+    n_spans = tl.where(log_z == float("-inf"), 0, last_span + 1)
+    for jj in range(0, n_spans):
+        j = last_span - jj
+        first = j * interval
+        last = tl.where(j == last_span, L, first + interval - 1)
+
+        # Recompute the span's forward messages into the span buffers.
+        _copy_checkpoint(first, ring, ckpt_ptr + j * ck_sn, K, C, ck_sr, ck_sc,
+                         False, DD, C_PAD, BLOCK_D)
+        offset = tl.load(ckpt_off_ptr + j * co_sn)
+        for t in range(first, last + 1):
+            alpha, sigma, m, _bd, _bp = _scan_step(
+                t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr,
+                start_sc_ptr, end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc,
+                stt_s, ss_st, ss_sc, es_st, es_sc, False, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+            offset += m.to(tl.float64)
+            tl.store(alpha_buf + (t - first) * C_PAD + cs, alpha)
+            tl.store(sigma_buf + (t - first) * C_PAD + cs, sigma)
+            tl.store(off_buf + (t - first), offset)
+            if t < last:
+                offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr,
+                                   start_sc_ptr, K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD,
+                                   HAS_START, C_PAD, BLOCK_D).to(tl.float64)
+        tl.debug_barrier()
+
+        # Sweep the backward messages through the span, last position first.
+        for i in range(0, last - first + 1):
+            t = last - i
+            alpha = tl.load(alpha_buf + (t - first) * C_PAD + cs)
+            sigma = tl.load(sigma_buf + (t - first) * C_PAD + cs)
+            off = tl.load(off_buf + (t - first))
+            if t == L:
+                # log Z again, in float64: the forward's value carries the
+                # compute dtype's rounding, too coarse to normalise the
+                # posteriors of a long sequence.
+                log_z64 = off + _lse(alpha + end_tr, 0).to(tl.float64)
+                # Initialise: beta[L] = end_transition; the last segment ends at L.
+                q = _finite_or_zero(tl.max(end_tr, 0))
+                beta = end_tr - q
+                Q = q.to(tl.float64)
+                shift = (off + Q - log_z64).to(DT)
+                mass = tl.where(cm, tl.exp(alpha + beta + shift) * g, 0.0)
+                tl.store(g_end_tr_ptr + b * get_sb + cl * get_sc, mass, mask=cm)
+                if WANT_END:
+                    tl.store(g_end_sc_ptr + (L - 1) * ges_st + cl * ges_sc, mass, mask=cm)
+                # As in the forward, the emissions' maximum moves into the offset.
+                emit, emit_max = _emissions(scores_ptr, L - 1, s_st, s_sc, C, C_PAD)
+                Q += emit_max.to(tl.float64)
+                fresh = beta + _row(end_sc_ptr, L - 1, es_st, es_sc, C, C_PAD, HAS_END) + emit
+                fresh = tl.where(cm, fresh, float("-inf"))
+                tl.debug_barrier()
+                for r0 in range(0, K, BLOCK_D):
+                    rows = r0 + ds
+                    rok = rows < K
+                    rows = tl.where(rok, rows, 0)
+                    v = tl.where((rows == L % K)[:, None], fresh[None, :], float("-inf"))
+                    tl.store(back + rows[:, None] * C_PAD + cs[None, :], v, mask=rok[:, None])
+                tl.debug_barrier()
+            else:
+                shift = (off + Q - log_z64).to(DT)
+                start_t = _row(start_sc_ptr, t, ss_st, ss_sc, C, C_PAD, HAS_START)
+                dmax = tl.minimum(K, L - t)
+                n_chunks = tl.cdiv(dmax, BLOCK_D)
+                covered = tl.zeros([C_PAD], DT)  # posterior mass of the longer segments
+                tau_max = tl.full([C_PAD], float("-inf"), DT)
+                tau_sum = tl.zeros([C_PAD], DT)
+                beta_max = tl.full([C_PAD], float("-inf"), DT)
+                beta_sum = tl.zeros([C_PAD], DT)
+                tl.debug_barrier()
+                # Segments [t, t+d), longest first so coverage accumulates.
+                for k in range(0, n_chunks):
+                    d = (n_chunks - 1 - k) * BLOCK_D + 1 + ds
+                    dok = d <= dmax
+                    d_row = tl.where(dok, d - 1, 0)
+                    ok = dok[:, None] & cm[None, :]
+                    slot = (t + d) % K
+                    dur = tl.load(dur_ptr + d_row[:, None] * du_sd + cl[None, :] * du_sc,
+                                  mask=ok, other=float("-inf"))
+                    x = tl.load(back + slot[:, None] * C_PAD + cs[None, :]) + dur
+                    x = tl.where(ok, x, float("-inf"))  # (BLOCK_D, C_PAD)
+                    if DD:
+                        ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
+                        tr = tl.load(
+                            trans_ptr + d_row[:, None, None] * tr_sd
+                            + cl[None, :, None] * tr_si + cl[None, None, :] * tr_sj,
+                            mask=ok3, other=float("-inf"))  # (BLOCK_D, C', C)
+                        enter = _lse(alpha[None, :, None] + tr, 1) + start_t[None, :]
+                        enter = tl.where(t > 0, enter, sigma[None, :])
+                        # Label-to-label terms (t = 0 has alpha = -inf: they vanish).
+                        joint = tr + (start_t[None, :] + x)[:, None, :]
+                        g_tr = tl.exp(alpha[None, :, None] + joint + shift) * g
+                        g_tr = tl.where(ok3, g_tr, 0.0)
+                        gt_ptrs = (g_trans_ptr + d_row[:, None, None] * gt_sd
+                                   + cl[None, :, None] * gt_si + cl[None, None, :] * gt_sj)
+                        tl.store(gt_ptrs, tl.load(gt_ptrs, mask=ok3, other=0.0) + g_tr, mask=ok3)
+                        chunk_max = tl.max(tl.max(joint, 2), 0)  # (C',)
+                        new_max = tl.maximum(beta_max, chunk_max)
+                        base = tl.where(new_max == float("-inf"), 0.0, new_max)
+                        beta_sum = beta_sum * tl.exp(beta_max - base) + tl.sum(
+                            tl.sum(tl.exp(joint - base[None, :, None]), 2), 0)
+                        beta_max = new_max
+                    else:
+                        enter = sigma[None, :]
+                        tau_max, tau_sum = _lse_update(tau_max, tau_sum, x, 0)
+                    post = tl.where(ok, tl.exp(enter + x + shift) * g, 0.0)
+                    gd_ptrs = g_dur_ptr + d_row[:, None] * gd_sd + cl[None, :] * gd_sc
+                    tl.store(gd_ptrs, tl.load(gd_ptrs, mask=ok, other=0.0) + post, mask=ok)
+                    # Position t+d-1 lies in every segment [t, t+d') with d' >= d.
+                    cover = covered[None, :] + tl.cumsum(post, 0, reverse=True)
+                    covered += tl.sum(post, 0)
+                    pos = tl.where(dok, t + d - 1, t)
+                    gs_ptrs = g_scores_ptr + pos[:, None] * gs_st + cl[None, :] * gs_sc
+                    tl.store(gs_ptrs, tl.load(gs_ptrs, mask=ok, other=0.0) + cover, mask=ok)
+                if WANT_START:
+                    tl.store(g_start_sc_ptr + t * gss_st + cl * gss_sc, covered, mask=cm)
+                if t == 0:
+                    tl.store(g_start_tr_ptr + b * gst_sb + cl * gst_sc, covered, mask=cm)
+                else:
+                    # beta[t, c']: the backward score of "a segment ended at t".
+                    if DD:
+                        beta = _lse_finish(beta_max, beta_sum)
+                    else:
+                        into = start_t + _lse_finish(tau_max, tau_sum)  # start score + tau
+                        joint2 = trans_tile + into[None, :]  # (C', C)
+                        g_tr2 = tl.exp(alpha[:, None] + joint2 + shift) * g
+                        ok2 = cm[:, None] & cm[None, :]
+                        g_trans_acc += tl.where(ok2, g_tr2, 0.0)
+                        beta = _lse(joint2, 1)
+                    beta = tl.where(cm, beta, float("-inf"))
+                    q = _finite_or_zero(tl.max(beta, 0))
+                    beta = beta - q
+                    Q += q.to(tl.float64)
+                    if WANT_END:
+                        shift_beta = (off + Q - log_z64).to(DT)
+                        tl.store(g_end_sc_ptr + (t - 1) * ges_st + cl * ges_sc,
+                                 tl.exp(alpha + beta + shift_beta) * g, mask=cm)
+                    # Move the ring to step t-1: re-base, open the segments ending
+                    # at t, add position t-1's emissions (their maximum into Q).
+                    emit, emit_max = _emissions(scores_ptr, t - 1, s_st, s_sc, C, C_PAD)
+                    Q += emit_max.to(tl.float64)
+                    fresh = beta + _row(end_sc_ptr, t - 1, es_st, es_sc, C, C_PAD, HAS_END)
+                    tl.debug_barrier()
+                    for r0 in range(0, K, BLOCK_D):
+                        rows = r0 + ds
+                        rok = rows < K
+                        rows = tl.where(rok, rows, 0)
+                        ptrs = back + rows[:, None] * C_PAD + cs[None, :]
+                        old = tl.load(ptrs)
+                        new = tl.where((rows == t % K)[:, None], fresh[None, :], old - q)
+                        new = tl.where(cm[None, :], new + emit[None, :], float("-inf"))
+                        tl.store(ptrs, new, mask=rok[:, None])
+                    tl.debug_barrier()
+        tl.debug_barrier()
+    if not DD:
+        ok2 = (cs[:, None] < C) & (cs[None, :] < C)
+        tl.store(g_trans_ptr + cl[:, None] * gt_si + cl[None, :] * gt_sj, g_trans_acc, mask=ok2)
+
+
+# --------------------------------------------------------------------------
+# Viterbi: the max semiring scan with backpointers, and the traceback
+# --------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "s_sb", "ss_sb", "es_sb", "lab_sb"])
+def _viterbi_kernel(
+    # pointers
+    scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
+    end_sc_ptr, best_ptr, label_ptr, ring_ws_ptr, bp_d_ptr, bp_c_ptr,
+    # sizes
+    T, K, C,
+    # strides
+    s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
+    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, best_s, lab_sb, lab_st,
+    # meta-parameters
+    DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    DT = scores_ptr.dtype.element_ty
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    L = tl.load(lengths_ptr + b * len_s)
+    S = 2 * K if DD else K
+    scores_ptr += b * s_sb
+    start_sc_ptr += b * ss_sb
+    end_sc_ptr += b * es_sb
+    ring = ring_ws_ptr + b * S * C_PAD
+    bp_d_ptr += b * (T + 1) * C_PAD  # (T+1, C_PAD) int32: best duration of alpha[t, c]
+    bp_c_ptr += b * (T + 1) * C_PAD  # (T+1, C_PAD) int32: best previous label
+    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
+    end_tr = tl.load(end_tr_ptr + cl * ent_s, mask=cm, other=float("-inf"))
+    _fill_ring(ring, S, C_PAD, BLOCK_D)
+    offset = tl.full([], 0.0, tl.float64)
+    best = tl.full([], float("-inf"), DT)
+    last_label = tl.full([], 0, tl.int32)
+    for t in range(0, L + 1):
+        alpha, sigma, m, best_d, best_prev = _scan_step(
+            t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr,
+            end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s,
+            ss_st, ss_sc, es_st, es_sc, True, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+        offset += m.to(tl.float64)
+        if t > 0:
+            tl.store(bp_d_ptr + t * C_PAD + cs, best_d)
+            # Static: the previous label was chosen when sigma[t] was formed;
+            # duration-dependent: together with the duration at alpha[t].
+            tl.store(bp_c_ptr + t * C_PAD + cs, best_prev)
+        if t < L:
+            offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr, start_sc_ptr,
+                               K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD, HAS_START, C_PAD,
+                               BLOCK_D).to(tl.float64)
+        else:
+            top, arg = _first_argmax(tl.where(cm, alpha + end_tr, float("-inf")), cs, 0)
+            best = (offset + top.to(tl.float64)).to(DT)
+            last_label = tl.minimum(arg, C - 1).to(tl.int32)
+    tl.store(best_ptr + b * best_s, best)
+    tl.debug_barrier()
+    if best > float("-inf"):  # -inf or NaN: no path to trace
+        t = L
+        c = last_label
+        while t > 0:
+            d = tl.load(bp_d_ptr + t * C_PAD + c).to(tl.int64)
+            d = tl.minimum(tl.maximum(d, 1), t)  # a NaN score must not derail the walk
+            s = t - d
+            tl.store(label_ptr + b * lab_sb + s * lab_st, c.to(tl.int64))
+            if s > 0:
+                row = t if DD else s
+                c = tl.load(bp_c_ptr + row * C_PAD + c)
+                c = tl.minimum(tl.maximum(c, 0), C - 1).to(tl.int32)
+            t = s
+
+
+# --------------------------------------------------------------------------
+# Filter: the forward messages at every boundary (for sampling)
+# --------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T", "s_sb", "ss_sb", "es_sb", "ha_sb", "hs_sb", "ho_sb"])
+def _filter_kernel(
+    # pointers
+    scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
+    end_sc_ptr, alpha_ptr, sigma_ptr, offset_ptr, ring_ws_ptr,
+    # sizes
+    T, K, C,
+    # strides
+    s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
+    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, ha_sb, ha_st, ha_sc, hs_sb, hs_st, hs_sc,
+    ho_sb, ho_st,
+    # meta-parameters
+    DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    L = tl.load(lengths_ptr + b * len_s)
+    S = 2 * K if DD else K
+    scores_ptr += b * s_sb
+    start_sc_ptr += b * ss_sb
+    end_sc_ptr += b * es_sb
+    alpha_ptr += b * ha_sb
+    sigma_ptr += b * hs_sb
+    offset_ptr += b * ho_sb
+    ring = ring_ws_ptr + b * S * C_PAD
+    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
+    _fill_ring(ring, S, C_PAD, BLOCK_D)
+    offset = tl.full([], 0.0, tl.float64)
+    for t in range(0, L + 1):
+        alpha, sigma, m, _bd, _bp = _scan_step(
+            t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr,
+            end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s,
+            ss_st, ss_sc, es_st, es_sc, False, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+        offset += m.to(tl.float64)
+        tl.store(offset_ptr + t * ho_st, offset)
+        if t > 0:
+            tl.store(alpha_ptr + t * ha_st + cl * ha_sc, alpha, mask=cm)
+        if t < L:
+            # Duration-dependent: sigma exists only at 0 (the label step is in alpha).
+            if DD:
+                if t == 0:
+                    tl.store(sigma_ptr + t * hs_st + cl * hs_sc, sigma, mask=cm)
+            else:
+                tl.store(sigma_ptr + t * hs_st + cl * hs_sc, sigma, mask=cm)
+            offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr, start_sc_ptr,
+                               K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD, HAS_START, C_PAD,
+                               BLOCK_D).to(tl.float64)

@@ -1,0 +1,270 @@
+"""Launchers of the Triton kernels, registered as ``flashsemicrf_triton::*`` ops.
+
+Same schemas, outputs and fakes as the C++ ops (flashsemicrf/ops.py):
+
+    forward(scores, transition, duration, lengths, start_transition,
+            end_transition, start_scores?, end_scores?, interval)
+        -> (log_z (B,), checkpoint_ring (B, N, S, C), checkpoint_offset (B, N) f64)
+    backward(grad_log_z, <the same inputs>, log_z, checkpoint_ring,
+             checkpoint_offset, interval, boundary_mass) -> per-sequence gradients
+    viterbi(<the same inputs>) -> (best (B,), segment_label (B, T) int64)
+    filter(<the same inputs>) -> (alpha_hat, sigma_hat (B, T+1, C), offset (B, T+1) f64)
+
+Compiled kernels are registered with ``torch.library.triton_op``, so
+torch.compile sees the kernels; interpreted ones (TRITON_INTERPRET=1) with
+``torch.library.custom_op``, opaque to torch.compile, because an interpreted
+kernel cannot run on the fake tensors a decomposition traces with.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .. import ops as shared
+from .. import reference
+from . import INTERPRET, kernels
+
+Tensor = torch.Tensor
+
+# Elements of one (BLOCK_D, C_PAD) (or (BLOCK_D, C_PAD, C_PAD)) tile: bounds
+# the durations swept at once. 2048 keeps the backward free of register
+# spills for sm_90 at C = 24, K = 1000 and C = 9, K = 16 (ptxas -v); not tuned
+# on a GPU yet. Tests lower it to exercise the chunked sweep.
+TILE_ELEMENTS = 2048
+NUM_WARPS = 4
+
+
+def _checkpoint_interval(T, K, interval):
+    """The interval actually used: 0 means ⌊√(T·K)⌋, the C++ ops' default.
+
+    Symbolic T (torch.compile tracing the op's body) gives a symbolic interval,
+    so the length stays dynamic; floor(sqrt) in float equals the integer
+    square root below 2^52.
+    """
+    if not (isinstance(interval, int) and interval == 0):
+        return interval
+    if isinstance(T, int) and isinstance(K, int):
+        return reference.default_checkpoint_interval(T, K)
+    return torch.sym_max(1, torch.sym_int(torch.sym_sqrt(T * K)))
+
+
+class _Launch:
+    """Sizes, tiles and the argument groups shared by every kernel of one call."""
+
+    def __init__(self, scores, transition, duration, lengths, start_transition, end_transition,
+                 start_scores, end_scores):
+        _check(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores)
+        self.B, self.T, self.C = scores.shape
+        self.K = duration.shape[0]
+        self.dd = transition.dim() == 3
+        self.S = 2 * self.K if self.dd else self.K
+        self.C_PAD = triton.next_power_of_2(self.C)
+        per_row = self.C_PAD * self.C_PAD if self.dd else self.C_PAD
+        self.BLOCK_D = max(1, min(triton.next_power_of_2(self.K), TILE_ELEMENTS // per_row))
+        self.num_warps = max(1, min(NUM_WARPS, self.BLOCK_D * per_row // 256))
+        self.scores = scores
+        self.has_start = start_scores is not None
+        self.has_end = end_scores is not None
+        # Absent boundary scores: any valid pointer (never read), strides 0.
+        start = start_scores if self.has_start else scores
+        end = end_scores if self.has_end else scores
+        self.pointers = (scores, transition, duration, lengths, start_transition, end_transition,
+                         start, end)
+        self.strides = (
+            *scores.stride(), *(transition.stride() if self.dd else (0, *transition.stride())),
+            *duration.stride(), lengths.stride(0), start_transition.stride(0),
+            end_transition.stride(0),
+            *(start.stride() if self.has_start else (0, 0, 0)),
+            *(end.stride() if self.has_end else (0, 0, 0)),
+        )
+        self.meta = dict(DD=self.dd, HAS_START=self.has_start, HAS_END=self.has_end,
+                         C_PAD=self.C_PAD, BLOCK_D=self.BLOCK_D, num_warps=self.num_warps)
+
+    def empty(self, *shape, dtype=None):
+        return torch.empty(shape, dtype=dtype or self.scores.dtype, device=self.scores.device)
+
+    def ring_workspace(self):
+        return self.empty(self.B, self.S, self.C_PAD)
+
+
+def _check(scores, transition, duration, lengths, start_transition, end_transition,
+           start_scores, end_scores):
+    """The C++ ops' checks, for direct calls (the public functions validate first)."""
+    if scores.dim() != 3 or scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"flashsemicrf_triton: scores must be a float32 or float64 (B, T, C) "
+                         f"tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
+    B, T, C = scores.shape
+    K = duration.shape[0] if duration.dim() == 2 else -1
+    expected = {
+        "transition": (K, C, C) if transition.dim() == 3 else (C, C),
+        "duration": (K, C),
+        "lengths": (B,),
+        "start_transition": (C,),
+        "end_transition": (C,),
+        "start_scores": (B, T, C),
+        "end_scores": (B, T, C),
+    }
+    given = dict(transition=transition, duration=duration, lengths=lengths,
+                 start_transition=start_transition, end_transition=end_transition,
+                 start_scores=start_scores, end_scores=end_scores)
+    for name, x in given.items():
+        if x is None:
+            continue
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(f"flashsemicrf_triton: {name} must have shape {expected[name]}, "
+                             f"got {tuple(x.shape)}")
+        want = torch.int64 if name == "lengths" else scores.dtype
+        if x.dtype != want or x.device != scores.device:
+            raise ValueError(f"flashsemicrf_triton: {name} must be {want} on {scores.device}, "
+                             f"got {x.dtype} on {x.device}")
+
+
+def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+            start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+            end_scores: Tensor | None, interval: int) -> tuple[Tensor, Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    interval = _checkpoint_interval(p.T, p.K, interval)
+    n_ckpt = (p.T + interval - 1) // interval
+    log_z = p.empty(p.B)
+    ring = p.empty(p.B, n_ckpt, p.S, p.C)
+    offset = p.empty(p.B, n_ckpt, dtype=torch.float64)
+    if p.B:
+        torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
+            *p.pointers, log_z, ring, offset, p.ring_workspace(),
+            p.T, p.K, p.C, interval, n_ckpt,
+            *p.strides, log_z.stride(0), *ring.stride(), *offset.stride(),
+            **p.meta)
+    return log_z, ring, offset
+
+
+def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: Tensor,
+             lengths: Tensor, start_transition: Tensor, end_transition: Tensor,
+             start_scores: Tensor | None, end_scores: Tensor | None, log_z: Tensor,
+             checkpoint_ring: Tensor, checkpoint_offset: Tensor, interval: int,
+             boundary_mass: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    B, T, K, C = p.B, p.T, p.K, p.C
+    interval = _checkpoint_interval(T, K, interval)
+    n_ckpt = (T + interval - 1) // interval
+    if tuple(checkpoint_ring.shape) != (B, n_ckpt, p.S, C) or \
+            tuple(checkpoint_offset.shape) != (B, n_ckpt):
+        raise ValueError(
+            f"flashsemicrf_triton: checkpoints must be ({B}, {n_ckpt}, {p.S}, {C}) and "
+            f"({B}, {n_ckpt}) for interval {interval}, got {tuple(checkpoint_ring.shape)} and "
+            f"{tuple(checkpoint_offset.shape)}")
+    if checkpoint_offset.dtype != torch.float64:
+        raise ValueError("flashsemicrf_triton: checkpoint_offset must be float64")
+    opts = dict(dtype=scores.dtype, device=scores.device)
+    g_scores = torch.zeros(B, T, C, **opts)
+    g_trans = torch.zeros((B,) + tuple(transition.shape), **opts)
+    g_dur = torch.zeros(B, K, C, **opts)
+    g_start_tr = torch.zeros(B, C, **opts)
+    g_end_tr = torch.zeros(B, C, **opts)
+    want_start = boundary_mass or p.has_start
+    want_end = boundary_mass or p.has_end
+    g_start_sc = torch.zeros(B, T, C, **opts) if want_start else torch.empty(0, **opts)
+    g_end_sc = torch.zeros(B, T, C, **opts) if want_end else torch.empty(0, **opts)
+    if B:
+        g_trans3 = g_trans if p.dd else g_trans.unsqueeze(1)
+        boundary_strides = tuple(
+            (*g.stride(),) if want else (0, 0, 0)
+            for g, want in ((g_start_sc, want_start), (g_end_sc, want_end))
+        )
+        torch.library.wrap_triton(kernels._backward_kernel)[(B,)](
+            grad_log_z, *p.pointers, log_z, checkpoint_ring, checkpoint_offset,
+            g_scores, g_trans, g_dur, g_start_tr, g_end_tr,
+            g_start_sc if want_start else g_scores, g_end_sc if want_end else g_scores,
+            p.ring_workspace(), p.empty(B, K, p.C_PAD), p.empty(B, interval + 1, p.C_PAD),
+            p.empty(B, interval + 1, p.C_PAD), p.empty(B, interval + 1, dtype=torch.float64),
+            T, K, C, interval, n_ckpt,
+            grad_log_z.stride(0), *p.strides, log_z.stride(0), *checkpoint_ring.stride(),
+            *checkpoint_offset.stride(), *g_scores.stride(), *g_trans3.stride(),
+            *g_dur.stride(), *g_start_tr.stride(), *g_end_tr.stride(), *boundary_strides[0],
+            *boundary_strides[1],
+            WANT_START=want_start, WANT_END=want_end, **p.meta)
+    return g_scores, g_trans, g_dur, g_start_tr, g_end_tr, g_start_sc, g_end_sc
+
+
+def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+            start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+            end_scores: Tensor | None) -> tuple[Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    best = p.empty(p.B)
+    label = torch.full((p.B, p.T), -1, dtype=torch.long, device=scores.device)
+    if p.B:
+        # Backpointers (B, T+1, C_PAD) int32: workspace, like the C++ op's.
+        bp_d = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
+        bp_c = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
+        torch.library.wrap_triton(kernels._viterbi_kernel)[(p.B,)](
+            *p.pointers, best, label, p.ring_workspace(), bp_d, bp_c,
+            p.T, p.K, p.C,
+            *p.strides, best.stride(0), *label.stride(),
+            **p.meta)
+    return best, label
+
+
+def filter(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+           start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+           end_scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    B, T, C = p.B, p.T, p.C
+    alpha = torch.full((B, T + 1, C), float("-inf"), dtype=scores.dtype, device=scores.device)
+    sigma = torch.full((B, T + 1, C), float("-inf"), dtype=scores.dtype, device=scores.device)
+    offset = torch.zeros(B, T + 1, dtype=torch.float64, device=scores.device)
+    if B:
+        torch.library.wrap_triton(kernels._filter_kernel)[(B,)](
+            *p.pointers, alpha, sigma, offset, p.ring_workspace(),
+            T, p.K, C,
+            *p.strides, *alpha.stride(), *sigma.stride(), *offset.stride(),
+            **p.meta)
+    return alpha, sigma, offset
+
+
+# --------------------------------------------------------------------------
+# Registration: the C++ ops' fakes, and their autograd formula on these ops
+# --------------------------------------------------------------------------
+
+
+def _backward_formula(ctx, grad_log_z, _grad_ring, _grad_offset):
+    saved = ctx.saved_tensors
+    inputs, (log_z, ring, offset) = saved[:8], saved[8:]
+    g = torch.ops.flashsemicrf_triton.backward(
+        grad_log_z, *inputs, log_z, ring, offset, ctx.interval, False
+    )
+    return (
+        g[0],
+        g[1].sum(0),
+        g[2].sum(0),
+        None,
+        g[3].sum(0),
+        g[4].sum(0),
+        g[5] if ctx.has_start_scores else None,
+        g[6] if ctx.has_end_scores else None,
+        None,
+    )
+
+
+def _register(name, fn, fake):
+    qualname = f"flashsemicrf_triton::{name}"
+    if INTERPRET:
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+    else:
+        op = torch.library.triton_op(qualname, fn, mutates_args=())
+    # triton_op uses fn itself as the fake; the shared one keeps N symbolic.
+    op.register_fake(fake)
+    return op
+
+
+_register("forward", forward, shared._forward_fake)
+_register("backward", backward, shared._backward_fake)
+_register("viterbi", viterbi, shared._viterbi_fake)
+_register("filter", filter, shared._filter_fake)
+torch.library.register_autograd(
+    "flashsemicrf_triton::forward", _backward_formula, setup_context=shared._setup_context
+)
