@@ -1,0 +1,255 @@
+"""The contenders, each one call: ``backend(scores, transition, duration, lengths) -> log Z``.
+
+Every backend gets the same problem in our convention (SPEC §1) and maps it
+to its own inputs inside the call, so the mapping is timed and its memory
+counted as part of what a user of that library pays:
+
+* ours (``cuda``, ``triton``, ``cpu``, ``torch``): ``flashsemicrf.log_partition``
+  with ``start_transition`` = flash-semicrf's "phantom start", the
+  log-sum-exp of the transition over the previous label;
+* flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
+  leading zero row, ``duration_bias`` = our duration;
+* torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
+  d = 0 unused) built with vectorised ops, then ``SemiMarkovCRF(edge).partition``.
+  All benchmark sequences have full length, so one batched call is exact
+  (its wrong results with mixed lengths do not arise).
+
+With a duration-dependent transition (K, C, C) the phantom start of
+flash-semicrf and torch-struct depends on the first segment's duration; the
+benchmark inputs make it the same for every duration (see ``cases.make_inputs``),
+so that the three libraries compute the same log Z.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+OURS = ("cuda", "triton", "cpu", "torch")
+ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct")
+
+# How run time grows, for the skip estimates: "kernel" ∝ the log-sum-exp terms;
+# "loop" is a Python loop over T whose per-step cost is mostly overhead;
+# "dense" is torch-struct's O(log T) matrix products on (K·C)² blocks.
+KIND = {
+    "cuda": "kernel",
+    "triton": "kernel",
+    "cpu": "kernel",
+    "torch": "loop",
+    "flash-semicrf-triton": "kernel",
+    "flash-semicrf-torch": "loop",
+    "torch-struct": "dense",
+}
+
+
+def python_steps(name: str, T: int, K: int) -> int:
+    """Iterations of a loop backend's Python loop: ours steps over positions;
+    flash-semicrf's PyTorch path also loops over the min(K, t) durations of
+    every position t."""
+    if name == "flash-semicrf-torch":
+        if T <= K:
+            return T * (T + 1) // 2
+        return K * (K + 1) // 2 + (T - K) * K
+    return T
+
+
+def cost_units(name: str, B: int, T: int, K: int, C: int, transition: str, threads: int) -> float:
+    """Relative run time within a family of comparable shapes (see ``comparable``).
+    ``name`` may carry a "-f64" suffix (the float64 reference run)."""
+    name = name.removesuffix("-f64")
+    kind = KIND[name]
+    if kind == "loop":
+        return float(python_steps(name, T, K))
+    if kind == "dense":
+        return float(max(T, 1 << max(0, (T - 1).bit_length())))
+    per_position = K * C * C if transition == "duration" else C * C + K * C
+    if name.startswith("flash-semicrf"):
+        per_position = K * C * C  # it does not factorise a static transition
+    # Our CPU kernel runs one sequence per thread.
+    parallel = min(B, threads) if name == "cpu" else 1
+    return B * T * per_position / parallel
+
+
+def comparable(name: str, a: tuple, b: tuple) -> bool:
+    """Whether run times at shapes a and b = (B, K, C) scale by ``cost_units``:
+    a Python loop's step cost depends on B and C; the dense chart on all three;
+    a kernel's time follows its log-sum-exp terms at any shape."""
+    kind = KIND[name.removesuffix("-f64")]
+    if kind == "loop":
+        return (a[0], a[2]) == (b[0], b[2])
+    if kind == "dense":
+        return a == b
+    return True
+
+
+# fwd+bwd over fwd time, when only the forward has been seen (measured:
+# flash-semicrf's PyTorch path 6-7x; the others 2-5x).
+FWD_BWD_OVER_FWD = {"kernel": 5.0, "loop": 8.0, "dense": 5.0}
+
+
+def phantom_start(transition: Tensor) -> Tensor:
+    """Our start_transition (C,) that equals flash-semicrf's and torch-struct's
+    free first label: LSE over the previous label (the same for every duration
+    with the benchmark's (K, C, C) inputs, so duration 1's is taken)."""
+    t = transition if transition.dim() == 2 else transition[0]
+    return t.logsumexp(0)
+
+
+def _ours(name: str) -> Callable:
+    import flashsemicrf
+
+    def call(scores, transition, duration, lengths):
+        return flashsemicrf.log_partition(
+            scores, transition, duration, lengths,
+            start_transition=phantom_start(transition), backend=name,
+        )
+
+    return call
+
+
+def cum_scores(scores: Tensor) -> Tensor:
+    """(B, T, C) -> (B, T+1, C): prefix sums with a leading zero row."""
+    B, _, C = scores.shape
+    return torch.cat([scores.new_zeros(B, 1, C), scores.cumsum(1)], 1)
+
+
+def _flash(use_triton: bool) -> Callable:
+    from flash_semicrf.streaming import semi_crf_streaming_forward
+
+    def call(scores, transition, duration, lengths):
+        with warnings.catch_warnings():
+            # It warns about un-centred long sequences; the inputs are centred
+            # random scores and its result is checked against ours anyway.
+            warnings.simplefilter("ignore")
+            return semi_crf_streaming_forward(
+                cum_scores(scores), transition, duration, lengths, duration.shape[0],
+                use_triton=use_triton,
+            )
+
+    return call
+
+
+def dense_edges(scores: Tensor, transition: Tensor, duration: Tensor) -> Tensor:
+    """torch-struct's edge (B, T, K+1, C, C): edge[b, s, d, c, c'] is the score of
+    segment (s, d, c) after label c'; d = 0 and segments past T are -inf."""
+    B, T, C = scores.shape
+    K = duration.shape[0]
+    dev = scores.device
+    prefix = cum_scores(scores)  # (B, T+1, C)
+    start = torch.arange(T, device=dev).unsqueeze(1)  # (T, 1)
+    dur = torch.arange(K + 1, device=dev).unsqueeze(0)  # (1, K+1)
+    end = start + dur
+    valid = (end <= T) & (dur >= 1)  # (T, K+1)
+    seg = prefix[:, end.clamp(max=T)] - prefix[:, start.expand(T, K + 1)]  # (B, T, K+1, C)
+    seg = seg + torch.cat([duration.new_zeros(1, C), duration], 0)
+    seg = seg.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    if transition.dim() == 2:
+        trans = transition.t().expand(K + 1, C, C)  # [d, c, c']
+    else:
+        trans = torch.cat([transition[:1], transition], 0).transpose(1, 2)
+    return seg.unsqueeze(-1) + trans
+
+
+def _torch_struct() -> Callable:
+    from torch_struct import SemiMarkovCRF
+
+    def call(scores, transition, duration, lengths):
+        with warnings.catch_warnings():  # its Distribution subclass lacks arg_constraints
+            warnings.simplefilter("ignore")
+            return SemiMarkovCRF(dense_edges(scores, transition, duration)).partition
+
+    return call
+
+
+def dense_peak_bytes(B: int, T: int, K: int, C: int, itemsize: int) -> int:
+    """torch-struct's peak memory, roughly: its first log-semiring product
+    broadcasts (B·N/2, KC, KC, KC) with N = T rounded up to a power of two, and
+    logsumexp makes a second tensor of that size; the backward keeps the levels."""
+    n = 1 << max(0, (T - 1).bit_length())
+    m = K * C
+    return 3 * B * max(1, n // 2) * m**3 * itemsize
+
+
+@dataclass
+class Backend:
+    name: str
+    kind: str
+    fn: Callable | None  # None: unavailable
+    why: str = ""  # why it is unavailable
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+def _import_error(exc: BaseException) -> str:
+    return f"cannot import: {type(exc).__name__}: {exc}"
+
+
+def make(name: str, device: torch.device) -> Backend:
+    """The backend, or one whose ``why`` says why it cannot run on ``device``."""
+    kind = KIND[name]
+    cuda = device.type == "cuda"
+    if name == "cuda" and not cuda:
+        return Backend(name, kind, None, "needs a CUDA device")
+    if name == "triton" and not cuda:
+        return Backend(name, kind, None, "needs a CUDA device (on CPU only under "
+                       "TRITON_INTERPRET=1: not benchmarked)")
+    if name == "flash-semicrf-triton" and not cuda:
+        return Backend(name, kind, None, "needs a CUDA device")
+    if name == "cpu" and cuda:
+        return Backend(name, kind, None, "runs on CPU tensors only (run with --device cpu)")
+    try:
+        if name in OURS:
+            fn = _ours(name)
+        elif name == "flash-semicrf-triton":
+            fn = _flash(True)
+        elif name == "flash-semicrf-torch":
+            fn = _flash(False)
+        else:
+            fn = _torch_struct()
+    except ImportError as exc:
+        return Backend(name, kind, None, _import_error(exc))
+    return Backend(name, kind, fn)
+
+
+def smoke_test(backend: Backend, device: torch.device) -> str:
+    """Run a tiny problem; '' when it works, else the reason it does not
+    (e.g. our kernels not built, or the Triton kernel not written yet)."""
+    g = torch.Generator().manual_seed(0)
+    B, T, K, C = 2, 8, 4, 3
+    args = (
+        torch.randn(B, T, C, generator=g).to(device),
+        torch.randn(C, C, generator=g).to(device),
+        torch.randn(K, C, generator=g).to(device),
+        torch.full((B,), T, dtype=torch.long, device=device),
+    )
+    try:
+        with torch.no_grad():
+            z = backend(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if name_takes_fallback(backend.name, args[0]):
+            return "flash-semicrf would fall back to its PyTorch path here"
+        if not torch.isfinite(z).all():
+            return "gives a non-finite log Z on a tiny problem"
+    except Exception as exc:  # noqa: BLE001 — any failure means "not available"
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {msg}"[:200]
+    return ""
+
+
+def name_takes_fallback(name: str, scores: Tensor) -> bool:
+    """flash-semicrf's Triton path silently runs its PyTorch code off CUDA or
+    without Triton; it must not be timed under the Triton name then."""
+    if name != "flash-semicrf-triton":
+        return False
+    try:
+        from flash_semicrf.streaming.triton_forward import HAS_TRITON
+    except ImportError:
+        return True
+    return not (HAS_TRITON and scores.is_cuda)
