@@ -21,6 +21,7 @@ import torch
 
 from . import _extension, ops, reference  # noqa: F401  (ops registers fakes)
 from ._validation import Inputs
+from .segments import segments_from_start_labels
 
 Tensor = torch.Tensor
 
@@ -84,11 +85,17 @@ class ReferenceBackend:
 
 
 class CompiledBackend:
-    """The C++ CPU kernel (``"cpu"``) or the handwritten CUDA kernels (``"cuda"``),
-    through the ``torch.ops.flashsemicrf`` ops (flashsemicrf/ops.py)."""
+    """Kernels behind ops with the contract of flashsemicrf/ops.py: the C++ CPU
+    kernel (``"cpu"``) and the CUDA kernels (``"cuda"``) as
+    ``torch.ops.flashsemicrf``, the Triton kernels as ``torch.ops.flashsemicrf_triton``."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, namespace: str = "flashsemicrf"):
         self.name = name
+        self.namespace = namespace
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
 
     @staticmethod
     def args(x: Inputs) -> tuple:
@@ -103,37 +110,26 @@ class CompiledBackend:
         )
 
     def log_partition(self, x: Inputs, interval: int) -> Tensor:
-        return torch.ops.flashsemicrf.forward(*self.args(x), interval)[0]
+        return self.ops.forward(*self.args(x), interval)[0]
 
     def forward(self, x: Inputs, interval: int):
-        return torch.ops.flashsemicrf.forward(*self.args(x), interval)
+        return self.ops.forward(*self.args(x), interval)
 
     def backward(self, x, grad, log_z, ckpt_ring, ckpt_offset, interval, boundary_mass):
-        g = torch.ops.flashsemicrf.backward(
+        g = self.ops.backward(
             grad, *self.args(x), log_z, ckpt_ring, ckpt_offset, interval, boundary_mass
         )
         boundary = [t if t.dim() == 3 else None for t in g[5:]]
         return reference.Gradients(*g[:5], *boundary)
 
     def viterbi(self, x: Inputs):
-        best, label = torch.ops.flashsemicrf.viterbi(*self.args(x))
-        return best, segments_from_starts(label, x.lengths)
+        best, label = self.ops.viterbi(*self.args(x))
+        return best, segments_from_start_labels(label, x.lengths)
 
     def sample(self, x: Inputs, log_z, num_samples, generator):
-        alpha, sigma, offset = torch.ops.flashsemicrf.filter(*self.args(x))
+        alpha, sigma, offset = self.ops.filter(*self.args(x))
         history = reference.History(alpha, sigma, offset, None, None)
         return reference.sample(to_problem(x), history, log_z, num_samples, generator)
-
-
-def segments_from_starts(label: Tensor, lengths: Tensor) -> Tensor:
-    """Segments (N, 4) from a (B, T) map holding each segment's label at its start, −1 elsewhere."""
-    b, s = (label >= 0).nonzero(as_tuple=True)
-    nxt = torch.roll(s, -1)
-    same = torch.roll(b, -1) == b
-    if s.numel():
-        same[-1] = False
-    end = torch.where(same, nxt, lengths[b])
-    return torch.stack([b, s, end - s, label[b, s]], 1)
 
 
 class _ReferenceLogPartition(torch.autograd.Function):

@@ -115,8 +115,18 @@ def labels_to_segments(labels: Tensor, lengths: Tensor | None, max_duration: int
     pos = torch.arange(T, device=labels.device).expand(B, T)
     run_start = torch.where(change, pos, torch.zeros_like(pos)).cummax(1).values
     boundary = inside & ((pos - run_start) % max_duration == 0)
-    b_idx, s_idx = boundary.nonzero(as_tuple=True)
-    # Each piece ends where the next one of its sequence starts, or at L_b.
+    return _tile(boundary, torch.where(boundary, labels, -1), lengths)
+
+
+def segments_from_start_labels(start_labels: Tensor, lengths: Tensor) -> Tensor:
+    """Segments (N, 4) from a (B, T) map holding each segment's label at its start, −1 elsewhere."""
+    return _tile(start_labels >= 0, start_labels, lengths)
+
+
+def _tile(starts: Tensor, labels: Tensor, lengths: Tensor) -> Tensor:
+    """Segments whose starts are the True entries of ``starts`` (B, T): each ends
+    where the next one of its sequence starts, or at lengths[b]."""
+    b_idx, s_idx = starts.nonzero(as_tuple=True)
     nxt = torch.roll(s_idx, -1)
     same_next = torch.roll(b_idx, -1) == b_idx
     if s_idx.numel():

@@ -45,7 +45,7 @@ def check_device(fn: str, device: torch.device) -> None:
 
 
 def backend_for(fn: str, device: torch.device):
-    """The TritonBackend for tensors on ``device`` (imports Triton on first use)."""
+    """The Triton backend for tensors on ``device`` (imports Triton on first use)."""
     check_device(fn, torch.device(device))
     from .backend import BACKEND
 
