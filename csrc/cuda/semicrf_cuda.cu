@@ -1,7 +1,212 @@
-// Host side of the CUDA kernels (not written yet): checks, device guard,
-// current stream, and the registration for the CUDA dispatch key.
+// Host side of the CUDA kernels: checks (semicrf_host.h's Problem), device
+// guard, current stream, working-memory placement, launches, and the
+// registration for the CUDA dispatch key. The device code is in *_kernel.cuh.
+//
+// Thread mapping. One CTA of kThreads = 256 threads (8 warps) per sequence,
+// grid = B; the CTA walks the positions of its sequence one step at a time
+// and spreads each step over labels and durations:
+//   forward step t (CtaScan::step / advance, forward_kernel.cuh)
+//     A  alpha[t, c]: warp w takes labels c ≡ w (mod 8); lane l takes
+//        durations d ≡ l+1 (mod 32) and the warp reduces the LSE over d
+//        (duration-dependent: each lane also loops over c' for its d).
+//        Threads c ≡ tid (mod 256) stage scores[t], start_scores[t].
+//     B  m = max_c alpha, reduced by every warp on its own; alpha_hat;
+//        static sigma[t, c]: warp per c, lanes over c'.
+//     C  ring update: thread tid owns ring entries i ≡ tid (mod 256),
+//        i = slot·C + c.
+//   backward sweep step t (backward_kernel.cuh)
+//     S0 threads c ≡ tid stage alpha_hat/sigma_hat rows and the inputs of t.
+//     P1 warp per c, lanes over d in chunks of 32 from d = dmax down:
+//        posteriors, a warp inclusive scan gives the coverage suffix sums
+//        (carried across chunks), duration/score gradients, static tau.
+//     P2 warp per c', lanes over c (static) or over (d, c) pairs (DD): beta
+//        and the transition gradients.
+//     P3 q = max beta (every warp), end-score masses, ring update as in C.
+//   Viterbi: the forward step in the max semiring writes the backpointers;
+//   thread 0 traces the path back after the last barrier.
+//
+// Barrier discipline. Shared state of a CTA (rings, rows of C values) is
+// written in one phase and read in the next, with __syncthreads() between
+// every store and the next read of another thread: step() has one barrier
+// after A and one after B, the caller one after C (and after its reads of
+// alpha/sigma); the sweep has one after each of S0, P1, P2, P3. Reductions
+// that every thread needs (m, q) are recomputed by each warp from the same
+// shared row rather than broadcast, so they need no barrier of their own.
+// Gradient elements are written by one thread per step; different steps are
+// ordered by these barriers, so results are deterministic without atomics.
+// Warp collectives (shuffles) only run under warp-uniform control flow;
+// padded lanes (d < 1, d > dmax, c ≥ C) form no addresses.
+//
+// Working memory. Rings and rows live in dynamic shared memory when they fit
+// in the device's opt-in limit (227 KB on H100); otherwise the rings (the
+// backward's forward ring first, then its own ring), and at last the rows,
+// move to a global workspace slice per CTA (plan_arena). The same kernels
+// serve both through generic pointers: __syncthreads() also orders a CTA's
+// global memory accesses. Rings are stored slot-major with an odd row stride
+// (C | 1), so a warp reading one label across 32 slots hits 32 banks.
+// Per sequence, shared memory needs (scalars): forward, Viterbi and filter
+// S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition); backward
+// (K + S)·(C|1) + 12C. The backward also takes (interval+1)·C scalars twice
+// and interval+1 doubles of global memory for the recomputed span.
+//
+// Numerics follow the CPU kernel step for step (same normalisers, same
+// checkpoint contents: the largest emission of each position moves into the
+// offset as the ring advances; the backward recomputes log Z in float64 at
+// t = L); only the association order of the sums differs.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <tuple>
 
 #include "semicrf.h"
 #include "semicrf_host.h"
+#include "backward_kernel.cuh"
+#include "forward_kernel.cuh"
+
+namespace flashsemicrf {
+namespace {
+
+using cuda::Arena;
+using cuda::kThreads;
+
+size_t smem_limit() {
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
+void check_cuda(const at::Tensor& scores) {
+  TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
+              scores.device());
+}
+
+// A global workspace for the arrays the arena did not place in shared memory.
+at::Tensor workspace_for(Arena& arena, const at::Tensor& scores, int64_t B) {
+  if (arena.workspace_stride == 0) return at::Tensor();
+  at::Tensor ws = at::empty({B * arena.workspace_stride}, scores.options());
+  arena.workspace = ws.data_ptr();
+  return ws;
+}
+
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t B, const Arena& arena, size_t elem_bytes, Args... args) {
+  if (B == 0) return;
+  const size_t smem = static_cast<size_t>(arena.smem_elems) * elem_bytes;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  kernel<<<static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+    const at::Tensor& lengths, const at::Tensor& start_transition,
+    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+    const std::optional<at::Tensor>& end_scores, int64_t interval) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, interval);
+  auto out = prob.forward_outputs();
+  const Params& p = prob.params;
+  const size_t elem = scores.element_size();
+  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit());
+  const at::Tensor ws = workspace_for(arena, scores, p.B);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_forward_cuda", [&] {
+    if (p.duration_dependent) launch(cuda::forward_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
+    else launch(cuda::forward_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+backward_cuda(const at::Tensor& grad_log_z, const at::Tensor& scores,
+              const at::Tensor& transition, const at::Tensor& duration,
+              const at::Tensor& lengths, const at::Tensor& start_transition,
+              const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+              const std::optional<at::Tensor>& end_scores, const at::Tensor& log_z,
+              const at::Tensor& ckpt_ring, const at::Tensor& ckpt_offset, int64_t interval,
+              bool boundary_mass) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, interval);
+  auto out = prob.backward_outputs(grad_log_z, log_z, ckpt_ring, ckpt_offset, boundary_mass);
+  const Params& p = prob.params;
+  const size_t elem = scores.element_size();
+  Arena arena = cuda::plan_backward_arena(p, elem, smem_limit());
+  const at::Tensor ws = workspace_for(arena, scores, p.B);
+  // The recomputed span: forward messages at interval+1 boundaries.
+  const int64_t span = p.interval + 1;
+  at::Tensor span_alpha = at::empty({p.B, span, p.C}, scores.options());
+  at::Tensor span_sigma = at::empty({p.B, span, p.C}, scores.options());
+  at::Tensor span_offset = at::empty({p.B, span}, scores.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_backward_cuda", [&] {
+    auto* a = span_alpha.data_ptr<scalar_t>();
+    auto* s = span_sigma.data_ptr<scalar_t>();
+    auto* o = span_offset.data_ptr<double>();
+    if (p.duration_dependent)
+      launch(cuda::backward_kernel<scalar_t, true>, p.B, arena, elem, p, arena, a, s, o);
+    else
+      launch(cuda::backward_kernel<scalar_t, false>, p.B, arena, elem, p, arena, a, s, o);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> viterbi_cuda(
+    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+    const at::Tensor& lengths, const at::Tensor& start_transition,
+    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+    const std::optional<at::Tensor>& end_scores) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, /*interval=*/1);
+  auto out = prob.viterbi_outputs();
+  const Params& p = prob.params;
+  const size_t elem = scores.element_size();
+  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit());
+  const at::Tensor ws = workspace_for(arena, scores, p.B);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_viterbi_cuda", [&] {
+    if (p.duration_dependent) launch(cuda::viterbi_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
+    else launch(cuda::viterbi_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_cuda(
+    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+    const at::Tensor& lengths, const at::Tensor& start_transition,
+    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+    const std::optional<at::Tensor>& end_scores) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores, /*interval=*/1);
+  auto out = prob.filter_outputs();
+  const Params& p = prob.params;
+  const size_t elem = scores.element_size();
+  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit());
+  const at::Tensor ws = workspace_for(arena, scores, p.B);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_filter_cuda", [&] {
+    if (p.duration_dependent) launch(cuda::filter_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
+    else launch(cuda::filter_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(flashsemicrf, CUDA, m) {
+  m.impl("forward", &forward_cuda);
+  m.impl("backward", &backward_cuda);
+  m.impl("viterbi", &viterbi_cuda);
+  m.impl("filter", &filter_cuda);
+}
+
+}  // namespace flashsemicrf

@@ -1,0 +1,258 @@
+// The backward pass of one sequence by one CTA: walk the checkpoints in
+// reverse, recompute each span's forward messages into a global buffer with
+// CtaScan, and sweep the backward ring down through the span, writing every
+// gradient element from one thread at a time (no atomics; barriers order the
+// steps). The CPU kernel's backward_sequence, step for step.
+#pragma once
+
+#include "common_kernel.cuh"
+#include "forward_kernel.cuh"
+
+namespace flashsemicrf {
+namespace cuda {
+
+// Rows of C scalars the sweep stages per step.
+constexpr int kSweepRows = 7;
+
+// Arrays of the backward kernel, in Arena order.
+enum BackwardArray {
+  kBackwardRing = 0,      // (K, ld) backward ring
+  kBackwardScanRing = 1,  // (S, ld) the recompute's forward ring
+  kBackwardScanRows = 2,  // (kScanRows, C)
+  kBackwardSweepRows = 3, // (kSweepRows, C)
+  kBackwardArrays = 4
+};
+
+inline Arena plan_backward_arena(const Params& p, size_t elem_bytes, size_t smem_limit) {
+  const int64_t ld = padded_row(static_cast<int>(p.C));
+  const int64_t sizes[kBackwardArrays] = {p.K * ld, p.ring_width * ld, kScanRows * p.C,
+                                          kSweepRows * p.C};
+  // The forward ring goes first: it is the larger one and is only touched by
+  // the recompute.
+  const int evict[kBackwardArrays] = {kBackwardScanRing, kBackwardRing, kBackwardScanRows,
+                                      kBackwardSweepRows};
+  return plan_arena(sizes, kBackwardArrays, evict, elem_bytes, smem_limit);
+}
+
+// span_alpha, span_sigma: (B, interval+1, C) workspace; span_offset: (B, interval+1).
+template <typename scalar_t, bool DD>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const Params p, const Arena arena, scalar_t* span_alpha, scalar_t* span_sigma,
+                    double* span_offset) {
+  const int64_t b = blockIdx.x;
+  // The forward's log Z only says whether the sequence is dead (-inf); the
+  // sweep recomputes it in float64 at t = L, its first step (float32 log Z
+  // carries |log Z|·6e-8 of rounding, too coarse for long sequences).
+  double log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
+  if (log_z == -std::numeric_limits<double>::infinity()) return;  // outputs stay 0
+  const scalar_t g = static_cast<const scalar_t*>(p.grad_log_z)[b];
+
+  const int64_t L = sequence_length(p, b), T = p.T, S = p.ring_width;
+  const int K = static_cast<int>(p.K), C = static_cast<int>(p.C), ld = padded_row(C);
+  const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+  const SequenceInputs<scalar_t> in(p, b);
+
+  scalar_t* g_scores = static_cast<scalar_t*>(p.grad_scores) + b * T * C;
+  scalar_t* g_trans = static_cast<scalar_t*>(p.grad_transition) + b * (DD ? K : 1) * C * C;
+  scalar_t* g_dur = static_cast<scalar_t*>(p.grad_duration) + b * K * C;
+  scalar_t* g_start_t = static_cast<scalar_t*>(p.grad_start_transition) + b * C;
+  scalar_t* g_end_t = static_cast<scalar_t*>(p.grad_end_transition) + b * C;
+  scalar_t* g_start_s =
+      p.grad_start_scores ? static_cast<scalar_t*>(p.grad_start_scores) + b * T * C : nullptr;
+  scalar_t* g_end_s =
+      p.grad_end_scores ? static_cast<scalar_t*>(p.grad_end_scores) + b * T * C : nullptr;
+
+  const scalar_t* ckpt = static_cast<const scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
+  const double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  const int64_t span = p.interval + 1;
+  scalar_t* alpha_buf = span_alpha + b * span * C;
+  scalar_t* sigma_buf = span_sigma + b * span * C;
+  double* off_buf = span_offset + b * span;
+
+  scalar_t* smem = dynamic_smem<scalar_t>();
+  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get(kBackwardScanRing, smem, b),
+                                    arena.get(kBackwardScanRows, smem, b));
+  // Backward ring: slot e % K holds the label-c segment [t, e) with its
+  // emissions, end score and beta_hat[e], relative to the backward offset Q.
+  scalar_t* ring = arena.get(kBackwardRing, smem, b);
+  scalar_t* rows = arena.get(kBackwardSweepRows, smem, b);
+  scalar_t* s_alpha = rows;           // alpha_hat[t]
+  scalar_t* s_sigma = rows + C;       // sigma_hat[t]
+  scalar_t* s_u = rows + 2 * C;       // static: start_scores[t] + tau[t]
+  scalar_t* s_beta = rows + 3 * C;    // beta[t] before normalisation
+  scalar_t* s_start = rows + 4 * C;   // start_scores[t]
+  scalar_t* s_score = rows + 5 * C;   // scores[t-1]
+  scalar_t* s_end = rows + 6 * C;     // end_scores[t-1]
+  double Q = 0.0;                     // the same in every thread
+
+  scan.reset();
+  const int64_t last_span = L / p.interval < p.n_ckpt - 1 ? L / p.interval : p.n_ckpt - 1;
+  for (int64_t j = last_span; j >= 0; --j) {
+    const int64_t first = j * p.interval;
+    const int64_t last = j == last_span ? L : (j + 1) * p.interval - 1;
+    __syncthreads();  // the previous span's sweep is done with the buffers
+    scan.load(first, ckpt + j * S * C, ckpt_off + j);
+    __syncthreads();
+    for (int64_t t = first; t <= last; ++t) {
+      const scalar_t m = scan.step(t);
+      for (int c = tid; c < C; c += kThreads) {
+        alpha_buf[(t - first) * C + c] = scan.alpha[c];
+        sigma_buf[(t - first) * C + c] = scan.sigma[c];
+      }
+      if (tid == 0) off_buf[t - first] = scan.offset;
+      if (t < last) scan.advance(t, m);
+      __syncthreads();
+    }
+
+    for (int64_t t = last; t >= first; --t) {
+      // S0: stage this step's rows.
+      const int64_t row = t - first;
+      for (int c = tid; c < C; c += kThreads) {
+        s_alpha[c] = alpha_buf[row * C + c];
+        s_sigma[c] = sigma_buf[row * C + c];
+        if (t < L) s_start[c] = in.start(t, c);
+        if (t > 0) {
+          s_score[c] = in.score(t - 1, c);
+          s_end[c] = in.end(t - 1, c);
+        }
+      }
+      const double off = off_buf[row];
+      __syncthreads();
+      const int tK = static_cast<int>(t % K);
+
+      if (t == L) {
+        // The backward messages start: beta[L] = end_transition. Every warp
+        // reduces log Z and q itself.
+        log_z = off + static_cast<double>(warp_lse<scalar_t>(
+                          C, [&](int c) { return s_alpha[c] + in.end_transition[c]; }));
+        const scalar_t q = finite_or_zero(array_max(in.end_transition, C));
+        Q = static_cast<double>(q);
+        const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
+        for (int c = tid; c < C; c += kThreads) {
+          const scalar_t mass = exp(s_alpha[c] + (in.end_transition[c] - q) + shift) * g;
+          g_end_t[c] = mass;
+          if (g_end_s) g_end_s[(L - 1) * C + c] = mass;
+        }
+        // Position L-1's emissions enter; their max moves into Q.
+        const scalar_t emit_max = finite_or_zero(array_max(s_score, C));
+        Q += static_cast<double>(emit_max);
+        for_each_entry(K, C, tid, kThreads, [&](int slot, int c) {
+          ring[slot * ld + c] = slot == tK ? (in.end_transition[c] - q) + s_end[c] +
+                                                 (s_score[c] - emit_max)
+                                           : neg_inf<scalar_t>();
+        });
+        __syncthreads();
+        continue;
+      }
+
+      // P1: segments [t, t+d), a warp per label, lanes over d in chunks of
+      // 32 from the longest down: posteriors, their suffix sums over d (the
+      // coverage of position t+d-1) and, static, tau = LSE_d x.
+      const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
+      const int dmax = static_cast<int>(L - t < K ? L - t : K);
+      auto x_at = [&](int d, int c) {
+        int slot = tK + d;
+        if (slot >= K) slot -= K;
+        return ring[slot * ld + c] + in.dur(d, c);
+      };
+      const bool need_tau = !DD && t > 0;
+      for (int c = warp; c < C; c += kWarps) {
+        scalar_t mx = neg_inf<scalar_t>();
+        if (need_tau) {
+          for (int d = 1 + lane; d <= dmax; d += kWarpSize) mx = nan_max(mx, x_at(d, c));
+          mx = warp_max(mx);
+        }
+        scalar_t carry = 0, tau_sum = 0;
+        for (int top = dmax; top >= 1; top -= kWarpSize) {
+          const int d = top - lane;
+          scalar_t post = 0;
+          if (d >= 1) {
+            const scalar_t xd = x_at(d, c);
+            scalar_t enter;
+            if (DD && t > 0) {
+              enter = thread_lse<scalar_t>(C, [&](int cp) { return s_alpha[cp] + in.trans(d, cp, c); }) +
+                      s_start[c];
+            } else {
+              enter = s_sigma[c];
+            }
+            post = exp(enter + xd + shift) * g;
+            if (need_tau) tau_sum += exp_from(xd, mx);
+          }
+          const scalar_t incl = warp_inclusive_scan(post);
+          if (d >= 1) {
+            g_dur[(d - 1) * C + c] += post;
+            g_scores[(t + d - 1) * C + c] += carry + incl;
+          }
+          carry += __shfl_sync(kFullMask, incl, kWarpSize - 1);
+        }
+        if (lane == 0) {
+          if (g_start_s) g_start_s[t * C + c] = carry;
+          if (t == 0) g_start_t[c] = carry;
+        }
+        if (need_tau) {
+          tau_sum = warp_sum(tau_sum);
+          if (lane == 0) s_u[c] = s_start[c] + lse_finish(mx, tau_sum);
+        }
+      }
+      if (t == 0) break;  // uniform: the last step of the last span
+      __syncthreads();
+
+      // P2: beta[t, c'] (the backward score of "a segment ended at t") and
+      // the transition gradients, a warp per c'. Thread (warp, lane) owns
+      // g_trans elements with c' ≡ warp (mod kWarps) and column ≡ lane (mod 32).
+      for (int cp = warp; cp < C; cp += kWarps) {
+        const scalar_t a = s_alpha[cp];
+        scalar_t v_max = neg_inf<scalar_t>();
+        if (!DD) {
+          for (int c = lane; c < C; c += kWarpSize) {
+            const scalar_t v = in.trans(cp, c) + s_u[c];
+            g_trans[cp * C + c] += exp(a + v + shift) * g;
+            v_max = nan_max(v_max, v);
+          }
+        } else {
+          for_each_entry(dmax, C, lane, kWarpSize, [&](int r, int c) {
+            const int d = r + 1;
+            const scalar_t v = in.trans(d, cp, c) + s_start[c] + x_at(d, c);
+            g_trans[(r * C + cp) * C + c] += exp(a + v + shift) * g;
+            v_max = nan_max(v_max, v);
+          });
+        }
+        v_max = warp_max(v_max);
+        scalar_t sum = 0;
+        if (!DD) {
+          for (int c = lane; c < C; c += kWarpSize) sum += exp_from(in.trans(cp, c) + s_u[c], v_max);
+        } else {
+          for_each_entry(dmax, C, lane, kWarpSize, [&](int r, int c) {
+            sum += exp_from(in.trans(r + 1, cp, c) + s_start[c] + x_at(r + 1, c), v_max);
+          });
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) s_beta[cp] = lse_finish(v_max, sum);
+      }
+      __syncthreads();
+
+      // P3: normalise beta (every warp reduces q itself), the mass of the
+      // segments ending at t, and move the ring to step t-1: re-base, open
+      // the segments ending at t, add position t-1's emissions (their max
+      // moves into Q, as in the forward).
+      const scalar_t q = finite_or_zero(array_max(s_beta, C));
+      Q += static_cast<double>(q);
+      const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
+      if (g_end_s) {
+        for (int c = tid; c < C; c += kThreads)
+          g_end_s[(t - 1) * C + c] = exp(s_alpha[c] + (s_beta[c] - q) + shift_beta) * g;
+      }
+      const scalar_t emit_max = finite_or_zero(array_max(s_score, C));
+      Q += static_cast<double>(emit_max);
+      for_each_entry(K, C, tid, kThreads, [&](int slot, int c) {
+        scalar_t& r = ring[slot * ld + c];
+        const scalar_t emit = s_score[c] - emit_max;
+        r = (slot == tK ? (s_beta[c] - q) + s_end[c] : r - q) + emit;
+      });
+      __syncthreads();
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace flashsemicrf

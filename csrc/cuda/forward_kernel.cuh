@@ -1,0 +1,349 @@
+// The streaming forward scan of one sequence by one CTA (CtaScan), and the
+// kernels built on it: forward (log Z + checkpoints), Viterbi (max semiring +
+// backpointers + traceback) and filter (the messages at every boundary).
+// CtaScan is the CPU kernel's ForwardScan with the loops over labels and
+// durations spread over the CTA; see semicrf_cuda.cu for the thread mapping
+// and the barrier discipline.
+#pragma once
+
+#include "common_kernel.cuh"
+
+namespace flashsemicrf {
+namespace cuda {
+
+// Working arrays of a CtaScan: the ring (S·ld scalars, S = K or 2K,
+// ld = padded_row(C)) and kScanRows rows of C scalars.
+constexpr int kScanRows = 5;
+
+template <typename scalar_t, bool DD, bool MAX>
+struct CtaScan {
+  const SequenceInputs<scalar_t> in;
+  const int K, C, ld;
+  const int64_t L;
+  // Static: K slots of sigma_hat[s] + gain. DD: K alpha slots, then K gain
+  // slots. Slot s % K holds the segment that started at s; row stride ld.
+  scalar_t* const ring;
+  scalar_t* const raw;        // (C) alpha[t] (or sigma[0]) before normalisation
+  scalar_t* const alpha;      // (C) alpha_hat[t]
+  scalar_t* const sigma;      // (C) sigma_hat[t]
+  scalar_t* const score_row;  // (C) scores[t], staged for advance()
+  scalar_t* const start_row;  // (C) start_scores[t]
+  double offset = 0.0;        // O_t, the same in every thread
+  int32_t* bp_duration = nullptr;  // MAX: (T+1, C) rows of this sequence, or null
+  int32_t* bp_previous = nullptr;
+
+  __device__ CtaScan(const Params& p, int64_t b, int64_t L_, scalar_t* ring_, scalar_t* rows)
+      : in(p, b), K(static_cast<int>(p.K)), C(static_cast<int>(p.C)),
+        ld(padded_row(static_cast<int>(p.C))), L(L_), ring(ring_), raw(rows),
+        alpha(rows + p.C), sigma(rows + 2 * p.C), score_row(rows + 3 * p.C),
+        start_row(rows + 4 * p.C) {}
+
+  // The empty state (every segment impossible). Barrier before use.
+  __device__ void reset() {
+    fill(ring, static_cast<int64_t>(DD ? 2 : 1) * K * ld, neg_inf<scalar_t>());
+    fill(raw, static_cast<int64_t>(kScanRows) * C, neg_inf<scalar_t>());
+    offset = 0.0;
+  }
+
+  // The open label-c segment [t-d, t) before end_scores: the CPU kernel's
+  // terms[d-1]. tK = t % K. *prev (DD && MAX): the best previous label, -1
+  // for the segment starting at 0.
+  __device__ scalar_t term(int tK, int64_t t, int d, int c, int* prev) const {
+    int slot = tK - d;
+    if (slot < 0) slot += K;
+    scalar_t e;
+    if (!DD) {
+      e = ring[slot * ld + c];
+    } else {
+      const scalar_t* a = ring + slot * ld;
+      if (t == d) {
+        e = a[c];  // start_transition - O_0: no previous label
+        if (prev) *prev = -1;
+      } else if (MAX) {
+        const int best = thread_argmax(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); }, e);
+        if (prev) *prev = best;
+      } else {
+        e = thread_lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
+      }
+      e += ring[(K + slot) * ld + c];
+    }
+    return e + in.dur(d, c);
+  }
+
+  // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L, static, or t = 0)
+  // relative to O_t, readable by every thread on return. Returns the max m_t
+  // that was subtracted. Ends with a barrier; the caller must put another one
+  // between its last read of these rows (or advance()) and the next step().
+  __device__ scalar_t step(int64_t t) {
+    const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+    // Phase A: raw[c], a warp per label, lanes over durations.
+    if (t == 0) {
+      for (int c = tid; c < C; c += kThreads) raw[c] = in.start_transition[c] + in.start(0, c);
+    } else {
+      const int dmax = static_cast<int>(t < K ? t : K);
+      const int tK = static_cast<int>(t % K);
+      for (int c = warp; c < C; c += kWarps) {
+        if (!MAX) {
+          auto f = [&](int i) { return term(tK, t, i + 1, c, nullptr); };
+          const scalar_t v = DD ? warp_lse_online<scalar_t>(dmax, f) : warp_lse<scalar_t>(dmax, f);
+          if (lane == 0) raw[c] = in.end(t - 1, c) + v;
+        } else {
+          scalar_t v = neg_inf<scalar_t>();
+          int a = INT_MAX;
+          for (int i = lane; i < dmax; i += kWarpSize) {
+            const scalar_t x = term(tK, t, i + 1, c, nullptr);
+            if (beats(x, i, v, a)) {
+              v = x;
+              a = i;
+            }
+          }
+          warp_argmax(v, a);
+          if (lane == 0) {
+            raw[c] = in.end(t - 1, c) + v;
+            if (bp_duration) bp_duration[t * C + c] = a + 1;
+            if (DD && bp_previous) {
+              int prev = -1;
+              term(tK, t, a + 1, c, &prev);  // the same argmax over c' again
+              bp_previous[t * C + c] = prev;
+            }
+          }
+        }
+      }
+    }
+    if (t < L) {
+      for (int c = tid; c < C; c += kThreads) {
+        score_row[c] = in.score(t, c);
+        start_row[c] = in.start(t, c);
+      }
+    }
+    __syncthreads();
+
+    // Phase B: every warp reduces m itself; normalise; static sigma_hat[t].
+    const scalar_t m = finite_or_zero(array_max(raw, C));
+    offset += static_cast<double>(m);
+    if (t == 0) {
+      for (int c = tid; c < C; c += kThreads) sigma[c] = raw[c] - m;
+    } else {
+      for (int c = tid; c < C; c += kThreads) alpha[c] = raw[c] - m;
+      if (!DD && t < L) {
+        for (int c = warp; c < C; c += kWarps) {
+          // alpha_hat[c'] recomputed from raw: the same bits as alpha[c'].
+          auto f = [&](int cp) { return (raw[cp] - m) + in.trans(cp, c); };
+          if (!MAX) {
+            const scalar_t v = warp_lse<scalar_t>(C, f);
+            if (lane == 0) sigma[c] = v + start_row[c];
+          } else {
+            scalar_t v = neg_inf<scalar_t>();
+            int a = INT_MAX;
+            for (int cp = lane; cp < C; cp += kWarpSize) {
+              const scalar_t x = f(cp);
+              if (beats(x, cp, v, a)) {
+                v = x;
+                a = cp;
+              }
+            }
+            warp_argmax(v, a);
+            if (lane == 0) {
+              sigma[c] = v + start_row[c];
+              if (bp_previous) bp_previous[t * C + c] = a;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+    return m;
+  }
+
+  // Phase C: move the ring from step t to t+1 (t < L): re-base by m, open the
+  // segments starting at t, add scores[t]. The largest emission of t moves
+  // into the offset, so entries stay O(1) between steps. Each ring entry has
+  // one writer, which is also its only reader here. Call from every thread;
+  // barrier before the next step().
+  __device__ void advance(int64_t t, scalar_t m) {
+    const scalar_t emit_max = finite_or_zero(array_max(score_row, C));
+    offset += static_cast<double>(emit_max);
+    const int fresh = static_cast<int>(t % K);
+    scalar_t* gain = ring + (DD ? K * ld : 0);
+    for_each_entry(K, C, threadIdx.x, kThreads, [&](int slot, int c) {
+      scalar_t& g = gain[slot * ld + c];
+      const scalar_t emit = score_row[c] - emit_max;
+      g = (slot == fresh ? (DD ? start_row[c] : sigma[c]) : g - m) + emit;
+    });
+    if (DD) {
+      for (int c = threadIdx.x; c < C; c += kThreads)
+        ring[fresh * ld + c] = t == 0 ? in.start_transition[c] - m : alpha[c];
+    }
+  }
+
+  // Checkpoints hold the ring in duration order (row d-1: the segment that
+  // started at t-d), dense (S, C): the layout every backend shares. Reads the
+  // ring only, so it may run alongside step()'s phase A.
+  __device__ void save(int64_t t, scalar_t* out, double* out_offset) const {
+    const int tK = static_cast<int>(t % K), KC = K * C;
+    for (int i = threadIdx.x; i < (DD ? 2 : 1) * KC; i += kThreads) {
+      const int part = i >= KC ? 1 : 0, r = i - part * KC;
+      const int d = r / C + 1, c = r - (d - 1) * C;
+      int slot = tK - d;
+      if (slot < 0) slot += K;
+      out[i] = ring[(part * K + slot) * ld + c];
+    }
+    if (threadIdx.x == 0) *out_offset = offset;
+  }
+
+  // The inverse of save(). Barrier before the next step().
+  __device__ void load(int64_t t, const scalar_t* src, const double* src_offset) {
+    const int tK = static_cast<int>(t % K), KC = K * C;
+    for (int i = threadIdx.x; i < (DD ? 2 : 1) * KC; i += kThreads) {
+      const int part = i >= KC ? 1 : 0, r = i - part * KC;
+      const int d = r / C + 1, c = r - (d - 1) * C;
+      int slot = tK - d;
+      if (slot < 0) slot += K;
+      ring[(part * K + slot) * ld + c] = src[i];
+    }
+    offset = *src_offset;
+  }
+};
+
+// Arrays of the forward-type kernels, in Arena order.
+enum ForwardArray { kForwardRing = 0, kForwardRows = 1, kForwardArrays = 2 };
+
+inline Arena plan_forward_arena(const Params& p, size_t elem_bytes, size_t smem_limit) {
+  const int64_t sizes[kForwardArrays] = {p.ring_width * padded_row(static_cast<int>(p.C)),
+                                         kScanRows * p.C};
+  const int evict[kForwardArrays] = {kForwardRing, kForwardRows};
+  return plan_arena(sizes, kForwardArrays, evict, elem_bytes, smem_limit);
+}
+
+template <typename scalar_t, bool DD, bool MAX>
+__device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p, const Arena& arena,
+                                                                 int64_t b, int64_t L) {
+  scalar_t* smem = dynamic_smem<scalar_t>();
+  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get(kForwardRing, smem, b),
+                                    arena.get(kForwardRows, smem, b));
+}
+
+// log Z (B,) and the checkpoints: one CTA per sequence.
+template <typename scalar_t, bool DD>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const Arena arena) {
+  const int64_t b = blockIdx.x;
+  const int64_t L = sequence_length(p, b), S = p.ring_width, C = p.C;
+  auto scan = make_scan<scalar_t, DD, false>(p, arena, b, L);
+  scalar_t* ckpt = static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
+  double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  scan.reset();
+  __syncthreads();
+  for (int64_t t = 0; t <= L; ++t) {
+    if (t < p.T && t % p.interval == 0) {
+      const int64_t j = t / p.interval;
+      scan.save(t, ckpt + j * S * C, ckpt_off + j);
+    }
+    const scalar_t m = scan.step(t);
+    if (t == L) {
+      if (warp_id() == 0) {
+        const scalar_t v = warp_lse<scalar_t>(
+            scan.C, [&](int c) { return scan.alpha[c] + scan.in.end_transition[c]; });
+        if (lane_id() == 0)
+          static_cast<scalar_t*>(p.log_z)[b] =
+              static_cast<scalar_t>(scan.offset + static_cast<double>(v));
+      }
+    } else {
+      scan.advance(t, m);
+    }
+    __syncthreads();
+  }
+  // Checkpoints past the end of a short sequence are never read: the empty
+  // state, so that outputs do not depend on memory contents.
+  const int64_t j0 = L / p.interval + 1;
+  if (j0 < p.n_ckpt) {
+    fill(ckpt + j0 * S * C, (p.n_ckpt - j0) * S * C, neg_inf<scalar_t>());
+    for (int64_t j = j0 + threadIdx.x; j < p.n_ckpt; j += kThreads) ckpt_off[j] = 0.0;
+  }
+}
+
+// The max semiring: best (B,), backpointers (B, T+1, C), then thread 0
+// traces the best path back into segment_label (B, T).
+template <typename scalar_t, bool DD>
+__global__ void __launch_bounds__(kThreads) viterbi_kernel(const Params p, const Arena arena) {
+  const int64_t b = blockIdx.x;
+  const int64_t L = sequence_length(p, b), T = p.T, C = p.C;
+  auto scan = make_scan<scalar_t, DD, true>(p, arena, b, L);
+  int32_t* bp_d = p.best_duration + b * (T + 1) * C;
+  int32_t* bp_c = p.best_previous + b * (T + 1) * C;
+  scan.bp_duration = bp_d;
+  scan.bp_previous = bp_c;
+  int64_t* label = p.segment_label + b * T;
+  fill(label, T, int64_t(-1));
+  scan.reset();
+  __syncthreads();
+  scalar_t best = neg_inf<scalar_t>();  // thread 0's
+  int last_label = 0;                   // thread 0's
+  for (int64_t t = 0; t <= L; ++t) {
+    const scalar_t m = scan.step(t);
+    if (t == L) {
+      if (warp_id() == 0) {
+        scalar_t v = neg_inf<scalar_t>();
+        int a = INT_MAX;
+        for (int c = lane_id(); c < C; c += kWarpSize) {
+          const scalar_t x = scan.alpha[c] + scan.in.end_transition[c];
+          if (beats(x, c, v, a)) {
+            v = x;
+            a = c;
+          }
+        }
+        warp_argmax(v, a);
+        if (lane_id() == 0) {
+          best = static_cast<scalar_t>(scan.offset + static_cast<double>(v));
+          static_cast<scalar_t*>(p.best)[b] = best;
+          last_label = a;
+        }
+      }
+    } else {
+      scan.advance(t, m);
+    }
+    __syncthreads();  // also publishes the backpointers and the -1 fill to thread 0
+  }
+  if (threadIdx.x != 0 || !(best > neg_inf<scalar_t>())) return;  // -inf or NaN: no path
+  int64_t c = last_label;
+  for (int64_t t = L; t > 0;) {
+    const int64_t d = bp_d[t * C + c];
+    if (d < 1 || d > t) break;  // unreachable for a finite best; keeps addresses in range
+    const int64_t s = t - d;
+    label[s] = c;
+    if (s > 0) {
+      c = DD ? bp_c[t * C + c] : bp_c[s * C + c];
+      if (c < 0 || c >= C) break;
+    }
+    t = s;
+  }
+}
+
+// Forward filtering: alpha_hat, sigma_hat (B, T+1, C) and O (B, T+1) at every
+// boundary, -inf / 0 where undefined.
+template <typename scalar_t, bool DD>
+__global__ void __launch_bounds__(kThreads) filter_kernel(const Params p, const Arena arena) {
+  const int64_t b = blockIdx.x;
+  const int64_t L = sequence_length(p, b), T = p.T, C = p.C;
+  auto scan = make_scan<scalar_t, DD, false>(p, arena, b, L);
+  scalar_t* alpha = static_cast<scalar_t*>(p.history_alpha) + b * (T + 1) * C;
+  scalar_t* sigma = static_cast<scalar_t*>(p.history_sigma) + b * (T + 1) * C;
+  double* offset = p.history_offset + b * (T + 1);
+  fill(alpha, (T + 1) * C, neg_inf<scalar_t>());
+  fill(sigma, (T + 1) * C, neg_inf<scalar_t>());
+  fill(offset, T + 1, 0.0);
+  scan.reset();
+  __syncthreads();  // the fills above are overwritten below by other threads
+  for (int64_t t = 0; t <= L; ++t) {
+    const scalar_t m = scan.step(t);
+    for (int c = threadIdx.x; c < C; c += kThreads) {
+      if (t > 0) alpha[t * C + c] = scan.alpha[c];
+      if (t < L && (t == 0 || !DD)) sigma[t * C + c] = scan.sigma[c];
+    }
+    if (threadIdx.x == 0) offset[t] = scan.offset;
+    if (t < L) scan.advance(t, m);
+    __syncthreads();
+  }
+}
+
+}  // namespace cuda
+}  // namespace flashsemicrf
