@@ -179,6 +179,49 @@ def test_checkpoints_match_the_cpu_op(interval, duration_dependent):
         assert_close(f"cpu backward of the triton forward: {name}", a, b, 1e-9)
 
 
+@pytest.mark.parametrize("interval", [1, 2, 3])
+@pytest.mark.parametrize("duration_dependent", [False, True], ids=["cc", "kcc"])
+def test_backward_reanchors_at_every_checkpoint(interval, duration_dependent):
+    """The backward offset is re-anchored at the first position of every span
+    (total probability 1 there: a boundary, or one segment across it). Give
+    the last checkpoint's offset an error delta, as the forward's rounding
+    does over a long sequence: log Z, recomputed from it, is off by delta too,
+    so without the re-anchoring every earlier span's posteriors would scale by
+    exp(-delta); with it only the span before the last one does, the start
+    masses (span 0) come out as without the error, and the backward agrees with
+    the reference's and the CPU op's, which anchor the same way."""
+    T, K = 12, 4
+    case = make_case(31, 3, T, K, 3, duration_dependent=duration_dependent, neg_inf=True)
+    kw = dict(case.kwargs, lengths=torch.tensor([12, 10, 7]))
+    x = _inputs(kw)
+    x_dev = _inputs(_on(kw))
+    log_z, ring, off = _backends._REFERENCE.forward(x, interval)
+    n_ckpt = off.shape[1]
+    last_span = torch.clamp(kw["lengths"] // interval, max=n_ckpt - 1)
+    assert bool((last_span >= 2).all()), "the check needs a span between the last and span 0"
+    bad = off.clone()
+    bad[torch.arange(3), last_span] += 0.75
+    up = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def run(backend, x, offset):
+        d = x.scores.device
+        return backend.backward(x, up.to(d), log_z.to(d), ring.to(d), offset.to(d), interval, True)
+
+    clean = run(TRITON, x_dev, off)
+    got = run(TRITON, x_dev, bad)
+    refs = [("reference", run(_backends._REFERENCE, x, bad))]
+    if _backends.HAS_CPU_KERNELS:
+        refs.append(("cpu op", run(_backends._CPU, x, bad)))
+    for who, ref in refs:
+        for name, a, b in zip(ref._fields, got, ref):
+            assert_close(f"triton vs {who}: {name}", a, b, 1e-9)
+    assert float((got.scores - clean.scores).abs().max()) > 1e-3  # the error is felt ...
+    # ... but not beyond the span it falls in.
+    assert_close("start transition", got.start_transition, clean.start_transition, 1e-9)
+    assert_close("start masses of span 0", got.start_scores[:, :interval],
+                 clean.start_scores[:, :interval], 1e-9)
+
+
 def test_boundary_gradient_shapes_follow_the_op_contract():
     case = make_case(8, 2, 5, 3, 2, optional=("start_scores",))
     args = TRITON.args(_inputs(_on(case.kwargs)))

@@ -417,6 +417,61 @@ def _forward_kernel(
 # --------------------------------------------------------------------------
 
 
+@triton.jit
+def _reanchor(
+    t, Q, Q_ring, alpha, beta, shift_beta, back, ckpt, ckpt_off, log_z64,
+    trans_ptr, dur_ptr, K, C,
+    ck_sr, ck_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc,
+    DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Q less the log of the total probability at checkpoint t (1 up to
+    rounding): a boundary at t, sum_c exp(alpha + beta + shift_beta), plus a
+    segment [t-d1, t+d2) across t, d1 >= 1, d2 >= 1, d1 + d2 <= K. Its open
+    part [t-d1, t) is checkpoint row d1-1 (duration-dependent: entered through
+    transition[d1+d2-1] unless it starts at 0, plus gain row K+d1-1), its
+    closing part [t, t+d2) the backward ring at step t (slot (t+d2) % K,
+    relative to Q_ring, the offset before this step's q). Only reads: the
+    ring move that follows fences the workspace. Q is kept when the total is
+    0 or not finite."""
+    DT = dur_ptr.dtype.element_ty
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    ds = tl.arange(0, BLOCK_D)
+    total = tl.sum(tl.where(cm, tl.exp(alpha + beta + shift_beta), 0.0), 0).to(tl.float64)
+    shift_x = (ckpt_off + Q_ring - log_z64).to(DT)
+    for d1 in range(1, tl.minimum(K - 1, t) + 1):
+        opened = tl.load(ckpt + (d1 - 1) * ck_sr + cl * ck_sc, mask=cm, other=float("-inf"))
+        if DD:
+            gain = tl.load(ckpt + (K + d1 - 1) * ck_sr + cl * ck_sc, mask=cm,
+                           other=float("-inf"))
+        n2 = K - d1  # d2 = 1 … K - d1
+        for d0 in range(0, n2, BLOCK_D):
+            d2 = d0 + 1 + ds  # (BLOCK_D,)
+            dok = d2 <= n2
+            d_row = tl.where(dok, d1 + d2 - 1, 0)  # total duration - 1, in range
+            ok = dok[:, None] & cm[None, :]
+            slot = (t + tl.where(dok, d2, 0)) % K
+            closing = tl.load(back + slot[:, None] * C_PAD + cs[None, :])  # (BLOCK_D, C_PAD)
+            dur = tl.load(dur_ptr + d_row[:, None] * du_sd + cl[None, :] * du_sc, mask=ok,
+                          other=float("-inf"))
+            if DD:
+                # LSE_c' (alpha_hat[t-d1, c'] + transition[d1+d2-1, c', c]); the
+                # segment starting at 0 holds start_transition instead.
+                ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
+                tr = tl.load(
+                    trans_ptr + d_row[:, None, None] * tr_sd + cl[None, :, None] * tr_si
+                    + cl[None, None, :] * tr_sj, mask=ok3, other=float("-inf"))
+                enter = _lse(opened[None, :, None] + tr, 1)  # (BLOCK_D, C_PAD)
+                enter = tl.where(d1 == t, opened[None, :], enter) + gain[None, :]
+            else:
+                enter = opened[None, :]
+            terms = tl.exp(enter + closing + dur + shift_x)
+            total += tl.sum(tl.sum(tl.where(ok, terms, 0.0), 1), 0).to(tl.float64)
+    good = (total > 0) & (total - total == 0)
+    return tl.where(good, Q - tl.log(tl.where(good, total, 1.0)), Q)
+
+
 @triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "s_sb", "ss_sb", "es_sb",
                                "ck_sb", "co_sb", "gs_sb", "gss_sb", "ges_sb"])
 def _backward_kernel(
@@ -602,11 +657,22 @@ def _backward_kernel(
                     beta = tl.where(cm, beta, float("-inf"))
                     q = _finite_or_zero(tl.max(beta, 0))
                     beta = beta - q
+                    Q_ring = Q  # the backward ring is still relative to this offset
                     Q += q.to(tl.float64)
+                    shift_beta = (off + Q - log_z64).to(DT)
                     if WANT_END:
-                        shift_beta = (off + Q - log_z64).to(DT)
                         tl.store(g_end_sc_ptr + (t - 1) * ges_st + cl * ges_sc,
                                  tl.exp(alpha + beta + shift_beta) * g, mask=cm)
+                    if t == first:
+                        # Re-anchor Q at every checkpoint: a segment boundary
+                        # at t, or one segment across t, has probability 1, so
+                        # the rounding that forward and backward gather over
+                        # (t, L] cannot pile up over the whole sequence.
+                        Q = _reanchor(
+                            t, Q, Q_ring, alpha, beta, shift_beta, back,
+                            ckpt_ptr + j * ck_sn, tl.load(ckpt_off_ptr + j * co_sn), log_z64,
+                            trans_ptr, dur_ptr, K, C, ck_sr, ck_sc, tr_sd, tr_si, tr_sj,
+                            du_sd, du_sc, DD, C_PAD, BLOCK_D)
                     # Move the ring to step t-1: re-base, open the segments ending
                     # at t, add position t-1's emissions (their maximum into Q).
                     emit, emit_max = _emissions(scores_ptr, t - 1, s_st, s_sc, C, C_PAD)
