@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from . import _extension, ops, reference  # noqa: F401  (ops registers fakes)
+from . import _extension, reference
+from . import ops as _ops  # noqa: F401  (registers the fakes and the autograd formula)
 from ._validation import Inputs
 from .segments import segments_from_start_labels
 

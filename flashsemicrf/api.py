@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _backends, reference
+from . import _backends
 from ._validation import (
     Inputs,
     check_backend,

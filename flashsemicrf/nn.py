@@ -76,7 +76,7 @@ def negative_binomial_log_pmf(log_mean: Tensor, log_dispersion: Tensor, K: int) 
     geometric. Mass beyond K is dropped.
     """
     k = torch.arange(K, dtype=log_mean.dtype, device=log_mean.device)[:, None]
-    mu, r = log_mean.exp(), log_dispersion.exp()
+    r = log_dispersion.exp()
     log_total = torch.logaddexp(log_mean, log_dispersion)  # log(μ + r)
     return (torch.lgamma(k + r) - torch.lgamma(r) - torch.lgamma(k + 1)
             + r * (log_dispersion - log_total) + k * (log_mean - log_total))

@@ -376,7 +376,6 @@ def backward(
 
     ring = p.scores.new_full((B, K, C), NEG_INF)
     back_off = torch.zeros(B, dtype=torch.float64, device=dev)  # Q
-    u = upstream[:, None]
 
     def mass(log_rel: Tensor, shift: Tensor) -> Tensor:
         """exp(log_rel + shift) times the upstream gradient, 0 when dead."""

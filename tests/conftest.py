@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+import flashsemicrf as F
+
 OPTIONAL = ("start_transition", "end_transition", "start_scores", "end_scores")
 
 # Absolute tolerances per compute dtype (max difference printed before asserting).
@@ -125,6 +127,23 @@ def random_small_cases(n: int, seed0: int = 0, max_T: int = 8, max_K: int = 4, m
             )
         )
     return cases
+
+
+GRAD_NAMES = ("scores", "transition", "duration") + OPTIONAL
+
+
+def log_z_and_grads(kwargs: dict, backend: str, upstream=None):
+    """(log Z, {name: d(Σ upstream·log Z)/d name}) on fresh leaves; sequences at
+    −inf contribute nothing (their gradient is defined as 0)."""
+    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v)
+              for k, v in kwargs.items()}
+    log_z = F.log_partition(**leaves, backend=backend)
+    if upstream is None:
+        upstream = torch.ones(log_z.shape[0])
+    live = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
+    names = [n for n in GRAD_NAMES if n in leaves]
+    grads = torch.autograd.grad((live * upstream.to(live)).sum(), [leaves[n] for n in names])
+    return log_z.detach(), dict(zip(names, grads))
 
 
 def assert_close(name: str, got, expected, tol: float) -> None:

@@ -8,14 +8,21 @@ import pytest
 import torch
 
 import flashsemicrf as F
-from conftest import OPTIONAL, TOL, assert_close, make_case, random_small_cases
+from conftest import (
+    GRAD_NAMES,
+    OPTIONAL,
+    TOL,
+    assert_close,
+    log_z_and_grads,
+    make_case,
+    random_small_cases,
+)
 from flashsemicrf import _backends
 
 pytestmark = pytest.mark.skipif(
     not _backends.HAS_CPU_KERNELS, reason="flashsemicrf._C is not built"
 )
 ops = torch.ops.flashsemicrf
-GRAD_NAMES = ("scores", "transition", "duration") + OPTIONAL
 FLOAT32_TOL = 2e-4
 
 
@@ -33,15 +40,6 @@ def _cases():
 CASES = _cases()
 
 
-def _grads(kwargs, backend, upstream):
-    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v)
-              for k, v in kwargs.items()}
-    log_z = F.log_partition(**leaves, backend=backend)
-    names = [n for n in GRAD_NAMES if n in leaves]
-    live = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-    grads = torch.autograd.grad((live * upstream.to(log_z.dtype)).sum(), [leaves[n] for n in names])
-    return log_z, dict(zip(names, grads))
-
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -49,8 +47,8 @@ def test_cpu_kernel_matches_reference(case, dtype):
     kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in case.kwargs.items()}
     tol = TOL[dtype]
     upstream = torch.linspace(0.5, 2.0, case.B, dtype=torch.float64)
-    lz, g = _grads(kw, "cpu", upstream)
-    lz_ref, g_ref = _grads(kw, "torch", upstream)
+    lz, g = log_z_and_grads(kw, "cpu", upstream)
+    lz_ref, g_ref = log_z_and_grads(kw, "torch", upstream)
     assert lz.dtype == dtype
     assert_close("log Z", lz, lz_ref, tol * max(1.0, float(lz_ref[torch.isfinite(lz_ref)].abs().max()) if torch.isfinite(lz_ref).any() else 1.0))
     for name in g:
@@ -219,9 +217,9 @@ def test_torch_compile_matches_eager_without_recompiling():
 def test_deterministic_bitwise():
     case = make_case(9, 4, 60, 8, 5, duration_dependent=False, neg_inf=True)
     kw = {k: (v.float() if v.is_floating_point() else v) for k, v in case.kwargs.items()}
-    first = _grads(kw, "cpu", torch.ones(4))
+    first = log_z_and_grads(kw, "cpu", torch.ones(4))
     for _ in range(2):
-        again = _grads(kw, "cpu", torch.ones(4))
+        again = log_z_and_grads(kw, "cpu", torch.ones(4))
         assert torch.equal(first[0], again[0])
         for name in first[1]:
             assert torch.equal(first[1][name], again[1][name]), name

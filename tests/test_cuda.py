@@ -12,7 +12,14 @@ import pytest
 import torch
 
 import flashsemicrf as F
-from conftest import OPTIONAL, TOL, assert_close, make_case, random_small_cases
+from conftest import (
+    OPTIONAL,
+    TOL,
+    assert_close,
+    log_z_and_grads,
+    make_case,
+    random_small_cases,
+)
 from flashsemicrf import _backends
 
 pytestmark = [
@@ -20,7 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not _backends.HAS_CUDA_KERNELS, reason="built without CUDA kernels"),
 ]
-GRAD_NAMES = ("scores", "transition", "duration") + OPTIONAL
 
 
 def _on(kwargs, device, dtype=None):
@@ -31,15 +37,6 @@ def _on(kwargs, device, dtype=None):
     return out
 
 
-def _grads(kwargs, backend, upstream):
-    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v)
-              for k, v in kwargs.items()}
-    log_z = F.log_partition(**leaves, backend=backend)
-    names = [n for n in GRAD_NAMES if n in leaves]
-    live = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-    grads = torch.autograd.grad((live * upstream.to(live)).sum(), [leaves[n] for n in names])
-    return log_z, dict(zip(names, grads))
-
 
 def _compare(kw_cpu, oracle_backend, dtype, tol_scale=1.0):
     """CUDA on kw (moved to the GPU) against `oracle_backend` on the CPU copy."""
@@ -47,8 +44,8 @@ def _compare(kw_cpu, oracle_backend, dtype, tol_scale=1.0):
     B = kw_cpu["scores"].shape[0]
     upstream = torch.linspace(0.5, 2.0, B, dtype=torch.float64)
     kw_gpu = _on(kw_cpu, "cuda")
-    lz, g = _grads(kw_gpu, "cuda", upstream.cuda())
-    lz_ref, g_ref = _grads(kw_cpu, oracle_backend, upstream)
+    lz, g = log_z_and_grads(kw_gpu, "cuda", upstream.cuda())
+    lz_ref, g_ref = log_z_and_grads(kw_cpu, oracle_backend, upstream)
     scale = float(lz_ref[torch.isfinite(lz_ref)].abs().max()) if torch.isfinite(lz_ref).any() else 1.0
     assert_close("log Z", lz.cpu(), lz_ref, tol * max(1.0, scale))
     for name in g:
@@ -106,9 +103,9 @@ def test_cuda_low_precision_inputs():
 def test_cuda_deterministic_bitwise():
     case = make_case(9, 4, 300, 20, 7, neg_inf=True)
     kw = _on({k: (v.float() if v.is_floating_point() else v) for k, v in case.kwargs.items()}, "cuda")
-    first = _grads(kw, "cuda", torch.ones(4, device="cuda"))
+    first = log_z_and_grads(kw, "cuda", torch.ones(4, device="cuda"))
     for _ in range(3):
-        again = _grads(kw, "cuda", torch.ones(4, device="cuda"))
+        again = log_z_and_grads(kw, "cuda", torch.ones(4, device="cuda"))
         assert torch.equal(first[0], again[0])
         for name in first[1]:
             assert torch.equal(first[1][name], again[1][name]), name

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import flashsemicrf as F
-from conftest import OPTIONAL, assert_close, make_case, random_small_cases
+from conftest import GRAD_NAMES, OPTIONAL, assert_close, make_case, random_small_cases
 from flashsemicrf import reference
 from flashsemicrf._backends import to_problem
 from flashsemicrf._validation import check_problem
@@ -22,7 +22,6 @@ from oracles import brute_force, dense_log_partition, segments_to_tensor
 
 TOL = 1e-9
 SMALL = random_small_cases(240, seed0=1)
-GRAD_NAMES = ("scores", "transition", "duration") + OPTIONAL
 
 
 def _dense_gradients(case, upstream):

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flashsemicrf as F
-from conftest import OPTIONAL, assert_close
+from conftest import OPTIONAL, assert_close, log_z_and_grads
 from flashsemicrf import _backends
 from oracles import brute_force
 
@@ -35,7 +35,6 @@ settings.load_profile("flashsemicrf")
 COMPILED = ["cpu"] if _backends.HAS_CPU_KERNELS else []
 if torch.cuda.is_available() and _backends.HAS_CUDA_KERNELS:
     COMPILED.append("cuda")
-GRAD_NAMES = ("scores", "transition", "duration") + OPTIONAL
 
 
 @st.composite
@@ -72,15 +71,6 @@ def problems(draw, max_T=10, max_K=5, max_C=4, max_B=3):
     return kw
 
 
-def _log_z_and_grads(kw, backend):
-    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v)
-              for k, v in kw.items()}
-    log_z = F.log_partition(**leaves, backend=backend)
-    live = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-    names = [n for n in GRAD_NAMES if n in leaves]
-    grads = torch.autograd.grad(live.sum(), [leaves[n] for n in names])
-    return log_z.detach(), dict(zip(names, grads))
-
 
 def _tolerance(kw, dtype):
     """Absolute tolerance on log Z: relative to the problem's magnitude."""
@@ -106,13 +96,13 @@ def test_reference_matches_brute_force(kw):
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend")
 @given(problems())
 def test_compiled_backends_match_reference(kw):
-    ref_z, ref_g = _log_z_and_grads(kw, "torch")
+    ref_z, ref_g = log_z_and_grads(kw, "torch")
     for backend in COMPILED:
         for dtype in (torch.float64, torch.float32):
             cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items()}
             if backend == "cuda":
                 cast = {k: v.cuda() for k, v in cast.items()}
-            z, g = _log_z_and_grads(cast, backend)
+            z, g = log_z_and_grads(cast, backend)
             assert not torch.isnan(z).any()
             tol = _tolerance(kw, dtype)
             assert_close(f"{backend} {dtype} log Z", z.cpu(), ref_z, tol)
@@ -136,11 +126,11 @@ def test_large_magnitudes_without_centring():
             cast = {k: v.to(dtype) for k, v in kw.items()}
             # Against float64 on the same (rounded) inputs: a float32 score of
             # −1e4 is itself only known to ±5e-4.
-            ref_z, ref_g = _log_z_and_grads({k: v.double() for k, v in cast.items()}, "torch")
+            ref_z, ref_g = log_z_and_grads({k: v.double() for k, v in cast.items()}, "torch")
             assert torch.isfinite(ref_z).all()
             if backend == "cuda":
                 cast = {k: v.cuda() for k, v in cast.items()}
-            z, grads = _log_z_and_grads(cast, backend)
+            z, grads = log_z_and_grads(cast, backend)
             rel = ((z.cpu().double() - ref_z) / ref_z.abs()).abs().max().item()
             print(f"{backend} {dtype}: relative log Z error {rel:.2e}")
             assert rel < (1e-13 if dtype == torch.float64 else 1e-6)
@@ -165,8 +155,8 @@ def test_constraint_heavy_problem(backend):
               duration=duration, lengths=torch.tensor([40, 23, 7]), start_transition=start)
     if backend == "cuda":
         kw = {k: v.cuda() for k, v in kw.items()}
-    z, grads = _log_z_and_grads(kw, backend)
-    ref_z, ref_g = _log_z_and_grads({k: v.cpu() for k, v in kw.items()}, "torch")
+    z, grads = log_z_and_grads(kw, backend)
+    ref_z, ref_g = log_z_and_grads({k: v.cpu() for k, v in kw.items()}, "torch")
     assert_close("log Z", z.cpu(), ref_z, 1e-9)
     for name in grads:
         assert not torch.isnan(grads[name]).any()
@@ -185,8 +175,8 @@ def test_repeated_runs_are_bitwise_identical(backend):
               end_scores=torch.randn(3, 50, 4, generator=g))
     if backend == "cuda":
         kw = {k: v.cuda() for k, v in kw.items()}
-    first = _log_z_and_grads(kw, backend)
-    second = _log_z_and_grads(kw, backend)
+    first = log_z_and_grads(kw, backend)
+    second = log_z_and_grads(kw, backend)
     assert torch.equal(first[0], second[0])
     for name in first[1]:
         assert torch.equal(first[1][name], second[1][name]), name
@@ -227,14 +217,14 @@ def test_calls_from_two_threads_at_once():
                       transition=torch.randn(5, 5, generator=g, dtype=torch.float64),
                       duration=torch.randn(15, 5, generator=g, dtype=torch.float64))
                  for _ in range(2)]
-    expected = [_log_z_and_grads(kw, "cpu") for kw in problems_]
+    expected = [log_z_and_grads(kw, "cpu") for kw in problems_]
     results: list = [None, None]
     errors: list = []
 
     def run(i):
         try:
             for _ in range(5):
-                results[i] = _log_z_and_grads(problems_[i], "cpu")
+                results[i] = log_z_and_grads(problems_[i], "cpu")
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -259,7 +249,7 @@ def _scale_check(T, backend="cpu"):
     out = {}
     for dtype in (torch.float64, torch.float32):
         kw = dict(scores=scores.to(dtype), transition=transition.to(dtype), duration=duration.to(dtype))
-        out[dtype] = _log_z_and_grads(kw, backend)
+        out[dtype] = log_z_and_grads(kw, backend)
     z64, g64 = out[torch.float64]
     z32, g32 = out[torch.float32]
     rel = ((z32.double() - z64) / z64.abs()).abs().item()

@@ -23,7 +23,15 @@ if not torch.cuda.is_available():
 
 import flashsemicrf as F  # noqa: E402
 import flashsemicrf.triton as ft  # noqa: E402
-from conftest import OPTIONAL, TOL, assert_close, make_case, random_small_cases  # noqa: E402
+from conftest import (
+    GRAD_NAMES,
+    OPTIONAL,
+    TOL,
+    assert_close,
+    log_z_and_grads,
+    make_case,
+    random_small_cases,
+)  # noqa: E402
 from flashsemicrf import _backends  # noqa: E402
 from flashsemicrf._validation import check_problem  # noqa: E402
 
@@ -45,7 +53,6 @@ pytestmark = [
 ]
 DEVICE = "cpu" if ft.INTERPRET else "cuda"
 ops = torch.ops.flashsemicrf_triton
-GRAD_NAMES = ("scores", "transition", "duration") + OPTIONAL
 ARG_NAMES = ("scores", "transition", "duration", "lengths") + OPTIONAL
 
 
@@ -66,16 +73,6 @@ def _on(kwargs, dtype=torch.float64, device=DEVICE):
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
             for k, v in kwargs.items()}
 
-
-def _grads(kwargs, backend, upstream):
-    leaves = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v)
-              for k, v in kwargs.items()}
-    log_z = F.log_partition(**leaves, backend=backend)
-    names = [n for n in GRAD_NAMES if n in leaves]
-    live = torch.where(torch.isfinite(log_z), log_z, torch.zeros_like(log_z))
-    total = (live * upstream.to(log_z)).sum()
-    grads = torch.autograd.grad(total, [leaves[n] for n in names])
-    return log_z, dict(zip(names, grads))
 
 
 def _log_z_tol(log_z, tol):
@@ -114,8 +111,8 @@ def test_triton_matches_reference(case, dtype):
     kw = _on(case.kwargs, dtype)
     tol = TOL[dtype]
     upstream = torch.linspace(0.5, 2.0, case.B, dtype=torch.float64, device=DEVICE)
-    log_z, g = _grads(kw, "triton", upstream)
-    log_z_ref, g_ref = _grads(_on(case.kwargs, dtype, "cpu"), "torch", upstream.cpu())
+    log_z, g = log_z_and_grads(kw, "triton", upstream)
+    log_z_ref, g_ref = log_z_and_grads(_on(case.kwargs, dtype, "cpu"), "torch", upstream.cpu())
     assert log_z.dtype == dtype and log_z.device.type == DEVICE
     assert_close("log Z", log_z, log_z_ref, _log_z_tol(log_z_ref, tol))
     for name in g:
@@ -133,8 +130,8 @@ def test_chunked_duration_sweep(case, tile, monkeypatch):
     monkeypatch.setattr(triton_ops, "TILE_ELEMENTS", tile)
     kw = _on(case.kwargs)
     upstream = torch.linspace(0.5, 2.0, case.B, dtype=torch.float64, device=DEVICE)
-    log_z, g = _grads(kw, "triton", upstream)
-    log_z_ref, g_ref = _grads(case.kwargs, "torch", upstream.cpu())
+    log_z, g = log_z_and_grads(kw, "triton", upstream)
+    log_z_ref, g_ref = log_z_and_grads(case.kwargs, "torch", upstream.cpu())
     assert_close("log Z", log_z, log_z_ref, 1e-9)
     for name in g:
         assert_close(f"d/d {name}", g[name], g_ref[name], 1e-9)
@@ -275,8 +272,8 @@ def test_large_magnitudes_in_float32():
               duration=torch.randn(K, C, generator=g, dtype=torch.float64),
               lengths=torch.tensor([T, T - 5]))
     rounded = _on(kw, torch.float32, "cpu")
-    ref_z, ref_g = _grads(_on(rounded, torch.float64, "cpu"), "torch", torch.ones(B))
-    z, grads = _grads(_on(rounded, torch.float32), "triton", torch.ones(B, device=DEVICE))
+    ref_z, ref_g = log_z_and_grads(_on(rounded, torch.float64, "cpu"), "torch", torch.ones(B))
+    z, grads = log_z_and_grads(_on(rounded, torch.float32), "triton", torch.ones(B, device=DEVICE))
     rel = ((z.detach().cpu().double() - ref_z) / ref_z.abs()).abs().max().item()
     print(f"relative log Z error {rel:.2e}")
     assert rel < 1e-6
@@ -334,8 +331,8 @@ def test_non_contiguous_inputs():
 def test_deterministic_bitwise():
     case = make_case(9, 2, 9, 4, 3, neg_inf=True)
     kw = _on(case.kwargs, torch.float32)
-    first = _grads(kw, "triton", torch.ones(2, device=DEVICE))
-    again = _grads(kw, "triton", torch.ones(2, device=DEVICE))
+    first = log_z_and_grads(kw, "triton", torch.ones(2, device=DEVICE))
+    again = log_z_and_grads(kw, "triton", torch.ones(2, device=DEVICE))
     assert torch.equal(first[0], again[0])
     for name in first[1]:
         assert torch.equal(first[1][name], again[1][name]), name
@@ -557,14 +554,14 @@ GPU_SHAPES = [(4, 200, 8, 5, False), (3, 300, 30, 9, True), (2, 257, 64, 6, Fals
 def test_gpu_triton_matches_cuda_and_reference(B, T, K, C, dd):
     case = make_case(T, B, T, K, C, duration_dependent=dd, neg_inf=True)
     up = torch.linspace(0.5, 2.0, B, dtype=torch.float64)
-    lz_ref, g_ref = _grads(case.kwargs, "torch", up)
+    lz_ref, g_ref = log_z_and_grads(case.kwargs, "torch", up)
     kw = _on(case.kwargs, torch.float32, "cuda")
-    lz, g = _grads(kw, "triton", up.cuda())
+    lz, g = log_z_and_grads(kw, "triton", up.cuda())
     assert_close("log Z vs reference", lz, lz_ref, _log_z_tol(lz_ref, 1e-5))
     for name in g:
         assert_close(f"d/d {name} vs reference", g[name], g_ref[name], 2e-4)
     if _backends.HAS_CUDA_KERNELS:
-        lz_c, g_c = _grads(kw, "cuda", up.cuda())
+        lz_c, g_c = log_z_and_grads(kw, "cuda", up.cuda())
         assert_close("log Z vs cuda", lz, lz_c, _log_z_tol(lz_ref, 1e-5))
         for name in g:
             assert_close(f"d/d {name} vs cuda", g[name], g_c[name], 2e-4)
@@ -607,7 +604,7 @@ def test_gpu_new_length_does_not_recompile():
     for T in (50, 77, 133, 1000):
         case = make_case(T, 2, T, 6, 4)
         kw = _on(case.kwargs, torch.float32, "cuda")
-        log_z, g = _grads(kw, "triton", torch.ones(2, device="cuda"))
+        log_z, g = log_z_and_grads(kw, "triton", torch.ones(2, device="cuda"))
         F.viterbi(**kw, backend="triton")
         F.sample(**kw, backend="triton")
         counts.append([_compiled_kernel_count(k) for k in (
