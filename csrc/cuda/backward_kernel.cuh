@@ -14,6 +14,11 @@ namespace cuda {
 // Rows of C scalars the sweep stages per step.
 constexpr int kSweepRows = 7;
 
+// span_offset holds, per sequence, the interval+1 offsets of the recomputed
+// span, then one double per warp for the block reduction of the re-anchor.
+constexpr int kReduceSlots = kWarps;
+HOST_DEVICE int64_t span_offset_size(int64_t interval) { return interval + 1 + kReduceSlots; }
+
 // Arrays of the backward kernel, in Arena order.
 enum BackwardArray {
   kBackwardRing = 0,      // (K, ld) backward ring
@@ -34,7 +39,46 @@ inline Arena plan_backward_arena(const Params& p, size_t elem_bytes, size_t smem
   return plan_arena(sizes, kBackwardArrays, evict, elem_bytes, smem_limit);
 }
 
-// span_alpha, span_sigma: (B, interval+1, C) workspace; span_offset: (B, interval+1).
+// This thread's share of the re-anchor total at t = first of span j (see the
+// CPU kernel's "Re-anchor Q"): the mass of a boundary at t,
+// sum_c exp(alpha_hat[t,c] + beta_hat[t,c] + shift_beta), plus the mass of the
+// segments [t-d1, t+d2) across t (d1, d2 >= 1, d1+d2 <= K, d1 <= t): the
+// checkpoint's open segment [t-d1, t) (fwd, duration order; (K, C, C): alpha
+// rows 0..K-1 entered through transition[d1+d2-1], then gain rows K..2K-1)
+// joined to the backward ring's [t, t+d2) (slot (t+d2) % K) with the
+// duration score. Every thread runs the loop over d1 and takes the (d2, c)
+// entries i = (d2-1)·C + c with i ≡ tid (mod kThreads), summing in a fixed
+// order into a double.
+template <typename scalar_t, bool DD>
+__device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, int K, int C,
+                                int ld, const scalar_t* fwd, const scalar_t* ring,
+                                const scalar_t* s_alpha, const scalar_t* s_beta, scalar_t q,
+                                scalar_t shift_beta, scalar_t shift_x) {
+  const int tid = threadIdx.x, tK = static_cast<int>(t % K);
+  double part = 0.0;
+  for (int c = tid; c < C; c += kThreads)
+    part += static_cast<double>(exp(s_alpha[c] + (s_beta[c] - q) + shift_beta));
+  const int d1max = static_cast<int>(t < K - 1 ? t : K - 1);
+  for (int d1 = 1; d1 <= d1max; ++d1) {
+    const scalar_t* a = fwd + (d1 - 1) * C;
+    const scalar_t* gain = fwd + (K + d1 - 1) * C;
+    for_each_entry(K - d1, C, tid, kThreads, [&](int r, int c) {
+      const int d2 = r + 1, d = d1 + d2;
+      scalar_t opened = a[c];
+      if (DD) {
+        if (d1 < t) opened = thread_lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
+        opened += gain[c];
+      }
+      int slot = tK + d2;
+      if (slot >= K) slot -= K;
+      part += static_cast<double>(exp(opened + ring[slot * ld + c] + in.dur(d, c) + shift_x));
+    });
+  }
+  return part;
+}
+
+// span_alpha, span_sigma: (B, interval+1, C) workspace; span_offset:
+// (B, span_offset_size(interval)).
 template <typename scalar_t, bool DD>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const Params p, const Arena arena, scalar_t* span_alpha, scalar_t* span_sigma,
@@ -67,7 +111,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t span = p.interval + 1;
   scalar_t* alpha_buf = span_alpha + b * span * C;
   scalar_t* sigma_buf = span_sigma + b * span * C;
-  double* off_buf = span_offset + b * span;
+  double* off_buf = span_offset + b * span_offset_size(p.interval);
+  double* red = off_buf + span;  // (kReduceSlots) the re-anchor's warp sums
 
   scalar_t* smem = dynamic_smem<scalar_t>();
   CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get(kBackwardScanRing, smem, b),
@@ -241,6 +286,25 @@ __global__ void __launch_bounds__(kThreads)
       if (g_end_s) {
         for (int c = tid; c < C; c += kThreads)
           g_end_s[(t - 1) * C + c] = exp(s_alpha[c] + (s_beta[c] - q) + shift_beta) * g;
+      }
+      if (t == first) {
+        // Re-anchor Q at every checkpoint (t = j·interval, j >= 1: t = 0 left
+        // above, t = L continued): a segment boundary at t, or one segment
+        // across t, has probability 1, so the rounding that forward and
+        // backward gather over (t, L] cannot pile up over the sequence. The
+        // ring is still relative to Q before this step's q. Block reduction:
+        // warp butterfly sums, one double per warp in red, then every thread
+        // adds the kWarps partials in order (identical Q everywhere). The
+        // barrier also ends the reads of the ring before the update below.
+        const scalar_t shift_x =
+            static_cast<scalar_t>(ckpt_off[j] + (Q - static_cast<double>(q)) - log_z);
+        const double part = warp_sum(reanchor_part<scalar_t, DD>(
+            in, t, K, C, ld, ckpt + j * S * C, ring, s_alpha, s_beta, q, shift_beta, shift_x));
+        if (lane == 0) red[warp] = part;
+        __syncthreads();
+        double total = 0.0;
+        for (int w = 0; w < kWarps; ++w) total += red[w];
+        if (total > 0.0 && total <= std::numeric_limits<double>::max()) Q -= log(total);
       }
       const scalar_t emit_max = finite_or_zero(array_max(s_score, C));
       Q += static_cast<double>(emit_max);

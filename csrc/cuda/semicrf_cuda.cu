@@ -22,6 +22,12 @@
 //     P2 warp per c', lanes over c (static) or over (d, c) pairs (DD): beta
 //        and the transition gradients.
 //     P3 q = max beta (every warp), end-score masses, ring update as in C.
+//        At the first position t = j·interval (j >= 1) of a span, before the
+//        ring update, Q is re-anchored: every thread loops over d1 and takes
+//        the (d2, c) entries ≡ tid (mod 256) of the crossing mass (plus labels
+//        c ≡ tid of the boundary mass), sums in a double, warps reduce by
+//        butterfly, lane 0 stores one double per warp (global, after the
+//        span's offsets) and, after a barrier, every thread adds the 8 in order.
 //   Viterbi: the forward step in the max semiring writes the backpointers;
 //   thread 0 traces the path back after the last barrier.
 //
@@ -29,7 +35,9 @@
 // written in one phase and read in the next, with __syncthreads() between
 // every store and the next read of another thread: step() has one barrier
 // after A and one after B, the caller one after C (and after its reads of
-// alpha/sigma); the sweep has one after each of S0, P1, P2, P3. Reductions
+// alpha/sigma); the sweep has one after each of S0, P1, P2, P3, and one
+// inside P3 at a re-anchor (between the warp sums' stores and their reads; it
+// also orders the crossing mass's ring reads before the ring update). Reductions
 // that every thread needs (m, q) are recomputed by each warp from the same
 // shared row rather than broadcast, so they need no barrier of their own.
 // Gradient elements are written by one thread per step; different steps are
@@ -47,7 +55,8 @@
 // Per sequence, shared memory needs (scalars): forward, Viterbi and filter
 // S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition); backward
 // (K + S)·(C|1) + 12C. The backward also takes (interval+1)·C scalars twice
-// and interval+1 doubles of global memory for the recomputed span.
+// and interval+1 doubles of global memory for the recomputed span, plus 8
+// doubles for the re-anchor's reduction.
 //
 // Numerics follow the CPU kernel step for step (same normalisers, same
 // checkpoint contents: the largest emission of each position moves into the
@@ -145,7 +154,8 @@ backward_cuda(const at::Tensor& grad_log_z, const at::Tensor& scores,
   const int64_t span = p.interval + 1;
   at::Tensor span_alpha = at::empty({p.B, span, p.C}, scores.options());
   at::Tensor span_sigma = at::empty({p.B, span, p.C}, scores.options());
-  at::Tensor span_offset = at::empty({p.B, span}, scores.options().dtype(at::kDouble));
+  at::Tensor span_offset = at::empty({p.B, cuda::span_offset_size(p.interval)},
+                                     scores.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_backward_cuda", [&] {
     auto* a = span_alpha.data_ptr<scalar_t>();
     auto* s = span_sigma.data_ptr<scalar_t>();

@@ -1,0 +1,199 @@
+// A CPU emulator of the CUDA subset the flashsemicrf kernels use: every CUDA
+// thread is a fiber (ucontext); __syncthreads and the warp shuffles are
+// scheduling points. Between them, fibers run in a chosen order (in order,
+// reversed, random) so that a missing barrier changes results. Divergent
+// barriers/shuffles and deadlocks are reported as errors.
+#pragma once
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define FLASHSEMICRF_EMULATE 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __align__(x)
+
+namespace emu {
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+enum class St { Ready, Barrier, Shfl, Done };
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  Dim3 tid;
+  St st = St::Ready;
+  int kind = 0, param = 0, size = 0;
+  unsigned char val[8], out[8];
+};
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t sched;
+  Fiber* cur = nullptr;
+  Dim3 bid;
+  std::vector<unsigned char> smem;
+  std::function<void()> body;
+  std::mt19937 rng{1234};
+  int mode = 2;  // 0 in order, 1 reversed, 2 random
+  long long barriers = 0, shuffles = 0;
+};
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+inline void yield() { swapcontext(&block()->cur->ctx, &block()->sched); }
+inline void trampoline() {
+  Block* B = block();
+  B->body();
+  B->cur->st = St::Done;
+  swapcontext(&B->cur->ctx, &B->sched);
+}
+}  // namespace emu
+
+#define threadIdx (::emu::block()->cur->tid)
+#define blockIdx (::emu::block()->bid)
+
+inline void __syncthreads() {
+  emu::block()->cur->st = emu::St::Barrier;
+  emu::yield();
+}
+
+template <typename T>
+T emu_shfl(int kind, T v, int param) {
+  static_assert(sizeof(T) <= 8, "shfl size");
+  auto* f = emu::block()->cur;
+  f->kind = kind;
+  f->param = param;
+  f->size = sizeof(T);
+  std::memcpy(f->val, &v, sizeof(T));
+  f->st = emu::St::Shfl;
+  emu::yield();
+  T r;
+  std::memcpy(&r, f->out, sizeof(T));
+  return r;
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src, int = 32) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_shfl(0, v, src);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int m, int = 32) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_shfl(1, v, m);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned d, int = 32) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_shfl(2, v, static_cast<int>(d));
+}
+
+namespace flashsemicrf {
+namespace cuda {
+template <typename T>
+inline T* dynamic_smem() {
+  return reinterpret_cast<T*>(emu::block()->smem.data());
+}
+}  // namespace cuda
+}  // namespace flashsemicrf
+
+namespace emu {
+inline void fail(const std::string& s) { throw std::runtime_error("emulator: " + s); }
+
+inline void run_block(Block& B, int nthreads) {
+  const size_t kStack = 256 * 1024;
+  B.fibers.resize(nthreads);
+  for (int i = 0; i < nthreads; ++i) {
+    Fiber& f = B.fibers[i];
+    if (f.stack.size() != kStack) f.stack.assign(kStack, 0);
+    f.tid.x = i;
+    f.st = St::Ready;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, trampoline, 0);
+  }
+  std::vector<int> ready;
+  for (;;) {
+    ready.clear();
+    for (int i = 0; i < nthreads; ++i)
+      if (B.fibers[i].st == St::Ready) ready.push_back(i);
+    if (!ready.empty()) {
+      if (B.mode == 1) std::reverse(ready.begin(), ready.end());
+      if (B.mode == 2) std::shuffle(ready.begin(), ready.end(), B.rng);
+      for (int i : ready) {
+        B.cur = &B.fibers[i];
+        swapcontext(&B.sched, &B.fibers[i].ctx);
+      }
+      continue;
+    }
+    bool progress = false;
+    for (int w = 0; w * 32 < nthreads; ++w) {
+      int at = 0;
+      for (int l = 0; l < 32; ++l) at += B.fibers[w * 32 + l].st == St::Shfl;
+      if (at == 0) continue;
+      if (at != 32) fail("divergent shuffle in warp " + std::to_string(w));
+      Fiber* lanes = &B.fibers[w * 32];
+      for (int l = 0; l < 32; ++l) {
+        if (lanes[l].kind != lanes[0].kind || lanes[l].size != lanes[0].size)
+          fail("mismatched shuffles in warp " + std::to_string(w));
+        if (lanes[0].kind != 0 && lanes[l].param != lanes[0].param)
+          fail("mismatched shuffle params");
+      }
+      for (int l = 0; l < 32; ++l) {
+        int src;
+        switch (lanes[l].kind) {
+          case 0: src = lanes[l].param & 31; break;
+          case 1: src = l ^ lanes[l].param; break;
+          default: src = l - lanes[l].param >= 0 ? l - lanes[l].param : l; break;
+        }
+        std::memcpy(lanes[l].out, lanes[src].val, 8);
+      }
+      for (int l = 0; l < 32; ++l) lanes[l].st = St::Ready;
+      ++B.shuffles;
+      progress = true;
+    }
+    if (progress) continue;
+    int at_barrier = 0, done = 0;
+    for (auto& f : B.fibers) {
+      at_barrier += f.st == St::Barrier;
+      done += f.st == St::Done;
+    }
+    if (done == nthreads) break;
+    if (at_barrier + done == nthreads) {
+      if (done > 0) fail("__syncthreads with exited threads");
+      for (auto& f : B.fibers) f.st = St::Ready;
+      ++B.barriers;
+      continue;
+    }
+    fail("deadlock");
+  }
+}
+
+// kernel<<<grid, nthreads, smem>>>(args...), one block after another.
+template <typename Kernel, typename... Args>
+void launch(int mode, unsigned seed, int64_t grid, int nthreads, size_t smem, Kernel kernel,
+            Args... args) {
+  Block B;
+  B.mode = mode;
+  B.rng.seed(seed);
+  block() = &B;
+  B.body = [&]() { kernel(args...); };
+  for (int64_t b = 0; b < grid; ++b) {
+    B.bid.x = static_cast<unsigned>(b);
+    B.smem.assign(smem, 0xff);  // NaN for float and double: uninitialised reads show
+    run_block(B, nthreads);
+  }
+  block() = nullptr;
+}
+}  // namespace emu

@@ -1,0 +1,224 @@
+"""The CUDA device code (csrc/cuda/*.cuh) run on the CPU under a thread-model
+emulator (tests/cuda_emulator), compared with the C++ CPU kernel.
+
+Every CUDA thread of a CTA is a fiber; __syncthreads and the warp shuffles are
+scheduling points, and between them fibers run in order, reversed or shuffled,
+so a missing barrier or a divergent collective changes the results or raises.
+This checks the kernels' logic (indexing, barriers, reductions, every working
+memory placement) on machines without a GPU; it says nothing about nvcc or the
+hardware. The extension is built once (about 40 s) and cached under
+build/cuda_emulator (or $FLASHSEMICRF_EMULATOR_BUILD).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashsemicrf import _backends
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent / "cuda_emulator"
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulator needs ucontext"),
+    pytest.mark.skipif(not _backends.HAS_CPU_KERNELS, reason="needs the C++ CPU kernel"),
+]
+
+ops = torch.ops.flashsemicrf
+ALL_SMEM = 227 * 1024  # H100's opt-in shared memory per block
+# (mode, seed): 0 in order, 1 reversed, 2 shuffled with this seed.
+SCHEDULES = ((2, 1), (1, 0))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja") is None:
+            pytest.skip("torch.utils.cpp_extension.load needs ninja")
+    build = Path(os.environ.get("FLASHSEMICRF_EMULATOR_BUILD", ROOT / "build" / "cuda_emulator"))
+    build.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MAX_JOBS", "2")
+    return cpp_extension.load(
+        name="flashsemicrf_cuda_emulator",
+        sources=[str(HERE / "emu_ext.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(HERE)],
+        extra_cflags=["-O2"],
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+def make(B, T, K, C, dd, boundary, dtype, seed, *, neg_inf=False, noncontig=False, ragged=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)
+
+    scores = r(B, C, T).transpose(1, 2) if noncontig else r(B, T, C)
+    trans = r(K, C, C) if dd else r(C, C)
+    dur, st, et = r(K, C), r(C), r(C)
+    ss = r(B, T, C) if boundary else None
+    es = r(B, T, C) if boundary else None
+    if neg_inf:
+        def sprinkle(x):
+            return x.masked_fill(torch.rand(x.shape, generator=g) < 0.3, -math.inf)
+        trans, dur, st, et = sprinkle(trans), sprinkle(dur), sprinkle(st), sprinkle(et)
+    if ragged:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = T
+    else:
+        lengths = torch.full((B,), T, dtype=torch.long)
+    return scores, trans, dur, lengths, st, et, ss, es
+
+
+def close(name, got, want, tol):
+    if not got.dtype.is_floating_point:
+        assert torch.equal(got, want), f"{name}: {got} != {want}"
+        return
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def check(emu, args, interval, mode, seed, smem, *, boundary_mass=True, viterbi=True):
+    """Every op on the emulator against the CPU kernel; returns the arenas
+    ([smem scalars, workspace scalars]) of the forward and the backward."""
+    dtype = args[0].dtype
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    ref = ops.forward(*args, interval)
+    got = emu.forward(*args, interval, mode, seed, smem)
+    for name, a, b in zip(("log_z", "ckpt_ring", "ckpt_offset"), got[:3], ref):
+        close(name, a, b, tol)
+    B = args[0].shape[0]
+    up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+    gref = ops.backward(up, *args, *ref, interval, boundary_mass)
+    ggot = emu.backward(up, *args, *ref, interval, boundary_mass, mode, seed, smem)
+    names = ("scores", "transition", "duration", "start_transition", "end_transition",
+             "start_scores", "end_scores")
+    for name, a, b in zip(names, ggot[:7], gref):
+        if b is None:
+            assert a is None, name
+        else:
+            close("grad_" + name, a, b, tol)
+    if viterbi:
+        vref, vgot = ops.viterbi(*args), emu.viterbi(*args, mode, seed, smem)
+        close("best", vgot[0], vref[0], tol)
+        if dtype == torch.float64:  # float32 ties may break differently
+            close("labels", vgot[1], vref[1], 0)
+        fref, fgot = ops.filter(*args), emu.filter(*args, mode, seed, smem)
+        for name, a, b in zip(("alpha", "sigma", "offset"), fgot, fref):
+            close("filter_" + name, a, b, tol)
+    return got[3].tolist(), ggot[7].tolist()
+
+
+def placements(K, C, dd, dtype):
+    """smem limits that put the arenas in every placement: all in shared
+    memory, the backward's forward ring global, both rings global, all global."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    ld = C | 1
+    rows = 12 * C * elem
+    return {"all-smem": ALL_SMEM, "fwd-ring-global": K * ld * elem + rows,
+            "rings-global": rows, "all-global": 0}
+
+
+# (B, T, K, C, dd, boundary, interval): several spans (the backward re-anchors
+# at each checkpoint), K > T, T = 1, C > 32 (strided labels), K > 32 (duration
+# chunks).
+SHAPES = [
+    (2, 7, 3, 2, False, False, 3),
+    (2, 7, 3, 2, True, True, 2),
+    (1, 1, 3, 1, True, False, 1),
+    (3, 9, 12, 3, False, True, 4),
+    (3, 9, 12, 3, True, True, 3),
+    (2, 40, 5, 5, False, True, 6),
+    (2, 40, 5, 5, True, False, 7),
+    (2, 70, 37, 3, False, True, 9),
+    (2, 50, 36, 2, True, True, 8),
+    (1, 12, 4, 33, False, True, 5),
+    (1, 12, 4, 33, True, False, 5),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-{}-{}-i{}".format(
+    *s[:4], "kcc" if s[4] else "cc", "bd" if s[5] else "nobd", s[6]))
+def test_emulated_matches_cpu(emu, shape, dtype):
+    B, T, K, C, dd, boundary, interval = shape
+    seed = sum(shape[:4]) + (7 if dd else 0)
+    for i, (mode, sched_seed) in enumerate(SCHEDULES):
+        args = make(B, T, K, C, dd, boundary, dtype, seed + i, neg_inf=(seed + i) % 3 == 0,
+                    noncontig=i == 1)
+        smem = ALL_SMEM if i == 0 else 0  # all in shared memory, then all global
+        check(emu, args, interval, mode, sched_seed, smem, boundary_mass=i == 0)
+
+
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_emulated_placements(emu, dd):
+    """Every working-memory placement gives the CPU kernel's results."""
+    B, T, K, C = 2, 30, 9, 3
+    for dtype in (torch.float64, torch.float32):
+        seen = set()
+        for n, (name, smem) in enumerate(placements(K, C, dd, dtype).items()):
+            args = make(B, T, K, C, dd, True, dtype, 100 + n, neg_inf=n % 2 == 1)
+            fwd, bwd = check(emu, args, 7, 2, n, smem, viterbi=False)
+            seen.add((tuple(fwd), tuple(bwd)))
+        assert len(seen) == 4, seen
+
+
+def test_emulated_nan_and_dead(emu):
+    """NaN inputs give NaN, as on the CPU, without a hang; a sequence with no
+    path (log Z = -inf) gets zero gradients."""
+    for dd in (False, True):
+        args = list(make(2, 10, 4, 3, dd, True, torch.float64, 5))
+        args[0] = args[0].clone()
+        args[0][0, 4, 1] = float("nan")
+        check(emu, args, 3, 2, 0, ALL_SMEM)
+        args = list(make(2, 10, 4, 3, dd, False, torch.float64, 6))
+        args[5] = torch.full_like(args[5], -math.inf)  # end_transition: no path
+        check(emu, args, 3, 2, 0, ALL_SMEM)
+
+
+def bitwise(xs):
+    return [x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+            if x.dtype.is_floating_point else x for x in xs if x is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_emulated_deterministic(emu, dd):
+    """Bit-identical results under every schedule and placement."""
+    B, T, K, C = 2, 45, 36, 3
+    for dtype in (torch.float64, torch.float32):
+        args = make(B, T, K, C, dd, True, dtype, 11, neg_inf=True)
+        up = torch.linspace(0.5, 1.5, B, dtype=dtype)
+        for smem in placements(K, C, dd, dtype).values():
+            outs = []
+            for mode, seed in ((0, 0), (1, 0), (2, 1), (2, 2)):
+                f = emu.forward(*args, 7, mode, seed, smem)
+                g = emu.backward(up, *args, *f[:3], 7, True, mode, seed, smem)
+                v = emu.viterbi(*args, mode, seed, smem)
+                outs.append(bitwise(list(f[:3]) + list(g[:7]) + list(v)))
+            for other in outs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_long(emu, dd, dtype):
+    """Long sequences with many spans (the re-anchor at every checkpoint keeps
+    float32 rounding from piling up), C > kThreads, K > T."""
+    check(emu, make(2, 600, 8, 4, dd, True, dtype, 21, ragged=False), 25, 2, 3, ALL_SMEM,
+          viterbi=False)
+    check(emu, make(1, 4, 2, 300, dd, True, dtype, 22), 2, 2, 4, 0)
+    check(emu, make(2, 3, 9, 4, dd, True, dtype, 23), 2, 1, 0, ALL_SMEM)
