@@ -101,23 +101,29 @@ def _setup_context(ctx, inputs, output):
     )
 
 
-def _backward_formula(ctx, grad_log_z, _grad_ring, _grad_offset):
-    saved = ctx.saved_tensors
-    inputs, (log_z, ring, offset) = saved[:8], saved[8:]
-    g = torch.ops.flashsemicrf.backward(
-        grad_log_z, *inputs, log_z, ring, offset, ctx.interval, False
-    )
-    return (
-        g[0],
-        g[1].sum(0),
-        g[2].sum(0),
-        None,
-        g[3].sum(0),
-        g[4].sum(0),
-        g[5] if ctx.has_start_scores else None,
-        g[6] if ctx.has_end_scores else None,
-        None,
-    )
+def backward_formula(namespace: str):
+    """The autograd formula of ``<namespace>::forward``: its backward op, with
+    the per-sequence gradients of the shared parameters summed over the batch."""
+
+    def formula(ctx, grad_log_z, _grad_ring, _grad_offset):
+        saved = ctx.saved_tensors
+        inputs, (log_z, ring, offset) = saved[:8], saved[8:]
+        g = getattr(torch.ops, namespace).backward(
+            grad_log_z, *inputs, log_z, ring, offset, ctx.interval, False
+        )
+        return (
+            g[0],
+            g[1].sum(0),
+            g[2].sum(0),
+            None,
+            g[3].sum(0),
+            g[4].sum(0),
+            g[5] if ctx.has_start_scores else None,
+            g[6] if ctx.has_end_scores else None,
+            None,
+        )
+
+    return formula
 
 
 if AVAILABLE:
@@ -126,5 +132,5 @@ if AVAILABLE:
     torch.library.register_fake("flashsemicrf::viterbi")(_viterbi_fake)
     torch.library.register_fake("flashsemicrf::filter")(_filter_fake)
     torch.library.register_autograd(
-        "flashsemicrf::forward", _backward_formula, setup_context=_setup_context
+        "flashsemicrf::forward", backward_formula("flashsemicrf"), setup_context=_setup_context
     )

@@ -231,25 +231,6 @@ def filter(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor
 # --------------------------------------------------------------------------
 
 
-def _backward_formula(ctx, grad_log_z, _grad_ring, _grad_offset):
-    saved = ctx.saved_tensors
-    inputs, (log_z, ring, offset) = saved[:8], saved[8:]
-    g = torch.ops.flashsemicrf_triton.backward(
-        grad_log_z, *inputs, log_z, ring, offset, ctx.interval, False
-    )
-    return (
-        g[0],
-        g[1].sum(0),
-        g[2].sum(0),
-        None,
-        g[3].sum(0),
-        g[4].sum(0),
-        g[5] if ctx.has_start_scores else None,
-        g[6] if ctx.has_end_scores else None,
-        None,
-    )
-
-
 def _register(name, fn, fake):
     qualname = f"flashsemicrf_triton::{name}"
     if INTERPRET:
@@ -266,5 +247,7 @@ _register("backward", backward, shared._backward_fake)
 _register("viterbi", viterbi, shared._viterbi_fake)
 _register("filter", filter, shared._filter_fake)
 torch.library.register_autograd(
-    "flashsemicrf_triton::forward", _backward_formula, setup_context=shared._setup_context
+    "flashsemicrf_triton::forward",
+    shared.backward_formula("flashsemicrf_triton"),
+    setup_context=shared._setup_context,
 )
