@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "semicrf.h"
@@ -579,10 +580,18 @@ void filter_sequence(const Params& p, int64_t b) {
   }
 }
 
+// Runs fn(scalar_t{}, std::bool_constant<DD>{}, b) for every sequence b,
+// dispatched on the compute dtype and the transition form, in parallel over
+// the batch (each task writes only its own sequences' outputs).
 template <typename Fn>
-void over_batch(int64_t B, Fn fn) {
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) fn(b);
+void for_each_sequence(const Params& p, at::ScalarType dtype, Fn fn) {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "flashsemicrf_cpu", [&] {
+    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        if (p.duration_dependent) fn(scalar_t(0), std::true_type{}, b);
+        else fn(scalar_t(0), std::false_type{}, b);
+      }
+    });
   });
 }
 
@@ -595,11 +604,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
                start_scores, end_scores, interval);
   auto out = prob.forward_outputs();
   Params& p = prob.params;
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_forward_cpu", [&] {
-    over_batch(p.B, [&](int64_t b) {
-      if (p.duration_dependent) forward_sequence<scalar_t, true>(p, b);
-      else forward_sequence<scalar_t, false>(p, b);
-    });
+  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+    forward_sequence<decltype(zero), decltype(dd)::value>(p, b);
   });
   return out;
 }
@@ -616,11 +622,8 @@ backward_cpu(const at::Tensor& grad_log_z, const at::Tensor& scores, const at::T
                start_scores, end_scores, interval);
   auto out = prob.backward_outputs(grad_log_z, log_z, ckpt_ring, ckpt_offset, boundary_mass);
   Params& p = prob.params;
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_backward_cpu", [&] {
-    over_batch(p.B, [&](int64_t b) {
-      if (p.duration_dependent) backward_sequence<scalar_t, true>(p, b);
-      else backward_sequence<scalar_t, false>(p, b);
-    });
+  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+    backward_sequence<decltype(zero), decltype(dd)::value>(p, b);
   });
   return out;
 }
@@ -634,11 +637,8 @@ std::tuple<at::Tensor, at::Tensor> viterbi_cpu(
                start_scores, end_scores, /*interval=*/1);
   auto out = prob.viterbi_outputs();
   Params& p = prob.params;
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_viterbi_cpu", [&] {
-    over_batch(p.B, [&](int64_t b) {
-      if (p.duration_dependent) viterbi_sequence<scalar_t, true>(p, b);
-      else viterbi_sequence<scalar_t, false>(p, b);
-    });
+  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+    viterbi_sequence<decltype(zero), decltype(dd)::value>(p, b);
   });
   return out;
 }
@@ -652,11 +652,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_cpu(
                start_scores, end_scores, /*interval=*/1);
   auto out = prob.filter_outputs();
   Params& p = prob.params;
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_filter_cpu", [&] {
-    over_batch(p.B, [&](int64_t b) {
-      if (p.duration_dependent) filter_sequence<scalar_t, true>(p, b);
-      else filter_sequence<scalar_t, false>(p, b);
-    });
+  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+    filter_sequence<decltype(zero), decltype(dd)::value>(p, b);
   });
   return out;
 }
