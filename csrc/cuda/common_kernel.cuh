@@ -24,14 +24,12 @@ constexpr unsigned kFullMask = 0xffffffffu;
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & (kWarpSize - 1); }
 __device__ __forceinline__ int warp_id() { return static_cast<int>(threadIdx.x) / kWarpSize; }
 
-#if !defined(FLASHSEMICRF_EMULATE)
 // The CTA's dynamic shared memory (the host sizes it per launch).
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
   extern __shared__ __align__(16) unsigned char flashsemicrf_smem[];
   return reinterpret_cast<T*>(flashsemicrf_smem);
 }
-#endif
 
 // Row stride of the rings in working memory: odd, so that the 32 lanes of a
 // warp reading one label across 32 consecutive slots hit 32 different banks.

@@ -14,13 +14,13 @@
 #include <string>
 #include <vector>
 
-#define FLASHSEMICRF_EMULATE 1
 #define __global__
 #define __device__
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(x)
 #define __align__(x)
+#define __shared__
 
 namespace emu {
 struct Dim3 {
@@ -40,7 +40,6 @@ struct Block {
   ucontext_t sched;
   Fiber* cur = nullptr;
   Dim3 bid;
-  std::vector<unsigned char> smem;
   std::function<void()> body;
   std::mt19937 rng{1234};
   int mode = 2;  // 0 in order, 1 reversed, 2 random
@@ -97,12 +96,13 @@ T __shfl_up_sync(unsigned mask, T v, unsigned d, int = 32) {
   return emu_shfl(2, v, static_cast<int>(d));
 }
 
+// The kernels' `extern __shared__ unsigned char flashsemicrf_smem[]` (a
+// block-scope declaration in dynamic_smem()) names this array: one CTA runs at
+// a time, so one buffer serves them all.
 namespace flashsemicrf {
 namespace cuda {
-template <typename T>
-inline T* dynamic_smem() {
-  return reinterpret_cast<T*>(emu::block()->smem.data());
-}
+constexpr size_t kEmulatedSmemBytes = 256 * 1024;
+alignas(16) inline unsigned char flashsemicrf_smem[kEmulatedSmemBytes];
 }  // namespace cuda
 }  // namespace flashsemicrf
 
@@ -184,6 +184,7 @@ inline void run_block(Block& B, int nthreads) {
 template <typename Kernel, typename... Args>
 void launch(int mode, unsigned seed, int64_t grid, int nthreads, size_t smem, Kernel kernel,
             Args... args) {
+  if (smem > flashsemicrf::cuda::kEmulatedSmemBytes) fail("more shared memory than emulated");
   Block B;
   B.mode = mode;
   B.rng.seed(seed);
@@ -191,7 +192,8 @@ void launch(int mode, unsigned seed, int64_t grid, int nthreads, size_t smem, Ke
   B.body = [&]() { kernel(args...); };
   for (int64_t b = 0; b < grid; ++b) {
     B.bid.x = static_cast<unsigned>(b);
-    B.smem.assign(smem, 0xff);  // NaN for float and double: uninitialised reads show
+    // NaN for float and double: uninitialised reads show.
+    std::memset(flashsemicrf::cuda::flashsemicrf_smem, 0xff, smem);
     run_block(B, nthreads);
   }
   block() = nullptr;
