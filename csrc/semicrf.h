@@ -1,11 +1,14 @@
 // Shared by the CPU kernel (C++ compiler) and the CUDA kernels (nvcc): the
-// Params struct filled once at each host entry, the indexing of the inputs,
-// and the per-element log-space math. The CPU kernel's tests exercise all of
-// it on every commit, so the less the CUDA files own, the better.
+// parameters of each pass, filled once at each host entry; views of one
+// sequence's inputs and gradients; and the per-element math every kernel
+// uses — the log-sum-exp order, the argmax order with its tie rule, the ring
+// slots, the boundary terms. The CPU kernel's tests exercise all of it on
+// every commit, so the less the CUDA files own, the better.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__CUDACC__)
@@ -16,54 +19,64 @@
 
 namespace flashsemicrf {
 
-// Sizes, pointers and strides of one call. Float pointers are in the compute
-// dtype (float or double): the host entry casts the inputs. Big (B, T, C)
-// inputs are read through strides; the small parameters are contiguous.
+// The problem every pass reads: sizes and inputs. Float pointers are in the
+// compute dtype (float or double). Big (B, T, C) inputs are read through
+// strides; the small parameters are contiguous.
 struct Params {
   int64_t B = 0, T = 0, K = 0, C = 0;
-  int64_t interval = 1;    // checkpoint every `interval` steps
-  int64_t n_ckpt = 0;      // ceil(T / interval)
-  int64_t ring_width = 0;  // rows of one checkpoint: K (static) or 2K
   bool duration_dependent = false;  // transition is (K, C, C)
-  bool boundary_mass = false;       // backward writes start/end score gradients
+  int64_t ring_width = 0;           // rows of the forward ring: K (static) or 2K
 
+  // (B, T, C) and their strides in elements along B, T, C.
   const void* scores = nullptr;
-  int64_t scores_sb = 0, scores_st = 0, scores_sc = 0;
+  int64_t scores_stride[3] = {0, 0, 0};
   const void* start_scores = nullptr;  // null: none
-  int64_t start_sb = 0, start_st = 0, start_sc = 0;
+  int64_t start_stride[3] = {0, 0, 0};
   const void* end_scores = nullptr;  // null: none
-  int64_t end_sb = 0, end_st = 0, end_sc = 0;
+  int64_t end_stride[3] = {0, 0, 0};
   const void* transition = nullptr;        // (C, C) or (K, C, C), contiguous
   const void* duration = nullptr;          // (K, C), contiguous
   const void* start_transition = nullptr;  // (C,)
   const void* end_transition = nullptr;    // (C,)
   const int64_t* lengths = nullptr;        // (B,)
+};
 
-  // Forward outputs, backward inputs.
-  void* log_z = nullptr;                // (B,)
-  void* ckpt_ring = nullptr;            // (B, n_ckpt, ring_width, C)
-  double* ckpt_offset = nullptr;        // (B, n_ckpt)
+// The forward: log Z and the checkpoints (outputs here, inputs of the backward).
+struct ForwardParams : Params {
+  int64_t interval = 1;  // checkpoint every `interval` steps
+  int64_t n_ckpt = 0;    // ceil(T / interval)
+  void* log_z = nullptr;          // (B,)
+  void* ckpt_ring = nullptr;      // (B, n_ckpt, ring_width, C)
+  double* ckpt_offset = nullptr;  // (B, n_ckpt)
+};
 
-  // Backward.
-  const void* grad_log_z = nullptr;     // (B,)
-  void* grad_scores = nullptr;          // (B, T, C), zero-filled by the host
-  void* grad_transition = nullptr;      // (B, C, C) or (B, K, C, C)
-  void* grad_duration = nullptr;        // (B, K, C)
+// The backward: what the forward had, read back, plus the upstream gradient
+// and the gradient outputs, zero-filled by the host.
+struct BackwardParams : ForwardParams {
+  const void* grad_log_z = nullptr;       // (B,)
+  bool boundary_mass = false;             // write start/end score gradients
+  void* grad_scores = nullptr;            // (B, T, C)
+  void* grad_transition = nullptr;        // (B, C, C) or (B, K, C, C)
+  void* grad_duration = nullptr;          // (B, K, C)
   void* grad_start_transition = nullptr;  // (B, C)
   void* grad_end_transition = nullptr;    // (B, C)
-  void* grad_start_scores = nullptr;    // (B, T, C) or null
-  void* grad_end_scores = nullptr;      // (B, T, C) or null
+  void* grad_start_scores = nullptr;      // (B, T, C) or null
+  void* grad_end_scores = nullptr;        // (B, T, C) or null
+};
 
-  // Viterbi.
-  void* best = nullptr;                 // (B,)
-  int64_t* segment_label = nullptr;     // (B, T): label of the segment starting at t, else -1
-  int32_t* best_duration = nullptr;     // workspace (B, T+1, C)
-  int32_t* best_previous = nullptr;     // workspace (B, T+1, C)
+// Viterbi: the max semiring with backpointers.
+struct ViterbiParams : Params {
+  void* best = nullptr;              // (B,)
+  int64_t* segment_label = nullptr;  // (B, T): label of the segment starting at t, else -1
+  int32_t* best_duration = nullptr;  // workspace (B, T+1, C)
+  int32_t* best_previous = nullptr;  // workspace (B, T+1, C)
+};
 
-  // Filter (the forward messages at every boundary, for sampling).
-  void* history_alpha = nullptr;        // (B, T+1, C) alpha_hat[t]
-  void* history_sigma = nullptr;        // (B, T+1, C) sigma_hat[t]
-  double* history_offset = nullptr;     // (B, T+1) O_t
+// The filter: the forward messages at every boundary, for sampling.
+struct FilterParams : Params {
+  void* history_alpha = nullptr;     // (B, T+1, C) alpha_hat[t]
+  void* history_sigma = nullptr;     // (B, T+1, C) sigma_hat[t]
+  double* history_offset = nullptr;  // (B, T+1) O_t
 };
 
 template <typename T>
@@ -84,19 +97,135 @@ HOST_DEVICE T nan_max(T a, T b) {
   return (b > a || b != b) ? b : a;
 }
 
-// exp(x - m) for an LSE with running max m; an all -inf LSE has m = -inf.
+#if !defined(__CUDA_ARCH__)
+// exp written so that the compiler vectorises loops calling it (std::exp
+// does not vectorise without -ffast-math, which would break -inf and NaN).
+// Cody–Waite range reduction and a degree-6 polynomial (≈ 1 ulp);
+// exp(-inf) = 0, NaN stays NaN, results below ~1e-38 flush to 0.
+inline float host_exp(float x) {
+  const float lo = -87.3f, hi = 88.7f;
+  const float xc = x < lo ? lo : (x > hi ? hi : x);
+  // Round to nearest by the 1.5·2^23 trick (vectorises without SSE4.1's floor).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float g = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * g + 1.3981999507e-3f;
+  y = y * g + 8.3334519073e-3f;
+  y = y * g + 4.1665795894e-2f;
+  y = y * g + 1.6666665459e-1f;
+  y = y * g + 5.0000001201e-1f;
+  y = y * g * g + g + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  float r = y * scale;
+  r = x < lo ? 0.0f : r;
+  r = x > hi ? std::numeric_limits<float>::infinity() : r;
+  return x != x ? x : r;
+}
+#endif
+
+// The exp of every kernel: the CUDA library's on the device, host_exp on the
+// CPU (float).
+HOST_DEVICE float fexp(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  return host_exp(x);
+#endif
+}
+HOST_DEVICE double fexp(double x) { return ::exp(x); }
+
+// Log-sum-exp, in one order everywhere: the max m of the terms (nan_max),
+// then the sum of fexp(x - lse_shift(m)), then lse_finish(m, sum). An all
+// -inf set has m = -inf and shift 0, so its terms are exp(-inf) = 0 (never
+// exp(NaN)) and the result is -inf; a NaN term makes it NaN.
 template <typename T>
-HOST_DEVICE T exp_from(T x, T m) {
-  return m == neg_inf<T>() ? T(0) : exp(x - m);
+HOST_DEVICE T lse_shift(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
 }
 
-// m + log(sum) of an LSE, -inf when every term was -inf.
 template <typename T>
 HOST_DEVICE T lse_finish(T m, T sum) {
   return m == neg_inf<T>() ? m : m + log(sum);
 }
 
-// Read-only views of one sequence's inputs.
+// One thread's log-sum-exp of term(0 … n-1), term evaluated twice.
+template <typename T, typename F>
+HOST_DEVICE T lse(int n, F term) {
+  T m = neg_inf<T>();
+  for (int i = 0; i < n; ++i) m = nan_max(m, term(i));
+  const T shift = lse_shift(m);
+  T sum = 0;
+  for (int i = 0; i < n; ++i) sum += fexp(term(i) - shift);
+  return lse_finish(m, sum);
+}
+
+// The argmax order of every kernel: a NaN beats any number, else the larger
+// value wins; ties (and two NaNs) go to the smaller index. A total order on
+// (value, index) pairs with distinct indices, so any reduction tree agrees
+// with a left-to-right scan. Nothing is (-inf, INT_MAX), beaten by any entry.
+template <typename T>
+HOST_DEVICE bool beats(T v, int i, T best_v, int best_i) {
+  const bool v_nan = v != v, best_nan = best_v != best_v;
+  if (v_nan || best_nan) return v_nan && (!best_nan || i < best_i);
+  return v > best_v || (v == best_v && i < best_i);
+}
+
+// One thread's argmax of term(0 … n-1), n ≥ 1, in the order of `beats`;
+// *best receives the winning value.
+template <typename T, typename F>
+HOST_DEVICE int argmax(int n, F term, T* best) {
+  int a = 0;
+  T v = term(0);
+  for (int i = 1; i < n; ++i) {
+    const T x = term(i);
+    if (beats(x, i, v, a)) {
+      a = i;
+      v = x;
+    }
+  }
+  *best = v;
+  return a;
+}
+
+// The length of sequence b: lengths[b] clamped to 1 ≤ L ≤ T, so that every
+// address stays in range even for lengths a direct op call did not validate
+// (the public functions reject such lengths).
+HOST_DEVICE int64_t sequence_length(const Params& p, int64_t b) {
+  const int64_t L = p.lengths[b];
+  return L < 1 ? 1 : (L > p.T ? p.T : L);
+}
+
+// Rings are circular over K slots: the entry of the segment that started
+// (forward) or ends (backward) at position s lives in slot s mod K, so no
+// entry ever moves. With tK = t mod K:
+HOST_DEVICE int slot_before(int tK, int d, int K) {  // slot of t - d, 0 ≤ d ≤ K
+  const int s = tK - d;
+  return s < 0 ? s + K : s;
+}
+HOST_DEVICE int slot_after(int tK, int d, int K) {  // slot of t + d, 0 ≤ d ≤ K
+  const int s = tK + d;
+  return s >= K ? s - K : s;
+}
+
+// Checkpoints hold the forward ring in duration order, the layout every
+// backend shares: checkpoint row part·K + d-1 is the ring row of the segment
+// that started at t - d (part 1: the gain rows of the (K, C, C) form).
+HOST_DEVICE int ring_row_of_checkpoint_row(int row, int tK, int K) {
+  const int part = row >= K ? 1 : 0, d = row - part * K + 1;
+  return part * K + slot_before(tK, d, K);
+}
+
+// The offset after a re-normalisation that measured `total` for a mass that
+// must be 1; a total that is 0 or not finite (a dead or NaN sequence) leaves
+// the offset alone.
+HOST_DEVICE double renormalised(double offset, double total) {
+  return (total > 0.0 && total <= std::numeric_limits<double>::max()) ? offset - log(total)
+                                                                       : offset;
+}
+
+// Read-only views of one sequence's inputs, and the boundary terms.
 template <typename scalar_t>
 struct SequenceInputs {
   const scalar_t* scores;
@@ -110,13 +239,14 @@ struct SequenceInputs {
   int64_t C;
 
   HOST_DEVICE SequenceInputs(const Params& p, int64_t b)
-      : scores(static_cast<const scalar_t*>(p.scores) + b * p.scores_sb),
-        start_scores(p.start_scores ? static_cast<const scalar_t*>(p.start_scores) + b * p.start_sb
-                                    : nullptr),
-        end_scores(p.end_scores ? static_cast<const scalar_t*>(p.end_scores) + b * p.end_sb
+      : scores(static_cast<const scalar_t*>(p.scores) + b * p.scores_stride[0]),
+        start_scores(p.start_scores
+                         ? static_cast<const scalar_t*>(p.start_scores) + b * p.start_stride[0]
+                         : nullptr),
+        end_scores(p.end_scores ? static_cast<const scalar_t*>(p.end_scores) + b * p.end_stride[0]
                                 : nullptr),
-        s_t(p.scores_st), s_c(p.scores_sc), ss_t(p.start_st), ss_c(p.start_sc),
-        es_t(p.end_st), es_c(p.end_sc),
+        s_t(p.scores_stride[1]), s_c(p.scores_stride[2]), ss_t(p.start_stride[1]),
+        ss_c(p.start_stride[2]), es_t(p.end_stride[1]), es_c(p.end_stride[2]),
         transition(static_cast<const scalar_t*>(p.transition)),
         duration(static_cast<const scalar_t*>(p.duration)),
         start_transition(static_cast<const scalar_t*>(p.start_transition)),
@@ -136,6 +266,121 @@ struct SequenceInputs {
   }
   HOST_DEVICE scalar_t trans(int64_t c_prev, int64_t c) const { return transition[c_prev * C + c]; }
   HOST_DEVICE scalar_t dur(int64_t d, int64_t c) const { return duration[(d - 1) * C + c]; }
+  // The first segment of label c opens at 0 (sigma[0, c] before normalising).
+  HOST_DEVICE scalar_t first(int64_t c) const { return start_transition[c] + start(0, c); }
+  // The last segment, of label c, closes at L with forward score a.
+  HOST_DEVICE scalar_t last(scalar_t a, int64_t c) const { return a + end_transition[c]; }
+};
+
+// One sequence's gradient outputs.
+template <typename scalar_t>
+struct SequenceGradients {
+  scalar_t* scores;            // (T, C)
+  scalar_t* transition;        // (C, C) or (K, C, C)
+  scalar_t* duration;          // (K, C)
+  scalar_t* start_transition;  // (C)
+  scalar_t* end_transition;    // (C)
+  scalar_t* start_scores;      // (T, C) or null
+  scalar_t* end_scores;        // (T, C) or null
+
+  HOST_DEVICE SequenceGradients(const BackwardParams& p, int64_t b)
+      : scores(static_cast<scalar_t*>(p.grad_scores) + b * p.T * p.C),
+        transition(static_cast<scalar_t*>(p.grad_transition) +
+                   b * (p.duration_dependent ? p.K : 1) * p.C * p.C),
+        duration(static_cast<scalar_t*>(p.grad_duration) + b * p.K * p.C),
+        start_transition(static_cast<scalar_t*>(p.grad_start_transition) + b * p.C),
+        end_transition(static_cast<scalar_t*>(p.grad_end_transition) + b * p.C),
+        start_scores(p.grad_start_scores
+                         ? static_cast<scalar_t*>(p.grad_start_scores) + b * p.T * p.C
+                         : nullptr),
+        end_scores(p.grad_end_scores ? static_cast<scalar_t*>(p.grad_end_scores) + b * p.T * p.C
+                                     : nullptr) {}
+};
+
+// One sequence's checkpoints and their schedule. The forward saves its ring
+// (ring_width, C), in the checkpoint layout, before the steps t = j·interval
+// < T: checkpoint j at at(j), its offset at offset[j]. The backward walks the
+// spans j = last_span(L) … 0, recomputing steps [first(j), last(j, L)] from
+// checkpoint j; checkpoints from first_unused(L) on are never read.
+template <typename scalar_t>
+struct SequenceCheckpoints {
+  scalar_t* ring;
+  double* offset;
+  int64_t stride, interval, count, T;
+
+  HOST_DEVICE SequenceCheckpoints(const ForwardParams& p, int64_t b)
+      : ring(static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * p.ring_width * p.C),
+        offset(p.ckpt_offset + b * p.n_ckpt),
+        stride(p.ring_width * p.C),
+        interval(p.interval),
+        count(p.n_ckpt),
+        T(p.T) {}
+  HOST_DEVICE scalar_t* at(int64_t j) const { return ring + j * stride; }
+  HOST_DEVICE bool due(int64_t t) const { return t < T && t % interval == 0; }
+  HOST_DEVICE int64_t last_span(int64_t L) const {
+    return L / interval < count - 1 ? L / interval : count - 1;
+  }
+  HOST_DEVICE int64_t first(int64_t j) const { return j * interval; }
+  HOST_DEVICE int64_t last(int64_t j, int64_t L) const {
+    return j == last_span(L) ? L : (j + 1) * interval - 1;
+  }
+  HOST_DEVICE int64_t first_unused(int64_t L) const { return L / interval + 1; }
+};
+
+// One sequence's Viterbi outputs and backpointers: best_duration[t·C + c],
+// the duration of the best label-c segment ending at t; best_previous, the
+// label before it, at [t·C + c] for the (K, C, C) transition (it depends on
+// the duration) and at [s·C + c], s its start, for the static one.
+struct SequencePath {
+  int32_t* best_duration;  // (T+1, C)
+  int32_t* best_previous;  // (T+1, C)
+  int64_t* label;          // (T)
+  int64_t C;
+
+  HOST_DEVICE SequencePath(const ViterbiParams& p, int64_t b)
+      : best_duration(p.best_duration + b * (p.T + 1) * p.C),
+        best_previous(p.best_previous + b * (p.T + 1) * p.C),
+        label(p.segment_label + b * p.T),
+        C(p.C) {}
+
+  // Follows the backpointers from the last label c at L down to 0, writing
+  // each segment's label at its start (label is -1-filled before). Stops at
+  // a pointer out of range, unreachable for a finite best, so that a
+  // corrupted table cannot send an address out of range.
+  template <bool DD>
+  HOST_DEVICE void trace_back(int64_t L, int64_t c) const {
+    for (int64_t t = L; t > 0;) {
+      const int64_t d = best_duration[t * C + c];
+      if (d < 1 || d > t) return;
+      const int64_t s = t - d;
+      label[s] = c;
+      if (s > 0) {
+        c = DD ? best_previous[t * C + c] : best_previous[s * C + c];
+        if (c < 0 || c >= C) return;
+      }
+      t = s;
+    }
+  }
+};
+
+// One sequence's filter outputs: the messages at every boundary.
+template <typename scalar_t>
+struct SequenceHistory {
+  scalar_t* alpha;  // (T+1, C)
+  scalar_t* sigma;  // (T+1, C)
+  double* offset;   // (T+1)
+
+  HOST_DEVICE SequenceHistory(const FilterParams& p, int64_t b)
+      : alpha(static_cast<scalar_t*>(p.history_alpha) + b * (p.T + 1) * p.C),
+        sigma(static_cast<scalar_t*>(p.history_sigma) + b * (p.T + 1) * p.C),
+        offset(p.history_offset + b * (p.T + 1)) {}
+  // Which rows the filter writes: alpha_hat after every step t > 0;
+  // sigma_hat at t < L where the scan forms it (the (K, C, C) transition
+  // folds it into each duration's term, so only t = 0 has one).
+  HOST_DEVICE static bool has_alpha(int64_t t) { return t > 0; }
+  HOST_DEVICE static bool has_sigma(int64_t t, int64_t L, bool dd) {
+    return t < L && (t == 0 || !dd);
+  }
 };
 
 }  // namespace flashsemicrf

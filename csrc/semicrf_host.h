@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,14 +32,27 @@ inline int64_t default_interval(int64_t T, int64_t K) {
   return std::max<int64_t>(1, r);
 }
 
-class Problem {
- public:
-  Params params;
+// A pass's parameters with the output tensors they point into.
+template <typename P, typename Outputs>
+struct Pass {
+  P params;
+  Outputs outputs;
+};
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using BackwardOutputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using ViterbiOutputs = std::tuple<at::Tensor, at::Tensor>;
+using FilterOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-  Problem(const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-          const at::Tensor& lengths, const at::Tensor& start_transition,
-          const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-          const std::optional<at::Tensor>& end_scores, int64_t interval)
+// One call of an op: checks its arguments (messages name the tensor), keeps
+// contiguous copies of the small ones alive for the call, and fills the
+// parameters of the pass with them and with freshly allocated outputs.
+class OpCall {
+ public:
+  OpCall(const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
+         const at::Tensor& lengths, const at::Tensor& start_transition,
+         const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
+         const std::optional<at::Tensor>& end_scores)
       : scores_(scores) {
     TORCH_CHECK(scores.dim() == 3, "flashsemicrf: scores must be (B, T, C), got ", scores.sizes());
     TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
@@ -61,7 +75,6 @@ class Problem {
     FLASHSEMICRF_CHECK_SHAPE(end_transition, C);
     TORCH_CHECK(lengths.scalar_type() == at::kLong, "flashsemicrf: lengths must be int64, got ",
                 lengths.scalar_type());
-    TORCH_CHECK(interval >= 0, "flashsemicrf: interval must be >= 0, got ", interval);
     check_like(transition, "transition");
     check_like(duration, "duration");
     check_like(start_transition, "start_transition");
@@ -75,36 +88,17 @@ class Problem {
     start_transition_ = start_transition.contiguous();
     end_transition_ = end_transition.contiguous();
 
-    if (interval == 0) interval = default_interval(T, K);
-    Params& p = params;
+    Params& p = inputs_;
     p.B = B;
     p.T = T;
     p.K = K;
     p.C = C;
-    p.interval = interval;
-    p.n_ckpt = (T + interval - 1) / interval;
-    p.ring_width = dd ? 2 * K : K;
     p.duration_dependent = dd;
+    p.ring_width = dd ? 2 * K : K;
     p.scores = scores.data_ptr();
-    p.scores_sb = scores.stride(0);
-    p.scores_st = scores.stride(1);
-    p.scores_sc = scores.stride(2);
-    if (start_scores.has_value()) {
-      FLASHSEMICRF_CHECK_SHAPE(*start_scores, B, T, C);
-      check_like(*start_scores, "start_scores");
-      p.start_scores = start_scores->data_ptr();
-      p.start_sb = start_scores->stride(0);
-      p.start_st = start_scores->stride(1);
-      p.start_sc = start_scores->stride(2);
-    }
-    if (end_scores.has_value()) {
-      FLASHSEMICRF_CHECK_SHAPE(*end_scores, B, T, C);
-      check_like(*end_scores, "end_scores");
-      p.end_scores = end_scores->data_ptr();
-      p.end_sb = end_scores->stride(0);
-      p.end_st = end_scores->stride(1);
-      p.end_sc = end_scores->stride(2);
-    }
+    for (int i = 0; i < 3; ++i) p.scores_stride[i] = scores.stride(i);
+    p.start_scores = boundary_scores(start_scores, "start_scores", p.start_stride);
+    p.end_scores = boundary_scores(end_scores, "end_scores", p.end_stride);
     p.transition = transition_.data_ptr();
     p.duration = duration_.data_ptr();
     p.start_transition = start_transition_.data_ptr();
@@ -112,9 +106,11 @@ class Problem {
     p.lengths = lengths_.data_ptr<int64_t>();
   }
 
+  at::ScalarType dtype() const { return scores_.scalar_type(); }
+
   // (log_z (B,), checkpoint_ring (B, N, S, C), checkpoint_offset (B, N) float64)
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_outputs() {
-    Params& p = params;
+  Pass<ForwardParams, ForwardOutputs> forward(int64_t interval) {
+    ForwardParams p = checkpointed(interval);
     auto opts = scores_.options();
     at::Tensor log_z = at::empty({p.B}, opts);
     at::Tensor ring = at::empty({p.B, p.n_ckpt, p.ring_width, p.C}, opts);
@@ -122,17 +118,19 @@ class Problem {
     p.log_z = log_z.data_ptr();
     p.ckpt_ring = ring.data_ptr();
     p.ckpt_offset = offset.data_ptr<double>();
-    return {log_z, ring, offset};
+    return {p, {log_z, ring, offset}};
   }
 
   // Per-sequence gradients, zero-filled (kernels accumulate into them).
   // start/end score gradients are (B, T, C) when asked for (boundary_mass) or
   // when the problem has those inputs, else empty (0,).
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-  backward_outputs(const at::Tensor& grad_log_z, const at::Tensor& log_z,
-                   const at::Tensor& ckpt_ring, const at::Tensor& ckpt_offset,
-                   bool boundary_mass) {
-    Params& p = params;
+  Pass<BackwardParams, BackwardOutputs> backward(const at::Tensor& grad_log_z,
+                                                 const at::Tensor& log_z,
+                                                 const at::Tensor& ckpt_ring,
+                                                 const at::Tensor& ckpt_offset, int64_t interval,
+                                                 bool boundary_mass) {
+    BackwardParams p;
+    static_cast<ForwardParams&>(p) = checkpointed(interval);
     FLASHSEMICRF_CHECK_SHAPE(grad_log_z, p.B);
     FLASHSEMICRF_CHECK_SHAPE(log_z, p.B);
     FLASHSEMICRF_CHECK_SHAPE(ckpt_ring, p.B, p.n_ckpt, p.ring_width, p.C);
@@ -171,13 +169,14 @@ class Problem {
     p.grad_end_transition = g_end_t.data_ptr();
     p.grad_start_scores = want_start ? g_start_s.data_ptr() : nullptr;
     p.grad_end_scores = want_end ? g_end_s.data_ptr() : nullptr;
-    return {g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s};
+    return {p, {g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s}};
   }
 
   // (best (B,), segment_label (B, T) int64: label of the segment starting at
-  // t, -1 elsewhere). Backpointers are workspace, freed on return.
-  std::tuple<at::Tensor, at::Tensor> viterbi_outputs() {
-    Params& p = params;
+  // t, -1 elsewhere). Backpointers are workspace, freed with this object.
+  Pass<ViterbiParams, ViterbiOutputs> viterbi() {
+    ViterbiParams p;
+    static_cast<Params&>(p) = inputs_;
     auto opts = scores_.options();
     at::Tensor best = at::empty({p.B}, opts);
     at::Tensor label = at::empty({p.B, p.T}, opts.dtype(at::kLong));
@@ -187,13 +186,14 @@ class Problem {
     p.segment_label = label.data_ptr<int64_t>();
     p.best_duration = bp_duration_.data_ptr<int32_t>();
     p.best_previous = bp_previous_.data_ptr<int32_t>();
-    return {best, label};
+    return {p, {best, label}};
   }
 
   // (alpha_hat (B, T+1, C), sigma_hat (B, T+1, C), offset (B, T+1) float64):
   // the forward messages at every boundary, -inf where undefined.
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_outputs() {
-    Params& p = params;
+  Pass<FilterParams, FilterOutputs> filter() {
+    FilterParams p;
+    static_cast<Params&>(p) = inputs_;
     auto opts = scores_.options();
     at::Tensor alpha = at::empty({p.B, p.T + 1, p.C}, opts);
     at::Tensor sigma = at::empty({p.B, p.T + 1, p.C}, opts);
@@ -201,10 +201,8 @@ class Problem {
     p.history_alpha = alpha.data_ptr();
     p.history_sigma = sigma.data_ptr();
     p.history_offset = offset.data_ptr<double>();
-    return {alpha, sigma, offset};
+    return {p, {alpha, sigma, offset}};
   }
-
-  const at::Tensor& scores() const { return scores_; }
 
  private:
   void check_like(const at::Tensor& x, const char* name) const {
@@ -214,8 +212,101 @@ class Problem {
                 " but scores is on ", scores_.device());
   }
 
+  // An optional (B, T, C) input: its data (null when absent); its strides go
+  // into strides[3].
+  const void* boundary_scores(const std::optional<at::Tensor>& x, const char* name,
+                              int64_t* strides) const {
+    if (!x.has_value()) return nullptr;
+    const int64_t B = scores_.size(0), T = scores_.size(1), C = scores_.size(2);
+    TORCH_CHECK(x->sizes() == at::IntArrayRef({B, T, C}), "flashsemicrf: ", name,
+                " must have shape (B, T, C) = ", at::IntArrayRef({B, T, C}), ", got ",
+                x->sizes());
+    check_like(*x, name);
+    for (int i = 0; i < 3; ++i) strides[i] = x->stride(i);
+    return x->data_ptr();
+  }
+
+  // The inputs with the checkpoint interval (0: the default) filled in.
+  ForwardParams checkpointed(int64_t interval) const {
+    TORCH_CHECK(interval >= 0, "flashsemicrf: interval must be >= 0, got ", interval);
+    ForwardParams p;
+    static_cast<Params&>(p) = inputs_;
+    p.interval = interval == 0 ? default_interval(p.T, p.K) : interval;
+    p.n_ckpt = (p.T + p.interval - 1) / p.interval;
+    return p;
+  }
+
+  Params inputs_;
   at::Tensor scores_, transition_, duration_, lengths_, start_transition_, end_transition_;
   at::Tensor grad_log_z_, log_z_, ckpt_ring_, ckpt_offset_, bp_duration_, bp_previous_;
+};
+
+// The four ops' entry points, written once: check the call, set up the
+// pass, run it, return its outputs. Backend::run(params, scores) is
+// overloaded on the pass's parameter type.
+template <typename Backend>
+struct OpEntries {
+  static ForwardOutputs forward(const at::Tensor& scores, const at::Tensor& transition,
+                                const at::Tensor& duration, const at::Tensor& lengths,
+                                const at::Tensor& start_transition,
+                                const at::Tensor& end_transition,
+                                const std::optional<at::Tensor>& start_scores,
+                                const std::optional<at::Tensor>& end_scores, int64_t interval) {
+    OpCall call(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores);
+    auto pass = call.forward(interval);
+    Backend::run(pass.params, scores);
+    return pass.outputs;
+  }
+
+  static BackwardOutputs backward(const at::Tensor& grad_log_z, const at::Tensor& scores,
+                                  const at::Tensor& transition, const at::Tensor& duration,
+                                  const at::Tensor& lengths, const at::Tensor& start_transition,
+                                  const at::Tensor& end_transition,
+                                  const std::optional<at::Tensor>& start_scores,
+                                  const std::optional<at::Tensor>& end_scores,
+                                  const at::Tensor& log_z, const at::Tensor& ckpt_ring,
+                                  const at::Tensor& ckpt_offset, int64_t interval,
+                                  bool boundary_mass) {
+    OpCall call(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores);
+    auto pass = call.backward(grad_log_z, log_z, ckpt_ring, ckpt_offset, interval, boundary_mass);
+    Backend::run(pass.params, scores);
+    return pass.outputs;
+  }
+
+  static ViterbiOutputs viterbi(const at::Tensor& scores, const at::Tensor& transition,
+                                const at::Tensor& duration, const at::Tensor& lengths,
+                                const at::Tensor& start_transition,
+                                const at::Tensor& end_transition,
+                                const std::optional<at::Tensor>& start_scores,
+                                const std::optional<at::Tensor>& end_scores) {
+    OpCall call(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores);
+    auto pass = call.viterbi();
+    Backend::run(pass.params, scores);
+    return pass.outputs;
+  }
+
+  static FilterOutputs filter(const at::Tensor& scores, const at::Tensor& transition,
+                              const at::Tensor& duration, const at::Tensor& lengths,
+                              const at::Tensor& start_transition, const at::Tensor& end_transition,
+                              const std::optional<at::Tensor>& start_scores,
+                              const std::optional<at::Tensor>& end_scores) {
+    OpCall call(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores);
+    auto pass = call.filter();
+    Backend::run(pass.params, scores);
+    return pass.outputs;
+  }
+
+  // TORCH_LIBRARY_IMPL(flashsemicrf, <dispatch key>, m) { OpEntries<...>::register_all(m); }
+  static void register_all(torch::Library& m) {
+    m.impl("forward", &forward);
+    m.impl("backward", &backward);
+    m.impl("viterbi", &viterbi);
+    m.impl("filter", &filter);
+  }
 };
 
 }  // namespace flashsemicrf

@@ -92,7 +92,8 @@ def close(name, got, want, tol):
 
 def check(emu, args, interval, mode, seed, smem, *, boundary_mass=True, viterbi=True):
     """Every op on the emulator against the CPU kernel; returns the arenas
-    ([smem scalars, workspace scalars]) of the forward and the backward."""
+    ([shared memory bytes, workspace bytes per CTA]) of the forward and the
+    backward."""
     dtype = args[0].dtype
     tol = 1e-9 if dtype == torch.float64 else 2e-4
     ref = ops.forward(*args, interval)
@@ -123,11 +124,16 @@ def check(emu, args, interval, mode, seed, smem, *, boundary_mass=True, viterbi=
 
 def placements(K, C, dd, dtype):
     """smem limits that put the arenas in every placement: all in shared
-    memory, the backward's forward ring global, both rings global, all global."""
+    memory, the backward's forward ring global, both rings global, all global.
+    (The backward's shared-memory arrays: its ring (K, C|1), the forward's
+    rows (5, C) and its own (7, C), each 16-byte aligned.)"""
     elem = torch.empty((), dtype=dtype).element_size()
-    ld = C | 1
-    rows = 12 * C * elem
-    return {"all-smem": ALL_SMEM, "fwd-ring-global": K * ld * elem + rows,
+
+    def aligned(n):
+        return -(-n * elem // 16) * 16
+
+    rows = aligned(5 * C) + aligned(7 * C)
+    return {"all-smem": ALL_SMEM, "fwd-ring-global": aligned(K * (C | 1)) + rows,
             "rings-global": rows, "all-global": 0}
 
 

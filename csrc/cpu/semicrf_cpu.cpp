@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -18,52 +17,6 @@
 
 namespace flashsemicrf {
 namespace {
-
-// exp written so that the compiler vectorises loops calling it (std::exp
-// does not vectorise without -ffast-math, which would break -inf and NaN).
-// float: Cody–Waite range reduction and a degree-6 polynomial (≈ 1 ulp);
-// exp(-inf) = 0, NaN stays NaN, results below ~1e-38 flush to 0.
-inline float vexp(float x) {
-  const float lo = -87.3f, hi = 88.7f;
-  const float xc = x < lo ? lo : (x > hi ? hi : x);
-  // Round to nearest by the 1.5·2^23 trick (vectorises without SSE4.1's floor).
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float g = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * g + 1.3981999507e-3f;
-  y = y * g + 8.3334519073e-3f;
-  y = y * g + 4.1665795894e-2f;
-  y = y * g + 1.6666665459e-1f;
-  y = y * g + 5.0000001201e-1f;
-  y = y * g * g + g + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float r = y * scale;
-  r = x < lo ? 0.0f : r;
-  r = x > hi ? std::numeric_limits<float>::infinity() : r;
-  return x != x ? x : r;
-}
-inline double vexp(double x) { return std::exp(x); }
-
-template <typename scalar_t>
-scalar_t lse(const scalar_t* x, int64_t n) {
-  scalar_t m = neg_inf<scalar_t>();
-  for (int64_t i = 0; i < n; ++i) m = nan_max(m, x[i]);
-  if (m == neg_inf<scalar_t>()) return m;
-  scalar_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += vexp(x[i] - m);
-  return m + std::log(sum);
-}
-
-// First index of the max (ties go to the smallest index); NaN wins.
-template <typename scalar_t>
-int64_t argmax(const scalar_t* x, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (x[i] > x[best] || (x[i] != x[i] && x[best] == x[best])) best = i;
-  return best;
-}
 
 // Column-wise log-sum-exp of rows[r][c] (r < n_rows, c < C) into out[c]; the
 // loops run along c, contiguous, so they vectorise. `top` receives the column
@@ -76,16 +29,23 @@ void lse_columns(const scalar_t* rows, int64_t n_rows, int64_t C, scalar_t* out,
   for (int64_t c = 0; c < C; ++c) top[c] = neg_inf<scalar_t>();
   for (int64_t r = 0; r < n_rows; ++r)
     for (int64_t c = 0; c < C; ++c) top[c] = nan_max(top[c], rows[r * C + c]);
-  // What each column subtracts: 0 for an all -inf one, whose terms are then
-  // exp(-inf) = 0 rather than exp(NaN).
-  for (int64_t c = 0; c < C; ++c) out[c] = top[c] == neg_inf<scalar_t>() ? scalar_t(0) : top[c];
+  for (int64_t c = 0; c < C; ++c) out[c] = lse_shift(top[c]);
   for (int64_t r = 0; r < n_rows; ++r)
-    for (int64_t c = 0; c < C; ++c) scaled[r * C + c] = vexp(rows[r * C + c] - out[c]);
+    for (int64_t c = 0; c < C; ++c) scaled[r * C + c] = fexp(rows[r * C + c] - out[c]);
   for (int64_t c = 0; c < C; ++c) out[c] = 0;
   for (int64_t r = 0; r < n_rows; ++r)
     for (int64_t c = 0; c < C; ++c) out[c] += scaled[r * C + c];
-  for (int64_t c = 0; c < C; ++c)
-    out[c] = top[c] == neg_inf<scalar_t>() ? top[c] : top[c] + std::log(out[c]);
+  for (int64_t c = 0; c < C; ++c) out[c] = lse_finish(top[c], out[c]);
+}
+
+// Log-sum-exp and argmax of x[0 … n-1].
+template <typename scalar_t>
+scalar_t lse_of(const scalar_t* x, int64_t n) {
+  return lse<scalar_t>(static_cast<int>(n), [&](int i) { return x[i]; });
+}
+template <typename scalar_t>
+int argmax_of(const scalar_t* x, int64_t n, scalar_t* best) {
+  return argmax<scalar_t>(static_cast<int>(n), [&](int i) { return x[i]; }, best);
 }
 
 // The forward scan of one sequence. MAX selects the max semiring (Viterbi),
@@ -109,18 +69,13 @@ struct ForwardScan {
         ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
         terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_), emit(C_), term_prev(K_ * C_) {}
 
-  scalar_t reduce(const scalar_t* x, int64_t n) const {
-    if (MAX) return x[argmax(x, n)];
-    return lse(x, n);
-  }
-
   // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L), both relative to
   // O_t. Returns the max m_t subtracted. bp_*: this step's backpointer rows.
   scalar_t step(int64_t t, int32_t* bp_duration = nullptr, int32_t* bp_previous = nullptr) {
     scalar_t m = neg_inf<scalar_t>();
     if (t == 0) {
       for (int64_t c = 0; c < C; ++c) {
-        sigma[c] = in.start_transition[c] + in.start(0, c);
+        sigma[c] = in.first(c);
         m = nan_max(m, sigma[c]);
       }
       m = finite_or_zero(m);
@@ -129,9 +84,10 @@ struct ForwardScan {
       return m;
     }
     const int64_t dmax = std::min(K, t);
+    const int tK = static_cast<int>(t % K);
     // terms[d-1][c]: the open segment [t-d, t) with its duration score.
     for (int64_t d = 1; d <= dmax; ++d) {
-      const int64_t s = t - d, slot = s % K;
+      const int64_t s = t - d, slot = slot_before(tK, d, K);
       scalar_t* row = terms.data() + (d - 1) * C;
       const scalar_t* dur = in.duration + (d - 1) * C;
       if (!DD) {
@@ -153,13 +109,11 @@ struct ForwardScan {
     }
     if (MAX) {
       for (int64_t c = 0; c < C; ++c) {
-        int64_t best = 0;
-        for (int64_t d = 1; d < dmax; ++d) {
-          const scalar_t v = terms[d * C + c], w = terms[best * C + c];
-          if (v > w || (v != v && w == w)) best = d;
-        }
-        alpha[c] = in.end(t - 1, c) + terms[best * C + c];
-        if (bp_duration) bp_duration[c] = static_cast<int32_t>(best + 1);
+        scalar_t v;
+        const int best = argmax<scalar_t>(
+            static_cast<int>(dmax), [&](int i) { return terms[i * C + c]; }, &v);
+        alpha[c] = in.end(t - 1, c) + v;
+        if (bp_duration) bp_duration[c] = best + 1;
         if (DD && bp_previous) bp_previous[c] = term_prev[best * C + c];
       }
     } else {
@@ -186,13 +140,9 @@ struct ForwardScan {
     }
     if (MAX) {
       for (int64_t c = 0; c < C; ++c) {
-        int64_t a = 0;
-        for (int64_t cp = 1; cp < C; ++cp) {
-          const scalar_t v = pairs[cp * C + c], w = pairs[a * C + c];
-          if (v > w || (v != v && w == w)) a = cp;
-        }
-        entered[c] = pairs[a * C + c];
-        if (best) best[c] = static_cast<int32_t>(a);
+        const int a = argmax<scalar_t>(
+            static_cast<int>(C), [&](int cp) { return pairs[cp * C + c]; }, &entered[c]);
+        if (best) best[c] = a;
       }
     } else {
       lse_columns(pairs.data(), C, C, entered.data(), top.data(), scratch.data());
@@ -225,47 +175,41 @@ struct ForwardScan {
     }
   }
 
-  // Checkpoints hold the ring in duration order (row d-1: the segment that
-  // started at t-d), the layout every backend shares.
+  // The ring in the checkpoint layout (ring_row_of_checkpoint_row), and back.
   void save(int64_t t, scalar_t* out, double* out_offset) const {
-    const int64_t parts = DD ? 2 : 1;
-    for (int64_t part = 0; part < parts; ++part)
-      for (int64_t d = 1; d <= K; ++d) {
-        const int64_t slot = ((t - d) % K + K) % K;
-        std::copy_n(ring.data() + (part * K + slot) * C, C, out + (part * K + d - 1) * C);
-      }
+    const int tK = static_cast<int>(t % K);
+    for (int row = 0; row < (DD ? 2 : 1) * K; ++row)
+      std::copy_n(ring.data() + ring_row_of_checkpoint_row(row, tK, K) * C, C, out + row * C);
     *out_offset = offset;
   }
 
   void load(int64_t t, const scalar_t* src, double src_offset) {
-    const int64_t parts = DD ? 2 : 1;
-    for (int64_t part = 0; part < parts; ++part)
-      for (int64_t d = 1; d <= K; ++d) {
-        const int64_t slot = ((t - d) % K + K) % K;
-        std::copy_n(src + (part * K + d - 1) * C, C, ring.data() + (part * K + slot) * C);
-      }
+    const int tK = static_cast<int>(t % K);
+    for (int row = 0; row < (DD ? 2 : 1) * K; ++row)
+      std::copy_n(src + row * C, C, ring.data() + ring_row_of_checkpoint_row(row, tK, K) * C);
     offset = src_offset;
   }
 
-  scalar_t end_value() const {
-    std::vector<scalar_t> v(C);
-    for (int64_t c = 0; c < C; ++c) v[c] = alpha[c] + in.end_transition[c];
-    return reduce(v.data(), C);
+  // The last segment closes at L = t: log Z relative to the offset (MAX: the
+  // best score, its last label into *label).
+  scalar_t end_value(int* label = nullptr) const {
+    auto f = [&](int c) { return in.last(alpha[c], c); };
+    if (!MAX) return lse<scalar_t>(static_cast<int>(C), f);
+    scalar_t v;
+    const int c = argmax<scalar_t>(static_cast<int>(C), f, &v);
+    if (label) *label = c;
+    return v;
   }
 };
 
 template <typename scalar_t, bool DD>
-void forward_sequence(const Params& p, int64_t b) {
+void forward_sequence(const ForwardParams& p, int64_t b) {
   const SequenceInputs<scalar_t> in(p, b);
-  const int64_t L = p.lengths[b], S = p.ring_width, C = p.C;
-  ForwardScan<scalar_t, DD, false> scan(in, p.K, C, L);
-  scalar_t* ckpt = static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
-  double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  const int64_t L = sequence_length(p, b);
+  ForwardScan<scalar_t, DD, false> scan(in, p.K, p.C, L);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
   for (int64_t t = 0; t <= L; ++t) {
-    if (t < p.T && t % p.interval == 0) {
-      const int64_t j = t / p.interval;
-      scan.save(t, ckpt + j * S * C, ckpt_off + j);
-    }
+    if (ckpt.due(t)) scan.save(t, ckpt.at(t / p.interval), ckpt.offset + t / p.interval);
     const scalar_t m = scan.step(t);
     if (t == L) {
       static_cast<scalar_t*>(p.log_z)[b] =
@@ -276,15 +220,15 @@ void forward_sequence(const Params& p, int64_t b) {
   }
   // Checkpoints past the end of a short sequence are never read: fill them
   // with the empty state so that outputs do not depend on memory contents.
-  for (int64_t j = L / p.interval + 1; j < p.n_ckpt; ++j) {
-    std::fill_n(ckpt + j * S * C, S * C, neg_inf<scalar_t>());
-    ckpt_off[j] = 0.0;
+  for (int64_t j = ckpt.first_unused(L); j < p.n_ckpt; ++j) {
+    std::fill_n(ckpt.at(j), ckpt.stride, neg_inf<scalar_t>());
+    ckpt.offset[j] = 0.0;
   }
 }
 
 template <typename scalar_t, bool DD>
-void backward_sequence(const Params& p, int64_t b) {
-  const int64_t K = p.K, C = p.C, L = p.lengths[b], S = p.ring_width, T = p.T;
+void backward_sequence(const BackwardParams& p, int64_t b) {
+  const int64_t K = p.K, C = p.C, L = sequence_length(p, b);
   // The forward's log Z only says whether the sequence is dead (-inf): in
   // float32 it holds |log Z|·6e-8 of rounding, too coarse to normalise the
   // posteriors of a long sequence; the backward recomputes it in float64 at
@@ -294,18 +238,8 @@ void backward_sequence(const Params& p, int64_t b) {
   if (log_z == -std::numeric_limits<double>::infinity()) return;  // outputs stay 0
 
   const SequenceInputs<scalar_t> in(p, b);
-  scalar_t* g_scores = static_cast<scalar_t*>(p.grad_scores) + b * T * C;
-  scalar_t* g_trans = static_cast<scalar_t*>(p.grad_transition) + b * (DD ? K : 1) * C * C;
-  scalar_t* g_dur = static_cast<scalar_t*>(p.grad_duration) + b * K * C;
-  scalar_t* g_start_t = static_cast<scalar_t*>(p.grad_start_transition) + b * C;
-  scalar_t* g_end_t = static_cast<scalar_t*>(p.grad_end_transition) + b * C;
-  scalar_t* g_start_s =
-      p.grad_start_scores ? static_cast<scalar_t*>(p.grad_start_scores) + b * T * C : nullptr;
-  scalar_t* g_end_s =
-      p.grad_end_scores ? static_cast<scalar_t*>(p.grad_end_scores) + b * T * C : nullptr;
-
-  const scalar_t* ckpt = static_cast<const scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
-  const double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  const SequenceGradients<scalar_t> grad(p, b);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
   ForwardScan<scalar_t, DD, false> scan(in, K, C, L);
   const int64_t span = p.interval + 1;
   std::vector<scalar_t> alpha_buf(span * C), sigma_buf(span * C);
@@ -326,11 +260,9 @@ void backward_sequence(const Params& p, int64_t b) {
   };
   double Q = 0.0;
 
-  const int64_t last_span = std::min(L / p.interval, p.n_ckpt - 1);
-  for (int64_t j = last_span; j >= 0; --j) {
-    const int64_t first = j * p.interval;
-    const int64_t last = j == last_span ? L : (j + 1) * p.interval - 1;
-    scan.load(first, ckpt + j * S * C, ckpt_off[j]);
+  for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
+    const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
+    scan.load(first, ckpt.at(j), ckpt.offset[j]);
     for (int64_t t = first; t <= last; ++t) {
       const scalar_t m = scan.step(t);
       std::copy_n(scan.alpha.data(), C, alpha_buf.data() + (t - first) * C);
@@ -344,9 +276,10 @@ void backward_sequence(const Params& p, int64_t b) {
       const scalar_t* sigma = sigma_buf.data() + (t - first) * C;
       const double off = off_buf[t - first];
 
+      const int tK = static_cast<int>(t % K);
       if (t == L) {
-        for (int64_t c = 0; c < C; ++c) u[c] = alpha[c] + in.end_transition[c];
-        log_z = off + static_cast<double>(lse(u.data(), C));
+        log_z = off + static_cast<double>(
+                          lse<scalar_t>(static_cast<int>(C), [&](int c) { return in.last(alpha[c], c); }));
         scalar_t q = neg_inf<scalar_t>();
         for (int64_t c = 0; c < C; ++c) q = nan_max(q, beta[c] = in.end_transition[c]);
         q = finite_or_zero(q);
@@ -355,12 +288,12 @@ void backward_sequence(const Params& p, int64_t b) {
         for (int64_t c = 0; c < C; ++c) {
           beta[c] -= q;
           const scalar_t mass = exp(alpha[c] + beta[c] + shift) * g;
-          g_end_t[c] = mass;
-          if (g_end_s) g_end_s[(L - 1) * C + c] = mass;
+          grad.end_transition[c] = mass;
+          if (grad.end_scores) grad.end_scores[(L - 1) * C + c] = mass;
         }
         std::fill(ring.begin(), ring.end(), neg_inf<scalar_t>());
         Q += emissions(L - 1, emit);
-        for (int64_t c = 0; c < C; ++c) ring[(L % K) * C + c] = beta[c] + in.end(L - 1, c) + emit[c];
+        for (int64_t c = 0; c < C; ++c) ring[tK * C + c] = beta[c] + in.end(L - 1, c) + emit[c];
         continue;
       }
 
@@ -370,7 +303,7 @@ void backward_sequence(const Params& p, int64_t b) {
       const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
       const int64_t dmax = std::min(K, L - t);
       for (int64_t d = 1; d <= dmax; ++d) {
-        const scalar_t* r = ring.data() + ((t + d) % K) * C;
+        const scalar_t* r = ring.data() + slot_after(tK, d, K) * C;
         const scalar_t* dur = in.duration + (d - 1) * C;
         scalar_t* row = x.data() + (d - 1) * C;
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] + dur[c];
@@ -385,12 +318,12 @@ void backward_sequence(const Params& p, int64_t b) {
           scalar_t* row = post.data() + (d - 1) * C;
           const scalar_t* xd = x.data() + (d - 1) * C;
           for (int64_t c = 0; c < C; ++c)
-            row[c] = vexp(scan.entered[c] + in.start(t, c) + xd[c] + shift) * g;
+            row[c] = fexp(scan.entered[c] + in.start(t, c) + xd[c] + shift) * g;
         }
       } else {
         // exp(sigma + x + shift) = scaled · exp(sigma + top + shift): the
         // second factor is the posterior of the best-scoring duration, ≤ 1.
-        for (int64_t c = 0; c < C; ++c) weight[c] = vexp(sigma[c] + top[c] + shift) * g;
+        for (int64_t c = 0; c < C; ++c) weight[c] = fexp(sigma[c] + top[c] + shift) * g;
         for (int64_t d = 1; d <= dmax; ++d) {
           scalar_t* row = post.data() + (d - 1) * C;
           const scalar_t* sc = scaled.data() + (d - 1) * C;
@@ -401,17 +334,17 @@ void backward_sequence(const Params& p, int64_t b) {
       for (int64_t c = 0; c < C; ++c) covered[c] = 0;
       for (int64_t d = dmax; d >= 1; --d) {
         const scalar_t* row = post.data() + (d - 1) * C;
-        scalar_t* gd = g_dur + (d - 1) * C;
-        scalar_t* gs = g_scores + (t + d - 1) * C;
+        scalar_t* gd = grad.duration + (d - 1) * C;
+        scalar_t* gs = grad.scores + (t + d - 1) * C;
         for (int64_t c = 0; c < C; ++c) {
           gd[c] += row[c];
           covered[c] += row[c];
           gs[c] += covered[c];
         }
       }
-      if (g_start_s) std::copy_n(covered.data(), C, g_start_s + t * C);
+      if (grad.start_scores) std::copy_n(covered.data(), C, grad.start_scores + t * C);
       if (t == 0) {
-        std::copy_n(covered.data(), C, g_start_t);
+        std::copy_n(covered.data(), C, grad.start_transition);
         break;
       }
 
@@ -433,11 +366,11 @@ void backward_sequence(const Params& p, int64_t b) {
             beta[cp] = mx;
             continue;
           }
-          const scalar_t w = vexp(alpha[cp] + mx + shift) * g;
+          const scalar_t w = fexp(alpha[cp] + mx + shift) * g;
           scalar_t sum = 0;
-          scalar_t* gt = g_trans + cp * C;
+          scalar_t* gt = grad.transition + cp * C;
           for (int64_t c = 0; c < C; ++c) {
-            const scalar_t e = vexp(row[c] - mx);
+            const scalar_t e = fexp(row[c] - mx);
             sum += e;
             gt[c] += e * w;
           }
@@ -459,13 +392,13 @@ void backward_sequence(const Params& p, int64_t b) {
             beta[cp] = mx;
             continue;
           }
-          const scalar_t w = vexp(alpha[cp] + mx + shift) * g;
+          const scalar_t w = fexp(alpha[cp] + mx + shift) * g;
           scalar_t sum = 0;
           for (int64_t d = 1; d <= dmax; ++d) {
             const scalar_t* row = inner.data() + (d - 1) * C;
-            scalar_t* gt = g_trans + ((d - 1) * C + cp) * C;
+            scalar_t* gt = grad.transition + ((d - 1) * C + cp) * C;
             for (int64_t c = 0; c < C; ++c) {
-              const scalar_t e = vexp(row[c] - mx);
+              const scalar_t e = fexp(row[c] - mx);
               sum += e;
               gt[c] += e * w;
             }
@@ -480,7 +413,7 @@ void backward_sequence(const Params& p, int64_t b) {
       const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
       for (int64_t c = 0; c < C; ++c) {
         beta[c] -= q;
-        if (g_end_s) g_end_s[(t - 1) * C + c] = vexp(alpha[c] + beta[c] + shift_beta) * g;
+        if (grad.end_scores) grad.end_scores[(t - 1) * C + c] = fexp(alpha[c] + beta[c] + shift_beta) * g;
       }
       if (t == first) {
         // Re-anchor Q at every checkpoint: a segment boundary at t, or one
@@ -488,9 +421,9 @@ void backward_sequence(const Params& p, int64_t b) {
         // and backward gather over (t, L] cannot pile up over the sequence.
         double total = 0.0;
         for (int64_t c = 0; c < C; ++c)
-          total += static_cast<double>(vexp(alpha[c] + beta[c] + shift_beta));
-        const scalar_t* fwd = ckpt + j * S * C;  // open segments [t-d1, t)
-        const scalar_t shift_x = static_cast<scalar_t>(ckpt_off[j] + (Q - q) - log_z);
+          total += static_cast<double>(fexp(alpha[c] + beta[c] + shift_beta));
+        const scalar_t* fwd = ckpt.at(j);  // open segments [t-d1, t)
+        const scalar_t shift_x = static_cast<scalar_t>(ckpt.offset[j] + (Q - q) - log_z);
         for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {
           for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
             const int64_t d = d1 + d2;
@@ -503,23 +436,22 @@ void backward_sequence(const Params& p, int64_t b) {
               for (int64_t c = 0; c < C; ++c) u[c] = opened[c] + fwd[(K + d1 - 1) * C + c];
               opened = u.data();
             }
-            const scalar_t* back = ring.data() + ((t + d2) % K) * C;  // [t, t+d2)
+            const scalar_t* back = ring.data() + slot_after(tK, d2, K) * C;  // [t, t+d2)
             const scalar_t* dur = in.duration + (d - 1) * C;
             scalar_t part = 0;
-            for (int64_t c = 0; c < C; ++c) part += vexp(opened[c] + back[c] + dur[c] + shift_x);
+            for (int64_t c = 0; c < C; ++c) part += fexp(opened[c] + back[c] + dur[c] + shift_x);
             total += static_cast<double>(part);
           }
         }
-        if (total > 0 && std::isfinite(total)) Q -= std::log(total);
+        Q = renormalised(Q, total);
       }
 
       // Move the ring to step t-1: re-base, open the segments ending at t,
       // add position t-1's emissions (their max moves into Q, as forward).
       Q += emissions(t - 1, emit);
-      const int64_t fresh = t % K;
       for (int64_t slot = 0; slot < K; ++slot) {
         scalar_t* r = ring.data() + slot * C;
-        if (slot == fresh) {
+        if (slot == tK) {
           for (int64_t c = 0; c < C; ++c) r[c] = beta[c] + in.end(t - 1, c) + emit[c];
         } else {
           for (int64_t c = 0; c < C; ++c) r[c] = (r[c] - q) + emit[c];
@@ -530,52 +462,41 @@ void backward_sequence(const Params& p, int64_t b) {
 }
 
 template <typename scalar_t, bool DD>
-void viterbi_sequence(const Params& p, int64_t b) {
+void viterbi_sequence(const ViterbiParams& p, int64_t b) {
   const SequenceInputs<scalar_t> in(p, b);
-  const int64_t L = p.lengths[b], C = p.C, T = p.T;
+  const int64_t L = sequence_length(p, b), C = p.C;
   ForwardScan<scalar_t, DD, true> scan(in, p.K, C, L);
-  int32_t* bp_d = p.best_duration + b * (T + 1) * C;
-  int32_t* bp_c = p.best_previous + b * (T + 1) * C;
-  int64_t* label = p.segment_label + b * T;
-  std::fill_n(label, T, int64_t(-1));
-  int64_t c = 0;
+  const SequencePath path(p, b);
+  std::fill_n(path.label, p.T, int64_t(-1));
+  int c = 0;
   scalar_t* best = static_cast<scalar_t*>(p.best) + b;
   for (int64_t t = 0; t <= L; ++t) {
-    const scalar_t m = scan.step(t, bp_d + t * C, bp_c + t * C);
+    const scalar_t m = scan.step(t, path.best_duration + t * C, path.best_previous + t * C);
     if (t == L) {
-      std::vector<scalar_t> v(C);
-      for (int64_t k = 0; k < C; ++k) v[k] = scan.alpha[k] + in.end_transition[k];
-      c = argmax(v.data(), C);
-      *best = static_cast<scalar_t>(scan.offset + static_cast<double>(v[c]));
+      const scalar_t v = scan.end_value(&c);
+      *best = static_cast<scalar_t>(scan.offset + static_cast<double>(v));
     } else {
       scan.advance(t, m);
     }
   }
-  if (!(*best > neg_inf<scalar_t>())) return;  // -inf or NaN: no path
-  for (int64_t t = L; t > 0;) {
-    const int64_t s = t - bp_d[t * C + c];
-    label[s] = c;
-    if (s > 0) c = DD ? bp_c[t * C + c] : bp_c[s * C + c];
-    t = s;
-  }
+  if (*best > neg_inf<scalar_t>()) path.trace_back<DD>(L, c);  // not -inf or NaN: a path
 }
 
 template <typename scalar_t, bool DD>
-void filter_sequence(const Params& p, int64_t b) {
+void filter_sequence(const FilterParams& p, int64_t b) {
   const SequenceInputs<scalar_t> in(p, b);
-  const int64_t L = p.lengths[b], C = p.C, T = p.T;
+  const int64_t L = sequence_length(p, b), C = p.C, T = p.T;
   ForwardScan<scalar_t, DD, false> scan(in, p.K, C, L);
-  scalar_t* alpha = static_cast<scalar_t*>(p.history_alpha) + b * (T + 1) * C;
-  scalar_t* sigma = static_cast<scalar_t*>(p.history_sigma) + b * (T + 1) * C;
-  double* offset = p.history_offset + b * (T + 1);
-  std::fill_n(alpha, (T + 1) * C, neg_inf<scalar_t>());
-  std::fill_n(sigma, (T + 1) * C, neg_inf<scalar_t>());
-  std::fill_n(offset, T + 1, 0.0);
+  using History = SequenceHistory<scalar_t>;
+  const History out(p, b);
+  std::fill_n(out.alpha, (T + 1) * C, neg_inf<scalar_t>());
+  std::fill_n(out.sigma, (T + 1) * C, neg_inf<scalar_t>());
+  std::fill_n(out.offset, T + 1, 0.0);
   for (int64_t t = 0; t <= L; ++t) {
     const scalar_t m = scan.step(t);
-    if (t > 0) std::copy_n(scan.alpha.data(), C, alpha + t * C);
-    if (t < L && (t == 0 || !DD)) std::copy_n(scan.sigma.data(), C, sigma + t * C);
-    offset[t] = scan.offset;
+    if (History::has_alpha(t)) std::copy_n(scan.alpha.data(), C, out.alpha + t * C);
+    if (History::has_sigma(t, L, DD)) std::copy_n(scan.sigma.data(), C, out.sigma + t * C);
+    out.offset[t] = scan.offset;
     if (t < L) scan.advance(t, m);
   }
 }
@@ -595,76 +516,31 @@ void for_each_sequence(const Params& p, at::ScalarType dtype, Fn fn) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-    const at::Tensor& lengths, const at::Tensor& start_transition,
-    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-    const std::optional<at::Tensor>& end_scores, int64_t interval) {
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, interval);
-  auto out = prob.forward_outputs();
-  Params& p = prob.params;
-  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
-    forward_sequence<decltype(zero), decltype(dd)::value>(p, b);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_cpu(const at::Tensor& grad_log_z, const at::Tensor& scores, const at::Tensor& transition,
-             const at::Tensor& duration, const at::Tensor& lengths,
-             const at::Tensor& start_transition, const at::Tensor& end_transition,
-             const std::optional<at::Tensor>& start_scores,
-             const std::optional<at::Tensor>& end_scores, const at::Tensor& log_z,
-             const at::Tensor& ckpt_ring, const at::Tensor& ckpt_offset, int64_t interval,
-             bool boundary_mass) {
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, interval);
-  auto out = prob.backward_outputs(grad_log_z, log_z, ckpt_ring, ckpt_offset, boundary_mass);
-  Params& p = prob.params;
-  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
-    backward_sequence<decltype(zero), decltype(dd)::value>(p, b);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> viterbi_cpu(
-    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-    const at::Tensor& lengths, const at::Tensor& start_transition,
-    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-    const std::optional<at::Tensor>& end_scores) {
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, /*interval=*/1);
-  auto out = prob.viterbi_outputs();
-  Params& p = prob.params;
-  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
-    viterbi_sequence<decltype(zero), decltype(dd)::value>(p, b);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_cpu(
-    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-    const at::Tensor& lengths, const at::Tensor& start_transition,
-    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-    const std::optional<at::Tensor>& end_scores) {
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, /*interval=*/1);
-  auto out = prob.filter_outputs();
-  Params& p = prob.params;
-  for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
-    filter_sequence<decltype(zero), decltype(dd)::value>(p, b);
-  });
-  return out;
-}
+struct Cpu {
+  static void run(const ForwardParams& p, const at::Tensor& scores) {
+    for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+      forward_sequence<decltype(zero), decltype(dd)::value>(p, b);
+    });
+  }
+  static void run(const BackwardParams& p, const at::Tensor& scores) {
+    for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+      backward_sequence<decltype(zero), decltype(dd)::value>(p, b);
+    });
+  }
+  static void run(const ViterbiParams& p, const at::Tensor& scores) {
+    for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+      viterbi_sequence<decltype(zero), decltype(dd)::value>(p, b);
+    });
+  }
+  static void run(const FilterParams& p, const at::Tensor& scores) {
+    for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
+      filter_sequence<decltype(zero), decltype(dd)::value>(p, b);
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) {
-  m.impl("forward", &forward_cpu);
-  m.impl("backward", &backward_cpu);
-  m.impl("viterbi", &viterbi_cpu);
-  m.impl("filter", &filter_cpu);
-}
+TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) { OpEntries<Cpu>::register_all(m); }
 
 }  // namespace flashsemicrf

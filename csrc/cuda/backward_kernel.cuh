@@ -14,29 +14,29 @@ namespace cuda {
 // Rows of C scalars the sweep stages per step.
 constexpr int kSweepRows = 7;
 
-// span_offset holds, per sequence, the interval+1 offsets of the recomputed
-// span, then one double per warp for the block reduction of the re-anchor.
-constexpr int kReduceSlots = kWarps;
-HOST_DEVICE int64_t span_offset_size(int64_t interval) { return interval + 1 + kReduceSlots; }
-
 // Arrays of the backward kernel, in Arena order.
 enum BackwardArray {
-  kBackwardRing = 0,      // (K, ld) backward ring
-  kBackwardScanRing = 1,  // (S, ld) the recompute's forward ring
-  kBackwardScanRows = 2,  // (kScanRows, C)
-  kBackwardSweepRows = 3, // (kSweepRows, C)
-  kBackwardArrays = 4
+  kBackwardRing = 0,        // (K, ld) backward ring
+  kBackwardScanRing = 1,    // (S, ld) the recompute's forward ring
+  kBackwardScanRows = 2,    // (kScanRows, C)
+  kBackwardSweepRows = 3,   // (kSweepRows, C)
+  kBackwardSpanAlpha = 4,   // (interval+1, C) the recomputed span's alpha_hat
+  kBackwardSpanSigma = 5,   // (interval+1, C) and sigma_hat
+  kBackwardSpanOffset = 6,  // (interval+1) doubles: their offsets
+  kBackwardReduce = 7,      // (kWarps) doubles: one per warp for block sums
+  kBackwardArrays = 8
 };
 
-inline Arena plan_backward_arena(const Params& p, size_t elem_bytes, size_t smem_limit) {
-  const int64_t ld = padded_row(static_cast<int>(p.C));
-  const int64_t sizes[kBackwardArrays] = {p.K * ld, p.ring_width * ld, kScanRows * p.C,
-                                          kSweepRows * p.C};
+inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
+  const int64_t e = static_cast<int64_t>(elem_bytes), ld = padded_row(static_cast<int>(p.C));
+  const int64_t span = p.interval + 1, d = sizeof(double);
+  const int64_t bytes[kBackwardArrays] = {
+      p.K * ld * e, p.ring_width * ld * e, kScanRows * p.C * e, kSweepRows * p.C * e,
+      span * p.C * e, span * p.C * e, span * d, kWarps * d};
   // The forward ring goes first: it is the larger one and is only touched by
-  // the recompute.
-  const int evict[kBackwardArrays] = {kBackwardScanRing, kBackwardRing, kBackwardScanRows,
-                                      kBackwardSweepRows};
-  return plan_arena(sizes, kBackwardArrays, evict, elem_bytes, smem_limit);
+  // the recompute. The span buffers are too large for shared memory.
+  const int evict[] = {kBackwardScanRing, kBackwardRing, kBackwardScanRows, kBackwardSweepRows};
+  return plan_arena(bytes, kBackwardArrays, evict, 4, smem_limit);
 }
 
 // This thread's share of the re-anchor total at t = first of span j (see the
@@ -57,7 +57,7 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
   const int tid = threadIdx.x, tK = static_cast<int>(t % K);
   double part = 0.0;
   for (int c = tid; c < C; c += kThreads)
-    part += static_cast<double>(exp(s_alpha[c] + (s_beta[c] - q) + shift_beta));
+    part += static_cast<double>(fexp(s_alpha[c] + (s_beta[c] - q) + shift_beta));
   const int d1max = static_cast<int>(t < K - 1 ? t : K - 1);
   for (int d1 = 1; d1 <= d1max; ++d1) {
     const scalar_t* a = fwd + (d1 - 1) * C;
@@ -66,23 +66,19 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
       const int d2 = r + 1, d = d1 + d2;
       scalar_t opened = a[c];
       if (DD) {
-        if (d1 < t) opened = thread_lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
+        if (d1 < t) opened = lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
         opened += gain[c];
       }
-      int slot = tK + d2;
-      if (slot >= K) slot -= K;
-      part += static_cast<double>(exp(opened + ring[slot * ld + c] + in.dur(d, c) + shift_x));
+      const scalar_t back = ring[slot_after(tK, d2, K) * ld + c];
+      part += static_cast<double>(fexp(opened + back + in.dur(d, c) + shift_x));
     });
   }
   return part;
 }
 
-// span_alpha, span_sigma: (B, interval+1, C) workspace; span_offset:
-// (B, span_offset_size(interval)).
 template <typename scalar_t, bool DD>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const Params p, const Arena arena, scalar_t* span_alpha, scalar_t* span_sigma,
-                    double* span_offset) {
+    backward_kernel(const BackwardParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   // The forward's log Z only says whether the sequence is dead (-inf); the
   // sweep recomputes it in float64 at t = L, its first step (float32 log Z
@@ -91,36 +87,23 @@ __global__ void __launch_bounds__(kThreads)
   if (log_z == -std::numeric_limits<double>::infinity()) return;  // outputs stay 0
   const scalar_t g = static_cast<const scalar_t*>(p.grad_log_z)[b];
 
-  const int64_t L = sequence_length(p, b), T = p.T, S = p.ring_width;
+  const int64_t L = sequence_length(p, b);
   const int K = static_cast<int>(p.K), C = static_cast<int>(p.C), ld = padded_row(C);
   const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
   const SequenceInputs<scalar_t> in(p, b);
+  const SequenceGradients<scalar_t> grad(p, b);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
 
-  scalar_t* g_scores = static_cast<scalar_t*>(p.grad_scores) + b * T * C;
-  scalar_t* g_trans = static_cast<scalar_t*>(p.grad_transition) + b * (DD ? K : 1) * C * C;
-  scalar_t* g_dur = static_cast<scalar_t*>(p.grad_duration) + b * K * C;
-  scalar_t* g_start_t = static_cast<scalar_t*>(p.grad_start_transition) + b * C;
-  scalar_t* g_end_t = static_cast<scalar_t*>(p.grad_end_transition) + b * C;
-  scalar_t* g_start_s =
-      p.grad_start_scores ? static_cast<scalar_t*>(p.grad_start_scores) + b * T * C : nullptr;
-  scalar_t* g_end_s =
-      p.grad_end_scores ? static_cast<scalar_t*>(p.grad_end_scores) + b * T * C : nullptr;
-
-  const scalar_t* ckpt = static_cast<const scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
-  const double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
-  const int64_t span = p.interval + 1;
-  scalar_t* alpha_buf = span_alpha + b * span * C;
-  scalar_t* sigma_buf = span_sigma + b * span * C;
-  double* off_buf = span_offset + b * span_offset_size(p.interval);
-  double* red = off_buf + span;  // (kReduceSlots) the re-anchor's warp sums
-
-  scalar_t* smem = dynamic_smem<scalar_t>();
-  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get(kBackwardScanRing, smem, b),
-                                    arena.get(kBackwardScanRows, smem, b));
+  scalar_t* alpha_buf = arena.get<scalar_t>(kBackwardSpanAlpha, b);
+  scalar_t* sigma_buf = arena.get<scalar_t>(kBackwardSpanSigma, b);
+  double* off_buf = arena.get<double>(kBackwardSpanOffset, b);
+  double* red = arena.get<double>(kBackwardReduce, b);  // the re-anchor's warp sums
+  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t>(kBackwardScanRing, b),
+                                    arena.get<scalar_t>(kBackwardScanRows, b));
   // Backward ring: slot e % K holds the label-c segment [t, e) with its
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
-  scalar_t* ring = arena.get(kBackwardRing, smem, b);
-  scalar_t* rows = arena.get(kBackwardSweepRows, smem, b);
+  scalar_t* ring = arena.get<scalar_t>(kBackwardRing, b);
+  scalar_t* rows = arena.get<scalar_t>(kBackwardSweepRows, b);
   scalar_t* s_alpha = rows;           // alpha_hat[t]
   scalar_t* s_sigma = rows + C;       // sigma_hat[t]
   scalar_t* s_u = rows + 2 * C;       // static: start_scores[t] + tau[t]
@@ -131,12 +114,10 @@ __global__ void __launch_bounds__(kThreads)
   double Q = 0.0;                     // the same in every thread
 
   scan.reset();
-  const int64_t last_span = L / p.interval < p.n_ckpt - 1 ? L / p.interval : p.n_ckpt - 1;
-  for (int64_t j = last_span; j >= 0; --j) {
-    const int64_t first = j * p.interval;
-    const int64_t last = j == last_span ? L : (j + 1) * p.interval - 1;
+  for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
+    const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     __syncthreads();  // the previous span's sweep is done with the buffers
-    scan.load(first, ckpt + j * S * C, ckpt_off + j);
+    scan.load(first, ckpt.at(j), ckpt.offset + j);
     __syncthreads();
     for (int64_t t = first; t <= last; ++t) {
       const scalar_t m = scan.step(t);
@@ -168,15 +149,15 @@ __global__ void __launch_bounds__(kThreads)
       if (t == L) {
         // The backward messages start: beta[L] = end_transition. Every warp
         // reduces log Z and q itself.
-        log_z = off + static_cast<double>(warp_lse<scalar_t>(
-                          C, [&](int c) { return s_alpha[c] + in.end_transition[c]; }));
+        log_z = off + static_cast<double>(
+                          warp_lse<scalar_t>(C, [&](int c) { return in.last(s_alpha[c], c); }));
         const scalar_t q = finite_or_zero(array_max(in.end_transition, C));
         Q = static_cast<double>(q);
         const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
         for (int c = tid; c < C; c += kThreads) {
-          const scalar_t mass = exp(s_alpha[c] + (in.end_transition[c] - q) + shift) * g;
-          g_end_t[c] = mass;
-          if (g_end_s) g_end_s[(L - 1) * C + c] = mass;
+          const scalar_t mass = fexp(s_alpha[c] + (in.end_transition[c] - q) + shift) * g;
+          grad.end_transition[c] = mass;
+          if (grad.end_scores) grad.end_scores[(L - 1) * C + c] = mass;
         }
         // Position L-1's emissions enter; their max moves into Q.
         const scalar_t emit_max = finite_or_zero(array_max(s_score, C));
@@ -195,11 +176,7 @@ __global__ void __launch_bounds__(kThreads)
       // coverage of position t+d-1) and, static, tau = LSE_d x.
       const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
       const int dmax = static_cast<int>(L - t < K ? L - t : K);
-      auto x_at = [&](int d, int c) {
-        int slot = tK + d;
-        if (slot >= K) slot -= K;
-        return ring[slot * ld + c] + in.dur(d, c);
-      };
+      auto x_at = [&](int d, int c) { return ring[slot_after(tK, d, K) * ld + c] + in.dur(d, c); };
       const bool need_tau = !DD && t > 0;
       for (int c = warp; c < C; c += kWarps) {
         scalar_t mx = neg_inf<scalar_t>();
@@ -207,6 +184,7 @@ __global__ void __launch_bounds__(kThreads)
           for (int d = 1 + lane; d <= dmax; d += kWarpSize) mx = nan_max(mx, x_at(d, c));
           mx = warp_max(mx);
         }
+        const scalar_t tau_shift = lse_shift(mx);
         scalar_t carry = 0, tau_sum = 0;
         for (int top = dmax; top >= 1; top -= kWarpSize) {
           const int d = top - lane;
@@ -215,24 +193,24 @@ __global__ void __launch_bounds__(kThreads)
             const scalar_t xd = x_at(d, c);
             scalar_t enter;
             if (DD && t > 0) {
-              enter = thread_lse<scalar_t>(C, [&](int cp) { return s_alpha[cp] + in.trans(d, cp, c); }) +
+              enter = lse<scalar_t>(C, [&](int cp) { return s_alpha[cp] + in.trans(d, cp, c); }) +
                       s_start[c];
             } else {
               enter = s_sigma[c];
             }
-            post = exp(enter + xd + shift) * g;
-            if (need_tau) tau_sum += exp_from(xd, mx);
+            post = fexp(enter + xd + shift) * g;
+            if (need_tau) tau_sum += fexp(xd - tau_shift);
           }
           const scalar_t incl = warp_inclusive_scan(post);
           if (d >= 1) {
-            g_dur[(d - 1) * C + c] += post;
-            g_scores[(t + d - 1) * C + c] += carry + incl;
+            grad.duration[(d - 1) * C + c] += post;
+            grad.scores[(t + d - 1) * C + c] += carry + incl;
           }
           carry += __shfl_sync(kFullMask, incl, kWarpSize - 1);
         }
         if (lane == 0) {
-          if (g_start_s) g_start_s[t * C + c] = carry;
-          if (t == 0) g_start_t[c] = carry;
+          if (grad.start_scores) grad.start_scores[t * C + c] = carry;
+          if (t == 0) grad.start_transition[c] = carry;
         }
         if (need_tau) {
           tau_sum = warp_sum(tau_sum);
@@ -244,31 +222,32 @@ __global__ void __launch_bounds__(kThreads)
 
       // P2: beta[t, c'] (the backward score of "a segment ended at t") and
       // the transition gradients, a warp per c'. Thread (warp, lane) owns
-      // g_trans elements with c' ≡ warp (mod kWarps) and column ≡ lane (mod 32).
+      // grad.transition elements with c' ≡ warp (mod kWarps) and column ≡ lane (mod 32).
       for (int cp = warp; cp < C; cp += kWarps) {
         const scalar_t a = s_alpha[cp];
         scalar_t v_max = neg_inf<scalar_t>();
         if (!DD) {
           for (int c = lane; c < C; c += kWarpSize) {
             const scalar_t v = in.trans(cp, c) + s_u[c];
-            g_trans[cp * C + c] += exp(a + v + shift) * g;
+            grad.transition[cp * C + c] += fexp(a + v + shift) * g;
             v_max = nan_max(v_max, v);
           }
         } else {
           for_each_entry(dmax, C, lane, kWarpSize, [&](int r, int c) {
             const int d = r + 1;
             const scalar_t v = in.trans(d, cp, c) + s_start[c] + x_at(d, c);
-            g_trans[(r * C + cp) * C + c] += exp(a + v + shift) * g;
+            grad.transition[(r * C + cp) * C + c] += fexp(a + v + shift) * g;
             v_max = nan_max(v_max, v);
           });
         }
         v_max = warp_max(v_max);
+        const scalar_t v_shift = lse_shift(v_max);
         scalar_t sum = 0;
         if (!DD) {
-          for (int c = lane; c < C; c += kWarpSize) sum += exp_from(in.trans(cp, c) + s_u[c], v_max);
+          for (int c = lane; c < C; c += kWarpSize) sum += fexp(in.trans(cp, c) + s_u[c] - v_shift);
         } else {
           for_each_entry(dmax, C, lane, kWarpSize, [&](int r, int c) {
-            sum += exp_from(in.trans(r + 1, cp, c) + s_start[c] + x_at(r + 1, c), v_max);
+            sum += fexp(in.trans(r + 1, cp, c) + s_start[c] + x_at(r + 1, c) - v_shift);
           });
         }
         sum = warp_sum(sum);
@@ -283,9 +262,9 @@ __global__ void __launch_bounds__(kThreads)
       const scalar_t q = finite_or_zero(array_max(s_beta, C));
       Q += static_cast<double>(q);
       const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
-      if (g_end_s) {
+      if (grad.end_scores) {
         for (int c = tid; c < C; c += kThreads)
-          g_end_s[(t - 1) * C + c] = exp(s_alpha[c] + (s_beta[c] - q) + shift_beta) * g;
+          grad.end_scores[(t - 1) * C + c] = fexp(s_alpha[c] + (s_beta[c] - q) + shift_beta) * g;
       }
       if (t == first) {
         // Re-anchor Q at every checkpoint (t = j·interval, j >= 1: t = 0 left
@@ -297,14 +276,14 @@ __global__ void __launch_bounds__(kThreads)
         // adds the kWarps partials in order (identical Q everywhere). The
         // barrier also ends the reads of the ring before the update below.
         const scalar_t shift_x =
-            static_cast<scalar_t>(ckpt_off[j] + (Q - static_cast<double>(q)) - log_z);
+            static_cast<scalar_t>(ckpt.offset[j] + (Q - static_cast<double>(q)) - log_z);
         const double part = warp_sum(reanchor_part<scalar_t, DD>(
-            in, t, K, C, ld, ckpt + j * S * C, ring, s_alpha, s_beta, q, shift_beta, shift_x));
+            in, t, K, C, ld, ckpt.at(j), ring, s_alpha, s_beta, q, shift_beta, shift_x));
         if (lane == 0) red[warp] = part;
         __syncthreads();
         double total = 0.0;
         for (int w = 0; w < kWarps; ++w) total += red[w];
-        if (total > 0.0 && total <= std::numeric_limits<double>::max()) Q -= log(total);
+        Q = renormalised(Q, total);
       }
       const scalar_t emit_max = finite_or_zero(array_max(s_score, C));
       Q += static_cast<double>(emit_max);

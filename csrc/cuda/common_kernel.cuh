@@ -1,6 +1,6 @@
 // Device building blocks shared by the CUDA kernels: the CTA shape, warp
-// reductions in the log semiring, and the placement of a CTA's working arrays
-// (shared memory when they fit, else a global workspace slice).
+// reductions in the orders semicrf.h defines, and the placement of a CTA's
+// working arrays (shared memory when they fit, else a global workspace slice).
 //
 // Every warp-level helper here must be called by all 32 lanes of a warp
 // (warp-uniform control flow): they shuffle with the full mask.
@@ -35,13 +35,6 @@ __device__ __forceinline__ T* dynamic_smem() {
 // warp reading one label across 32 consecutive slots hit 32 different banks.
 HOST_DEVICE int padded_row(int C) { return C | 1; }
 
-// A 1 ≤ L ≤ T that keeps every address in range even for lengths a direct op
-// call did not validate (the public functions reject such lengths).
-__device__ __forceinline__ int64_t sequence_length(const Params& p, int64_t b) {
-  const int64_t L = p.lengths[b];
-  return L < 1 ? 1 : (L > p.T ? p.T : L);
-}
-
 // Max over the warp, NaN winning; the result is lane 0's, so every lane (and
 // every warp reducing the same values the same way) holds identical bits.
 template <typename T>
@@ -72,17 +65,8 @@ __device__ __forceinline__ T warp_inclusive_scan(T v) {
   return v;
 }
 
-// The order of the CPU kernel's argmax: the first NaN if there is one, else
-// the largest value, ties to the smallest index. A total order on (value,
-// index) pairs with distinct indices, so any reduction tree agrees with it.
-template <typename T>
-__device__ __forceinline__ bool beats(T v, int i, T best_v, int best_i) {
-  const bool v_nan = v != v, best_nan = best_v != best_v;
-  if (v_nan || best_nan) return v_nan && (!best_nan || i < best_i);
-  return v > best_v || (v == best_v && i < best_i);
-}
-
-// Lanes start from (-inf, INT_MAX) for "nothing", which every real entry beats.
+// The warp's argmax in the order of `beats` (semicrf.h): lanes start from
+// (-inf, INT_MAX) for "nothing", which every real entry beats.
 template <typename T>
 __device__ __forceinline__ void warp_argmax(T& v, int& i) {
 #pragma unroll
@@ -96,60 +80,37 @@ __device__ __forceinline__ void warp_argmax(T& v, int& i) {
   }
 }
 
-// LSE of f(0 … n-1) over one warp, two passes (max, then the sum of exps),
-// like the CPU kernel's lse: one exp per term, f evaluated twice.
+// The log-sum-exp of semicrf.h over one warp: the max, then the sum of
+// fexp(x - lse_shift(max)), lanes taking i ≡ lane (mod 32) and the warp
+// adding their sums by butterfly. f evaluated twice, one exp per term.
 template <typename T, typename F>
 __device__ __forceinline__ T warp_lse(int n, F f) {
   const int lane = lane_id();
   T m = neg_inf<T>();
   for (int i = lane; i < n; i += kWarpSize) m = nan_max(m, f(i));
   m = warp_max(m);
+  const T shift = lse_shift(m);
   T s = 0;
-  for (int i = lane; i < n; i += kWarpSize) s += exp_from(f(i), m);
+  for (int i = lane; i < n; i += kWarpSize) s += fexp(f(i) - shift);
   s = warp_sum(s);
   return lse_finish(m, s);
 }
 
-// LSE of f(0 … n-1) over one warp, f evaluated once (for expensive terms):
-// each lane keeps a running (max, sum), rescaled to the warp max at the end.
+// The same value with f evaluated once (for expensive terms): each lane keeps
+// a running (max, sum), rescaled to the warp max at the end.
 template <typename T, typename F>
 __device__ __forceinline__ T warp_lse_online(int n, F f) {
   const int lane = lane_id();
   T m = neg_inf<T>(), s = 0;
   for (int i = lane; i < n; i += kWarpSize) {
     const T x = f(i);
-    const T mn = nan_max(m, x);
-    s = s * exp_from(m, mn) + exp_from(x, mn);
+    const T mn = nan_max(m, x), shift = lse_shift(mn);
+    s = s * fexp(m - shift) + fexp(x - shift);
     m = mn;
   }
   const T mw = warp_max(m);
-  s = warp_sum(s * exp_from(m, mw));
+  s = warp_sum(s * fexp(m - lse_shift(mw)));
   return lse_finish(mw, s);
-}
-
-// One thread's LSE of f(0 … n-1): the CPU kernel's lse, term for term.
-template <typename T, typename F>
-__device__ __forceinline__ T thread_lse(int n, F f) {
-  T m = neg_inf<T>();
-  for (int i = 0; i < n; ++i) m = nan_max(m, f(i));
-  T s = 0;
-  for (int i = 0; i < n; ++i) s += exp_from(f(i), m);
-  return lse_finish(m, s);
-}
-
-// One thread's argmax of f(0 … n-1), n ≥ 1: the CPU kernel's argmax.
-template <typename T, typename F>
-__device__ __forceinline__ int thread_argmax(int n, F f, T& best) {
-  int a = 0;
-  best = f(0);
-  for (int i = 1; i < n; ++i) {
-    const T x = f(i);
-    if (x > best || (x != x && best == best)) {
-      a = i;
-      best = x;
-    }
-  }
-  return a;
 }
 
 // Max of x[0 … n-1] computed by each warp on its own (no barrier needed
@@ -183,50 +144,49 @@ __device__ __forceinline__ void fill(T* x, int64_t n, T v) {
   for (int64_t i = threadIdx.x; i < n; i += kThreads) x[i] = v;
 }
 
-// Where the working arrays of a CTA live. Array k is at offset[k] scalars
+// Where the working arrays of a CTA live. Array k starts offset[k] bytes
 // into either the dynamic shared memory (shared[k]) or the CTA's slice of a
-// global workspace of stride workspace_stride scalars per CTA. Code reaches
-// both through generic pointers, so one kernel serves every placement;
+// global workspace of workspace_stride bytes per CTA. Code reaches both
+// through generic pointers, so one kernel serves every placement;
 // __syncthreads orders a CTA's global stores and loads as it does shared ones.
 struct Arena {
-  static constexpr int kMaxArrays = 4;
-  int64_t offset[kMaxArrays] = {0, 0, 0, 0};
-  bool shared[kMaxArrays] = {false, false, false, false};
-  int64_t smem_elems = 0;
+  static constexpr int kMaxArrays = 8;
+  int64_t offset[kMaxArrays] = {};
+  bool shared[kMaxArrays] = {};
+  int64_t smem_bytes = 0;
   int64_t workspace_stride = 0;
-  void* workspace = nullptr;
+  unsigned char* workspace = nullptr;
 
   template <typename T>
-  __device__ __forceinline__ T* get(int k, T* smem, int64_t b) const {
-    return shared[k] ? smem + offset[k] : static_cast<T*>(workspace) + b * workspace_stride + offset[k];
+  __device__ __forceinline__ T* get(int k, int64_t b) const {
+    unsigned char* base = shared[k] ? dynamic_smem<unsigned char>() : workspace + b * workspace_stride;
+    return reinterpret_cast<T*>(base + offset[k]);
   }
 };
 
-// Places n arrays of the given sizes (in scalars of elem_bytes bytes): all in
-// shared memory when they fit in smem_limit bytes, else arrays move to the
-// global workspace in the order `evict` lists them until the rest fits.
-inline Arena plan_arena(const int64_t* sizes, int n, const int* evict, size_t elem_bytes,
+// Places n arrays of bytes[k] bytes each, every one 16-byte aligned. The
+// arrays listed in `evict` (n_evict of them) go to shared memory when they
+// fit in smem_limit bytes, else they move to the global workspace in the
+// order listed until the rest fits; the others always live in the workspace.
+inline Arena plan_arena(const int64_t* bytes, int n, const int* evict, int n_evict,
                         size_t smem_limit) {
+  auto aligned = [](int64_t x) { return (x + 15) / 16 * 16; };
   Arena a;
-  bool in_smem[Arena::kMaxArrays];
+  bool in_smem[Arena::kMaxArrays] = {};
   int64_t total = 0;
-  for (int k = 0; k < n; ++k) {
-    in_smem[k] = true;
-    total += sizes[k];
+  for (int e = 0; e < n_evict; ++e) {
+    in_smem[evict[e]] = true;
+    total += aligned(bytes[evict[e]]);
   }
-  for (int e = 0; e < n && static_cast<size_t>(total) * elem_bytes > smem_limit; ++e) {
+  for (int e = 0; e < n_evict && static_cast<size_t>(total) > smem_limit; ++e) {
     in_smem[evict[e]] = false;
-    total -= sizes[evict[e]];
+    total -= aligned(bytes[evict[e]]);
   }
   for (int k = 0; k < n; ++k) {
     a.shared[k] = in_smem[k];
-    if (in_smem[k]) {
-      a.offset[k] = a.smem_elems;
-      a.smem_elems += sizes[k];
-    } else {
-      a.offset[k] = a.workspace_stride;
-      a.workspace_stride += sizes[k];
-    }
+    int64_t& end = in_smem[k] ? a.smem_bytes : a.workspace_stride;
+    a.offset[k] = end;
+    end += aligned(bytes[k]);
   }
   return a;
 }

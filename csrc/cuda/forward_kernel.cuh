@@ -49,8 +49,7 @@ struct CtaScan {
   // terms[d-1]. tK = t % K. *prev (DD && MAX): the best previous label, -1
   // for the segment starting at 0.
   __device__ scalar_t term(int tK, int64_t t, int d, int c, int* prev) const {
-    int slot = tK - d;
-    if (slot < 0) slot += K;
+    const int slot = slot_before(tK, d, K);
     scalar_t e;
     if (!DD) {
       e = ring[slot * ld + c];
@@ -60,10 +59,10 @@ struct CtaScan {
         e = a[c];  // start_transition - O_0: no previous label
         if (prev) *prev = -1;
       } else if (MAX) {
-        const int best = thread_argmax(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); }, e);
+        const int best = argmax<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); }, &e);
         if (prev) *prev = best;
       } else {
-        e = thread_lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
+        e = lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
       }
       e += ring[(K + slot) * ld + c];
     }
@@ -78,7 +77,7 @@ struct CtaScan {
     const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
     // Phase A: raw[c], a warp per label, lanes over durations.
     if (t == 0) {
-      for (int c = tid; c < C; c += kThreads) raw[c] = in.start_transition[c] + in.start(0, c);
+      for (int c = tid; c < C; c += kThreads) raw[c] = in.first(c);
     } else {
       const int dmax = static_cast<int>(t < K ? t : K);
       const int tK = static_cast<int>(t % K);
@@ -176,73 +175,64 @@ struct CtaScan {
     }
   }
 
-  // Checkpoints hold the ring in duration order (row d-1: the segment that
-  // started at t-d), dense (S, C): the layout every backend shares. Reads the
-  // ring only, so it may run alongside step()'s phase A.
+  // f(ring index, checkpoint index) for the entries of the ring at t: the
+  // checkpoint layout (ring_row_of_checkpoint_row), dense (S, C).
+  template <typename F>
+  __device__ void for_each_checkpoint_entry(int64_t t, F f) const {
+    const int tK = static_cast<int>(t % K);
+    for_each_entry((DD ? 2 : 1) * K, C, threadIdx.x, kThreads, [&](int row, int c) {
+      f(ring_row_of_checkpoint_row(row, tK, K) * ld + c, row * C + c);
+    });
+  }
+
+  // Reads the ring only, so it may run alongside step()'s phase A.
   __device__ void save(int64_t t, scalar_t* out, double* out_offset) const {
-    const int tK = static_cast<int>(t % K), KC = K * C;
-    for (int i = threadIdx.x; i < (DD ? 2 : 1) * KC; i += kThreads) {
-      const int part = i >= KC ? 1 : 0, r = i - part * KC;
-      const int d = r / C + 1, c = r - (d - 1) * C;
-      int slot = tK - d;
-      if (slot < 0) slot += K;
-      out[i] = ring[(part * K + slot) * ld + c];
-    }
+    for_each_checkpoint_entry(t, [&](int r, int i) { out[i] = ring[r]; });
     if (threadIdx.x == 0) *out_offset = offset;
   }
 
   // The inverse of save(). Barrier before the next step().
   __device__ void load(int64_t t, const scalar_t* src, const double* src_offset) {
-    const int tK = static_cast<int>(t % K), KC = K * C;
-    for (int i = threadIdx.x; i < (DD ? 2 : 1) * KC; i += kThreads) {
-      const int part = i >= KC ? 1 : 0, r = i - part * KC;
-      const int d = r / C + 1, c = r - (d - 1) * C;
-      int slot = tK - d;
-      if (slot < 0) slot += K;
-      ring[(part * K + slot) * ld + c] = src[i];
-    }
+    for_each_checkpoint_entry(t, [&](int r, int i) { ring[r] = src[i]; });
     offset = *src_offset;
   }
 };
 
-// Arrays of the forward-type kernels, in Arena order.
+// Arrays of the forward-type kernels (forward, Viterbi, filter), in Arena order.
 enum ForwardArray { kForwardRing = 0, kForwardRows = 1, kForwardArrays = 2 };
 
 inline Arena plan_forward_arena(const Params& p, size_t elem_bytes, size_t smem_limit) {
-  const int64_t sizes[kForwardArrays] = {p.ring_width * padded_row(static_cast<int>(p.C)),
-                                         kScanRows * p.C};
-  const int evict[kForwardArrays] = {kForwardRing, kForwardRows};
-  return plan_arena(sizes, kForwardArrays, evict, elem_bytes, smem_limit);
+  const int64_t e = static_cast<int64_t>(elem_bytes);
+  const int64_t bytes[kForwardArrays] = {p.ring_width * padded_row(static_cast<int>(p.C)) * e,
+                                         kScanRows * p.C * e};
+  const int evict[] = {kForwardRing, kForwardRows};
+  return plan_arena(bytes, kForwardArrays, evict, 2, smem_limit);
 }
 
 template <typename scalar_t, bool DD, bool MAX>
 __device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p, const Arena& arena,
                                                                  int64_t b, int64_t L) {
-  scalar_t* smem = dynamic_smem<scalar_t>();
-  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get(kForwardRing, smem, b),
-                                    arena.get(kForwardRows, smem, b));
+  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get<scalar_t>(kForwardRing, b),
+                                    arena.get<scalar_t>(kForwardRows, b));
 }
 
 // log Z (B,) and the checkpoints: one CTA per sequence.
 template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const Arena arena) {
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const ForwardParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
-  const int64_t L = sequence_length(p, b), S = p.ring_width, C = p.C;
+  const int64_t L = sequence_length(p, b);
   auto scan = make_scan<scalar_t, DD, false>(p, arena, b, L);
-  scalar_t* ckpt = static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * S * C;
-  double* ckpt_off = p.ckpt_offset + b * p.n_ckpt;
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
   scan.reset();
   __syncthreads();
   for (int64_t t = 0; t <= L; ++t) {
-    if (t < p.T && t % p.interval == 0) {
-      const int64_t j = t / p.interval;
-      scan.save(t, ckpt + j * S * C, ckpt_off + j);
-    }
+    if (ckpt.due(t)) scan.save(t, ckpt.at(t / p.interval), ckpt.offset + t / p.interval);
     const scalar_t m = scan.step(t);
     if (t == L) {
       if (warp_id() == 0) {
-        const scalar_t v = warp_lse<scalar_t>(
-            scan.C, [&](int c) { return scan.alpha[c] + scan.in.end_transition[c]; });
+        const scalar_t v =
+            warp_lse<scalar_t>(scan.C, [&](int c) { return scan.in.last(scan.alpha[c], c); });
         if (lane_id() == 0)
           static_cast<scalar_t*>(p.log_z)[b] =
               static_cast<scalar_t>(scan.offset + static_cast<double>(v));
@@ -254,26 +244,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Params p, const
   }
   // Checkpoints past the end of a short sequence are never read: the empty
   // state, so that outputs do not depend on memory contents.
-  const int64_t j0 = L / p.interval + 1;
+  const int64_t j0 = ckpt.first_unused(L);
   if (j0 < p.n_ckpt) {
-    fill(ckpt + j0 * S * C, (p.n_ckpt - j0) * S * C, neg_inf<scalar_t>());
-    for (int64_t j = j0 + threadIdx.x; j < p.n_ckpt; j += kThreads) ckpt_off[j] = 0.0;
+    fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
+    for (int64_t j = j0 + threadIdx.x; j < p.n_ckpt; j += kThreads) ckpt.offset[j] = 0.0;
   }
 }
 
 // The max semiring: best (B,), backpointers (B, T+1, C), then thread 0
 // traces the best path back into segment_label (B, T).
 template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads) viterbi_kernel(const Params p, const Arena arena) {
+__global__ void __launch_bounds__(kThreads)
+    viterbi_kernel(const ViterbiParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
-  const int64_t L = sequence_length(p, b), T = p.T, C = p.C;
+  const int64_t L = sequence_length(p, b), C = p.C;
   auto scan = make_scan<scalar_t, DD, true>(p, arena, b, L);
-  int32_t* bp_d = p.best_duration + b * (T + 1) * C;
-  int32_t* bp_c = p.best_previous + b * (T + 1) * C;
-  scan.bp_duration = bp_d;
-  scan.bp_previous = bp_c;
-  int64_t* label = p.segment_label + b * T;
-  fill(label, T, int64_t(-1));
+  const SequencePath path(p, b);
+  scan.bp_duration = path.best_duration;
+  scan.bp_previous = path.best_previous;
+  fill(path.label, p.T, int64_t(-1));
   scan.reset();
   __syncthreads();
   scalar_t best = neg_inf<scalar_t>();  // thread 0's
@@ -285,7 +274,7 @@ __global__ void __launch_bounds__(kThreads) viterbi_kernel(const Params p, const
         scalar_t v = neg_inf<scalar_t>();
         int a = INT_MAX;
         for (int c = lane_id(); c < C; c += kWarpSize) {
-          const scalar_t x = scan.alpha[c] + scan.in.end_transition[c];
+          const scalar_t x = scan.in.last(scan.alpha[c], c);
           if (beats(x, c, v, a)) {
             v = x;
             a = c;
@@ -303,43 +292,32 @@ __global__ void __launch_bounds__(kThreads) viterbi_kernel(const Params p, const
     }
     __syncthreads();  // also publishes the backpointers and the -1 fill to thread 0
   }
-  if (threadIdx.x != 0 || !(best > neg_inf<scalar_t>())) return;  // -inf or NaN: no path
-  int64_t c = last_label;
-  for (int64_t t = L; t > 0;) {
-    const int64_t d = bp_d[t * C + c];
-    if (d < 1 || d > t) break;  // unreachable for a finite best; keeps addresses in range
-    const int64_t s = t - d;
-    label[s] = c;
-    if (s > 0) {
-      c = DD ? bp_c[t * C + c] : bp_c[s * C + c];
-      if (c < 0 || c >= C) break;
-    }
-    t = s;
-  }
+  // Not -inf or NaN: a path.
+  if (threadIdx.x == 0 && best > neg_inf<scalar_t>()) path.trace_back<DD>(L, last_label);
 }
 
 // Forward filtering: alpha_hat, sigma_hat (B, T+1, C) and O (B, T+1) at every
 // boundary, -inf / 0 where undefined.
 template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads) filter_kernel(const Params p, const Arena arena) {
+__global__ void __launch_bounds__(kThreads)
+    filter_kernel(const FilterParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b), T = p.T, C = p.C;
   auto scan = make_scan<scalar_t, DD, false>(p, arena, b, L);
-  scalar_t* alpha = static_cast<scalar_t*>(p.history_alpha) + b * (T + 1) * C;
-  scalar_t* sigma = static_cast<scalar_t*>(p.history_sigma) + b * (T + 1) * C;
-  double* offset = p.history_offset + b * (T + 1);
-  fill(alpha, (T + 1) * C, neg_inf<scalar_t>());
-  fill(sigma, (T + 1) * C, neg_inf<scalar_t>());
-  fill(offset, T + 1, 0.0);
+  using History = SequenceHistory<scalar_t>;
+  const History out(p, b);
+  fill(out.alpha, (T + 1) * C, neg_inf<scalar_t>());
+  fill(out.sigma, (T + 1) * C, neg_inf<scalar_t>());
+  fill(out.offset, T + 1, 0.0);
   scan.reset();
   __syncthreads();  // the fills above are overwritten below by other threads
   for (int64_t t = 0; t <= L; ++t) {
     const scalar_t m = scan.step(t);
     for (int c = threadIdx.x; c < C; c += kThreads) {
-      if (t > 0) alpha[t * C + c] = scan.alpha[c];
-      if (t < L && (t == 0 || !DD)) sigma[t * C + c] = scan.sigma[c];
+      if (History::has_alpha(t)) out.alpha[t * C + c] = scan.alpha[c];
+      if (History::has_sigma(t, L, DD)) out.sigma[t * C + c] = scan.sigma[c];
     }
-    if (threadIdx.x == 0) offset[t] = scan.offset;
+    if (threadIdx.x == 0) out.offset[t] = scan.offset;
     if (t < L) scan.advance(t, m);
     __syncthreads();
   }

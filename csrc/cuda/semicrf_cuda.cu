@@ -1,4 +1,4 @@
-// Host side of the CUDA kernels: checks (semicrf_host.h's Problem), device
+// Host side of the CUDA kernels: checks (semicrf_host.h's OpCall), device
 // guard, current stream, working-memory placement, launches, and the
 // registration for the CUDA dispatch key. The device code is in *_kernel.cuh.
 //
@@ -56,7 +56,8 @@
 // S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition); backward
 // (K + S)·(C|1) + 12C. The backward also takes (interval+1)·C scalars twice
 // and interval+1 doubles of global memory for the recomputed span, plus 8
-// doubles for the re-anchor's reduction.
+// doubles for the re-anchor's reduction. All of it is one workspace tensor
+// per call, each array 16-byte aligned.
 //
 // Numerics follow the CPU kernel step for step (same normalisers, same
 // checkpoint contents: the largest emission of each position moves into the
@@ -81,142 +82,67 @@ namespace flashsemicrf {
 namespace {
 
 using cuda::Arena;
-using cuda::kThreads;
 
-size_t smem_limit() {
-  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-}
-
-void check_cuda(const at::Tensor& scores) {
+// The launch every op shares, under a device guard: the arena planned for
+// this device's opt-in shared memory, a workspace for the arrays it places in
+// global memory (freed into the caching allocator on return, which keeps it
+// for this stream's later work), then Kernel<scalar_t, DD> with one CTA of
+// kThreads per sequence on the current stream, checked. plan(p, elem_bytes,
+// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}) ->
+// the kernel.
+template <typename P, typename Plan, typename KernelFor>
+void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for) {
   TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
               scores.device());
-}
-
-// A global workspace for the arrays the arena did not place in shared memory.
-at::Tensor workspace_for(Arena& arena, const at::Tensor& scores, int64_t B) {
-  if (arena.workspace_stride == 0) return at::Tensor();
-  at::Tensor ws = at::empty({B * arena.workspace_stride}, scores.options());
-  arena.workspace = ws.data_ptr();
-  return ws;
-}
-
-template <typename Kernel, typename... Args>
-void launch(Kernel kernel, int64_t B, const Arena& arena, size_t elem_bytes, Args... args) {
-  if (B == 0) return;
-  const size_t smem = static_cast<size_t>(arena.smem_elems) * elem_bytes;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+  const c10::cuda::CUDAGuard guard(scores.device());
+  if (p.B == 0) return;
+  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  Arena arena = plan(p, scores.element_size(), smem_limit);
+  at::Tensor workspace;
+  if (arena.workspace_stride > 0) {
+    workspace = at::empty({p.B * arena.workspace_stride}, scores.options().dtype(at::kByte));
+    arena.workspace = workspace.data_ptr<uint8_t>();
   }
-  kernel<<<static_cast<unsigned>(B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const size_t smem = static_cast<size_t>(arena.smem_bytes);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda", [&] {
+    const auto kernel = p.duration_dependent ? kernel_for(scalar_t(0), std::true_type{})
+                                             : kernel_for(scalar_t(0), std::false_type{});
+    // Above 48 KB a kernel must opt in to more dynamic shared memory.
+    if (smem > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+    }
+    kernel<<<static_cast<unsigned>(p.B), cuda::kThreads, smem,
+             at::cuda::getCurrentCUDAStream()>>>(p, arena);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-    const at::Tensor& lengths, const at::Tensor& start_transition,
-    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-    const std::optional<at::Tensor>& end_scores, int64_t interval) {
-  check_cuda(scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, interval);
-  auto out = prob.forward_outputs();
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit());
-  const at::Tensor ws = workspace_for(arena, scores, p.B);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_forward_cuda", [&] {
-    if (p.duration_dependent) launch(cuda::forward_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
-    else launch(cuda::forward_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-backward_cuda(const at::Tensor& grad_log_z, const at::Tensor& scores,
-              const at::Tensor& transition, const at::Tensor& duration,
-              const at::Tensor& lengths, const at::Tensor& start_transition,
-              const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-              const std::optional<at::Tensor>& end_scores, const at::Tensor& log_z,
-              const at::Tensor& ckpt_ring, const at::Tensor& ckpt_offset, int64_t interval,
-              bool boundary_mass) {
-  check_cuda(scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, interval);
-  auto out = prob.backward_outputs(grad_log_z, log_z, ckpt_ring, ckpt_offset, boundary_mass);
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_backward_arena(p, elem, smem_limit());
-  const at::Tensor ws = workspace_for(arena, scores, p.B);
-  // The recomputed span: forward messages at interval+1 boundaries.
-  const int64_t span = p.interval + 1;
-  at::Tensor span_alpha = at::empty({p.B, span, p.C}, scores.options());
-  at::Tensor span_sigma = at::empty({p.B, span, p.C}, scores.options());
-  at::Tensor span_offset = at::empty({p.B, cuda::span_offset_size(p.interval)},
-                                     scores.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_backward_cuda", [&] {
-    auto* a = span_alpha.data_ptr<scalar_t>();
-    auto* s = span_sigma.data_ptr<scalar_t>();
-    auto* o = span_offset.data_ptr<double>();
-    if (p.duration_dependent)
-      launch(cuda::backward_kernel<scalar_t, true>, p.B, arena, elem, p, arena, a, s, o);
-    else
-      launch(cuda::backward_kernel<scalar_t, false>, p.B, arena, elem, p, arena, a, s, o);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> viterbi_cuda(
-    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-    const at::Tensor& lengths, const at::Tensor& start_transition,
-    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-    const std::optional<at::Tensor>& end_scores) {
-  check_cuda(scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, /*interval=*/1);
-  auto out = prob.viterbi_outputs();
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit());
-  const at::Tensor ws = workspace_for(arena, scores, p.B);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_viterbi_cuda", [&] {
-    if (p.duration_dependent) launch(cuda::viterbi_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
-    else launch(cuda::viterbi_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> filter_cuda(
-    const at::Tensor& scores, const at::Tensor& transition, const at::Tensor& duration,
-    const at::Tensor& lengths, const at::Tensor& start_transition,
-    const at::Tensor& end_transition, const std::optional<at::Tensor>& start_scores,
-    const std::optional<at::Tensor>& end_scores) {
-  check_cuda(scores);
-  const c10::cuda::CUDAGuard guard(scores.device());
-  Problem prob(scores, transition, duration, lengths, start_transition, end_transition,
-               start_scores, end_scores, /*interval=*/1);
-  auto out = prob.filter_outputs();
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit());
-  const at::Tensor ws = workspace_for(arena, scores, p.B);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_filter_cuda", [&] {
-    if (p.duration_dependent) launch(cuda::filter_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
-    else launch(cuda::filter_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
-  });
-  return out;
-}
+struct Cuda {
+  static void run(const ForwardParams& p, const at::Tensor& scores) {
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
+      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>;
+    });
+  }
+  static void run(const BackwardParams& p, const at::Tensor& scores) {
+    launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd) {
+      return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>;
+    });
+  }
+  static void run(const ViterbiParams& p, const at::Tensor& scores) {
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
+      return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>;
+    });
+  }
+  static void run(const FilterParams& p, const at::Tensor& scores) {
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
+      return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>;
+    });
+  }
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(flashsemicrf, CUDA, m) {
-  m.impl("forward", &forward_cuda);
-  m.impl("backward", &backward_cuda);
-  m.impl("viterbi", &viterbi_cuda);
-  m.impl("filter", &filter_cuda);
-}
+TORCH_LIBRARY_IMPL(flashsemicrf, CUDA, m) { OpEntries<Cuda>::register_all(m); }
 
 }  // namespace flashsemicrf

@@ -1,6 +1,7 @@
 // The CUDA kernels of csrc/cuda run under the CPU emulator, with a host side
-// that mirrors csrc/cuda/semicrf_cuda.cu (smem limit and schedule as extra
-// arguments). Built as a CPU torch extension for tests only.
+// that mirrors csrc/cuda/semicrf_cuda.cu (the smem limit and the schedule as
+// extra arguments; workspace and outputs NaN-filled so that an unwritten
+// element shows). Built as a CPU torch extension for tests only.
 #include "emu_runtime.h"
 
 #include <ATen/ATen.h>
@@ -13,119 +14,103 @@
 using namespace flashsemicrf;
 using cuda::Arena;
 
-struct Sched {
-  int mode;
+struct Schedule {
+  int mode;  // 0 in order, 1 reversed, 2 shuffled with `seed`
   int64_t seed;
   int64_t smem_limit;
 };
 
-static at::Tensor workspace_for(Arena& arena, const at::Tensor& scores, int64_t B) {
-  if (arena.workspace_stride == 0) return at::Tensor();
-  at::Tensor ws = at::full({B * arena.workspace_stride}, NAN, scores.options());
-  arena.workspace = ws.data_ptr();
-  return ws;
+// launch_per_sequence of semicrf_cuda.cu under the emulator; returns the
+// arena's [shared memory bytes, workspace bytes per CTA].
+template <typename P, typename Plan, typename KernelFor>
+at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, const P& p, Plan plan,
+                               KernelFor kernel_for) {
+  Arena arena = plan(p, scores.element_size(), static_cast<size_t>(s.smem_limit));
+  const at::Tensor sizes = at::tensor({arena.smem_bytes, arena.workspace_stride});
+  if (p.B == 0) return sizes;
+  at::Tensor workspace;
+  if (arena.workspace_stride > 0) {
+    // 0xff bytes: NaN for float and double.
+    workspace = at::full({p.B * arena.workspace_stride}, 255, scores.options().dtype(at::kByte));
+    arena.workspace = workspace.data_ptr<uint8_t>();
+  }
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated", [&] {
+    const auto kernel = p.duration_dependent ? kernel_for(scalar_t(0), std::true_type{})
+                                             : kernel_for(scalar_t(0), std::false_type{});
+    emu::launch(s.mode, static_cast<unsigned>(s.seed), p.B, cuda::kThreads,
+                static_cast<size_t>(arena.smem_bytes), kernel, p, arena);
+  });
+  return sizes;
 }
 
-template <typename Kernel, typename... Args>
-void launch(const Sched& s, Kernel kernel, int64_t B, const Arena& arena, size_t elem, Args... args) {
-  if (B == 0) return;
-  emu::launch(s.mode, static_cast<unsigned>(s.seed), B, cuda::kThreads, arena.smem_elems * elem,
-              kernel, args...);
+template <typename Tuple, size_t... I>
+std::vector<at::Tensor> nan_filled(Tuple& out, std::index_sequence<I...>) {
+  std::vector<at::Tensor> v;
+  for (at::Tensor* x : {&std::get<I>(out)...}) {
+    if (x->numel() > 0) x->fill_(x->is_floating_point() ? NAN : -7);
+    v.push_back(*x);
+  }
+  return v;
+}
+
+template <typename... Ts>
+std::vector<at::Tensor> nan_filled(std::tuple<Ts...>& out) {
+  return nan_filled(out, std::index_sequence_for<Ts...>{});
 }
 
 std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                 at::Tensor lengths, at::Tensor st, at::Tensor et,
                                 std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                 int64_t interval, int64_t mode, int64_t seed, int64_t smem_limit) {
-  Sched sc{static_cast<int>(mode), seed, smem_limit};
-  Problem prob(scores, transition, duration, lengths, st, et, ss, es, interval);
-  auto out = prob.forward_outputs();
-  std::get<0>(out).fill_(NAN);
-  std::get<1>(out).fill_(NAN);
-  std::get<2>(out).fill_(NAN);
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit);
-  at::Tensor ws = workspace_for(arena, scores, p.B);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "f", [&] {
-    if (p.duration_dependent) launch(sc, cuda::forward_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
-    else launch(sc, cuda::forward_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
-  });
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out),
-          at::tensor({(int64_t)arena.smem_elems, (int64_t)arena.workspace_stride})};
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  auto pass = call.forward(interval);
+  auto out = nan_filled(pass.outputs);
+  out.push_back(launch_per_sequence(
+      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
+      [](auto zero, auto dd) { return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>; }));
+  return out;
 }
 
+// The gradient outputs stay zero-filled, as the host allocates them.
 std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::Tensor transition,
                                  at::Tensor duration, at::Tensor lengths, at::Tensor st,
                                  at::Tensor et, std::optional<at::Tensor> ss,
                                  std::optional<at::Tensor> es, at::Tensor log_z, at::Tensor ring,
                                  at::Tensor off, int64_t interval, bool boundary_mass,
                                  int64_t mode, int64_t seed, int64_t smem_limit) {
-  Sched sc{static_cast<int>(mode), seed, smem_limit};
-  Problem prob(scores, transition, duration, lengths, st, et, ss, es, interval);
-  auto out = prob.backward_outputs(grad_log_z, log_z, ring, off, boundary_mass);
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_backward_arena(p, elem, smem_limit);
-  at::Tensor ws = workspace_for(arena, scores, p.B);
-  const int64_t span = p.interval + 1;
-  at::Tensor sa = at::full({p.B, span, p.C}, NAN, scores.options());
-  at::Tensor ss_ = at::full({p.B, span, p.C}, NAN, scores.options());
-  at::Tensor so = at::full({p.B, cuda::span_offset_size(p.interval)}, NAN,
-                           scores.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "b", [&] {
-    auto* a = sa.data_ptr<scalar_t>();
-    auto* s = ss_.data_ptr<scalar_t>();
-    auto* o = so.data_ptr<double>();
-    if (p.duration_dependent)
-      launch(sc, cuda::backward_kernel<scalar_t, true>, p.B, arena, elem, p, arena, a, s, o);
-    else
-      launch(sc, cuda::backward_kernel<scalar_t, false>, p.B, arena, elem, p, arena, a, s, o);
-  });
-  auto& [a0, a1, a2, a3, a4, a5, a6] = out;
-  return {a0, a1, a2, a3, a4, a5, a6,
-          at::tensor({(int64_t)arena.smem_elems, (int64_t)arena.workspace_stride})};
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
+  auto sizes = launch_per_sequence(
+      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_backward_arena,
+      [](auto zero, auto dd) { return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>; });
+  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
+  return {a0, a1, a2, a3, a4, a5, a6, sizes};
 }
 
 std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                 at::Tensor lengths, at::Tensor st, at::Tensor et,
                                 std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                 int64_t mode, int64_t seed, int64_t smem_limit) {
-  Sched sc{static_cast<int>(mode), seed, smem_limit};
-  Problem prob(scores, transition, duration, lengths, st, et, ss, es, 1);
-  auto out = prob.viterbi_outputs();
-  std::get<0>(out).fill_(NAN);
-  std::get<1>(out).fill_(-7);
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit);
-  at::Tensor ws = workspace_for(arena, scores, p.B);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "v", [&] {
-    if (p.duration_dependent) launch(sc, cuda::viterbi_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
-    else launch(sc, cuda::viterbi_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
-  });
-  return {std::get<0>(out), std::get<1>(out)};
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  auto pass = call.viterbi();
+  auto out = nan_filled(pass.outputs);
+  launch_per_sequence(
+      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
+      [](auto zero, auto dd) { return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>; });
+  return out;
 }
 
 std::vector<at::Tensor> filter(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                at::Tensor lengths, at::Tensor st, at::Tensor et,
                                std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                int64_t mode, int64_t seed, int64_t smem_limit) {
-  Sched sc{static_cast<int>(mode), seed, smem_limit};
-  Problem prob(scores, transition, duration, lengths, st, et, ss, es, 1);
-  auto out = prob.filter_outputs();
-  std::get<0>(out).fill_(NAN);
-  std::get<1>(out).fill_(NAN);
-  std::get<2>(out).fill_(NAN);
-  const Params& p = prob.params;
-  const size_t elem = scores.element_size();
-  Arena arena = cuda::plan_forward_arena(p, elem, smem_limit);
-  at::Tensor ws = workspace_for(arena, scores, p.B);
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "fi", [&] {
-    if (p.duration_dependent) launch(sc, cuda::filter_kernel<scalar_t, true>, p.B, arena, elem, p, arena);
-    else launch(sc, cuda::filter_kernel<scalar_t, false>, p.B, arena, elem, p, arena);
-  });
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  auto pass = call.filter();
+  auto out = nan_filled(pass.outputs);
+  launch_per_sequence(
+      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
+      [](auto zero, auto dd) { return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>; });
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
