@@ -162,25 +162,30 @@ HOST_DEVICE T lse(int n, F term) {
 }
 
 // The argmax order of every kernel: a NaN beats any number, else the larger
-// value wins; ties (and two NaNs) go to the smaller index. A total order on
-// (value, index) pairs with distinct indices, so any reduction tree agrees
-// with a left-to-right scan. Nothing is (-inf, INT_MAX), beaten by any entry.
+// value wins; ties (and two NaNs) go to the smaller index. beats_later(v, w):
+// v, at a larger index than w, beats it. beats(v, i, w, j) for any indices: a
+// total order on (value, index) pairs with distinct indices, so any reduction
+// tree agrees with a left-to-right scan. Nothing is (-inf, INT_MAX), beaten
+// by any entry.
 template <typename T>
-HOST_DEVICE bool beats(T v, int i, T best_v, int best_i) {
-  const bool v_nan = v != v, best_nan = best_v != best_v;
-  if (v_nan || best_nan) return v_nan && (!best_nan || i < best_i);
-  return v > best_v || (v == best_v && i < best_i);
+HOST_DEVICE bool beats_later(T v, T w) {
+  return v > w || (v != v && w == w);
 }
 
-// One thread's argmax of term(0 … n-1), n ≥ 1, in the order of `beats`;
-// *best receives the winning value.
+template <typename T>
+HOST_DEVICE bool beats(T v, int i, T w, int j) {
+  return i > j ? beats_later(v, w) : !beats_later(w, v);
+}
+
+// One thread's argmax of term(0 … n-1), n ≥ 1, in that order; *best
+// receives the winning value.
 template <typename T, typename F>
 HOST_DEVICE int argmax(int n, F term, T* best) {
   int a = 0;
   T v = term(0);
   for (int i = 1; i < n; ++i) {
     const T x = term(i);
-    if (beats(x, i, v, a)) {
+    if (beats_later(x, v)) {
       a = i;
       v = x;
     }
@@ -215,6 +220,39 @@ HOST_DEVICE int slot_after(int tK, int d, int K) {  // slot of t + d, 0 ≤ d �
 HOST_DEVICE int ring_row_of_checkpoint_row(int row, int tK, int K) {
   const int part = row >= K ? 1 : 0, d = row - part * K + 1;
   return part * K + slot_before(tK, d, K);
+}
+
+// Float32 drift control. Besides re-anchoring at every checkpoint, the
+// float32 backward re-normalises its offset Q by two masses that are exactly
+// 1 (times grad_log_z), so that the rounding of forward and backward cannot
+// pile up over a span (a drift that cost the shared-parameter gradients 2e-5
+// and the per-position ones 6e-5 at T = 10^6, K = 200):
+// - every K steps, by the mass that covers one position: the steps
+//   t = mK … mK+K-1 add up the coverage of position u = mK+K-1
+//   (coverage_position), complete once step mK has added the segments
+//   starting there; Q is corrected then (coverage_checked_at), when all those
+//   steps lie in the span being swept, after the last re-anchor, and u < L.
+//   O(C) work a step.
+// - at t = 0, by the mass of the first segment (first_segment_mass).
+// Float64 rounds 1e-16 a step, far below its targets: its kernels leave both
+// out and follow the reference's arithmetic step for step.
+template <typename scalar_t>
+HOST_DEVICE constexpr bool renormalises_within_spans() {
+  return sizeof(scalar_t) < sizeof(double);
+}
+HOST_DEVICE int64_t coverage_position(int64_t t, int64_t K) { return t - t % K + K - 1; }
+template <typename scalar_t>
+HOST_DEVICE bool coverage_checked_at(int64_t t, int64_t K, int64_t last, int64_t L) {
+  const int64_t u = coverage_position(t, K);
+  return renormalises_within_spans<scalar_t>() && t > 0 && t % K == 0 && u <= last && u < L;
+}
+
+// The posterior mass of the label-c segments that start at 0, from
+// sigma_hat[0, c], tau = LSE_d of their backward terms and off + Q - log Z
+// (in float64: it re-normalises); summed over c it is exactly 1.
+template <typename T>
+HOST_DEVICE double first_segment_mass(T sigma, T tau, double shift) {
+  return exp(static_cast<double>(sigma) + static_cast<double>(tau) + shift);
 }
 
 // The offset after a re-normalisation that measured `total` for a mass that

@@ -244,6 +244,9 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
   const int64_t span = p.interval + 1;
   std::vector<scalar_t> alpha_buf(span * C), sigma_buf(span * C);
   std::vector<double> off_buf(span);
+  // The shared parameters' gradients are sums over every position: float32
+  // sums of 10^6 terms would lose ~1e-3, so they add up in float64.
+  std::vector<double> sum_trans((DD ? K : 1) * C * C, 0.0), sum_dur(K * C, 0.0);
 
   // Backward ring: slot e % K holds the label-c segment [t, e) with its
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
@@ -259,6 +262,7 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
     return static_cast<double>(mx);
   };
   double Q = 0.0;
+  double coverage = 0.0;  // the mass that covers position coverage_position(t, K)
 
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
@@ -300,7 +304,7 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
       // Segments [t, t+d): x[d-1][c] = backward ring + duration score, and
       // scaled = exp(x - top[c]); tau[c] = LSE_d x shares those exps with the
       // posteriors exp(enter + x + shift).
-      const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
+      scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
       const int64_t dmax = std::min(K, L - t);
       for (int64_t d = 1; d <= dmax; ++d) {
         const scalar_t* r = ring.data() + slot_after(tK, d, K) * C;
@@ -309,6 +313,15 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
         for (int64_t c = 0; c < C; ++c) row[c] = r[c] + dur[c];
       }
       lse_columns(x.data(), dmax, C, tau.data(), top.data(), scaled.data());
+      if (t == 0 && renormalises_within_spans<scalar_t>()) {
+        // Every segmentation has a first segment, so the posteriors of the
+        // segments starting at 0 sum to 1: measure them, and take out of Q
+        // what forward and backward rounding left since the last re-anchor.
+        double total = 0.0;
+        for (int64_t c = 0; c < C; ++c) total += first_segment_mass(sigma[c], tau[c], off + Q - log_z);
+        Q = renormalised(Q, total);
+        shift = static_cast<scalar_t>(off + Q - log_z);
+      }
       if (DD && t > 0) {
         // The start term depends on d through transition[d-1], so the
         // posterior takes its own exp: splitting it as scaled · exp(enter_d +
@@ -331,17 +344,25 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
         }
       }
       // Position t+d-1 lies in every segment [t, t+d') with d' >= d.
+      const int64_t d_check = coverage_position(t, K) - t + 1;
       for (int64_t c = 0; c < C; ++c) covered[c] = 0;
       for (int64_t d = dmax; d >= 1; --d) {
         const scalar_t* row = post.data() + (d - 1) * C;
-        scalar_t* gd = grad.duration + (d - 1) * C;
+        double* gd = sum_dur.data() + (d - 1) * C;
         scalar_t* gs = grad.scores + (t + d - 1) * C;
         for (int64_t c = 0; c < C; ++c) {
           gd[c] += row[c];
           covered[c] += row[c];
           gs[c] += covered[c];
         }
+        if (d == d_check)
+          for (int64_t c = 0; c < C; ++c) coverage += static_cast<double>(covered[c]);
       }
+      if (coverage_checked_at<scalar_t>(t, K, last, L)) {
+        Q = renormalised(Q, coverage / static_cast<double>(g));
+        shift = static_cast<scalar_t>(off + Q - log_z);
+      }
+      if (t % K == 0) coverage = 0.0;
       if (grad.start_scores) std::copy_n(covered.data(), C, grad.start_scores + t * C);
       if (t == 0) {
         std::copy_n(covered.data(), C, grad.start_transition);
@@ -368,7 +389,7 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
           }
           const scalar_t w = fexp(alpha[cp] + mx + shift) * g;
           scalar_t sum = 0;
-          scalar_t* gt = grad.transition + cp * C;
+          double* gt = sum_trans.data() + cp * C;
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t e = fexp(row[c] - mx);
             sum += e;
@@ -396,7 +417,7 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
           scalar_t sum = 0;
           for (int64_t d = 1; d <= dmax; ++d) {
             const scalar_t* row = inner.data() + (d - 1) * C;
-            scalar_t* gt = grad.transition + ((d - 1) * C + cp) * C;
+            double* gt = sum_trans.data() + ((d - 1) * C + cp) * C;
             for (int64_t c = 0; c < C; ++c) {
               const scalar_t e = fexp(row[c] - mx);
               sum += e;
@@ -459,6 +480,8 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
       }
     }
   }
+  std::copy(sum_trans.begin(), sum_trans.end(), grad.transition);
+  std::copy(sum_dur.begin(), sum_dur.end(), grad.duration);
 }
 
 template <typename scalar_t, bool DD>

@@ -24,19 +24,24 @@ enum BackwardArray {
   kBackwardSpanSigma = 5,   // (interval+1, C) and sigma_hat
   kBackwardSpanOffset = 6,  // (interval+1) doubles: their offsets
   kBackwardReduce = 7,      // (kWarps) doubles: one per warp for block sums
-  kBackwardArrays = 8
+  kBackwardSums = 8,        // (K·C + (K or 1)·C·C) doubles: the duration and
+                            // transition gradients, summed in float64
+  kBackwardArrays = 9
 };
 
 inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
   const int64_t e = static_cast<int64_t>(elem_bytes), ld = padded_row(static_cast<int>(p.C));
   const int64_t span = p.interval + 1, d = sizeof(double);
+  const int64_t sums = p.K * p.C + (p.duration_dependent ? p.K : 1) * p.C * p.C;
   const int64_t bytes[kBackwardArrays] = {
       p.K * ld * e, p.ring_width * ld * e, kScanRows * p.C * e, kSweepRows * p.C * e,
-      span * p.C * e, span * p.C * e, span * d, kWarps * d};
+      span * p.C * e, span * p.C * e, span * d, kWarps * d, sums * d};
   // The forward ring goes first: it is the larger one and is only touched by
-  // the recompute. The span buffers are too large for shared memory.
-  const int evict[] = {kBackwardScanRing, kBackwardRing, kBackwardScanRows, kBackwardSweepRows};
-  return plan_arena(bytes, kBackwardArrays, evict, 4, smem_limit);
+  // the recompute; then the sums, touched once per step and element. The
+  // span buffers are too large for shared memory.
+  const int evict[] = {kBackwardScanRing, kBackwardSums, kBackwardRing, kBackwardScanRows,
+                       kBackwardSweepRows};
+  return plan_arena(bytes, kBackwardArrays, evict, 5, smem_limit);
 }
 
 // This thread's share of the re-anchor total at t = first of span j (see the
@@ -97,7 +102,16 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* alpha_buf = arena.get<scalar_t>(kBackwardSpanAlpha, b);
   scalar_t* sigma_buf = arena.get<scalar_t>(kBackwardSpanSigma, b);
   double* off_buf = arena.get<double>(kBackwardSpanOffset, b);
-  double* red = arena.get<double>(kBackwardReduce, b);  // the re-anchor's warp sums
+  double* red = arena.get<double>(kBackwardReduce, b);  // block_sum's warp sums
+  // The shared parameters' gradients are sums over every position: float32
+  // sums of 10^6 terms would lose ~1e-3, so they add up in float64, each
+  // element always in the same thread (durations d ≡ -lane (mod 32) of labels
+  // c ≡ warp (mod kWarps) in P1; transitions c' ≡ warp, and c ≡ lane or
+  // (d-1)·C + c ≡ lane, in P2), in the order of t as on the CPU.
+  double* sum_dur = arena.get<double>(kBackwardSums, b);     // (K, C)
+  double* sum_trans = sum_dur + static_cast<int64_t>(K) * C;  // (C, C) or (K, C, C)
+  const int64_t n_trans = static_cast<int64_t>(DD ? K : 1) * C * C;
+  fill(sum_dur, K * C + n_trans, 0.0);  // ordered by the first span's barrier
   CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t>(kBackwardScanRing, b),
                                     arena.get<scalar_t>(kBackwardScanRows, b));
   // Backward ring: slot e % K holds the label-c segment [t, e) with its
@@ -112,6 +126,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* s_score = rows + 5 * C;   // scores[t-1]
   scalar_t* s_end = rows + 6 * C;     // end_scores[t-1]
   double Q = 0.0;                     // the same in every thread
+  double coverage = 0.0;  // this thread's share of the mass covering coverage_position(t, K)
 
   scan.reset();
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
@@ -171,13 +186,27 @@ __global__ void __launch_bounds__(kThreads)
         continue;
       }
 
+      scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
+      const int dmax = static_cast<int>(L - t < K ? L - t : K);
+      auto x_at = [&](int d, int c) { return ring[slot_after(tK, d, K) * ld + c] + in.dur(d, c); };
+      if (t == 0 && renormalises_within_spans<scalar_t>()) {
+        // Every segmentation has a first segment, so the posteriors of the
+        // segments starting at 0 sum to 1: measure them (a warp per label),
+        // and take out of Q what rounding left since the last re-anchor.
+        double part = 0.0;
+        for (int c = warp; c < C; c += kWarps) {
+          const scalar_t tau = warp_lse<scalar_t>(dmax, [&](int i) { return x_at(i + 1, c); });
+          part += first_segment_mass(s_sigma[c], tau, off + Q - log_z);
+        }
+        Q = renormalised(Q, block_sum(lane == 0 ? part : 0.0, red));
+        shift = static_cast<scalar_t>(off + Q - log_z);
+      }
+
       // P1: segments [t, t+d), a warp per label, lanes over d in chunks of
       // 32 from the longest down: posteriors, their suffix sums over d (the
       // coverage of position t+d-1) and, static, tau = LSE_d x.
-      const scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
-      const int dmax = static_cast<int>(L - t < K ? L - t : K);
-      auto x_at = [&](int d, int c) { return ring[slot_after(tK, d, K) * ld + c] + in.dur(d, c); };
       const bool need_tau = !DD && t > 0;
+      const int d_check = static_cast<int>(coverage_position(t, K) - t + 1);
       for (int c = warp; c < C; c += kWarps) {
         scalar_t mx = neg_inf<scalar_t>();
         if (need_tau) {
@@ -186,10 +215,10 @@ __global__ void __launch_bounds__(kThreads)
         }
         const scalar_t tau_shift = lse_shift(mx);
         scalar_t carry = 0, tau_sum = 0;
-        for (int top = dmax; top >= 1; top -= kWarpSize) {
-          const int d = top - lane;
+        for (int top = (dmax + kWarpSize - 1) / kWarpSize * kWarpSize; top > 0; top -= kWarpSize) {
+          const int d = top - lane;  // >= 1; the lane of each d never changes
           scalar_t post = 0;
-          if (d >= 1) {
+          if (d <= dmax) {
             const scalar_t xd = x_at(d, c);
             scalar_t enter;
             if (DD && t > 0) {
@@ -202,9 +231,10 @@ __global__ void __launch_bounds__(kThreads)
             if (need_tau) tau_sum += fexp(xd - tau_shift);
           }
           const scalar_t incl = warp_inclusive_scan(post);
-          if (d >= 1) {
-            grad.duration[(d - 1) * C + c] += post;
+          if (d <= dmax) {
+            sum_dur[(d - 1) * C + c] += static_cast<double>(post);
             grad.scores[(t + d - 1) * C + c] += carry + incl;
+            if (d == d_check) coverage += static_cast<double>(carry + incl);
           }
           carry += __shfl_sync(kFullMask, incl, kWarpSize - 1);
         }
@@ -218,25 +248,31 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       if (t == 0) break;  // uniform: the last step of the last span
-      __syncthreads();
+      if (coverage_checked_at<scalar_t>(t, K, last, L)) {
+        // block_sum's barrier is the one between P1 and P2.
+        Q = renormalised(Q, block_sum(coverage, red) / static_cast<double>(g));
+        shift = static_cast<scalar_t>(off + Q - log_z);
+      } else {
+        __syncthreads();
+      }
+      if (t % K == 0) coverage = 0.0;
 
       // P2: beta[t, c'] (the backward score of "a segment ended at t") and
-      // the transition gradients, a warp per c'. Thread (warp, lane) owns
-      // grad.transition elements with c' ≡ warp (mod kWarps) and column ≡ lane (mod 32).
+      // the transition gradients, a warp per c'.
       for (int cp = warp; cp < C; cp += kWarps) {
         const scalar_t a = s_alpha[cp];
         scalar_t v_max = neg_inf<scalar_t>();
         if (!DD) {
           for (int c = lane; c < C; c += kWarpSize) {
             const scalar_t v = in.trans(cp, c) + s_u[c];
-            grad.transition[cp * C + c] += fexp(a + v + shift) * g;
+            sum_trans[cp * C + c] += static_cast<double>(fexp(a + v + shift) * g);
             v_max = nan_max(v_max, v);
           }
         } else {
           for_each_entry(dmax, C, lane, kWarpSize, [&](int r, int c) {
             const int d = r + 1;
             const scalar_t v = in.trans(d, cp, c) + s_start[c] + x_at(d, c);
-            grad.transition[(r * C + cp) * C + c] += fexp(a + v + shift) * g;
+            sum_trans[(r * C + cp) * C + c] += static_cast<double>(fexp(a + v + shift) * g);
             v_max = nan_max(v_max, v);
           });
         }
@@ -271,19 +307,13 @@ __global__ void __launch_bounds__(kThreads)
         // above, t = L continued): a segment boundary at t, or one segment
         // across t, has probability 1, so the rounding that forward and
         // backward gather over (t, L] cannot pile up over the sequence. The
-        // ring is still relative to Q before this step's q. Block reduction:
-        // warp butterfly sums, one double per warp in red, then every thread
-        // adds the kWarps partials in order (identical Q everywhere). The
+        // ring is still relative to Q before this step's q. block_sum's
         // barrier also ends the reads of the ring before the update below.
         const scalar_t shift_x =
             static_cast<scalar_t>(ckpt.offset[j] + (Q - static_cast<double>(q)) - log_z);
-        const double part = warp_sum(reanchor_part<scalar_t, DD>(
-            in, t, K, C, ld, ckpt.at(j), ring, s_alpha, s_beta, q, shift_beta, shift_x));
-        if (lane == 0) red[warp] = part;
-        __syncthreads();
-        double total = 0.0;
-        for (int w = 0; w < kWarps; ++w) total += red[w];
-        Q = renormalised(Q, total);
+        const double part = reanchor_part<scalar_t, DD>(in, t, K, C, ld, ckpt.at(j), ring, s_alpha,
+                                                        s_beta, q, shift_beta, shift_x);
+        Q = renormalised(Q, block_sum(part, red));
       }
       const scalar_t emit_max = finite_or_zero(array_max(s_score, C));
       Q += static_cast<double>(emit_max);
@@ -295,6 +325,10 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
   }
+  __syncthreads();  // the sums' owners are done
+  for (int64_t i = tid; i < K * C; i += kThreads) grad.duration[i] = static_cast<scalar_t>(sum_dur[i]);
+  for (int64_t i = tid; i < n_trans; i += kThreads)
+    grad.transition[i] = static_cast<scalar_t>(sum_trans[i]);
 }
 
 }  // namespace cuda

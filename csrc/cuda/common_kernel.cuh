@@ -113,6 +113,19 @@ __device__ __forceinline__ T warp_lse_online(int n, F f) {
   return lse_finish(mw, s);
 }
 
+// The CTA's sum of one double per thread: warps add by butterfly, lane 0
+// stores its warp's sum in red[warp], and after a barrier every thread adds
+// the kWarps sums in order, so that all hold the same bits. Every thread must
+// call it; red must not be written again before another barrier.
+__device__ __forceinline__ double block_sum(double v, double* red) {
+  v = warp_sum(v);
+  if (lane_id() == 0) red[warp_id()] = v;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < kWarps; ++w) total += red[w];
+  return total;
+}
+
 // Max of x[0 … n-1] computed by each warp on its own (no barrier needed
 // afterwards); every warp gets identical bits.
 template <typename T>
@@ -150,7 +163,7 @@ __device__ __forceinline__ void fill(T* x, int64_t n, T v) {
 // through generic pointers, so one kernel serves every placement;
 // __syncthreads orders a CTA's global stores and loads as it does shared ones.
 struct Arena {
-  static constexpr int kMaxArrays = 8;
+  static constexpr int kMaxArrays = 12;
   int64_t offset[kMaxArrays] = {};
   bool shared[kMaxArrays] = {};
   int64_t smem_bytes = 0;

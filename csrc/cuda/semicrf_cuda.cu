@@ -16,18 +16,23 @@
 //        i = slot·C + c.
 //   backward sweep step t (backward_kernel.cuh)
 //     S0 threads c ≡ tid stage alpha_hat/sigma_hat rows and the inputs of t.
-//     P1 warp per c, lanes over d in chunks of 32 from d = dmax down:
+//     (t = 0) the first segment's mass: warp per c, tau by warp_lse, then a
+//        block_sum re-normalises Q.
+//     P1 warp per c, lanes over d in chunks of 32 from the top chunk down,
+//        d = top - lane with top a multiple of 32 (so each d keeps its lane):
 //        posteriors, a warp inclusive scan gives the coverage suffix sums
-//        (carried across chunks), duration/score gradients, static tau.
+//        (carried across chunks), duration/score gradients, static tau, and
+//        each lane's share of the coverage of coverage_position(t, K); where
+//        coverage_checked_at, a block_sum of it re-normalises Q.
 //     P2 warp per c', lanes over c (static) or over (d, c) pairs (DD): beta
 //        and the transition gradients.
 //     P3 q = max beta (every warp), end-score masses, ring update as in C.
 //        At the first position t = j·interval (j >= 1) of a span, before the
 //        ring update, Q is re-anchored: every thread loops over d1 and takes
 //        the (d2, c) entries ≡ tid (mod 256) of the crossing mass (plus labels
-//        c ≡ tid of the boundary mass), sums in a double, warps reduce by
-//        butterfly, lane 0 stores one double per warp (global, after the
-//        span's offsets) and, after a barrier, every thread adds the 8 in order.
+//        c ≡ tid of the boundary mass), summed in a double, then block_sum.
+//     block_sum: warps reduce by butterfly, lane 0 stores one double per
+//     warp, and after a barrier every thread adds the 8 in order.
 //   Viterbi: the forward step in the max semiring writes the backpointers;
 //   thread 0 traces the path back after the last barrier.
 //
@@ -35,34 +40,41 @@
 // written in one phase and read in the next, with __syncthreads() between
 // every store and the next read of another thread: step() has one barrier
 // after A and one after B, the caller one after C (and after its reads of
-// alpha/sigma); the sweep has one after each of S0, P1, P2, P3, and one
-// inside P3 at a re-anchor (between the warp sums' stores and their reads; it
-// also orders the crossing mass's ring reads before the ring update). Reductions
-// that every thread needs (m, q) are recomputed by each warp from the same
-// shared row rather than broadcast, so they need no barrier of their own.
-// Gradient elements are written by one thread per step; different steps are
-// ordered by these barriers, so results are deterministic without atomics.
+// alpha/sigma); the sweep has one after each of S0, P1, P2, P3 (after P1 it
+// is block_sum's where the coverage is checked), one in the t = 0 mass and
+// one inside P3 at a re-anchor (block_sum's; it also orders the crossing
+// mass's ring reads before the ring update). block_sum's slots are written
+// only after a barrier that follows the previous reads. Reductions that
+// every thread needs (m, q) are recomputed by each warp from the same shared
+// row rather than broadcast, so they need no barrier of their own. Gradient
+// elements are written by one thread per step; different steps are ordered
+// by these barriers, so results are deterministic without atomics. The
+// duration and transition gradients add up in float64 sums, each element in
+// one fixed thread for the whole sweep, in the order of t; a last barrier
+// hands them to the threads that convert them to the output dtype.
 // Warp collectives (shuffles) only run under warp-uniform control flow;
-// padded lanes (d < 1, d > dmax, c ≥ C) form no addresses.
+// padded lanes (d > dmax, c ≥ C) form no addresses.
 //
-// Working memory. Rings and rows live in dynamic shared memory when they fit
-// in the device's opt-in limit (227 KB on H100); otherwise the rings (the
-// backward's forward ring first, then its own ring), and at last the rows,
-// move to a global workspace slice per CTA (plan_arena). The same kernels
-// serve both through generic pointers: __syncthreads() also orders a CTA's
-// global memory accesses. Rings are stored slot-major with an odd row stride
-// (C | 1), so a warp reading one label across 32 slots hits 32 banks.
-// Per sequence, shared memory needs (scalars): forward, Viterbi and filter
-// S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition); backward
-// (K + S)·(C|1) + 12C. The backward also takes (interval+1)·C scalars twice
-// and interval+1 doubles of global memory for the recomputed span, plus 8
-// doubles for the re-anchor's reduction. All of it is one workspace tensor
-// per call, each array 16-byte aligned.
+// Working memory. Rings, rows and the float64 sums live in dynamic shared
+// memory when they fit in the device's opt-in limit (227 KB on H100);
+// otherwise the backward's forward ring, then the sums, then the rings, and
+// at last the rows move to a global workspace slice per CTA (plan_arena).
+// The same kernels serve both through generic pointers: __syncthreads() also
+// orders a CTA's global memory accesses. Rings are stored slot-major with an
+// odd row stride (C | 1), so a warp reading one label across 32 slots hits
+// 32 banks. Per sequence, shared memory needs (scalars): forward, Viterbi
+// and filter S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition);
+// backward (K + S)·(C|1) + 12C, plus K·C + C² doubles of sums (K·C + K·C²
+// for the (K, C, C) transition). The backward also takes (interval+1)·C
+// scalars twice and interval+1 doubles of global memory for the recomputed
+// span, plus 8 doubles for block_sum. All of it is one workspace tensor per
+// call, each array 16-byte aligned.
 //
 // Numerics follow the CPU kernel step for step (same normalisers, same
 // checkpoint contents: the largest emission of each position moves into the
 // offset as the ring advances; the backward recomputes log Z in float64 at
-// t = L); only the association order of the sums differs.
+// t = L, and re-normalises at the same positions); only the association
+// order of the sums differs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
