@@ -67,7 +67,8 @@ struct ForwardScan {
   ForwardScan(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_),
         ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
-        terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_), emit(C_), term_prev(K_ * C_) {}
+        terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_),
+        emit(C_), term_prev(K_ * C_) {}
 
   // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L), both relative to
   // O_t. Returns the max m_t subtracted. bp_*: this step's backpointer rows.
@@ -282,8 +283,8 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
 
       const int tK = static_cast<int>(t % K);
       if (t == L) {
-        log_z = off + static_cast<double>(
-                          lse<scalar_t>(static_cast<int>(C), [&](int c) { return in.last(alpha[c], c); }));
+        auto closed = [&](int c) { return in.last(alpha[c], c); };
+        log_z = off + static_cast<double>(lse<scalar_t>(static_cast<int>(C), closed));
         scalar_t q = neg_inf<scalar_t>();
         for (int64_t c = 0; c < C; ++c) q = nan_max(q, beta[c] = in.end_transition[c]);
         q = finite_or_zero(q);
@@ -318,7 +319,8 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
         // segments starting at 0 sum to 1: measure them, and take out of Q
         // what forward and backward rounding left since the last re-anchor.
         double total = 0.0;
-        for (int64_t c = 0; c < C; ++c) total += first_segment_mass(sigma[c], tau[c], off + Q - log_z);
+        for (int64_t c = 0; c < C; ++c)
+          total += first_segment_mass(sigma[c], tau[c], off + Q - log_z);
         Q = renormalised(Q, total);
         shift = static_cast<scalar_t>(off + Q - log_z);
       }
@@ -355,7 +357,7 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
           covered[c] += row[c];
           gs[c] += covered[c];
         }
-        if (d == d_check)
+        if (renormalises_within_spans<scalar_t>() && d == d_check)
           for (int64_t c = 0; c < C; ++c) coverage += static_cast<double>(covered[c]);
       }
       if (coverage_checked_at<scalar_t>(t, K, last, L)) {
@@ -434,7 +436,8 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
       const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
       for (int64_t c = 0; c < C; ++c) {
         beta[c] -= q;
-        if (grad.end_scores) grad.end_scores[(t - 1) * C + c] = fexp(alpha[c] + beta[c] + shift_beta) * g;
+        if (grad.end_scores)
+          grad.end_scores[(t - 1) * C + c] = fexp(alpha[c] + beta[c] + shift_beta) * g;
       }
       if (t == first) {
         // Re-anchor Q at every checkpoint: a segment boundary at t, or one

@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(kThreads)
           if (d <= dmax) {
             sum_dur[(d - 1) * C + c] += static_cast<double>(post);
             grad.scores[(t + d - 1) * C + c] += carry + incl;
-            if (d == d_check) coverage += static_cast<double>(carry + incl);
+            if (renormalises_within_spans<scalar_t>() && d == d_check)
+              coverage += static_cast<double>(carry + incl);
           }
           carry += __shfl_sync(kFullMask, incl, kWarpSize - 1);
         }
@@ -326,7 +327,8 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();  // the sums' owners are done
-  for (int64_t i = tid; i < K * C; i += kThreads) grad.duration[i] = static_cast<scalar_t>(sum_dur[i]);
+  for (int64_t i = tid; i < static_cast<int64_t>(K) * C; i += kThreads)
+    grad.duration[i] = static_cast<scalar_t>(sum_dur[i]);
   for (int64_t i = tid; i < n_trans; i += kThreads)
     grad.transition[i] = static_cast<scalar_t>(sum_trans[i]);
 }

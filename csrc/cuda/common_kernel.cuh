@@ -172,7 +172,8 @@ struct Arena {
 
   template <typename T>
   __device__ __forceinline__ T* get(int k, int64_t b) const {
-    unsigned char* base = shared[k] ? dynamic_smem<unsigned char>() : workspace + b * workspace_stride;
+    unsigned char* base =
+        shared[k] ? dynamic_smem<unsigned char>() : workspace + b * workspace_stride;
     return reinterpret_cast<T*>(base + offset[k]);
   }
 };

@@ -59,7 +59,8 @@ struct CtaScan {
         e = a[c];  // start_transition - O_0: no previous label
         if (prev) *prev = -1;
       } else if (MAX) {
-        const int best = argmax<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); }, &e);
+        auto entered = [&](int cp) { return a[cp] + in.trans(d, cp, c); };
+        const int best = argmax<scalar_t>(C, entered, &e);
         if (prev) *prev = best;
       } else {
         e = lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });

@@ -67,7 +67,9 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
   auto out = nan_filled(pass.outputs);
   out.push_back(launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd) { return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>; }));
+      [](auto zero, auto dd) {
+        return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>;
+      }));
   return out;
 }
 
@@ -82,7 +84,9 @@ std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::T
   auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
   auto sizes = launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_backward_arena,
-      [](auto zero, auto dd) { return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>; });
+      [](auto zero, auto dd) {
+        return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>;
+      });
   auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
   return {a0, a1, a2, a3, a4, a5, a6, sizes};
 }
@@ -96,7 +100,9 @@ std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Te
   auto out = nan_filled(pass.outputs);
   launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd) { return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>; });
+      [](auto zero, auto dd) {
+        return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>;
+      });
   return out;
 }
 
@@ -109,7 +115,9 @@ std::vector<at::Tensor> filter(at::Tensor scores, at::Tensor transition, at::Ten
   auto out = nan_filled(pass.outputs);
   launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd) { return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>; });
+      [](auto zero, auto dd) {
+        return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>;
+      });
   return out;
 }
 
