@@ -136,10 +136,16 @@ HOST_DEVICE float fexp(float x) {
 }
 HOST_DEVICE double fexp(double x) { return ::exp(x); }
 
+// log in the argument's precision (a bare log(float) on the host would be
+// the double one).
+HOST_DEVICE float flog(float x) { return ::logf(x); }
+HOST_DEVICE double flog(double x) { return ::log(x); }
+
 // Log-sum-exp, in one order everywhere: the max m of the terms (nan_max),
-// then the sum of fexp(x - lse_shift(m)), then lse_finish(m, sum). An all
-// -inf set has m = -inf and shift 0, so its terms are exp(-inf) = 0 (never
-// exp(NaN)) and the result is -inf; a NaN term makes it NaN.
+// then the sum of fexp(x - lse_shift(m)), then lse_finish(m, sum) =
+// m + flog(sum). An all -inf set has m = -inf and shift 0, so its terms are
+// exp(-inf) = 0 (never exp(NaN)) and the result is -inf; a NaN term makes it
+// NaN.
 template <typename T>
 HOST_DEVICE T lse_shift(T m) {
   return m == neg_inf<T>() ? T(0) : m;
@@ -147,7 +153,7 @@ HOST_DEVICE T lse_shift(T m) {
 
 template <typename T>
 HOST_DEVICE T lse_finish(T m, T sum) {
-  return m == neg_inf<T>() ? m : m + log(sum);
+  return m == neg_inf<T>() ? m : m + flog(sum);
 }
 
 // One thread's log-sum-exp of term(0 … n-1), term evaluated twice.
