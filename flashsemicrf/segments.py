@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import Inputs, check_lengths, check_positive_int, check_segment_tensor
+from ._contract import Problem
+from ._validation import check_lengths, check_positive_int, check_segment_tensor
 
 Tensor = torch.Tensor
 
@@ -24,9 +25,10 @@ def _positions(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return batch[row], pos, label[row]
 
 
-def segment_scores(segments: Tensor, x: Inputs, dtype: torch.dtype) -> Tensor:
-    """Score (B,) of validated segmentations that tile every sequence."""
+def segment_scores(segments: Tensor, x: Problem) -> Tensor:
+    """Score (B,) of validated segmentations that tile every sequence, in the scores' dtype."""
     B = x.scores.shape[0]
+    dtype = x.scores.dtype
     batch, start, dur, label = segments.unbind(1)
     b_pos, t_pos, c_pos = _positions(segments)
     emissions = x.scores[b_pos, t_pos, c_pos].to(dtype)

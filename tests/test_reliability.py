@@ -1,4 +1,4 @@
-"""Reliability: property-based agreement of every backend, extreme inputs, scale, resources.
+"""Reliability: property-based agreement of the compiled backends, constraints, scale, resources.
 
 Bounded by default for CI. Soak run: FLASHSEMICRF_SOAK=1 (many more
 hypothesis examples) and FLASHSEMICRF_RUN_SLOW=1 (the T = 10^6 / 10^7 checks).
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import flashsemicrf as F
 from conftest import OPTIONAL, assert_close, log_z_and_grads
-from flashsemicrf import _backends
+from flashsemicrf import backends
 from oracles import brute_force
 
 SOAK = os.environ.get("FLASHSEMICRF_SOAK") == "1"
@@ -32,9 +32,7 @@ settings.register_profile(
 )
 settings.load_profile("flashsemicrf")
 
-COMPILED = ["cpu"] if _backends.HAS_CPU_KERNELS else []
-if torch.cuda.is_available() and _backends.HAS_CUDA_KERNELS:
-    COMPILED.append("cuda")
+COMPILED = [name for name in ("cpu", "cuda") if name in backends.available()]
 
 
 @st.composite
@@ -114,30 +112,6 @@ def test_compiled_backends_match_reference(kw):
                     assert_close(f"{backend} {dtype} d/d {name}", g[name].cpu(), ref_g[name], gtol)
 
 
-def test_large_magnitudes_without_centring():
-    """Emission log-probabilities around −1e4 per position: no centring needed."""
-    g = torch.Generator().manual_seed(0)
-    B, T, K, C = 2, 300, 12, 4
-    scores = -1e4 + torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    kw = dict(scores=scores, transition=torch.randn(C, C, generator=g, dtype=torch.float64),
-              duration=torch.randn(K, C, generator=g, dtype=torch.float64))
-    for backend in COMPILED:
-        for dtype in (torch.float64, torch.float32):
-            cast = {k: v.to(dtype) for k, v in kw.items()}
-            # Against float64 on the same (rounded) inputs: a float32 score of
-            # −1e4 is itself only known to ±5e-4.
-            ref_z, ref_g = log_z_and_grads({k: v.double() for k, v in cast.items()}, "torch")
-            assert torch.isfinite(ref_z).all()
-            if backend == "cuda":
-                cast = {k: v.cuda() for k, v in cast.items()}
-            z, grads = log_z_and_grads(cast, backend)
-            rel = ((z.cpu().double() - ref_z) / ref_z.abs()).abs().max().item()
-            print(f"{backend} {dtype}: relative log Z error {rel:.2e}")
-            assert rel < (1e-13 if dtype == torch.float64 else 1e-6)
-            assert_close(f"{backend} {dtype} marginals", grads["scores"].cpu(), ref_g["scores"],
-                         1e-9 if dtype == torch.float64 else 1e-4)
-
-
 @pytest.mark.parametrize("backend", ["torch"] + COMPILED)
 def test_constraint_heavy_problem(backend):
     """A BIO-like grammar: most transitions forbidden, durations bounded per label."""
@@ -165,24 +139,6 @@ def test_constraint_heavy_problem(backend):
     feasible = torch.isfinite(best)
     if feasible.all():
         assert_close("score of the Viterbi path", F.score(segs, **kw).cpu(), best.cpu(), 1e-9)
-
-
-@pytest.mark.parametrize("backend", ["torch"] + COMPILED)
-def test_repeated_runs_are_bitwise_identical(backend):
-    g = torch.Generator().manual_seed(3)
-    kw = dict(scores=torch.randn(3, 50, 4, generator=g), transition=torch.randn(6, 4, 4, generator=g),
-              duration=torch.randn(6, 4, generator=g), lengths=torch.tensor([50, 31, 9]),
-              end_scores=torch.randn(3, 50, 4, generator=g))
-    if backend == "cuda":
-        kw = {k: v.cuda() for k, v in kw.items()}
-    first = log_z_and_grads(kw, backend)
-    second = log_z_and_grads(kw, backend)
-    assert torch.equal(first[0], second[0])
-    for name in first[1]:
-        assert torch.equal(first[1][name], second[1][name]), name
-    m1, m2 = F.marginals(**kw, backend=backend), F.marginals(**kw, backend=backend)
-    assert torch.equal(m1.labels, m2.labels)
-    assert torch.equal(F.viterbi(**kw, backend=backend)[1], F.viterbi(**kw, backend=backend)[1])
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend")

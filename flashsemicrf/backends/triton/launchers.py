@@ -1,16 +1,11 @@
-"""Launchers of the Triton kernels, registered as ``flashsemicrf_triton::*`` ops.
+"""Launchers of the Triton kernels, defined as the ops ``flashsemicrf_triton::*``.
 
-Same schemas, outputs and fakes as the C++ ops (flashsemicrf/ops.py):
+Same schemas, outputs, fakes and autograd formula as the C++ ops
+(flashsemicrf/_contract.py). Each launcher checks its arguments (for direct
+calls: the public functions validate first), allocates the outputs and the
+workspace, and launches one program per sequence.
 
-    forward(scores, transition, duration, lengths, start_transition,
-            end_transition, start_scores?, end_scores?, interval)
-        -> (log_z (B,), checkpoint_ring (B, N, S, C), checkpoint_offset (B, N) f64)
-    backward(grad_log_z, <the same inputs>, log_z, checkpoint_ring,
-             checkpoint_offset, interval, boundary_mass) -> per-sequence gradients
-    viterbi(<the same inputs>) -> (best (B,), segment_label (B, T) int64)
-    filter(<the same inputs>) -> (alpha_hat, sigma_hat (B, T+1, C), offset (B, T+1) f64)
-
-Compiled kernels are registered with ``torch.library.triton_op``, so
+Compiled kernels are defined with ``torch.library.triton_op``, so
 torch.compile sees the kernels; interpreted ones (TRITON_INTERPRET=1) with
 ``torch.library.custom_op``, opaque to torch.compile, because an interpreted
 kernel cannot run on the fake tensors a decomposition traces with.
@@ -21,9 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from .. import ops as shared
-from .. import reference
-from . import INTERPRET, kernels
+from ... import _contract
+from . import INTERPRET, NAMESPACE, kernels
 
 Tensor = torch.Tensor
 
@@ -35,18 +29,36 @@ TILE_ELEMENTS = 2048
 NUM_WARPS = 4
 
 
-def _checkpoint_interval(T, K, interval):
-    """The interval actually used: 0 means ⌊√(T·K)⌋, the C++ ops' default.
-
-    Symbolic T (torch.compile tracing the op's body) gives a symbolic interval,
-    so the length stays dynamic; floor(sqrt) in float equals the integer
-    square root below 2^52.
-    """
-    if not (isinstance(interval, int) and interval == 0):
-        return interval
-    if isinstance(T, int) and isinstance(K, int):
-        return reference.default_checkpoint_interval(T, K)
-    return torch.sym_max(1, torch.sym_int(torch.sym_sqrt(T * K)))
+def _check(scores, transition, duration, lengths, start_transition, end_transition,
+           start_scores, end_scores):
+    """The C++ ops' checks, for direct calls."""
+    if scores.dim() != 3 or scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{NAMESPACE}: scores must be a float32 or float64 (B, T, C) "
+                         f"tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
+    B, T, C = scores.shape
+    K = duration.shape[0] if duration.dim() == 2 else -1
+    expected = {
+        "transition": (K, C, C) if transition.dim() == 3 else (C, C),
+        "duration": (K, C),
+        "lengths": (B,),
+        "start_transition": (C,),
+        "end_transition": (C,),
+        "start_scores": (B, T, C),
+        "end_scores": (B, T, C),
+    }
+    given = dict(transition=transition, duration=duration, lengths=lengths,
+                 start_transition=start_transition, end_transition=end_transition,
+                 start_scores=start_scores, end_scores=end_scores)
+    for name, x in given.items():
+        if x is None:
+            continue
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(f"{NAMESPACE}: {name} must have shape {expected[name]}, "
+                             f"got {tuple(x.shape)}")
+        want = torch.int64 if name == "lengths" else scores.dtype
+        if x.dtype != want or x.device != scores.device:
+            raise ValueError(f"{NAMESPACE}: {name} must be {want} on {scores.device}, "
+                             f"got {x.dtype} on {x.device}")
 
 
 class _Launch:
@@ -89,45 +101,13 @@ class _Launch:
         return self.empty(self.B, self.S, self.C_PAD)
 
 
-def _check(scores, transition, duration, lengths, start_transition, end_transition,
-           start_scores, end_scores):
-    """The C++ ops' checks, for direct calls (the public functions validate first)."""
-    if scores.dim() != 3 or scores.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"flashsemicrf_triton: scores must be a float32 or float64 (B, T, C) "
-                         f"tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
-    B, T, C = scores.shape
-    K = duration.shape[0] if duration.dim() == 2 else -1
-    expected = {
-        "transition": (K, C, C) if transition.dim() == 3 else (C, C),
-        "duration": (K, C),
-        "lengths": (B,),
-        "start_transition": (C,),
-        "end_transition": (C,),
-        "start_scores": (B, T, C),
-        "end_scores": (B, T, C),
-    }
-    given = dict(transition=transition, duration=duration, lengths=lengths,
-                 start_transition=start_transition, end_transition=end_transition,
-                 start_scores=start_scores, end_scores=end_scores)
-    for name, x in given.items():
-        if x is None:
-            continue
-        if tuple(x.shape) != expected[name]:
-            raise ValueError(f"flashsemicrf_triton: {name} must have shape {expected[name]}, "
-                             f"got {tuple(x.shape)}")
-        want = torch.int64 if name == "lengths" else scores.dtype
-        if x.dtype != want or x.device != scores.device:
-            raise ValueError(f"flashsemicrf_triton: {name} must be {want} on {scores.device}, "
-                             f"got {x.dtype} on {x.device}")
-
-
 def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
             start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
             end_scores: Tensor | None, interval: int) -> tuple[Tensor, Tensor, Tensor]:
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
-    interval = _checkpoint_interval(p.T, p.K, interval)
-    n_ckpt = (p.T + interval - 1) // interval
+    interval = _contract.checkpoint_interval(p.T, p.K, interval)
+    n_ckpt = _contract.checkpoint_count(p.T, interval)
     log_z = p.empty(p.B)
     ring = p.empty(p.B, n_ckpt, p.S, p.C)
     offset = p.empty(p.B, n_ckpt, dtype=torch.float64)
@@ -148,8 +128,8 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
     B, T, K, C = p.B, p.T, p.K, p.C
-    interval = _checkpoint_interval(T, K, interval)
-    n_ckpt = (T + interval - 1) // interval
+    interval = _contract.checkpoint_interval(T, K, interval)
+    n_ckpt = _contract.checkpoint_count(T, interval)
     if tuple(checkpoint_ring.shape) != (B, n_ckpt, p.S, C) or \
             tuple(checkpoint_offset.shape) != (B, n_ckpt):
         raise ValueError(
@@ -157,15 +137,15 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
             f"({B}, {n_ckpt}) for interval {interval}, got {tuple(checkpoint_ring.shape)} and "
             f"{tuple(checkpoint_offset.shape)}")
     if checkpoint_offset.dtype != torch.float64:
-        raise ValueError("flashsemicrf_triton: checkpoint_offset must be float64")
+        raise ValueError(f"{NAMESPACE}: checkpoint_offset must be float64")
     opts = dict(dtype=scores.dtype, device=scores.device)
     g_scores = torch.zeros(B, T, C, **opts)
     g_trans = torch.zeros((B,) + tuple(transition.shape), **opts)
     g_dur = torch.zeros(B, K, C, **opts)
     g_start_tr = torch.zeros(B, C, **opts)
     g_end_tr = torch.zeros(B, C, **opts)
-    want_start = boundary_mass or p.has_start
-    want_end = boundary_mass or p.has_end
+    want_start = _contract.returns_boundary_gradient(p.has_start, boundary_mass)
+    want_end = _contract.returns_boundary_gradient(p.has_end, boundary_mass)
     g_start_sc = torch.zeros(B, T, C, **opts) if want_start else torch.empty(0, **opts)
     g_end_sc = torch.zeros(B, T, C, **opts) if want_end else torch.empty(0, **opts)
     if B:
@@ -208,9 +188,9 @@ def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tenso
     return best, label
 
 
-def filter(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
-           start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
-           end_scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def filter_messages(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+                    start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+                    end_scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
     B, T, C = p.B, p.T, p.C
@@ -226,28 +206,16 @@ def filter(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor
     return alpha, sigma, offset
 
 
-# --------------------------------------------------------------------------
-# Registration: the C++ ops' fakes, and their autograd formula on these ops
-# --------------------------------------------------------------------------
-
-
-def _register(name, fn, fake):
-    qualname = f"flashsemicrf_triton::{name}"
+def _define(name: str, fn) -> None:
+    qualname = f"{NAMESPACE}::{name}"
     if INTERPRET:
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        torch.library.custom_op(qualname, fn, mutates_args=())
     else:
-        op = torch.library.triton_op(qualname, fn, mutates_args=())
-    # triton_op uses fn itself as the fake; the shared one keeps N symbolic.
-    op.register_fake(fake)
-    return op
+        torch.library.triton_op(qualname, fn, mutates_args=())
 
 
-_register("forward", forward, shared._forward_fake)
-_register("backward", backward, shared._backward_fake)
-_register("viterbi", viterbi, shared._viterbi_fake)
-_register("filter", filter, shared._filter_fake)
-torch.library.register_autograd(
-    "flashsemicrf_triton::forward",
-    shared.backward_formula("flashsemicrf_triton"),
-    setup_context=shared._setup_context,
-)
+for _name, _fn in (("forward", forward), ("backward", backward), ("viterbi", viterbi),
+                   ("filter", filter_messages)):
+    _define(_name, _fn)
+# triton_op would use each launcher as its own fake; the contract's keep N symbolic.
+_contract.register(NAMESPACE)
