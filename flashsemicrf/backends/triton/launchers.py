@@ -2,8 +2,9 @@
 
 Same schemas, outputs, fakes and autograd formula as the C++ ops
 (flashsemicrf/_contract.py). Each launcher checks its arguments (for direct
-calls: the public functions validate first), allocates the outputs and the
-workspace, and launches one program per sequence.
+calls: the public functions validate first), makes every input contiguous
+(the kernels take no strides), allocates the outputs and the workspace, and
+launches one program per sequence.
 
 Compiled kernels are defined with ``torch.library.triton_op``, so
 torch.compile sees the kernels; interpreted ones (TRITON_INTERPRET=1) with
@@ -62,7 +63,7 @@ def _check(scores, transition, duration, lengths, start_transition, end_transiti
 
 
 class _Launch:
-    """Sizes, tiles and the argument groups shared by every kernel of one call."""
+    """Sizes, tiles, the contiguous inputs and the meta-parameters of one call."""
 
     def __init__(self, scores, transition, duration, lengths, start_transition, end_transition,
                  start_scores, end_scores):
@@ -76,26 +77,24 @@ class _Launch:
         per_row = self.C_PAD * self.C_PAD if self.dd else self.C_PAD
         self.BLOCK_D = max(1, min(triton.next_power_of_2(self.K), TILE_ELEMENTS // per_row))
         self.num_warps = max(1, min(NUM_WARPS, self.BLOCK_D * per_row // 256))
-        self.scores = scores
+        self.scores = scores = scores.contiguous()
         self.has_start = start_scores is not None
         self.has_end = end_scores is not None
-        # Absent boundary scores: any valid pointer (never read), strides 0.
-        start = start_scores if self.has_start else scores
-        end = end_scores if self.has_end else scores
-        self.pointers = (scores, transition, duration, lengths, start_transition, end_transition,
-                         start, end)
-        self.strides = (
-            *scores.stride(), *(transition.stride() if self.dd else (0, *transition.stride())),
-            *duration.stride(), lengths.stride(0), start_transition.stride(0),
-            end_transition.stride(0),
-            *(start.stride() if self.has_start else (0, 0, 0)),
-            *(end.stride() if self.has_end else (0, 0, 0)),
+        # Absent boundary scores: any valid pointer (never read).
+        self.inputs = (
+            scores, transition.contiguous(), duration.contiguous(), lengths.contiguous(),
+            start_transition.contiguous(), end_transition.contiguous(),
+            start_scores.contiguous() if self.has_start else scores,
+            end_scores.contiguous() if self.has_end else scores,
         )
         self.meta = dict(DD=self.dd, HAS_START=self.has_start, HAS_END=self.has_end,
                          C_PAD=self.C_PAD, BLOCK_D=self.BLOCK_D, num_warps=self.num_warps)
 
     def empty(self, *shape, dtype=None):
         return torch.empty(shape, dtype=dtype or self.scores.dtype, device=self.scores.device)
+
+    def zeros(self, *shape, dtype=None):
+        return torch.zeros(shape, dtype=dtype or self.scores.dtype, device=self.scores.device)
 
     def ring_workspace(self):
         return self.empty(self.B, self.S, self.C_PAD)
@@ -113,10 +112,8 @@ def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tenso
     offset = p.empty(p.B, n_ckpt, dtype=torch.float64)
     if p.B:
         torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
-            *p.pointers, log_z, ring, offset, p.ring_workspace(),
-            p.T, p.K, p.C, interval, n_ckpt,
-            *p.strides, log_z.stride(0), *ring.stride(), *offset.stride(),
-            **p.meta)
+            *p.inputs, log_z, ring, offset, p.ring_workspace(),
+            p.T, p.K, p.C, interval, n_ckpt, **p.meta)
     return log_z, ring, offset
 
 
@@ -133,38 +130,30 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
     if tuple(checkpoint_ring.shape) != (B, n_ckpt, p.S, C) or \
             tuple(checkpoint_offset.shape) != (B, n_ckpt):
         raise ValueError(
-            f"flashsemicrf_triton: checkpoints must be ({B}, {n_ckpt}, {p.S}, {C}) and "
+            f"{NAMESPACE}: checkpoints must be ({B}, {n_ckpt}, {p.S}, {C}) and "
             f"({B}, {n_ckpt}) for interval {interval}, got {tuple(checkpoint_ring.shape)} and "
             f"{tuple(checkpoint_offset.shape)}")
     if checkpoint_offset.dtype != torch.float64:
         raise ValueError(f"{NAMESPACE}: checkpoint_offset must be float64")
-    opts = dict(dtype=scores.dtype, device=scores.device)
-    g_scores = torch.zeros(B, T, C, **opts)
-    g_trans = torch.zeros((B,) + tuple(transition.shape), **opts)
-    g_dur = torch.zeros(B, K, C, **opts)
-    g_start_tr = torch.zeros(B, C, **opts)
-    g_end_tr = torch.zeros(B, C, **opts)
+    g_scores = p.zeros(B, T, C)
+    g_trans = p.zeros(B, *transition.shape)
+    g_dur = p.zeros(B, K, C)
+    g_start_tr = p.zeros(B, C)
+    g_end_tr = p.zeros(B, C)
     want_start = _contract.returns_boundary_gradient(p.has_start, boundary_mass)
     want_end = _contract.returns_boundary_gradient(p.has_end, boundary_mass)
-    g_start_sc = torch.zeros(B, T, C, **opts) if want_start else torch.empty(0, **opts)
-    g_end_sc = torch.zeros(B, T, C, **opts) if want_end else torch.empty(0, **opts)
+    g_start_sc = p.zeros(B, T, C) if want_start else p.empty(0)
+    g_end_sc = p.zeros(B, T, C) if want_end else p.empty(0)
     if B:
-        g_trans3 = g_trans if p.dd else g_trans.unsqueeze(1)
-        boundary_strides = tuple(
-            (*g.stride(),) if want else (0, 0, 0)
-            for g, want in ((g_start_sc, want_start), (g_end_sc, want_end))
-        )
+        span = interval + 1  # rows of the span buffers: boundaries first … last
         torch.library.wrap_triton(kernels._backward_kernel)[(B,)](
-            grad_log_z, *p.pointers, log_z, checkpoint_ring, checkpoint_offset,
+            grad_log_z.contiguous(), *p.inputs, log_z.contiguous(), checkpoint_ring.contiguous(),
+            checkpoint_offset.contiguous(),
             g_scores, g_trans, g_dur, g_start_tr, g_end_tr,
             g_start_sc if want_start else g_scores, g_end_sc if want_end else g_scores,
-            p.ring_workspace(), p.empty(B, K, p.C_PAD), p.empty(B, interval + 1, p.C_PAD),
-            p.empty(B, interval + 1, p.C_PAD), p.empty(B, interval + 1, dtype=torch.float64),
+            p.ring_workspace(), p.empty(B, K, p.C_PAD), p.empty(B, span, p.C_PAD),
+            p.empty(B, span, p.C_PAD), p.empty(B, span, dtype=torch.float64),
             T, K, C, interval, n_ckpt,
-            grad_log_z.stride(0), *p.strides, log_z.stride(0), *checkpoint_ring.stride(),
-            *checkpoint_offset.stride(), *g_scores.stride(), *g_trans3.stride(),
-            *g_dur.stride(), *g_start_tr.stride(), *g_end_tr.stride(), *boundary_strides[0],
-            *boundary_strides[1],
             WANT_START=want_start, WANT_END=want_end, **p.meta)
     return g_scores, g_trans, g_dur, g_start_tr, g_end_tr, g_start_sc, g_end_sc
 
@@ -181,10 +170,8 @@ def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tenso
         bp_d = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
         bp_c = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
         torch.library.wrap_triton(kernels._viterbi_kernel)[(p.B,)](
-            *p.pointers, best, label, p.ring_workspace(), bp_d, bp_c,
-            p.T, p.K, p.C,
-            *p.strides, best.stride(0), *label.stride(),
-            **p.meta)
+            *p.inputs, best, label, p.ring_workspace(), bp_d, bp_c,
+            p.T, p.K, p.C, **p.meta)
     return best, label
 
 
@@ -194,15 +181,12 @@ def filter_messages(scores: Tensor, transition: Tensor, duration: Tensor, length
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
     B, T, C = p.B, p.T, p.C
-    alpha = torch.full((B, T + 1, C), float("-inf"), dtype=scores.dtype, device=scores.device)
-    sigma = torch.full((B, T + 1, C), float("-inf"), dtype=scores.dtype, device=scores.device)
-    offset = torch.zeros(B, T + 1, dtype=torch.float64, device=scores.device)
+    alpha = torch.full((B, T + 1, C), float("-inf"), dtype=p.scores.dtype, device=scores.device)
+    sigma = torch.full((B, T + 1, C), float("-inf"), dtype=p.scores.dtype, device=scores.device)
+    offset = p.zeros(B, T + 1, dtype=torch.float64)
     if B:
         torch.library.wrap_triton(kernels._filter_kernel)[(B,)](
-            *p.pointers, alpha, sigma, offset, p.ring_workspace(),
-            T, p.K, C,
-            *p.strides, *alpha.stride(), *sigma.stride(), *offset.stride(),
-            **p.meta)
+            *p.inputs, alpha, sigma, offset, p.ring_workspace(), T, p.K, C, **p.meta)
     return alpha, sigma, offset
 
 
