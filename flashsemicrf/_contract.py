@@ -267,8 +267,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _sum_over_batch(per_sequence: Tensor) -> Tensor:
-    """A shared parameter's gradient: the per-sequence ones summed."""
-    return per_sequence.sum(0)
+    """A shared parameter's gradient: the per-sequence ones (each a sum over T
+    positions) summed in float64, returned in their dtype."""
+    return per_sequence.sum(0, dtype=torch.float64).to(per_sequence.dtype)
 
 
 def _autograd_formula(namespace: str):

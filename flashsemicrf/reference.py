@@ -331,8 +331,9 @@ def backward(
     log_z64 = torch.where(dead, torch.zeros_like(log_z), log_z).to(torch.float64)
 
     g_scores = torch.zeros(B, T, C, dtype=dt, device=dev)
-    g_trans = torch.zeros((B,) + p.transition.shape, dtype=dt, device=dev)
-    g_dur = torch.zeros(B, K, C, dtype=dt, device=dev)
+    # transition and duration gradients sum over T positions: float64 until returned.
+    g_trans = torch.zeros((B,) + p.transition.shape, dtype=torch.float64, device=dev)
+    g_dur = torch.zeros(B, K, C, dtype=torch.float64, device=dev)
     g_start_t = torch.zeros(B, C, dtype=dt, device=dev)
     g_end_t = torch.zeros(B, C, dtype=dt, device=dev)
     g_start_s = torch.zeros(B, T, C, dtype=dt, device=dev)
@@ -374,7 +375,7 @@ def backward(
                     start = sigma[:, None, :]
                 post = mass(start + x, shift)  # (B, K, C)
                 post = torch.where(active[:, None, None], post, torch.zeros_like(post))
-                g_dur += post
+                g_dur += post.to(torch.float64)
                 starts = post.sum(1)  # (B, C)
                 g_start_s[:, t] = starts
                 if t == 0:
@@ -400,7 +401,7 @@ def backward(
                         beta_reg = torch.logsumexp(joint, dim=2)  # (B, C')
                         tr = mass(alpha[:, :, None] + joint, shift)  # (B, C', C)
                     keep = active.view((B,) + (1,) * (tr.dim() - 1))
-                    g_trans += torch.where(keep, tr, torch.zeros_like(tr))
+                    g_trans += torch.where(keep, tr, torch.zeros_like(tr)).to(torch.float64)
                 beta = torch.where(ending[:, None], p.end_transition.expand(B, C), beta_reg)
                 q = _finite_max(beta, -1)
                 beta = beta - q[:, None]
@@ -440,7 +441,9 @@ def backward(
         g_start_s = None
     if not end_mass:
         g_end_s = None
-    return Gradients(g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s)
+    return Gradients(
+        g_scores, g_trans.to(dt), g_dur.to(dt), g_start_t, g_end_t, g_start_s, g_end_s
+    )
 
 
 # --------------------------------------------------------------------------

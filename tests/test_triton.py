@@ -61,8 +61,10 @@ CASES = random_small_cases(16, seed0=23, max_T=7, max_K=4, max_C=3) + [
 def test_chunked_duration_sweep(case, tile, monkeypatch):
     """Tiles of one or two durations (partial last chunks included): the online
     log-sum-exp across chunks, the coverage carried between chunks and the
-    Viterbi tie rule across chunks."""
+    Viterbi tie rule across chunks; and the static transition's gradient
+    flushed to its float64 sum every 3 positions, inside spans too."""
     monkeypatch.setattr(launchers, "TILE_ELEMENTS", tile)
+    monkeypatch.setattr(launchers, "FLUSH_POSITIONS", 3)
     kw = on(case.kwargs, TRITON_DEVICE)
     upstream = torch.linspace(0.5, 2.0, case.B, dtype=torch.float64, device=TRITON_DEVICE)
     log_z, g = log_z_and_grads(kw, "triton", upstream)

@@ -532,7 +532,7 @@ def _backward_kernel(
     T, K, C, interval, n_ckpt,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
-    WANT_START: tl.constexpr, WANT_END: tl.constexpr,
+    WANT_START: tl.constexpr, WANT_END: tl.constexpr, FLUSH: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -566,7 +566,13 @@ def _backward_kernel(
     log_z64 = log_z.to(tl.float64)
     trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
     end_tr = _labels(end_tr_ptr, C, C_PAD, float("-inf"))
-    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)  # static transition: kept in registers
+    # Shared parameters sum over T positions: accumulated in float64 in the
+    # gradient buffers (the launcher returns them in DT); the static
+    # transition's terms pass through a register tile in DT, flushed every
+    # FLUSH positions.
+    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)
+    ok2 = (cs[:, None] < C) & (cs[None, :] < C)
+    g_trans_2d = g_trans_ptr + cl[:, None] * C + cl[None, :]
     Q = tl.full([], 0.0, tl.float64)  # backward offset
     last_span = tl.minimum(L // interval, n_ckpt - 1)
     # A sequence with no valid segmentation keeps its zero gradients.
@@ -644,7 +650,8 @@ def _backward_kernel(
                         g_tr = tl.where(ok3, g_tr, 0.0)
                         gt_ptrs = (g_trans_ptr + d_row[:, None, None] * C * C
                                    + cl[None, :, None] * C + cl[None, None, :])
-                        tl.store(gt_ptrs, tl.load(gt_ptrs, mask=ok3, other=0.0) + g_tr, mask=ok3)
+                        tl.store(gt_ptrs, tl.load(gt_ptrs, mask=ok3, other=0.0)
+                                 + g_tr.to(tl.float64), mask=ok3)
                         chunk_max = tl.max(tl.max(joint, 2), 0)  # (C',)
                         new_max = tl.maximum(beta_max, chunk_max)
                         base = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -656,7 +663,8 @@ def _backward_kernel(
                         tau_max, tau_sum = _lse_update(tau_max, tau_sum, x, 0)
                     post = tl.where(ok, tl.exp(enter + x + shift) * g, 0.0)
                     gd_ptrs = g_dur_ptr + d_row[:, None] * C + cl[None, :]
-                    tl.store(gd_ptrs, tl.load(gd_ptrs, mask=ok, other=0.0) + post, mask=ok)
+                    tl.store(gd_ptrs, tl.load(gd_ptrs, mask=ok, other=0.0) + post.to(tl.float64),
+                             mask=ok)
                     # Position t+d-1 lies in every segment [t, t+d') with d' >= d.
                     cover = covered[None, :] + tl.cumsum(post, 0, reverse=True)
                     covered += tl.sum(post, 0)
@@ -675,7 +683,6 @@ def _backward_kernel(
                         into = start_t + _lse_finish(tau_max, tau_sum)  # start score + tau
                         joint2 = trans_tile + into[None, :]  # (C', C)
                         g_tr2 = tl.exp(alpha[:, None] + joint2 + shift) * g
-                        ok2 = cm[:, None] & cm[None, :]
                         g_trans_acc += tl.where(ok2, g_tr2, 0.0)
                         beta = _lse(joint2, 1)
                     beta = tl.where(cm, beta, float("-inf"))
@@ -702,10 +709,12 @@ def _backward_kernel(
                     Q += emit_max.to(tl.float64)
                     fresh = beta + _row(end_sc_ptr, t - 1, C, C_PAD, HAS_END)
                     _open_back(back, t, q, fresh, emit, K, C, False, C_PAD, BLOCK_D)
+            if not DD:
+                if (i % FLUSH == FLUSH - 1) | (i == last - first):
+                    total = tl.load(g_trans_2d, mask=ok2, other=0.0) + g_trans_acc.to(tl.float64)
+                    tl.store(g_trans_2d, total, mask=ok2)
+                    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)
         tl.debug_barrier()
-    if not DD:
-        ok2 = (cs[:, None] < C) & (cs[None, :] < C)
-        tl.store(g_trans_ptr + cl[:, None] * C + cl[None, :], g_trans_acc, mask=ok2)
 
 
 # --------------------------------------------------------------------------

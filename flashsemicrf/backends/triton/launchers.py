@@ -28,6 +28,11 @@ Tensor = torch.Tensor
 # on a GPU yet. Tests lower it to exercise the chunked sweep.
 TILE_ELEMENTS = 2048
 NUM_WARPS = 4
+# Positions whose static-transition gradient terms the backward sums in a
+# register tile, in the compute dtype, before adding them to the float64 sum:
+# 32 terms round to < 32·eps relative, and a float64 tile spills at C = 24
+# (ptxas -v). Tests lower it to exercise the flushes.
+FLUSH_POSITIONS = 32
 
 
 def _check(scores, transition, duration, lengths, start_transition, end_transition,
@@ -136,8 +141,9 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
     if checkpoint_offset.dtype != torch.float64:
         raise ValueError(f"{NAMESPACE}: checkpoint_offset must be float64")
     g_scores = p.zeros(B, T, C)
-    g_trans = p.zeros(B, *transition.shape)
-    g_dur = p.zeros(B, K, C)
+    # transition and duration gradients sum over T positions: float64 until returned.
+    g_trans = p.zeros(B, *transition.shape, dtype=torch.float64)
+    g_dur = p.zeros(B, K, C, dtype=torch.float64)
     g_start_tr = p.zeros(B, C)
     g_end_tr = p.zeros(B, C)
     want_start = _contract.returns_boundary_gradient(p.has_start, boundary_mass)
@@ -154,8 +160,9 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
             p.ring_workspace(), p.empty(B, K, p.C_PAD), p.empty(B, span, p.C_PAD),
             p.empty(B, span, p.C_PAD), p.empty(B, span, dtype=torch.float64),
             T, K, C, interval, n_ckpt,
-            WANT_START=want_start, WANT_END=want_end, **p.meta)
-    return g_scores, g_trans, g_dur, g_start_tr, g_end_tr, g_start_sc, g_end_sc
+            WANT_START=want_start, WANT_END=want_end, FLUSH=FLUSH_POSITIONS, **p.meta)
+    dt = p.scores.dtype
+    return g_scores, g_trans.to(dt), g_dur.to(dt), g_start_tr, g_end_tr, g_start_sc, g_end_sc
 
 
 def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
