@@ -25,7 +25,10 @@ Tensor = torch.Tensor
 Lengths = Union[Tensor, Sequence[int], None]
 
 _PROBLEM_ARGS = """scores: (B, T, C) float tensor: the score of label c at position t
-            (the encoder's emissions).
+            (the encoder's emissions). Every float input may be float16,
+            bfloat16, float32 or float64, all on one device; the computation
+            is in float32, or float64 when any input is float64. −inf entries
+            of any input forbid what they score.
         transition: (C, C) float tensor, ``transition[i, j]`` scoring a label-j
             segment that follows a label-i one; or (K, C, C), indexed first by
             d − 1, d the duration of the incoming (label-j) segment.
@@ -43,11 +46,7 @@ _PROBLEM_ARGS = """scores: (B, T, C) float tensor: the score of label c at posit
             CPU tensors, the reference where the compiled extension is missing;
             the environment variable FLASHSEMICRF_BACKEND overrides it), "cuda",
             "triton", "cpu" or "torch" (the plain-PyTorch reference).
-            ``flashsemicrf.backends.available()`` lists those that run here.
-
-        Float inputs may be float16, bfloat16, float32 or float64, on one
-        device; the computation is in float32, or float64 when any input is
-        float64. −inf entries forbid what they score."""
+            ``flashsemicrf.backends.available()`` lists those that run here."""
 
 _RAISES = """TypeError, ValueError: an input has the wrong type, shape, dtype or
             device (the message names it and says what was expected), or the
