@@ -311,30 +311,3 @@ def test_gpu_new_length_does_not_recompile():
             kernels._forward_kernel, kernels._backward_kernel, kernels._viterbi_kernel,
             kernels._filter_kernel)])
     assert all(c == counts[0] for c in counts), counts
-
-
-@pytest.mark.cuda
-@needs_gpu
-def test_gpu_torch_compile_with_inductor():
-    torch._dynamo.reset()
-
-    def fn(scores, transition, duration, lengths, end_scores):
-        return F.log_partition(scores, transition, duration, lengths, end_scores=end_scores,
-                               backend="triton")
-
-    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
-    names = ("scores", "transition", "duration", "lengths", "end_scores")
-    for T in (40, 64, 101):
-        case = make_case(T, 3, T, 5, 4, optional=("end_scores",))
-        leaves = {k: (v.detach().to("cuda", torch.float32).requires_grad_()
-                      if v.is_floating_point() else v.cuda()) for k, v in case.tensors.items()}
-        eager = {k: (v.detach().clone().requires_grad_() if v.is_floating_point() else v)
-                 for k, v in leaves.items()}
-        out = compiled(*(leaves[n] for n in names))
-        ref = fn(*(eager[n] for n in names))
-        assert_close(f"compiled log Z at T={T}", out, ref, 1e-4)
-        out.sum().backward()
-        ref.sum().backward()
-        for n in names:
-            if leaves[n].is_floating_point():
-                assert_close(f"compiled d/d {n}", leaves[n].grad, eager[n].grad, 1e-4)

@@ -26,8 +26,8 @@ The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
   subtracted each step, each position's largest emission moves from the ring
   into the offset (as in the reference), and the offsets are carried in
   float64.
-* One forward step, :func:`_forward_step`, serves all four kernels (the
-  backward's span recompute included).
+* One step of the scan and the move of the ring, :func:`_step_and_advance`,
+  serve all four kernels (the backward's span recompute included).
 * The backward recomputes one checkpoint span at a time into span buffers of
   the workspace (interval + 1 rows of C_PAD) and sweeps a mirror ring through
   them. Every gradient element belongs to one program, which accumulates it in
@@ -318,12 +318,12 @@ def _advance(
 
 
 @triton.jit
-def _forward_step(
+def _step_and_advance(
     t, advance, offset, ring, trans_tile, inputs, T, K, C,
     MAX: tl.constexpr, DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Step t of the forward scan, then, when ``advance``, the ring's move to step t+1.
+    """Step t of the scan, then, when ``advance``, the ring's move to step t+1.
 
     ``offset`` is the ring's offset before the step. Returns (alpha_hat[t],
     sigma_hat[t], O_t, the ring's offset after the step, best_d, best_prev).
@@ -426,7 +426,7 @@ def _forward_kernel(
             j = t // interval
             _copy_checkpoint(t, ring, ckpt_ptr + j * S * C, K, C, True, DD, C_PAD, BLOCK_D)
             tl.store(ckpt_off_ptr + j, offset)
-        alpha, _sigma, o_t, offset, _bd, _bp = _forward_step(
+        alpha, _sigma, o_t, offset, _bd, _bp = _step_and_advance(
             t, t < L, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START, HAS_END,
             C_PAD, BLOCK_D)
         if t == L:
@@ -586,7 +586,7 @@ def _backward_kernel(
         _copy_checkpoint(first, ring, ckpt_ptr + j * S * C, K, C, False, DD, C_PAD, BLOCK_D)
         offset = tl.load(ckpt_off_ptr + j)
         for t in range(first, last + 1):
-            alpha, sigma, o_t, offset, _bd, _bp = _forward_step(
+            alpha, sigma, o_t, offset, _bd, _bp = _step_and_advance(
                 t, t < last, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START,
                 HAS_END, C_PAD, BLOCK_D)
             tl.store(alpha_buf + (t - first) * C_PAD + cs, alpha)
@@ -754,7 +754,7 @@ def _viterbi_kernel(
     best = tl.full([], float("-inf"), DT)
     last_label = tl.full([], 0, tl.int32)
     for t in range(0, L + 1):
-        alpha, _sigma, o_t, offset, best_d, best_prev = _forward_step(
+        alpha, _sigma, o_t, offset, best_d, best_prev = _step_and_advance(
             t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD, HAS_START, HAS_END,
             C_PAD, BLOCK_D)
         if t > 0:
@@ -817,7 +817,7 @@ def _filter_kernel(
     _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
     offset = tl.full([], 0.0, tl.float64)
     for t in range(0, L + 1):
-        alpha, sigma, o_t, offset, _bd, _bp = _forward_step(
+        alpha, sigma, o_t, offset, _bd, _bp = _step_and_advance(
             t, t < L, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START, HAS_END,
             C_PAD, BLOCK_D)
         tl.store(offset_ptr + t, o_t)
