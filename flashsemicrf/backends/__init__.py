@@ -5,14 +5,10 @@ Every backend is a family of four ops with one contract
 formula, so a checkpoint written by one backend's forward feeds another's
 backward.
 
-==========  ========================  =====================================
-name        ops                       module
-==========  ========================  =====================================
-``cuda``    ``flashsemicrf::*``       compiled.py (csrc/cuda, through ``_C``)
-``cpu``     ``flashsemicrf::*``       compiled.py (csrc/cpu, through ``_C``)
-``triton``  ``flashsemicrf_triton::*``  triton/ (imported on first use)
-``torch``   ``flashsemicrf_torch::*``   reference_ops.py (flashsemicrf/reference.py)
-==========  ========================  =====================================
+    cuda    flashsemicrf::*         compiled.py (csrc/cuda, loaded through _C)
+    cpu     flashsemicrf::*         compiled.py (csrc/cpu, loaded through _C)
+    triton  flashsemicrf_triton::*  triton/ (Triton imported on first use)
+    torch   flashsemicrf_torch::*   reference_ops.py (flashsemicrf/reference.py)
 
 ``resolve`` maps a request (``backend="auto"`` honours ``FLASHSEMICRF_BACKEND``)
 to an :class:`~flashsemicrf._contract.OpFamily`; kernels never choose.
