@@ -59,7 +59,8 @@ _F = TypeVar("_F", bound=Callable)
 
 def _documented(fn: _F) -> _F:
     """Fill the shared parts of a public docstring (written once above)."""
-    fn.__doc__ = fn.__doc__.format(problem=_PROBLEM_ARGS, raises=_RAISES)
+    if fn.__doc__:  # None under python -OO
+        fn.__doc__ = fn.__doc__.format(problem=_PROBLEM_ARGS, raises=_RAISES)
     return fn
 
 
