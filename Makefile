@@ -12,8 +12,10 @@ SHELL := /bin/bash
 
 VENV ?= .venv
 PYTEST_ARGS ?=
-DEPS := torch numpy pytest ninja triton hypothesis tqdm matplotlib \
-        flash-semicrf==0.2.0 torch-struct==0.5
+# ninja for the build, then the dependencies and the [test] and [bench] extras
+# as pyproject.toml lists them (read here, so they are listed in one place;
+# evaluated when the dependency step runs, with the venv's Python).
+DEPS = ninja $(shell $(PYTHON) -c 'import re, shlex; t = open("pyproject.toml").read(); table = lambda name: t.split("[" + name + "]", 1)[1].split("\n[", 1)[0]; array = lambda key, name: re.findall(r"\"([^\"]+)\"", re.search(r"(?ms)^" + key + r"\s*=\s*\[(.*?)\]", table(name)).group(1)); extras = "project.optional-dependencies"; print(" ".join(map(shlex.quote, array("dependencies", "project") + array("test", extras) + array("bench", extras))))')
 
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(VENV)/bin/python

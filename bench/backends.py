@@ -1,6 +1,6 @@
 """The contenders, each one call: ``backend(scores, transition, duration, lengths) -> log Z``.
 
-Every backend gets the same problem in our convention (SPEC §1) and maps it
+Every backend gets the same problem in our convention (README, "The model") and maps it
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 

@@ -1,4 +1,4 @@
-"""What is measured: the regimes of SPEC §6 as sweeps over T, B, K, C and the
+"""What is measured: our users' regimes as sweeps over T, B, K, C and the
 transition form, a quick default and a full set for each device type.
 
 Regimes: NER (K=16, C=9), speech (K=30, C=39, T ≤ 20k), genomics

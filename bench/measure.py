@@ -269,7 +269,7 @@ def _cpu_model() -> str:
 def environment(device: torch.device) -> dict:
     """The device, driver and library versions, and the source commit."""
     import flashsemicrf
-    from flashsemicrf import _backends
+    from flashsemicrf import backends
 
     env = {
         "device_type": device.type,
@@ -281,8 +281,8 @@ def environment(device: torch.device) -> dict:
         "triton": _version("triton"),
         "numpy": _version("numpy"),
         "flashsemicrf": flashsemicrf.__version__,
-        "flashsemicrf_cpu_kernels": _backends.HAS_CPU_KERNELS,
-        "flashsemicrf_cuda_kernels": _backends.HAS_CUDA_KERNELS,
+        "flashsemicrf_cpu_kernels": backends.HAS_CPU_KERNELS,
+        "flashsemicrf_cuda_kernels": backends.HAS_CUDA_KERNELS,
         "flash_semicrf": _version("flash-semicrf"),
         "torch_struct": _version("torch-struct"),
         "cuda_runtime": torch.version.cuda,

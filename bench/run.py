@@ -109,9 +109,9 @@ class Runner:
     # -- the float64 reference --------------------------------------------------
 
     def _reference_backend(self) -> bk.Backend:
-        from flashsemicrf import _backends
+        from flashsemicrf import backends as ours
 
-        name = "cpu" if _backends.HAS_CPU_KERNELS else "torch"
+        name = "cpu" if ours.HAS_CPU_KERNELS else "torch"
         b = bk.make(name, torch.device("cpu"))
         return bk.Backend(f"{name}-f64", bk.KIND[name], b.fn)
 

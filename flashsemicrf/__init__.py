@@ -1,8 +1,10 @@
 """flashsemicrf: exact semi-Markov CRF inference that streams over the sequence.
 
-The public functions (shapes in SPEC §1 and the README): log_partition,
-viterbi, marginals, entropy, sample, score, nll, segments_to_labels,
-labels_to_segments.
+The public functions (shapes and the model: README; each documents its
+arguments): log_partition, viterbi, marginals, entropy, sample, score, nll,
+segments_to_labels, labels_to_segments; the SemiCRF head and
+SemiCRFDistribution. flashsemicrf.backends lists and chooses the backends;
+docs/design.md describes the algorithm and the contract they share.
 """
 
 from .api import Marginals, entropy, log_partition, marginals, nll, sample, score, viterbi

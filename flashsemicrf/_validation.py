@@ -1,4 +1,4 @@
-"""Input checks at the public entry points (SPEC §5).
+"""Input checks at the public entry points (docs/design.md, "Bad input").
 
 Every message names the function, the argument, what was expected and what
 was received. Nothing here copies or modifies the caller's tensors, except
@@ -8,36 +8,16 @@ on the scores' device.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
+
+from ._contract import Problem
 
 Tensor = torch.Tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
-
-
-class Inputs(NamedTuple):
-    """The validated problem, in the caller's tensors (no copies).
-
-    lengths is always an int64 tensor on the scores' device; the optional
-    inputs stay None when not given.
-    """
-
-    scores: Tensor
-    transition: Tensor
-    duration: Tensor
-    lengths: Tensor
-    start_transition: Tensor | None
-    end_transition: Tensor | None
-    start_scores: Tensor | None
-    end_scores: Tensor | None
-
-    @property
-    def floats(self) -> tuple[Tensor | None, ...]:
-        """The float inputs in signature order (lengths left out)."""
-        return (self.scores, self.transition, self.duration) + tuple(self[4:])
 
 
 def _describe(x) -> str:
@@ -114,7 +94,9 @@ def check_problem(
     end_transition,
     start_scores,
     end_scores,
-) -> Inputs:
+) -> Problem:
+    """The validated problem in the caller's tensors (no copies); absent
+    optional inputs stay None and lengths becomes int64 on the scores' device."""
     _float_tensor(fn, "scores", scores, "(B, T, C)", (3,))
     B, T, C = scores.shape
     if T < 1 or C < 1:
@@ -148,13 +130,13 @@ def check_problem(
                 "all tensors must be on one device"
             )
     lengths = check_lengths(fn, lengths, B, T, scores.device)
-    return Inputs(
+    return Problem(
         scores, transition, duration, lengths, start_transition, end_transition,
         start_scores, end_scores,
     )
 
 
-def check_segments(fn: str, segments, inputs: Inputs) -> Tensor:
+def check_segments(fn: str, segments, inputs: Problem) -> Tensor:
     """segments (N, 4) rows (batch, start, duration, label) that tile every sequence.
 
     Rows must be sorted by batch then start, and for every sequence b tile

@@ -28,7 +28,9 @@ Tensor = torch.Tensor
 class SemiCRFDistribution:
     """The distribution over segmentations defined by one batch of potentials.
 
-    Args (shapes as in SPEC §1; all float tensors may require grad):
+    The model is the README's ("The model"); every float tensor may require grad.
+
+    Args:
         scores: (B, T, C) emissions.
         transition: (C, C), or (K, C, C) indexed by the incoming segment's duration.
         duration: (K, C); K = duration.shape[0] is the longest segment.
@@ -133,22 +135,39 @@ class SemiCRFDistribution:
         return api.entropy(*self._args(), **self._kwargs())
 
     def sample(self, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """Exact samples: segments (N, 5) rows (sample, batch, start, duration, label).
+        """Exact samples; not cached: every call draws afresh.
 
-        Not cached: every call draws afresh.
+        Args:
+            num_samples: samples per sequence (≥ 1).
+            generator: a torch.Generator on the scores' device, or None.
+
+        Returns:
+            (N, 5) int64 rows (sample, batch, start, duration, label).
         """
         return api.sample(*self._args(), **self._kwargs(), num_samples=num_samples,
                           generator=generator)
 
     def score(self, segments: Tensor) -> Tensor:
-        """Unnormalised score (B,) of segmentations (N, 4); differentiable."""
+        """The unnormalised score of segmentations; differentiable.
+
+        Args:
+            segments: (N, 4) rows (batch, start, duration, label) tiling [0, L_b)
+                for every sequence b.
+
+        Returns:
+            (B,) scores.
+        """
         return api.score(segments, *self._args(), **self._kwargs())
 
     def log_prob(self, segments: Tensor) -> Tensor:
-        """log P(segments) (B,) = score − log Z ≤ 0; differentiable.
+        """log P(segments) = score − log Z ≤ 0; differentiable (log Z is cached).
 
-        segments: (N, 4) rows (batch, start, duration, label) tiling [0, L_b) for
-        every sequence b. log Z is computed once and cached.
+        Args:
+            segments: (N, 4) rows (batch, start, duration, label) tiling [0, L_b)
+                for every sequence b.
+
+        Returns:
+            (B,) log-probabilities.
         """
         return self.score(segments) - self.log_partition
 

@@ -6,7 +6,7 @@
     loss = head(hidden, lengths, segments)        # scalar: mean NLL over the batch
     segments = head.decode(hidden, lengths)       # (N, 4) rows (batch, start, duration, label)
 
-The head owns every parameter of the model of SPEC §1 except the emissions,
+The head owns every parameter of the model (README) except the emissions,
 which it computes from the encoder states with a linear layer (or takes as
 given when ``hidden_dim`` is None), and calls the public functions of
 :mod:`flashsemicrf.api` with them. ``head.potentials(hidden, lengths)`` returns
@@ -20,11 +20,16 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import api
 from ._validation import BACKENDS, FLOAT_DTYPES, check_lengths, check_positive_int
 from .distribution import SemiCRFDistribution
+from .priors import (
+    geometric_log_pmf,
+    negative_binomial_log_pmf,
+    poisson_log_pmf,
+    soft_uniform_log_pmf,
+)
 
 Tensor = torch.Tensor
 
@@ -46,53 +51,6 @@ def _per_label(name: str, value, C: int, low: float, strict: bool = True) -> Ten
         raise ValueError(f"SemiCRF: {name} must be finite and {'>' if strict else '≥'} {low}, "
                          f"got {t.tolist()}")
     return t
-
-
-def geometric_log_pmf(logit: Tensor, K: int) -> Tensor:
-    """(K, C) log P(d), d = 1 … K, of a geometric distribution on {1, 2, …}.
-
-    P(d) = p (1 − p)^(d − 1) with success probability p = sigmoid(logit) (C,);
-    mean 1 / p. Mass beyond K is dropped, so the K values sum to 1 − (1 − p)^K.
-    """
-    k = torch.arange(K, dtype=logit.dtype, device=logit.device)[:, None]  # d − 1
-    return F.logsigmoid(logit) + k * F.logsigmoid(-logit)
-
-
-def poisson_log_pmf(log_rate: Tensor, K: int) -> Tensor:
-    """(K, C) log P(d), d = 1 … K, of a Poisson shifted to start at 1.
-
-    d − 1 ~ Poisson(λ) with λ = exp(log_rate) (C,); mean 1 + λ. Mass beyond K
-    is dropped.
-    """
-    k = torch.arange(K, dtype=log_rate.dtype, device=log_rate.device)[:, None]
-    return k * log_rate - log_rate.exp() - torch.lgamma(k + 1)
-
-
-def negative_binomial_log_pmf(log_mean: Tensor, log_dispersion: Tensor, K: int) -> Tensor:
-    """(K, C) log P(d), d = 1 … K, of a negative binomial shifted to start at 1.
-
-    d − 1 has mean μ = exp(log_mean) and variance μ + μ²/r with dispersion
-    r = exp(log_dispersion) (both (C,)); r → ∞ is the Poisson, r = 1 the
-    geometric. Mass beyond K is dropped.
-    """
-    k = torch.arange(K, dtype=log_mean.dtype, device=log_mean.device)[:, None]
-    r = log_dispersion.exp()
-    log_total = torch.logaddexp(log_mean, log_dispersion)  # log(μ + r)
-    return (torch.lgamma(k + r) - torch.lgamma(r) - torch.lgamma(k + 1)
-            + r * (log_dispersion - log_total) + k * (log_mean - log_total))
-
-
-def soft_uniform_log_pmf(low: Tensor, high: Tensor, K: int, softness: float) -> Tensor:
-    """(K, C) log P(d), d = 1 … K, of a uniform over [low, high] with soft edges.
-
-    P(d) ∝ sigmoid((d − low + ½) / s) · sigmoid((high + ½ − d) / s), normalised
-    over d = 1 … K (so it sums to exactly 1); s = ``softness`` in positions.
-    As s → 0 it is the uniform on the integers of [low, high]; a soft edge
-    lets the bounds (C,) learn.
-    """
-    d = torch.arange(1, K + 1, dtype=low.dtype, device=low.device)[:, None]
-    w = F.logsigmoid((d - low + 0.5) / softness) + F.logsigmoid((high + 0.5 - d) / softness)
-    return w - torch.logsumexp(w, dim=0, keepdim=True)
 
 
 def _label_means(scores: Tensor, lengths: Tensor) -> Tensor:
@@ -329,7 +287,14 @@ class SemiCRF(nn.Module):
 
         ``−mean[b, c]·d`` at [b, d − 1, c], mean[b, c] being the mean of
         scores[b, :L_b, c]; the centred model of sequence b equals the uncentred
-        one with duration + shift[b]. None when centering is off.
+        one with duration + shift[b].
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T]; None means all T.
+
+        Returns:
+            (B, K, C) tensor, or None when centering is off.
         """
         if self.centering is None:
             return None
@@ -352,6 +317,9 @@ class SemiCRF(nn.Module):
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
             lengths: (B,) integers in [1, T]; None means all T.
             segments: (N, 4) gold segmentation, rows (batch, start, duration, label).
+
+        Returns:
+            (B,) log Z, or a scalar loss (:meth:`loss` with reduction "mean").
         """
         if segments is not None:
             return self.loss(hidden, segments, lengths)
@@ -368,6 +336,9 @@ class SemiCRF(nn.Module):
                 label map with ``flashsemicrf.labels_to_segments(labels, lengths, K)``).
             lengths: (B,) integers in [1, T]; None means all T.
             reduction: ``"mean"`` (scalar, default), ``"sum"`` (scalar) or ``"none"`` (B,).
+
+        Returns:
+            The reduced loss; differentiable with respect to every parameter and hidden.
         """
         if reduction not in REDUCTIONS:
             raise ValueError(f"SemiCRF.loss: reduction must be one of {REDUCTIONS}, "
@@ -378,16 +349,32 @@ class SemiCRF(nn.Module):
         return out.sum() if reduction == "sum" else out
 
     def score(self, hidden: Tensor, segments: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Score (B,) of the given segmentations (N, 4); differentiable."""
+        """The score of given segmentations; differentiable.
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            segments: (N, 4) rows (batch, start, duration, label) tiling [0, L_b).
+            lengths: (B,) integers in [1, T]; None means all T.
+
+        Returns:
+            (B,) unnormalised scores.
+        """
         return api.score(segments, **self._potentials("score", hidden, lengths))
 
     @torch.no_grad()
     def decode(self, hidden: Tensor, lengths: Tensor | None = None,
                return_scores: bool = False):
-        """The Viterbi segmentation: segments (N, 4) rows (batch, start, duration, label).
+        """The Viterbi segmentation.
 
-        With ``return_scores=True`` returns ``(best (B,), segments)``. Turn the
-        segments into a (B, T) label map with ``flashsemicrf.segments_to_labels``.
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T]; None means all T.
+            return_scores: also return the best scores.
+
+        Returns:
+            segments (N, 4) int64 rows (batch, start, duration, label), or
+            ``(best (B,), segments)`` with ``return_scores``. Turn the segments
+            into a (B, T) label map with ``flashsemicrf.segments_to_labels``.
         """
         best, segments = api.viterbi(**self._potentials("decode", hidden, lengths))
         return (best, segments) if return_scores else segments
@@ -398,23 +385,56 @@ class SemiCRF(nn.Module):
 
         labels[b, t, c] = P(position t lies in a label-c segment); starts[b, t] =
         P(a segment starts at t); 0 at padding positions.
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T]; None means all T.
+
+        Returns:
+            :class:`~flashsemicrf.Marginals`.
         """
         return api.marginals(**self._potentials("marginals", hidden, lengths))
 
     @torch.no_grad()
     def entropy(self, hidden: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """Exact entropy (B,) of the distribution over segmentations."""
+        """Exact entropy of the distribution over segmentations, in nats.
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T]; None means all T.
+
+        Returns:
+            (B,) entropies.
+        """
         return api.entropy(**self._potentials("entropy", hidden, lengths))
 
     @torch.no_grad()
     def sample(self, hidden: Tensor, lengths: Tensor | None = None, num_samples: int = 1,
                generator: torch.Generator | None = None) -> Tensor:
-        """Exact samples: segments (N, 5) rows (sample, batch, start, duration, label)."""
+        """Exact samples from the distribution over segmentations.
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T]; None means all T.
+            num_samples: samples per sequence (≥ 1).
+            generator: a torch.Generator on hidden's device, or None.
+
+        Returns:
+            (N, 5) int64 rows (sample, batch, start, duration, label).
+        """
         return api.sample(**self._potentials("sample", hidden, lengths),
                           num_samples=num_samples, generator=generator)
 
-    def distribution(self, hidden: Tensor, lengths: Tensor | None = None):
-        """The :class:`~flashsemicrf.SemiCRFDistribution` of this batch (differentiable)."""
+    def distribution(self, hidden: Tensor, lengths: Tensor | None = None) -> SemiCRFDistribution:
+        """The distribution over segmentations of this batch (differentiable).
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T]; None means all T.
+
+        Returns:
+            :class:`~flashsemicrf.SemiCRFDistribution` on this head's potentials.
+        """
         return SemiCRFDistribution(**self._potentials("distribution", hidden, lengths))
 
 

@@ -1,11 +1,13 @@
 """The plain-PyTorch streaming semi-CRF: the executable specification.
 
-Every compiled backend implements exactly the scan written here (SPEC §3), and
-the tests check them against it. It is dtype-generic (it computes in the dtype
-it is given), vectorised over the batch, and slow: a Python loop over
-positions. Clarity wins over speed everywhere in this file.
+Every backend implements exactly the scan written here (docs/design.md), and
+the tests check them against it; the "torch" backend registers it as ops
+(flashsemicrf/backends/reference_ops.py). Nothing else in the package imports
+it. It is dtype-generic (it computes in the dtype it is given), vectorised over
+the batch, and slow: a Python loop over positions. Clarity wins over speed
+everywhere in this file.
 
-Conventions used throughout (see SPEC §1 for the model):
+Conventions used throughout (the model: README, "The model"):
 
 * Positions t = 0 … L. "Step t" computes the forward messages at boundary t:
   alpha[t, c], the score of all segmentations of [0, t) whose last segment has
@@ -31,47 +33,20 @@ Conventions used throughout (see SPEC §1 for the model):
   ``interval``-th step. The backward recomputes one span of the forward at a
   time from its checkpoint and sweeps the backward messages through it with a
   mirror-image ring, so working memory is O((T/interval)·K·C + interval·C).
+* Every function takes a :class:`~flashsemicrf._contract.Problem` in one
+  float dtype; absent optional inputs are read as zeros (``Problem.filled``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
+from ._contract import Checkpoints, Gradients, History, Problem, default_checkpoint_interval
+
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
-
-
-class Problem(NamedTuple):
-    """Validated inputs, all in the compute dtype, optional ones filled in.
-
-    scores (B, T, C); transition (C, C) or (K, C, C); duration (K, C);
-    lengths (B,) int64; start_transition, end_transition (C,);
-    start_scores, end_scores (B, T, C) (zeros when the caller gave none).
-    """
-
-    scores: Tensor
-    transition: Tensor
-    duration: Tensor
-    lengths: Tensor
-    start_transition: Tensor
-    end_transition: Tensor
-    start_scores: Tensor
-    end_scores: Tensor
-
-    @property
-    def duration_dependent(self) -> bool:
-        return self.transition.dim() == 3
-
-
-def default_checkpoint_interval(T: int, K: int) -> int:
-    """Δ = ⌊√(T·K)⌋ balances the checkpoints (T/Δ)·K·C against the span Δ·C.
-
-    The compiled ops use the same formula when given interval 0.
-    """
-    return max(1, math.isqrt(max(1, T * K)))
 
 
 def _finite_max(x: Tensor, dim) -> Tensor:
@@ -97,12 +72,16 @@ def _shift_in(ring: Tensor, new: Tensor) -> Tensor:
 # --------------------------------------------------------------------------
 
 
-class ForwardState(NamedTuple):
+class ScanState(NamedTuple):
+    """What the scan carries from step to step (and a checkpoint stores)."""
+
     ring: Tensor  # (B, K, C) static, (B, 2K, C) duration-dependent
-    offset: Tensor  # (B,) float64: O_{t-1}
+    offset: Tensor  # (B,) float64: O_{t-1} plus position t-1's largest emission
 
 
 class StepResult(NamedTuple):
+    """The messages of one step."""
+
     alpha: Tensor | None  # (B, C) alpha_hat[t] relative to O_t (None at t = 0)
     sigma: Tensor | None  # (B, C) sigma_hat[t] relative to O_t (None at t = T)
     offset: Tensor  # (B,) float64 O_t
@@ -110,12 +89,12 @@ class StepResult(NamedTuple):
     best_previous: Tensor | None  # max semiring: (B, C) argmax c' (see viterbi)
 
 
-def initial_state(p: Problem) -> ForwardState:
+def initial_state(p: Problem) -> ScanState:
     B, _, C = p.scores.shape
     K = p.duration.shape[0]
     width = 2 * K if p.duration_dependent else K
     ring = p.scores.new_full((B, width, C), NEG_INF)
-    return ForwardState(ring, torch.zeros(B, dtype=torch.float64, device=p.scores.device))
+    return ScanState(ring, torch.zeros(B, dtype=torch.float64, device=p.scores.device))
 
 
 def _segment_terms(p: Problem, t: int, ring: Tensor, semiring: str):
@@ -139,8 +118,8 @@ def _segment_terms(p: Problem, t: int, ring: Tensor, semiring: str):
     return entry + gain + p.duration, per_prev
 
 
-def forward_step(p: Problem, t: int, state: ForwardState, semiring: str = "log"):
-    """One step of the scan; returns (StepResult, new ForwardState).
+def scan_step(p: Problem, t: int, state: ScanState, semiring: str = "log"):
+    """Step t of the scan; returns (StepResult, the ScanState of step t+1).
 
     Rows whose sequence has ended (t > L) compute values nobody reads.
     """
@@ -189,20 +168,16 @@ def forward_step(p: Problem, t: int, state: ForwardState, semiring: str = "log")
         else:
             ring = _shift_in(ring - m[:, None, None], sigma) + emit
     step = StepResult(alpha, sigma, new_offset, best_duration, best_previous)
-    return step, ForwardState(ring, state_offset)
+    return step, ScanState(ring, state_offset)
 
 
 def _end_value(p: Problem, alpha: Tensor, semiring: str) -> Tensor:
     return _reduce(alpha + p.end_transition, -1, semiring)
 
 
-class Checkpoints(NamedTuple):
-    ring: Tensor  # (B, N, S, C): the state at the beginning of step j·interval
-    offset: Tensor  # (B, N) float64
-
-
 def forward(p: Problem, interval: int = 0) -> tuple[Tensor, Checkpoints]:
     """log Z (B,) and the checkpoints the backward needs (interval 0: the default)."""
+    p = p.filled()
     B, T, C = p.scores.shape
     K = p.duration.shape[0]
     interval = interval or default_checkpoint_interval(T, K)
@@ -217,7 +192,7 @@ def forward(p: Problem, interval: int = 0) -> tuple[Tensor, Checkpoints]:
             done = p.lengths < t
             ck_ring[:, t // interval] = torch.where(done[:, None, None], NEG_INF, state.ring)
             ck_off[:, t // interval] = torch.where(done, 0.0, state.offset)
-        step, state = forward_step(p, t, state)
+        step, state = scan_step(p, t, state)
         ends = p.lengths == t
         if t > 0 and bool(ends.any()):
             value = step.offset + _end_value(p, step.alpha, "log").to(torch.float64)
@@ -225,21 +200,19 @@ def forward(p: Problem, interval: int = 0) -> tuple[Tensor, Checkpoints]:
     return log_z, Checkpoints(ck_ring, ck_off)
 
 
-class History(NamedTuple):
-    """Forward messages at every boundary t = 0 … T (for decoding and sampling)."""
+class _Backpointers(NamedTuple):
+    """The max semiring's choices at every boundary t = 0 … T (for the traceback)."""
 
-    alpha: Tensor  # (B, T+1, C) alpha_hat[t] (row 0: -inf)
-    sigma: Tensor  # (B, T+1, C) sigma_hat[t] (row T: -inf)
-    offset: Tensor  # (B, T+1) float64
-    best_duration: Tensor | None  # (B, T+1, C) max semiring
-    best_previous: Tensor | None  # (B, T+1, C) max semiring
+    duration: Tensor  # (B, T+1, C): the best duration of the segment ending at t
+    previous: Tensor  # (B, T+1, C): the best previous label (see viterbi)
 
 
-def forward_history(p: Problem, semiring: str = "log") -> tuple[Tensor, History]:
+def _scan_all(p: Problem, semiring: str) -> tuple[Tensor, History, _Backpointers | None]:
     """The scan keeping every boundary's messages: O(T·C) memory.
 
-    Returns (value (B,), History): log Z or, in the max semiring, the Viterbi
-    score.
+    Returns log Z (or, in the max semiring, the Viterbi score) (B,), the
+    messages in the filter op's layout (past a sequence's end: -inf messages
+    and offset 0), and in the max semiring the backpointers.
     """
     B, T, C = p.scores.shape
     alpha = p.scores.new_full((B, T + 1, C), NEG_INF)
@@ -251,12 +224,13 @@ def forward_history(p: Problem, semiring: str = "log") -> tuple[Tensor, History]
     value = p.scores.new_full((B,), NEG_INF)
     state = initial_state(p)
     for t in range(T + 1):
-        step, state = forward_step(p, t, state, semiring)
-        offset[:, t] = step.offset
+        step, state = scan_step(p, t, state, semiring)
+        inside = (t <= p.lengths)[:, None]  # boundary t belongs to the sequence
+        offset[:, t] = torch.where(inside[:, 0], step.offset, 0.0)
         if step.sigma is not None:
-            sigma[:, t] = step.sigma
+            sigma[:, t] = torch.where((t < p.lengths)[:, None], step.sigma, NEG_INF)
         if step.alpha is not None:
-            alpha[:, t] = step.alpha
+            alpha[:, t] = torch.where(inside, step.alpha, NEG_INF)
             ends = p.lengths == t
             end = step.offset + _end_value(p, step.alpha, semiring).to(torch.float64)
             value = torch.where(ends, end.to(value.dtype), value)
@@ -265,7 +239,13 @@ def forward_history(p: Problem, semiring: str = "log") -> tuple[Tensor, History]
                 best_d[:, t] = step.best_duration
             if step.best_previous is not None:
                 best_c[:, t] = step.best_previous
-    return value, History(alpha, sigma, offset, best_d, best_c)
+    pointers = _Backpointers(best_d, best_c) if semiring == "max" else None
+    return value, History(alpha, sigma, offset), pointers
+
+
+def filter_messages(p: Problem) -> History:
+    """The forward messages at every boundary: the filter op (for sampling)."""
+    return _scan_all(p.filled(), "log")[1]
 
 
 # --------------------------------------------------------------------------
@@ -300,23 +280,6 @@ def _crossing_mass(p: Problem, t: int, fwd: Tensor, bwd: Tensor, shift: Tensor) 
     return total
 
 
-class Gradients(NamedTuple):
-    """d log Z_b / d input, per sequence b, times the upstream gradient.
-
-    The shared parameters get a leading batch dimension (summed by autograd).
-    start_scores/end_scores are the posterior masses of segments starting /
-    ending at each position (None when not asked for).
-    """
-
-    scores: Tensor  # (B, T, C)
-    transition: Tensor  # (B, C, C) or (B, K, C, C)
-    duration: Tensor  # (B, K, C)
-    start_transition: Tensor  # (B, C)
-    end_transition: Tensor  # (B, C)
-    start_scores: Tensor | None  # (B, T, C)
-    end_scores: Tensor | None  # (B, T, C)
-
-
 def _recompute_span(p: Problem, ckpt: Checkpoints, j: int, first: int, last: int, interval):
     """Forward messages alpha_hat, sigma_hat, O at boundaries first … last."""
     B, T, C = p.scores.shape
@@ -324,9 +287,9 @@ def _recompute_span(p: Problem, ckpt: Checkpoints, j: int, first: int, last: int
     alpha = p.scores.new_full((B, n, C), NEG_INF)
     sigma = p.scores.new_full((B, n, C), NEG_INF)
     offset = torch.zeros(B, n, dtype=torch.float64, device=p.scores.device)
-    state = ForwardState(ckpt.ring[:, j], ckpt.offset[:, j])
+    state = ScanState(ckpt.ring[:, j], ckpt.offset[:, j])
     for t in range(first, last + 1):
-        step, state = forward_step(p, t, state)
+        step, state = scan_step(p, t, state)
         offset[:, t - first] = step.offset
         if step.alpha is not None:
             alpha[:, t - first] = step.alpha
@@ -353,6 +316,7 @@ def backward(
     posterior masses of segments starting / ending at each position), else
     None for them.
     """
+    p = p.filled()
     B, T, C = p.scores.shape
     K = p.duration.shape[0]
     dev, dt = p.scores.device, p.scores.dtype
@@ -367,8 +331,9 @@ def backward(
     log_z64 = torch.where(dead, torch.zeros_like(log_z), log_z).to(torch.float64)
 
     g_scores = torch.zeros(B, T, C, dtype=dt, device=dev)
-    g_trans = torch.zeros((B,) + p.transition.shape, dtype=dt, device=dev)
-    g_dur = torch.zeros(B, K, C, dtype=dt, device=dev)
+    # transition and duration gradients sum over T positions: float64 until returned.
+    g_trans = torch.zeros((B,) + p.transition.shape, dtype=torch.float64, device=dev)
+    g_dur = torch.zeros(B, K, C, dtype=torch.float64, device=dev)
     g_start_t = torch.zeros(B, C, dtype=dt, device=dev)
     g_end_t = torch.zeros(B, C, dtype=dt, device=dev)
     g_start_s = torch.zeros(B, T, C, dtype=dt, device=dev)
@@ -410,7 +375,7 @@ def backward(
                     start = sigma[:, None, :]
                 post = mass(start + x, shift)  # (B, K, C)
                 post = torch.where(active[:, None, None], post, torch.zeros_like(post))
-                g_dur += post
+                g_dur += post.to(torch.float64)
                 starts = post.sum(1)  # (B, C)
                 g_start_s[:, t] = starts
                 if t == 0:
@@ -436,7 +401,7 @@ def backward(
                         beta_reg = torch.logsumexp(joint, dim=2)  # (B, C')
                         tr = mass(alpha[:, :, None] + joint, shift)  # (B, C', C)
                     keep = active.view((B,) + (1,) * (tr.dim() - 1))
-                    g_trans += torch.where(keep, tr, torch.zeros_like(tr))
+                    g_trans += torch.where(keep, tr, torch.zeros_like(tr)).to(torch.float64)
                 beta = torch.where(ending[:, None], p.end_transition.expand(B, C), beta_reg)
                 q = _finite_max(beta, -1)
                 beta = beta - q[:, None]
@@ -476,11 +441,13 @@ def backward(
         g_start_s = None
     if not end_mass:
         g_end_s = None
-    return Gradients(g_scores, g_trans, g_dur, g_start_t, g_end_t, g_start_s, g_end_s)
+    return Gradients(
+        g_scores, g_trans.to(dt), g_dur.to(dt), g_start_t, g_end_t, g_start_s, g_end_s
+    )
 
 
 # --------------------------------------------------------------------------
-# Decoding and sampling (from the full history: O(T·C) memory)
+# Decoding (from every boundary's messages: O(T·C) memory)
 # --------------------------------------------------------------------------
 
 
@@ -491,8 +458,9 @@ def viterbi(p: Problem) -> tuple[Tensor, Tensor]:
     (for the last segment) the smallest label. A sequence with no valid
     segmentation has best = -inf and no segments.
     """
-    best, h = forward_history(p, "max")
-    alpha, best_d, best_c = h.alpha.cpu(), h.best_duration.cpu(), h.best_previous.cpu()
+    p = p.filled()
+    best, h, pointers = _scan_all(p, "max")
+    alpha, best_d, best_c = h.alpha.cpu(), pointers.duration.cpu(), pointers.previous.cpu()
     end_transition = p.end_transition.cpu()
     rows: list[tuple[int, int, int, int]] = []
     for b in range(p.scores.shape[0]):
@@ -513,78 +481,3 @@ def viterbi(p: Problem) -> tuple[Tensor, Tensor]:
         rows.extend(reversed(trace))
     segments = torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
     return best, segments.to(p.scores.device)
-
-
-def _gumbel_argmax(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """An exact sample from softmax(logits) along the last dim (Gumbel-max)."""
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
-    u = u.clamp_min(torch.finfo(logits.dtype).tiny)
-    return (logits - torch.log(-torch.log(u))).argmax(-1)
-
-
-def sample(
-    p: Problem,
-    history: History,
-    log_z: Tensor,
-    num_samples: int,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Forward filtering, backward sampling: (N, 5) rows (sample, batch, start, duration, label).
-
-    Each of the S·B samplers walks back from its sequence's end one segment at
-    a time: label of the last segment ∝ exp(alpha[L] + end_transition); then
-    its duration given its end e and label c ∝ exp(sigma[e-d, c] + emissions +
-    duration[d-1, c]); then the previous label ∝ exp(alpha[s, c'] +
-    transition[c', c]). Sequences with no valid segmentation get no rows.
-    """
-    B, T, C = p.scores.shape
-    K = p.duration.shape[0]
-    dev = p.scores.device
-    f64 = torch.float64
-    h = history
-    alpha = h.alpha.to(f64) + h.offset[..., None]  # (B, T+1, C) absolute
-    sigma = h.sigma.to(f64) + h.offset[..., None]
-    scores = p.scores.to(f64)
-    transition, duration = p.transition.to(f64), p.duration.to(f64)
-    start_scores = p.start_scores.to(f64)
-
-    S = num_samples
-    batch = torch.arange(B, device=dev).repeat(S)  # sampler m -> its sequence
-    sample_id = torch.arange(S, device=dev).repeat_interleave(B)
-    end = p.lengths.to(dev).repeat(S)
-    alive = (log_z > NEG_INF).repeat(S)
-    last = alpha[batch, end] + p.end_transition.to(f64)
-    label = _gumbel_argmax(last, generator)
-    d_range = torch.arange(1, K + 1, device=dev)
-    found: list[Tensor] = []
-    while bool(alive.any()):
-        m = alive.nonzero().squeeze(1)
-        b, e, c = batch[m], end[m], label[m]
-        starts = e[:, None] - d_range  # (M, K) start of a duration-d segment
-        valid = starts >= 0
-        s_idx = starts.clamp_min(0)
-        # Emissions of [e-d, e): reverse cumulative sum over the last K positions.
-        pos = (e[:, None] - d_range).clamp_min(0)
-        emit = scores[b[:, None], pos, c[:, None]]
-        emit = torch.where(valid, emit, torch.zeros_like(emit)).cumsum(1)
-        if p.duration_dependent:
-            prev = alpha[b[:, None], s_idx]  # (M, K, C')
-            into = transition[:, :, c].permute(2, 0, 1)  # (M, K, C')
-            enter = torch.logsumexp(prev + into, -1) + start_scores[b[:, None], s_idx, c[:, None]]
-            enter = torch.where(starts == 0, sigma[b, 0, c][:, None], enter)
-        else:
-            enter = sigma[b[:, None], s_idx, c[:, None]]
-        logits = enter + emit + duration[:, c].T
-        logits = torch.where(valid, logits, torch.full_like(logits, NEG_INF))
-        d = _gumbel_argmax(logits, generator) + 1
-        s = e - d
-        found.append(torch.stack([sample_id[m], b, s, d, c], 1))
-        # The label of the segment before, for samplers not yet at position 0.
-        into = transition[d - 1, :, c] if p.duration_dependent else transition[:, c].T
-        prev_label = _gumbel_argmax(alpha[b, s] + into, generator)
-        end[m] = s
-        label[m] = prev_label
-        alive[m] = s > 0
-    rows = torch.cat(found) if found else torch.zeros(0, 5, dtype=torch.long, device=dev)
-    key = (rows[:, 0] * B + rows[:, 1]) * (T + 1) + rows[:, 2]
-    return rows[key.argsort()]

@@ -6,9 +6,12 @@ segmentation (plain differentiable PyTorch on every backend: it is O(T)).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from ._validation import Inputs, check_lengths, check_positive_int, check_segment_tensor
+from ._contract import Problem
+from ._validation import check_lengths, check_positive_int, check_segment_tensor
 
 Tensor = torch.Tensor
 
@@ -24,9 +27,10 @@ def _positions(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return batch[row], pos, label[row]
 
 
-def segment_scores(segments: Tensor, x: Inputs, dtype: torch.dtype) -> Tensor:
-    """Score (B,) of validated segmentations that tile every sequence."""
+def segment_scores(segments: Tensor, x: Problem) -> Tensor:
+    """Score (B,) of validated segmentations that tile every sequence, in the scores' dtype."""
     B = x.scores.shape[0]
+    dtype = x.scores.dtype
     batch, start, dur, label = segments.unbind(1)
     b_pos, t_pos, c_pos = _positions(segments)
     emissions = x.scores[b_pos, t_pos, c_pos].to(dtype)
@@ -60,9 +64,21 @@ def segment_scores(segments: Tensor, x: Inputs, dtype: torch.dtype) -> Tensor:
 
 
 def segments_to_labels(segments: Tensor, batch_size: int, length: int) -> Tensor:
-    """Label map (batch_size, length) int64 from segments (N, 4); −1 where uncovered.
+    """The label map of segments: each position gets the label of the segment covering it.
 
-    Rows may leave gaps but must not overlap or run outside the map.
+    Args:
+        segments: (N, 4) integer rows (batch, start, duration, label), e.g. from
+            :func:`~flashsemicrf.viterbi`; they may leave gaps but must not
+            overlap or run outside the map.
+        batch_size: B ≥ 0, rows of the map.
+        length: T ≥ 1, columns of the map.
+
+    Returns:
+        (batch_size, length) int64 labels, −1 where no segment covers a position.
+
+    Raises:
+        TypeError, ValueError: a bad argument, a row outside the map, a duration
+            < 1, a negative label, or overlapping rows (the message says which).
     """
     fn = "segments_to_labels"
     check_positive_int(fn, "batch_size", batch_size, minimum=0)
@@ -88,13 +104,27 @@ def segments_to_labels(segments: Tensor, batch_size: int, length: int) -> Tensor
     return out
 
 
-def labels_to_segments(labels: Tensor, lengths: Tensor | None, max_duration: int) -> Tensor:
-    """Segments (N, 4) from a label map (B, T): every maximal run of one label,
-    split into pieces of at most ``max_duration`` from its start.
+def labels_to_segments(labels: Tensor, lengths: Tensor | Sequence[int] | None,
+                       max_duration: int) -> Tensor:
+    """Segments from a label map: every maximal run of one label, split into
+    pieces of at most ``max_duration`` from its start.
 
     A label map cannot tell two adjacent segments of the same label apart, so
     such segments come back merged (then split only by ``max_duration``).
-    Positions at or beyond lengths[b] are ignored.
+
+    Args:
+        labels: (B, T) integer label map, values ≥ 0 within the lengths.
+        lengths: (B,) integers in [1, T] (or a list); None means all T.
+            Positions at or beyond lengths[b] are ignored.
+        max_duration: K ≥ 1, the longest piece (the model's ``duration.shape[0]``).
+
+    Returns:
+        (N, 4) int64 rows (batch, start, duration, label), sorted by batch then
+        start, tiling [0, lengths[b]) for every b: the ``segments`` argument of
+        :func:`~flashsemicrf.score`, :func:`~flashsemicrf.nll` and the head's loss.
+
+    Raises:
+        TypeError, ValueError: a bad argument (the message names it).
     """
     fn = "labels_to_segments"
     if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool \

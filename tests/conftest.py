@@ -1,7 +1,9 @@
-"""Shared test helpers: random problems with readable ids, tolerances in one place."""
+"""Shared test helpers: random problems with readable ids, tolerances in one
+place, and the backends with the device each runs on."""
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from dataclasses import dataclass, field
@@ -9,9 +11,82 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-import flashsemicrf as F
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run under Triton's interpreter. Triton
+    # reads the switch when the kernels are decorated, flashsemicrf when it is
+    # imported: set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import flashsemicrf as F  # noqa: E402
+from flashsemicrf import backends  # noqa: E402
+from flashsemicrf._validation import check_problem  # noqa: E402
+from flashsemicrf.backends import triton as triton_backend  # noqa: E402
 
 OPTIONAL = ("start_transition", "end_transition", "start_scores", "end_scores")
+ARG_NAMES = ("scores", "transition", "duration", "lengths") + OPTIONAL
+
+# Where each backend's tensors live in the tests.
+DEVICE = {
+    "cpu": "cpu",
+    "cuda": "cuda",
+    "triton": "cpu" if triton_backend.INTERPRET else "cuda",
+    "torch": "cpu",
+}
+# The interpreter runs a kernel thousands of times slower than a GPU: such
+# tests keep their problems small.
+INTERPRETED = {"triton": triton_backend.INTERPRET}
+
+
+def backend_param(name: str):
+    """``name`` as a pytest param, with the marks and the skip that go with it."""
+    marks = []
+    if name == "cuda":
+        marks.append(pytest.mark.cuda)
+    if name == "triton":
+        marks += [
+            pytest.mark.triton,
+            # The interpreter evaluates log(0) = -inf through numpy, which warns.
+            pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
+            pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning"),
+            pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning"),
+        ]
+    usable = name in backends.available(DEVICE[name])
+    if name == "triton" and DEVICE[name] == "cuda" and not torch.cuda.is_available():
+        usable = False
+    marks.append(pytest.mark.skipif(not usable, reason=f"backend {name!r} does not run here"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+def on(kwargs: dict, device=None, dtype=None) -> dict:
+    """The problem's tensors moved to ``device`` and, float ones, cast to ``dtype``."""
+    out = {}
+    for k, v in kwargs.items():
+        if device is not None:
+            v = v.to(device)
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def problem(kwargs: dict):
+    """The validated Problem of keyword arguments, in its compute dtype."""
+    return check_problem("test", *(kwargs.get(n) for n in ARG_NAMES)).to_compute()
+
+
+def total_variation(rows: torch.Tensor, oracle, b: int, n: int) -> float:
+    """Total variation distance between n samples of sequence b (rows (N, 5))
+    and the exact distribution; fails if a sample has zero probability."""
+    paths = collections.defaultdict(list)
+    for sid, bb, s, d, c in rows.tolist():
+        if bb == b:
+            paths[sid].append((s, d, c))
+    assert len(paths) == n
+    counts = collections.Counter(tuple(v) for v in paths.values())
+    dist = oracle.distribution[b]
+    outside = sum(v for k, v in counts.items() if k not in dist)
+    assert outside == 0, "a sample has zero probability"
+    return 0.5 * sum(abs(counts.get(k, 0) / n - p) for k, p in dist.items())
 
 # Absolute tolerances per compute dtype (max difference printed before asserting).
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4}
@@ -159,6 +234,28 @@ def assert_close(name: str, got, expected, tol: float) -> None:
     diff = (got[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
     print(f"{name}: max |diff| = {diff:.3e} (tol {tol:.1e})")
     assert diff <= tol, f"{name}: max |diff| {diff:.3e} > {tol:.1e}"
+
+
+def log_z_tol(log_z, tol: float) -> float:
+    """An absolute tolerance on log Z: ``tol`` relative to its largest finite value."""
+    finite = log_z.detach()[torch.isfinite(log_z)]
+    return tol * max(1.0, float(finite.abs().max())) if finite.numel() else tol
+
+
+def check_viterbi(kw: dict, ref_kw: dict, backend: str, dtype, C: int) -> None:
+    """``backend``'s Viterbi on ``kw`` against the reference's on ``ref_kw`` (CPU)."""
+    best, segs = F.viterbi(**kw, backend=backend)
+    best_ref, segs_ref = F.viterbi(**ref_kw, backend="torch")
+    assert best.dtype == dtype
+    assert_close("viterbi best", best, best_ref, 10 * log_z_tol(best_ref, TOL[dtype]))
+    if dtype == torch.float64 and C > 1:
+        assert torch.equal(segs.cpu(), segs_ref), f"{segs} != {segs_ref}"
+    elif segs.numel() and bool(torch.isfinite(best_ref).all()):
+        # One label (splits of a run into durations can tie exactly) or float32
+        # near-ties: the path found must score the optimum. (score needs every
+        # sequence tiled, so problems with an infeasible sequence are left out.)
+        got = F.score(segs.cpu(), **ref_kw)
+        assert_close("score of the path", got, best_ref, max(1e-3, log_z_tol(best_ref, 1e-5)))
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Independent test oracles for the semi-Markov CRF of SPEC section 1.
+"""Independent test oracles for the semi-Markov CRF of the README, "The model".
 
 Nothing here imports ``flashsemicrf``: these are the yardsticks the library is
 measured against.  Everything is float64 and written for clarity, not speed.
@@ -242,7 +242,7 @@ def brute_force(
 ) -> BruteForceResult:
     """Enumerate every segmentation of every sequence in the batch.
 
-    Shapes as in SPEC section 1: scores (B, T, C); transition (C, C) or
+    Shapes as in the README, "The model": scores (B, T, C); transition (C, C) or
     (K, C, C); duration (K, C); lengths (B,) or None (= all T); start/end
     transitions (C,); start/end scores (B, T, C).  Only for tiny problems.
     """
@@ -761,7 +761,7 @@ def torch_struct_viterbi(
 
 @dataclass
 class Problem:
-    """A random instance.  ``kwargs()`` gives the keyword arguments of SPEC."""
+    """A random instance.  ``kwargs()`` gives the keyword arguments of the public functions."""
 
     scores: torch.Tensor
     transition: torch.Tensor

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashsemicrf import _backends
+from flashsemicrf import backends as _backends
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent / "cuda_emulator"

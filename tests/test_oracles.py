@@ -386,7 +386,7 @@ def test_entropy(seed):
         n = len(enumerate_segmentations(p.scores.shape[1] if p.lengths is None else int(p.lengths[b]),
                                         p.duration.shape[0], p.scores.shape[2]))
         assert bf.entropy[b] <= math.log(n) + 1e-9
-    # third route (SPEC section 3): H = logZ - <theta, grad logZ>, from the dense DP
+    # third route (docs/design.md, "Entropy"): H = logZ - <theta, grad logZ>, from the dense DP
     for b in range(p.scores.shape[0]):
         if not torch.isfinite(bf.log_partition[b]):
             continue

@@ -1,4 +1,4 @@
-"""Reliability: property-based agreement of every backend, extreme inputs, scale, resources.
+"""Reliability: property-based agreement of the compiled backends, constraints, scale, resources.
 
 Bounded by default for CI. Soak run: FLASHSEMICRF_SOAK=1 (many more
 hypothesis examples) and FLASHSEMICRF_RUN_SLOW=1 (the T = 10^6 / 10^7 checks).
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import flashsemicrf as F
 from conftest import OPTIONAL, assert_close, log_z_and_grads
-from flashsemicrf import _backends
+from flashsemicrf import backends
 from oracles import brute_force
 
 SOAK = os.environ.get("FLASHSEMICRF_SOAK") == "1"
@@ -32,9 +32,7 @@ settings.register_profile(
 )
 settings.load_profile("flashsemicrf")
 
-COMPILED = ["cpu"] if _backends.HAS_CPU_KERNELS else []
-if torch.cuda.is_available() and _backends.HAS_CUDA_KERNELS:
-    COMPILED.append("cuda")
+COMPILED = [name for name in ("cpu", "cuda") if name in backends.available()]
 
 
 @st.composite
@@ -114,30 +112,6 @@ def test_compiled_backends_match_reference(kw):
                     assert_close(f"{backend} {dtype} d/d {name}", g[name].cpu(), ref_g[name], gtol)
 
 
-def test_large_magnitudes_without_centring():
-    """Emission log-probabilities around −1e4 per position: no centring needed."""
-    g = torch.Generator().manual_seed(0)
-    B, T, K, C = 2, 300, 12, 4
-    scores = -1e4 + torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    kw = dict(scores=scores, transition=torch.randn(C, C, generator=g, dtype=torch.float64),
-              duration=torch.randn(K, C, generator=g, dtype=torch.float64))
-    for backend in COMPILED:
-        for dtype in (torch.float64, torch.float32):
-            cast = {k: v.to(dtype) for k, v in kw.items()}
-            # Against float64 on the same (rounded) inputs: a float32 score of
-            # −1e4 is itself only known to ±5e-4.
-            ref_z, ref_g = log_z_and_grads({k: v.double() for k, v in cast.items()}, "torch")
-            assert torch.isfinite(ref_z).all()
-            if backend == "cuda":
-                cast = {k: v.cuda() for k, v in cast.items()}
-            z, grads = log_z_and_grads(cast, backend)
-            rel = ((z.cpu().double() - ref_z) / ref_z.abs()).abs().max().item()
-            print(f"{backend} {dtype}: relative log Z error {rel:.2e}")
-            assert rel < (1e-13 if dtype == torch.float64 else 1e-6)
-            assert_close(f"{backend} {dtype} marginals", grads["scores"].cpu(), ref_g["scores"],
-                         1e-9 if dtype == torch.float64 else 1e-4)
-
-
 @pytest.mark.parametrize("backend", ["torch"] + COMPILED)
 def test_constraint_heavy_problem(backend):
     """A BIO-like grammar: most transitions forbidden, durations bounded per label."""
@@ -165,24 +139,6 @@ def test_constraint_heavy_problem(backend):
     feasible = torch.isfinite(best)
     if feasible.all():
         assert_close("score of the Viterbi path", F.score(segs, **kw).cpu(), best.cpu(), 1e-9)
-
-
-@pytest.mark.parametrize("backend", ["torch"] + COMPILED)
-def test_repeated_runs_are_bitwise_identical(backend):
-    g = torch.Generator().manual_seed(3)
-    kw = dict(scores=torch.randn(3, 50, 4, generator=g), transition=torch.randn(6, 4, 4, generator=g),
-              duration=torch.randn(6, 4, generator=g), lengths=torch.tensor([50, 31, 9]),
-              end_scores=torch.randn(3, 50, 4, generator=g))
-    if backend == "cuda":
-        kw = {k: v.cuda() for k, v in kw.items()}
-    first = log_z_and_grads(kw, backend)
-    second = log_z_and_grads(kw, backend)
-    assert torch.equal(first[0], second[0])
-    for name in first[1]:
-        assert torch.equal(first[1][name], second[1][name]), name
-    m1, m2 = F.marginals(**kw, backend=backend), F.marginals(**kw, backend=backend)
-    assert torch.equal(m1.labels, m2.labels)
-    assert torch.equal(F.viterbi(**kw, backend=backend)[1], F.viterbi(**kw, backend=backend)[1])
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend")
@@ -239,33 +195,54 @@ def test_calls_from_two_threads_at_once():
         assert torch.equal(g_["scores"], eg["scores"])
 
 
-def _scale_check(T, backend="cpu"):
-    """float32 against float64 at length T (C = 6, K = 200, uncentred scores)."""
+# Gradients that sum a term of every position: float64 accumulation is what
+# keeps them within shared_tol. start/end_transition are shared too, but each
+# sequence adds one posterior (of the segments starting at 0 / ending at L):
+# their error is a per-position one, held to the per-position target.
+SUMS_OVER_T = ("transition", "duration")
+ONE_TERM_PER_SEQUENCE = ("start_transition", "end_transition")
+
+
+def _scale_check(T: int, shared_tol: float, backend: str = "cpu") -> None:
+    """float32 against float64 on the same (float32-rounded) inputs at length T
+    (B = 1, C = 6, K = 200, uncentred scores). The targets: log Z within 1e-6
+    relative; d/d scores, d/d start_transition and d/d end_transition within
+    1e-4 absolute; the transition and duration gradients (sums over T
+    positions) within ``shared_tol`` relative, measured per element as
+    |Δ| / (1 + |g|)."""
     K, C = 200, 6
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(1, T, C, generator=g, dtype=torch.float64) - 1.5
-    transition = torch.randn(C, C, generator=g, dtype=torch.float64)
-    duration = torch.randn(K, C, generator=g, dtype=torch.float64)
-    out = {}
-    for dtype in (torch.float64, torch.float32):
-        kw = dict(scores=scores.to(dtype), transition=transition.to(dtype), duration=duration.to(dtype))
-        out[dtype] = log_z_and_grads(kw, backend)
-    z64, g64 = out[torch.float64]
-    z32, g32 = out[torch.float32]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).float()
+
+    kw32 = dict(scores=randn(1, T, C) - 1.5, transition=randn(C, C), duration=randn(K, C),
+                start_transition=randn(C), end_transition=randn(C))
+    z64, g64 = log_z_and_grads({k: v.double() for k, v in kw32.items()}, backend)
+    z32, g32 = log_z_and_grads(kw32, backend)
     rel = ((z32.double() - z64) / z64.abs()).abs().item()
-    err = (g32["scores"].double() - g64["scores"]).abs().max().item()
-    print(f"T={T}: float32 log Z relative error {rel:.2e}, d/d scores max abs error {err:.2e}")
+    per_position = {name: (g32[name].double() - g64[name]).abs().max().item()
+                    for name in ("scores",) + ONE_TERM_PER_SEQUENCE}
+    sums = {name: ((g32[name].double() - g64[name]).abs() / (1 + g64[name].abs())).max().item()
+            for name in SUMS_OVER_T}
+    print(f"T={T} ({backend}): float32 log Z relative error {rel:.2e}; max |Δ| "
+          + ", ".join(f"d/d {name} {e:.2e}" for name, e in per_position.items())
+          + "; max |Δ|/(1+|g|) " + ", ".join(f"d/d {name} {e:.2e}" for name, e in sums.items()))
     assert rel < 1e-6
-    assert err < 1e-4
+    for name, e in per_position.items():
+        assert e < 1e-4, f"d/d {name}: {e:.2e} absolute > 1e-4"
+    for name, e in sums.items():
+        assert e < shared_tol, f"d/d {name}: {e:.2e} relative > {shared_tol:.0e}"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend")
-@pytest.mark.parametrize("T", [10**6, 10**7])
-def test_float32_at_scale(T):
-    _scale_check(T)
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("T,shared_tol", [(10**6, 1e-5), (10**7, 1e-4)], ids=["1e6", "1e7"])
+def test_float32_at_scale(T, shared_tol, backend):
+    _scale_check(T, shared_tol, backend)
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled backend")
 def test_float32_at_moderate_scale():
-    _scale_check(20_000)
+    _scale_check(20_000, 1e-5)

@@ -1,4 +1,4 @@
-"""Bad input (SPEC §5): a clear ValueError/TypeError naming the argument, on every function."""
+"""Bad input (docs/design.md, "Bad input"): a clear ValueError/TypeError naming the argument, on every function."""
 
 from __future__ import annotations
 

@@ -1,12 +1,16 @@
 """Triton kernels of the streaming semi-CRF: forward, backward, Viterbi, filter.
 
 The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
-(SPEC §3). Mapping:
+(docs/design.md). Mapping:
 
 * One program per sequence (grid (B,)); the length L is read from memory, so
-  the loops over positions have runtime bounds and T, the checkpoint interval
-  and every T-dependent stride are ``do_not_specialize``: a new length never
-  recompiles.
+  the loops over positions have runtime bounds and T and the checkpoint
+  interval and count are ``do_not_specialize``: a new length never recompiles.
+* Every tensor is contiguous (the launchers make it so), so a kernel takes
+  pointers and sizes, no strides. The inputs travel between the helpers as
+  one tuple, ``inputs`` = (scores, transition, duration, start_transition,
+  end_transition, start_scores, end_scores), the per-position ones already
+  advanced to the program's sequence (:func:`_sequence_inputs`).
 * Labels live on a power-of-two lane axis C_PAD >= C; padded lanes hold -inf
   and every access to an input or output is masked on them, through indices
   that stay in range even on masked lanes (``cl``, the label index clamped to
@@ -18,9 +22,12 @@ The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
   fits. The static (C, C) transition is one register tile and the label step
   costs O(C² + K·C) per position; the (K, C, C) transition uses
   (BLOCK_D, C_PAD, C_PAD) tiles.
-* Normalisation as in SPEC §3: the running maximum is subtracted each step,
-  each position's largest emission moves from the ring into the offset (as in
-  the reference), and the offsets are carried in float64.
+* Normalisation (docs/design.md, "Numerics"): the running maximum is
+  subtracted each step, each position's largest emission moves from the ring
+  into the offset (as in the reference), and the offsets are carried in
+  float64.
+* One step of the scan and the move of the ring, :func:`_step_and_advance`,
+  serve all four kernels (the backward's span recompute included).
 * The backward recomputes one checkpoint span at a time into span buffers of
   the workspace (interval + 1 rows of C_PAD) and sweeps a mirror ring through
   them. Every gradient element belongs to one program, which accumulates it in
@@ -46,7 +53,7 @@ _NO_INDEX = tl.constexpr(2**30)  # larger than any duration or label index
 
 
 # --------------------------------------------------------------------------
-# Per-element helpers
+# Per-element helpers and loads
 # --------------------------------------------------------------------------
 
 
@@ -89,38 +96,82 @@ def _first_argmax(x, index, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _row(ptr, t, stride_t, stride_c, C, C_PAD: tl.constexpr, PRESENT: tl.constexpr):
-    """Row t (C_PAD,) of an optional (T, C) input of one sequence: 0 where absent or padded."""
+def _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                     start_sc_ptr, end_sc_ptr):
+    """The ``inputs`` tuple of sequence b: the (B, T, C) inputs advanced to it.
+    An absent start/end scores pointer is any valid one (never read)."""
+    row0 = b * T * C
+    return (scores_ptr + row0, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+            start_sc_ptr + row0, end_sc_ptr + row0)
+
+
+@triton.jit
+def _labels(ptr, C, C_PAD: tl.constexpr, OTHER: tl.constexpr):
+    """A (C,) vector as (C_PAD,), OTHER on the padding."""
     cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
+    return tl.load(ptr + tl.minimum(cs, C - 1), mask=cs < C, other=OTHER)
+
+
+@triton.jit
+def _row(ptr, t, C, C_PAD: tl.constexpr, PRESENT: tl.constexpr):
+    """Row t (C_PAD,) of an optional (T, C) input of one sequence: 0 where absent or padded."""
     if PRESENT:
-        return tl.load(ptr + t * stride_t + cl * stride_c, mask=cs < C, other=0.0)
+        return _labels(ptr + t * C, C, C_PAD, 0.0)
     else:
         return tl.zeros([C_PAD], ptr.dtype.element_ty)
 
 
 @triton.jit
-def _emissions(scores_ptr, t, s_st, s_sc, C, C_PAD: tl.constexpr):
+def _emissions(scores_ptr, t, C, C_PAD: tl.constexpr):
     """(scores[t] - e, e) with e = max_c scores[t, c] (0 if not finite): the
     ring takes the first, the offset the second, so entries stay O(1) between
     steps however large the emissions."""
-    cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
-    score = tl.load(scores_ptr + t * s_st + cl * s_sc, mask=cs < C, other=float("-inf"))
+    score = _labels(scores_ptr + t * C, C, C_PAD, float("-inf"))
     top = _finite_or_zero(tl.max(score, 0))
     return score - top, top
 
 
+@triton.jit
+def _durations(dur_ptr, d_row, ok, C, C_PAD: tl.constexpr):
+    """duration[d_row, c] (BLOCK_D, C_PAD), -inf where not ``ok``."""
+    cl = tl.minimum(tl.arange(0, C_PAD), C - 1)
+    return tl.load(dur_ptr + d_row[:, None] * C + cl[None, :], mask=ok, other=float("-inf"))
+
+
+@triton.jit
+def _transitions(trans_ptr, d_row, dok, C, C_PAD: tl.constexpr):
+    """transition[d_row, c', c] (BLOCK_D, C_PAD, C_PAD) of the (K, C, C) form, and
+    its mask (rows in ``dok``, labels < C); -inf where masked."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
+    tr = tl.load(trans_ptr + d_row[:, None, None] * C * C + cl[None, :, None] * C
+                 + cl[None, None, :], mask=ok3, other=float("-inf"))
+    return tr, ok3
+
+
+@triton.jit
+def _transition_tile(trans_ptr, C, C_PAD: tl.constexpr, DD: tl.constexpr):
+    """The static transition as a (C_PAD, C_PAD) register tile, -inf on padding
+    (a placeholder for the duration-dependent one, which is read per chunk)."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    if DD:
+        return tl.zeros([C_PAD, C_PAD], trans_ptr.dtype.element_ty)
+    else:
+        ok = (cs[:, None] < C) & (cs[None, :] < C)
+        return tl.load(trans_ptr + cl[:, None] * C + cl[None, :], mask=ok, other=float("-inf"))
+
+
 # --------------------------------------------------------------------------
-# One step of the forward scan, and moving the ring (shared by every kernel)
+# The forward step (every kernel) and the ring
 # --------------------------------------------------------------------------
 
 
 @triton.jit
 def _segment_ends(
-    t, ring, trans_ptr, dur_ptr,
-    K, C,
-    tr_sd, tr_si, tr_sj, du_sd, du_sc,
+    t, ring, inputs, K, C,
     MAX: tl.constexpr, DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Reduce the open segments [t-d, t), d = 1 … min(K, t), per label (t >= 1).
@@ -130,9 +181,9 @@ def _segment_ends(
     first maximising duration and (duration-dependent transition) the previous
     label chosen with it, -1 for a segment starting at 0.
     """
+    trans_ptr, dur_ptr = inputs[1], inputs[2]
     DT = dur_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
     cm = cs < C
     ds = tl.arange(0, BLOCK_D)
     dmax = tl.minimum(t, K)
@@ -147,16 +198,12 @@ def _segment_ends(
         d_row = tl.where(dok, d - 1, 0)  # in-range row for every lane
         slot = tl.where(dok, t - d, 0) % K
         ok = dok[:, None] & cm[None, :]
-        dur = tl.load(dur_ptr + d_row[:, None] * du_sd + cl[None, :] * du_sc, mask=ok,
-                      other=float("-inf"))
+        dur = _durations(dur_ptr, d_row, ok, C, C_PAD)
         gain = tl.load(ring + (GAIN + slot)[:, None] * C_PAD + cs[None, :])
         if DD:
             # alpha_hat[t-d, c'] + transition[d-1, c', c], reduced over c'.
             hist = tl.load(ring + slot[:, None] * C_PAD + cs[None, :])  # (BLOCK_D, C_PAD)
-            ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
-            tr = tl.load(
-                trans_ptr + d_row[:, None, None] * tr_sd + cl[None, :, None] * tr_si
-                + cl[None, None, :] * tr_sj, mask=ok3, other=float("-inf"))
+            tr, _ok3 = _transitions(trans_ptr, d_row, dok, C, C_PAD)
             inner = hist[:, :, None] + tr
             if MAX:
                 enter, prev = _first_argmax(inner, cs[None, :, None], 1)
@@ -191,37 +238,32 @@ def _segment_ends(
 
 @triton.jit
 def _scan_step(
-    t, T, ring, trans_tile,
-    scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr, end_sc_ptr,
-    K, C,
-    s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s, ss_st, ss_sc, es_st, es_sc,
+    t, T, ring, trans_tile, inputs, K, C,
     MAX: tl.constexpr, DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Step t of the scan (reference.forward_step).
+    """The messages of step t (reference.scan_step).
 
     Returns (alpha_hat[t], sigma_hat[t], m, best_d, best_prev), the messages
     relative to O_t = O_{t-1} + m. alpha is -inf at t = 0; sigma is computed
     for every t (static transition) but only meaningful for t < L; best_d and
     best_prev are the max semiring's backpointers of this step.
     """
+    scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr, end_sc_ptr = inputs
     DT = dur_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
     cm = cs < C
     if t == 0:
-        sigma = tl.load(start_tr_ptr + cl * stt_s, mask=cm, other=float("-inf"))
-        sigma += _row(start_sc_ptr, 0, ss_st, ss_sc, C, C_PAD, HAS_START)
+        sigma = _labels(start_tr_ptr, C, C_PAD, float("-inf"))
+        sigma += _row(start_sc_ptr, 0, C, C_PAD, HAS_START)
         m = _finite_or_zero(tl.max(sigma, 0))
         sigma = sigma - m
         alpha = tl.full([C_PAD], float("-inf"), DT)
         best_d = tl.full([C_PAD], 1, tl.int32)
         best_prev = tl.full([C_PAD], -1, tl.int32)
     else:
-        alpha, best_d, best_prev = _segment_ends(
-            t, ring, trans_ptr, dur_ptr, K, C, tr_sd, tr_si, tr_sj, du_sd, du_sc,
-            MAX, DD, C_PAD, BLOCK_D)
-        alpha += _row(end_sc_ptr, t - 1, es_st, es_sc, C, C_PAD, HAS_END)
+        alpha, best_d, best_prev = _segment_ends(t, ring, inputs, K, C, MAX, DD, C_PAD, BLOCK_D)
+        alpha += _row(end_sc_ptr, t - 1, C, C_PAD, HAS_END)
         alpha = tl.where(cm, alpha, float("-inf"))
         m = _finite_or_zero(tl.max(alpha, 0))
         alpha = alpha - m
@@ -233,29 +275,26 @@ def _scan_step(
                 sigma, best_prev = _first_argmax(inner, cs[:, None], 0)
             else:
                 sigma = _lse(inner, 0)
-            sigma += _row(start_sc_ptr, tl.minimum(t, T - 1), ss_st, ss_sc, C, C_PAD, HAS_START)
+            sigma += _row(start_sc_ptr, tl.minimum(t, T - 1), C, C_PAD, HAS_START)
             sigma = tl.where(cm, sigma, float("-inf"))
     return alpha, sigma, m, best_d, best_prev
 
 
 @triton.jit
 def _advance(
-    t, ring, sigma, alpha, m,
-    scores_ptr, start_tr_ptr, start_sc_ptr,
-    K, C,
-    s_st, s_sc, stt_s, ss_st, ss_sc,
+    t, ring, sigma, alpha, m, inputs, K, C,
     DD: tl.constexpr, HAS_START: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Move the ring from step t to step t+1 (t < L): re-base every entry by m,
     open the segments starting at t (slot t % K), add position t's emissions
     less their maximum, which is returned: the caller adds it to the offset."""
+    scores_ptr, start_tr_ptr, start_sc_ptr = inputs[0], inputs[3], inputs[5]
     cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
     cm = cs < C
     rs = tl.arange(0, BLOCK_D)
-    emit, emit_max = _emissions(scores_ptr, t, s_st, s_sc, C, C_PAD)
+    emit, emit_max = _emissions(scores_ptr, t, C, C_PAD)
     if DD:
-        fresh = _row(start_sc_ptr, t, ss_st, ss_sc, C, C_PAD, HAS_START)
+        fresh = _row(start_sc_ptr, t, C, C_PAD, HAS_START)
         GAIN = K
     else:
         fresh = sigma
@@ -271,7 +310,7 @@ def _advance(
         new = tl.where((rows == fresh_slot)[:, None], fresh[None, :], old - m) + emit[None, :]
         tl.store(ptrs, tl.where(cm[None, :], new, float("-inf")), mask=rok[:, None])
     if DD:
-        start_tr = tl.load(start_tr_ptr + cl * stt_s, mask=cm, other=float("-inf"))
+        start_tr = _labels(start_tr_ptr, C, C_PAD, float("-inf"))
         slot_alpha = tl.where(t == 0, start_tr - m, alpha)
         tl.store(ring + fresh_slot * C_PAD + cs, tl.where(cm, slot_alpha, float("-inf")))
     tl.debug_barrier()
@@ -279,24 +318,45 @@ def _advance(
 
 
 @triton.jit
-def _fill_ring(ring, S, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Every slot -inf: no open segment."""
+def _step_and_advance(
+    t, advance, offset, ring, trans_tile, inputs, T, K, C,
+    MAX: tl.constexpr, DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Step t of the scan, then, when ``advance``, the ring's move to step t+1.
+
+    ``offset`` is the ring's offset before the step. Returns (alpha_hat[t],
+    sigma_hat[t], O_t, the ring's offset after the step, best_d, best_prev).
+    """
+    alpha, sigma, m, best_d, best_prev = _scan_step(
+        t, T, ring, trans_tile, inputs, K, C, MAX, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+    o_t = offset + m.to(tl.float64)
+    next_offset = o_t
+    if advance:
+        next_offset += _advance(t, ring, sigma, alpha, m, inputs, K, C, DD, HAS_START, C_PAD,
+                                BLOCK_D).to(tl.float64)
+    return alpha, sigma, o_t, next_offset, best_d, best_prev
+
+
+@triton.jit
+def _fill(ptr, rows, width, VALUE: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """VALUE in ``rows`` rows of ``width`` <= C_PAD elements from ``ptr``."""
     cs = tl.arange(0, C_PAD)
     rs = tl.arange(0, BLOCK_D)
     tl.debug_barrier()
-    for r0 in range(0, S, BLOCK_D):
-        rows = r0 + rs
-        rok = rows < S
-        rows = tl.where(rok, rows, 0)
-        tl.store(ring + rows[:, None] * C_PAD + cs[None, :],
-                 tl.full([BLOCK_D, C_PAD], float("-inf"), ring.dtype.element_ty),
-                 mask=rok[:, None])
+    for r0 in range(0, rows, BLOCK_D):
+        r = r0 + rs
+        rok = r < rows
+        r = tl.where(rok, r, 0)
+        tl.store(ptr + r[:, None] * width + cs[None, :],
+                 tl.full([BLOCK_D, C_PAD], VALUE, ptr.dtype.element_ty),
+                 mask=rok[:, None] & (cs < width)[None, :])
     tl.debug_barrier()
 
 
 @triton.jit
 def _copy_checkpoint_part(
-    t, ring, ckpt, K, C, ck_sr, ck_sc, PART: tl.constexpr,
+    t, ring, ckpt, K, C, PART: tl.constexpr,
     SAVE: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     cs = tl.arange(0, C_PAD)
@@ -309,7 +369,7 @@ def _copy_checkpoint_part(
         rows = tl.where(rok, rows, 0)
         slot = (t - rows - 1 + K) % K
         ring_ptrs = ring + (PART * K + slot)[:, None] * C_PAD + cs[None, :]
-        ck_ptrs = ckpt + (PART * K + rows)[:, None] * ck_sr + cl[None, :] * ck_sc
+        ck_ptrs = ckpt + (PART * K + rows)[:, None] * C + cl[None, :]
         ok = rok[:, None] & cm[None, :]
         if SAVE:
             tl.store(ck_ptrs, tl.load(ring_ptrs), mask=ok)
@@ -320,30 +380,16 @@ def _copy_checkpoint_part(
 
 @triton.jit
 def _copy_checkpoint(
-    t, ring, ckpt, K, C, ck_sr, ck_sc,
+    t, ring, ckpt, K, C,
     SAVE: tl.constexpr, DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Ring (slot (t-d) % K) <-> checkpoint (row d-1, the layout every backend
-    shares; duration-dependent: K alpha rows then K gain rows)."""
+    """Ring (slot (t-d) % K) <-> checkpoint (S, C) (row d-1, the layout every
+    backend shares; duration-dependent: K alpha rows then K gain rows)."""
     tl.debug_barrier()
-    _copy_checkpoint_part(t, ring, ckpt, K, C, ck_sr, ck_sc, 0, SAVE, C_PAD, BLOCK_D)
+    _copy_checkpoint_part(t, ring, ckpt, K, C, 0, SAVE, C_PAD, BLOCK_D)
     if DD:
-        _copy_checkpoint_part(t, ring, ckpt, K, C, ck_sr, ck_sc, 1, SAVE, C_PAD, BLOCK_D)
+        _copy_checkpoint_part(t, ring, ckpt, K, C, 1, SAVE, C_PAD, BLOCK_D)
     tl.debug_barrier()
-
-
-@triton.jit
-def _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD: tl.constexpr, DD: tl.constexpr):
-    """The static transition as a (C_PAD, C_PAD) register tile, -inf on padding
-    (a placeholder for the duration-dependent one, which is read per chunk)."""
-    cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
-    if DD:
-        return tl.zeros([C_PAD, C_PAD], trans_ptr.dtype.element_ty)
-    else:
-        ok = (cs[:, None] < C) & (cs[None, :] < C)
-        return tl.load(trans_ptr + cl[:, None] * tr_si + cl[None, :] * tr_sj, mask=ok,
-                       other=float("-inf"))
 
 
 # --------------------------------------------------------------------------
@@ -351,65 +397,47 @@ def _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD: tl.constexpr, DD: tl.con
 # --------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "s_sb", "ss_sb", "es_sb",
-                               "ck_sb", "co_sb"])
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
 def _forward_kernel(
-    # pointers
+    # inputs
     scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
-    end_sc_ptr, log_z_ptr, ckpt_ptr, ckpt_off_ptr, ring_ws_ptr,
+    end_sc_ptr,
+    # outputs and workspace
+    log_z_ptr, ckpt_ptr, ckpt_off_ptr, ring_ws_ptr,
     # sizes
     T, K, C, interval, n_ckpt,
-    # strides
-    s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
-    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, lz_s, ck_sb, ck_sn, ck_sr, ck_sc, co_sb, co_sn,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
-    cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
-    cm = cs < C
-    L = tl.load(lengths_ptr + b * len_s)
+    inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                              start_sc_ptr, end_sc_ptr)
+    L = tl.load(lengths_ptr + b)
     S = 2 * K if DD else K
-    scores_ptr += b * s_sb
-    start_sc_ptr += b * ss_sb
-    end_sc_ptr += b * es_sb
-    ckpt_ptr += b * ck_sb
-    ckpt_off_ptr += b * co_sb
+    ckpt_ptr += b * n_ckpt * S * C  # (N, S, C) of this sequence
+    ckpt_off_ptr += b * n_ckpt
     ring = ring_ws_ptr + b * S * C_PAD
-    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
-    _fill_ring(ring, S, C_PAD, BLOCK_D)
-    offset = tl.full([], 0.0, tl.float64)  # O_{t-1}
+    trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
+    _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
+    offset = tl.full([], 0.0, tl.float64)  # the ring's offset
     for t in range(0, L + 1):
         if (t % interval == 0) & (t < T):
             j = t // interval
-            _copy_checkpoint(t, ring, ckpt_ptr + j * ck_sn, K, C, ck_sr, ck_sc,
-                             True, DD, C_PAD, BLOCK_D)
-            tl.store(ckpt_off_ptr + j * co_sn, offset)
-        alpha, sigma, m, _bd, _bp = _scan_step(
-            t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr,
-            end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s,
-            ss_st, ss_sc, es_st, es_sc, False, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
-        offset += m.to(tl.float64)
-        if t < L:
-            offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr, start_sc_ptr,
-                               K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD, HAS_START, C_PAD,
-                               BLOCK_D).to(tl.float64)
-        else:
-            end_tr = tl.load(end_tr_ptr + cl * ent_s, mask=cm, other=float("-inf"))
-            value = _lse(alpha + end_tr, 0)
-            tl.store(log_z_ptr + b * lz_s, (offset + value.to(tl.float64)).to(value.dtype))
+            _copy_checkpoint(t, ring, ckpt_ptr + j * S * C, K, C, True, DD, C_PAD, BLOCK_D)
+            tl.store(ckpt_off_ptr + j, offset)
+        alpha, _sigma, o_t, offset, _bd, _bp = _step_and_advance(
+            t, t < L, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START, HAS_END,
+            C_PAD, BLOCK_D)
+        if t == L:
+            value = _lse(alpha + _labels(end_tr_ptr, C, C_PAD, float("-inf")), 0)
+            tl.store(log_z_ptr + b, (o_t + value.to(tl.float64)).to(value.dtype))
     # Checkpoints past the end of a short sequence are never read: the empty state.
-    for j in range(L // interval + 1, n_ckpt):
-        for r0 in range(0, S, BLOCK_D):
-            rows = r0 + tl.arange(0, BLOCK_D)
-            ok = (rows < S)[:, None] & cm[None, :]
-            rows = tl.where(rows < S, rows, 0)
-            tl.store(ckpt_ptr + j * ck_sn + rows[:, None] * ck_sr + cl[None, :] * ck_sc,
-                     tl.full([BLOCK_D, C_PAD], float("-inf"), ckpt_ptr.dtype.element_ty),
-                     mask=ok)
-        tl.store(ckpt_off_ptr + j * co_sn, 0.0)
+    first_unused = L // interval + 1
+    _fill(ckpt_ptr + first_unused * S * C, (n_ckpt - first_unused) * S, C, float("-inf"),
+          C_PAD, BLOCK_D)
+    for j in range(first_unused, n_ckpt):
+        tl.store(ckpt_off_ptr + j, 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -419,9 +447,7 @@ def _forward_kernel(
 
 @triton.jit
 def _reanchor(
-    t, Q, Q_ring, alpha, beta, shift_beta, back, ckpt, ckpt_off, log_z64,
-    trans_ptr, dur_ptr, K, C,
-    ck_sr, ck_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc,
+    t, Q, Q_ring, alpha, beta, shift_beta, back, ckpt, ckpt_off, log_z64, inputs, K, C,
     DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Q less the log of the total probability at checkpoint t (1 up to
@@ -433,18 +459,17 @@ def _reanchor(
     relative to Q_ring, the offset before this step's q). Only reads: the
     ring move that follows fences the workspace. Q is kept when the total is
     0 or not finite."""
+    trans_ptr, dur_ptr = inputs[1], inputs[2]
     DT = dur_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
     cm = cs < C
     ds = tl.arange(0, BLOCK_D)
     total = tl.sum(tl.where(cm, tl.exp(alpha + beta + shift_beta), 0.0), 0).to(tl.float64)
     shift_x = (ckpt_off + Q_ring - log_z64).to(DT)
     for d1 in range(1, tl.minimum(K - 1, t) + 1):
-        opened = tl.load(ckpt + (d1 - 1) * ck_sr + cl * ck_sc, mask=cm, other=float("-inf"))
+        opened = _labels(ckpt + (d1 - 1) * C, C, C_PAD, float("-inf"))
         if DD:
-            gain = tl.load(ckpt + (K + d1 - 1) * ck_sr + cl * ck_sc, mask=cm,
-                           other=float("-inf"))
+            gain = _labels(ckpt + (K + d1 - 1) * C, C, C_PAD, float("-inf"))
         n2 = K - d1  # d2 = 1 … K - d1
         for d0 in range(0, n2, BLOCK_D):
             d2 = d0 + 1 + ds  # (BLOCK_D,)
@@ -453,15 +478,11 @@ def _reanchor(
             ok = dok[:, None] & cm[None, :]
             slot = (t + tl.where(dok, d2, 0)) % K
             closing = tl.load(back + slot[:, None] * C_PAD + cs[None, :])  # (BLOCK_D, C_PAD)
-            dur = tl.load(dur_ptr + d_row[:, None] * du_sd + cl[None, :] * du_sc, mask=ok,
-                          other=float("-inf"))
+            dur = _durations(dur_ptr, d_row, ok, C, C_PAD)
             if DD:
                 # LSE_c' (alpha_hat[t-d1, c'] + transition[d1+d2-1, c', c]); the
                 # segment starting at 0 holds start_transition instead.
-                ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
-                tr = tl.load(
-                    trans_ptr + d_row[:, None, None] * tr_sd + cl[None, :, None] * tr_si
-                    + cl[None, None, :] * tr_sj, mask=ok3, other=float("-inf"))
+                tr, _ok3 = _transitions(trans_ptr, d_row, dok, C, C_PAD)
                 enter = _lse(opened[None, :, None] + tr, 1)  # (BLOCK_D, C_PAD)
                 enter = tl.where(d1 == t, opened[None, :], enter) + gain[None, :]
             else:
@@ -472,25 +493,46 @@ def _reanchor(
     return tl.where(good, Q - tl.log(tl.where(good, total, 1.0)), Q)
 
 
-@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "s_sb", "ss_sb", "es_sb",
-                               "ck_sb", "co_sb", "gs_sb", "gss_sb", "ges_sb"])
+@triton.jit
+def _open_back(back, t, q, fresh, emit, K, C, EMPTY: tl.constexpr, C_PAD: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Move the backward ring to step t-1: every entry re-based by q (or, when
+    EMPTY, cleared), ``fresh`` (the segments ending at t) into slot t % K,
+    position t-1's emissions ``emit`` added to all."""
+    cs = tl.arange(0, C_PAD)
+    cm = cs < C
+    ds = tl.arange(0, BLOCK_D)
+    tl.debug_barrier()
+    for r0 in range(0, K, BLOCK_D):
+        rows = r0 + ds
+        rok = rows < K
+        rows = tl.where(rok, rows, 0)
+        ptrs = back + rows[:, None] * C_PAD + cs[None, :]
+        if EMPTY:
+            old = tl.full([BLOCK_D, C_PAD], float("-inf"), fresh.dtype)
+        else:
+            old = tl.load(ptrs) - q
+        new = tl.where((rows == t % K)[:, None], fresh[None, :], old)
+        new = tl.where(cm[None, :], new + emit[None, :], float("-inf"))
+        tl.store(ptrs, new, mask=rok[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
 def _backward_kernel(
-    # pointers
+    # inputs
     grad_ptr, scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr,
     start_sc_ptr, end_sc_ptr, log_z_ptr, ckpt_ptr, ckpt_off_ptr,
+    # outputs
     g_scores_ptr, g_trans_ptr, g_dur_ptr, g_start_tr_ptr, g_end_tr_ptr, g_start_sc_ptr,
     g_end_sc_ptr,
+    # workspace
     ring_ws_ptr, back_ws_ptr, alpha_ws_ptr, sigma_ws_ptr, off_ws_ptr,
     # sizes
     T, K, C, interval, n_ckpt,
-    # strides
-    gr_s, s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
-    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, lz_s, ck_sb, ck_sn, ck_sr, ck_sc, co_sb, co_sn,
-    gs_sb, gs_st, gs_sc, gt_sb, gt_sd, gt_si, gt_sj, gd_sb, gd_sd, gd_sc, gst_sb, gst_sc,
-    get_sb, get_sc, gss_sb, gss_st, gss_sc, ges_sb, ges_st, ges_sc,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
-    WANT_START: tl.constexpr, WANT_END: tl.constexpr,
+    WANT_START: tl.constexpr, WANT_END: tl.constexpr, FLUSH: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -499,30 +541,38 @@ def _backward_kernel(
     cl = tl.minimum(cs, C - 1)
     cm = cs < C
     ds = tl.arange(0, BLOCK_D)
-    L = tl.load(lengths_ptr + b * len_s)
+    inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                              start_sc_ptr, end_sc_ptr)
+    scores_ptr, start_sc_ptr, end_sc_ptr = inputs[0], inputs[5], inputs[6]
+    L = tl.load(lengths_ptr + b)
     S = 2 * K if DD else K
-    scores_ptr += b * s_sb
-    start_sc_ptr += b * ss_sb
-    end_sc_ptr += b * es_sb
-    ckpt_ptr += b * ck_sb
-    ckpt_off_ptr += b * co_sb
-    g_scores_ptr += b * gs_sb
-    g_trans_ptr += b * gt_sb
-    g_dur_ptr += b * gd_sb
-    g_start_sc_ptr += b * gss_sb
-    g_end_sc_ptr += b * ges_sb
+    ckpt_ptr += b * n_ckpt * S * C
+    ckpt_off_ptr += b * n_ckpt
+    g_scores_ptr += b * T * C  # (T, C) of this sequence, like the boundary gradients
+    g_start_sc_ptr += b * T * C
+    g_end_sc_ptr += b * T * C
+    g_trans_ptr += b * (K * C * C if DD else C * C)
+    g_dur_ptr += b * K * C
+    g_start_tr_ptr += b * C
+    g_end_tr_ptr += b * C
     ring = ring_ws_ptr + b * S * C_PAD
     back = back_ws_ptr + b * K * C_PAD  # slot e % K: the segment [t, e)
     alpha_buf = alpha_ws_ptr + b * (interval + 1) * C_PAD
     sigma_buf = sigma_ws_ptr + b * (interval + 1) * C_PAD
     off_buf = off_ws_ptr + b * (interval + 1)
 
-    log_z = tl.load(log_z_ptr + b * lz_s)
-    g = tl.load(grad_ptr + b * gr_s)
+    log_z = tl.load(log_z_ptr + b)
+    g = tl.load(grad_ptr + b)
     log_z64 = log_z.to(tl.float64)
-    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
-    end_tr = tl.load(end_tr_ptr + cl * ent_s, mask=cm, other=float("-inf"))
-    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)  # static transition: kept in registers
+    trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
+    end_tr = _labels(end_tr_ptr, C, C_PAD, float("-inf"))
+    # Shared parameters sum over T positions: accumulated in float64 in the
+    # gradient buffers (the launcher returns them in DT); the static
+    # transition's terms pass through a register tile in DT, flushed every
+    # FLUSH positions.
+    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)
+    ok2 = (cs[:, None] < C) & (cs[None, :] < C)
+    g_trans_2d = g_trans_ptr + cl[:, None] * C + cl[None, :]
     Q = tl.full([], 0.0, tl.float64)  # backward offset
     last_span = tl.minimum(L // interval, n_ckpt - 1)
     # A sequence with no valid segmentation keeps its zero gradients.
@@ -533,22 +583,15 @@ def _backward_kernel(
         last = tl.where(j == last_span, L, first + interval - 1)
 
         # Recompute the span's forward messages into the span buffers.
-        _copy_checkpoint(first, ring, ckpt_ptr + j * ck_sn, K, C, ck_sr, ck_sc,
-                         False, DD, C_PAD, BLOCK_D)
-        offset = tl.load(ckpt_off_ptr + j * co_sn)
+        _copy_checkpoint(first, ring, ckpt_ptr + j * S * C, K, C, False, DD, C_PAD, BLOCK_D)
+        offset = tl.load(ckpt_off_ptr + j)
         for t in range(first, last + 1):
-            alpha, sigma, m, _bd, _bp = _scan_step(
-                t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr,
-                start_sc_ptr, end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc,
-                stt_s, ss_st, ss_sc, es_st, es_sc, False, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
-            offset += m.to(tl.float64)
+            alpha, sigma, o_t, offset, _bd, _bp = _step_and_advance(
+                t, t < last, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START,
+                HAS_END, C_PAD, BLOCK_D)
             tl.store(alpha_buf + (t - first) * C_PAD + cs, alpha)
             tl.store(sigma_buf + (t - first) * C_PAD + cs, sigma)
-            tl.store(off_buf + (t - first), offset)
-            if t < last:
-                offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr,
-                                   start_sc_ptr, K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD,
-                                   HAS_START, C_PAD, BLOCK_D).to(tl.float64)
+            tl.store(off_buf + (t - first), o_t)
         tl.debug_barrier()
 
         # Sweep the backward messages through the span, last position first.
@@ -568,25 +611,17 @@ def _backward_kernel(
                 Q = q.to(tl.float64)
                 shift = (off + Q - log_z64).to(DT)
                 mass = tl.where(cm, tl.exp(alpha + beta + shift) * g, 0.0)
-                tl.store(g_end_tr_ptr + b * get_sb + cl * get_sc, mass, mask=cm)
+                tl.store(g_end_tr_ptr + cl, mass, mask=cm)
                 if WANT_END:
-                    tl.store(g_end_sc_ptr + (L - 1) * ges_st + cl * ges_sc, mass, mask=cm)
+                    tl.store(g_end_sc_ptr + (L - 1) * C + cl, mass, mask=cm)
                 # As in the forward, the emissions' maximum moves into the offset.
-                emit, emit_max = _emissions(scores_ptr, L - 1, s_st, s_sc, C, C_PAD)
+                emit, emit_max = _emissions(scores_ptr, L - 1, C, C_PAD)
                 Q += emit_max.to(tl.float64)
-                fresh = beta + _row(end_sc_ptr, L - 1, es_st, es_sc, C, C_PAD, HAS_END) + emit
-                fresh = tl.where(cm, fresh, float("-inf"))
-                tl.debug_barrier()
-                for r0 in range(0, K, BLOCK_D):
-                    rows = r0 + ds
-                    rok = rows < K
-                    rows = tl.where(rok, rows, 0)
-                    v = tl.where((rows == L % K)[:, None], fresh[None, :], float("-inf"))
-                    tl.store(back + rows[:, None] * C_PAD + cs[None, :], v, mask=rok[:, None])
-                tl.debug_barrier()
+                fresh = beta + _row(end_sc_ptr, L - 1, C, C_PAD, HAS_END)
+                _open_back(back, L, q, fresh, emit, K, C, True, C_PAD, BLOCK_D)
             else:
                 shift = (off + Q - log_z64).to(DT)
-                start_t = _row(start_sc_ptr, t, ss_st, ss_sc, C, C_PAD, HAS_START)
+                start_t = _row(start_sc_ptr, t, C, C_PAD, HAS_START)
                 dmax = tl.minimum(K, L - t)
                 n_chunks = tl.cdiv(dmax, BLOCK_D)
                 covered = tl.zeros([C_PAD], DT)  # posterior mass of the longer segments
@@ -602,25 +637,21 @@ def _backward_kernel(
                     d_row = tl.where(dok, d - 1, 0)
                     ok = dok[:, None] & cm[None, :]
                     slot = (t + d) % K
-                    dur = tl.load(dur_ptr + d_row[:, None] * du_sd + cl[None, :] * du_sc,
-                                  mask=ok, other=float("-inf"))
+                    dur = _durations(dur_ptr, d_row, ok, C, C_PAD)
                     x = tl.load(back + slot[:, None] * C_PAD + cs[None, :]) + dur
                     x = tl.where(ok, x, float("-inf"))  # (BLOCK_D, C_PAD)
                     if DD:
-                        ok3 = dok[:, None, None] & cm[None, :, None] & cm[None, None, :]
-                        tr = tl.load(
-                            trans_ptr + d_row[:, None, None] * tr_sd
-                            + cl[None, :, None] * tr_si + cl[None, None, :] * tr_sj,
-                            mask=ok3, other=float("-inf"))  # (BLOCK_D, C', C)
+                        tr, ok3 = _transitions(trans_ptr, d_row, dok, C, C_PAD)  # (BLOCK_D, C', C)
                         enter = _lse(alpha[None, :, None] + tr, 1) + start_t[None, :]
                         enter = tl.where(t > 0, enter, sigma[None, :])
                         # Label-to-label terms (t = 0 has alpha = -inf: they vanish).
                         joint = tr + (start_t[None, :] + x)[:, None, :]
                         g_tr = tl.exp(alpha[None, :, None] + joint + shift) * g
                         g_tr = tl.where(ok3, g_tr, 0.0)
-                        gt_ptrs = (g_trans_ptr + d_row[:, None, None] * gt_sd
-                                   + cl[None, :, None] * gt_si + cl[None, None, :] * gt_sj)
-                        tl.store(gt_ptrs, tl.load(gt_ptrs, mask=ok3, other=0.0) + g_tr, mask=ok3)
+                        gt_ptrs = (g_trans_ptr + d_row[:, None, None] * C * C
+                                   + cl[None, :, None] * C + cl[None, None, :])
+                        tl.store(gt_ptrs, tl.load(gt_ptrs, mask=ok3, other=0.0)
+                                 + g_tr.to(tl.float64), mask=ok3)
                         chunk_max = tl.max(tl.max(joint, 2), 0)  # (C',)
                         new_max = tl.maximum(beta_max, chunk_max)
                         base = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -631,18 +662,19 @@ def _backward_kernel(
                         enter = sigma[None, :]
                         tau_max, tau_sum = _lse_update(tau_max, tau_sum, x, 0)
                     post = tl.where(ok, tl.exp(enter + x + shift) * g, 0.0)
-                    gd_ptrs = g_dur_ptr + d_row[:, None] * gd_sd + cl[None, :] * gd_sc
-                    tl.store(gd_ptrs, tl.load(gd_ptrs, mask=ok, other=0.0) + post, mask=ok)
+                    gd_ptrs = g_dur_ptr + d_row[:, None] * C + cl[None, :]
+                    tl.store(gd_ptrs, tl.load(gd_ptrs, mask=ok, other=0.0) + post.to(tl.float64),
+                             mask=ok)
                     # Position t+d-1 lies in every segment [t, t+d') with d' >= d.
                     cover = covered[None, :] + tl.cumsum(post, 0, reverse=True)
                     covered += tl.sum(post, 0)
                     pos = tl.where(dok, t + d - 1, t)
-                    gs_ptrs = g_scores_ptr + pos[:, None] * gs_st + cl[None, :] * gs_sc
+                    gs_ptrs = g_scores_ptr + pos[:, None] * C + cl[None, :]
                     tl.store(gs_ptrs, tl.load(gs_ptrs, mask=ok, other=0.0) + cover, mask=ok)
                 if WANT_START:
-                    tl.store(g_start_sc_ptr + t * gss_st + cl * gss_sc, covered, mask=cm)
+                    tl.store(g_start_sc_ptr + t * C + cl, covered, mask=cm)
                 if t == 0:
-                    tl.store(g_start_tr_ptr + b * gst_sb + cl * gst_sc, covered, mask=cm)
+                    tl.store(g_start_tr_ptr + cl, covered, mask=cm)
                 else:
                     # beta[t, c']: the backward score of "a segment ended at t".
                     if DD:
@@ -651,7 +683,6 @@ def _backward_kernel(
                         into = start_t + _lse_finish(tau_max, tau_sum)  # start score + tau
                         joint2 = trans_tile + into[None, :]  # (C', C)
                         g_tr2 = tl.exp(alpha[:, None] + joint2 + shift) * g
-                        ok2 = cm[:, None] & cm[None, :]
                         g_trans_acc += tl.where(ok2, g_tr2, 0.0)
                         beta = _lse(joint2, 1)
                     beta = tl.where(cm, beta, float("-inf"))
@@ -661,7 +692,7 @@ def _backward_kernel(
                     Q += q.to(tl.float64)
                     shift_beta = (off + Q - log_z64).to(DT)
                     if WANT_END:
-                        tl.store(g_end_sc_ptr + (t - 1) * ges_st + cl * ges_sc,
+                        tl.store(g_end_sc_ptr + (t - 1) * C + cl,
                                  tl.exp(alpha + beta + shift_beta) * g, mask=cm)
                     if t == first:
                         # Re-anchor Q at every checkpoint: a segment boundary
@@ -670,29 +701,20 @@ def _backward_kernel(
                         # (t, L] cannot pile up over the whole sequence.
                         Q = _reanchor(
                             t, Q, Q_ring, alpha, beta, shift_beta, back,
-                            ckpt_ptr + j * ck_sn, tl.load(ckpt_off_ptr + j * co_sn), log_z64,
-                            trans_ptr, dur_ptr, K, C, ck_sr, ck_sc, tr_sd, tr_si, tr_sj,
-                            du_sd, du_sc, DD, C_PAD, BLOCK_D)
+                            ckpt_ptr + j * S * C, tl.load(ckpt_off_ptr + j), log_z64,
+                            inputs, K, C, DD, C_PAD, BLOCK_D)
                     # Move the ring to step t-1: re-base, open the segments ending
                     # at t, add position t-1's emissions (their maximum into Q).
-                    emit, emit_max = _emissions(scores_ptr, t - 1, s_st, s_sc, C, C_PAD)
+                    emit, emit_max = _emissions(scores_ptr, t - 1, C, C_PAD)
                     Q += emit_max.to(tl.float64)
-                    fresh = beta + _row(end_sc_ptr, t - 1, es_st, es_sc, C, C_PAD, HAS_END)
-                    tl.debug_barrier()
-                    for r0 in range(0, K, BLOCK_D):
-                        rows = r0 + ds
-                        rok = rows < K
-                        rows = tl.where(rok, rows, 0)
-                        ptrs = back + rows[:, None] * C_PAD + cs[None, :]
-                        old = tl.load(ptrs)
-                        new = tl.where((rows == t % K)[:, None], fresh[None, :], old - q)
-                        new = tl.where(cm[None, :], new + emit[None, :], float("-inf"))
-                        tl.store(ptrs, new, mask=rok[:, None])
-                    tl.debug_barrier()
+                    fresh = beta + _row(end_sc_ptr, t - 1, C, C_PAD, HAS_END)
+                    _open_back(back, t, q, fresh, emit, K, C, False, C_PAD, BLOCK_D)
+            if not DD:
+                if (i % FLUSH == FLUSH - 1) | (i == last - first):
+                    total = tl.load(g_trans_2d, mask=ok2, other=0.0) + g_trans_acc.to(tl.float64)
+                    tl.store(g_trans_2d, total, mask=ok2)
+                    g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)
         tl.debug_barrier()
-    if not DD:
-        ok2 = (cs[:, None] < C) & (cs[None, :] < C)
-        tl.store(g_trans_ptr + cl[:, None] * gt_si + cl[None, :] * gt_sj, g_trans_acc, mask=ok2)
 
 
 # --------------------------------------------------------------------------
@@ -700,16 +722,15 @@ def _backward_kernel(
 # --------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "s_sb", "ss_sb", "es_sb", "lab_sb"])
+@triton.jit(do_not_specialize=["T"])
 def _viterbi_kernel(
-    # pointers
+    # inputs
     scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
-    end_sc_ptr, best_ptr, label_ptr, ring_ws_ptr, bp_d_ptr, bp_c_ptr,
+    end_sc_ptr,
+    # outputs and workspace
+    best_ptr, label_ptr, ring_ws_ptr, bp_d_ptr, bp_c_ptr,
     # sizes
     T, K, C,
-    # strides
-    s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
-    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, best_s, lab_sb, lab_st,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -717,42 +738,35 @@ def _viterbi_kernel(
     b = tl.program_id(0).to(tl.int64)
     DT = scores_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
-    cl = tl.minimum(cs, C - 1)
     cm = cs < C
-    L = tl.load(lengths_ptr + b * len_s)
+    inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                              start_sc_ptr, end_sc_ptr)
+    L = tl.load(lengths_ptr + b)
     S = 2 * K if DD else K
-    scores_ptr += b * s_sb
-    start_sc_ptr += b * ss_sb
-    end_sc_ptr += b * es_sb
     ring = ring_ws_ptr + b * S * C_PAD
     bp_d_ptr += b * (T + 1) * C_PAD  # (T+1, C_PAD) int32: best duration of alpha[t, c]
     bp_c_ptr += b * (T + 1) * C_PAD  # (T+1, C_PAD) int32: best previous label
-    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
-    end_tr = tl.load(end_tr_ptr + cl * ent_s, mask=cm, other=float("-inf"))
-    _fill_ring(ring, S, C_PAD, BLOCK_D)
+    label_ptr += b * T
+    trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
+    end_tr = _labels(end_tr_ptr, C, C_PAD, float("-inf"))
+    _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
     offset = tl.full([], 0.0, tl.float64)
     best = tl.full([], float("-inf"), DT)
     last_label = tl.full([], 0, tl.int32)
     for t in range(0, L + 1):
-        alpha, sigma, m, best_d, best_prev = _scan_step(
-            t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr,
-            end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s,
-            ss_st, ss_sc, es_st, es_sc, True, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
-        offset += m.to(tl.float64)
+        alpha, _sigma, o_t, offset, best_d, best_prev = _step_and_advance(
+            t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD, HAS_START, HAS_END,
+            C_PAD, BLOCK_D)
         if t > 0:
             tl.store(bp_d_ptr + t * C_PAD + cs, best_d)
             # Static: the previous label was chosen when sigma[t] was formed;
             # duration-dependent: together with the duration at alpha[t].
             tl.store(bp_c_ptr + t * C_PAD + cs, best_prev)
-        if t < L:
-            offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr, start_sc_ptr,
-                               K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD, HAS_START, C_PAD,
-                               BLOCK_D).to(tl.float64)
-        else:
+        if t == L:
             top, arg = _first_argmax(tl.where(cm, alpha + end_tr, float("-inf")), cs, 0)
-            best = (offset + top.to(tl.float64)).to(DT)
+            best = (o_t + top.to(tl.float64)).to(DT)
             last_label = tl.minimum(arg, C - 1).to(tl.int32)
-    tl.store(best_ptr + b * best_s, best)
+    tl.store(best_ptr + b, best)
     tl.debug_barrier()
     if best > float("-inf"):  # -inf or NaN: no path to trace
         t = L
@@ -761,7 +775,7 @@ def _viterbi_kernel(
             d = tl.load(bp_d_ptr + t * C_PAD + c).to(tl.int64)
             d = tl.minimum(tl.maximum(d, 1), t)  # a NaN score must not derail the walk
             s = t - d
-            tl.store(label_ptr + b * lab_sb + s * lab_st, c.to(tl.int64))
+            tl.store(label_ptr + s, c.to(tl.int64))
             if s > 0:
                 row = t if DD else s
                 c = tl.load(bp_c_ptr + row * C_PAD + c)
@@ -774,17 +788,15 @@ def _viterbi_kernel(
 # --------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "s_sb", "ss_sb", "es_sb", "ha_sb", "hs_sb", "ho_sb"])
+@triton.jit(do_not_specialize=["T"])
 def _filter_kernel(
-    # pointers
+    # inputs
     scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
-    end_sc_ptr, alpha_ptr, sigma_ptr, offset_ptr, ring_ws_ptr,
+    end_sc_ptr,
+    # outputs and workspace
+    alpha_ptr, sigma_ptr, offset_ptr, ring_ws_ptr,
     # sizes
     T, K, C,
-    # strides
-    s_sb, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, len_s, stt_s, ent_s,
-    ss_sb, ss_st, ss_sc, es_sb, es_st, es_sc, ha_sb, ha_st, ha_sc, hs_sb, hs_st, hs_sc,
-    ho_sb, ho_st,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -793,34 +805,28 @@ def _filter_kernel(
     cs = tl.arange(0, C_PAD)
     cl = tl.minimum(cs, C - 1)
     cm = cs < C
-    L = tl.load(lengths_ptr + b * len_s)
+    inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                              start_sc_ptr, end_sc_ptr)
+    L = tl.load(lengths_ptr + b)
     S = 2 * K if DD else K
-    scores_ptr += b * s_sb
-    start_sc_ptr += b * ss_sb
-    end_sc_ptr += b * es_sb
-    alpha_ptr += b * ha_sb
-    sigma_ptr += b * hs_sb
-    offset_ptr += b * ho_sb
+    alpha_ptr += b * (T + 1) * C
+    sigma_ptr += b * (T + 1) * C
+    offset_ptr += b * (T + 1)
     ring = ring_ws_ptr + b * S * C_PAD
-    trans_tile = _transition_tile(trans_ptr, C, tr_si, tr_sj, C_PAD, DD)
-    _fill_ring(ring, S, C_PAD, BLOCK_D)
+    trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
+    _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
     offset = tl.full([], 0.0, tl.float64)
     for t in range(0, L + 1):
-        alpha, sigma, m, _bd, _bp = _scan_step(
-            t, T, ring, trans_tile, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, start_sc_ptr,
-            end_sc_ptr, K, C, s_st, s_sc, tr_sd, tr_si, tr_sj, du_sd, du_sc, stt_s,
-            ss_st, ss_sc, es_st, es_sc, False, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
-        offset += m.to(tl.float64)
-        tl.store(offset_ptr + t * ho_st, offset)
+        alpha, sigma, o_t, offset, _bd, _bp = _step_and_advance(
+            t, t < L, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START, HAS_END,
+            C_PAD, BLOCK_D)
+        tl.store(offset_ptr + t, o_t)
         if t > 0:
-            tl.store(alpha_ptr + t * ha_st + cl * ha_sc, alpha, mask=cm)
+            tl.store(alpha_ptr + t * C + cl, alpha, mask=cm)
         if t < L:
             # Duration-dependent: sigma exists only at 0 (the label step is in alpha).
             if DD:
                 if t == 0:
-                    tl.store(sigma_ptr + t * hs_st + cl * hs_sc, sigma, mask=cm)
+                    tl.store(sigma_ptr + t * C + cl, sigma, mask=cm)
             else:
-                tl.store(sigma_ptr + t * hs_st + cl * hs_sc, sigma, mask=cm)
-            offset += _advance(t, ring, sigma, alpha, m, scores_ptr, start_tr_ptr, start_sc_ptr,
-                               K, C, s_st, s_sc, stt_s, ss_st, ss_sc, DD, HAS_START, C_PAD,
-                               BLOCK_D).to(tl.float64)
+                tl.store(sigma_ptr + t * C + cl, sigma, mask=cm)

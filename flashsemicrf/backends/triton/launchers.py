@@ -1,0 +1,212 @@
+"""Launchers of the Triton kernels, defined as the ops ``flashsemicrf_triton::*``.
+
+Same schemas, outputs, fakes and autograd formula as the C++ ops
+(flashsemicrf/_contract.py). Each launcher checks its arguments (for direct
+calls: the public functions validate first), makes every input contiguous
+(the kernels take no strides), allocates the outputs and the workspace, and
+launches one program per sequence.
+
+Compiled kernels are defined with ``torch.library.triton_op``, so
+torch.compile sees the kernels; interpreted ones (TRITON_INTERPRET=1) with
+``torch.library.custom_op``, opaque to torch.compile, because an interpreted
+kernel cannot run on the fake tensors a decomposition traces with.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ... import _contract
+from . import INTERPRET, NAMESPACE, kernels
+
+Tensor = torch.Tensor
+
+# Elements of one (BLOCK_D, C_PAD) (or (BLOCK_D, C_PAD, C_PAD)) tile: bounds
+# the durations swept at once. 2048 keeps the backward free of register
+# spills for sm_90 at C = 24, K = 1000 and C = 9, K = 16 (ptxas -v); not tuned
+# on a GPU yet. Tests lower it to exercise the chunked sweep.
+TILE_ELEMENTS = 2048
+NUM_WARPS = 4
+# Positions whose static-transition gradient terms the backward sums in a
+# register tile, in the compute dtype, before adding them to the float64 sum:
+# 32 terms round to < 32·eps relative, and a float64 tile spills at C = 24
+# (ptxas -v). Tests lower it to exercise the flushes.
+FLUSH_POSITIONS = 32
+
+
+def _check(scores, transition, duration, lengths, start_transition, end_transition,
+           start_scores, end_scores):
+    """The C++ ops' checks, for direct calls."""
+    if scores.dim() != 3 or scores.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{NAMESPACE}: scores must be a float32 or float64 (B, T, C) "
+                         f"tensor, got {scores.dtype} of shape {tuple(scores.shape)}")
+    B, T, C = scores.shape
+    K = duration.shape[0] if duration.dim() == 2 else -1
+    expected = {
+        "transition": (K, C, C) if transition.dim() == 3 else (C, C),
+        "duration": (K, C),
+        "lengths": (B,),
+        "start_transition": (C,),
+        "end_transition": (C,),
+        "start_scores": (B, T, C),
+        "end_scores": (B, T, C),
+    }
+    given = dict(transition=transition, duration=duration, lengths=lengths,
+                 start_transition=start_transition, end_transition=end_transition,
+                 start_scores=start_scores, end_scores=end_scores)
+    for name, x in given.items():
+        if x is None:
+            continue
+        if tuple(x.shape) != expected[name]:
+            raise ValueError(f"{NAMESPACE}: {name} must have shape {expected[name]}, "
+                             f"got {tuple(x.shape)}")
+        want = torch.int64 if name == "lengths" else scores.dtype
+        if x.dtype != want or x.device != scores.device:
+            raise ValueError(f"{NAMESPACE}: {name} must be {want} on {scores.device}, "
+                             f"got {x.dtype} on {x.device}")
+
+
+class _Launch:
+    """Sizes, tiles, the contiguous inputs and the meta-parameters of one call."""
+
+    def __init__(self, scores, transition, duration, lengths, start_transition, end_transition,
+                 start_scores, end_scores):
+        _check(scores, transition, duration, lengths, start_transition, end_transition,
+               start_scores, end_scores)
+        self.B, self.T, self.C = scores.shape
+        self.K = duration.shape[0]
+        self.dd = transition.dim() == 3
+        self.S = 2 * self.K if self.dd else self.K
+        self.C_PAD = triton.next_power_of_2(self.C)
+        per_row = self.C_PAD * self.C_PAD if self.dd else self.C_PAD
+        self.BLOCK_D = max(1, min(triton.next_power_of_2(self.K), TILE_ELEMENTS // per_row))
+        self.num_warps = max(1, min(NUM_WARPS, self.BLOCK_D * per_row // 256))
+        self.scores = scores = scores.contiguous()
+        self.has_start = start_scores is not None
+        self.has_end = end_scores is not None
+        # Absent boundary scores: any valid pointer (never read).
+        self.inputs = (
+            scores, transition.contiguous(), duration.contiguous(), lengths.contiguous(),
+            start_transition.contiguous(), end_transition.contiguous(),
+            start_scores.contiguous() if self.has_start else scores,
+            end_scores.contiguous() if self.has_end else scores,
+        )
+        self.meta = dict(DD=self.dd, HAS_START=self.has_start, HAS_END=self.has_end,
+                         C_PAD=self.C_PAD, BLOCK_D=self.BLOCK_D, num_warps=self.num_warps)
+
+    def empty(self, *shape, dtype=None):
+        return torch.empty(shape, dtype=dtype or self.scores.dtype, device=self.scores.device)
+
+    def zeros(self, *shape, dtype=None):
+        return torch.zeros(shape, dtype=dtype or self.scores.dtype, device=self.scores.device)
+
+    def ring_workspace(self):
+        return self.empty(self.B, self.S, self.C_PAD)
+
+
+def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+            start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+            end_scores: Tensor | None, interval: int) -> tuple[Tensor, Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    interval = _contract.checkpoint_interval(p.T, p.K, interval)
+    n_ckpt = _contract.checkpoint_count(p.T, interval)
+    log_z = p.empty(p.B)
+    ring = p.empty(p.B, n_ckpt, p.S, p.C)
+    offset = p.empty(p.B, n_ckpt, dtype=torch.float64)
+    if p.B:
+        torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
+            *p.inputs, log_z, ring, offset, p.ring_workspace(),
+            p.T, p.K, p.C, interval, n_ckpt, **p.meta)
+    return log_z, ring, offset
+
+
+def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: Tensor,
+             lengths: Tensor, start_transition: Tensor, end_transition: Tensor,
+             start_scores: Tensor | None, end_scores: Tensor | None, log_z: Tensor,
+             checkpoint_ring: Tensor, checkpoint_offset: Tensor, interval: int,
+             boundary_mass: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    B, T, K, C = p.B, p.T, p.K, p.C
+    interval = _contract.checkpoint_interval(T, K, interval)
+    n_ckpt = _contract.checkpoint_count(T, interval)
+    if tuple(checkpoint_ring.shape) != (B, n_ckpt, p.S, C) or \
+            tuple(checkpoint_offset.shape) != (B, n_ckpt):
+        raise ValueError(
+            f"{NAMESPACE}: checkpoints must be ({B}, {n_ckpt}, {p.S}, {C}) and "
+            f"({B}, {n_ckpt}) for interval {interval}, got {tuple(checkpoint_ring.shape)} and "
+            f"{tuple(checkpoint_offset.shape)}")
+    if checkpoint_offset.dtype != torch.float64:
+        raise ValueError(f"{NAMESPACE}: checkpoint_offset must be float64")
+    g_scores = p.zeros(B, T, C)
+    # transition and duration gradients sum over T positions: float64 until returned.
+    g_trans = p.zeros(B, *transition.shape, dtype=torch.float64)
+    g_dur = p.zeros(B, K, C, dtype=torch.float64)
+    g_start_tr = p.zeros(B, C)
+    g_end_tr = p.zeros(B, C)
+    want_start = _contract.returns_boundary_gradient(p.has_start, boundary_mass)
+    want_end = _contract.returns_boundary_gradient(p.has_end, boundary_mass)
+    g_start_sc = p.zeros(B, T, C) if want_start else p.empty(0)
+    g_end_sc = p.zeros(B, T, C) if want_end else p.empty(0)
+    if B:
+        span = interval + 1  # rows of the span buffers: boundaries first … last
+        torch.library.wrap_triton(kernels._backward_kernel)[(B,)](
+            grad_log_z.contiguous(), *p.inputs, log_z.contiguous(), checkpoint_ring.contiguous(),
+            checkpoint_offset.contiguous(),
+            g_scores, g_trans, g_dur, g_start_tr, g_end_tr,
+            g_start_sc if want_start else g_scores, g_end_sc if want_end else g_scores,
+            p.ring_workspace(), p.empty(B, K, p.C_PAD), p.empty(B, span, p.C_PAD),
+            p.empty(B, span, p.C_PAD), p.empty(B, span, dtype=torch.float64),
+            T, K, C, interval, n_ckpt,
+            WANT_START=want_start, WANT_END=want_end, FLUSH=FLUSH_POSITIONS, **p.meta)
+    dt = p.scores.dtype
+    return g_scores, g_trans.to(dt), g_dur.to(dt), g_start_tr, g_end_tr, g_start_sc, g_end_sc
+
+
+def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+            start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+            end_scores: Tensor | None) -> tuple[Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    best = p.empty(p.B)
+    label = torch.full((p.B, p.T), -1, dtype=torch.long, device=scores.device)
+    if p.B:
+        # Backpointers (B, T+1, C_PAD) int32: workspace, like the C++ op's.
+        bp_d = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
+        bp_c = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
+        torch.library.wrap_triton(kernels._viterbi_kernel)[(p.B,)](
+            *p.inputs, best, label, p.ring_workspace(), bp_d, bp_c,
+            p.T, p.K, p.C, **p.meta)
+    return best, label
+
+
+def filter_messages(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
+                    start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
+                    end_scores: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
+                start_scores, end_scores)
+    B, T, C = p.B, p.T, p.C
+    alpha = torch.full((B, T + 1, C), float("-inf"), dtype=p.scores.dtype, device=scores.device)
+    sigma = torch.full((B, T + 1, C), float("-inf"), dtype=p.scores.dtype, device=scores.device)
+    offset = p.zeros(B, T + 1, dtype=torch.float64)
+    if B:
+        torch.library.wrap_triton(kernels._filter_kernel)[(B,)](
+            *p.inputs, alpha, sigma, offset, p.ring_workspace(), T, p.K, C, **p.meta)
+    return alpha, sigma, offset
+
+
+def _define(name: str, fn) -> None:
+    qualname = f"{NAMESPACE}::{name}"
+    if INTERPRET:
+        torch.library.custom_op(qualname, fn, mutates_args=())
+    else:
+        torch.library.triton_op(qualname, fn, mutates_args=())
+
+
+for _name, _fn in (("forward", forward), ("backward", backward), ("viterbi", viterbi),
+                   ("filter", filter_messages)):
+    _define(_name, _fn)
+# triton_op would use each launcher as its own fake; the contract's keep N symbolic.
+_contract.register(NAMESPACE)
