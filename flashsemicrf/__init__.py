@@ -2,13 +2,15 @@
 
 The public functions (shapes in SPEC §1 and the README): log_partition,
 viterbi, marginals, entropy, sample, score, nll, segments_to_labels,
-labels_to_segments.
+labels_to_segments; build_info() says what the compiled extension was built
+with.
 """
 
 from .api import Marginals, entropy, log_partition, marginals, nll, sample, score, viterbi
 from .segments import labels_to_segments, segments_to_labels
 from .distribution import SemiCRFDistribution
 from .nn import SemiCRF
+from ._extension import build_info
 
 __version__ = "0.1.0"
 
@@ -16,6 +18,7 @@ __all__ = [
     "Marginals",
     "SemiCRF",
     "SemiCRFDistribution",
+    "build_info",
     "entropy",
     "labels_to_segments",
     "log_partition",
