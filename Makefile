@@ -105,7 +105,8 @@ wheel: $(DEPS_STAMP)
 	    FLASHSEMICRF_FORCE_CUDA=$(if $(CUDA_HOME),1,) \
 	    $(PYTHON) -m pip wheel $(PIP_FLAGS) --no-build-isolation --no-deps -v -w $(WHEEL_DIR) . \
 	    > build/wheel.log 2>&1; then \
-	  grep -E '^flashsemicrf setup|warning:|^Saved ' build/wheel.log | awk '!seen[$$0]++'; \
+	  sed -n -E 's/^ +//; /^flashsemicrf setup|^Created wheel|warning:/p' build/wheel.log \
+	    | grep -v byte-compiling | cut -c1-240 | awk '!seen[$$0]++'; \
 	else \
 	  tail -n 80 build/wheel.log; echo "make: building the wheel failed" >&2; exit 1; \
 	fi
