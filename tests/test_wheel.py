@@ -10,7 +10,6 @@ that has no compiler on its PATH and no CUDA_HOME.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,7 @@ import torch
 
 import flashsemicrf
 from flashsemicrf import _extension
+from toolchain import cuobjdump
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILERS = ("gcc", "g++", "cc", "c++", "clang", "nvcc")
@@ -155,27 +155,12 @@ def test_mismatched_torch_is_a_clear_import_error(site, tmp_path):
     assert abs(float(proc.stdout) - math.log(16)) < 1e-6
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    spec = importlib.util.find_spec("triton")
-    if spec and spec.submodule_search_locations:
-        roots.append(os.path.join(spec.submodule_search_locations[0], "backends", "nvidia"))
-    for root in filter(None, roots):
-        path = os.path.join(root, "bin", "cuobjdump")
-        if os.access(path, os.X_OK):
-            return path
-    return None
-
-
 def test_library_holds_the_requested_sass(site):
     info = json.loads(run_python("import json, flashsemicrf; print(json.dumps("
                                  "flashsemicrf.build_info()))", site, site.parent).stdout)
     if not info["cuda_kernels"]:
         pytest.skip("the wheel was built without CUDA kernels (no nvcc)")
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not found (CUDA toolkit or Triton's copy)")
     (lib,) = (site / "flashsemicrf").glob("_C.*.so")

@@ -29,8 +29,12 @@ static at::Tensor workspace_for(Arena& arena, const at::Tensor& scores, int64_t 
 template <typename Kernel, typename... Args>
 void launch(const Sched& s, Kernel kernel, int64_t B, const Arena& arena, size_t elem, Args... args) {
   if (B == 0) return;
-  emu::launch(s.mode, static_cast<unsigned>(s.seed), B, cuda::kThreads, arena.smem_elems * elem,
-              kernel, args...);
+  const size_t smem = arena.smem_elems * elem;
+  if (smem > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != 0)
+    emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
+  emu::launch(s.mode, static_cast<unsigned>(s.seed), B, cuda::kThreads, smem, kernel, args...);
 }
 
 std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Tensor duration,
@@ -128,7 +132,31 @@ std::vector<at::Tensor> filter(at::Tensor scores, at::Tensor transition, at::Ten
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
+// The device limits' own test: a kernel that does nothing, launched as asked.
+static void probe_kernel() { __syncthreads(); }
+
+static void probe_launch(int64_t grid, int64_t threads, int64_t smem, bool set_attribute) {
+  emu::smem_attribute().erase(emu::kernel_id(probe_kernel));
+  if (set_attribute &&
+      cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != 0)
+    emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
+  emu::launch(0, 0, grid, static_cast<int>(threads), static_cast<size_t>(smem), probe_kernel);
+}
+
+// Every launch so far: (grid, threads, dynamic smem bytes, smem bytes allowed).
+static std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> launch_log() {
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> out;
+  for (const auto& r : emu::launch_log())
+    out.emplace_back(r.grid, r.threads, static_cast<int64_t>(r.smem),
+                     static_cast<int64_t>(r.smem_attribute));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("probe_launch", &probe_launch);
+  m.def("launch_log", &launch_log);
+  m.def("clear_launch_log", [] { emu::launch_log().clear(); });
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("viterbi", &viterbi);
