@@ -25,30 +25,14 @@ import torch
 
 import flashsemicrf
 from flashsemicrf import _extension
-from toolchain import cuobjdump
+from toolchain import build_wheel, cuobjdump
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPILERS = ("gcc", "g++", "cc", "c++", "clang", "nvcc")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    if not (ROOT / "setup.py").is_file() or shutil.which("make") is None:
-        pytest.skip("needs the source checkout and make")
-    built = flashsemicrf.build_info()
-    out = tmp_path_factory.mktemp("dist")
-    cmd = [
-        "make", "wheel", f"PYTHON={sys.executable}", f"WHEEL_DIR={out}",
-        f"WHEEL_ARCHS={built.get('cuda_arch_list') or '9.0'}",
-        f"WHEEL_CPU_ARCH={built.get('cpu_arch') or 'native'}",
-    ]
-    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    print(proc.stdout, proc.stderr, sep="\n")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    wheels = list(out.glob("flashsemicrf-*.whl"))
-    assert len(wheels) == 1, wheels
-    return wheels[0]
+    return build_wheel(tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")
