@@ -531,15 +531,7 @@ def timings(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
     names, cases = timing_cases(dry_run)
     path = out / f"{tag}-timings.csv"
     peak = measure.cpu_exp_peak() if dry_run else measure.gpu_exp_peak(device)
-    backends = {}
-    for name in names:
-        b = bk.make(name, device)
-        if b.fn is not None:
-            why = bk.smoke_test(b, device)
-            if why:
-                b = bk.Backend(name, b.kind, None, f"not available: {why}")
-        backends[name] = b
-        print(f"  {name:21s} {'ready' if b.fn else b.why}", flush=True)
+    backends = bk.prepare(names, device)
     settings = Settings(
         device=device, dtype=torch.float32, repeat=5, budget_s=seconds / 3,
         headline_budget_s=seconds / 3, ref_budget_s=15.0, once_s=3.0,

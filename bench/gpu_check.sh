@@ -48,6 +48,7 @@ DEADLINE=$((SECONDS + BUDGET))
 RESERVE=15  # the summary and the archive
 WHEELS=${FLASHSEMICRF_GPU_CHECK_WHEELS:-$REPO/.gpu}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
 DRYFLAG=()
 if [ "$DRY" = 1 ]; then
   DRYFLAG=(--dry-run)
@@ -129,7 +130,8 @@ EOF
   } 2>&1 | tee -a "$SUMMARY"
 }
 
-install_wheels() {  # install the given wheels into a fresh $SITE
+install_wheels() {  # the given wheels into a fresh $WORK/site, which becomes $SITE
+  SITE=$WORK/site
   rm -rf "$SITE" && mkdir -p "$SITE"
   "$PYTHON" -m pip install --no-index --no-deps --no-compile --disable-pip-version-check \
     --target "$SITE" "$@" >> "$OUTDIR/install.txt" 2>&1
@@ -196,7 +198,8 @@ section_pytest() {
     if [ "$DRY" = 1 ]; then echo "dry run: no GPU; pytest only collects"; else nvidia-smi -L; fi
     echo "\$ pytest -m '(cuda or triton) and not slow' ${extra[*]}"
   } > "$log"
-  (cd "$REPO" && PYTHONPATH="$SITE:$REPO" timeout -k 5 "$1" "$PYTHON" -P -m pytest -q -rs \
+  # SIGINT at the budget: pytest then stops and still prints its summary line.
+  (cd "$REPO" && PYTHONPATH="$SITE:$REPO" timeout -s INT -k 10 "$1" "$PYTHON" -P -m pytest -q -rs \
     -p no:cacheprovider --continue-on-collection-errors -m "(cuda or triton) and not slow" \
     "${extra[@]}" tests) >> "$log" 2>&1
   local rc=$?
@@ -227,7 +230,7 @@ section_sanitizer() {
       continue
     fi
     t0=$SECONDS
-    (cd "$WORK" && PYTHONPATH="$SITE:$REPO" timeout -k 5 "$each" "$tool_bin" --tool "$tool" \
+    (cd "$WORK" && PYTHONPATH="$SITE:$REPO" timeout -s INT -k 5 "$each" "$tool_bin" --tool "$tool" \
       --print-limit 20 "$PYTHON" -m bench.gpu_check sanitize) > "$log" 2>&1
     rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
