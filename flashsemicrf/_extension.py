@@ -62,23 +62,24 @@ def incompatibility(info: dict) -> str:
         "torch and CUDA), build from source with `pip install --no-build-isolation .`, "
         f"or set {DISABLE_ENV}=1 to use the plain-PyTorch reference."
     )
-    built = f"flashsemicrf {info['version']} was built against torch {info['torch']}"
-    if _release(info["torch"]) != _release(torch.__version__):
+    version, built_torch = info.get("version", "?"), info.get("torch", "?")
+    built = f"flashsemicrf {version} was built against torch {built_torch}"
+    if _release(built_torch) != _release(torch.__version__):
         # torch's C++ ABI holds within a release (x.y), not across releases.
         return f"{built}, but torch {torch.__version__} is installed. {fix}"
     if info.get("cuda_kernels"):
         have = torch.version.cuda
         if have is None:
-            return (f"{built} with CUDA {info['torch_cuda']} kernels, but the installed torch "
+            return (f"{built} with CUDA {info.get('torch_cuda')} kernels, but the installed torch "
                     f"{torch.__version__} has no CUDA. {fix}")
-        if _release(have)[:1] != _release(info["torch_cuda"])[:1]:
-            return (f"{built} (CUDA {info['torch_cuda']}), but the installed torch "
+        if _release(have)[:1] != _release(info.get("torch_cuda"))[:1]:
+            return (f"{built} (CUDA {info.get('torch_cuda')}), but the installed torch "
                     f"{torch.__version__} uses CUDA {have}. {fix}")
     needs = _CPU_ARCH_NEEDS.get(info.get("cpu_arch", ""))
     if needs:
         cap = torch.backends.cpu.get_cpu_capability()
         if cap not in needs:
-            return (f"flashsemicrf {info['version']} was compiled for {info['cpu_arch']} CPUs "
+            return (f"flashsemicrf {version} was compiled for {info['cpu_arch']} CPUs "
                     f"({' or '.join(needs)}), but this CPU offers {cap}. Build from source "
                     f"(`pip install --no-build-isolation .`), or set {DISABLE_ENV}=1 to use the "
                     "plain-PyTorch reference.")

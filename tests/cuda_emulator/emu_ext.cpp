@@ -32,7 +32,7 @@ void launch(const Sched& s, Kernel kernel, int64_t B, const Arena& arena, size_t
   const size_t smem = arena.smem_elems * elem;
   if (smem > 48 * 1024 &&
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != 0)
+                           static_cast<int>(smem)) != cudaSuccess)
     emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
   emu::launch(s.mode, static_cast<unsigned>(s.seed), B, cuda::kThreads, smem, kernel, args...);
 }
@@ -139,7 +139,7 @@ static void probe_launch(int64_t grid, int64_t threads, int64_t smem, bool set_a
   emu::smem_attribute().erase(emu::kernel_id(probe_kernel));
   if (set_attribute &&
       cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) != 0)
+                           static_cast<int>(smem)) != cudaSuccess)
     emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
   emu::launch(0, 0, grid, static_cast<int>(threads), static_cast<size_t>(smem), probe_kernel);
 }

@@ -244,10 +244,12 @@ void launch(int mode, unsigned seed, int64_t grid, int nthreads, size_t smem, Ke
 // cudaFuncSetAttribute for the one attribute the kernels use; like the
 // runtime, it refuses more than the opt-in limit (the kernels have no static
 // shared memory: the ptxas table says so).
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 template <typename Kernel>
-int cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
-  if (bytes < 0 || static_cast<size_t>(bytes) > emu::DeviceLimits::kOptinSmem) return 1;
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > emu::DeviceLimits::kOptinSmem)
+    return cudaErrorInvalidValue;
   emu::smem_attribute()[emu::kernel_id(kernel)] = static_cast<size_t>(bytes);
-  return 0;
+  return cudaSuccess;
 }
