@@ -1,10 +1,19 @@
-# make test | make bench | make build | make clean
+# make test | make bench | make build | make wheel | make clean
 #
 #   VENV=path       virtual environment to create and use (default .venv)
 #   PYTHON=path     use this interpreter as is: no venv, no dependency install
 #                   (e.g. an offline GPU machine: make test PYTHON=python3)
 #   PYTEST_ARGS=... extra pytest arguments, e.g. PYTEST_ARGS="-k viterbi -x"
 #   CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS and FLASHSEMICRF_* reach setup.py.
+#
+# make wheel: a binary wheel in $(WHEEL_DIR), versioned 0.1.0+torch<x.y>cu<cuda>
+#   WHEEL_ARCHS=all     GPU architectures: every one from 8.0 up that the
+#                       installed torch was built for, plus PTX for the newest;
+#                       or a list, e.g. WHEEL_ARCHS=9.0 for a quick local build
+#   WHEEL_CPU_ARCH=...  -march of the C++ kernel (default x86-64-v3 on x86-64:
+#                       any CPU with AVX2; "none" for the baseline; never
+#                       "native" for a wheel that leaves this machine)
+#   WHEEL_DIR=dist
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -44,7 +53,11 @@ endif
 PIP_FLAGS := $(if $(filter true,$(CI)),--progress-bar off,)
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: test bench build clean build-always
+WHEEL_ARCHS ?= all
+WHEEL_CPU_ARCH ?= $(if $(filter x86_64,$(shell uname -m)),x86-64-v3,none)
+WHEEL_DIR ?= dist
+
+.PHONY: test bench build wheel clean build-always
 
 test: $(BUILD_STAMP)
 	@rc=0; $(PYTHON) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
@@ -84,7 +97,23 @@ $(VENV)/.flashsemicrf-build: $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 build-always: $(DEPS_STAMP)
 	$(build_ext)
 
+# No build isolation: the wheel must be built against the torch it will run
+# with. The CUDA kernels are required when nvcc is there (a wheel silently
+# without them would be worse than a failed build).
+wheel: $(DEPS_STAMP)
+	@mkdir -p build $(WHEEL_DIR)
+	@echo "building a wheel into $(WHEEL_DIR) (WHEEL_ARCHS=$(WHEEL_ARCHS), WHEEL_CPU_ARCH=$(WHEEL_CPU_ARCH), log: build/wheel.log)"
+	@if FLASHSEMICRF_CUDA_ARCH_LIST="$(WHEEL_ARCHS)" FLASHSEMICRF_CPU_ARCH="$(WHEEL_CPU_ARCH)" \
+	    FLASHSEMICRF_FORCE_CUDA=$(if $(CUDA_HOME),1,) \
+	    $(PYTHON) -m pip wheel $(PIP_FLAGS) --no-build-isolation --no-deps -v -w $(WHEEL_DIR) . \
+	    > build/wheel.log 2>&1; then \
+	  sed -n -E 's/^ +//; /^flashsemicrf setup|^Created wheel|warning:/p' build/wheel.log \
+	    | grep -v byte-compiling | cut -c1-240 | awk '!seen[$$0]++'; \
+	else \
+	  tail -n 80 build/wheel.log; echo "make: building the wheel failed" >&2; exit 1; \
+	fi
+
 clean:
 	rm -rf build *.egg-info flashsemicrf/*.egg-info .pytest_cache
-	rm -f flashsemicrf/_C*.so flashsemicrf/_C*.pyd $(VENV)/.flashsemicrf-build
+	rm -f flashsemicrf/_C*.so flashsemicrf/_C*.pyd flashsemicrf/_build_info.py $(VENV)/.flashsemicrf-build
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

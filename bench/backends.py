@@ -243,6 +243,21 @@ def smoke_test(backend: Backend, device: torch.device) -> str:
     return ""
 
 
+def prepare(names, device: torch.device) -> dict[str, Backend]:
+    """The named backends, each smoke-tested on ``device``; one that cannot run
+    says why. Prints one line per backend."""
+    out = {}
+    for name in names:
+        b = make(name, device)
+        if b.fn is not None:
+            why = smoke_test(b, device)
+            if why:
+                b = Backend(name, b.kind, None, f"not available: {why}")
+        out[name] = b
+        print(f"  {name:21s} {'ready' if b.fn else b.why}", flush=True)
+    return out
+
+
 def name_takes_fallback(name: str, scores: Tensor) -> bool:
     """flash-semicrf's Triton path silently runs its PyTorch code off CUDA or
     without Triton; it must not be timed under the Triton name then."""

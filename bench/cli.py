@@ -168,15 +168,7 @@ def main(argv=None) -> int:
     peak = measure.cpu_exp_peak() if device.type == "cpu" else measure.gpu_exp_peak(device)
     print(f"exp throughput: {report._si(peak['exp_per_s'])}/s ({peak['source']})", flush=True)
 
-    backends = {}
-    for name in names:
-        b = bk.make(name, device)
-        if b.fn is not None:
-            why = bk.smoke_test(b, device)
-            if why:
-                b = bk.Backend(name, b.kind, None, f"not available: {why}")
-        backends[name] = b
-        print(f"  {name:21s} {'ready' if b.fn else b.why}", flush=True)
+    backends = bk.prepare(names, device)
 
     budget = args.budget if args.budget is not None else BUDGET[(device.type, args.full)]
     settings = Settings(

@@ -3,7 +3,8 @@
 The public functions (shapes and the model: README; each documents its
 arguments): log_partition, viterbi, marginals, entropy, sample, score, nll,
 segments_to_labels, labels_to_segments; the SemiCRF head and
-SemiCRFDistribution. flashsemicrf.backends lists and chooses the backends;
+SemiCRFDistribution; build_info() says what the compiled extension
+was built with. flashsemicrf.backends lists and chooses the backends;
 docs/design.md describes the algorithm and the contract they share.
 """
 
@@ -11,6 +12,7 @@ from .api import Marginals, entropy, log_partition, marginals, nll, sample, scor
 from .segments import labels_to_segments, segments_to_labels
 from .distribution import SemiCRFDistribution
 from .nn import SemiCRF
+from ._extension import build_info
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,7 @@ __all__ = [
     "Marginals",
     "SemiCRF",
     "SemiCRFDistribution",
+    "build_info",
     "entropy",
     "labels_to_segments",
     "log_partition",

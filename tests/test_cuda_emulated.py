@@ -275,3 +275,44 @@ def test_emulated_sums_bitwise_like_cpu(emu, dd, dtype):
     got = emu.backward(up, *args, *f, 37, True, 2, 6, ALL_SMEM)
     for a, b in zip(bitwise(got[:7]), bitwise(want)):
         assert torch.equal(a, b)
+
+
+# The device's launch limits. emu::launch holds every launch above to those of
+# an H100/H200 (threads per block, grid, dynamic shared memory: 48 KB unless
+# cudaFuncSetAttribute raised the kernel's limit, 227 KB at most); these tests
+# show that it does, and that the opt-in path is taken where it must be.
+
+DEFAULT_SMEM = 48 * 1024
+
+
+def test_emulated_launch_limits_are_enforced(emu):
+    emu.probe_launch(3, 1024, DEFAULT_SMEM, False)
+    emu.probe_launch(1, 32, ALL_SMEM, True)
+    with pytest.raises(RuntimeError, match="cudaFuncSetAttribute"):
+        emu.probe_launch(1, 32, DEFAULT_SMEM + 4, False)
+    with pytest.raises(RuntimeError, match="refused"):
+        emu.probe_launch(1, 32, ALL_SMEM + 4, True)
+    with pytest.raises(RuntimeError, match="threads per block"):
+        emu.probe_launch(1, 1056, 0, False)
+    with pytest.raises(RuntimeError, match="grid"):
+        emu.probe_launch(2**31, 32, 0, False)
+
+
+def test_emulated_launches_take_the_opt_in_path(emu):
+    """Working memory over 48 KB goes through the attribute; with a limit
+    above the device's (a host that misread it), the launch is refused."""
+    emu.clear_launch_log()
+    # float64, K = 300, C = 24: the forward ring is 300·25·8 = 60 KB.
+    args = make(2, 12, 300, 24, False, True, torch.float64, 31)
+    check(emu, args, 4, 2, 0, ALL_SMEM, viterbi=True)
+    log = emu.launch_log()
+    assert len(log) == 4 and all(threads == 256 and grid == 2 for grid, threads, _, _ in log)
+    assert all(DEFAULT_SMEM < smem <= allowed <= ALL_SMEM for _, _, smem, allowed in log), log
+    # float32, K = 1000, C = 33: the backward's two rings need (1000 + 1000)·33·4 = 258 KB.
+    args = make(1, 5, 1000, 33, False, False, torch.float32, 32)
+    ref = ops.forward(*args, 2)
+    with pytest.raises(RuntimeError, match="refused"):
+        emu.backward(torch.ones(1), *args, *ref, 2, False, 2, 0, 300 * 1024)
+    emu.backward(torch.ones(1), *args, *ref, 2, False, 2, 0, ALL_SMEM)
+    _, _, smem, _ = emu.launch_log()[-1]
+    assert smem <= ALL_SMEM

@@ -37,8 +37,14 @@ at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, cons
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated", [&] {
     const auto kernel = p.duration_dependent ? kernel_for(scalar_t(0), std::true_type{})
                                              : kernel_for(scalar_t(0), std::false_type{});
-    emu::launch(s.mode, static_cast<unsigned>(s.seed), p.B, cuda::kThreads,
-                static_cast<size_t>(arena.smem_bytes), kernel, p, arena);
+    const size_t smem = static_cast<size_t>(arena.smem_bytes);
+    // As on the device: above 48 KB a kernel must opt in to more dynamic shared memory.
+    if (smem > 48 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) != cudaSuccess)
+      emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
+    emu::launch(s.mode, static_cast<unsigned>(s.seed), p.B, cuda::kThreads, smem, kernel, p,
+                arena);
   });
   return sizes;
 }
@@ -121,7 +127,31 @@ std::vector<at::Tensor> filter(at::Tensor scores, at::Tensor transition, at::Ten
   return out;
 }
 
+// The device limits' own test: a kernel that does nothing, launched as asked.
+static void probe_kernel() { __syncthreads(); }
+
+static void probe_launch(int64_t grid, int64_t threads, int64_t smem, bool set_attribute) {
+  emu::smem_attribute().erase(emu::kernel_id(probe_kernel));
+  if (set_attribute &&
+      cudaFuncSetAttribute(probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) != cudaSuccess)
+    emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
+  emu::launch(0, 0, grid, static_cast<int>(threads), static_cast<size_t>(smem), probe_kernel);
+}
+
+// Every launch so far: (grid, threads, dynamic smem bytes, smem bytes allowed).
+static std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> launch_log() {
+  std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> out;
+  for (const auto& r : emu::launch_log())
+    out.emplace_back(r.grid, r.threads, static_cast<int64_t>(r.smem),
+                     static_cast<int64_t>(r.smem_attribute));
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("probe_launch", &probe_launch);
+  m.def("launch_log", &launch_log);
+  m.def("clear_launch_log", [] { emu::launch_log().clear(); });
   m.def("forward", &forward);
   m.def("backward", &backward);
   m.def("viterbi", &viterbi);

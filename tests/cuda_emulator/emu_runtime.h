@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -180,10 +181,52 @@ inline void run_block(Block& B, int nthreads) {
   }
 }
 
+// The launch-time limits of a compute capability 9.0 GPU (H100, H200), which
+// a CPU run would not otherwise see. Every emulated launch is held to them.
+struct DeviceLimits {
+  static constexpr int kMaxThreadsPerBlock = 1024;
+  static constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+  static constexpr size_t kDefaultSmem = 48 * 1024;  // dynamic, without the attribute
+  static constexpr size_t kOptinSmem = 227 * 1024;   // cudaDevAttrMaxSharedMemoryPerBlockOptin
+};
+struct LaunchRecord {
+  int64_t grid;
+  int threads;
+  size_t smem, smem_attribute;
+};
+inline std::vector<LaunchRecord>& launch_log() {
+  static std::vector<LaunchRecord> log;
+  return log;
+}
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel, as set by cudaFuncSetAttribute.
+inline std::map<const void*, size_t>& smem_attribute() {
+  static std::map<const void*, size_t> attr;
+  return attr;
+}
+template <typename Kernel>
+const void* kernel_id(Kernel kernel) {
+  return reinterpret_cast<const void*>(kernel);
+}
+inline void check_launch(const void* kernel, int64_t grid, int nthreads, size_t smem) {
+  const std::string at = "launch <<<" + std::to_string(grid) + ", " + std::to_string(nthreads) +
+                         ", " + std::to_string(smem) + ">>>: ";
+  if (nthreads < 1 || nthreads > DeviceLimits::kMaxThreadsPerBlock)
+    fail(at + "threads per block must be in [1, 1024]");
+  if (grid < 1 || grid > DeviceLimits::kMaxGridX) fail(at + "grid.x must be in [1, 2^31 - 1]");
+  const auto it = smem_attribute().find(kernel);
+  const size_t allowed = it == smem_attribute().end() ? DeviceLimits::kDefaultSmem : it->second;
+  if (smem > allowed)
+    fail(at + "dynamic shared memory over " + std::to_string(allowed) +
+         " bytes: above 48 KB it needs cudaFuncSetAttribute(kernel, "
+         "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) first");
+  launch_log().push_back({grid, nthreads, smem, allowed});
+}
+
 // kernel<<<grid, nthreads, smem>>>(args...), one block after another.
 template <typename Kernel, typename... Args>
 void launch(int mode, unsigned seed, int64_t grid, int nthreads, size_t smem, Kernel kernel,
             Args... args) {
+  check_launch(kernel_id(kernel), grid, nthreads, smem);
   if (smem > flashsemicrf::cuda::kEmulatedSmemBytes) fail("more shared memory than emulated");
   Block B;
   B.mode = mode;
@@ -199,3 +242,16 @@ void launch(int mode, unsigned seed, int64_t grid, int nthreads, size_t smem, Ke
   block() = nullptr;
 }
 }  // namespace emu
+
+// cudaFuncSetAttribute for the one attribute the kernels use; like the
+// runtime, it refuses more than the opt-in limit (the kernels have no static
+// shared memory: the ptxas table says so).
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > emu::DeviceLimits::kOptinSmem)
+    return cudaErrorInvalidValue;
+  emu::smem_attribute()[emu::kernel_id(kernel)] = static_cast<size_t>(bytes);
+  return cudaSuccess;
+}

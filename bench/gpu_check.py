@@ -1,0 +1,635 @@
+"""The Python side of the device check, bench/gpu_check.sh (README: "Device check").
+
+    python -m bench.gpu_check SUBCOMMAND [--dry-run] ...
+
+  pick-wheel DIR        the carried flashsemicrf wheel built for this Python and torch
+  verify REPO           the flashsemicrf on the path: loads, has its kernels, and was
+                        built from REPO's sources (exit 0 ok, 2 stale, 1 broken)
+  env OUTDIR TAG        environment and build facts: printed, and TAG-env.json
+  correctness OUTDIR TAG --seconds S
+                        CUDA, then Triton, against a float64 reference and the C++
+                        CPU kernel on a fixed grid; TAG-correctness.txt
+  sanitize              the program bench/gpu_check.sh runs under compute-sanitizer:
+                        forward, backward, Viterbi and filter at three sizes
+  timings OUTDIR TAG --seconds S
+                        the headline timings, in bench/results/'s CSV schema; TAG-timings.csv
+  summary OUTDIR TAG    the closing table, from the files the sections wrote
+
+Only the public API of flashsemicrf is used. --dry-run runs the same code on the
+CPU with tiny sizes: the C++ kernel stands in for CUDA, Triton runs in its
+interpreter. Every section writes as it goes, so a run killed at any point
+leaves what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+OPTIONAL = ("start_transition", "end_transition", "start_scores", "end_scores")
+SHARED = ("transition", "duration", "start_transition", "end_transition")  # sums over T
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def _say(line: str, log=None) -> None:
+    print(line, flush=True)
+    if log is not None:
+        log.write(line + "\n")
+        log.flush()
+
+
+# -- the carried wheel ---------------------------------------------------------
+
+
+def expected_local_tag() -> str:
+    """The local version tag a wheel for the running torch carries (setup.py's rule)."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    cuda = torch.version.cuda
+    return f"torch{major}.{minor}" + (f"cu{cuda.replace('.', '')}" if cuda else "cpu")
+
+
+def pick_wheel(folder: Path) -> tuple[Path | None, str]:
+    """(the newest flashsemicrf wheel for this interpreter and torch, why not)."""
+    py = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    tag = expected_local_tag()
+    found = sorted(folder.glob("flashsemicrf-*.whl"), key=lambda p: p.stat().st_mtime)
+    fits = []
+    for w in found:
+        parts = w.name[:-4].split("-")
+        if len(parts) == 5 and parts[1].endswith("+" + tag) and parts[2] == py:
+            fits.append(w)
+    if fits:
+        return fits[-1], ""
+    names = ", ".join(w.name for w in found) or "none"
+    return None, f"no wheel for {py} and +{tag} in {folder} (found: {names})"
+
+
+def source_differences(repo: Path, recorded: dict) -> list[str]:
+    """Files whose content differs between the checkout and the build's record."""
+    now = {}
+    for p in sorted([*repo.glob("csrc/**/*"), *repo.glob("flashsemicrf/**/*.py")]):
+        if p.is_file() and p.name != "_build_info.py" and "__pycache__" not in p.parts:
+            now[p.relative_to(repo).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+
+
+def verify(repo: Path, dry_run: bool) -> int:
+    try:
+        import torch
+
+        import flashsemicrf as fsc
+    except ImportError as exc:
+        print(f"verify: import flashsemicrf failed: {exc}")
+        return 1
+    info = fsc.build_info()
+    print(f"verify: flashsemicrf from {Path(fsc.__file__).parent}")
+    print(f"verify: build_info {json.dumps(info)}")
+    if not info:
+        print("verify: no build record: the compiled extension was never built here")
+        return 1
+    x = (torch.randn(2, 9, 3), torch.randn(3, 3), torch.randn(4, 3))
+    checks = [("cpu", "cpu")] + ([] if dry_run else [("cuda", "cuda")])
+    for backend, device in checks:
+        try:
+            z = fsc.log_partition(*(t.to(device) for t in x), backend=backend)
+            assert torch.isfinite(z).all()
+        except Exception as exc:  # noqa: BLE001 — reported as a broken install
+            print(f"verify: backend {backend!r} does not run: {type(exc).__name__}: {exc}")
+            return 1
+        print(f"verify: backend {backend!r} runs")
+    try:
+        from flashsemicrf._build_info import SOURCES
+    except ImportError:
+        print("verify: the build has no source record; cannot tell whether it is current")
+        return 2
+    stale = source_differences(repo, SOURCES)
+    if stale:
+        print(f"verify: STALE: built from other sources than {repo}: {', '.join(stale[:12])}"
+              + (" …" if len(stale) > 12 else ""))
+        return 2
+    print(f"verify: built from this checkout's sources ({len(SOURCES)} files)")
+    return 0
+
+
+# -- environment -------------------------------------------------------------------
+
+
+def environment(out: Path, tag: str, dry_run: bool) -> None:
+    import torch
+
+    import flashsemicrf as fsc
+
+    from . import measure
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    env = measure.environment(device)
+    env["dry_run"] = dry_run
+    env["build_info"] = fsc.build_info()
+    env["flashsemicrf_path"] = str(Path(fsc.__file__).parent)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_l2_mib"] = round(getattr(props, "L2_cache_size", 0) / 2**20, 1)
+        env["gpu_smem_optin_bytes"] = getattr(props, "shared_memory_per_block_optin", None)
+    (out / f"{tag}-env.json").write_text(json.dumps(env, indent=2, default=str) + "\n")
+    for key in ("device_name", "gpu_sms", "gpu_capability", "gpu_memory_gib", "gpu_l2_mib",
+                "gpu_smem_optin_bytes", "driver", "cuda_runtime", "torch", "triton",
+                "flash_semicrf", "torch_struct", "python", "cpu", "cpu_count",
+                "flashsemicrf_path"):
+        if key in env:
+            print(f"{key:22s} {env[key]}")
+    print(f"{'build_info':22s} {json.dumps(env['build_info'])}")
+
+
+# -- correctness ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    K: int
+    C: int
+    dd: bool = False  # the (K, C, C) transition
+    optional: tuple = OPTIONAL  # optional inputs given
+    neg_inf: bool = False  # -inf entries in transition, duration, start/end
+    dtype: str = "float32"
+    lengths: tuple | None = None  # default: ragged, the first of length T
+    dead: bool = False  # sequence 0 has no valid segmentation
+    note: str = ""
+
+    @property
+    def id(self) -> str:
+        opt = "".join(n[0] + n.split("_")[1][0] for n in self.optional) or "none"
+        return (f"B{self.B}-T{self.T}-K{self.K}-C{self.C}-{'kcc' if self.dd else 'cc'}-{opt}"
+                f"{'-neginf' if self.neg_inf else ''}{'-dead' if self.dead else ''}"
+                f"-{'f64' if self.dtype == 'float64' else 'f32'}")
+
+
+# C ∈ {1, 2, 24, 31, 33, 64, 128}, K ∈ {1, 2, 3, 30, 200, 1000}, T from 1 to 10^5;
+# cheap cases first, so that a budget cut loses the expensive ones.
+GRID = (
+    Case(4, 1, 3, 2, lengths=(1, 1, 1, 1), note="T = 1 < K"),
+    Case(3, 7, 1, 1, dd=True, note="C = 1, K = 1"),
+    Case(3, 50, 2, 24, dd=True, neg_inf=True),
+    Case(3, 200, 3, 31, optional=(), note="no optional input"),
+    Case(3, 100, 5, 24, dead=True, note="sequence 0: log Z = -inf, zero gradients"),
+    Case(2, 300, 30, 33, dd=True, dtype="float64"),
+    Case(3, 1000, 200, 64, lengths=(1000, 150, 7), note="K > L for two sequences"),
+    Case(2, 300, 1000, 128, lengths=(300, 290), note="rings in global memory"),
+    Case(2, 400, 30, 128, dd=True, optional=("start_scores",)),
+    Case(2, 2000, 1000, 2, neg_inf=True, dtype="float64", optional=("end_transition",)),
+    Case(1, 100_000, 30, 31, dtype="float64", optional=("end_scores",)),
+    Case(2, 100_000, 200, 24, optional=("start_transition", "end_transition")),
+)
+DRY_GRID = (
+    Case(2, 1, 3, 2, lengths=(1, 1), note="T = 1 < K"),
+    Case(2, 9, 3, 33, dd=True),
+    Case(2, 12, 4, 3, neg_inf=True, dtype="float64"),
+    Case(2, 8, 3, 2, dead=True),
+)
+SAMPLING = Case(2, 30, 5, 3, lengths=(30, 21))
+# A float64 reference by the plain-PyTorch backend up to this length (obviously
+# right, but a Python loop over T), by the C++ kernel in float64 beyond.
+TORCH_REFERENCE_MAX_T = 400
+
+
+def make_inputs(case: Case, seed: int = 0) -> dict:
+    """float64 CPU tensors of a case."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    B, T, K, C = case.B, case.T, case.K, case.C
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def sprinkle(x, p=0.2):
+        if not case.neg_inf:
+            return x
+        return x.masked_fill(torch.rand(x.shape, generator=g) < p, -math.inf)
+
+    kw = {"scores": r(B, T, C), "transition": sprinkle(r(K, C, C) if case.dd else r(C, C)),
+          "duration": sprinkle(r(K, C))}
+    if case.lengths is not None:
+        kw["lengths"] = torch.tensor(case.lengths)
+    else:
+        lengths = torch.randint(1, T + 1, (B,), generator=g)
+        lengths[0] = T
+        kw["lengths"] = lengths
+    for name in case.optional:
+        kw[name] = sprinkle(r(C)) if name.endswith("transition") else sprinkle(r(B, T, C), 0.1)
+    if case.dead:
+        start = kw.get("start_scores", torch.zeros(B, T, C, dtype=torch.float64)).clone()
+        start[0, 0] = -math.inf  # nothing can start sequence 0
+        kw["start_scores"] = start
+    return kw
+
+
+def _on(kw: dict, device, dtype) -> dict:
+    return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+            for k, v in kw.items()}
+
+
+def log_z_and_grads(kw: dict, backend: str):
+    """(log Z, {name: d Σ log Z / d name}) with −inf sequences contributing 0."""
+    import torch
+
+    import flashsemicrf as fsc
+
+    leaves = {k: v.detach().clone().requires_grad_() if v.is_floating_point() else v
+              for k, v in kw.items()}
+    z = fsc.log_partition(**leaves, backend=backend)
+    live = torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+    names = [k for k, v in leaves.items() if v.is_floating_point()]
+    grads = torch.autograd.grad(live.sum(), [leaves[k] for k in names])
+    return z.detach(), dict(zip(names, grads))
+
+
+def max_error(got, want, relative: bool = False) -> float:
+    """max |got − want| (over max(1, max |want|) if relative); inf when the
+    infinities differ or got has a NaN that want has not."""
+    import torch
+
+    got = got.detach().double().cpu()
+    want = want.detach().double().cpu()
+    if got.shape != want.shape:
+        return math.inf
+    if (torch.isnan(got) & ~torch.isnan(want)).any():
+        return math.inf
+    inf_got, inf_want = torch.isinf(got), torch.isinf(want)
+    if (inf_got != inf_want).any() or (got[inf_got] != want[inf_got]).any():
+        return math.inf
+    finite = torch.isfinite(want)
+    if not finite.any():
+        return 0.0
+    err = float((got[finite] - want[finite]).abs().max())
+    if relative:
+        err /= max(1.0, float(want[finite].abs().max()))
+    return err
+
+
+def tolerances(dtype: str) -> dict:
+    """log Z relative, per-position absolute, shared-parameter relative."""
+    if dtype == "float64":
+        return {"log_z": 1e-9, "position": 1e-8, "shared": 1e-9}
+    return {"log_z": 1e-6, "position": 1e-4, "shared": 1e-5}
+
+
+def bits(t):
+    import torch
+
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        return t.view(torch.int64 if t.dtype == torch.float64 else torch.int32)
+    return t
+
+
+def check_case(case: Case, backend: str, device, reference: dict) -> tuple[bool, str]:
+    """One case on one backend; (passed, the report line's details)."""
+    import torch
+
+    import flashsemicrf as fsc
+
+    dtype = getattr(torch, case.dtype)
+    tol = tolerances(case.dtype)
+    kw64 = reference["inputs"]
+    kw = _on(kw64, device, dtype)
+    z, g = log_z_and_grads(kw, backend)
+    problems, parts = [], []
+
+    e = max_error(z, reference["log_z"], relative=True)
+    parts.append(f"logZ {e:.1e}")
+    if not e <= tol["log_z"]:
+        problems.append(f"log Z {e:.2e}")
+    worst = ("", 0.0)
+    for name, ref in reference["grads"].items():
+        shared = name in SHARED
+        e = max_error(g[name], ref, relative=shared)
+        if e > worst[1] or not worst[0]:
+            worst = (name, e)
+        if not e <= tol["shared" if shared else "position"]:
+            problems.append(f"d/d {name} {e:.2e}")
+    parts.append(f"grad {worst[1]:.1e} ({worst[0]})")
+    cpu_z = reference.get("cpu_log_z")
+    if cpu_z is not None:
+        parts.append(f"vs cpu {max_error(z, cpu_z, relative=True):.1e}")
+
+    best, segs = fsc.viterbi(**kw, backend=backend)
+    e = max_error(best, reference["best"], relative=True)
+    viterbi_problems = [] if e <= tol["log_z"] else [f"viterbi best {e:.2e}"]
+    if case.dtype == "float64" and not torch.equal(segs.cpu(), reference["segments"]):
+        viterbi_problems.append("viterbi segments differ from the C++ kernel's")
+    if torch.isfinite(reference["best"]).all():
+        # The path must score its claimed best (near-ties may pick another path).
+        rescored = fsc.score(segs.cpu(), **kw64, backend="torch")
+        e2 = max_error(rescored, reference["best"], relative=True)
+        if not e2 <= tol["log_z"]:
+            viterbi_problems.append(f"viterbi path scores {e2:.2e} off the best")
+    parts.append(f"viterbi {'BAD' if viterbi_problems else 'ok'} ({e:.1e})")
+    problems += viterbi_problems
+
+    if "marginals" in reference:
+        m = fsc.marginals(**kw, backend=backend)
+        e = max(max_error(m.labels, reference["marginals"].labels),
+                max_error(m.starts, reference["marginals"].starts))
+        parts.append(f"marg {e:.1e}")
+        if not e <= tol["position"]:
+            problems.append(f"marginals {e:.2e}")
+
+    z2, g2 = log_z_and_grads(kw, backend)
+    b2, s2 = fsc.viterbi(**kw, backend=backend)
+    same = torch.equal(bits(z), bits(z2)) and all(torch.equal(bits(g[k]), bits(g2[k])) for k in g)
+    same = same and torch.equal(bits(best), bits(b2)) and torch.equal(segs.cpu(), s2.cpu())
+    parts.append(f"det {'ok' if same else 'BAD'}")
+    if not same:
+        problems.append("not bitwise deterministic")
+    if problems:
+        parts.append("FAIL: " + "; ".join(problems))
+    return not problems, "  ".join(parts)
+
+
+def compute_reference(case: Case) -> dict:
+    """float64 results on the CPU (the plain-PyTorch backend for short
+    sequences, the C++ kernel beyond), and log Z of the C++ kernel in the case's
+    dtype."""
+    import torch
+
+    import flashsemicrf as fsc
+
+    kw64 = make_inputs(case)
+    ref_backend = "torch" if case.T <= TORCH_REFERENCE_MAX_T else "cpu"
+    z, g = log_z_and_grads(kw64, ref_backend)
+    best, _ = fsc.viterbi(**kw64, backend=ref_backend)
+    _, segments = fsc.viterbi(**kw64, backend="cpu")
+    out = {"inputs": kw64, "log_z": z, "grads": g, "best": best, "segments": segments,
+           "backend": ref_backend}
+    if case.T <= 2000:
+        out["marginals"] = fsc.marginals(**kw64, backend=ref_backend)
+    if case.dtype != "float64":
+        out["cpu_log_z"] = fsc.log_partition(**_on(kw64, "cpu", getattr(torch, case.dtype)),
+                                             backend="cpu")
+    return out
+
+
+def sampling_check(backend: str, device, n: int) -> tuple[bool, str]:
+    """Empirical label and start frequencies of n samples against the marginals."""
+    import torch
+
+    import flashsemicrf as fsc
+
+    kw64 = make_inputs(SAMPLING, seed=5)
+    kw = _on(kw64, device, torch.float32)
+    m = fsc.marginals(**kw64, backend="torch")
+    gen = torch.Generator(device=device).manual_seed(1)
+    rows = fsc.sample(**kw, backend=backend, num_samples=n, generator=gen).cpu()
+    B, T, C = SAMPLING.B, SAMPLING.T, SAMPLING.C
+    flat = torch.stack([rows[:, 0] * B + rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]], 1)
+    labels = fsc.segments_to_labels(flat, n * B, T).view(n, B, T)
+    freq = torch.stack([(labels == c).double().mean(0) for c in range(C)], -1)
+    starts = torch.zeros(n * B, T, dtype=torch.float64)
+    starts[flat[:, 0], flat[:, 1]] = 1.0
+    start_freq = starts.view(n, B, T).mean(0)
+    worst = 0.0
+    for emp, p in ((freq, m.labels), (start_freq, m.starts)):
+        sd = (p * (1 - p) / n).sqrt() + 1.0 / n
+        worst = max(worst, float(((emp - p).abs() / sd).max()))
+    ok = worst <= 6.0
+    return ok, f"{n} samples: max |freq - marginal| = {worst:.2f} sd{'' if ok else '  FAIL'}"
+
+
+def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
+    import torch
+
+    deadline = time.monotonic() + seconds
+    device = torch.device("cpu" if dry_run else "cuda")
+    grid = DRY_GRID if dry_run else GRID
+    path = out / f"{tag}-correctness.txt"
+    failures, ran, skipped = 0, 0, 0
+    with open(path, "a") as log:
+        _say(f"# correctness on {device}, budget {seconds:.0f} s"
+             + (" (dry run: 'cuda' is the C++ kernel, Triton interpreted)" if dry_run else ""),
+             log)
+        references: dict[Case, dict] = {}
+        for backend in GPU_BACKENDS:
+            run_as = "cpu" if dry_run and backend == "cuda" else backend
+            for case in grid:
+                if time.monotonic() > deadline:
+                    _say(f"{backend:7s} {case.id:42s} SKIPPED: out of budget", log)
+                    skipped += 1
+                    continue
+                t0 = time.monotonic()
+                try:
+                    if case not in references:
+                        references[case] = compute_reference(case)
+                    ok, detail = check_case(case, run_as, device, references[case])
+                except Exception as exc:  # noqa: BLE001 — a failing backend is a result
+                    ok, detail = False, f"ERROR {type(exc).__name__}: {str(exc)[:300]}"
+                ran += 1
+                failures += not ok
+                ref = references.get(case, {}).get("backend", "?")
+                _say(f"{backend:7s} {case.id:42s} {'PASS' if ok else 'FAIL'}  {detail}  "
+                     f"[ref {ref} f64, {time.monotonic() - t0:.1f} s]"
+                     + (f"  ({case.note})" if case.note else ""), log)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if time.monotonic() > deadline:
+                _say(f"{backend:7s} sampling SKIPPED: out of budget", log)
+                skipped += 1
+                continue
+            try:
+                ok, detail = sampling_check(run_as, device, 300 if dry_run else 4000)
+            except Exception as exc:  # noqa: BLE001
+                ok, detail = False, f"ERROR {type(exc).__name__}: {str(exc)[:300]}"
+            ran += 1
+            failures += not ok
+            _say(f"{backend:7s} {'sampling ' + SAMPLING.id:42s} {'PASS' if ok else 'FAIL'}  {detail}",
+                 log)
+        _say(f"correctness: {ran - failures}/{ran} passed, {failures} failed, "
+             f"{skipped} skipped", log)
+    return 1 if failures else 0
+
+
+# -- the program compute-sanitizer runs -----------------------------------------
+
+SANITIZE_CASES = (
+    ("small", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="C = 7, K > L for one sequence")),
+    ("small-kcc", Case(3, 40, 5, 7, dd=True, lengths=(40, 3, 17))),
+    ("medium", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="C = 33, K > L once")),
+    ("ring", Case(2, 200, 1000, 64, lengths=(200, 150), optional=(),
+                  note="rings in global memory, K > T")),
+)
+
+
+def sanitize(dry_run: bool) -> int:
+    """forward, backward, Viterbi and filter (through sample) of the "cuda" backend."""
+    import torch
+
+    import flashsemicrf as fsc
+
+    device, backend = ("cpu", "cpu") if dry_run else ("cuda", "cuda")
+    for name, case in SANITIZE_CASES:
+        kw = _on(make_inputs(case, seed=3), device, torch.float32)
+        t0 = time.monotonic()
+        z, _ = log_z_and_grads(kw, backend)
+        fsc.viterbi(**kw, backend=backend)
+        # Sampling runs the filter kernel, then a Python loop over T: short T
+        # (the same K and C, so the same working-memory placement).
+        short = replace(case, T=min(case.T, 40), lengths=tuple(min(n, 40) for n in case.lengths))
+        gen = torch.Generator(device=device).manual_seed(0)
+        fsc.sample(**_on(make_inputs(short, seed=4), device, torch.float32), backend=backend,
+                   num_samples=2, generator=gen)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        print(f"sanitize {name:9s} {case.id}: forward, backward, viterbi, filter ran "
+              f"({time.monotonic() - t0:.1f} s; log Z {[round(v, 3) for v in z.tolist()]})",
+              flush=True)
+    return 0
+
+
+# -- timings ---------------------------------------------------------------------------
+
+
+def timing_cases(dry_run: bool):
+    from .cases import Case as BenchCase
+
+    if dry_run:
+        ours = ("cpu", "torch")
+        return ours, [
+            BenchCase("headline", "headline", B=2, T=400, K=20, C=6, backends=ours, force=ours),
+            BenchCase("genomics", "T", B=1, T=2000, K=20, C=6, backends=ours, force=ours),
+        ]
+    gpu = ("cuda", "triton", "flash-semicrf-triton")
+    return gpu, [
+        BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu),
+        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=gpu, force=gpu),
+        # The memory headline: memory above the inputs at T = 10^6, K = 1000.
+        BenchCase("headline", "headline", B=1, T=1_000_000, K=1000, C=24, backends=gpu,
+                  force=gpu),
+    ]
+
+
+def timings(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
+    import torch
+
+    from . import backends as bk
+    from . import measure, report
+    from .run import Runner, Settings
+
+    started = time.monotonic()
+    device = torch.device("cpu" if dry_run else "cuda")
+    names, cases = timing_cases(dry_run)
+    path = out / f"{tag}-timings.csv"
+    peak = measure.cpu_exp_peak() if dry_run else measure.gpu_exp_peak(device)
+    backends = bk.prepare(names, device)
+    settings = Settings(
+        device=device, dtype=torch.float32, repeat=5, budget_s=seconds / 3,
+        headline_budget_s=seconds / 3, ref_budget_s=15.0, once_s=3.0,
+        target_s=0.5 if dry_run else 1.0, deadline=started + seconds,
+        dense_limit_bytes=2**30, exp_per_s=peak["exp_per_s"],
+    )
+    runner = Runner(settings, backends)
+    runner.calibrate()
+    for case in cases:
+        if time.monotonic() > started + seconds:
+            print(f"timings: {case.label} SKIPPED: out of budget", flush=True)
+            continue
+        for row in runner.run_case(case, names):
+            ms = f"{row['ms']:.3f} ms" if row["ms"] == row["ms"] else "-"
+            mib = f"{row['peak_mib']:.1f} MiB" if row["peak_mib"] == row["peak_mib"] else ""
+            print(f"timings: {case.label:32s} {row['pass']:8s} {row['backend']:21s} "
+                  f"{row['status']:9s} {ms:>12s} {mib:>12s} {row['note']}", flush=True)
+        report.write_csv(path, runner.rows)  # after every case: a kill keeps the rest
+    report.write_csv(path, runner.rows)
+    return 0
+
+
+# -- the closing table ---------------------------------------------------------------
+
+
+def summary(out: Path, tag: str) -> int:
+    lines = [f"== summary ({tag})"]
+    status = out / "summary.txt"
+    if status.exists():
+        for line in status.read_text().splitlines():
+            m = re.match(r"== section (\S+): (.*)$", line)
+            if m:
+                lines.append(f"{m[1]:12s} {m[2]}")
+    corr = out / f"{tag}-correctness.txt"
+    if corr.exists():
+        text = corr.read_text()
+        for line in text.splitlines():
+            if line.startswith("correctness:"):
+                lines.append(f"{'':12s} {line}")
+        for line in text.splitlines():
+            if " FAIL" in line and not line.startswith("#"):
+                lines.append(f"{'':12s} {line[:150]}")
+    pytest_log = out / f"{tag}-pytest.txt"
+    if pytest_log.exists():
+        tail = [ln for ln in pytest_log.read_text().splitlines()
+                if re.search(r"\d+ (passed|failed|error|skipped|deselected|tests? collected)", ln)]
+        if tail:
+            lines.append(f"{'pytest':12s} {tail[-1].strip('= ')}")
+    san = out / f"{tag}-sanitizer.txt"
+    if san.exists():
+        tool = None
+        for line in san.read_text().splitlines():
+            m = re.match(r"#### (\w+)", line)
+            if m:
+                tool = m[1]
+            m = re.search(r"ERROR SUMMARY: (.*)$", line)
+            if m and tool:
+                lines.append(f"{'sanitizer':12s} {tool:10s} {m[1]}")
+    csv_path = out / f"{tag}-timings.csv"
+    if csv_path.exists():
+        with open(csv_path, newline="") as f:
+            for r in csv.DictReader(f):
+                ms = f"{float(r['ms']):.2f} ms" if r["ms"] else r["status"]
+                mib = f"{float(r['peak_mib']):.0f} MiB" if r["peak_mib"] else ""
+                lines.append(f"{'timing':12s} B{r['B']} T{r['T']} K{r['K']} C{r['C']} "
+                             f"{r['pass']:7s} {r['backend']:21s} {ms:>12s} {mib:>9s}")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check")
+    p.add_argument("command", choices=("pick-wheel", "verify", "env", "correctness", "sanitize",
+                                       "timings", "summary"))
+    p.add_argument("args", nargs="*")
+    p.add_argument("--seconds", type=float, default=120.0)
+    p.add_argument("--dry-run", action="store_true")
+    a = p.parse_args(argv)
+    if a.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if a.command == "pick-wheel":
+        wheel, why = pick_wheel(Path(a.args[0]))
+        print(wheel if wheel else why, file=sys.stdout if wheel else sys.stderr)
+        return 0 if wheel else 1
+    if a.command == "verify":
+        return verify(Path(a.args[0]).resolve(), a.dry_run)
+    if a.command == "sanitize":
+        return sanitize(a.dry_run)
+    out, tag = Path(a.args[0]), a.args[1]
+    if a.command == "env":
+        environment(out, tag, a.dry_run)
+        return 0
+    if a.command == "correctness":
+        return correctness(out, tag, a.seconds, a.dry_run)
+    if a.command == "timings":
+        return timings(out, tag, a.seconds, a.dry_run)
+    return summary(out, tag)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
