@@ -8,6 +8,8 @@ the constraints with plain list look-ups.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,3 +454,17 @@ def test_and_intersects():
     assert both.start.tolist() == [False, True]
     assert both.durations[:, 1].tolist() == [True, True, False]
     assert both.labels == ("O", "X")
+
+
+def test_the_guide_section_runs(capsys):
+    """The code in docs/guide.md's constraints section runs and prints what it says."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    section = guide.split("## Constraints: allowed label pairs")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/guide.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert ("segments row 2 (batch 0, start 8, duration 32, label 0): duration 32 is not "
+            "allowed for label 'O' (0) (allowed: 1-8)") in out
+    assert "tensor([False, False])" in out
