@@ -42,6 +42,7 @@ use tagging schemes such as BIO:
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence, Union
 
@@ -778,9 +779,11 @@ def _count_labels(fn: str, labels) -> tuple[int, tuple[str, ...] | None]:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) or (
-        isinstance(v, Tensor) and v.dim() == 0 and not v.dtype.is_floating_point
-        and v.dtype != torch.bool)
+    """An integer: Python, NumPy (both are numbers.Integral) or a 0-d integer tensor; not a bool."""
+    if isinstance(v, Tensor):
+        return v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex \
+            and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _check_int(fn: str, name: str, value, minimum: int) -> None:

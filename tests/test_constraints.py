@@ -468,3 +468,15 @@ def test_the_guide_section_runs(capsys):
     assert ("segments row 2 (batch 0, start 8, duration 32, label 0): duration 32 is not "
             "allowed for label 'O' (0) (allowed: 1-8)") in out
     assert "tensor([False, False])" in out
+
+
+def test_from_pairs_takes_numpy_and_tensor_indices():
+    import numpy as np
+
+    pairs = [(0, 1), (1, 0), (2, 0), (1, 3)]  # 2 = start, 3 = end
+    want = allowed_pairs(Constraints.from_pairs(pairs, 2))
+    assert want == set(pairs)
+    assert allowed_pairs(Constraints.from_pairs(np.array(pairs), 2)) == want
+    assert allowed_pairs(Constraints.from_pairs(torch.tensor(pairs), 2)) == want
+    with pytest.raises(ValueError, match="integer pairs"):
+        Constraints.from_pairs([(0.0, 1.0)], 2)
