@@ -108,17 +108,16 @@ def verify(repo: Path, dry_run: bool) -> int:
             print(f"verify: backend {backend!r} does not run: {type(exc).__name__}: {exc}")
             return 1
         print(f"verify: backend {backend!r} runs")
-    try:
-        from flashsemicrf._build_info import SOURCES
-    except ImportError:
+    sources = fsc.build_info().get("sources")
+    if not sources:
         print("verify: the build has no source record; cannot tell whether it is current")
         return 2
-    stale = source_differences(repo, SOURCES)
+    stale = source_differences(repo, sources)
     if stale:
         print(f"verify: STALE: built from other sources than {repo}: {', '.join(stale[:12])}"
               + (" …" if len(stale) > 12 else ""))
         return 2
-    print(f"verify: built from this checkout's sources ({len(SOURCES)} files)")
+    print(f"verify: built from this checkout's sources ({len(sources)} files)")
     return 0
 
 

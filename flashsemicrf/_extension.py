@@ -36,14 +36,16 @@ def build_info() -> dict:
     ``torch`` and ``torch_cuda`` (the torch and its CUDA at build time),
     ``python``, ``cpu_kernels``, ``cpu_arch`` (``-march``), ``cuda_kernels``,
     ``nvcc``, ``cuda_arch_list`` (as given to the build), ``cuda_archs`` (SASS,
-    e.g. ``["sm_90"]``) and ``cuda_ptx`` (e.g. ``["compute_120"]``). An empty
-    dict when the extension was never built here.
+    e.g. ``["sm_90"]``), ``cuda_ptx`` (e.g. ``["compute_120"]``) and
+    ``sources`` (path -> sha256 of each source file the build was made from,
+    so a checkout can tell whether the build is current). An empty dict when
+    the extension was never built here.
     """
     try:
         from . import _build_info
     except ImportError:
         return {}
-    return dict(_build_info.BUILD)
+    return dict(_build_info.BUILD, sources=dict(getattr(_build_info, "SOURCES", {})))
 
 
 def _release(version: str | None) -> tuple:
