@@ -308,8 +308,9 @@ def test_emulated_launches_take_the_opt_in_path(emu):
     log = emu.launch_log()
     assert len(log) == 4 and all(threads == 256 and grid == 2 for grid, threads, _, _ in log)
     assert all(DEFAULT_SMEM < smem <= allowed <= ALL_SMEM for _, _, smem, allowed in log), log
-    # float32, K = 1000, C = 33: the backward's two rings need (1000 + 1000)·33·4 = 258 KB.
-    args = make(1, 5, 1000, 33, False, False, torch.float32, 32)
+    # float32, K = 500, C = 33: the backward's two rings and its float64 sums
+    # need (500 + 500)·33·4 + (500·33 + 33²)·8 = 273 KB, over the device's 227 KB.
+    args = make(1, 5, 500, 33, False, False, torch.float32, 32)
     ref = ops.forward(*args, 2)
     with pytest.raises(RuntimeError, match="refused"):
         emu.backward(torch.ones(1), *args, *ref, 2, False, 2, 0, 300 * 1024)
