@@ -419,7 +419,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     if missing:
         why = {r["backend"]: r["note"] for r in rows if r["status"] == "unavailable"}
         lines.append("Not run on this device: "
-                     + "; ".join(f"{LABELS[b]} ({why.get(b, '')})" for b in missing) + ".")
+                     + "; ".join(f"{LABELS[b]}: {why.get(b, '')}" for b in missing) + ".")
         lines.append("")
     return "\n".join(lines)
 
@@ -449,7 +449,7 @@ def plots(rows: list[dict], stem: Path, exp_per_s: float) -> list[Path]:
                 if not pts:
                     continue
                 T = [p[0] for p in pts]
-                style = dict(marker="o", ms=4, label=b, lw=2 if b in OURS else 1.2,
+                style = dict(marker="o", ms=4, label=LABELS[b], lw=2 if b in OURS else 1.2,
                              ls="-" if b in OURS else "--")
                 axes[0, j].plot(T, [p[1] for p in pts], **style)
                 mem = [(t, p[2]) for t, p in zip(T, pts) if not math.isnan(p[2])]

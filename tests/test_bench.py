@@ -5,6 +5,7 @@ K = 1 case that pytorch-crf joins and no other."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -155,6 +156,25 @@ def test_columns_name_the_library():
     for header, body in _tables(text):
         ks = {row[header.index("K")] for row in body}
         assert (report.LABELS["pytorch-crf"] in header) == (ks == {"1"}), (header, ks)
+
+
+def test_committed_latest_md_is_readable():
+    text = LATEST.read_text()
+    assert undefined(text) == []
+    assert "% of exp peak" not in text and "| torch |" not in text
+    # It holds the K = 1 comparison with pytorch-crf.
+    assert any(report.LABELS["pytorch-crf"] in header for header, _ in _tables(text))
+
+
+def test_committed_latest_md_is_the_report_of_the_newest_results():
+    """latest.md is what the report code makes of the newest CSV and its JSON,
+    so the file and the code that explains it cannot drift apart."""
+    newest = sorted(LATEST.parent.glob("*.csv"))[-1]  # named by time
+    meta = json.loads(newest.with_suffix(".json").read_text())
+    rows = report.read_csv(newest)
+    meta.setdefault("headline", report.headline(rows))
+    assert LATEST.read_text() == report.markdown(rows, meta) + "\n", (
+        "bench/results/latest.md is stale: python -m bench --markdown re-renders it")
 
 
 def test_plan_has_a_k1_case_for_pytorch_crf_only():
