@@ -206,8 +206,12 @@ def _pytorch_crf() -> Callable:
         crf.end_transitions = scores.new_zeros(C)
         emissions = scores + duration[0]
         mask = torch.arange(T, device=scores.device) < lengths.unsqueeze(1)
-        # Its time-major layout, as CRF.forward(batch_first=True) makes it.
-        return crf._compute_normalizer(emissions.transpose(0, 1), mask.transpose(0, 1))
+        try:
+            # Its time-major layout, as CRF.forward(batch_first=True) makes it.
+            return crf._compute_normalizer(emissions.transpose(0, 1), mask.transpose(0, 1))
+        finally:
+            # Hold nothing of this call (its memory is measured per call).
+            crf.transitions = crf.start_transitions = crf.end_transitions = None
 
     return call
 
