@@ -325,6 +325,16 @@ CELL_FORMAT = (
 )
 
 
+def _load(env: dict) -> str:
+    """The CPU's load when the run began: other work on the machine slows a
+    CPU run down, and the reader should know."""
+    load, cores = env.get("load_average_start"), env.get("cpu_count")
+    if not load or not cores:
+        return ""
+    busy = " (shared with other work: timings are noisy)" if load[0] > 0.75 * cores else ""
+    return f", load average {load[0]:.1f} on {cores} cores at the start{busy}"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     """Markdown summary: device and versions, headline numbers, a legend of the
     columns and cell markers used, and per regime a table of cases × backends
@@ -345,7 +355,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
            if env.get("device_type") == "cuda" else
            f", {env.get('cpu_threads')} thread{'s' * (env.get('cpu_threads') != 1)}"
            + (" (machine oversubscribed)" if "oversubscribed" in env.get("threads_policy", "")
-              else ""))
+              else "")
+           + _load(env))
         + f"; commit {env.get('git_commit', '?')}{' (dirty)' if env.get('git_dirty') else ''}.",
         "",
         "Time and memory of exact semi-Markov CRF inference (log Z, and its gradients) in "
