@@ -271,8 +271,8 @@ def marker_legend(meta: dict) -> dict[str, str]:
                     f"size) to take over {over}, the run's per-call time budget "
                     "(`--budget`; at least 300 s for the headline cases).",
         "too big": "not run: torch-struct's dense chart, which grows as B·T·(K·C)³, was "
-                   "estimated to need more memory than the run allows (4 GiB or 30% of "
-                   "free memory on a CPU, 80% of free memory on a GPU).",
+                   "estimated to need more memory than the run allows (on a CPU the smaller "
+                   "of 4 GiB and 30% of free memory, on a GPU 80% of free memory).",
         "out of time": "not run: the run's time limit (`--max-minutes`) was reached first.",
         "skipped": "not run, for the reason in the CSV's `note` column.",
         "out of memory": "the device ran out of memory.",
