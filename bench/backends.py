@@ -12,7 +12,14 @@ counted as part of what a user of that library pays:
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
   d = 0 unused) built with vectorised ops, then ``SemiMarkovCRF(edge).partition``.
   All benchmark sequences have full length, so one batched call is exact
-  (its wrong results with mixed lengths do not arise).
+  (its wrong results with mixed lengths do not arise);
+* pytorch-crf 0.7 (K = 1 only: a linear-chain CRF): ``emissions`` = scores plus
+  the (1, C) duration row, ``transitions`` = our (C, C) transition (same
+  ``[from, to]`` order), ``start_transitions`` = the phantom start,
+  ``end_transitions`` = 0, ``mask`` from the lengths; log Z is its
+  ``CRF._compute_normalizer``, the denominator of ``CRF.forward``'s
+  log-likelihood (the forward also scores the gold tags, which log Z does not
+  include and the other backends do not do).
 
 With a duration-dependent transition (K, C, C) the phantom start of
 flash-semicrf and torch-struct depends on the first segment's duration; the
@@ -31,7 +38,9 @@ import torch
 Tensor = torch.Tensor
 
 OURS = ("cuda", "triton", "cpu", "torch")
-ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct")
+ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
+# Backends that model one label per position only (no durations): run where K = 1.
+LINEAR_CHAIN_ONLY = ("pytorch-crf",)
 
 # How run time grows, for the skip estimates: "kernel" ∝ the log-sum-exp terms;
 # "loop" is a Python loop over T whose per-step cost is mostly overhead;
@@ -44,7 +53,14 @@ KIND = {
     "flash-semicrf-triton": "kernel",
     "flash-semicrf-torch": "loop",
     "torch-struct": "dense",
+    "pytorch-crf": "loop",
 }
+
+
+def handles(name: str, K: int) -> bool:
+    """Whether the backend can compute a problem with maximum duration K at all
+    (a backend that cannot gets no row for that case, rather than a skip)."""
+    return K == 1 or name not in LINEAR_CHAIN_ONLY
 
 
 def python_steps(name: str, T: int, K: int) -> int:
@@ -166,6 +182,40 @@ def _torch_struct() -> Callable:
     return call
 
 
+def _pytorch_crf() -> Callable:
+    from torchcrf import CRF
+
+    crfs: dict[tuple, CRF] = {}  # one module per (C, device, dtype), its parameters replaced
+
+    def call(scores, transition, duration, lengths):
+        B, T, C = scores.shape
+        if duration.shape[0] != 1:
+            raise ValueError(f"pytorch-crf is a linear-chain CRF: K = 1 only, got K = "
+                             f"{duration.shape[0]}")
+        key = (C, scores.device, scores.dtype)
+        if key not in crfs:
+            crf = CRF(C, batch_first=True).to(scores.device, scores.dtype)
+            # Plain attributes instead of its Parameters, so that the gradients
+            # flow to the benchmark's inputs like everyone else's.
+            for name in ("transitions", "start_transitions", "end_transitions"):
+                delattr(crf, name)
+            crfs[key] = crf
+        crf = crfs[key]
+        crf.transitions = transition if transition.dim() == 2 else transition[0]
+        crf.start_transitions = phantom_start(transition)
+        crf.end_transitions = scores.new_zeros(C)
+        emissions = scores + duration[0]
+        mask = torch.arange(T, device=scores.device) < lengths.unsqueeze(1)
+        try:
+            # Its time-major layout, as CRF.forward(batch_first=True) makes it.
+            return crf._compute_normalizer(emissions.transpose(0, 1), mask.transpose(0, 1))
+        finally:
+            # Hold nothing of this call (its memory is measured per call).
+            crf.transitions = crf.start_transitions = crf.end_transitions = None
+
+    return call
+
+
 def dense_peak_bytes(B: int, T: int, K: int, C: int, itemsize: int) -> int:
     """torch-struct's peak memory, roughly: its first log-semiring product
     broadcasts (B·N/2, KC, KC, KC) with N = T rounded up to a power of two, and
@@ -210,6 +260,8 @@ def make(name: str, device: torch.device) -> Backend:
             fn = _flash(True)
         elif name == "flash-semicrf-torch":
             fn = _flash(False)
+        elif name == "pytorch-crf":
+            fn = _pytorch_crf()
         else:
             fn = _torch_struct()
     except ImportError as exc:
@@ -221,7 +273,7 @@ def smoke_test(backend: Backend, device: torch.device) -> str:
     """Run a tiny problem; '' when it works, else the reason it does not
     (e.g. our kernels not built, or the Triton kernel not written yet)."""
     g = torch.Generator().manual_seed(0)
-    B, T, K, C = 2, 8, 4, 3
+    B, T, K, C = 2, 8, 1 if backend.name in LINEAR_CHAIN_ONLY else 4, 3
     args = (
         torch.randn(B, T, C, generator=g).to(device),
         torch.randn(C, C, generator=g).to(device),

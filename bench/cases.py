@@ -2,8 +2,9 @@
 transition form, a quick default and a full set for each device type.
 
 Regimes: NER (K=16, C=9), speech (K=30, C=39, T ≤ 20k), genomics
-(K=200…1000, C=6…24, T up to 10^6 and beyond on a GPU), and the headline
-cases of the compiled-kernels issue.
+(K=200…1000, C=6…24, T up to 10^6 and beyond on a GPU), tagging (K=1: a
+linear-chain CRF, where pytorch-crf joins), and the headline cases of the
+compiled-kernels issue.
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-REGIMES = ("headline", "ner", "speech", "genomics")
+REGIMES = ("headline", "tagging", "ner", "speech", "genomics")
+# What each regime stands for, in the words of latest.md.
+REGIME_TITLES = {
+    "headline": "the headline comparisons",
+    "tagging": "tagging: K = 1, one label per position (a linear-chain CRF, pytorch-crf's model)",
+    "ner": "named entities: segments up to K = 16 tokens, C = 9 labels",
+    "speech": "speech: segments up to K = 30 frames, C = 39 labels",
+    "genomics": "genomics: long segments (K = 200 to 1000), C = 6 to 24 labels, long sequences",
+}
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -55,6 +64,8 @@ def _sweep(regime, sweep, values, **fixed):
 def _cpu(full: bool) -> dict[str, list[Case]]:
     ner = dict(K=16, C=9)
     speech = dict(K=30, C=39)
+    # K = 1 has no duration to depend on: a static transition only.
+    tagging = dict(K=1, C=9)
     if not full:
         return {
             "headline": [
@@ -62,6 +73,7 @@ def _cpu(full: bool) -> dict[str, list[Case]]:
                      backends=("cpu", "torch", "flash-semicrf-torch"),
                      force=("cpu", "flash-semicrf-torch")),
             ],
+            "tagging": _sweep("tagging", "T", (64, 256, 1024), B=4, **tagging),
             "ner": _sweep("ner", "T", (16, 64, 256, 1024), B=4, **ner)
             + _sweep("ner", "B", (1, 16, 64), T=128, **ner)
             + [Case("ner", "transition", B=4, T=256, transition="duration", **ner)],
@@ -75,6 +87,9 @@ def _cpu(full: bool) -> dict[str, list[Case]]:
         }
     return {
         "headline": _cpu(False)["headline"],
+        "tagging": _sweep("tagging", "T", (16, 64, 256, 1024, 4096), B=4, **tagging)
+        + _sweep("tagging", "B", (1, 16, 64), T=256, **tagging)
+        + _sweep("tagging", "C", (5, 17, 33), B=4, T=256, K=1),
         "ner": _sweep("ner", "T", (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192), B=4, **ner)
         + _sweep("ner", "B", (1, 4, 16, 64, 256), T=128, **ner)
         + _sweep("ner", "C", (5, 9, 17, 33), B=4, T=512, K=16)
@@ -94,6 +109,7 @@ def _cpu(full: bool) -> dict[str, list[Case]]:
 def _gpu(full: bool) -> dict[str, list[Case]]:
     ner = dict(K=16, C=9)
     speech = dict(K=30, C=39)
+    tagging = dict(K=1, C=9)
     gpu_backends = ("cuda", "triton", "flash-semicrf-triton")
     headline = [
         Case("headline", "headline", B=8, T=100_000, K=200, C=24, force=gpu_backends),
@@ -104,6 +120,7 @@ def _gpu(full: bool) -> dict[str, list[Case]]:
     if not full:
         return {
             "headline": headline,
+            "tagging": _sweep("tagging", "T", (256, 1024, 4096), B=32, **tagging),
             "ner": _sweep("ner", "T", (64, 256, 1024, 4096), B=32, **ner)
             + _sweep("ner", "B", (1, 32, 256, 1024), T=256, **ner)
             + [Case("ner", "transition", B=32, T=1024, transition="duration", **ner)],
@@ -117,6 +134,9 @@ def _gpu(full: bool) -> dict[str, list[Case]]:
         }
     return {
         "headline": headline,
+        "tagging": _sweep("tagging", "T", (64, 256, 1024, 4096, 16384), B=32, **tagging)
+        + _sweep("tagging", "B", (1, 32, 256, 1024), T=1024, **tagging)
+        + _sweep("tagging", "C", (5, 17, 33, 65), B=32, T=1024, K=1),
         "ner": _sweep("ner", "T", (16, 64, 256, 1024, 4096, 16384), B=32, **ner)
         + _sweep("ner", "B", (1, 8, 32, 128, 512, 2048), T=256, **ner)
         + _sweep("ner", "C", (5, 9, 17, 33, 65), B=32, T=1024, K=16)

@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Forward and forward+backward time, peak memory and log-sum-exp throughput "
-        "of flashsemicrf's backends against flash-semicrf 0.2.0 and torch-struct 0.5. "
+        "of flashsemicrf's backends against flash-semicrf 0.2.0, torch-struct 0.5 and (at "
+        "K = 1) pytorch-crf 0.7.2. "
         "Without --full: a quick set that takes under 10 minutes on a 2-core CPU.",
     )
     p.add_argument("--full", action="store_true", help="the full sweeps (hours on a CPU)")

@@ -143,7 +143,7 @@ def environment(out: Path, tag: str, dry_run: bool) -> None:
     (out / f"{tag}-env.json").write_text(json.dumps(env, indent=2, default=str) + "\n")
     for key in ("device_name", "gpu_sms", "gpu_capability", "gpu_memory_gib", "gpu_l2_mib",
                 "gpu_smem_optin_bytes", "driver", "cuda_runtime", "torch", "triton",
-                "flash_semicrf", "torch_struct", "python", "cpu", "cpu_count",
+                "flash_semicrf", "torch_struct", "pytorch_crf", "python", "cpu", "cpu_count",
                 "flashsemicrf_path"):
         if key in env:
             print(f"{key:22s} {env[key]}")
@@ -509,12 +509,15 @@ def timing_cases(dry_run: bool):
             BenchCase("genomics", "T", B=1, T=2000, K=20, C=6, backends=ours, force=ours),
         ]
     gpu = ("cuda", "triton", "flash-semicrf-triton")
-    return gpu, [
+    tagging = ("cuda", "triton", "pytorch-crf")
+    return gpu + ("pytorch-crf",), [
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu),
         BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=gpu, force=gpu),
         # The memory headline: memory above the inputs at T = 10^6, K = 1000.
         BenchCase("headline", "headline", B=1, T=1_000_000, K=1000, C=24, backends=gpu,
                   force=gpu),
+        # K = 1 against pytorch-crf's GPU path (a Python loop over T: seconds, not minutes).
+        BenchCase("tagging", "T", B=32, T=4096, K=1, C=9, backends=tagging),
     ]
 
 

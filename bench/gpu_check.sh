@@ -9,7 +9,7 @@
 #   1 environment   nvidia-smi, driver, clocks, torch / Triton / CUDA, SMs
 #   2 install       the carried wheel (pip --no-index --no-deps --target), or a
 #                   build with every core when none fits or it is stale; the
-#                   carried flash-semicrf and torch-struct wheels
+#                   carried flash-semicrf, torch-struct and pytorch-crf wheels
 #   3 correctness   CUDA and Triton against a float64 reference and the C++ kernel
 #     pytest        -m "(cuda or triton) and not slow", nvidia-smi -L on top
 #   4 sanitizer     compute-sanitizer memcheck, racecheck, synccheck, initcheck
@@ -139,10 +139,12 @@ install_wheels() {  # the given wheels into a fresh $WORK/site, which becomes $S
 
 section_install() {
   local budget=$1 started=$SECONDS wheel extras=() rc cap t0
-  for w in "$WHEELS"/flash_semicrf-0.2.0-*.whl "$WHEELS"/torch_struct-0.5-*.whl; do
+  # All three are pure Python (py3-none-any): one wheel serves any interpreter.
+  for w in "$WHEELS"/flash_semicrf-0.2.0-*.whl "$WHEELS"/torch_struct-0.5-*.whl \
+      "$WHEELS"/pytorch_crf-0.7.2-*.whl; do
     [ -f "$w" ] && extras+=("$w")
   done
-  say "install: carried comparison wheels: ${extras[*]:-none (flash-semicrf and torch-struct as installed, if at all)}"
+  say "install: carried comparison wheels: ${extras[*]:-none (flash-semicrf, torch-struct and pytorch-crf as installed, if at all)}"
   wheel=$(cd "$WORK" && PYTHONPATH="$REPO" "$PYTHON" -m bench.gpu_check pick-wheel "$WHEELS" 2>>"$OUTDIR/install.txt")
   rc=1
   if [ -n "$wheel" ]; then

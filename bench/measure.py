@@ -285,6 +285,7 @@ def environment(device: torch.device) -> dict:
         "flashsemicrf_cuda_kernels": backends.HAS_CUDA_KERNELS,
         "flash_semicrf": _version("flash-semicrf"),
         "torch_struct": _version("torch-struct"),
+        "pytorch_crf": _version("pytorch-crf"),
         "cuda_runtime": torch.version.cuda,
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]),
         "git_dirty": bool(_run(["git", "status", "--porcelain", "--untracked-files=no"])),

@@ -157,20 +157,20 @@ def headline_lines(h: dict) -> list[str]:
     if "cpu_fwd_bwd_B4_T2000_K30_C24" in h:
         x = h["cpu_fwd_bwd_B4_T2000_K30_C24"]
         lines.append(
-            f"CPU fwd+bwd, B=4 T=2000 K=30 C=24 float32: ours (cpu) {_ms(x['cpu_ms'])} ms vs "
-            f"flash-semicrf's CPU path {_ms(x['flash_semicrf_torch_ms'])} ms: "
+            f"CPU fwd+bwd, B=4 T=2000 K=30 C=24 float32: {LABELS['cpu']} {_ms(x['cpu_ms'])} ms "
+            f"vs {LABELS['flash-semicrf-torch']} {_ms(x['flash_semicrf_torch_ms'])} ms: "
             f"{x['speedup']:.3g}x faster; peak memory {_mib(x['cpu_peak_mib'])} vs "
             f"{_mib(x['flash_semicrf_torch_peak_mib'])} MiB; gradient error vs float64 "
             f"{_fmt(x['cpu_grad_err'], 2)} vs {_fmt(x['flash_semicrf_torch_grad_err'], 2)}")
     if "gpu_fwd_bwd_B8_T1e5_K200_C24" in h:
         x = h["gpu_fwd_bwd_B8_T1e5_K200_C24"]
         lines.append(
-            f"GPU fwd+bwd, B=8 T=1e5 K=200 C=24: ours (cuda) {_ms(x['cuda_ms'])} ms vs "
-            f"flash-semicrf-triton {_ms(x['flash_semicrf_triton_ms'])} ms: "
+            f"GPU fwd+bwd, B=8 T=1e5 K=200 C=24: {LABELS['cuda']} {_ms(x['cuda_ms'])} ms vs "
+            f"{LABELS['flash-semicrf-triton']} {_ms(x['flash_semicrf_triton_ms'])} ms: "
             f"{x['speedup']:.3g}x faster; gradient error {_fmt(x['cuda_grad_err'], 2)} vs "
             f"{_fmt(x['flash_semicrf_triton_grad_err'], 2)}")
     if "gpu_memory_fwd_bwd_B1_T1e6_K1000_C24" in h:
-        parts = [f"{k} {_mib(v['peak_mib'])} MiB" for k, v in
+        parts = [f"{LABELS[k]} {_mib(v['peak_mib'])} MiB" for k, v in
                  h["gpu_memory_fwd_bwd_B1_T1e6_K1000_C24"].items()]
         lines.append("GPU fwd+bwd peak memory, B=1 T=1e6 K=1000 C=24: " + ", ".join(parts))
     return lines
@@ -178,85 +178,259 @@ def headline_lines(h: dict) -> list[str]:
 
 # -- Markdown ---------------------------------------------------------------------
 
-def _cell(r: dict) -> str:
-    st = r["status"]
-    if st in TIMED:
+# Column names for a reader: the library first, then which of its code paths.
+LABELS = {
+    "cuda": "flashsemicrf CUDA",
+    "triton": "flashsemicrf Triton",
+    "cpu": "flashsemicrf C++ (CPU)",
+    "torch": "flashsemicrf (PyTorch reference)",
+    "flash-semicrf-triton": "flash-semicrf (Triton)",
+    "flash-semicrf-torch": "flash-semicrf (PyTorch)",
+    "torch-struct": "torch-struct",
+    "pytorch-crf": "pytorch-crf",
+}
+# Our backends as the throughput column names them.
+SHORT = {"cuda": "CUDA", "triton": "Triton", "cpu": "C++", "torch": "PyTorch ref."}
+# The comparison packages' versions when a run's JSON does not record them (the
+# versions the bench and test extras pin).
+PINNED = {"flash_semicrf": "0.2.0", "torch_struct": "0.5", "pytorch_crf": "0.7.2"}
+
+PROBLEM_COLUMNS = ("B", "T", "K", "C", "transition", "pass")
+THROUGHPUT = "flashsemicrf's fastest: exp/s (% of device max)"
+NOT_IN_CASE = "—"
+
+
+def _versions(env: dict) -> dict:
+    return {k: env.get(k) or v for k, v in PINNED.items()}
+
+
+def column_legend(meta: dict) -> dict[str, str]:
+    """What every column of the Markdown tables means, by its header, in the
+    order the legend lists them."""
+    v = _versions(meta.get("environment", {}))
+    peak = meta.get("exp_peak", {})
+    rate = _si(peak.get("exp_per_s", float("nan")))
+    device_max = (f"{rate}/s here, {peak.get('source', '')}" if rate
+                  else "not measured in this run")
+    return {
+        "B": "sequences in the batch.",
+        "T": "length of every sequence, in positions (tokens, frames, bases).",
+        "K": "longest segment allowed; K = 1 means every segment is one position, i.e. "
+             "one label per position (a linear-chain CRF).",
+        "C": "number of labels.",
+        "transition": "`static`: one (C, C) table of label-to-label scores; `duration`: a "
+                      "(K, C, C) table that also depends on the incoming segment's length "
+                      "(K·C² work per position instead of C² + K·C).",
+        "pass": "`fwd`: log Z only, no gradients (what inference costs); `fwd+bwd`: log Z "
+                "and its gradients with respect to the scores, transition and duration "
+                "(what the CRF part of a training step costs). Every call computes the "
+                "whole batch.",
+        LABELS["cuda"]: "this library's handwritten CUDA kernels (`--backends cuda`).",
+        LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
+        LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
+                       "(`--backends cpu`).",
+        LABELS["torch"]: "this library's plain-PyTorch implementation of the same streaming "
+                         "algorithm: the readable reference the kernels are tested against, "
+                         "and what runs where no kernel is built (`--backends torch`; "
+                         "`backend=\"torch\"` in the API). Not PyTorch itself.",
+        LABELS["flash-semicrf-triton"]:
+            f"flash-semicrf {v['flash_semicrf']}, `semi_crf_streaming_forward(..., "
+            "use_triton=True)` (`--backends flash-semicrf-triton`).",
+        LABELS["flash-semicrf-torch"]:
+            f"flash-semicrf {v['flash_semicrf']} with `use_triton=False`: its PyTorch code "
+            "path, the one it runs on a CPU (`--backends flash-semicrf-torch`).",
+        LABELS["torch-struct"]:
+            f"torch-struct {v['torch_struct']}, `SemiMarkovCRF(edge).partition` on the dense "
+            "(B, T, K+1, C, C) edge tensor, whose building is timed too "
+            "(`--backends torch-struct`).",
+        LABELS["pytorch-crf"]:
+            f"pytorch-crf {v['pytorch_crf']}, `torchcrf.CRF`: a linear-chain CRF, so it "
+            "appears only where K = 1; timed is its log Z, the normaliser inside "
+            "`CRF.forward` (`--backends pytorch-crf`).",
+        THROUGHPUT:
+            "how hard the fastest of this library's backends in that row (named in the "
+            "cell: C++, CUDA, Triton or PyTorch ref.) keeps the device busy. Log Z is a "
+            "sum of log-sum-exp terms, one exponential each: B·T·(C² + K·C) per forward "
+            "with a static transition, B·T·K·C² with a duration-dependent one, three "
+            "times that for fwd+bwd. The first number is those terms per second; the "
+            "percentage divides it by the most exponentials per second the device can "
+            f"compute ({device_max}). 100% would mean the device does nothing but "
+            "exponentials; the rest of the time goes to memory traffic, synchronisation "
+            "and overhead. It shows the headroom left in our kernels, not a comparison "
+            "with the other libraries.",
+    }
+
+
+def marker_legend(meta: dict) -> dict[str, str]:
+    """What every non-time entry of a table cell means, by the text shown."""
+    settings = meta.get("settings", {})
+    budget = settings.get("budget_s")
+    over = f"{budget:g} s" if isinstance(budget, (int, float)) else "the per-call budget"
+    return {
+        "too slow": f"not run: the call was estimated (from the same library at a smaller "
+                    f"size) to take over {over}, the run's per-call time budget "
+                    "(`--budget`; at least 300 s for the headline cases).",
+        "too big": "not run: torch-struct's dense chart, which grows as B·T·(K·C)³, was "
+                   "estimated to need more memory than the run allows (on a CPU the smaller "
+                   "of 4 GiB and 30% of free memory, on a GPU 80% of free memory).",
+        "out of time": "not run: the run's time limit (`--max-minutes`) was reached first.",
+        "skipped": "not run, for the reason in the CSV's `note` column.",
+        "out of memory": "the device ran out of memory.",
+        "wrong log Z": "ran, but its log Z disagreed with the float64 reference beyond the "
+                       "tolerance (1e-4 relative in float32): not timed.",
+        "error": "the call raised an exception (the CSV's `note` column has the message).",
+        "not available": "the library could not run here (the CSV's `note` column says why).",
+        "‡": "timed, and its log Z is right, but its gradients differ from the float64 "
+             "reference by more than the tolerance (2e-3 relative in float32); see the "
+             "note under the tables.",
+        NOT_IN_CASE: "not part of this case: the headline cases compare chosen libraries "
+                     "only.",
+    }
+
+
+def _marker(r: dict) -> str:
+    """The legend key of a row without a time."""
+    st, note = r["status"], r["note"]
+    if st == "skipped":
+        if "too slow" in note:
+            return "too slow"
+        if "GiB" in note:
+            return "too big"
+        if "run time limit" in note:
+            return "out of time"
+        return "skipped"
+    return {"oom": "out of memory", "mismatch": "wrong log Z",
+            "unavailable": "not available"}.get(st, "error")
+
+
+def _cell(r: dict) -> tuple[str, str | None]:
+    """(cell text, its legend key or None for a plain time)."""
+    if r["status"] in TIMED:
         mib = r["peak_mib"]
         mem = "" if math.isnan(mib) else f" · {_mib(mib)} MiB"
-        return f"{_ms(r['ms'])} ms{mem}" + (" ‡" if st == "inexact" else "")
-    if st == "skipped":
-        return "too slow" if "too slow" in r["note"] else (
-            "too big" if "GiB" in r["note"] else "skipped")
-    return st
+        if r["status"] == "inexact":
+            return f"{_ms(r['ms'])} ms{mem} ‡", "‡"
+        return f"{_ms(r['ms'])} ms{mem}", None
+    key = _marker(r)
+    return key, key
+
+
+CELL_FORMAT = (
+    "A timed cell reads `12.3 ms · 0.50 MiB`: the median time of one call (fwd+bwd "
+    "includes the forward), then the memory the call needed on top of its inputs: its "
+    "peak minus what was allocated before it, so outputs, gradients, saved tensors and "
+    "scratch space count. `<0.01 MiB`: under 10 KiB, which on a CPU is within "
+    "measurement noise. Lower is better for both. Every result was checked against a "
+    "float64 run before it was timed."
+)
+
+
+def _load(env: dict) -> str:
+    """The CPU's load when the run began: other work on the machine slows a
+    CPU run down, and the reader should know."""
+    load, cores = env.get("load_average_start"), env.get("cpu_count")
+    if not load or not cores:
+        return ""
+    busy = " (shared with other work: timings are noisy)" if load[0] > 0.75 * cores else ""
+    return f", load average {load[0]:.1f} on {cores} cores at the start{busy}"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    """Markdown summary: device and versions, headline numbers, and per regime
-    a table of cases × backends (time · peak memory)."""
+    """Markdown summary: device and versions, headline numbers, a legend of the
+    columns and cell markers used, and per regime a table of cases × backends
+    (time · peak memory)."""
+    from .cases import REGIME_TITLES
+
     env = meta.get("environment", {})
+    v = _versions(env)
     dev = env.get("device_name", "?")
     lines = [
         f"Results of `{meta.get('command', 'python -m bench')}` on **{dev}** "
         f"({env.get('device_type', '?')}), {meta.get('finished', '')}: torch {env.get('torch')}, "
-        f"triton {env.get('triton')}, flash-semicrf {env.get('flash_semicrf')}, "
-        f"torch-struct {env.get('torch_struct')}"
+        f"triton {env.get('triton')}, flash-semicrf {v['flash_semicrf']}, "
+        f"torch-struct {v['torch_struct']}"
+        + (f", pytorch-crf {v['pytorch_crf']}"
+           if any(r["backend"] == "pytorch-crf" for r in rows) else "")
         + (f", CUDA {env.get('cuda_runtime')}, driver {env.get('driver')}"
            if env.get("device_type") == "cuda" else
            f", {env.get('cpu_threads')} thread{'s' * (env.get('cpu_threads') != 1)}"
            + (" (machine oversubscribed)" if "oversubscribed" in env.get("threads_policy", "")
-              else ""))
+              else "")
+           + _load(env))
         + f"; commit {env.get('git_commit', '?')}{' (dirty)' if env.get('git_dirty') else ''}.",
         "",
+        "Time and memory of exact semi-Markov CRF inference (log Z, and its gradients) in "
+        "this library and in the libraries users come from, on the same problems "
+        "(random scores, float32). The legend below the headline numbers explains every "
+        "column and every entry that is not a time.",
+        "",
     ]
-    peak = meta.get("exp_peak", {})
-    if peak:
-        lines += [f"Exp throughput of the device: {_si(peak.get('exp_per_s', float('nan')))}/s "
-                  f"({peak.get('source', '')}). Cells: median time · peak memory above the "
-                  "inputs; fwd+bwd includes the forward. lse/s: log-sum-exp terms per second, "
-                  "B·T·(C²+K·C) per forward (B·T·K·C² with a duration-dependent transition), "
-                  "3× that for fwd+bwd.", ""]
     for h in headline_lines(meta.get("headline", {})):
         lines.append(f"- {h}")
     if meta.get("headline"):
         lines.append("")
+
     present = [b for b in ALL if any(r["backend"] == b and r["status"] != "unavailable"
                                      for r in rows)]
     missing = [b for b in ALL if b not in present and any(r["backend"] == b for r in rows)]
+    headers: list[str] = []
+    used: set[str] = set()
+    tables: list[str] = []
     for regime in dict.fromkeys(r["regime"] for r in rows):
         rr = [r for r in rows if r["regime"] == regime]
         keys = list(dict.fromkeys((r["B"], r["T"], r["K"], r["C"], r["transition"], r["pass"])
                                   for r in rr))
         cols = [b for b in present if any(r["backend"] == b for r in rr)]
-        lines.append(f"**{regime}**")
-        lines.append("")
-        lines.append("| B | T | K | C | transition | pass | " + " | ".join(cols)
-                     + " | ours: lse/s (% of exp peak) |")
-        lines.append("|" + "---:|" * 4 + "---|---|" + "---|" * len(cols) + "---:|")
+        head = [*PROBLEM_COLUMNS, *(LABELS[b] for b in cols), THROUGHPUT]
+        headers += [h for h in head if h not in headers]
+        title = REGIME_TITLES.get(regime, regime)
+        tables += [f"**{title}**", ""]
+        tables.append("| " + " | ".join(head) + " |")
+        tables.append("|" + "---:|" * 4 + "---|---|" + "---|" * len(cols) + "---:|")
         for key in keys:
             cells = {r["backend"]: r for r in rr
                      if (r["B"], r["T"], r["K"], r["C"], r["transition"], r["pass"]) == key}
             best = min((cells[b] for b in OURS if b in cells and cells[b]["status"] in TIMED),
                        key=lambda r: r["ms"], default=None)
             thr = "" if best is None else (
-                f"{_si(best['lse_per_s'])} ({best['pct_exp_peak']:.2g}%, {best['backend']})")
+                f"{_si(best['lse_per_s'])} ({best['pct_exp_peak']:.2g}%, "
+                f"{SHORT[best['backend']]})")
+            texts = []
+            for b in cols:
+                if b in cells:
+                    text, marker = _cell(cells[b])
+                else:
+                    text, marker = NOT_IN_CASE, NOT_IN_CASE
+                if marker is not None:
+                    used.add(marker)
+                texts.append(text)
             B, T, K, C, tr, pass_ = key
-            lines.append(f"| {B} | {T} | {K} | {C} | {tr} | {pass_} | "
-                         + " | ".join(_cell(cells[b]) if b in cells else "" for b in cols)
-                         + f" | {thr} |")
-        lines.append("")
+            tables.append(f"| {B} | {T} | {K} | {C} | {tr} | {pass_} | "
+                          + " | ".join(texts) + f" | {thr} |")
+        tables.append("")
+
+    columns, markers = column_legend(meta), marker_legend(meta)
+    lines += ["**How to read the tables**", "", CELL_FORMAT, "", "Columns:", ""]
+    lines += [f"- **{h}**: {columns[h]}" for h in columns if h in headers]
+    if used:
+        lines += ["", "Entries other than a time:", ""]
+        lines += [f"- **{m}**: {markers[m]}" for m in markers if m in used]
+    lines.append("")
+    lines += tables
+
     inexact = sorted({r["backend"] for r in rows if r["status"] == "inexact"})
     if inexact:
         worst = {b: max(r["grad_err"] for r in rows if r["backend"] == b
                         and r["status"] == "inexact") for b in inexact}
         lines.append("‡ log Z agrees, but the gradients differ from the float64 reference by "
-                     "more than the tolerance (max: "
-                     + ", ".join(f"`{b}` {worst[b]:.2g}" for b in inexact)
-                     + "; column grad_err of the CSV). Timed all the same.")
+                     "more than the tolerance (largest: "
+                     + ", ".join(f"{LABELS[b]} {worst[b]:.2g}" for b in inexact)
+                     + "; column `grad_err` of the CSV). Timed all the same.")
         lines.append("")
     if missing:
         why = {r["backend"]: r["note"] for r in rows if r["status"] == "unavailable"}
         lines.append("Not run on this device: "
-                     + "; ".join(f"`{b}` ({why.get(b, '')})" for b in missing) + ".")
+                     + "; ".join(f"{LABELS[b]}: {why.get(b, '')}" for b in missing) + ".")
         lines.append("")
     return "\n".join(lines)
 
@@ -286,7 +460,7 @@ def plots(rows: list[dict], stem: Path, exp_per_s: float) -> list[Path]:
                 if not pts:
                     continue
                 T = [p[0] for p in pts]
-                style = dict(marker="o", ms=4, label=b, lw=2 if b in OURS else 1.2,
+                style = dict(marker="o", ms=4, label=LABELS[b], lw=2 if b in OURS else 1.2,
                              ls="-" if b in OURS else "--")
                 axes[0, j].plot(T, [p[1] for p in pts], **style)
                 mem = [(t, p[2]) for t, p in zip(T, pts) if not math.isnan(p[2])]

@@ -36,7 +36,7 @@ TOLERANCE = {
 }
 # Cross-checks when the float64 reference is too slow, in order of trust.
 CROSS_CHECK_ORDER = ("cuda", "triton", "cpu", "torch", "flash-semicrf-triton",
-                     "flash-semicrf-torch", "torch-struct")
+                     "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 
 
 @dataclass
@@ -266,7 +266,7 @@ class Runner:
             self.progress.update(1)
 
     def run_case(self, case: Case, names: list[str]) -> list[dict]:
-        names = [n for n in names if case.backends is None or n in case.backends]
+        names = case_backends(case, names)
         dev = self.s.device
         try:
             inputs = make_inputs(case, dev, self.s.dtype)
@@ -372,8 +372,14 @@ class Runner:
             torch.cuda.empty_cache()
 
 
+def case_backends(case: Case, names: list[str]) -> list[str]:
+    """The backends a case runs: those it names (all when it names none) that
+    can compute its K at all."""
+    return [n for n in names
+            if (case.backends is None or n in case.backends) and bk.handles(n, case.K)]
+
+
 def slots(cases: list[Case], names: list[str]) -> int:
     """How many rows the plan makes (the progress bar's total)."""
-    return sum(len(c.passes) * len([n for n in names if c.backends is None or n in c.backends])
-               for c in cases)
+    return sum(len(c.passes) * len(case_backends(c, names)) for c in cases)
 
