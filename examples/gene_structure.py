@@ -251,7 +251,7 @@ class CRFTagger(nn.Module):
     def loss(self, x, labels, lengths):
         """Mean NLL per sequence, divided by the mean length: nats per position."""
         segments = fsc.labels_to_segments(labels.clamp(min=0), lengths, self.max_duration)
-        return self.head(self.encoder(x), lengths, segments) / lengths.float().mean()
+        return self.head(self.encoder(x), segments, lengths) / lengths.float().mean()
 
     @torch.no_grad()
     def predict(self, x, lengths):

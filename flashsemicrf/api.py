@@ -18,8 +18,14 @@ import torch
 
 from . import backends, sampling
 from ._contract import Gradients, OpFamily, Problem
-from ._validation import check_backend, check_positive_int, check_problem, check_segments
-from .segments import segment_scores, segments_from_start_labels
+from ._validation import (
+    check_backend,
+    check_gold_feasible,
+    check_positive_int,
+    check_problem,
+    check_segments,
+)
+from .segments import rows_to_sequences, segment_scores, segment_terms, segments_from_start_labels
 
 Tensor = torch.Tensor
 Lengths = Union[Tensor, Sequence[int], None]
@@ -344,7 +350,8 @@ def score(
     """
     p, _ = _prepare("score", scores, transition, duration, lengths, start_transition,
                     end_transition, start_scores, end_scores, backend)
-    return segment_scores(check_segments("score", segments, p), p)
+    segments = check_segments("score", segments, p, lengths_defaulted=lengths is None)
+    return segment_scores(segments, p)
 
 
 @_documented
@@ -378,5 +385,13 @@ def nll(
     """
     p, ops = _prepare("nll", scores, transition, duration, lengths, start_transition,
                       end_transition, start_scores, end_scores, backend)
-    segments = check_segments("nll", segments, p)
-    return ops.log_partition(p) - segment_scores(segments, p)
+    return _nll("nll", segments, p, ops, lengths_defaulted=lengths is None)
+
+
+def _nll(fn: str, segments, p: Problem, ops: OpFamily, lengths_defaulted: bool = False,
+         hint: str = "") -> Tensor:
+    """log Z − score (B,) of a prepared problem, checking the gold first."""
+    segments = check_segments(fn, segments, p, lengths_defaulted=lengths_defaulted)
+    terms = segment_terms(segments, p)
+    check_gold_feasible(fn, segments, terms, hint)
+    return ops.log_partition(p) - rows_to_sequences(sum(terms.values()), segments, p)
