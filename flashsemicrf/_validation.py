@@ -206,7 +206,7 @@ def check_segments(fn: str, segments, inputs: Problem, lengths_defaulted: bool =
         return segments
     batch, start, dur, label = segments.unbind(1)
     n = segments.shape[0]
-    defaulted = (f" (no lengths were given, so every length defaulted to T = {T}: pass "
+    defaulted = (f" (no lengths were given, so lengths defaulted to T = {T}: pass "
                  "lengths or mask= for padded sequences)") if lengths_defaulted else ""
 
     def first_bad(mask: Tensor, what: str) -> None:
@@ -286,6 +286,7 @@ def check_gold_feasible(fn: str, segments: Tensor, terms: dict, hint: str = "") 
     """
     if torch.compiler.is_compiling() or segments.shape[0] == 0:
         return
+    terms = {name: v.detach() for name, v in terms.items()}
     total = sum(terms.values())
     bad = total == float("-inf")
     if not bool(bad.any()):

@@ -274,6 +274,9 @@ class SemiCRF(nn.Module):
         The geometric, Poisson and negative binomial are the untruncated
         log-pmfs (their mass beyond K is dropped, so each column sums to ≤ 1);
         the soft uniform is normalised over 1 … K.
+
+        Returns:
+            (K, C) tensor, differentiable with respect to the duration parameters.
         """
         K, prior = self.max_duration, self.duration_prior
         if prior == "learned":
