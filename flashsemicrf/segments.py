@@ -139,8 +139,9 @@ def labels_to_segments(labels: Tensor, lengths: Tensor | Sequence[int] | None,
 
     Args:
         labels: (B, T) integer label map, values ≥ 0 within the lengths.
-        lengths: (B,) integers in [1, T] (or a list); None means all T.
-            Positions at or beyond lengths[b] are ignored.
+        lengths: (B,) integers in [1, T] (or a list), or a bool prefix mask
+            (B, T); None means all T. Positions at or beyond lengths[b] are
+            ignored.
         max_duration: K ≥ 1, the longest piece (the model's ``duration.shape[0]``).
 
     Returns:
