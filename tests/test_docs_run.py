@@ -36,11 +36,24 @@ def test_the_docs_have_python_blocks():
     assert {"README.md", "guide.md"} <= found, found
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent is missing
+        return False
+
+
+def test_a_block_that_requires_a_missing_package_is_skipped_with_the_reason():
+    code = "# requires: no_such_package_here\nraise AssertionError('ran')\n"
+    with pytest.raises(pytest.skip.Exception, match="needs no_such_package_here"):
+        test_python_block_runs(ROOT / "README.md", 1, code, None)  # skips before using monkeypatch
+
+
 @pytest.mark.parametrize("path,line,code", list(_blocks()))
 def test_python_block_runs(path, line, code, monkeypatch):
     for wanted in REQUIRES.findall(code):
         for name in (n.strip() for n in wanted.split(",")):
-            if importlib.util.find_spec(name) is None:
+            if not _installed(name):
                 pytest.skip(f"{path.name}:{line} needs {name}, which is not installed")
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("FLASHSEMICRF_BACKEND", raising=False)
