@@ -52,35 +52,81 @@ def check_backend(fn: str, backend) -> str:
     return backend
 
 
-def check_lengths(fn: str, lengths, batch: int, length: int, device) -> Tensor:
-    """lengths as an int64 tensor (B,) on ``device``, every value in [1, T]."""
+def check_lengths(fn: str, lengths, batch: int, length: int, device, name: str = "lengths"
+                  ) -> Tensor:
+    """lengths as an int64 tensor (B,) on ``device``, every value in [1, T].
+
+    ``lengths`` may also be a bool mask (B, T) that is True on a prefix of
+    every row (pytorch-crf's ``mask``); it becomes ``mask.sum(1)``.
+    """
     if lengths is None:
         return torch.full((batch,), length, dtype=torch.long, device=device)
     if isinstance(lengths, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in lengths):
-            raise TypeError(f"{fn}: lengths must be integers, got {lengths!r}")
+            raise TypeError(f"{fn}: {name} must be integers, got {lengths!r}")
         lengths = torch.tensor(lengths, dtype=torch.long).reshape(-1)
     if not isinstance(lengths, Tensor):
         raise TypeError(
-            f"{fn}: lengths must be an integer tensor (B,) or None, got {_describe(lengths)}"
+            f"{fn}: {name} must be an integer tensor (B,), a bool mask (B, T) or None, "
+            f"got {_describe(lengths)}"
         )
-    if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
-        raise TypeError(f"{fn}: lengths must have an integer dtype, got {lengths.dtype}")
-    if lengths.dim() != 1 or lengths.shape[0] != batch:
-        raise ValueError(f"{fn}: lengths must have shape (B,) = ({batch},), got {_describe(lengths)}")
     if lengths.device != torch.device(device) and lengths.device.type != "cpu":
         raise ValueError(
-            f"{fn}: lengths must be on the scores' device ({device}) or on the CPU, "
+            f"{fn}: {name} must be on the scores' device ({device}) or on the CPU, "
             f"got {lengths.device}"
         )
+    if lengths.dtype == torch.bool:
+        return _lengths_from_mask(fn, lengths, batch, length, device, name)
+    if lengths.dtype.is_floating_point or lengths.dtype.is_complex:
+        raise TypeError(f"{fn}: {name} must have an integer dtype, got {lengths.dtype}")
+    if lengths.dim() == 2 and lengths.shape[1] == 4 and lengths.shape[0] != batch:
+        raise ValueError(f"{fn}: {name} must have shape (B,) = ({batch},), got "
+                         f"{_describe(lengths)}, which looks like segments (N, 4): "
+                         f"{SEGMENTS_ORDER}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"{fn}: {name} must have shape (B,) = ({batch},), got {_describe(lengths)}")
     # Reading the values would break a torch.compile graph: traced calls check
     # shapes, dtypes and devices only.
     if batch > 0 and not torch.compiler.is_compiling():
         low, high = int(lengths.min()), int(lengths.max())
         if low < 1 or high > length:
             raise ValueError(
-                f"{fn}: lengths must lie in [1, T] = [1, {length}], got values in [{low}, {high}]"
+                f"{fn}: {name} must lie in [1, T] = [1, {length}], got values in [{low}, {high}]"
             )
+    return lengths.to(device=device, dtype=torch.long)
+
+
+SEGMENTS_ORDER = ("segments always come before lengths: nll(segments, scores, transition, "
+                  "duration, lengths), head(hidden, segments, lengths), "
+                  "head.loss(hidden, segments, lengths); or pass them as segments=")
+
+
+def _lengths_from_mask(fn: str, mask: Tensor, batch: int, length: int, device, name: str
+                       ) -> Tensor:
+    """A prefix mask (B, T) as lengths (B,)."""
+    if mask.dim() != 2:
+        raise TypeError(f"{fn}: {name} must be integer lengths (B,) or a bool mask (B, T), "
+                        f"got {_describe(mask)}")
+    if mask.shape[0] != batch or mask.shape[1] != length:
+        raise ValueError(
+            f"{fn}: {name} is a bool tensor, taken as a mask, which must have shape (B, T) = "
+            f"({batch}, {length}), got {_describe(mask)}; pass integer lengths (B,) otherwise"
+        )
+    lengths = mask.sum(1)
+    if batch > 0 and not torch.compiler.is_compiling():
+        prefix = torch.arange(length, device=mask.device)[None, :] < lengths[:, None]
+        bad = prefix != mask
+        if bool(bad.any()):
+            b, t = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"{fn}: {name} is a bool mask (B, T) but row {b} is not a prefix (True up to "
+                f"its length, then False): position {t} is {bool(mask[b, t])}. A semi-CRF "
+                "needs each sequence contiguous from position 0; pass lengths (B,) instead"
+            )
+        if int(lengths.min()) < 1:
+            b = int((lengths < 1).nonzero()[0, 0])
+            raise ValueError(f"{fn}: {name} (a bool mask) is all False in row {b}: every "
+                             "sequence needs length ≥ 1")
     return lengths.to(device=device, dtype=torch.long)
 
 
@@ -105,6 +151,12 @@ def check_problem(
     K = duration.shape[0]
     if K < 1:
         raise ValueError(f"{fn}: duration must have K ≥ 1 rows, got shape {tuple(duration.shape)}")
+    if duration.shape[1] != C and duration.shape[1] == T:
+        raise ValueError(
+            f"{fn}: scores must be (B, T, C) with C = duration.shape[1] = {duration.shape[1]} "
+            f"labels, got shape {tuple(scores.shape)}, which looks like (B, C, T): transpose "
+            "it with scores.transpose(1, 2)"
+        )
     _same_shape(fn, "duration", duration, (K, C), "(K, C)")
     _float_tensor(fn, "transition", transition, "(C, C) or (K, C, C)", (2, 3))
     if transition.dim() == 2:
@@ -130,23 +182,32 @@ def check_problem(
                 "all tensors must be on one device"
             )
     lengths = check_lengths(fn, lengths, B, T, scores.device)
+    check_finite_above(fn, {"scores": scores, **named})
     return Problem(
         scores, transition, duration, lengths, start_transition, end_transition,
         start_scores, end_scores,
     )
 
 
-def check_segments(fn: str, segments, inputs: Problem) -> Tensor:
+def check_segments(fn: str, segments, inputs: Problem, lengths_defaulted: bool = False
+                   ) -> Tensor:
     """segments (N, 4) rows (batch, start, duration, label) that tile every sequence.
 
     Rows must be sorted by batch then start, and for every sequence b tile
-    [0, L_b) exactly with durations in [1, K] and labels in [0, C).
+    [0, L_b) exactly with durations in [1, K] and labels in [0, C). Under
+    torch.compile only the shape, dtype and device are checked (reading the
+    values would break the graph). ``lengths_defaulted``: the caller gave no
+    lengths, so the messages say that lengths defaulted to T.
     """
     B, T, C = inputs.scores.shape
     K = inputs.duration.shape[0]
-    segments = check_segment_tensor(fn, segments, inputs.scores.device)
+    segments = check_segment_tensor(fn, segments, inputs.scores.device, batch=B, length=T)
+    if torch.compiler.is_compiling():
+        return segments
     batch, start, dur, label = segments.unbind(1)
     n = segments.shape[0]
+    defaulted = (f" (no lengths were given, so lengths defaulted to T = {T}: pass "
+                 "lengths or mask= for padded sequences)") if lengths_defaulted else ""
 
     def first_bad(mask: Tensor, what: str) -> None:
         if bool(mask.any()):
@@ -159,7 +220,8 @@ def check_segments(fn: str, segments, inputs: Problem) -> Tensor:
     first_bad((label < 0) | (label >= C), f"has a label outside [0, C) = [0, {C})")
     first_bad(start < 0, "has a negative start")
     L = inputs.lengths
-    first_bad(start + dur > L[batch.clamp(0, B - 1)], "runs past the end of its sequence (lengths)")
+    first_bad(start + dur > L[batch.clamp(0, B - 1)],
+              "runs past the end of its sequence (lengths)" + defaulted)
     if n > 1:
         same = batch[1:] == batch[:-1]
         order = (batch[1:] < batch[:-1]) | (same & (start[1:] <= start[:-1]))
@@ -175,7 +237,7 @@ def check_segments(fn: str, segments, inputs: Problem) -> Tensor:
         is_first[1:] = batch[1:] != batch[:-1]
         is_last[:-1] = batch[1:] != batch[:-1]
     first_bad(is_first & (start != 0), "starts its sequence at a position other than 0 (a gap)")
-    first_bad(is_last & (start + dur != L[batch.clamp(0, B - 1)]), "ends its sequence before lengths")
+    first_bad(is_last & (start + dur != L[batch.clamp(0, B - 1)]), "ends its sequence before lengths" + defaulted)
     covered = torch.zeros(B, dtype=torch.bool, device=segments.device)
     covered[batch] = True
     if not bool(covered.all()):
@@ -184,19 +246,76 @@ def check_segments(fn: str, segments, inputs: Problem) -> Tensor:
     return segments
 
 
-def check_segment_tensor(fn: str, segments, device) -> Tensor:
+def check_segment_tensor(fn: str, segments, device, batch: int | None = None,
+                         length: int | None = None) -> Tensor:
+    """segments as int64 (N, 4) on ``device``: type, dtype, shape and device only.
+
+    With the batch size B and length T, a (B,) or (B, T) tensor gets a hint:
+    it looks like lengths, a mask or per-position tags.
+    """
+    if segments is None:
+        raise TypeError(f"{fn}: segments is missing: pass the gold segmentation (N, 4), or "
+                        "labels= (B, T) for a per-position label map")
     if not isinstance(segments, Tensor):
         raise TypeError(f"{fn}: segments must be an integer tensor (N, 4), got {_describe(segments)}")
+    looks_like = ""
+    if batch is not None and tuple(segments.shape) == (batch, length) and length != 4:
+        looks_like = (" This looks like a per-position mask or tags (B, T): pass a mask as "
+                      "mask= (or mask.sum(1) as lengths), and tags as labels= or convert them "
+                      "with flashsemicrf.labels_to_segments(tags, lengths, max_duration)")
+    elif batch is not None and segments.dim() == 1 and segments.shape[0] == batch:
+        looks_like = f" This looks like lengths (B,): {SEGMENTS_ORDER}"
     if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
-        raise TypeError(f"{fn}: segments must have an integer dtype, got {segments.dtype}")
-    if segments.dim() != 2 or segments.shape[1] != 4:
+        raise TypeError(f"{fn}: segments must have an integer dtype, got {segments.dtype}."
+                        + looks_like)
+    if segments.dim() != 2 or segments.shape[1] != 4 or looks_like:
         raise ValueError(
             f"{fn}: segments must have shape (N, 4) with rows (batch, start, duration, label), "
-            f"got {_describe(segments)}"
+            f"got {_describe(segments)}." + looks_like
         )
     if segments.device != torch.device(device):
         raise ValueError(f"{fn}: segments is on {segments.device} but scores is on {device}")
     return segments.long()
+
+
+def check_gold_feasible(fn: str, segments: Tensor, terms: dict, hint: str = "") -> None:
+    """Raise when a gold row scores −inf: its negative log-likelihood would be +inf.
+
+    ``terms``: the per-row score terms of :func:`~flashsemicrf.segments.segment_terms`.
+    Skipped under torch.compile (the loss is then +inf for such a sequence).
+    """
+    if torch.compiler.is_compiling() or segments.shape[0] == 0:
+        return
+    terms = {name: v.detach() for name, v in terms.items()}
+    total = sum(terms.values())
+    bad = total == float("-inf")
+    if not bool(bad.any()):
+        return
+    i = int(bad.nonzero()[0, 0])
+    b, s, d, c = segments[i].tolist()
+    culprits = [name for name, v in terms.items() if float(v[i]) == float("-inf")]
+    raise ValueError(
+        f"{fn}: gold segments row {i} (batch {b}, start {s}, duration {d}, label {c}) has "
+        f"score −inf under {' and '.join(culprits)}: the model forbids this segmentation, so "
+        "its loss would be +inf. Fix the gold (or the −inf entries that forbid it)" + hint
+    )
+
+
+def check_finite_above(fn: str, named: dict) -> None:
+    """Reject +inf in the float inputs (−inf forbids, NaN propagates; +inf has no meaning).
+
+    Reads every value, so it is skipped under torch.compile.
+    """
+    if torch.compiler.is_compiling():
+        return
+    for name, x in named.items():
+        if x is not None and x.numel() and bool(torch.isposinf(x).any()):
+            where = tuple(int(v) for v in torch.isposinf(x).nonzero()[0])
+            raise ValueError(
+                f"{fn}: {name} contains +inf (first at index {where}); scores must be finite "
+                "or −inf (−inf forbids what it scores): clamp it, e.g. "
+                f"{name}.clamp(max=1e4)"
+            )
 
 
 def check_positive_int(fn: str, name: str, value, minimum: int = 1) -> int:

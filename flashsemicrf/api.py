@@ -18,8 +18,14 @@ import torch
 
 from . import backends, sampling
 from ._contract import Gradients, OpFamily, Problem
-from ._validation import check_backend, check_positive_int, check_problem, check_segments
-from .segments import segment_scores, segments_from_start_labels
+from ._validation import (
+    check_backend,
+    check_gold_feasible,
+    check_positive_int,
+    check_problem,
+    check_segments,
+)
+from .segments import rows_to_sequences, segment_scores, segment_terms, segments_from_start_labels
 
 Tensor = torch.Tensor
 Lengths = Union[Tensor, Sequence[int], None]
@@ -35,8 +41,9 @@ _PROBLEM_ARGS = """scores: (B, T, C) float tensor: the score of label c at posit
         duration: (K, C) float tensor: ``duration[d − 1, c]`` scores a label-c
             segment of duration d. K = duration.shape[0] is the longest segment.
         lengths: (B,) integers in [1, T] (a tensor on the scores' device or the
-            CPU, or a list); None means every sequence has length T. Positions
-            t ≥ lengths[b] are padding.
+            CPU, or a list), or a bool mask (B, T) True on a prefix of every
+            row (it becomes ``mask.sum(1)``); None means every sequence has
+            length T. Positions t ≥ lengths[b] are padding.
         start_transition: (C,): added to the label of the first segment; None: 0.
         end_transition: (C,): added to the label of the last segment; None: 0.
         start_scores: (B, T, C): added to a label-c segment that starts at t; None: 0.
@@ -49,8 +56,8 @@ _PROBLEM_ARGS = """scores: (B, T, C) float tensor: the score of label c at posit
             ``flashsemicrf.backends.available()`` lists those that run here."""
 
 _RAISES = """TypeError, ValueError: an input has the wrong type, shape, dtype or
-            device (the message names it and says what was expected), or the
-            backend does not run on the scores' device.
+            device (the message names it and says what was expected), holds
+            +inf, or the backend does not run on the scores' device.
         RuntimeError: the backend is not available here (the message says how
             to get it)."""
 
@@ -337,14 +344,18 @@ def score(
         {problem}
 
     Returns:
-        (B,) tensor in the compute dtype.
+        (B,) tensor in the compute dtype; −inf for a segmentation the inputs
+        forbid.
 
     Raises:
         {raises}
+        ValueError: segments do not tile the sequences (the message names the
+            row; not checked under torch.compile).
     """
     p, _ = _prepare("score", scores, transition, duration, lengths, start_transition,
                     end_transition, start_scores, end_scores, backend)
-    return segment_scores(check_segments("score", segments, p), p)
+    segments = check_segments("score", segments, p, lengths_defaulted=lengths is None)
+    return segment_scores(segments, p)
 
 
 @_documented
@@ -367,7 +378,8 @@ def nll(
 
     Args:
         segments: (N, 4) integer rows (batch, start, duration, label), as for
-            :func:`score`.
+            :func:`score` (make them from a label map with
+            :func:`~flashsemicrf.labels_to_segments`).
         {problem}
 
     Returns:
@@ -375,8 +387,21 @@ def nll(
 
     Raises:
         {raises}
+        ValueError: segments do not tile the sequences (the message names the
+            row), or a row scores −inf under the inputs (a forbidden
+            transition, duration, first or last label): its loss would be
+            +inf. Under torch.compile these value checks are skipped and such a
+            sequence gets +inf.
     """
     p, ops = _prepare("nll", scores, transition, duration, lengths, start_transition,
                       end_transition, start_scores, end_scores, backend)
-    segments = check_segments("nll", segments, p)
-    return ops.log_partition(p) - segment_scores(segments, p)
+    return _nll("nll", segments, p, ops, lengths_defaulted=lengths is None)
+
+
+def _nll(fn: str, segments, p: Problem, ops: OpFamily, lengths_defaulted: bool = False,
+         hint: str = "") -> Tensor:
+    """log Z − score (B,) of a prepared problem, checking the gold first."""
+    segments = check_segments(fn, segments, p, lengths_defaulted=lengths_defaulted)
+    terms = segment_terms(segments, p)
+    check_gold_feasible(fn, segments, terms, hint)
+    return ops.log_partition(p) - rows_to_sequences(sum(terms.values()), segments, p)

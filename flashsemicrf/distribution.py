@@ -134,16 +134,30 @@ class SemiCRFDistribution:
         """Exact entropy (B,) in nats; not differentiable."""
         return api.entropy(*self._args(), **self._kwargs())
 
-    def sample(self, num_samples: int = 1, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, sample_shape: int | tuple | torch.Size = 1,
+               generator: torch.Generator | None = None) -> Tensor:
         """Exact samples; not cached: every call draws afresh.
 
         Args:
-            num_samples: samples per sequence (≥ 1).
+            sample_shape: how many samples per sequence: an int S ≥ 1, or as in
+                torch.distributions a shape: ``()`` (one sample) or ``(S,)``.
             generator: a torch.Generator on the scores' device, or None.
 
         Returns:
-            (N, 5) int64 rows (sample, batch, start, duration, label).
+            (N, 5) int64 rows (sample, batch, start, duration, label), sample in
+            [0, S); segmentations are variable-length, so the samples come as
+            rows rather than a tensor of shape ``sample_shape + batch_shape``.
+
+        Raises:
+            TypeError, ValueError: a malformed sample_shape (more than one
+                dimension: flatten it to (S,)) or generator.
         """
+        num_samples = sample_shape
+        if isinstance(sample_shape, (tuple, list, torch.Size)):
+            if len(sample_shape) > 1:
+                raise ValueError(f"SemiCRFDistribution.sample: sample_shape must be () or (S,), "
+                                 f"got {tuple(sample_shape)}; flatten it to (S,)")
+            num_samples = int(sample_shape[0]) if len(sample_shape) else 1
         return api.sample(*self._args(), **self._kwargs(), num_samples=num_samples,
                           generator=generator)
 

@@ -3,8 +3,15 @@
 ::
 
     head = SemiCRF(num_labels=C, max_duration=K, hidden_dim=H)
-    loss = head(hidden, lengths, segments)        # scalar: mean NLL over the batch
+    loss = head(hidden, segments, lengths)        # scalar: mean NLL over the batch
+    loss = head(hidden, labels=tags, mask=mask)   # the same from a label map and a bool mask
     segments = head.decode(hidden, lengths)       # (N, 4) rows (batch, start, duration, label)
+    log_z = head.log_partition(hidden, lengths)   # (B,)
+
+``segments`` always comes before ``lengths`` (here and in the functional
+API, ``flashsemicrf.nll(segments, scores, ...)``); ``labels=`` and ``mask=``
+are keyword-only alternatives to them, and ``lengths`` may itself be a bool
+prefix mask (B, T).
 
 The head owns every parameter of the model (README) except the emissions,
 which it computes from the encoder states with a linear layer (or takes as
@@ -22,8 +29,22 @@ import torch
 from torch import nn
 
 from . import api
-from ._validation import BACKENDS, FLOAT_DTYPES, check_lengths, check_positive_int
+from ._validation import (
+    BACKENDS,
+    FLOAT_DTYPES,
+    check_lengths,
+    check_positive_int,
+    check_segment_tensor,
+    check_segments,
+)
+from .constraints import Constraints
 from .distribution import SemiCRFDistribution
+from .segments import (
+    labels_to_segments,
+    segment_scores,
+    segments_from_start_labels,
+    segments_to_labels,
+)
 from .priors import (
     geometric_log_pmf,
     negative_binomial_log_pmf,
@@ -35,7 +56,8 @@ Tensor = torch.Tensor
 
 DURATION_PRIORS = ("learned", "geometric", "poisson", "negative_binomial", "uniform")
 CENTERINGS = (None, "mean")
-REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none", "token_mean")
+DECODE_OUTPUTS = ("segments", "labels", "lists")
 
 
 def _per_label(name: str, value, C: int, low: float, strict: bool = True) -> Tensor:
@@ -96,6 +118,11 @@ class SemiCRF(nn.Module):
             mean over the valid positions of sequence b. This changes the model:
             it is exactly the uncentred model with −mean[b, c]·d added to
             duration[d − 1, c] of sequence b. The kernels never need it.
+        constraints: optional :class:`~flashsemicrf.Constraints` over the C labels
+            (its duration mask, if any, with K = max_duration): every forbidden
+            transition, first or last label and duration scores −inf in every
+            method, training and decoding alike. A gold segmentation it forbids
+            makes :meth:`loss` raise, naming the row.
         backend: passed to every call of the functional API ("auto", "cuda",
             "triton", "cpu", "torch"); may be changed later through ``.backend``.
 
@@ -128,6 +155,7 @@ class SemiCRF(nn.Module):
         start_end_transitions: bool = True,
         boundary_projections: bool = False,
         centering: str | bool | None = None,
+        constraints: Constraints | None = None,
         backend: str = "auto",
     ):
         super().__init__()
@@ -176,6 +204,36 @@ class SemiCRF(nn.Module):
         else:
             self.start_projection = self.end_projection = None
         self._init_duration(duration_mean, duration_dispersion, duration_range)
+        self._init_constraints(constraints)
+
+    def _init_constraints(self, constraints: Constraints | None) -> None:
+        """The masks of ``constraints`` as buffers (they follow the head's device)."""
+        C, K = self.num_labels, self.max_duration
+        self.constraints = constraints
+        self._constrain_start = self._constrain_end = False
+        for name in ("transitions", "start", "end", "durations"):
+            self.register_buffer(f"constraint_{name}", None)
+        if constraints is None:
+            return
+        if not isinstance(constraints, Constraints):
+            raise TypeError(f"SemiCRF: constraints must be a flashsemicrf.Constraints, got "
+                            f"{type(constraints).__name__}")
+        if constraints.num_labels != C:
+            raise ValueError(f"SemiCRF: constraints are over {constraints.num_labels} labels "
+                             f"but num_labels = {C}")
+        if constraints.durations is not None and constraints.durations.shape[0] != K:
+            raise ValueError(
+                f"SemiCRF: the constraints' duration mask has K = "
+                f"{constraints.durations.shape[0]} but max_duration = {K}; build them with "
+                f"max_duration={K}")
+        self.register_buffer("constraint_transitions", constraints.transitions.clone())
+        self.register_buffer("constraint_start", constraints.start.clone())
+        self.register_buffer("constraint_end", constraints.end.clone())
+        if constraints.durations is not None:
+            self.register_buffer("constraint_durations", constraints.durations.clone())
+        # Decided here, once: a branch on the masks' values would break torch.compile.
+        self._constrain_start = not bool(constraints.start.all())
+        self._constrain_end = not bool(constraints.end.all())
 
     def _init_duration(self, mean, dispersion, range_) -> None:
         C, K, prior = self.num_labels, self.max_duration, self.duration_prior
@@ -210,12 +268,15 @@ class SemiCRF(nn.Module):
                 f"transition={transition}, centering={self.centering!r}, "
                 f"backend={self.backend!r}")
 
-    def duration_scores(self) -> Tensor:
-        """duration (K, C): the learned table, or the prior's log-pmf at d = 1 … K.
+    def duration_table(self) -> Tensor:
+        """duration (K, C) before constraints: the learned table, or the prior's log-pmf at d = 1 … K.
 
         The geometric, Poisson and negative binomial are the untruncated
         log-pmfs (their mass beyond K is dropped, so each column sums to ≤ 1);
         the soft uniform is normalised over 1 … K.
+
+        Returns:
+            (K, C) tensor, differentiable with respect to the duration parameters.
         """
         K, prior = self.max_duration, self.duration_prior
         if prior == "learned":
@@ -230,11 +291,30 @@ class SemiCRF(nn.Module):
         return soft_uniform_log_pmf(self.duration_low, self.duration_high, K,
                                     self.duration_softness)
 
+    def duration_scores(self) -> Tensor:
+        """duration (K, C) as the kernels see it: :meth:`duration_table`, −inf
+        where the head's constraints forbid a duration.
+
+        Returns:
+            (K, C) tensor, differentiable with respect to the duration parameters.
+        """
+        table = self.duration_table()
+        if self.constraint_durations is None:
+            return table
+        return table.masked_fill(~self.constraint_durations, float("-inf"))
+
     def transition_scores(self) -> Tensor:
-        """transition (C, C) or (K, C, C), −inf where ``allowed_transitions`` is False."""
-        if self.allowed_transitions is None:
-            return self.transition
-        return self.transition.masked_fill(~self.allowed_transitions, float("-inf"))
+        """transition (C, C) or (K, C, C), −inf where ``allowed_transitions`` or the
+        constraints' transition mask is False.
+
+        Returns:
+            A tensor of the shape of ``transition``, differentiable with respect to it.
+        """
+        out = self.transition
+        for allowed in (self.allowed_transitions, self.constraint_transitions):
+            if allowed is not None:
+                out = out.masked_fill(~allowed, float("-inf"))
+        return out
 
     def _check_hidden(self, fn: str, hidden) -> None:
         width, what = ((self.hidden_dim, "hidden_dim") if self.hidden_dim is not None
@@ -242,47 +322,107 @@ class SemiCRF(nn.Module):
         if not isinstance(hidden, Tensor) or hidden.dtype not in FLOAT_DTYPES:
             raise TypeError(f"SemiCRF.{fn}: hidden must be a floating tensor (B, T, {width}), "
                             f"got {hidden!r:.80}")
+        if hidden.dim() == 3 and hidden.shape[-1] != width and hidden.shape[1] == width:
+            raise ValueError(f"SemiCRF.{fn}: hidden must have shape (B, T, {width}) (last dim = "
+                             f"{what}), got {tuple(hidden.shape)}, which looks like (B, {width}, "
+                             "T): transpose it with hidden.transpose(1, 2)")
         if hidden.dim() != 3 or hidden.shape[-1] != width or hidden.shape[1] < 1:
             raise ValueError(f"SemiCRF.{fn}: hidden must have shape (B, T ≥ 1, {width}) "
                              f"(last dim = {what}), got {tuple(hidden.shape)}")
 
-    def potentials(self, hidden: Tensor, lengths: Tensor | None = None) -> dict:
+    def _lengths(self, fn: str, hidden: Tensor, lengths, mask) -> Tensor:
+        """lengths (B,) int64 from ``lengths`` (integers or a prefix mask) or ``mask``."""
+        B, T, _ = hidden.shape
+        name = f"SemiCRF.{fn}"
+        if mask is not None:
+            if lengths is not None:
+                raise ValueError(f"{name}: pass lengths or mask, not both (mask (B, T) is "
+                                 "turned into lengths = mask.sum(1))")
+            if isinstance(mask, Tensor) and mask.dtype == torch.uint8:
+                mask = mask.bool()  # pytorch-crf's older masks
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"{name}: mask must be a bool tensor (B, T) = ({B}, {T}), "
+                                f"got {mask!r:.80}")
+            return check_lengths(name, mask, B, T, hidden.device, name="mask")
+        return check_lengths(name, lengths, B, T, hidden.device)
+
+    def _gold(self, fn: str, hidden: Tensor, segments, labels, lengths: Tensor):
+        """The gold segments (N, 4): given, or cut from a label map (B, T)."""
+        name = f"SemiCRF.{fn}"
+        if labels is None:
+            if segments is None:
+                raise TypeError(
+                    f"{name}: the gold segmentation is missing: pass segments (N, 4) "
+                    f"(head(hidden, segments, lengths)) or labels= (B, T). The head's forward "
+                    "is the training loss; for log Z call head.log_partition(hidden, lengths)"
+                )
+            return segments
+        if segments is not None:
+            raise ValueError(f"{name}: pass segments or labels=, not both")
+        B, T, _ = hidden.shape
+        if (not isinstance(labels, Tensor) or labels.dtype.is_floating_point
+                or labels.dtype == torch.bool or tuple(labels.shape) != (B, T)):
+            raise TypeError(f"{name}: labels must be an integer label map (B, T) = ({B}, {T}), "
+                            f"got {labels!r:.80}")
+        return labels_to_segments(labels.to(hidden.device), lengths, self.max_duration)
+
+    def potentials(self, hidden: Tensor, lengths: Tensor | None = None, *,
+                   mask: Tensor | None = None) -> dict:
         """The keyword arguments of the functional API for this batch.
 
         Args:
             hidden: (B, T, H) encoder states, or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths: a bool (B, T) mask, True on
+                a prefix of every row (pytorch-crf's ``mask``).
 
         Returns:
             dict with ``scores`` (B, T, C) (centred if asked), ``transition`` (C, C)
             or (K, C, C), ``duration`` (K, C), ``lengths`` (B,) int64,
             ``start_transition`` / ``end_transition`` (C,) or None,
-            ``start_scores`` / ``end_scores`` (B, T, C) or None, ``backend``:
+            ``start_scores`` / ``end_scores`` (B, T, C) or None, ``backend``,
+            with the head's constraints applied (−inf where forbidden):
             so ``flashsemicrf.log_partition(**head.potentials(hidden, lengths))``
-            equals ``head(hidden, lengths)``.
-        """
-        return self._potentials("potentials", hidden, lengths)
+            equals ``head.log_partition(hidden, lengths)``.
 
-    def _potentials(self, fn: str, hidden: Tensor, lengths: Tensor | None) -> dict:
+        Raises:
+            TypeError, ValueError: hidden, lengths or mask has the wrong type or
+                shape (the message names it and says what was expected).
+        """
+        return self._potentials("potentials", hidden, lengths, mask)
+
+    def _potentials(self, fn: str, hidden: Tensor, lengths, mask=None) -> dict:
         self._check_hidden(fn, hidden)
-        B, T, _ = hidden.shape
-        lengths = check_lengths(f"SemiCRF.{fn}", lengths, B, T, hidden.device)
+        lengths = self._lengths(fn, hidden, lengths, mask)
         scores = self.projection(hidden) if self.projection is not None else hidden
         if self.centering == "mean":
             scores = scores - _label_means(scores, lengths)[:, None, :]
+        start, end = self.start_transition, self.end_transition
+        if self._constrain_start:
+            start = (start if start is not None else scores.new_zeros(self.num_labels)
+                     ).masked_fill(~self.constraint_start, float("-inf"))
+        if self._constrain_end:
+            end = (end if end is not None else scores.new_zeros(self.num_labels)
+                   ).masked_fill(~self.constraint_end, float("-inf"))
         return dict(
             scores=scores,
             transition=self.transition_scores(),
             duration=self.duration_scores(),
             lengths=lengths,
-            start_transition=self.start_transition,
-            end_transition=self.end_transition,
+            start_transition=start,
+            end_transition=end,
             start_scores=None if self.start_projection is None else self.start_projection(hidden),
             end_scores=None if self.end_projection is None else self.end_projection(hidden),
             backend=self.backend,
         )
 
-    def centering_shift(self, hidden: Tensor, lengths: Tensor | None = None) -> Tensor | None:
+    def _prepared(self, fn: str, hidden: Tensor, lengths, mask):
+        """The validated problem and ops of the functional API for this batch."""
+        kw = self._potentials(fn, hidden, lengths, mask)
+        return api._prepare(f"SemiCRF.{fn}", **kw)
+
+    def centering_shift(self, hidden: Tensor, lengths: Tensor | None = None, *,
+                        mask: Tensor | None = None) -> Tensor | None:
         """(B, K, C): what centring adds to the duration scores of each sequence.
 
         ``−mean[b, c]·d`` at [b, d − 1, c], mean[b, c] being the mean of
@@ -291,96 +431,205 @@ class SemiCRF(nn.Module):
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
             (B, K, C) tensor, or None when centering is off.
+
+        Raises:
+            TypeError, ValueError: hidden, lengths or mask is malformed.
         """
         if self.centering is None:
             return None
         self._check_hidden("centering_shift", hidden)
-        B, T, _ = hidden.shape
-        lengths = check_lengths("SemiCRF.centering_shift", lengths, B, T, hidden.device)
+        lengths = self._lengths("centering_shift", hidden, lengths, mask)
         scores = self.projection(hidden) if self.projection is not None else hidden
         mean = _label_means(scores, lengths)  # (B, C)
         d = torch.arange(1, self.max_duration + 1, dtype=scores.dtype, device=scores.device)
         return -mean[:, None, :] * d[None, :, None]
 
-    def forward(self, hidden: Tensor, lengths: Tensor | None = None,
-                segments: Tensor | None = None) -> Tensor:
-        """log Z (B,) without ``segments``; with them the mean NLL over the batch (scalar).
+    def forward(self, hidden: Tensor, segments: Tensor | None = None,
+                lengths: Tensor | None = None, *, labels: Tensor | None = None,
+                mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """The training loss: :meth:`loss` (by default the mean NLL over the batch).
 
         Returning the loss from ``forward`` is what lets the head train under
-        DistributedDataParallel, which only hooks ``forward``.
+        DistributedDataParallel, which only hooks ``forward``. The gold is
+        required: log Z is :meth:`log_partition`, so a training loop that forgets
+        the gold gets an error rather than minimising log Z.
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
-            segments: (N, 4) gold segmentation, rows (batch, start, duration, label).
+            segments: (N, 4) gold rows (batch, start, duration, label), sorted by
+                batch then start, tiling [0, L_b) for every b with durations in
+                [1, max_duration].
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            labels: keyword-only alternative to segments: a gold label map (B, T)
+                (values in [0, C) within the lengths), cut into segments with
+                ``labels_to_segments(labels, lengths, max_duration)``.
+            mask: keyword-only alternative to lengths: a bool (B, T) mask, True
+                on a prefix of every row.
+            reduction: ``"mean"`` (default), ``"sum"``, ``"none"`` or
+                ``"token_mean"`` (see :meth:`loss`).
 
         Returns:
-            (B,) log Z, or a scalar loss (:meth:`loss` with reduction "mean").
-        """
-        if segments is not None:
-            return self.loss(hidden, segments, lengths)
-        return api.log_partition(**self._potentials("forward", hidden, lengths))
+            The reduced loss, as :meth:`loss`.
 
-    def loss(self, hidden: Tensor, segments: Tensor, lengths: Tensor | None = None,
-             reduction: str = "mean") -> Tensor:
-        """Negative log-likelihood of the gold ``segments``: log Z − score, ≥ 0.
+        Raises:
+            TypeError: the gold is missing (neither segments nor labels).
+            TypeError, ValueError: as :meth:`loss`.
+        """
+        return self._loss("forward", hidden, segments, lengths, labels, mask, reduction)
+
+    def loss(self, hidden: Tensor, segments: Tensor | None = None,
+             lengths: Tensor | None = None, *, labels: Tensor | None = None,
+             mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Negative log-likelihood of the gold segmentation: log Z − score, ≥ 0.
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            segments: (N, 4) LongTensor rows (batch, start, duration, label) tiling
-                [0, L_b) for every b, durations ≤ max_duration (make them from a
-                label map with ``flashsemicrf.labels_to_segments(labels, lengths, K)``).
-            lengths: (B,) integers in [1, T]; None means all T.
-            reduction: ``"mean"`` (scalar, default), ``"sum"`` (scalar) or ``"none"`` (B,).
+            segments: (N, 4) LongTensor rows (batch, start, duration, label)
+                sorted by batch then start, tiling [0, L_b) for every b,
+                durations ≤ max_duration.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            labels: keyword-only alternative to segments: a gold label map (B, T),
+                cut with ``labels_to_segments(labels, lengths, max_duration)``
+                (adjacent segments of one label merge; runs longer than
+                max_duration become chains).
+            mask: keyword-only alternative to lengths: a bool (B, T) prefix mask.
+            reduction: ``"mean"`` (scalar: the sum over sequences / B; 0 for an
+                empty batch), ``"sum"`` (scalar), ``"none"`` ((B,) per sequence)
+                or ``"token_mean"`` (scalar: the sum / the number of valid
+                positions, pytorch-crf's name).
 
         Returns:
             The reduced loss; differentiable with respect to every parameter and hidden.
-        """
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"SemiCRF.loss: reduction must be one of {REDUCTIONS}, "
-                             f"got {reduction!r}")
-        out = api.nll(segments, **self._potentials("loss", hidden, lengths))
-        if reduction == "mean":
-            return out.mean()
-        return out.sum() if reduction == "sum" else out
 
-    def score(self, hidden: Tensor, segments: Tensor, lengths: Tensor | None = None) -> Tensor:
-        """The score of given segmentations; differentiable.
+        Raises:
+            TypeError, ValueError: a malformed argument (the message names it and
+                says how to fix it: a mask passed as lengths, tags passed as
+                segments, scores transposed, ...).
+            ValueError: a gold row scores −inf under the model (e.g. a
+                forbidden transition or duration), so its loss would be +inf;
+                the message names the row and the term. Under torch.compile
+                this check is skipped and the loss is +inf.
+        """
+        return self._loss("loss", hidden, segments, lengths, labels, mask, reduction)
+
+    def _loss(self, fn, hidden, segments, lengths, labels, mask, reduction) -> Tensor:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"SemiCRF.{fn}: reduction must be one of {REDUCTIONS}, "
+                             f"got {reduction!r}")
+        defaulted = lengths is None and mask is None
+        self._check_hidden(fn, hidden)
+        if segments is not None and labels is None and isinstance(segments, Tensor):
+            B, T, _ = hidden.shape
+            check_segment_tensor(f"SemiCRF.{fn}", segments, segments.device, batch=B, length=T)
+        p, ops = self._prepared(fn, hidden, lengths, mask)
+        gold = self._gold(fn, hidden, segments, labels, p.lengths)
+        hint = ""
+        if self.constraints is not None or self.allowed_transitions is not None:
+            hint = ("; the head's constraints forbid it: head.constraints.check(segments) "
+                    "names the rule" if self.constraints is not None else
+                    "; the head's allowed_transitions forbid it")
+        out = api._nll(f"SemiCRF.{fn}", gold, p, ops, lengths_defaulted=defaulted, hint=hint)
+        if reduction == "none":
+            return out
+        if reduction == "sum":
+            return out.sum()
+        if reduction == "token_mean":
+            return out.sum() / p.lengths.sum().clamp(min=1).to(out.dtype)
+        return out.sum() / torch.sym_max(out.shape[0], 1)
+
+    def score(self, hidden: Tensor, segments: Tensor | None = None,
+              lengths: Tensor | None = None, *, labels: Tensor | None = None,
+              mask: Tensor | None = None) -> Tensor:
+        """The unnormalised score of given segmentations; differentiable.
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
             segments: (N, 4) rows (batch, start, duration, label) tiling [0, L_b).
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            labels: keyword-only alternative to segments, a label map (B, T).
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
-            (B,) unnormalised scores.
-        """
-        return api.score(segments, **self._potentials("score", hidden, lengths))
+            (B,) scores (−inf for a segmentation the model forbids).
 
-    @torch.no_grad()
-    def decode(self, hidden: Tensor, lengths: Tensor | None = None,
-               return_scores: bool = False):
-        """The Viterbi segmentation.
+        Raises:
+            TypeError, ValueError: a malformed argument (the message names it).
+        """
+        p, _ = self._prepared("score", hidden, lengths, mask)
+        gold = self._gold("score", hidden, segments, labels, p.lengths)
+        gold = check_segments("SemiCRF.score", gold, p,
+                              lengths_defaulted=lengths is None and mask is None)
+        return segment_scores(gold, p)
+
+    def log_partition(self, hidden: Tensor, lengths: Tensor | None = None, *,
+                      mask: Tensor | None = None) -> Tensor:
+        """log Z (B,): the log-sum-exp of the score over all segmentations.
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
-            return_scores: also return the best scores.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
-            segments (N, 4) int64 rows (batch, start, duration, label), or
-            ``(best (B,), segments)`` with ``return_scores``. Turn the segments
-            into a (B, T) label map with ``flashsemicrf.segments_to_labels``.
+            (B,) tensor, differentiable; −inf for a sequence with no allowed
+            segmentation.
+
+        Raises:
+            TypeError, ValueError: hidden, lengths or mask is malformed.
         """
-        best, segments = api.viterbi(**self._potentials("decode", hidden, lengths))
-        return (best, segments) if return_scores else segments
+        p, ops = self._prepared("log_partition", hidden, lengths, mask)
+        return ops.log_partition(p)
 
     @torch.no_grad()
-    def marginals(self, hidden: Tensor, lengths: Tensor | None = None) -> api.Marginals:
+    def decode(self, hidden: Tensor, lengths: Tensor | None = None, *,
+               mask: Tensor | None = None, output: str = "segments",
+               return_scores: bool = False):
+        """The Viterbi (highest-scoring) segmentation.
+
+        Args:
+            hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
+            output: ``"segments"`` (default): (N, 4) int64 rows (batch, start,
+                duration, label) sorted by batch then start; ``"labels"``: a
+                (B, T) int64 label map, −1 past each length; ``"lists"``: B
+                Python lists of L_b labels each (pytorch-crf's ``decode``; not
+                traceable by torch.compile).
+            return_scores: also return the best scores (B,).
+
+        Returns:
+            The decoding in the form ``output`` asks for, or ``(best (B,),
+            decoding)`` with ``return_scores``. A sequence with no allowed
+            segmentation gets best = −inf and no rows (labels −1, an empty list).
+
+        Raises:
+            TypeError, ValueError: a malformed argument or an unknown ``output``.
+        """
+        if output not in DECODE_OUTPUTS:
+            raise ValueError(f"SemiCRF.decode: output must be one of {DECODE_OUTPUTS}, "
+                             f"got {output!r}")
+        p, ops = self._prepared("decode", hidden, lengths, mask)
+        best, start_labels = ops.viterbi(p)
+        segments = segments_from_start_labels(start_labels, p.lengths)
+        if output == "segments":
+            result = segments
+        else:
+            B, T, _ = hidden.shape
+            result = segments_to_labels(segments, B, T)
+            if output == "lists":
+                result = [row[:n] for row, n in zip(result.tolist(), p.lengths.tolist())]
+                result = [[] if bool(best[b] == float("-inf")) else row
+                          for b, row in enumerate(result)]
+        return (best, result) if return_scores else result
+
+    @torch.no_grad()
+    def marginals(self, hidden: Tensor, lengths: Tensor | None = None, *,
+                  mask: Tensor | None = None) -> api.Marginals:
         """Posterior marginals ``(log_partition (B,), labels (B, T, C), starts (B, T))``.
 
         labels[b, t, c] = P(position t lies in a label-c segment); starts[b, t] =
@@ -388,54 +637,74 @@ class SemiCRF(nn.Module):
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
-            :class:`~flashsemicrf.Marginals`.
+            :class:`~flashsemicrf.Marginals`; not differentiable.
+
+        Raises:
+            TypeError, ValueError: hidden, lengths or mask is malformed.
         """
-        return api.marginals(**self._potentials("marginals", hidden, lengths))
+        return api.marginals(**self._potentials("marginals", hidden, lengths, mask))
 
     @torch.no_grad()
-    def entropy(self, hidden: Tensor, lengths: Tensor | None = None) -> Tensor:
+    def entropy(self, hidden: Tensor, lengths: Tensor | None = None, *,
+                mask: Tensor | None = None) -> Tensor:
         """Exact entropy of the distribution over segmentations, in nats.
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
-            (B,) entropies.
+            (B,) entropies; not differentiable.
+
+        Raises:
+            TypeError, ValueError: hidden, lengths or mask is malformed.
         """
-        return api.entropy(**self._potentials("entropy", hidden, lengths))
+        return api.entropy(**self._potentials("entropy", hidden, lengths, mask))
 
     @torch.no_grad()
     def sample(self, hidden: Tensor, lengths: Tensor | None = None, num_samples: int = 1,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, *,
+               mask: Tensor | None = None) -> Tensor:
         """Exact samples from the distribution over segmentations.
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
             num_samples: samples per sequence (≥ 1).
             generator: a torch.Generator on hidden's device, or None.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
-            (N, 5) int64 rows (sample, batch, start, duration, label).
+            (N, 5) int64 rows (sample, batch, start, duration, label), sorted by
+            sample, batch, start.
+
+        Raises:
+            TypeError, ValueError: a malformed argument (the message names it).
         """
-        return api.sample(**self._potentials("sample", hidden, lengths),
+        return api.sample(**self._potentials("sample", hidden, lengths, mask),
                           num_samples=num_samples, generator=generator)
 
-    def distribution(self, hidden: Tensor, lengths: Tensor | None = None) -> SemiCRFDistribution:
+    def distribution(self, hidden: Tensor, lengths: Tensor | None = None, *,
+                     mask: Tensor | None = None) -> SemiCRFDistribution:
         """The distribution over segmentations of this batch (differentiable).
 
         Args:
             hidden: (B, T, H), or scores (B, T, C) when hidden_dim is None.
-            lengths: (B,) integers in [1, T]; None means all T.
+            lengths: (B,) integers in [1, T], or a bool prefix mask (B, T); None: all T.
+            mask: keyword-only alternative to lengths, a bool prefix mask (B, T).
 
         Returns:
             :class:`~flashsemicrf.SemiCRFDistribution` on this head's potentials.
+
+        Raises:
+            TypeError, ValueError: hidden, lengths or mask is malformed.
         """
-        return SemiCRFDistribution(**self._potentials("distribution", hidden, lengths))
+        return SemiCRFDistribution(**self._potentials("distribution", hidden, lengths, mask))
 
 
 __all__ = [

@@ -27,40 +27,65 @@ def _positions(segments: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return batch[row], pos, label[row]
 
 
+def segment_terms(segments: Tensor, x: Problem) -> dict[str, Tensor]:
+    """The score of every row of validated segmentations, term by term.
+
+    Every term has shape (N,) and the scores' dtype: ``scores`` (the sum of
+    the row's emissions), ``duration``, ``transition`` (0 for a first row),
+    ``start_transition`` / ``end_transition`` (0 except on first / last rows),
+    ``start_scores`` and ``end_scores`` (absent inputs are left out). Written
+    without data-dependent shapes or branches, so that it traces under
+    ``torch.compile(fullgraph=True)``: each position finds the row covering it
+    through a running maximum over a (B, T) map of row starts.
+    """
+    B, T, _ = x.scores.shape
+    dtype, device = x.scores.dtype, x.scores.device
+    batch, start, dur, label = segments.unbind(1)
+    n = segments.shape[0]
+    # Rows are sorted by batch then start, so the row covering (b, t) is the
+    # largest row index starting at or before t in sequence b.
+    row_plus_one = torch.zeros(B, T, dtype=torch.long, device=device)
+    row_plus_one = row_plus_one.index_put((batch, start), torch.arange(1, n + 1, device=device))
+    row_at = row_plus_one.cummax(1).values - 1  # (B, T); -1 before a sequence's first row
+    inside = (torch.arange(T, device=device)[None, :] < x.lengths[:, None]) & (row_at >= 0)
+    row_at = row_at.clamp(min=0)
+    emission = x.scores.gather(2, label[row_at].unsqueeze(2)).squeeze(2)
+    emission = emission.masked_fill(~inside, 0)
+    terms = {
+        "scores": emission.new_zeros(n).scatter_add(0, row_at.flatten(), emission.flatten()),
+        "duration": x.duration[dur - 1, label].to(dtype),
+    }
+    first = torch.ones(n, dtype=torch.bool, device=device)
+    first[1:] = batch[1:] != batch[:-1]
+    last = torch.ones(n, dtype=torch.bool, device=device)
+    last[:-1] = batch[1:] != batch[:-1]
+    prev_label = torch.cat([label[:1], label[:-1]])  # row 0's entry is unused (a first row)
+    if x.transition.dim() == 3:
+        into = x.transition[dur - 1, prev_label, label].to(dtype)
+    else:
+        into = x.transition[prev_label, label].to(dtype)
+    zero = torch.zeros_like(into)
+    terms["transition"] = torch.where(first, zero, into)
+    if x.start_transition is not None:
+        terms["start_transition"] = torch.where(first, x.start_transition[label].to(dtype), zero)
+    if x.end_transition is not None:
+        terms["end_transition"] = torch.where(last, x.end_transition[label].to(dtype), zero)
+    if x.start_scores is not None:
+        terms["start_scores"] = x.start_scores[batch, start, label].to(dtype)
+    if x.end_scores is not None:
+        terms["end_scores"] = x.end_scores[batch, start + dur - 1, label].to(dtype)
+    return terms
+
+
 def segment_scores(segments: Tensor, x: Problem) -> Tensor:
     """Score (B,) of validated segmentations that tile every sequence, in the scores' dtype."""
+    return rows_to_sequences(sum(segment_terms(segments, x).values()), segments, x)
+
+
+def rows_to_sequences(per_row: Tensor, segments: Tensor, x: Problem) -> Tensor:
+    """Sum (B,) over each sequence's rows of a per-row quantity (N,)."""
     B = x.scores.shape[0]
-    dtype = x.scores.dtype
-    batch, start, dur, label = segments.unbind(1)
-    b_pos, t_pos, c_pos = _positions(segments)
-    emissions = x.scores[b_pos, t_pos, c_pos].to(dtype)
-    total = torch.zeros(B, dtype=dtype, device=x.scores.device).index_add(0, b_pos, emissions)
-    per_row = x.duration[dur - 1, label].to(dtype)
-    n = segments.shape[0]
-    first = torch.ones(n, dtype=torch.bool, device=segments.device)
-    first[1:] = batch[1:] != batch[:-1]
-    prev_label = torch.roll(label, 1)
-    if x.transition.dim() == 3:
-        into = x.transition[dur - 1, prev_label, label]
-    else:
-        into = x.transition[prev_label, label]
-    into = into.to(dtype)
-    begin = (
-        x.start_transition[label].to(dtype)
-        if x.start_transition is not None
-        else torch.zeros_like(into)
-    )
-    per_row = per_row + torch.where(first, begin, into)
-    if x.end_transition is not None:
-        last = torch.ones(n, dtype=torch.bool, device=segments.device)
-        last[:-1] = batch[1:] != batch[:-1]
-        ends = x.end_transition[label].to(dtype)
-        per_row = per_row + torch.where(last, ends, torch.zeros_like(ends))
-    if x.start_scores is not None:
-        per_row = per_row + x.start_scores[batch, start, label].to(dtype)
-    if x.end_scores is not None:
-        per_row = per_row + x.end_scores[batch, start + dur - 1, label].to(dtype)
-    return total.index_add(0, batch, per_row)
+    return per_row.new_zeros(B).index_add(0, segments[:, 0], per_row)
 
 
 def segments_to_labels(segments: Tensor, batch_size: int, length: int) -> Tensor:
@@ -114,8 +139,9 @@ def labels_to_segments(labels: Tensor, lengths: Tensor | Sequence[int] | None,
 
     Args:
         labels: (B, T) integer label map, values ≥ 0 within the lengths.
-        lengths: (B,) integers in [1, T] (or a list); None means all T.
-            Positions at or beyond lengths[b] are ignored.
+        lengths: (B,) integers in [1, T] (or a list), or a bool prefix mask
+            (B, T); None means all T. Positions at or beyond lengths[b] are
+            ignored.
         max_duration: K ≥ 1, the longest piece (the model's ``duration.shape[0]``).
 
     Returns:
@@ -136,7 +162,7 @@ def labels_to_segments(labels: Tensor, lengths: Tensor | Sequence[int] | None,
         raise ValueError(f"{fn}: labels must have T ≥ 1, got shape {tuple(labels.shape)}")
     lengths = check_lengths(fn, lengths, B, T, labels.device)
     inside = torch.arange(T, device=labels.device)[None, :] < lengths[:, None]
-    if bool((labels[inside] < 0).any()):
+    if not torch.compiler.is_compiling() and bool(((labels < 0) & inside).any()):
         raise ValueError(f"{fn}: labels must be ≥ 0 within lengths")
     labels = labels.long()
     # A run starts at 0 or where the label changes; a piece every max_duration into a run.
@@ -155,11 +181,18 @@ def segments_from_start_labels(start_labels: Tensor, lengths: Tensor) -> Tensor:
 
 def _tile(starts: Tensor, labels: Tensor, lengths: Tensor) -> Tensor:
     """Segments whose starts are the True entries of ``starts`` (B, T): each ends
-    where the next one of its sequence starts, or at lengths[b]."""
+    where the next one of its sequence starts, or at lengths[b].
+
+    The next start is a suffix minimum over the dense map, so the only
+    data-dependent shape is that of ``nonzero`` (this traces under
+    ``torch.compile(fullgraph=True)``).
+    """
+    B, T = starts.shape
+    pos = torch.arange(T, device=starts.device).expand(B, T)
+    start_or_end = torch.where(starts, pos, lengths[:, None].expand(B, T))
+    # next_start[b, t]: the first start after t in sequence b, or lengths[b].
+    after = torch.cat([start_or_end[:, 1:], lengths[:, None]], 1)
+    next_start = after.flip(1).cummin(1).values.flip(1).minimum(lengths[:, None])
     b_idx, s_idx = starts.nonzero(as_tuple=True)
-    nxt = torch.roll(s_idx, -1)
-    same_next = torch.roll(b_idx, -1) == b_idx
-    if s_idx.numel():
-        same_next[-1] = False
-    end = torch.where(same_next, nxt, lengths[b_idx])
+    end = next_start[b_idx, s_idx]
     return torch.stack([b_idx, s_idx, end - s_idx, labels[b_idx, s_idx]], 1)

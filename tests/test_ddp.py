@@ -31,7 +31,7 @@ class Tagger(nn.Module):
 
     def forward(self, x, lengths, segments):  # x (B, T, FEATURES)
         hidden = torch.relu(self.encoder(x.transpose(1, 2))).transpose(1, 2)
-        return self.head(hidden, lengths, segments)
+        return self.head(hidden, segments, lengths)
 
 
 def make_batch():

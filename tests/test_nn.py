@@ -89,9 +89,9 @@ def explicit_potentials(head: F.SemiCRF, hidden: torch.Tensor, lengths: torch.Te
 def test_shapes(name):
     head = make_head(name)
     hidden, lengths = make_input(head)
-    assert head(hidden, lengths).shape == (B,)
+    assert head.log_partition(hidden, lengths).shape == (B,)
     seg = gold(head, hidden, lengths)
-    assert head(hidden, lengths, seg).shape == ()
+    assert head(hidden, seg, lengths).shape == ()
     assert head.loss(hidden, seg, lengths, reduction="none").shape == (B,)
     assert head.loss(hidden, seg, lengths, reduction="sum").shape == ()
     assert head.score(hidden, seg, lengths).shape == (B,)
@@ -105,7 +105,7 @@ def test_shapes(name):
     assert s.shape[1] == 5 and set(s[:, 0].tolist()) == {0, 1, 2, 3}
     assert head.duration_scores().shape == (K, C)
     assert head.potentials(hidden, lengths)["scores"].shape == (B, T, C)
-    assert head(hidden).shape == (B,)  # lengths default to T
+    assert head.log_partition(hidden).shape == (B,)  # lengths default to T
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -113,8 +113,8 @@ def test_log_partition_equals_functional_api(name):
     head = make_head(name)
     hidden, lengths = make_input(head)
     pot = explicit_potentials(head, hidden, lengths)
-    assert_close("log Z", head(hidden, lengths), F.log_partition(**pot), TOL64)
-    assert_close("log Z via potentials", head(hidden, lengths),
+    assert_close("log Z", head.log_partition(hidden, lengths), F.log_partition(**pot), TOL64)
+    assert_close("log Z via potentials", head.log_partition(hidden, lengths),
                  F.log_partition(**head.potentials(hidden, lengths)), 0.0)
     m_head, m_api = head.marginals(hidden, lengths), F.marginals(**pot)
     assert_close("label marginals", m_head.labels, m_api.labels, TOL64)
@@ -129,7 +129,7 @@ def test_log_partition_equals_brute_force(name):
     pot = {k: v.detach() for k, v in explicit_potentials(head, hidden, lengths).items()
            if v is not None and k != "lengths"}
     bf = brute_force(lengths=lengths, **pot)
-    assert_close("log Z vs brute force", head(hidden, lengths), bf.log_partition, TOL64)
+    assert_close("log Z vs brute force", head.log_partition(hidden, lengths), bf.log_partition, TOL64)
     best, _ = head.decode(hidden, lengths, return_scores=True)
     assert_close("Viterbi vs brute force", best, bf.best, TOL64)
 
@@ -141,10 +141,10 @@ def test_nll_is_log_z_minus_score_and_nonnegative(name):
     for seed in range(3):
         seg = gold(head, hidden, lengths, seed)
         per_seq = head.loss(hidden, seg, lengths, reduction="none")
-        expected = head(hidden, lengths) - head.score(hidden, seg, lengths)
+        expected = head.log_partition(hidden, lengths) - head.score(hidden, seg, lengths)
         assert_close("nll", per_seq, expected, TOL64)
         assert bool((per_seq >= -1e-9).all()), per_seq
-        assert_close("mean nll", head(hidden, lengths, seg), per_seq.mean(), TOL64)
+        assert_close("mean nll", head(hidden, seg, lengths), per_seq.mean(), TOL64)
         total = head.loss(hidden, seg, lengths, reduction="sum")
         assert_close("sum nll", total, per_seq.sum(), TOL64)
         pot = explicit_potentials(head, hidden, lengths)
@@ -157,7 +157,7 @@ def test_gradients_reach_every_parameter(name):
     hidden, lengths = make_input(head)
     hidden.requires_grad_(True)
     seg = gold(head, hidden, lengths)
-    head(hidden, lengths, seg).backward()
+    head(hidden, seg, lengths).backward()
     params = dict(head.named_parameters())
     expected = {"transition"}
     if head.hidden_dim is not None:
@@ -177,7 +177,7 @@ def test_gradients_match_functional_api():
     hidden, lengths = make_input(head)
     seg = gold(head, hidden, lengths)
     names = [n for n, _ in head.named_parameters()]
-    g_head = torch.autograd.grad(head(hidden, lengths, seg), list(head.parameters()))
+    g_head = torch.autograd.grad(head(hidden, seg, lengths), list(head.parameters()))
     g_api = torch.autograd.grad(F.nll(seg, **explicit_potentials(head, hidden, lengths)).mean(),
                                 list(head.parameters()))
     for n, a, b in zip(names, g_head, g_api):
@@ -202,7 +202,7 @@ def test_centring_is_the_stated_duration_shift(kcc):
         mean = scores[b, :L].mean(0)
         assert_close("shift", shift[b], -mean[None, :] * d[:, None], TOL64)
     seg = gold(centred, hidden, lengths)
-    log_z, nll = centred(hidden, lengths), centred.loss(hidden, seg, lengths, reduction="none")
+    log_z, nll = centred.log_partition(hidden, lengths), centred.loss(hidden, seg, lengths, reduction="none")
     best, _ = centred.decode(hidden, lengths, return_scores=True)
     for b in range(4):
         L = int(lengths[b])
@@ -256,7 +256,7 @@ def test_linear_chain_crf_at_max_duration_one():
         for t in range(1, int(lengths[b])):
             alpha = torch.logsumexp(alpha[:, None] + tr, 0) + em[b, t]
         expected.append(torch.logsumexp(alpha + en, 0))
-    assert_close("linear-chain log Z", head(em, lengths), torch.stack(expected), TOL64)
+    assert_close("linear-chain log Z", head.log_partition(em, lengths), torch.stack(expected), TOL64)
 
 
 @pytest.mark.parametrize("K_big", [400])
@@ -310,10 +310,10 @@ def test_head_prior_initial_mean(prior, kw, mean):
 def test_backend_is_passed_through():
     head = make_head("kcc-boundary")
     hidden, lengths = make_input(head)
-    ref = head(hidden, lengths)
+    ref = head.log_partition(hidden, lengths)
     head.backend = "torch"
     assert head.potentials(hidden, lengths)["backend"] == "torch"
-    assert_close("torch backend", head(hidden, lengths), ref, 1e-9)
+    assert_close("torch backend", head.log_partition(hidden, lengths), ref, 1e-9)
     with pytest.raises(ValueError, match="backend"):
         F.SemiCRF(C, K, backend="tpu")
 
@@ -328,7 +328,7 @@ def test_training_reduces_the_loss():
     losses = []
     for _ in range(40):
         opt.zero_grad()
-        loss = head(x, None, seg)
+        loss = head(x, seg)
         loss.backward()
         opt.step()
         losses.append(loss.item())
@@ -368,23 +368,23 @@ def test_bad_call_names_the_argument():
     hidden, lengths = make_input(head)
     seg = gold(head, hidden, lengths)
     with pytest.raises(ValueError, match="hidden"):
-        head(hidden[..., :-1], lengths)
+        head.log_partition(hidden[..., :-1], lengths)
     with pytest.raises(ValueError, match="hidden"):
-        head(hidden[0], lengths)
+        head.log_partition(hidden[0], lengths)
     with pytest.raises(TypeError, match="hidden"):
-        head(hidden.long(), lengths)
+        head.log_partition(hidden.long(), lengths)
     with pytest.raises(ValueError, match="lengths"):
-        head(hidden, lengths + T)
+        head.log_partition(hidden, lengths + T)
     with pytest.raises(ValueError, match="lengths"):
-        head(hidden, lengths[:2])
+        head.log_partition(hidden, lengths[:2])
     with pytest.raises(TypeError, match="lengths"):
-        head(hidden, lengths.double())
+        head.log_partition(hidden, lengths.double())
     bad = seg.clone()
     bad[0, 2] += 1
     with pytest.raises(ValueError, match="segments"):
         head.loss(hidden, bad, lengths)
     with pytest.raises(ValueError, match="segments"):
-        head(hidden, lengths, seg[1:])
+        head(hidden, seg[1:], lengths)
     with pytest.raises(ValueError, match="reduction"):
         head.loss(hidden, seg, lengths, reduction="max")
     with pytest.raises(ValueError, match="num_samples"):

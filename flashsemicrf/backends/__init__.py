@@ -98,7 +98,20 @@ def resolve(fn: str, backend: str, device: torch.device | str) -> OpFamily:
                 f"{fn}: the environment variable {ENV_BACKEND} must be one of "
                 f"auto, cuda, triton, cpu, torch; got {backend!r}"
             )
-    device = torch.device(device)
+        if backend != "auto":
+            try:
+                return _resolve_named(fn, backend, torch.device(device))
+            except (ValueError, RuntimeError) as err:
+                # Say where the choice came from: the caller asked for "auto".
+                raise type(err)(
+                    f"{err} (backend {backend!r} comes from the environment variable "
+                    f"{ENV_BACKEND}={backend}; unset it or pass backend= explicitly)"
+                ) from None
+    return _resolve_named(fn, backend, torch.device(device))
+
+
+def _resolve_named(fn: str, backend: str, device: torch.device) -> OpFamily:
+    """The ops of a named backend (or "auto" by device) for tensors on ``device``."""
     if backend == "auto":
         if device.type == "cpu" and HAS_CPU_KERNELS:
             return _CPU
