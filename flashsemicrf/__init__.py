@@ -15,6 +15,7 @@ from .distribution import SemiCRFDistribution
 from .nn import SemiCRF
 from ._extension import build_info
 from .constraints import Constraints
+from .posteriors import segment_posteriors, segment_posteriors_above
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,7 @@ __all__ = [
     "sample",
     "score",
     "segments_to_labels",
+    "segment_posteriors",
+    "segment_posteriors_above",
     "viterbi",
 ]
