@@ -20,6 +20,7 @@ CASES = [
     make_case(54, 3, 6, 2, 2, neg_inf=True),
     make_case(55, 3, 6, 3, 2, duration_dependent=True, neg_inf=True),
     make_case(56, 2, 7, 3, 2, optional=("end_scores", "start_transition")),
+    make_case(50, 2, 6, 3, 2, duration_dependent=True, optional=(), ragged=False),
 ]
 
 

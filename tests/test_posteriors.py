@@ -19,6 +19,7 @@ CASES = [
     make_case(34, 3, 7, 2, 3, neg_inf=True),
     make_case(35, 3, 6, 3, 2, duration_dependent=True, neg_inf=True),
     make_case(36, 2, 8, 3, 2, optional=("end_scores", "start_transition")),
+    make_case(37, 2, 7, 3, 2, duration_dependent=True, optional=()),
 ]
 
 BACKENDS = [backend_param("cpu"), backend_param("torch")]
