@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashsemicrf as F
-from conftest import OPTIONAL, assert_close, make_case
+from conftest import OPTIONAL, assert_close, backend_param, make_case
 from oracles import brute_force, enumerate_segmentations
 
 TOL = 1e-9
@@ -197,3 +197,14 @@ def test_gradients_with_forbidden_parts_match_enumeration():
     g_exp = torch.autograd.grad(kl.sum(), inputs)
     for n, a, e in zip(list(fp) + list(fq), g_got, g_exp):
         assert_close(f"d kl / d {n}", a, e, 1e-8)
+
+
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+def test_values_on_triton(backend):
+    p = make_case(61, 2, 5, 3, 2, duration_dependent=True)
+    q = make_case(62, 2, 5, 3, 2)
+    q.tensors["lengths"] = p.tensors["lengths"]
+    for which in ("cross_entropy", "kl"):
+        got = getattr(dist(p.kwargs, backend), which)(dist(q.kwargs, backend))
+        expected = getattr(dist(p.kwargs, "torch"), which)(dist(q.kwargs, "torch"))
+        assert_close(which, got, expected, 1e-9)

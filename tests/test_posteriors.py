@@ -101,3 +101,13 @@ def test_bad_window_and_threshold():
         F.segment_posteriors_above(**case.kwargs, threshold=1.5)
     with pytest.raises(ValueError, match="chunk"):
         F.segment_posteriors_above(**case.kwargs, threshold=0.1, chunk=0)
+
+
+@pytest.mark.parametrize("backend", [backend_param("triton")])
+def test_window_and_ends_on_triton(backend):
+    case = CASES[4]  # duration-dependent, every optional input, −inf entries
+    bf = brute_force(**case.kwargs)
+    got = F.segment_posteriors(**case.kwargs, window=(1, 5), backend=backend)
+    assert_close("window 1:5", got, bf.segment_marginals[:, 1:5], 1e-9)
+    m = F.marginals(**case.kwargs, backend=backend)
+    assert_close("ends", m.ends, ends_of(bf.segment_marginals), 1e-9)
