@@ -15,6 +15,8 @@ from .distribution import SemiCRFDistribution
 from .nn import SemiCRF
 from ._extension import build_info
 from .constraints import Constraints
+from .posteriors import segment_posteriors, segment_posteriors_above
+from .kbest import kbest
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "SemiCRFDistribution",
     "build_info",
     "entropy",
+    "kbest",
     "labels_to_segments",
     "log_partition",
     "marginals",
@@ -32,5 +35,7 @@ __all__ = [
     "sample",
     "score",
     "segments_to_labels",
+    "segment_posteriors",
+    "segment_posteriors_above",
     "viterbi",
 ]

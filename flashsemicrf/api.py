@@ -137,6 +137,7 @@ class Marginals(NamedTuple):
     log_partition: Tensor  # (B,)
     labels: Tensor  # (B, T, C): P(position t lies in a label-c segment)
     starts: Tensor  # (B, T): P(a segment starts at t)
+    ends: Tensor  # (B, T): P(a segment's last position is t)
 
 
 @_documented
@@ -160,10 +161,11 @@ def marginals(
         {problem}
 
     Returns:
-        Marginals ``(log_partition (B,), labels (B, T, C), starts (B, T))`` in
-        the compute dtype: labels[b, t, c] = P(position t lies in a label-c
-        segment) (= d log Z / d scores), starts[b, t] = P(a segment starts at
-        t). Padding positions and sequences with no valid segmentation get 0.
+        Marginals ``(log_partition (B,), labels (B, T, C), starts (B, T),
+        ends (B, T))`` in the compute dtype: labels[b, t, c] = P(position t
+        lies in a label-c segment) (= d log Z / d scores), starts[b, t] = P(a
+        segment starts at t), ends[b, t] = P(a segment's last position is t).
+        Padding positions and sequences with no valid segmentation get 0.
 
     Raises:
         {raises}
@@ -171,7 +173,7 @@ def marginals(
     p, ops = _prepare("marginals", scores, transition, duration, lengths, start_transition,
                       end_transition, start_scores, end_scores, backend)
     log_z, g = _posteriors(p, ops)
-    return Marginals(log_z, g.scores, g.start_scores.sum(-1))
+    return Marginals(log_z, g.scores, g.start_scores.sum(-1), g.end_scores.sum(-1))
 
 
 @_documented

@@ -20,7 +20,9 @@ from functools import cached_property
 import torch
 
 from . import api
+from ._contract import Problem
 from ._validation import check_backend, check_problem
+from .divergence import divergences
 
 Tensor = torch.Tensor
 
@@ -42,7 +44,9 @@ class SemiCRFDistribution:
     Properties are computed on first use and cached: ``log_partition`` (B,)
     (differentiable; ``log_prob`` reuses it, so call ``backward`` through
     several ``log_prob`` results with ``retain_graph=True`` or sum them first),
-    ``marginals``, ``argmax``, ``max``, ``entropy``.
+    ``marginals``, ``argmax``, ``max``, ``entropy``. ``kl(other)`` and
+    ``cross_entropy(other)`` compare it with another distribution on the same
+    sequences.
     """
 
     def __init__(
@@ -184,6 +188,48 @@ class SemiCRFDistribution:
             (B,) log-probabilities.
         """
         return self.score(segments) - self.log_partition
+
+    def _problem(self) -> Problem:
+        return Problem(self.scores, self.transition, self.duration, self.lengths,
+                       self.start_transition, self.end_transition, self.start_scores,
+                       self.end_scores)
+
+    def _check_other(self, fn: str, other) -> Problem:
+        if not isinstance(other, SemiCRFDistribution):
+            raise TypeError(f"{fn}: other must be a SemiCRFDistribution, got {type(other).__name__}")
+        return other._problem()
+
+    def cross_entropy(self, other: "SemiCRFDistribution") -> Tensor:
+        """Cross-entropy −E_self[log other(y)] (B,) in nats, exact.
+
+        ``other`` must describe the same sequences: the same (B, T, C), K and
+        lengths (either transition form; the optional inputs may differ).
+        Computed as log Z_other − ⟨θ_other, μ_self⟩ with μ_self the posterior
+        expectations of self's parts (one forward and one backward pass of
+        self on its backend, one forward pass of other); nothing of size
+        (T, K, C) is formed. Differentiable with respect to both; the gradient
+        with respect to self's potentials runs the plain-PyTorch reference in
+        forward mode (exact, but a Python loop over positions: detach self
+        when only other is trained).
+
+        Returns:
+            (B,) tensor in the compute dtype; +inf where other forbids a
+            segmentation that self allows, 0 where self has no valid
+            segmentation.
+        """
+        q = self._check_other("cross_entropy", other)
+        return divergences("cross_entropy", self._problem(), q, self.backend, want_kl=False)
+
+    def kl(self, other: "SemiCRFDistribution") -> Tensor:
+        """KL divergence KL(self ‖ other) = E_self[log self(y) − log other(y)] (B,) in nats.
+
+        Computed as log Z_other − log Z_self + ⟨θ_self − θ_other, μ_self⟩ from the
+        same passes as :meth:`cross_entropy`, with the same requirements,
+        gradients and conventions (+inf where other forbids what self allows,
+        0 where self has no valid segmentation); ≥ 0 up to rounding.
+        """
+        q = self._check_other("kl", other)
+        return divergences("kl", self._problem(), q, self.backend, want_kl=True)
 
     def __repr__(self) -> str:
         B, T, C = self.scores.shape
