@@ -850,16 +850,90 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
   double Q = 0.0;
   double coverage = 0.0;  // the mass that covers position coverage_position(t, K)
 
+  // The mass of "a segment boundary at t, or one segment across t" (1 in
+  // exact arithmetic, times exp of the offsets' error): alpha_hat[t] at
+  // offset off and the forward ring `fwd` (checkpoint layout) at fwd_offset,
+  // against the backward state beta, back_ring, Q, q at t.
+  auto boundary_mass = [&](int64_t t, const scalar_t* alpha, double off, const scalar_t* fwd,
+                           double fwd_offset, const scalar_t* beta, const scalar_t* back_ring,
+                           double Q, double q) {
+    const int tK = static_cast<int>(t % K);
+    const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
+    double total = 0.0;
+    for (int64_t c = 0; c < C; ++c)
+      total += static_cast<double>(fexp(alpha[c] + beta[c] + shift_beta));
+    const scalar_t shift_x = static_cast<scalar_t>(fwd_offset + (Q - q) - log_z);
+    for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {  // open segments [t-d1, t)
+      for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
+        const int64_t d = d1 + d2;
+        const scalar_t* opened = fwd + (d1 - 1) * C;
+        if (DD) {
+          if (d1 < t) {
+            scan.into(opened, in.transition + (d - 1) * C * C, nullptr);
+            opened = scan.entered.data();
+          }
+          for (int64_t c = 0; c < C; ++c) u[c] = opened[c] + fwd[(K + d1 - 1) * C + c];
+          opened = u.data();
+        }
+        const scalar_t* back = back_ring + slot_after(tK, d2, K) * C;  // [t, t+d2)
+        const scalar_t* dur = in.duration + (d - 1) * C;
+        scalar_t part = 0;
+        for (int64_t c = 0; c < C; ++c) part += fexp(opened[c] + back[c] + dur[c] + shift_x);
+        total += static_cast<double>(part);
+      }
+    }
+    return total;
+  };
+  // A checkpoint from another algorithm (the exp-domain forward) need not
+  // equal what this scan's recompute of the span before it reaches at its
+  // end: their roundings differ by up to ~1e-4 relative over a long float32
+  // span, and the posteriors of that span's last positions would carry it
+  // until the first coverage check. So each span's recompute runs one step
+  // past its end, measures the boundary mass there against the mass the next
+  // span's re-anchor measured from its checkpoint (the same computation), and
+  // spreads the log ratio over the span's offsets, from 0 at its own
+  // checkpoint. From this scan's own checkpoints the two are bitwise equal
+  // and nothing changes. Only rounding is spread so: a larger ratio (above
+  // kMaxDrift) is a checkpoint that means something else, and stays in the
+  // span before it, as in every backend.
+  struct Anchor {
+    int64_t t = -1;
+    double total = 0.0, Q = 0.0, q = 0.0;
+  } anchor;
+  std::vector<scalar_t> anchor_beta(C), anchor_ring(K * C), ext_rows(DD ? 0 : K * C);
+
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     scan.load(first, ckpt.at(j), ckpt.offset[j]);
+    scalar_t m_last = 0;
     for (int64_t t = first; t <= last; ++t) {
       const scalar_t m = scan.step(t);
       std::copy_n(scan.alpha.data(), C, alpha_buf.data() + (t - first) * C);
       std::copy_n(scan.sigma.data(), C, sigma_buf.data() + (t - first) * C);
       off_buf[t - first] = scan.offset;
       if (t < last) scan.advance(t, m);
+      m_last = m;
     }
+    if (!DD && anchor.t == last + 1) {
+      scan.advance(last, m_last);
+      double ext_offset = 0.0;
+      scan.save(last + 1, ext_rows.data(), &ext_offset);
+      scan.step(last + 1);
+      const double total = boundary_mass(last + 1, scan.alpha.data(), scan.offset, ext_rows.data(),
+                                         ext_offset, anchor_beta.data(), anchor_ring.data(),
+                                         anchor.Q, anchor.q);
+      const bool usable = total > 0.0 && anchor.total > 0.0 &&
+                          total <= std::numeric_limits<double>::max() &&
+                          anchor.total <= std::numeric_limits<double>::max();
+      const double drift = usable ? std::log(total) - std::log(anchor.total) : 0.0;
+      constexpr double kMaxDrift = 1e-2;
+      if (drift != 0.0 && std::abs(drift) <= kMaxDrift) {
+        const double span_steps = static_cast<double>(last + 1 - first);
+        for (int64_t t = first; t <= last; ++t)
+          off_buf[t - first] -= drift * static_cast<double>(t - first) / span_steps;
+      }
+    }
+    anchor.t = -1;
 
     for (int64_t t = last; t >= first; --t) {
       const scalar_t* alpha = alpha_buf.data() + (t - first) * C;  // alpha_hat[t]
@@ -1028,29 +1102,12 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
         // Re-anchor Q at every checkpoint: a segment boundary at t, or one
         // segment across t, has probability 1, so the rounding that forward
         // and backward gather over (t, L] cannot pile up over the sequence.
-        double total = 0.0;
-        for (int64_t c = 0; c < C; ++c)
-          total += static_cast<double>(fexp(alpha[c] + beta[c] + shift_beta));
-        const scalar_t* fwd = ckpt.at(j);  // open segments [t-d1, t)
-        const scalar_t shift_x = static_cast<scalar_t>(ckpt.offset[j] + (Q - q) - log_z);
-        for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {
-          for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
-            const int64_t d = d1 + d2;
-            const scalar_t* opened = fwd + (d1 - 1) * C;
-            if (DD) {
-              if (d1 < t) {
-                scan.into(opened, in.transition + (d - 1) * C * C, nullptr);
-                opened = scan.entered.data();
-              }
-              for (int64_t c = 0; c < C; ++c) u[c] = opened[c] + fwd[(K + d1 - 1) * C + c];
-              opened = u.data();
-            }
-            const scalar_t* back = ring.data() + slot_after(tK, d2, K) * C;  // [t, t+d2)
-            const scalar_t* dur = in.duration + (d - 1) * C;
-            scalar_t part = 0;
-            for (int64_t c = 0; c < C; ++c) part += fexp(opened[c] + back[c] + dur[c] + shift_x);
-            total += static_cast<double>(part);
-          }
+        const double total = boundary_mass(t, alpha, off, ckpt.at(j), ckpt.offset[j], beta.data(),
+                                           ring.data(), Q, q);
+        if (!DD) {  // kept for the span before this one (see below)
+          anchor = Anchor{t, total, Q, q};
+          std::copy(beta.begin(), beta.end(), anchor_beta.begin());
+          std::copy(ring.begin(), ring.end(), anchor_ring.begin());
         }
         Q = renormalised(Q, total);
       }
