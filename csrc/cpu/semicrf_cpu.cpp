@@ -8,9 +8,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include "semicrf.h"
 #include "semicrf_host.h"
@@ -227,6 +235,583 @@ void forward_sequence(const ForwardParams& p, int64_t b) {
   }
 }
 
+// ---------------------------------------------------------------------------
+// The scaled exp-domain forward (static (C, C) transition). The ring holds
+// probabilities relative to one float64 offset O per sequence, r = exp(entry
+// - O), so that a step costs K·C multiply-adds and O(C) exps instead of
+// K·C + C² exps. Exactness: positive sums and products make only relative
+// rounding errors; what underflow loses ("ghost" mass) is bounded all along
+// the scan, and log Z is accepted only if
+// Z ≥ rho · ghost(Z). Otherwise the caller recomputes the sequence with the
+// log-domain scan above, so the result is exact either way and the decision
+// is a deterministic function of the inputs. docs/design.md has the
+// derivation.
+
+// The exp-domain forward keeps bounds on what underflow lost as "ghosts":
+// float64 numbers in units of the dtype's smallest normal (tiny), relative
+// to the scale of the quantity they belong to, so that every bound is a
+// multiply-add and the per-step overhead is O(C) flops without logs.
+constexpr double kLn2 = 0.69314718055994530942;
+// A dtype factor from fexp is within a few ulp of the true one: bounds
+// multiply by it times kUp.
+constexpr double kUp = 1.0 + 1e-6;
+// Every comparison that accepts an exp-domain value keeps 1% in reserve for
+// the bounds' own rounding.
+constexpr double kSlack = 1.01;
+
+// floor(log2(v)) for v > 0 (a lower bound for subnormals), from the bits.
+inline int exponent_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const int e = static_cast<int>((b >> 23) & 0xffu);
+  return e == 0 ? -150 : e - 127;
+}
+inline int exponent_of(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const int e = static_cast<int>((b >> 52) & 0x7ffu);
+  return e == 0 ? -1075 : e - 1023;
+}
+
+// The hot loop of the exp-domain forward, one ring row (the entries of one
+// age): the duration-weighted sum, the largest entry that stays alive and the
+// smallest positive entry, along c. A function of its own so that the
+// restrict qualifiers let the compiler vectorise it.
+template <typename scalar_t>
+inline void ring_row_pass(const scalar_t* __restrict r, const scalar_t* __restrict w,
+                          const scalar_t* __restrict kp, scalar_t* __restrict acc,
+                          scalar_t* __restrict livemax, scalar_t* __restrict rmin, int64_t C) {
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t x = r[c];
+    acc[c] += x * w[c];
+    const scalar_t live = x * kp[c], lm = livemax[c];
+    livemax[c] = live > lm ? live : lm;
+    // Only entries that meet a weight now or stay alive can lose anything.
+    const scalar_t pos = (x > 0 && w[c] + kp[c] > 0) ? x : inf, mn = rmin[c];
+    rmin[c] = pos < mn ? pos : mn;
+  }
+}
+
+// out[c] = fexp(x[c]) for c < C, in a loop of its own so that it vectorises.
+template <typename scalar_t>
+inline void exp_row(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) out[c] = fexp(x[c]);
+}
+
+// Moves the ring's old entries to the next step: times the label's factor.
+// Entries that can no longer matter stay (the checkpoints hold them, as every
+// backend's do) but are capped at the dtype's largest value, so that they
+// meet their zero weights as 0, never as inf · 0.
+template <typename scalar_t>
+inline void ring_row_scale(scalar_t* __restrict r, const scalar_t* __restrict f, int64_t C) {
+  const scalar_t big = std::numeric_limits<scalar_t>::max();
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t x = r[c] * f[c];
+    r[c] = x < big ? x : big;
+  }
+}
+
+template <typename scalar_t>
+struct ExpForward {
+  using Limits = std::numeric_limits<scalar_t>;
+  static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  static constexpr double kFloor = std::numeric_limits<double>::min();
+  const SequenceInputs<scalar_t>& in;
+  const int64_t K, C, L;
+  const scalar_t tiny = Limits::min();
+  const double tiny_d = static_cast<double>(Limits::min());
+  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+  // A ghost below value / rho_abs is absorbed into relative error: at most
+  // 2L absorptions along any chain add 1/(2 rho) relative in all.
+  double absorb_factor;  // tiny · 4 rho L · kSlack: ghost · absorb_factor <= value absorbs
+
+  // Per-call tables.
+  std::vector<double> dur_max;          // (C) finite max over d of duration[d-1, c] (0 if none)
+  std::vector<scalar_t> weight;         // (K, C) exp(duration - dur_max), 0 below tiny
+  std::vector<scalar_t> keep;           // (K, C) 1 where an entry of age d+1 can still matter
+  std::vector<double> weight_lost;      // (C) 2 · the flushed true weights, in tiny units
+  std::vector<scalar_t> weight_minpos;  // (C) smallest positive weight
+  std::vector<int> last_duration;       // (C) longest duration, 0 if the label cannot reach an end
+  std::vector<double> col_max;          // (C) finite max over c' of transition[c', c]
+  std::vector<scalar_t> A;              // (C, C) exp(transition - col_max[c]), 0 below tiny
+  std::vector<double> A_bound;          // (C, C) the same in float64, for the ghost mat-vec
+  std::vector<double> A_lost;           // (C) the column's flushed true entries, tiny units
+  std::vector<scalar_t> A_minpos;       // (C) smallest positive entry of the column
+
+  // State. Entries are relative to O; alpha_hat to O + mes; sigma_hat to
+  // O + sigma_rel (kept apart from O so that no large sum rounds them).
+  std::vector<scalar_t> ring;  // (K, C)
+  double O = 0.0, mes = 0.0, sigma_rel = 0.0;
+  // The offset the log-domain scan would have, O_t of the shared checkpoint
+  // layout: the sum of its per-step maxima, kept with its rounding error
+  // (ref_lo) so that checkpoints can be written exactly as that scan writes
+  // them, rounding included.
+  double ref_hi = 0.0, ref_lo = 0.0;
+  // Per-label ghosts of the ring entries in two generations by the time of
+  // the charge: an entry leaves the ring at most K steps after it was
+  // charged, so generation 0 expires every K steps.
+  std::vector<double> ghost_old, ghost_new;
+  std::vector<scalar_t> acc, alpha, sigma, u, emit, fo, fn, livemax, rmin, arg, factor;
+  std::vector<double> ga, gs, work, lemit, fo_d, fn_d;
+  bool rejected = false;  // no bound could be kept: the caller falls back
+
+  ExpForward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
+      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), weight(K_ * C_), keep(K_ * C_),
+        weight_lost(C_, 0.0), weight_minpos(C_), last_duration(C_, 0), col_max(C_, 0.0),
+        A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), ring(K_ * C_, 0),
+        ghost_old(C_, 0.0), ghost_new(C_, 0.0), acc(C_), alpha(C_), sigma(C_), u(C_), emit(C_),
+        fo(C_), fn(C_), livemax(C_, 0), rmin(C_, Limits::infinity()), arg(C_), factor(C_), ga(C_, 0.0), gs(C_, 0.0),
+        work(C_), lemit(C_), fo_d(C_), fn_d(C_) {
+    absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
+    rejected = bad_parameters();
+    tables();
+  }
+
+  void tables() {
+    std::vector<int> raw_last(C, 0);
+    for (int64_t c = 0; c < C; ++c) {
+      double mx = kNegInf;
+      for (int64_t d = 1; d <= K; ++d) {
+        const double v = in.dur(d, c);
+        if (v > kNegInf) raw_last[c] = static_cast<int>(d);
+        if (v > mx) mx = v;
+      }
+      dur_max[c] = mx == kNegInf ? 0.0 : mx;
+      weight_minpos[c] = Limits::infinity();
+      double lost = 0.0;
+      for (int64_t d = 1; d <= K; ++d) {
+        const double x = static_cast<double>(in.dur(d, c)) - dur_max[c];
+        scalar_t w = fexp(static_cast<scalar_t>(x));
+        if (w < tiny && x > kNegInf) {
+          lost += std::max(std::exp(x) * kUp, kFloor);
+          w = 0;
+        }
+        weight[(d - 1) * C + c] = w;
+        if (w > 0) weight_minpos[c] = std::min(weight_minpos[c], w);
+      }
+      // Entries are at most 1 (times rounding) when they meet a weight.
+      weight_lost[c] = 2.0 * lost / tiny_d;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      double mx = kNegInf;
+      for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, static_cast<double>(in.trans(cp, c)));
+      col_max[c] = mx == kNegInf ? 0.0 : mx;
+      A_minpos[c] = Limits::infinity();
+      double lost = 0.0;
+      for (int64_t cp = 0; cp < C; ++cp) {
+        const double x = static_cast<double>(in.trans(cp, c)) - col_max[c];
+        const double xb = x > kNegInf ? std::max(std::exp(x) * kUp, kFloor) : 0.0;
+        scalar_t a = fexp(static_cast<scalar_t>(x));
+        if (a < tiny) {
+          lost += xb;
+          a = 0;
+        }
+        A[cp * C + c] = a;
+        A_bound[cp * C + c] = xb;
+        if (a > 0) A_minpos[c] = std::min(A_minpos[c], a);
+      }
+      A_lost[c] = lost / tiny_d;
+    }
+    // Labels that can reach an end: a fixed point over the finite
+    // transitions. Entries of other labels, and entries older than their
+    // label's longest duration, can never contribute to Z: they are kept at
+    // exactly 0, so that they can neither set the normaliser nor flush the
+    // mass that matters.
+    std::vector<char> reach(C, 0);
+    for (int64_t c = 0; c < C; ++c)
+      reach[c] = raw_last[c] > 0 && in.end_transition[c] > neg_inf<scalar_t>();
+    for (bool changed = true; changed;) {
+      changed = false;
+      for (int64_t c = 0; c < C; ++c) {
+        if (reach[c] || raw_last[c] == 0) continue;
+        for (int64_t c2 = 0; c2 < C; ++c2)
+          if (reach[c2] && in.trans(c, c2) > neg_inf<scalar_t>()) {
+            reach[c] = 1;
+            changed = true;
+            break;
+          }
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      last_duration[c] = reach[c] ? raw_last[c] : 0;
+      for (int64_t d = 1; d <= K; ++d) keep[(d - 1) * C + c] = d + 1 <= last_duration[c] ? 1 : 0;
+    }
+  }
+
+  // NaN or +inf leaves nothing to bound: such sequences go to the log scan,
+  // which gives the NaN.
+  static bool bad(scalar_t x) { return !(x < Limits::infinity()); }
+  bool bad_position(int64_t t) const {
+    bool any = false;
+    for (int64_t c = 0; c < C; ++c)
+      any |= bad(in.score(t, c)) | bad(in.start(t, c)) | bad(in.end(t, c));
+    return any;
+  }
+  bool bad_parameters() const {
+    bool any = false;
+    for (int64_t i = 0; i < C * C; ++i) any |= bad(in.transition[i]);
+    for (int64_t i = 0; i < K * C; ++i) any |= bad(in.duration[i]);
+    for (int64_t c = 0; c < C; ++c) any |= bad(in.start_transition[c]) | bad(in.end_transition[c]);
+    return any;
+  }
+
+  // The ghost of a value computed as x · f, f = fexp(log_f) in the dtype:
+  // ghost g of x (tiny units) times the true factor, or, where f flushed,
+  // everything x and its ghost stood for (the true factor is below tiny).
+  // Positive bounds never round to 0: a product that underflows float64
+  // is replaced by float64's smallest normal, above its true value.
+  double through_factor(double g, scalar_t x, scalar_t f, double log_f) const {
+    if (f >= tiny) return g > 0 ? std::max(g * static_cast<double>(f) * kUp, kFloor) : 0.0;
+    if (log_f == kNegInf || (g == 0.0 && x == 0)) return 0.0;  // exact zeros
+    return std::max((g * tiny_d + static_cast<double>(x)) * kSlack, kFloor);
+  }
+
+  // Step 0: sigma_hat[0] relative to O = its finite max.
+  void first() {
+    double m = kNegInf;
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.first(c)));
+    O = m == kNegInf ? 0.0 : m;
+    sigma_rel = 0.0;
+    ref_hi = O;
+    ref_lo = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double x = static_cast<double>(in.first(c)) - O;
+      sigma[c] = fexp(static_cast<scalar_t>(x));
+      gs[c] = through_factor(0.0, 1, sigma[c], x);
+    }
+  }
+
+  // Step t ≥ 1: alpha_hat[t] and its ghost ga.
+  void ends(int64_t t) {
+    if (t % K == 0) {
+      ghost_old.swap(ghost_new);
+      std::fill(ghost_new.begin(), ghost_new.end(), 0.0);
+    }
+    const int64_t n = std::min(t, K);
+    const int tK = static_cast<int>(t % K);
+    std::fill(acc.begin(), acc.end(), scalar_t(0));
+    std::fill(livemax.begin(), livemax.end(), scalar_t(0));
+    std::fill(rmin.begin(), rmin.end(), Limits::infinity());
+    for (int64_t d = 1; d <= n; ++d)
+      ring_row_pass(ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
+                    weight.data() + (d - 1) * C, keep.data() + (d - 1) * C, acc.data(),
+                    livemax.data(), rmin.data(), C);
+    // The end factor is normalised against the mass it multiplies, so that
+    // a label that holds the mass is never flushed by another label's larger
+    // end score.
+    double top = kNegInf, ya_max = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      if (last_duration[c] == 0) continue;  // labels that cannot reach an end set no scale
+      const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
+      ya_max = std::max(ya_max, ya);
+      if (acc[c] > 0) top = std::max(top, ya + exponent_of(acc[c]) * kLn2);
+    }
+    mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
+    for (int64_t c = 0; c < C; ++c)
+      arg[c] = static_cast<scalar_t>(static_cast<double>(in.end(t - 1, c)) + dur_max[c] - mes);
+    exp_row(arg.data(), factor.data(), C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
+      const scalar_t endf = factor[c];
+      acc[c] = std::min(acc[c], Limits::max());
+      alpha[c] = acc[c] > 0 ? std::min(acc[c] * endf, Limits::max()) : scalar_t(0);
+      if (last_duration[c] == 0) {  // feeds only labels like itself: no ghost
+        ga[c] = 0.0;
+        continue;
+      }
+      // Ghost of acc: the ring's, weights that flushed, products below tiny.
+      double g = ghost_old[c] + ghost_new[c];
+      if (rmin[c] < Limits::infinity()) {
+        if (rmin[c] * weight_minpos[c] < tiny) g += static_cast<double>(n) * kSlack;
+        g += weight_lost[c];
+      }
+      g = through_factor(g, acc[c], endf, ya - mes);
+      if (acc[c] > 0 && endf >= tiny && alpha[c] < tiny) g += kSlack;
+      if (g > 0 && alpha[c] > 0 && g * absorb_factor <= static_cast<double>(alpha[c])) g = 0.0;
+      if (!(g < 1e300)) rejected = true;  // past any use (or NaN): fall back
+      ga[c] = g;
+    }
+    // The log scan's step subtracts the largest alpha (in its dtype).
+    scalar_t amax = 0;
+    for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
+    if (amax > 0)
+      ref_add(static_cast<double>(static_cast<scalar_t>(
+          std::log(static_cast<double>(amax)) + ((O - ref_hi) - ref_lo) + mes)));
+  }
+
+  // t = L: log Z, or false where the ghost bound cannot certify it.
+  bool finish(double* log_z) const {
+    double top = kNegInf, et_max = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      const double et = in.end_transition[c];
+      et_max = std::max(et_max, et);
+      if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
+    }
+    const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
+    double z = 0.0, gz = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double lz = static_cast<double>(in.end_transition[c]) - mz;
+      const scalar_t zf = fexp(static_cast<scalar_t>(lz));
+      const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
+      z += static_cast<double>(term);
+      gz += through_factor(ga[c], alpha[c], zf, lz);
+      if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
+    }
+    if (rejected || !(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
+    if (z == 0.0) {
+      *log_z = kNegInf;
+      return gz == 0.0;
+    }
+    *log_z = O + (mes + mz + std::log(z));
+    return z >= rho * gz * tiny_d * kSlack;
+  }
+
+  // t < L, t ≥ 1: sigma_hat[t] and its ghost gs.
+  void starts(int64_t t) {
+    std::fill(u.begin(), u.end(), scalar_t(0));
+    scalar_t amax = 0, amin = Limits::infinity();
+    bool ghost = false;
+    for (int64_t cp = 0; cp < C; ++cp) {
+      const scalar_t a = alpha[cp];
+      // A label that cannot reach an end has no finite transition into one
+      // that can: it adds exact zeros to every column that matters.
+      if (last_duration[cp] > 0) {
+        amax = std::max(amax, a);
+        if (a > 0) amin = std::min(amin, a);
+      }
+      ghost |= ga[cp] > 0;
+      const scalar_t* __restrict row = A.data() + cp * C;
+      scalar_t* __restrict uu = u.data();
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) uu[c] += a * row[c];
+    }
+    // The ghost mat-vec is exact: the cheap bound (largest ghost times the
+    // column sum) would spread one label's ghost into every column.
+    std::fill(work.begin(), work.end(), 0.0);
+    if (ghost)
+      for (int64_t cp = 0; cp < C; ++cp) {
+        if (ga[cp] == 0.0) continue;
+        const double* row = A_bound.data() + cp * C;
+        for (int64_t c = 0; c < C; ++c)
+          if (row[c] > 0) work[c] += std::max(ga[cp] * row[c], kFloor);
+      }
+    double top = kNegInf, ys_max = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      u[c] = std::min(u[c], Limits::max());
+      if (last_duration[c] == 0) continue;
+      const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
+      ys_max = std::max(ys_max, ys);
+      if (u[c] > 0) top = std::max(top, ys + exponent_of(u[c]) * kLn2);
+    }
+    const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
+    for (int64_t c = 0; c < C; ++c)
+      arg[c] = static_cast<scalar_t>(static_cast<double>(in.start(t, c)) + col_max[c] - mss);
+    exp_row(arg.data(), factor.data(), C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
+      const scalar_t h = factor[c];
+      sigma[c] = u[c] > 0 ? std::min(u[c] * h, Limits::max()) : scalar_t(0);
+      if (last_duration[c] == 0) {
+        gs[c] = 0.0;
+        continue;
+      }
+      double g = work[c];
+      if (amax > 0) {
+        if (A_lost[c] > 0) g += std::max(static_cast<double>(amax) * A_lost[c], kFloor);
+        if (amin * A_minpos[c] < tiny) g += static_cast<double>(C) * kSlack;
+      }
+      g = through_factor(g, u[c], h, ys - mss);
+      if (u[c] > 0 && h >= tiny && sigma[c] < tiny) g += kSlack;
+      if (g > 0 && sigma[c] > 0 && g * absorb_factor <= static_cast<double>(sigma[c])) g = 0.0;
+      if (!(g < 1e300)) rejected = true;
+      gs[c] = g;
+    }
+    sigma_rel = mes + mss;
+  }
+
+  // Move the ring to step t+1 (t < L): position t's emissions, the segments
+  // starting at t, and the normaliser: the largest entry that can still
+  // matter becomes 1.
+  void advance(int64_t t) {
+    double m = kNegInf;
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+    if (m == kNegInf) m = 0.0;
+    ref_add(m);
+    for (int64_t c = 0; c < C; ++c) {
+      lemit[c] = static_cast<double>(in.score(t, c)) - m;
+      arg[c] = static_cast<scalar_t>(lemit[c]);
+    }
+    exp_row(arg.data(), emit.data(), C);
+    // A label whose emission factor flushed takes its factors from float64,
+    // so that a flush never loses more than the final factor's underflow.
+    double old = 0.0, fresh = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double e = emit_flushed(c) ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
+      old = std::max(old, static_cast<double>(livemax[c]) * e);
+      if (last_duration[c] >= 1) fresh = std::max(fresh, static_cast<double>(sigma[c]) * e);
+    }
+    double top = std::max(old > 0 ? std::log(old) : kNegInf,
+                          fresh > 0 ? sigma_rel + std::log(fresh) : kNegInf);
+    if (top == kNegInf) top = 0.0;
+    // The factors come from the rounded new offset, so that entries and
+    // offset stay consistent however large the offset grows.
+    const double new_offset = O + (top + m);
+    const double base = (O - new_offset) + m;
+    const double so = std::exp(base), sn = std::exp(base + sigma_rel);
+    const double big = static_cast<double>(Limits::max());
+    for (int64_t c = 0; c < C; ++c) {
+      double old_f, new_f;
+      if (emit_flushed(c)) {
+        old_f = std::exp(lemit[c] + base);
+        new_f = std::exp(lemit[c] + base + sigma_rel);
+      } else if (emit[c] == 0) {
+        old_f = new_f = 0.0;  // a -inf score: exact
+      } else {
+        old_f = static_cast<double>(emit[c]) * so;
+        new_f = static_cast<double>(emit[c]) * sn;
+      }
+      // A factor past the dtype's range has no bound: reject where it
+      // multiplies something; elsewhere it multiplies exact zeros.
+      if (last_duration[c] > 0 &&
+          ((rmin[c] < Limits::infinity() && old_f > big) || (sigma[c] > 0 && new_f > big)))
+        rejected = true;
+      fo_d[c] = old_f;
+      fn_d[c] = new_f;
+      fo[c] = static_cast<scalar_t>(std::min(old_f, big));
+      fn[c] = static_cast<scalar_t>(std::min(new_f, big));
+    }
+    // Ghosts: every generation follows its entries; the new entries bring
+    // sigma's ghost; entries that this step takes below tiny are charged in
+    // full. Only a -inf score makes a factor exactly 0: a factor that
+    // underflowed even float64 is bounded by float64's smallest normal.
+    const double n_old = static_cast<double>(std::min(t, K - 1));
+    for (int64_t c = 0; c < C; ++c) {
+      if (last_duration[c] == 0) {
+        ghost_old[c] = ghost_new[c] = 0.0;
+        continue;
+      }
+      const bool exact_zero = lemit[c] == kNegInf;
+      ghost_old[c] = scaled_ghost(ghost_old[c], fo_d[c], exact_zero);
+      ghost_new[c] = scaled_ghost(ghost_new[c], fo_d[c], exact_zero) +
+                     scaled_ghost(gs[c], fn_d[c], exact_zero);
+      if (!exact_zero) {
+        const scalar_t v = sigma[c] * fn[c];
+        if (sigma[c] > 0 && v < tiny)
+          ghost_new[c] += (static_cast<double>(sigma[c]) * fn_d[c] / tiny_d + 2.0) * kSlack;
+        if (rmin[c] < Limits::infinity() && (fo[c] < tiny || rmin[c] * fo[c] < tiny))
+          ghost_new[c] += 2.0 * n_old * kSlack;
+      }
+      if (!(ghost_old[c] + ghost_new[c] < 1e300)) rejected = true;
+    }
+    if (bad_position(t)) rejected = true;
+    const int tK = static_cast<int>(t % K);
+    for (int64_t d = 1; d <= std::min(t, K - 1); ++d)
+      ring_row_scale(ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
+                     fo.data(), C);
+    scalar_t* r = ring.data() + tK * C;
+    for (int64_t c = 0; c < C; ++c) r[c] = std::min(sigma[c] * fn[c], Limits::max());
+    O = new_offset;
+  }
+
+  // A ghost carried through a float64 factor f: an upper bound even where
+  // f or the product underflowed float64.
+  static double scaled_ghost(double g, double f, bool exact_zero) {
+    if (g == 0.0 || exact_zero) return 0.0;
+    return std::max(g * std::max(f, kFloor) * kUp, kFloor);
+  }
+
+  // ref += m in two-sum arithmetic: ref_hi is the log scan's rounded sum.
+  void ref_add(double m) {
+    const double s = ref_hi + m, bb = s - ref_hi;
+    ref_lo += (ref_hi - (s - bb)) + (m - bb);
+    ref_hi = s;
+  }
+
+  bool emit_flushed(int64_t c) const { return emit[c] < tiny && lemit[c] > kNegInf; }
+
+  // The ring in the checkpoint layout, as the log scan writes it: logs
+  // relative to its offset ref_hi, less the rounding that offset carries
+  // (so a log-domain recompute from here follows the log scan's own), and
+  // -inf for 0. K·C logs per checkpoint.
+  void save(int64_t t, scalar_t* out, double* out_offset) const {
+    const int tK = static_cast<int>(t % K);
+    const double shift = (O - ref_hi) - ref_lo;
+    for (int row = 0; row < K; ++row) {
+      const scalar_t* r =
+          ring.data() + ring_row_of_checkpoint_row(row, tK, static_cast<int>(K)) * C;
+      for (int64_t c = 0; c < C; ++c)
+        out[row * C + c] = r[c] > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(r[c])) + shift)
+                                    : neg_inf<scalar_t>();
+    }
+    *out_offset = ref_hi;
+  }
+};
+
+// Subnormal operands cost x86 cores ~100 cycles each, and an exp-domain
+// ring is full of entries on their way to 0: the exp-domain forward runs
+// with flush-to-zero and denormals-are-zero set on its thread, restored on
+// exit (the log scan, its fallback, runs with the caller's modes). Its
+// bounds charge every value below the smallest normal as lost, so they hold
+// with or without these modes.
+struct FlushSubnormals {
+#if defined(__SSE__)
+  unsigned int saved = _mm_getcsr();
+  FlushSubnormals() { _mm_setcsr(saved | 0x8040u); }
+  ~FlushSubnormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// Deterministic fallbacks to the log scan since the extension loaded,
+// exposed to tests and the benchmark by flashsemicrf_testing::cpu_exp_fallbacks.
+std::atomic<int64_t> exp_fallbacks{0};
+
+// The exp-domain forward of sequence b; false (outputs partly written) when
+// its bounds cannot certify log Z, and the caller reruns the log scan.
+template <typename scalar_t>
+bool forward_sequence_exp(const ForwardParams& p, int64_t b) {
+  const FlushSubnormals flush_subnormals;
+  const SequenceInputs<scalar_t> in(p, b);
+  const int64_t L = sequence_length(p, b);
+  ExpForward<scalar_t> scan(in, p.K, p.C, L);
+  if (scan.rejected) return false;
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  double log_z = 0.0;
+  for (int64_t t = 0; t <= L; ++t) {
+    if (ckpt.due(t)) scan.save(t, ckpt.at(t / p.interval), ckpt.offset + t / p.interval);
+    if (t == 0) scan.first();
+    else scan.ends(t);
+    if (scan.rejected) return false;
+    if (t == L) {
+      if (!scan.finish(&log_z)) return false;
+    } else {
+      if (t > 0) scan.starts(t);
+      scan.advance(t);
+      if (scan.rejected) return false;
+    }
+  }
+  static_cast<scalar_t*>(p.log_z)[b] = static_cast<scalar_t>(log_z);
+  for (int64_t j = ckpt.first_unused(L); j < p.n_ckpt; ++j) {
+    std::fill_n(ckpt.at(j), ckpt.stride, neg_inf<scalar_t>());
+    ckpt.offset[j] = 0.0;
+  }
+  return true;
+}
+
+// FLASHSEMICRF_CPU_ALGORITHM: "exp" (default) runs the scaled exp-domain
+// forward where it exists (static transition) with the log scan as its
+// per-sequence fallback; "log" runs the log scan everywhere.
+bool cpu_uses_exp_domain() {
+  const char* v = std::getenv("FLASHSEMICRF_CPU_ALGORITHM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "exp") == 0) return true;
+  TORCH_CHECK(std::strcmp(v, "log") == 0,
+              "FLASHSEMICRF_CPU_ALGORITHM must be 'exp' or 'log' (or unset), got '", v, "'");
+  return false;
+}
+
 template <typename scalar_t, bool DD>
 void backward_sequence(const BackwardParams& p, int64_t b) {
   const int64_t K = p.K, C = p.C, L = sequence_length(p, b);
@@ -265,16 +850,90 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
   double Q = 0.0;
   double coverage = 0.0;  // the mass that covers position coverage_position(t, K)
 
+  // The mass of "a segment boundary at t, or one segment across t" (1 in
+  // exact arithmetic, times exp of the offsets' error): alpha_hat[t] at
+  // offset off and the forward ring `fwd` (checkpoint layout) at fwd_offset,
+  // against the backward state beta, back_ring, Q, q at t.
+  auto boundary_mass = [&](int64_t t, const scalar_t* alpha, double off, const scalar_t* fwd,
+                           double fwd_offset, const scalar_t* beta, const scalar_t* back_ring,
+                           double Q, double q) {
+    const int tK = static_cast<int>(t % K);
+    const scalar_t shift_beta = static_cast<scalar_t>(off + Q - log_z);
+    double total = 0.0;
+    for (int64_t c = 0; c < C; ++c)
+      total += static_cast<double>(fexp(alpha[c] + beta[c] + shift_beta));
+    const scalar_t shift_x = static_cast<scalar_t>(fwd_offset + (Q - q) - log_z);
+    for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {  // open segments [t-d1, t)
+      for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
+        const int64_t d = d1 + d2;
+        const scalar_t* opened = fwd + (d1 - 1) * C;
+        if (DD) {
+          if (d1 < t) {
+            scan.into(opened, in.transition + (d - 1) * C * C, nullptr);
+            opened = scan.entered.data();
+          }
+          for (int64_t c = 0; c < C; ++c) u[c] = opened[c] + fwd[(K + d1 - 1) * C + c];
+          opened = u.data();
+        }
+        const scalar_t* back = back_ring + slot_after(tK, d2, K) * C;  // [t, t+d2)
+        const scalar_t* dur = in.duration + (d - 1) * C;
+        scalar_t part = 0;
+        for (int64_t c = 0; c < C; ++c) part += fexp(opened[c] + back[c] + dur[c] + shift_x);
+        total += static_cast<double>(part);
+      }
+    }
+    return total;
+  };
+  // A checkpoint from another algorithm (the exp-domain forward) need not
+  // equal what this scan's recompute of the span before it reaches at its
+  // end: their roundings differ by up to ~1e-4 relative over a long float32
+  // span, and the posteriors of that span's last positions would carry it
+  // until the first coverage check. So each span's recompute runs one step
+  // past its end, measures the boundary mass there against the mass the next
+  // span's re-anchor measured from its checkpoint (the same computation), and
+  // spreads the log ratio over the span's offsets, from 0 at its own
+  // checkpoint. From this scan's own checkpoints the two are bitwise equal
+  // and nothing changes. Only rounding is spread so: a larger ratio (above
+  // kMaxDrift) is a checkpoint that means something else, and stays in the
+  // span before it, as in every backend.
+  struct Anchor {
+    int64_t t = -1;
+    double total = 0.0, Q = 0.0, q = 0.0;
+  } anchor;
+  std::vector<scalar_t> anchor_beta(C), anchor_ring(K * C), ext_rows(DD ? 0 : K * C);
+
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     scan.load(first, ckpt.at(j), ckpt.offset[j]);
+    scalar_t m_last = 0;
     for (int64_t t = first; t <= last; ++t) {
       const scalar_t m = scan.step(t);
       std::copy_n(scan.alpha.data(), C, alpha_buf.data() + (t - first) * C);
       std::copy_n(scan.sigma.data(), C, sigma_buf.data() + (t - first) * C);
       off_buf[t - first] = scan.offset;
       if (t < last) scan.advance(t, m);
+      m_last = m;
     }
+    if (!DD && anchor.t == last + 1) {
+      scan.advance(last, m_last);
+      double ext_offset = 0.0;
+      scan.save(last + 1, ext_rows.data(), &ext_offset);
+      scan.step(last + 1);
+      const double total = boundary_mass(last + 1, scan.alpha.data(), scan.offset, ext_rows.data(),
+                                         ext_offset, anchor_beta.data(), anchor_ring.data(),
+                                         anchor.Q, anchor.q);
+      const bool usable = total > 0.0 && anchor.total > 0.0 &&
+                          total <= std::numeric_limits<double>::max() &&
+                          anchor.total <= std::numeric_limits<double>::max();
+      const double drift = usable ? std::log(total) - std::log(anchor.total) : 0.0;
+      constexpr double kMaxDrift = 1e-2;
+      if (drift != 0.0 && std::abs(drift) <= kMaxDrift) {
+        const double span_steps = static_cast<double>(last + 1 - first);
+        for (int64_t t = first; t <= last; ++t)
+          off_buf[t - first] -= drift * static_cast<double>(t - first) / span_steps;
+      }
+    }
+    anchor.t = -1;
 
     for (int64_t t = last; t >= first; --t) {
       const scalar_t* alpha = alpha_buf.data() + (t - first) * C;  // alpha_hat[t]
@@ -443,29 +1102,12 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
         // Re-anchor Q at every checkpoint: a segment boundary at t, or one
         // segment across t, has probability 1, so the rounding that forward
         // and backward gather over (t, L] cannot pile up over the sequence.
-        double total = 0.0;
-        for (int64_t c = 0; c < C; ++c)
-          total += static_cast<double>(fexp(alpha[c] + beta[c] + shift_beta));
-        const scalar_t* fwd = ckpt.at(j);  // open segments [t-d1, t)
-        const scalar_t shift_x = static_cast<scalar_t>(ckpt.offset[j] + (Q - q) - log_z);
-        for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {
-          for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
-            const int64_t d = d1 + d2;
-            const scalar_t* opened = fwd + (d1 - 1) * C;
-            if (DD) {
-              if (d1 < t) {
-                scan.into(opened, in.transition + (d - 1) * C * C, nullptr);
-                opened = scan.entered.data();
-              }
-              for (int64_t c = 0; c < C; ++c) u[c] = opened[c] + fwd[(K + d1 - 1) * C + c];
-              opened = u.data();
-            }
-            const scalar_t* back = ring.data() + slot_after(tK, d2, K) * C;  // [t, t+d2)
-            const scalar_t* dur = in.duration + (d - 1) * C;
-            scalar_t part = 0;
-            for (int64_t c = 0; c < C; ++c) part += fexp(opened[c] + back[c] + dur[c] + shift_x);
-            total += static_cast<double>(part);
-          }
+        const double total = boundary_mass(t, alpha, off, ckpt.at(j), ckpt.offset[j], beta.data(),
+                                           ring.data(), Q, q);
+        if (!DD) {  // kept for the span before this one (see below)
+          anchor = Anchor{t, total, Q, q};
+          std::copy(beta.begin(), beta.end(), anchor_beta.begin());
+          std::copy(ring.begin(), ring.end(), anchor_ring.begin());
         }
         Q = renormalised(Q, total);
       }
@@ -544,8 +1186,14 @@ void for_each_sequence(const Params& p, at::ScalarType dtype, Fn fn) {
 
 struct Cpu {
   static void run(const ForwardParams& p, const at::Tensor& scores) {
+    const bool exp_domain = cpu_uses_exp_domain();
     for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
-      forward_sequence<decltype(zero), decltype(dd)::value>(p, b);
+      using scalar_t = decltype(zero);
+      if (exp_domain && !decltype(dd)::value) {
+        if (forward_sequence_exp<scalar_t>(p, b)) return;
+        exp_fallbacks.fetch_add(1, std::memory_order_relaxed);
+      }
+      forward_sequence<scalar_t, decltype(dd)::value>(p, b);
     });
   }
   static void run(const BackwardParams& p, const at::Tensor& scores) {
@@ -568,5 +1216,11 @@ struct Cpu {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) { OpEntries<Cpu>::register_all(m); }
+
+// Outside the op contract, for tests and the benchmark only: how many
+// sequences the exp-domain forward has handed to the log scan so far.
+TORCH_LIBRARY(flashsemicrf_testing, m) {
+  m.def("cpu_exp_fallbacks() -> int", []() -> int64_t { return exp_fallbacks.load(); });
+}
 
 }  // namespace flashsemicrf
