@@ -91,8 +91,16 @@ def device_tag(device: torch.device) -> str:
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
+# A head-to-head run's files are named <device tag>-<YYYYmmdd-HHMMSS>; other
+# CSVs in the folder (bench.exp_domain's) are not runs of this benchmark.
+_RUN_NAME = re.compile(r"^(?:cpu|cuda-[a-z0-9-]+)-(\d{8}-\d{6})\.csv$")
+
+
 def newest_csv(folder: Path) -> Path | None:
-    found = sorted(folder.glob("*.csv"), key=lambda p: p.stat().st_mtime)
+    """The newest head-to-head run's CSV, by the time in its name (a clone's
+    file times say nothing)."""
+    runs = [p for p in folder.glob("*.csv") if _RUN_NAME.match(p.name)]
+    found = sorted(runs, key=lambda p: _RUN_NAME.match(p.name).group(1))
     return found[-1] if found else None
 
 

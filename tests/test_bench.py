@@ -18,6 +18,7 @@ from toolchain import ROOT
 sys.path.append(str(ROOT))  # bench/, after the flashsemicrf already imported
 import flashsemicrf as fsc  # noqa: E402
 from bench import backends as bk  # noqa: E402
+from bench import cli  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import REGIME_TITLES, REGIMES, Case, plan  # noqa: E402
 from bench.run import Runner, Settings, case_backends  # noqa: E402
@@ -169,7 +170,7 @@ def test_committed_latest_md_is_readable():
 def test_committed_latest_md_is_the_report_of_the_newest_results():
     """latest.md is what the report code makes of the newest CSV and its JSON,
     so the file and the code that explains it cannot drift apart."""
-    newest = sorted(LATEST.parent.glob("*.csv"))[-1]  # named by time
+    newest = cli.newest_csv(LATEST.parent)
     meta = json.loads(newest.with_suffix(".json").read_text())
     rows = report.read_csv(newest)
     meta.setdefault("headline", report.headline(rows))
