@@ -117,3 +117,28 @@ def test_aoti_compile_and_reload(tmp_path):
         x = torch.randn(B, T, 3)
         L = torch.randint(1, T + 1, (B,))
         assert_close(f"AOTI B={B} T={T}", loaded(x, L), m(x, L), 1e-5)
+
+
+def test_exported_nll_takes_new_gold_segmentations():
+    m = LogPartition()
+
+    class Nll(torch.nn.Module):
+        def forward(self, segments, scores, lengths):
+            return F.nll(segments, scores, m.transition, m.duration, lengths,
+                         start_transition=m.start_transition, backend="cpu")
+
+    def gold(B, T, lengths):
+        labels = torch.randint(0, 3, (B, T))
+        return F.labels_to_segments(labels, lengths, 4)
+
+    lengths = torch.tensor([10, 7])
+    # N - 1 appears as a size inside, and export specialises sizes 0 and 1.
+    N, T = torch.export.Dim("N", min=3, max=10**7), torch.export.Dim("T", min=2, max=10**6)
+    ep = torch.export.export(Nll(), (gold(2, 10, lengths), torch.randn(2, 10, 3), lengths),
+                             dynamic_shapes={"segments": {0: N}, "scores": {1: T},
+                                             "lengths": None})
+    assert "flashsemicrf.forward.default" in ops_in(ep)
+    for T_new, L in [(10, torch.tensor([10, 7])), (31, torch.tensor([31, 4]))]:
+        segments, scores = gold(2, T_new, L), torch.randn(2, T_new, 3)
+        assert_close(f"nll T={T_new}", ep.module()(segments, scores, L),
+                     Nll()(segments, scores, L), 1e-5)
