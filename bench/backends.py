@@ -4,9 +4,13 @@ Every backend gets the same problem in our convention (README, "The model") and 
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 
-* ours (``cuda``, ``triton``, ``cpu``, ``torch``): ``flashsemicrf.log_partition``
+* ours (``cuda``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
   with ``start_transition`` = flash-semicrf's "phantom start", the
-  log-sum-exp of the transition over the previous label;
+  log-sum-exp of the transition over the previous label; ``cpu`` and
+  ``cpu-log`` are the C++ kernel with its two algorithms, the scaled
+  exp-domain forward (the default) and the log-domain scan, chosen by
+  ``FLASHSEMICRF_CPU_ALGORITHM``, which the backend sets around each call
+  (forward and backward) and restores afterwards;
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -29,15 +33,22 @@ so that the three libraries compute the same log Z.
 
 from __future__ import annotations
 
+import os
 import warnings
-from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "triton", "cpu", "torch")
+OURS = ("cuda", "triton", "cpu", "cpu-log", "torch")
+# The C++ kernel reads this variable on every call: its algorithm per backend.
+CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
+CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
+# Backends that run one sequence per thread (parallel over the batch only).
+ONE_SEQUENCE_PER_THREAD = tuple(CPU_ALGORITHM)
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -49,6 +60,7 @@ KIND = {
     "cuda": "kernel",
     "triton": "kernel",
     "cpu": "kernel",
+    "cpu-log": "kernel",
     "torch": "loop",
     "flash-semicrf-triton": "kernel",
     "flash-semicrf-torch": "loop",
@@ -86,9 +98,24 @@ def cost_units(name: str, B: int, T: int, K: int, C: int, transition: str, threa
     per_position = K * C * C if transition == "duration" else C * C + K * C
     if name.startswith("flash-semicrf"):
         per_position = K * C * C  # it does not factorise a static transition
-    # Our CPU kernel runs one sequence per thread.
-    parallel = min(B, threads) if name == "cpu" else 1
+    parallel = min(B, threads) if name in ONE_SEQUENCE_PER_THREAD else 1
     return B * T * per_position / parallel
+
+
+def exp_peak_for(peak: dict, name: str, B: int) -> float:
+    """The exp throughput a backend's log-sum-exp rate is compared with.
+
+    On a CPU (``peak`` from ``measure.cpu_exp_peak``): our C++ kernel runs one
+    sequence per thread, so on a batch of B it can use min(B, threads) threads,
+    and its fair peak is that many times the single-thread peak; everything
+    else gets the peak measured with all the benchmark's threads. On a GPU:
+    the device's peak, whatever the batch."""
+    single = peak.get("single_thread_exp_per_s")
+    if single is None:
+        return peak["exp_per_s"]
+    if name.removesuffix("-f64") in ONE_SEQUENCE_PER_THREAD:
+        return min(B, peak.get("threads", 1)) * single
+    return peak.get("all_threads_exp_per_s", single)
 
 
 def comparable(name: str, a: tuple, b: tuple) -> bool:
@@ -225,15 +252,34 @@ def dense_peak_bytes(B: int, T: int, K: int, C: int, itemsize: int) -> int:
     return 3 * B * max(1, n // 2) * m**3 * itemsize
 
 
+@contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then put back what was there
+    (unset stays unset), even when the block raises."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclass
 class Backend:
     name: str
     kind: str
     fn: Callable | None  # None: unavailable
     why: str = ""  # why it is unavailable
+    # Set around every call; ``run.call`` also holds them over the backward.
+    env: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, *args):
-        return self.fn(*args)
+        with environment(self.env):
+            return self.fn(*args)
 
 
 def _import_error(exc: BaseException) -> str:
@@ -251,10 +297,13 @@ def make(name: str, device: torch.device) -> Backend:
                        "TRITON_INTERPRET=1: not benchmarked)")
     if name == "flash-semicrf-triton" and not cuda:
         return Backend(name, kind, None, "needs a CUDA device")
-    if name == "cpu" and cuda:
+    if name in CPU_ALGORITHM and cuda:
         return Backend(name, kind, None, "runs on CPU tensors only (run with --device cpu)")
+    env = {CPU_ALGORITHM_ENV: CPU_ALGORITHM[name]} if name in CPU_ALGORITHM else {}
     try:
-        if name in OURS:
+        if name in CPU_ALGORITHM:
+            fn = _ours("cpu")
+        elif name in OURS:
             fn = _ours(name)
         elif name == "flash-semicrf-triton":
             fn = _flash(True)
@@ -266,7 +315,7 @@ def make(name: str, device: torch.device) -> Backend:
             fn = _torch_struct()
     except ImportError as exc:
         return Backend(name, kind, None, _import_error(exc))
-    return Backend(name, kind, fn)
+    return Backend(name, kind, fn, env=env)
 
 
 def smoke_test(backend: Backend, device: torch.device) -> str:
@@ -304,7 +353,7 @@ def prepare(names, device: torch.device) -> dict[str, Backend]:
         if b.fn is not None:
             why = smoke_test(b, device)
             if why:
-                b = Backend(name, b.kind, None, f"not available: {why}")
+                b = Backend(name, b.kind, None, f"not available: {why}", env=b.env)
         out[name] = b
         print(f"  {name:21s} {'ready' if b.fn else b.why}", flush=True)
     return out

@@ -66,12 +66,20 @@ def _cpu(full: bool) -> dict[str, list[Case]]:
     speech = dict(K=30, C=39)
     # K = 1 has no duration to depend on: a static transition only.
     tagging = dict(K=1, C=9)
+    cpu_kernel = ("cpu", "cpu-log")  # its exp-domain and log-domain algorithms
     if not full:
         return {
             "headline": [
                 Case("headline", "headline", B=4, T=2000, K=30, C=24, passes=("fwd+bwd",),
-                     backends=("cpu", "torch", "flash-semicrf-torch"),
-                     force=("cpu", "flash-semicrf-torch")),
+                     backends=(*cpu_kernel, "torch", "flash-semicrf-torch"),
+                     force=(*cpu_kernel, "flash-semicrf-torch")),
+                # The two algorithms' forwards alone at the same size, and both
+                # passes with a (K, C, C) transition (the genomics T sweep has
+                # B=1 T=10^4 K=200 C=24): the sizes of the CPU throughput targets.
+                Case("headline", "headline", B=4, T=2000, K=30, C=24, passes=("fwd",),
+                     backends=cpu_kernel, force=cpu_kernel),
+                Case("headline", "headline", B=1, T=2000, K=30, C=24, transition="duration",
+                     backends=cpu_kernel, force=cpu_kernel),
             ],
             "tagging": _sweep("tagging", "T", (64, 256, 1024), B=4, **tagging),
             "ner": _sweep("ner", "T", (16, 64, 256, 1024), B=4, **ner)

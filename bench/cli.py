@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         dense_limit_bytes=int(min(4 * 2**30, 0.3 * measure.available_memory_bytes(device))
                               if device.type == "cpu"
                               else 0.8 * measure.available_memory_bytes(device)),
-        exp_per_s=peak["exp_per_s"],
+        exp_per_s=peak["exp_per_s"], exp_peak=peak,
         target_s=2.0 if device.type == "cpu" else 1.0,
     )
     progress = _progress(slots(cases, names))
@@ -221,6 +221,8 @@ def main(argv=None) -> int:
         "environment": env,
         "exp_peak": peak,
         "backends": {n: (b.why or "ready") for n, b in backends.items()},
+        # What FLASHSEMICRF_CPU_ALGORITHM each C++ kernel backend ran with.
+        "cpu_algorithms": {n: a for n, a in bk.CPU_ALGORITHM.items() if n in names},
         "headline": report.headline(rows),
     }
     report.write_csv(stem.with_suffix(".csv"), rows)

@@ -538,7 +538,7 @@ def timings(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
         device=device, dtype=torch.float32, repeat=5, budget_s=seconds / 3,
         headline_budget_s=seconds / 3, ref_budget_s=15.0, once_s=3.0,
         target_s=0.5 if dry_run else 1.0, deadline=started + seconds,
-        dense_limit_bytes=2**30, exp_per_s=peak["exp_per_s"],
+        dense_limit_bytes=2**30, exp_per_s=peak["exp_per_s"], exp_peak=peak,
     )
     runner = Runner(settings, backends)
     runner.calibrate()

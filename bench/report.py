@@ -8,16 +8,16 @@ import json
 import math
 from pathlib import Path
 
-from .backends import ALL, OURS
+from .backends import ALL, CPU_ALGORITHM_ENV, OURS
 
 COLUMNS = (
     "regime", "sweep", "device", "backend", "pass", "B", "T", "K", "C", "transition", "dtype",
     "status", "ms", "runs", "peak_mib", "lse_terms", "lse_per_s", "pct_exp_peak",
-    "logz_rel_err", "grad_err", "checked_against", "note",
+    "exp_peak_per_s", "exp_fallbacks", "logz_rel_err", "grad_err", "checked_against", "note",
 )
 TIMED = ("ok", "inexact")  # "inexact": right log Z, gradients beyond tolerance
 NUMERIC = {"B", "T", "K", "C", "ms", "runs", "peak_mib", "lse_terms", "lse_per_s",
-           "pct_exp_peak", "logz_rel_err", "grad_err"}
+           "pct_exp_peak", "exp_peak_per_s", "exp_fallbacks", "logz_rel_err", "grad_err"}
 
 
 def _fmt(v, digits=3) -> str:
@@ -183,6 +183,7 @@ LABELS = {
     "cuda": "flashsemicrf CUDA",
     "triton": "flashsemicrf Triton",
     "cpu": "flashsemicrf C++ (CPU)",
+    "cpu-log": "flashsemicrf C++ log-domain (CPU)",
     "torch": "flashsemicrf (PyTorch reference)",
     "flash-semicrf-triton": "flash-semicrf (Triton)",
     "flash-semicrf-torch": "flash-semicrf (PyTorch)",
@@ -190,7 +191,8 @@ LABELS = {
     "pytorch-crf": "pytorch-crf",
 }
 # Our backends as the throughput column names them.
-SHORT = {"cuda": "CUDA", "triton": "Triton", "cpu": "C++", "torch": "PyTorch ref."}
+SHORT = {"cuda": "CUDA", "triton": "Triton", "cpu": "C++", "cpu-log": "C++ log",
+         "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
 PINNED = {"flash_semicrf": "0.2.0", "torch_struct": "0.5", "pytorch_crf": "0.7.2"}
@@ -199,19 +201,56 @@ PROBLEM_COLUMNS = ("B", "T", "K", "C", "transition", "pass")
 THROUGHPUT = "flashsemicrf's fastest: exp/s (% of device max)"
 NOT_IN_CASE = "—"
 
+# The C++ kernel's two algorithms side by side (rendered when a run has both).
+ALGORITHMS_TITLE = "CPU kernel: exp-domain vs log-domain"
+ALG_EXP = "exp-domain (default)"
+ALG_LOG = "log-domain"
+ALG_SPEEDUP = "log ÷ exp time"
+ALG_EXP_RATIO = "exp-domain terms/s ÷ exp peak"
+ALG_LOG_RATIO = "log-domain terms/s ÷ exp peak"
+ALG_PEAK = "exp peak used"
+ALG_FALLBACKS = "exp-domain fallbacks"
+ALGORITHM_COLUMNS = (ALG_EXP, ALG_LOG, ALG_SPEEDUP, ALG_EXP_RATIO, ALG_LOG_RATIO, ALG_PEAK,
+                     ALG_FALLBACKS)
+# The sizes of the CPU throughput targets, shown when the run has them:
+# (B, T, K, C, transition).
+ALGORITHM_SIZES = ((4, 2000, 30, 24, "static"), (1, 10_000, 200, 24, "static"),
+                   (1, 2000, 30, 24, "duration"))
+
 
 def _versions(env: dict) -> dict:
     return {k: env.get(k) or v for k, v in PINNED.items()}
+
+
+def _device_max(peak: dict) -> str:
+    """Which exp throughput the percentages divide by, in words."""
+    single = peak.get("single_thread_exp_per_s")
+    if single is None:
+        rate = _si(peak.get("exp_per_s", float("nan")))
+        return f"{rate}/s here, {peak.get('source', '')}" if rate else "not measured in this run"
+    threads = peak.get("threads", 1)
+    every = peak.get("all_threads_exp_per_s", single)
+    return (f"measured at the start of the run: `torch.exp` writing into a preallocated "
+            f"float32 buffer small enough to stay in cache, the best of a few sizes, "
+            f"{_si(single)}/s on one thread"
+            + (f" and {_si(every)}/s on all {threads} threads" if threads > 1 else "")
+            + ". The C++ kernel runs one sequence per thread, so its rows are divided by "
+            "min(B, threads) times the one-thread rate, the threads a batch of B can keep "
+            "busy; the other backends' rows by the all-threads rate. The CSV's "
+            "`exp_peak_per_s` column holds each row's divisor")
 
 
 def column_legend(meta: dict) -> dict[str, str]:
     """What every column of the Markdown tables means, by its header, in the
     order the legend lists them."""
     v = _versions(meta.get("environment", {}))
-    peak = meta.get("exp_peak", {})
-    rate = _si(peak.get("exp_per_s", float("nan")))
-    device_max = (f"{rate}/s here, {peak.get('source', '')}" if rate
-                  else "not measured in this run")
+    device_max = _device_max(meta.get("exp_peak", {}))
+    algorithms = meta.get("cpu_algorithms", {})
+    cpu_algorithm = (
+        f" with its default algorithm, `{CPU_ALGORITHM_ENV}=exp`: the scaled exp-domain "
+        "forward, which hands a sequence to the log-domain scan where scaled "
+        "probabilities could lose precision and runs that scan where it has no path yet "
+        "(a (K, C, C) transition)" if algorithms.get("cpu") == "exp" else "")
     return {
         "B": "sequences in the batch.",
         "T": "length of every sequence, in positions (tokens, frames, bases).",
@@ -228,7 +267,11 @@ def column_legend(meta: dict) -> dict[str, str]:
         LABELS["cuda"]: "this library's handwritten CUDA kernels (`--backends cuda`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
-                       "(`--backends cpu`).",
+                       f"(`--backends cpu`){cpu_algorithm}.",
+        LABELS["cpu-log"]: "the same C++ kernel with its older log-domain algorithm, "
+                           f"`{CPU_ALGORITHM_ENV}=log`, set around each call "
+                           "(`--backends cpu-log`): every log-sum-exp term costs an "
+                           "exponential.",
         LABELS["torch"]: "this library's plain-PyTorch implementation of the same streaming "
                          "algorithm: the readable reference the kernels are tested against, "
                          "and what runs where no kernel is built (`--backends torch`; "
@@ -249,7 +292,7 @@ def column_legend(meta: dict) -> dict[str, str]:
             "`CRF.forward` (`--backends pytorch-crf`).",
         THROUGHPUT:
             "how hard the fastest of this library's backends in that row (named in the "
-            "cell: C++, CUDA, Triton or PyTorch ref.) keeps the device busy. Log Z is a "
+            "cell: C++, C++ log, CUDA, Triton or PyTorch ref.) keeps the device busy. Log Z is a "
             "sum of log-sum-exp terms, one exponential each: B·T·(C² + K·C) per forward "
             "with a static transition, B·T·K·C² with a duration-dependent one, three "
             "times that for fwd+bwd. The first number is those terms per second; the "
@@ -258,6 +301,27 @@ def column_legend(meta: dict) -> dict[str, str]:
             "exponentials; the rest of the time goes to memory traffic, synchronisation "
             "and overhead. It shows the headroom left in our kernels, not a comparison "
             "with the other libraries.",
+        ALG_EXP: f"the C++ kernel's exp-domain algorithm (`{CPU_ALGORITHM_ENV}=exp`, the "
+                 f"default; column {LABELS['cpu']}): time · memory, as in the other tables.",
+        ALG_LOG: f"the same kernel's log-domain algorithm (`{CPU_ALGORITHM_ENV}=log`; column "
+                 f"{LABELS['cpu-log']}), in the same run on the same inputs.",
+        ALG_SPEEDUP: "the log-domain time divided by the exp-domain time: above 1× the "
+                     "exp-domain algorithm is faster.",
+        ALG_EXP_RATIO: "log-sum-exp terms per second of the exp-domain algorithm (B·T·(C² + "
+                       "K·C) per forward with a static transition, B·T·K·C² with a "
+                       "duration-dependent one, three times that for fwd+bwd), divided by "
+                       "the exp throughput of the threads it can use (next column). 1× "
+                       "means as many terms per second as the machine computes "
+                       "exponentials: a log-domain algorithm, which needs one exponential "
+                       "per term, cannot get there.",
+        ALG_LOG_RATIO: "the same ratio for the log-domain algorithm.",
+        ALG_PEAK: "the exp throughput both ratios divide by: the one-thread rate of "
+                  "`torch.exp` into a cache-resident buffer, measured in this run, times "
+                  "the threads the kernel can use on this batch, min(B, threads) (it runs "
+                  "one sequence per thread).",
+        ALG_FALLBACKS: "sequences of the checked call that the exp-domain forward handed to "
+                       "the log-domain scan (of B per forward; a (K, C, C) transition has "
+                       "no exp-domain path and is not counted).",
     }
 
 
@@ -323,6 +387,66 @@ CELL_FORMAT = (
     "measurement noise. Lower is better for both. Every result was checked against a "
     "float64 run before it was timed."
 )
+
+
+def _ratio(x) -> str:
+    """Two decimals, two significant digits below 0.1 (0.024×, not 0.02×)."""
+    if not isinstance(x, float) or math.isnan(x):
+        return ""
+    return f"{x:.2f}×" if x >= 0.1 else f"{x:.2g}×"
+
+
+def algorithm_rows(rows: list[dict]) -> list[tuple[tuple, dict, dict]]:
+    """(problem key, exp-domain row, log-domain row) of the cases where the run
+    has both of the C++ kernel's algorithms: those at ``ALGORITHM_SIZES`` when
+    there are any, else every such case. Empty when there is no ``cpu-log``."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["backend"] in ("cpu", "cpu-log"):
+            key = (r["B"], r["T"], r["K"], r["C"], r["transition"], r["pass"])
+            by_key.setdefault(key, {}).setdefault(r["backend"], r)
+    both = {k: v for k, v in by_key.items() if len(v) == 2}
+    targets = [(*size, pass_) for size in ALGORITHM_SIZES for pass_ in ("fwd", "fwd+bwd")
+               if (*size, pass_) in both]
+    return [(k, both[k]["cpu"], both[k]["cpu-log"]) for k in (targets or list(both))]
+
+
+def algorithm_table(rows: list[dict], peak: dict) -> list[str]:
+    """The C++ kernel's exp-domain and log-domain algorithms side by side:
+    time, speed-up, terms per second over the exp peak, the fallbacks."""
+    found = algorithm_rows(rows)
+    if not found:
+        return []
+    single = peak.get("single_thread_exp_per_s")
+    head = [*PROBLEM_COLUMNS, *ALGORITHM_COLUMNS]
+    out = [f"**{ALGORITHMS_TITLE}**", "",
+           "| " + " | ".join(head) + " |",
+           "|" + "---:|" * 4 + "---|---|" + "---|" * 2 + "---:|" * 5]
+    for key, exp, log in found:
+        timed = exp["status"] in TIMED and log["status"] in TIMED
+        nan = float("nan")
+        divisor = (exp if exp["status"] in TIMED else log).get("exp_peak_per_s", nan)
+        used = ""
+        if isinstance(divisor, float) and not math.isnan(divisor):
+            used = f"{_si(divisor)}/s"
+            if single:
+                n = round(divisor / single)
+                used += f" ({n} thread{'s' * (n != 1)})"
+        cells = [
+            _cell(exp)[0], _cell(log)[0],
+            _ratio(log["ms"] / exp["ms"]) if timed else "",
+            _ratio(exp["lse_per_s"] / exp.get("exp_peak_per_s", nan))
+            if exp["status"] in TIMED else "",
+            _ratio(log["lse_per_s"] / log.get("exp_peak_per_s", nan))
+            if log["status"] in TIMED else "",
+            used,
+            "" if math.isnan(exp.get("exp_fallbacks", nan)) or key[4] != "static"
+            else str(int(exp["exp_fallbacks"])),
+        ]
+        B, T, K, C, tr, pass_ = key
+        out.append(f"| {B} | {T} | {K} | {C} | {tr} | {pass_} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
 
 
 def _load(env: dict) -> str:
@@ -409,6 +533,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
                           + " | ".join(texts) + f" | {thr} |")
         tables.append("")
 
+    algorithms = algorithm_table(rows, meta.get("exp_peak", {}))
+    if algorithms:
+        headers += [h for h in (*PROBLEM_COLUMNS, *ALGORITHM_COLUMNS) if h not in headers]
+        found = algorithm_rows(rows)
+        used |= {_cell(r)[1] for _, e, lg in found for r in (e, lg)} - {None}
+        tables = algorithms + tables
     columns, markers = column_legend(meta), marker_legend(meta)
     lines += ["**How to read the tables**", "", CELL_FORMAT, "", "Columns:", ""]
     lines += [f"- **{h}**: {columns[h]}" for h in columns if h in headers]

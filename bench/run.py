@@ -35,7 +35,7 @@ TOLERANCE = {
     torch.float64: {"logz": 1e-9, "grad": 1e-7},
 }
 # Cross-checks when the float64 reference is too slow, in order of trust.
-CROSS_CHECK_ORDER = ("cuda", "triton", "cpu", "torch", "flash-semicrf-triton",
+CROSS_CHECK_ORDER = ("cuda", "triton", "cpu", "cpu-log", "torch", "flash-semicrf-triton",
                      "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 
 
@@ -52,6 +52,14 @@ class Settings:
     deadline: float | None = None  # time.monotonic() after which the rest is skipped
     dense_limit_bytes: int = 4 * 2**30
     exp_per_s: float = float("nan")
+    # measure.cpu_exp_peak()'s dict: per-backend peaks (backends.exp_peak_for)
+    # instead of the one ``exp_per_s``.
+    exp_peak: dict | None = None
+
+    def exp_peak_for(self, name: str, B: int) -> float:
+        if self.exp_peak is None:
+            return self.exp_per_s
+        return bk.exp_peak_for(self.exp_peak, name, B)
 
 
 @dataclass
@@ -69,6 +77,7 @@ class Outcome:
     grads: dict | None
     seconds: float  # the first (or, on a GPU, the memory) call
     mib: float
+    fallbacks: float = float("nan")  # exp-domain sequences handed to the log scan
 
 
 def _leaves(inputs, grad: bool):
@@ -77,7 +86,13 @@ def _leaves(inputs, grad: bool):
 
 
 def call(backend, inputs, pass_: str):
-    """One call; returns (log Z, {name: grad} or None)."""
+    """One call; returns (log Z, {name: grad} or None). The backend's
+    environment variables hold over the backward too."""
+    with bk.environment(getattr(backend, "env", {})):
+        return _call(backend, inputs, pass_)
+
+
+def _call(backend, inputs, pass_: str):
     if pass_ == "fwd":
         with torch.no_grad():
             return backend(*inputs).detach(), None
@@ -86,6 +101,15 @@ def call(backend, inputs, pass_: str):
     z.sum().backward()
     grads = {"scores": scores.grad, "transition": transition.grad, "duration": duration.grad}
     return z.detach(), grads
+
+
+def exp_fallbacks() -> float:
+    """Sequences the C++ kernel's exp-domain forward has handed to its
+    log-domain scan so far in this process (NaN without the counter)."""
+    try:
+        return float(torch.ops.flashsemicrf_testing.cpu_exp_fallbacks())
+    except (AttributeError, RuntimeError):
+        return float("nan")
 
 
 def _slice_T(inputs, T: int):
@@ -113,7 +137,7 @@ class Runner:
 
         name = "cpu" if ours.HAS_CPU_KERNELS else "torch"
         b = bk.make(name, torch.device("cpu"))
-        return bk.Backend(f"{name}-f64", bk.KIND[name], b.fn)
+        return bk.Backend(f"{name}-f64", bk.KIND[name], b.fn, env=b.env)
 
     def calibrate(self) -> None:
         """Seed the reference's time history, so the first big case can be
@@ -213,6 +237,7 @@ class Runner:
             "lse_terms": lse_terms(case.B, case.T, case.K, case.C, case.transition)
             * PASS_TERMS[pass_],
             "lse_per_s": float("nan"), "pct_exp_peak": float("nan"),
+            "exp_peak_per_s": float("nan"), "exp_fallbacks": float("nan"),
             "logz_rel_err": float("nan"), "grad_err": float("nan"), "checked_against": "",
             "note": "",
         }
@@ -227,11 +252,14 @@ class Runner:
             with measure.peak_meter(dev) as peak:
                 t = measure.wall(lambda: call(b, inputs, pass_), dev)
             return Outcome(log_z, grads, t, peak.mib)
+        counts = bk.CPU_ALGORITHM.get(b.name) == "exp"
+        before = exp_fallbacks() if counts else float("nan")
         with measure.peak_meter(dev) as peak:
             t0 = time.perf_counter()
             log_z, grads = call(b, inputs, pass_)
             t = time.perf_counter() - t0
-        return Outcome(log_z, grads, t, peak.mib)
+        after = exp_fallbacks() if counts else float("nan")
+        return Outcome(log_z, grads, t, peak.mib, after - before)
 
     def _compare(self, out: Outcome, ref: Outcome, transition: str) -> tuple[float, float]:
         def rel(a, r):
@@ -311,7 +339,8 @@ class Runner:
                     continue
                 self._record(name, pass_, case, out.seconds)
                 outcomes[name] = out
-                pending[name] = self._row(case, name, pass_, peak_mib=out.mib)
+                pending[name] = self._row(case, name, pass_, peak_mib=out.mib,
+                                          exp_fallbacks=out.fallbacks)
 
             if outcomes and ref is None and not ref_why:
                 try:
@@ -347,8 +376,9 @@ class Runner:
                 seconds, runs = self._time(self.backends[name], inputs, pass_, out)
                 ms = seconds * 1e3
                 rate = row["lse_terms"] / seconds
+                peak = self.s.exp_peak_for(name, case.B)
                 row.update(status=row["status"] or "ok", ms=ms, runs=runs, lse_per_s=rate,
-                           pct_exp_peak=100.0 * rate / self.s.exp_per_s)
+                           pct_exp_peak=100.0 * rate / peak, exp_peak_per_s=peak)
                 if runs == 1:
                     row["note"] = (row["note"] + "; " if row["note"] else "") + "single run"
                 done[name] = row

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 
@@ -19,13 +20,24 @@ sys.path.append(str(ROOT))  # bench/, after the flashsemicrf already imported
 import flashsemicrf as fsc  # noqa: E402
 from bench import backends as bk  # noqa: E402
 from bench import cli  # noqa: E402
+from bench import measure  # noqa: E402
 from bench import report  # noqa: E402
 from bench.cases import REGIME_TITLES, REGIMES, Case, plan  # noqa: E402
 from bench.run import Runner, Settings, case_backends  # noqa: E402
 
 LATEST = ROOT / "bench" / "results" / "latest.md"
 TIME_CELL = re.compile(r"^\d[\d.]* ms( · (<0\.01|\d[\d.]*) MiB)?( ‡)?$")
-THROUGHPUT_CELL = re.compile(r"^\d[\d.]*[kMGT]? \(\d[\d.]*%, (C\+\+|CUDA|Triton|PyTorch ref\.)\)$")
+THROUGHPUT_CELL = re.compile(
+    r"^\d[\d.]*[kMGT]? \(\d[\d.]*%, (C\+\+|C\+\+ log|CUDA|Triton|PyTorch ref\.)\)$")
+RATIO_CELL = re.compile(r"^\d+(\.\d+)?(e-\d+)?×$")
+# The numeric cells of the exp-domain vs log-domain section, by column.
+NUMBER_CELLS = {
+    report.ALG_SPEEDUP: RATIO_CELL,
+    report.ALG_EXP_RATIO: RATIO_CELL,
+    report.ALG_LOG_RATIO: RATIO_CELL,
+    report.ALG_PEAK: re.compile(r"^\d[\d.]*[kMGT]?/s \(\d+ threads?\)$"),
+    report.ALG_FALLBACKS: re.compile(r"^\d+$"),
+}
 
 
 def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
@@ -65,6 +77,10 @@ def undefined(text: str) -> list[str]:
                 if h == report.THROUGHPUT:
                     if not THROUGHPUT_CELL.match(cell):
                         missing.append(f"throughput cell {cell!r}")
+                    continue
+                if h in NUMBER_CELLS:
+                    if not NUMBER_CELLS[h].match(cell):
+                        missing.append(f"cell {cell!r} in column {h!r}")
                     continue
                 if TIME_CELL.match(cell):
                     if cell.endswith("‡") and "‡" not in legend:
@@ -252,7 +268,10 @@ def test_runner_checks_and_times_pytorch_crf_on_a_k1_case():
     pytest.importorskip("torchcrf", reason="pytorch-crf is not installed")
     cpu = torch.device("cpu")
     names = ["torch", "pytorch-crf"]
-    backends = {n: bk.make(n, cpu) for n in names}
+    # As the CLI does: smoke-tested first, which also pays one-time costs (the
+    # first custom-op call imports torch._dynamo, seconds on a busy machine)
+    # outside the timed calls.
+    backends = bk.prepare(names, cpu)
     settings = Settings(device=cpu, repeat=1, target_s=0.01, exp_per_s=1e9)
     runner = Runner(settings, backends)
     rows = runner.run_case(Case("tagging", "T", B=2, T=24, K=1, C=3), names)
@@ -264,3 +283,210 @@ def test_runner_checks_and_times_pytorch_crf_on_a_k1_case():
     # The same runner gives pytorch-crf no row on a K > 1 case.
     rows = runner.run_case(Case("ner", "T", B=2, T=24, K=4, C=3, passes=("fwd",)), names)
     assert [r["backend"] for r in rows] == ["torch"]
+
+
+# -- the C++ kernel's two algorithms and the exp peak --------------------------------
+
+ENV = bk.CPU_ALGORITHM_ENV
+needs_cpu_kernel = pytest.mark.skipif(not fsc.backends.HAS_CPU_KERNELS,
+                                      reason="needs the C++ CPU kernel")
+
+
+def _static_problem(B=2, T=300, K=12, C=5, seed=3, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return r(B, T, C), 0.5 * r(C, C), 0.5 * r(K, C), torch.full((B,), T)
+
+
+def _direct(algorithm: str, inputs, monkeypatch, grad: bool = False):
+    """log Z (and the score gradient) of the C++ kernel with the variable set by hand."""
+    monkeypatch.setenv(ENV, algorithm)
+    scores, transition, duration, lengths = inputs
+    scores = scores.detach().requires_grad_(grad)
+    z = fsc.log_partition(scores, transition, duration, lengths,
+                          start_transition=bk.phantom_start(transition), backend="cpu")
+    if grad:
+        z.sum().backward()
+        return z.detach(), scores.grad
+    return z, None
+
+
+@needs_cpu_kernel
+def test_cpu_log_backend_runs_the_log_algorithm_and_restores_the_variable(monkeypatch):
+    from bench.run import call
+
+    inputs = _static_problem()
+    cpu = torch.device("cpu")
+    exp_b, log_b = bk.make("cpu", cpu), bk.make("cpu-log", cpu)
+    assert (exp_b.env, log_b.env) == ({ENV: "exp"}, {ENV: "log"})
+    # The kernel reads the variable on every call: a bad value is an error...
+    monkeypatch.setenv(ENV, "bogus")
+    with pytest.raises(RuntimeError, match=ENV):
+        fsc.log_partition(*inputs, backend="cpu")
+    # ... which the backends override for their call only, forward and backward.
+    seen = []
+
+    def spy(scores, *rest):  # cpu-log, noting the variable when its gradient arrives
+        scores.register_hook(lambda g: seen.append(os.environ.get(ENV)))
+        return log_b.fn(scores, *rest)
+
+    spied = bk.Backend("cpu-log", log_b.kind, spy, env=log_b.env)
+    z_log, grads_log = call(spied, inputs, "fwd+bwd")
+    assert os.environ[ENV] == "bogus" and seen == ["log"]
+    z_exp = exp_b(*inputs)
+    assert os.environ[ENV] == "bogus"
+    monkeypatch.delenv(ENV)
+    log_b(*inputs)
+    assert ENV not in os.environ
+    # The same numbers as the kernel run by hand with each algorithm, bit for bit.
+    direct_log, grad_log = _direct("log", inputs, monkeypatch, grad=True)
+    direct_exp, _ = _direct("exp", inputs, monkeypatch)
+    assert torch.equal(z_log, direct_log) and torch.equal(grads_log["scores"], grad_log)
+    assert torch.equal(z_exp, direct_exp)
+    # Two algorithms, one log Z: equal to rounding, but in float64 not bitwise
+    # (float32 log Z rounds to the same value), so the comparisons above tell
+    # them apart on this problem.
+    torch.testing.assert_close(z_log, z_exp, rtol=1e-12, atol=0)
+    assert not torch.equal(direct_log, direct_exp)
+
+
+def test_environment_restores_after_an_exception(monkeypatch):
+    monkeypatch.setenv(ENV, "exp")
+    monkeypatch.delenv("FLASHSEMICRF_BENCH_UNSET", raising=False)
+    with pytest.raises(ZeroDivisionError):
+        with bk.environment({ENV: "log", "FLASHSEMICRF_BENCH_UNSET": "1"}):
+            assert os.environ[ENV] == "log"
+            1 / 0
+    assert os.environ[ENV] == "exp" and "FLASHSEMICRF_BENCH_UNSET" not in os.environ
+
+
+def test_cpu_exp_peak_measures_one_and_all_threads():
+    threads = torch.get_num_threads()
+    peak = measure.cpu_exp_peak(exps_per_timing=1 << 16, timings=2)
+    assert torch.get_num_threads() == threads
+    for key in ("exp_per_s", "single_thread_exp_per_s", "all_threads_exp_per_s"):
+        assert peak[key] > 1e6, (key, peak)
+    assert peak["exp_per_s"] == peak["single_thread_exp_per_s"]
+    assert peak["threads"] == threads and "torch.exp" in peak["source"]
+    # The best of every buffer size, one thread; all threads only above the
+    # size torch.exp splits across threads.
+    assert set(peak["per_size"]["1"]) == {str(n) for n in measure.EXP_PEAK_SIZES}
+    assert peak["single_thread_exp_per_s"] == max(peak["per_size"]["1"].values())
+    if threads > 1:
+        assert set(peak["per_size"][str(threads)]) == {
+            str(n) for n in measure.EXP_PEAK_SIZES if n >= measure.PARALLEL_GRAIN}
+
+
+def test_exp_peak_for_counts_the_threads_a_backend_can_use():
+    peak = {"exp_per_s": 2e9, "single_thread_exp_per_s": 2e9, "all_threads_exp_per_s": 7e9,
+            "threads": 4}
+    # The C++ kernel: one sequence per thread, so min(B, threads) threads.
+    assert bk.exp_peak_for(peak, "cpu", 1) == 2e9
+    assert bk.exp_peak_for(peak, "cpu-log", 3) == 6e9
+    assert bk.exp_peak_for(peak, "cpu", 64) == 8e9
+    assert bk.exp_peak_for(peak, "cpu-f64", 2) == 4e9
+    # Anything else: the all-threads measurement. On a GPU: the device's peak.
+    assert bk.exp_peak_for(peak, "torch", 1) == 7e9
+    assert bk.exp_peak_for({"exp_per_s": 4e12, "source": "table"}, "cuda", 1) == 4e12
+
+
+@needs_cpu_kernel
+def test_runner_times_both_algorithms_against_their_fair_exp_peak(monkeypatch):
+    # A value the kernel rejects: every call of the run, the float64 check's
+    # too, must set its own algorithm, and leave this one in place.
+    monkeypatch.setenv(ENV, "bogus")
+    cpu = torch.device("cpu")
+    names = ["cpu", "cpu-log"]
+    peak = {"exp_per_s": 1e9, "single_thread_exp_per_s": 1e9, "all_threads_exp_per_s": 1.5e9,
+            "threads": 2}
+    settings = Settings(device=cpu, repeat=1, target_s=0.01, exp_per_s=1e9, exp_peak=peak)
+    runner = Runner(settings, bk.prepare(names, cpu))
+    rows = runner.run_case(Case("headline", "headline", B=3, T=40, K=6, C=4), names)
+    assert sorted((r["backend"], r["pass"]) for r in rows) == sorted(
+        (n, p) for n in names for p in ("fwd", "fwd+bwd"))
+    for r in rows:
+        assert r["status"] == "ok" and r["logz_rel_err"] <= 1e-5, r
+        assert r["exp_peak_per_s"] == 2e9, r  # min(B = 3, 2 threads) × 1e9
+        assert r["pct_exp_peak"] == pytest.approx(100 * r["lse_per_s"] / 2e9)
+        # Random inputs: the exp-domain forward never needs its fallback.
+        assert r["exp_fallbacks"] == 0 if r["backend"] == "cpu" else math.isnan(
+            r["exp_fallbacks"]), r
+    assert os.environ[ENV] == "bogus"
+
+
+def _algorithm_rows() -> list[dict]:
+    """Both algorithms at the three target sizes, plus a case off them."""
+    rows = []
+    sizes = [dict(regime="headline", B=4, T=2000, K=30, C=24),
+             dict(regime="genomics", B=1, T=10_000, K=200, C=24),
+             dict(regime="headline", B=1, T=2000, K=30, C=24, transition="duration"),
+             dict(regime="ner", B=2, T=64, K=16, C=9)]
+    for size in sizes:
+        for pass_ in ("fwd", "fwd+bwd"):
+            for name, ms in (("cpu", 10.0), ("cpu-log", 25.0)):
+                rows.append(_row(name, "ok", pass_=pass_, ms=ms, lse_per_s=3e9 * 10 / ms,
+                                 exp_peak_per_s=6e9, exp_fallbacks=0.0, **size))
+    # The log-domain forward at the genomics size did not fit in the time.
+    rows[3] = _row("cpu-log", "skipped", pass_="fwd+bwd",
+                   note="skipped: run time limit reached (--max-minutes)", **sizes[0])
+    return rows
+
+
+def test_report_sets_the_two_algorithms_side_by_side(tmp_path):
+    # Through a CSV and its JSON, as `python -m bench --markdown` reads them.
+    rows = _algorithm_rows()
+    csv_path = tmp_path / "cpu-20990101-000000.csv"
+    report.write_csv(csv_path, rows)
+    meta = {**META, "exp_peak": {"exp_per_s": 6e9, "single_thread_exp_per_s": 6e9,
+                                 "all_threads_exp_per_s": 11e9, "threads": 2,
+                                 "source": "measured"},
+            "cpu_algorithms": {"cpu": "exp", "cpu-log": "log"}}
+    report.write_json(csv_path.with_suffix(".json"), meta)
+    text = cli.render_latest(csv_path, tmp_path)
+    assert (tmp_path / "latest.md").read_text() == text + "\n"
+    assert undefined(text) == []
+    assert f"**{report.ALGORITHMS_TITLE}**" in text
+    section = [(h, body) for h, body in _tables(text) if report.ALG_SPEEDUP in h]
+    assert len(section) == 1
+    header, body = section[0]
+    col = {h: i for i, h in enumerate(header)}
+    got = {(r[col["B"]], r[col["T"]], r[col["transition"]], r[col["pass"]]): r for r in body}
+    # The target sizes only (the NER case is in its own table), in their order.
+    assert list(got) == [("4", "2000", "static", "fwd"), ("4", "2000", "static", "fwd+bwd"),
+                         ("1", "10000", "static", "fwd"), ("1", "10000", "static", "fwd+bwd"),
+                         ("1", "2000", "duration", "fwd"), ("1", "2000", "duration", "fwd+bwd")]
+    first = got[("4", "2000", "static", "fwd")]
+    assert first[col[report.ALG_EXP]] == "10.0 ms · 0.250 MiB"
+    assert first[col[report.ALG_LOG]] == "25.0 ms · 0.250 MiB"
+    assert first[col[report.ALG_SPEEDUP]] == "2.50×"
+    assert first[col[report.ALG_EXP_RATIO]] == "0.50×"  # 3e9 terms/s over 6e9 exp/s
+    assert first[col[report.ALG_LOG_RATIO]] == "0.20×"
+    assert first[col[report.ALG_PEAK]] == "6G/s (1 thread)"
+    assert first[col[report.ALG_FALLBACKS]] == "0"
+    skipped = got[("4", "2000", "static", "fwd+bwd")]
+    assert skipped[col[report.ALG_LOG]] == "out of time"
+    assert skipped[col[report.ALG_SPEEDUP]] == skipped[col[report.ALG_LOG_RATIO]] == ""
+    # Small ratios keep two significant digits.
+    assert report._ratio(0.0237) == "0.024×" and report._ratio(1.0) == "1.00×"
+    # The (K, C, C) transition has no exp-domain path to fall back from.
+    assert got[("1", "2000", "duration", "fwd")][col[report.ALG_FALLBACKS]] == ""
+    assert "FLASHSEMICRF_CPU_ALGORITHM=exp" in _legend(text)[report.LABELS["cpu"]]
+
+
+def test_report_without_log_domain_rows_has_no_algorithm_section():
+    # A run from before the cpu-log backend (like the committed CSV): no section,
+    # and no claim about which algorithm its "cpu" rows ran.
+    rows = [r for r in _algorithm_rows() if r["backend"] == "cpu"]
+    text = report.markdown(rows, META)
+    assert report.ALGORITHMS_TITLE not in text and undefined(text) == []
+    assert "FLASHSEMICRF_CPU_ALGORITHM=exp" not in text
+
+
+def test_plan_runs_both_algorithms_at_the_cpu_throughput_targets():
+    cases = plan(torch.device("cpu"), full=False)
+    for B, T, K, C, tr in report.ALGORITHM_SIZES:
+        for pass_ in ("fwd", "fwd+bwd"):
+            found = [c for c in cases if (c.B, c.T, c.K, c.C, c.transition) == (B, T, K, C, tr)
+                     and pass_ in c.passes]
+            assert any({"cpu", "cpu-log"} <= set(case_backends(c, list(bk.ALL)))
+                       for c in found), (B, T, K, C, tr, pass_)
