@@ -199,6 +199,22 @@ def test_exp_backward_every_output(monkeypatch, case, interval):
             assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("interval", [5, 0])
+@pytest.mark.parametrize("C", [8, 16])
+def test_exp_backward_eight_label_passes(monkeypatch, C, interval):
+    """Label counts that are multiples of 8 take the register-blocked passes:
+    every output, float64, to 1e-10 of the log backward, -inf entries,
+    ragged lengths, every optional input."""
+    kw = make_case(11 + C, 3, 90, 12, C, neg_inf=True, scale=1.5).kwargs
+    for algorithm in ("log", "exp"):
+        fwd = forward(monkeypatch, algorithm, kw, F64, interval)
+        expected, _ = backward(monkeypatch, "log", kw, F64, fwd, interval)
+        got, taken = backward(monkeypatch, "exp", kw, F64, fwd, interval)
+        assert taken == 0
+        for name, a, b in zip(GRADIENTS, got, expected):
+            assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
+
+
 def test_exp_backward_float32(monkeypatch):
     """Float32, ragged lengths, every optional input, several spans: against
     float64 as close as the log backward in float32 is (or 1e-5)."""

@@ -1169,6 +1169,135 @@ double exp_backward_log_z_tolerance(double log_z, int64_t steps) {
   return offset + (sizeof(scalar_t) < sizeof(double) ? 4e-6 : 1e-12) * root;
 }
 
+// exp in float64 written so that loops calling it vectorise (std::exp does
+// not): Cody-Waite reduction to |r| <= ln2/2 and the Taylor polynomial to
+// degree 13 (truncation 4e-18 relative), ~2 ulp. exp(-inf) = 0, NaN stays
+// NaN; results below 2^-1021 flush to 0 (as flush-to-zero would make them)
+// and above 2^1023 are inf.
+__attribute__((always_inline)) inline double exp_f64(double x) {
+  const double lo = -708.0, hi = 709.08;
+  const double xc = x < lo ? lo : (x > hi ? hi : x);
+  const double n = (xc * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+  const double r = (xc - n * 0.693145751953125) - n * 1.4286068203094172321e-6;
+  double y = 1.0 / 6227020800.0;
+  y = y * r + 1.0 / 479001600.0;
+  y = y * r + 1.0 / 39916800.0;
+  y = y * r + 1.0 / 3628800.0;
+  y = y * r + 1.0 / 362880.0;
+  y = y * r + 1.0 / 40320.0;
+  y = y * r + 1.0 / 5040.0;
+  y = y * r + 1.0 / 720.0;
+  y = y * r + 1.0 / 120.0;
+  y = y * r + 1.0 / 24.0;
+  y = y * r + 1.0 / 6.0;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  double res = y * scale;
+  res = x < lo ? 0.0 : res;
+  res = x > hi ? std::numeric_limits<double>::infinity() : res;
+  return x != x ? x : res;
+}
+
+// out[c] = exp_f64(x[c]) for c < n.
+inline void exp_row_f64(const double* __restrict x, double* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] = exp_f64(x[c]);
+}
+
+// The passes of the exp-domain backward over its rings, eight labels at a
+// time (C % 8 == 0), so that the per-label sums stay in registers across
+// the durations instead of going through memory for every row; the generic
+// loops in ExpBackward are the same arithmetic in the same order.
+//
+// Forward recompute, step t: acc[c] = sum_{d <= n} ring[t-d][c] · W[d-1][c];
+// with ADVANCE, every entry also moves to the next step: times scale[c], or
+// to exactly 0 once older than last[c], the label's longest duration (it
+// meets only zero weights from then on, and must neither set a normaliser
+// nor overflow); lm[c] receives the largest moved entry.
+template <bool ADVANCE>
+void forward_pass8(double* ring, const double* W, const double* last, const double* scale,
+                   double* acc, double* lm, int tK, int64_t n, int64_t K, int64_t C) {
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sc[8], lt[8];
+    for (int k = 0; k < 8; ++k) {
+      sc[k] = scale[c0 + k];
+      lt[k] = last[c0 + k];
+    }
+    for (int64_t d = 1; d <= n; ++d) {
+      double* __restrict r = ring + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
+      const double* __restrict w = W + (d - 1) * C + c0;
+      const double age = static_cast<double>(d);
+#pragma omp simd
+      for (int k = 0; k < 8; ++k) {
+        const double x0 = r[k];
+        a[k] += x0 * w[k];
+        if (ADVANCE) {
+          const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
+          r[k] = moved;
+          mx[k] = moved > mx[k] ? moved : mx[k];
+        }
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      acc[c0 + k] = a[k];
+      if (ADVANCE) lm[c0 + k] = mx[k];
+    }
+  }
+}
+
+// Backward sweep, step t: for d = dmax … 1, x = ring[t+d][c] · W[d-1][c]
+// into tau, the posterior x · ws into sum_dur[d-1], the running coverage
+// into pending (position t+d-1); with MOVE, the entry moves to step t-1 as
+// in forward_pass8.
+template <bool MOVE>
+void backward_pass8(double* ring, const double* W, const double* last, const double* ws,
+                    const double* scale, double* tau, double* covered, double* lm,
+                    double* sum_dur, double* pending, int64_t t, int tK, int64_t dmax, int64_t K,
+                    int64_t C) {
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    double ta[8] = {0, 0, 0, 0, 0, 0, 0, 0}, cv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double mx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, wv[8], sc[8], lt[8];
+    for (int k = 0; k < 8; ++k) {
+      wv[k] = ws[c0 + k];
+      sc[k] = scale[c0 + k];
+      lt[k] = last[c0 + k];
+    }
+    // pending's slot of position t+d-1, stepped down with d (no division).
+    int64_t slot = (t + dmax - 1) % K;
+    for (int64_t d = dmax; d >= 1; --d, slot = slot == 0 ? K - 1 : slot - 1) {
+      double* __restrict r = ring + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
+      const double* __restrict w = W + (d - 1) * C + c0;
+      double* __restrict sd = sum_dur + (d - 1) * C + c0;
+      double* __restrict pd = pending + slot * C + c0;
+      const double age = static_cast<double>(d);
+#pragma omp simd
+      for (int k = 0; k < 8; ++k) {
+        const double x0 = r[k];
+        const double xv = x0 * w[k];
+        ta[k] += xv;
+        const double post = xv * wv[k];
+        sd[k] += post;
+        cv[k] += post;
+        pd[k] += cv[k];
+        if (MOVE) {
+          const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
+          r[k] = moved;
+          mx[k] = moved > mx[k] ? moved : mx[k];
+        }
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      tau[c0 + k] = ta[k];
+      covered[c0 + k] = cv[k];
+      if (MOVE) lm[c0 + k] = mx[k];
+    }
+  }
+}
+
 // A float64 log offset kept as an unevaluated sum hi + lo (two-sum): an
 // offset of 1e5 gathers 1e-11 of rounding per addition, which thousands of
 // steps would turn into 1e-8 of relative error on every posterior.
@@ -1195,9 +1324,10 @@ struct ExpBackward {
   // (backward), a fixed point over the finite transitions: the others carry
   // no mass to Z, and are kept at exactly 0 so that they cannot set a
   // normaliser. *_last: the longest duration of such a label, else 0;
-  // keep_*: (K, C) 1 where a segment of duration d+1 can still matter.
+  // keep_f: (K, C) 1 where a forward entry of age d can still matter after
+  // a move.
   std::vector<int> fwd_last, bwd_last;
-  std::vector<double> keep_f, keep_b;
+  std::vector<double> keep_f, fwd_last_d, bwd_last_d;
   std::vector<int> last_raw;    // (C) longest finite duration (0: none)
   std::vector<double> col_max;  // (C) finite max over c' of transition[c', c]
   std::vector<double> A;        // (C, C) exp(transition - col_max[c])
@@ -1212,8 +1342,14 @@ struct ExpBackward {
   // The checkpoint's ring in duration order (row d-1: [t-d, t)), relative to ck_off.
   std::vector<double> ck_rows;
   Offset ck_off;
+  // exp(scores[t] - m_t) and m_t, the emission max, at the span's positions:
+  // the forward recompute's, reused by the backward sweep.
+  std::vector<double> fe_buf, m_buf;
+  // The largest entry of each label that can still matter, in the forward
+  // and backward rings: the next step's normaliser.
+  std::vector<double> lm_f, lm_b;
   // Scratch.
-  std::vector<double> acc, livemax, u, fe, fnew, lg, x, tau, v, bet, ws, covered;
+  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered;
   std::vector<double> trans_acc;  // (C, C) sum over t of alpha-part · v-part
   std::vector<double> sum_dur;    // (K, C)
   std::vector<double> pending;    // (K, C): score gradients of positions not yet complete
@@ -1227,10 +1363,12 @@ struct ExpBackward {
 
   ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
               int64_t span)
-      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), keep_b(K_ * C_),
+      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
         last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), ahat((span + 1) * C_),
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
-        ck_rows(K_ * C_), acc(C_), livemax(C_), u(C_), fe(C_), fnew(C_), lg(C_), x(K_ * C_),
+        ck_rows(K_ * C_), fe_buf((span + 1) * C_), m_buf(span + 1), lm_f(C_, 0.0),
+        lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_), lg(C_), arg(C_),
+        ex(C_),
         tau(C_), v(C_), bet(C_), ws(C_), covered(C_), trans_acc(C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
@@ -1270,9 +1408,10 @@ struct ExpBackward {
     for (int64_t c = 0; c < C; ++c) {
       fwd_last[c] = to_end[c] ? last_raw[c] : 0;
       bwd_last[c] = from_start[c] ? last_raw[c] : 0;
+      fwd_last_d[c] = fwd_last[c];
+      bwd_last_d[c] = bwd_last[c];
       for (int64_t d = 1; d <= K; ++d) {
         keep_f[(d - 1) * C + c] = d + 1 <= fwd_last[c] ? 1.0 : 0.0;
-        keep_b[(d - 1) * C + c] = d + 1 <= bwd_last[c] ? 1.0 : 0.0;
       }
     }
   }
@@ -1334,6 +1473,11 @@ struct ExpBackward {
       std::copy_n(ck_rows.data() + (d - 1) * C, C,
                   fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C);
     Oa = ck_off;
+    for (int64_t c = 0; c < C; ++c) {
+      lm_f[c] = 0.0;
+      for (int64_t d = 1; d <= K; ++d)
+        lm_f[c] = std::max(lm_f[c], ck_rows[(d - 1) * C + c] * keep_f[(d - 1) * C + c]);
+    }
     return true;
   }
 
@@ -1353,99 +1497,134 @@ struct ExpBackward {
   }
 
   // Forward step t of the span (row i of the buffers): alpha_hat[t] (t ≥ 1)
-  // and sigma_hat[t] (t < L).
-  void forward_step(int64_t t, int64_t i) {
+  // and sigma_hat[t] (t < L). With `advance` (t < L) the ring moves on to
+  // step t+1 in the same pass over it: position t's emissions, the segments
+  // opening at t, and the normaliser, which makes the largest entry that
+  // can still matter about 1 (from the previous step's largest, so that
+  // entries are rescaled as they are read; float64 has room for the lag).
+  void forward_step(int64_t t, int64_t i, bool advance) {
     double* a = ahat.data() + i * C;
     double* s = shat.data() + i * C;
+    double* f = fe_buf.data() + i * C;
+    double m = 0.0, inv = 1.0;
+    if (advance) {
+      m = kNegInf;
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+      if (m == kNegInf) m = 0.0;
+      m_buf[i] = m;
+      for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m;
+      exp_row_f64(arg.data(), f, C);
+      double top = 0.0;
+      for (int64_t c = 0; c < C; ++c) top = std::max(top, lm_f[c] * f[c]);
+      if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
+      for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv;
+    }
     if (t == 0) {
       std::fill_n(a, C, 0.0);
       aoff[i] = Oa;
       for (int64_t c = 0; c < C; ++c) lg[c] = in.first(c);
-      double m = kNegInf;
-      for (int64_t c = 0; c < C; ++c) m = std::max(m, lg[c]);
-      if (m == kNegInf) m = 0.0;
-      for (int64_t c = 0; c < C; ++c) s[c] = std::exp(lg[c] - m);
-      soff[i] = Offset{m, 0.0};
-      std::fill(livemax.begin(), livemax.end(), 0.0);
-      return;
-    }
-    const int tK = static_cast<int>(t % K);
-    const int64_t n = std::min(K, t);
-    std::fill(acc.begin(), acc.end(), 0.0);
-    std::fill(livemax.begin(), livemax.end(), 0.0);
-    for (int64_t d = 1; d <= n; ++d) {
-      const double* __restrict r =
-          fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
-      const double* __restrict w = W.data() + (d - 1) * C;
-      const double* __restrict kp = keep_f.data() + (d - 1) * C;
-      double* __restrict ac = acc.data();
-      double* __restrict lm = livemax.data();
+      double m0 = kNegInf;
+      for (int64_t c = 0; c < C; ++c) m0 = std::max(m0, lg[c]);
+      if (m0 == kNegInf) m0 = 0.0;
+      for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - m0;
+      exp_row_f64(arg.data(), s, C);
+      soff[i] = Offset{m0, 0.0};
+      std::fill(lm_f.begin(), lm_f.end(), 0.0);
+    } else {
+      const int tK = static_cast<int>(t % K);
+      const int64_t n = std::min(K, t);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(lm_f.begin(), lm_f.end(), 0.0);
+      if (C % 8 == 0) {
+        if (advance)
+          forward_pass8<true>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
+                              lm_f.data(), tK, n, K, C);
+        else
+          forward_pass8<false>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
+                               lm_f.data(), tK, n, K, C);
+      }
+      for (int64_t d = 1; d <= (C % 8 == 0 ? 0 : n); ++d) {
+        double* __restrict r =
+            fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+        const double* __restrict w = W.data() + (d - 1) * C;
+        double* __restrict ac = acc.data();
+        if (advance) {
+          const double* __restrict sc = fs.data();
+          double* __restrict lm = lm_f.data();
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        ac[c] += r[c] * w[c];
-        const double live = r[c] * kp[c];
-        lm[c] = live > lm[c] ? live : lm[c];
+          for (int64_t c = 0; c < C; ++c) {
+            const double x0 = r[c];
+            ac[c] += x0 * w[c];
+            const double moved = static_cast<double>(d) < fwd_last_d[c] ? x0 * sc[c] : 0.0;
+            r[c] = moved;
+            lm[c] = moved > lm[c] ? moved : lm[c];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) ac[c] += r[c] * w[c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) lg[c] = dur_max[c] + static_cast<double>(in.end(t - 1, c));
+      double ma = log_scale(lg.data(), acc.data());
+      if (ma == kNegInf) ma = 0.0;
+      for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
+      exp_row_f64(arg.data(), ex.data(), C);
+      for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
+      aoff[i] = Oa.plus(ma);
+      if (t < L) {
+        std::fill(u.begin(), u.end(), 0.0);
+        for (int64_t cp = 0; cp < C; ++cp) {
+          const double ac = a[cp];
+          if (ac == 0.0) continue;
+          const double* __restrict row = A.data() + cp * C;
+          double* __restrict uu = u.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) uu[c] += ac * row[c];
+        }
+        for (int64_t c = 0; c < C; ++c) lg[c] = col_max[c] + static_cast<double>(in.start(t, c));
+        double ms = log_scale(lg.data(), u.data());
+        if (ms == kNegInf) ms = 0.0;
+        for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ms;
+        exp_row_f64(arg.data(), ex.data(), C);
+        for (int64_t c = 0; c < C; ++c) s[c] = u[c] > 0 ? u[c] * ex[c] : 0.0;
+        soff[i] = aoff[i].plus(ms);
       }
     }
-    for (int64_t c = 0; c < C; ++c) lg[c] = dur_max[c] + static_cast<double>(in.end(t - 1, c));
-    double ma = log_scale(lg.data(), acc.data());
-    if (ma == kNegInf) ma = 0.0;
-    for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * std::exp(lg[c] - ma) : 0.0;
-    aoff[i] = Oa.plus(ma);
-    if (t == L) return;
-    std::fill(u.begin(), u.end(), 0.0);
-    for (int64_t cp = 0; cp < C; ++cp) {
-      const double ac = a[cp];
-      if (ac == 0.0) continue;
-      const double* __restrict row = A.data() + cp * C;
-      double* __restrict uu = u.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) uu[c] += ac * row[c];
+    if (!advance) return;
+    // The segments opening at t: sigma_hat[t] · exp(scores[t]).
+    const double shift = (soff[i].hi - Oa.hi) + (soff[i].lo - Oa.lo) + std::log(inv);
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m + shift;
+    const double extra = fresh_scale(arg.data(), s, fwd_last.data());
+    if (extra != 0.0) rescale(fring.data(), lm_f.data(), extra);
+    exp_row_f64(arg.data(), ex.data(), C);
+    double* fresh = fring.data() + (t % K) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const double v0 = s[c] > 0 && fwd_last[c] > 0 ? s[c] * ex[c] : 0.0;
+      if (!(v0 < std::numeric_limits<double>::infinity())) failed = true;
+      fresh[c] = v0;
+      lm_f[c] = std::max(lm_f[c], fwd_last[c] > 1 ? v0 : 0.0);
     }
-    for (int64_t c = 0; c < C; ++c) lg[c] = col_max[c] + static_cast<double>(in.start(t, c));
-    double ms = log_scale(lg.data(), u.data());
-    if (ms == kNegInf) ms = 0.0;
-    for (int64_t c = 0; c < C; ++c) s[c] = u[c] > 0 ? u[c] * std::exp(lg[c] - ms) : 0.0;
-    soff[i] = aoff[i].plus(ms);
+    Oa.add((m - std::log(inv)) + extra);
   }
 
-  // Moves the forward ring from step t to t+1 (t < L): position t's
-  // emissions, the segments opening at t (sigma_hat of row i), and a
-  // normaliser that makes the largest entry that can still matter 1.
-  void forward_advance(int64_t t, int64_t i) {
-    const double* s = shat.data() + i * C;
-    double m = kNegInf;
-    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
-    if (m == kNegInf) m = 0.0;
-    const double shift = (soff[i].hi - Oa.hi) + (soff[i].lo - Oa.lo);
-    double top = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double e = static_cast<double>(in.score(t, c)) - m;
-      fe[c] = std::exp(e);
-      fnew[c] = s[c] > 0 && fwd_last[c] > 0 ? s[c] * std::exp(e + shift) : 0.0;
-      top = std::max(top, std::max(livemax[c] * fe[c], fnew[c]));
-    }
-    if (!(top > 0) || !(top < std::numeric_limits<double>::infinity())) {
-      // Nothing alive (or past float64's range, caught by the certificate).
-      if (!(top < std::numeric_limits<double>::infinity())) failed = true;
-      top = 1.0;
-    }
-    const double inv = 1.0 / top;
-    for (int64_t c = 0; c < C; ++c) {
-      fe[c] *= inv;
-      fnew[c] *= inv;
-    }
-    const int tK = static_cast<int>(t % K);
-    for (int64_t d = 1; d <= std::min(t, K - 1); ++d) {
-      double* __restrict r =
-          fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
-      const double* __restrict kp = keep_f.data() + (d - 1) * C;
-      const double* __restrict f = fe.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) r[c] *= f[c] * kp[c];
-    }
-    std::copy(fnew.begin(), fnew.end(), fring.begin() + tK * C);
-    Oa.add(m + std::log(top));
+  // The normaliser of a move comes from the previous step's entries; when
+  // the entries arriving now, val[c] · exp(arg[c]), lie far above them
+  // (beyond 2^400: scores of 1e4 do that), the move takes the excess out of
+  // everything instead: returns it (0 otherwise), already taken out of arg.
+  double fresh_scale(double* arg_, const double* val, const int* last) const {
+    double top = kNegInf;
+    for (int64_t c = 0; c < C; ++c)
+      if (val[c] > 0 && last[c] > 0) top = std::max(top, arg_[c] + exponent_of(val[c]) * kLn2);
+    if (!(top > 400.0 * kLn2)) return 0.0;
+    for (int64_t c = 0; c < C; ++c) arg_[c] -= top;
+    return top;
+  }
+
+  // Every entry of a ring, and its largest-entry record, times exp(-extra).
+  void rescale(double* ring, double* lm, double extra) const {
+    const double f = std::exp(-extra);
+    for (int64_t k = 0; k < K * C; ++k) ring[k] *= f;
+    for (int64_t c = 0; c < C; ++c) lm[c] *= f;
   }
 
   // The forward ring at step t in duration order (rows d-1 = [t-d, t)).
@@ -1535,8 +1714,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     if (!eb.load(first, ckpt.at(j), ckpt.offset[j])) return false;
     for (int64_t t = first; t <= last; ++t) {
-      eb.forward_step(t, t - first);
-      if (t < L) eb.forward_advance(t, t - first);
+      eb.forward_step(t, t - first, t < L);
     }
     if (eb.failed) return false;
     double span_drift = 0.0;
@@ -1572,8 +1750,8 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       // spreads it). A larger ratio is a checkpoint that means something
       // else: the log backward keeps it in the span before.
       const int64_t i = last + 1 - first;
-      eb.forward_step(last + 1, i);
       eb.ring_rows(last + 1, ext_rows.data());
+      eb.forward_step(last + 1, i, false);
       const double total =
           eb.boundary_mass(last + 1, ahat.data() + i * C, eb.aoff[i], ext_rows.data(), eb.Oa,
                            anchor_beta.data(), anchor.Qb, anchor_ring.data(), anchor.Q);
@@ -1618,51 +1796,84 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
           top = std::max(top, eb.fnew[c]);
         }
         if (!(top > 0) || !(top < std::numeric_limits<double>::infinity())) top = 1.0;
-        for (int64_t c = 0; c < C; ++c) eb.bring[tK * C + c] = eb.fnew[c] / top;
+        for (int64_t c = 0; c < C; ++c) {
+          eb.bring[tK * C + c] = eb.fnew[c] / top;
+          eb.lm_b[c] = eb.bwd_last[c] > 1 ? eb.bring[tK * C + c] : 0.0;
+        }
         eb.Q = eb.Qb;
         eb.Q.add(m + std::log(top));
         continue;
       }
 
-      // Segments [t, t+d): x = ring · W; tau_hat = sum_d x (relative to Q + dur_max).
+      // Segments [t, t+d): x = ring · W, tau_hat = sum_d x (relative to Q +
+      // dur_max), their posteriors sigma_hat · x · ws, and (except at a
+      // span's first position, whose re-anchor needs the ring as it is) the
+      // ring's move to step t-1, all in one pass over the ring. The move
+      // multiplies by exp(scores[t-1] - m) over the normaliser, which makes
+      // the largest entry that can still matter about 1 (from the previous
+      // step's largest, as in the forward recompute).
       const int64_t dmax = std::min(K, L - t);
+      const bool fused = t > first;
+      for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]);
+      exp_row_f64(eb.arg.data(), eb.ws.data(), C);
+      for (int64_t c = 0; c < C; ++c) eb.ws[c] = sigma[c] > 0 ? sigma[c] * eb.ws[c] : 0.0;
+      double m = 0.0, inv = 1.0;
+      if (fused) {
+        const double* f = eb.fe_buf.data() + (i - 1) * C;  // position t-1
+        m = eb.m_buf[i - 1];
+        double top = 0.0;
+        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * f[c]);
+        if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
+        for (int64_t c = 0; c < C; ++c) eb.fs[c] = f[c] * inv;
+        std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
+      }
       std::fill(eb.tau.begin(), eb.tau.end(), 0.0);
-      std::fill(eb.livemax.begin(), eb.livemax.end(), 0.0);
-      for (int64_t d = 1; d <= dmax; ++d) {
-        const double* __restrict r =
+      std::fill(eb.covered.begin(), eb.covered.end(), 0.0);
+      if (C % 8 == 0) {
+        if (fused)
+          backward_pass8<true>(eb.bring.data(), eb.W.data(), eb.bwd_last_d.data(), eb.ws.data(),
+                               eb.fs.data(), eb.tau.data(), eb.covered.data(), eb.lm_b.data(),
+                               eb.sum_dur.data(), eb.pending.data(), t, tK, dmax, K, C);
+        else
+          backward_pass8<false>(eb.bring.data(), eb.W.data(), eb.bwd_last_d.data(), eb.ws.data(),
+                                eb.fs.data(), eb.tau.data(), eb.covered.data(), eb.lm_b.data(),
+                                eb.sum_dur.data(), eb.pending.data(), t, tK, dmax, K, C);
+      }
+      for (int64_t d = (C % 8 == 0 ? 0 : dmax); d >= 1; --d) {
+        double* __restrict r =
             eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
         const double* __restrict w = eb.W.data() + (d - 1) * C;
-        const double* __restrict kp = eb.keep_b.data() + (d - 1) * C;
-        double* __restrict xr = eb.x.data() + (d - 1) * C;
+        const double* __restrict wsv = eb.ws.data();
         double* __restrict ta = eb.tau.data();
-        double* __restrict lm = eb.livemax.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const double xv = r[c] * w[c];
-          xr[c] = xv;
-          ta[c] += xv;
-          const double live = r[c] * kp[c];
-          lm[c] = live > lm[c] ? live : lm[c];
-        }
-      }
-      // Posteriors of the segments starting at t: sigma_hat · x · ws.
-      for (int64_t c = 0; c < C; ++c)
-        eb.ws[c] = sigma[c] > 0 && eb.tau[c] > 0
-                       ? sigma[c] * std::exp(eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]))
-                       : 0.0;
-      std::fill(eb.covered.begin(), eb.covered.end(), 0.0);
-      for (int64_t d = dmax; d >= 1; --d) {
-        const double* __restrict xr = eb.x.data() + (d - 1) * C;
-        const double* __restrict w = eb.ws.data();
         double* __restrict sd = eb.sum_dur.data() + (d - 1) * C;
         double* __restrict cv = eb.covered.data();
         double* __restrict pd = eb.pending.data() + ((t + d - 1) % K) * C;
+        if (fused) {
+          const double* __restrict sc = eb.fs.data();
+          double* __restrict lm = eb.lm_b.data();
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const double post = xr[c] * w[c];
-          sd[c] += post;
-          cv[c] += post;
-          pd[c] += cv[c];
+          for (int64_t c = 0; c < C; ++c) {
+            const double x0 = r[c];
+            const double xv = x0 * w[c];
+            ta[c] += xv;
+            const double post = xv * wsv[c];
+            sd[c] += post;
+            cv[c] += post;
+            pd[c] += cv[c];
+            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? x0 * sc[c] : 0.0;
+            r[c] = moved;
+            lm[c] = moved > lm[c] ? moved : lm[c];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double xv = r[c] * w[c];
+            ta[c] += xv;
+            const double post = xv * wsv[c];
+            sd[c] += post;
+            cv[c] += post;
+            pd[c] += cv[c];
+          }
         }
       }
       if (t + K - 1 < L) eb.flush_position(t + K - 1, g, grad.scores);
@@ -1682,8 +1893,9 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         eb.lg[c] = eb.col_max[c] + static_cast<double>(in.start(t, c)) + eb.dur_max[c];
       double mv = eb.log_scale(eb.lg.data(), eb.tau.data());
       if (mv == -std::numeric_limits<double>::infinity()) mv = 0.0;
-      for (int64_t c = 0; c < C; ++c)
-        eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * std::exp(eb.lg[c] - mv) : 0.0;
+      for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.lg[c] - mv;
+      exp_row_f64(eb.arg.data(), eb.v.data(), C);
+      for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
       eb.Qb = eb.Q.plus(mv);
       for (int64_t cp = 0; cp < C; ++cp) {
         const double* __restrict row = eb.A.data() + cp * C;
@@ -1722,39 +1934,48 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         eb.Qb.lo -= std::log(total);
       }
 
-      // Move the ring to step t-1: position t-1's emissions, the segments
-      // ending at t, and a normaliser that makes the largest entry that can
-      // still matter 1.
-      double m = -std::numeric_limits<double>::infinity();
-      for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t - 1, c)));
-      if (m == -std::numeric_limits<double>::infinity()) m = 0.0;
-      const double shift = (eb.Qb.hi - eb.Q.hi) + (eb.Qb.lo - eb.Q.lo);
-      double top = 0.0;
-      for (int64_t c = 0; c < C; ++c) {
-        const double e = static_cast<double>(in.score(t - 1, c)) - m;
-        eb.fe[c] = std::exp(e);
-        eb.fnew[c] = eb.bet[c] > 0 && eb.bwd_last[c] > 0
-                         ? eb.bet[c] * std::exp(e + shift + static_cast<double>(in.end(t - 1, c)))
-                         : 0.0;
-        top = std::max(top, std::max(eb.livemax[c] * eb.fe[c], eb.fnew[c]));
-      }
-      if (!(top < std::numeric_limits<double>::infinity())) return false;
-      if (!(top > 0)) top = 1.0;
-      const double inv = 1.0 / top;
-      for (int64_t c = 0; c < C; ++c) {
-        eb.fe[c] *= inv;
-        eb.fnew[c] *= inv;
-      }
-      for (int64_t d = 1; d <= std::min(K - 1, L - t); ++d) {
-        double* __restrict r =
-            eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
-        const double* __restrict kp = eb.keep_b.data() + (d - 1) * C;
-        const double* __restrict f = eb.fe.data();
+      if (!fused) {
+        // The move at a span's first position, in a pass of its own.
+        m = -std::numeric_limits<double>::infinity();
+        for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t - 1, c)));
+        if (m == -std::numeric_limits<double>::infinity()) m = 0.0;
+        for (int64_t c = 0; c < C; ++c) eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m;
+        exp_row_f64(eb.arg.data(), eb.fe.data(), C);
+        double top = 0.0;
+        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * eb.fe[c]);
+        if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
+        for (int64_t c = 0; c < C; ++c) eb.fs[c] = eb.fe[c] * inv;
+        std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
+        for (int64_t d = 1; d <= std::min(K, L - t); ++d) {
+          double* __restrict r =
+              eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+          const double* __restrict sc = eb.fs.data();
+          double* __restrict lm = eb.lm_b.data();
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) r[c] *= f[c] * kp[c];
+          for (int64_t c = 0; c < C; ++c) {
+            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? r[c] * sc[c] : 0.0;
+            r[c] = moved;
+            lm[c] = moved > lm[c] ? moved : lm[c];
+          }
+        }
       }
-      std::copy(eb.fnew.begin(), eb.fnew.end(), eb.bring.begin() + tK * C);
-      eb.Q.add(m + std::log(top));
+      // The segments ending at t: beta_hat[t] · exp(end_scores[t-1] +
+      // scores[t-1]), in slot t % K (the duration-K segment's, now too long).
+      const double shift = (eb.Qb.hi - eb.Q.hi) + (eb.Qb.lo - eb.Q.lo) + std::log(inv);
+      for (int64_t c = 0; c < C; ++c)
+        eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m + shift +
+                    static_cast<double>(in.end(t - 1, c));
+      const double extra = eb.fresh_scale(eb.arg.data(), eb.bet.data(), eb.bwd_last.data());
+      if (extra != 0.0) eb.rescale(eb.bring.data(), eb.lm_b.data(), extra);
+      exp_row_f64(eb.arg.data(), eb.ex.data(), C);
+      double* fresh = eb.bring.data() + tK * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double v0 = eb.bet[c] > 0 && eb.bwd_last[c] > 0 ? eb.bet[c] * eb.ex[c] : 0.0;
+        if (!(v0 < std::numeric_limits<double>::infinity())) return false;
+        fresh[c] = v0;
+        eb.lm_b[c] = std::max(eb.lm_b[c], eb.bwd_last[c] > 1 ? v0 : 0.0);
+      }
+      eb.Q.add((m - std::log(inv)) + extra);
     }
     if (eb.failed) return false;
   }
