@@ -1331,6 +1331,7 @@ struct ExpBackward {
   std::vector<int> last_raw;    // (C) longest finite duration (0: none)
   std::vector<double> col_max;  // (C) finite max over c' of transition[c', c]
   std::vector<double> A;        // (C, C) exp(transition - col_max[c])
+  std::vector<double> At;       // its transpose
 
   // The span's forward messages: alpha_hat[t] relative to aoff[t], sigma_hat
   // relative to soff[t].
@@ -1364,7 +1365,7 @@ struct ExpBackward {
   ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
               int64_t span)
       : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
-        last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), ahat((span + 1) * C_),
+        last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), At(C_ * C_), ahat((span + 1) * C_),
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
         ck_rows(K_ * C_), fe_buf((span + 1) * C_), m_buf(span + 1), lm_f(C_, 0.0),
         lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_), lg(C_), arg(C_),
@@ -1387,8 +1388,10 @@ struct ExpBackward {
       mx = kNegInf;
       for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, static_cast<double>(in.trans(cp, c)));
       col_max[c] = mx > kNegInf ? mx : 0.0;
-      for (int64_t cp = 0; cp < C; ++cp)
+      for (int64_t cp = 0; cp < C; ++cp) {
         A[cp * C + c] = std::exp(static_cast<double>(in.trans(cp, c)) - col_max[c]);
+        At[c * C + cp] = A[cp * C + c];
+      }
     }
     std::vector<char> to_end(C, 0), from_start(C, 0);
     for (int64_t c = 0; c < C; ++c) {
@@ -1897,13 +1900,15 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       exp_row_f64(eb.arg.data(), eb.v.data(), C);
       for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
       eb.Qb = eb.Q.plus(mv);
-      for (int64_t cp = 0; cp < C; ++cp) {
-        const double* __restrict row = eb.A.data() + cp * C;
-        const double* __restrict vv = eb.v.data();
-        double s = 0.0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t c = 0; c < C; ++c) s += row[c] * vv[c];
-        eb.bet[cp] = s;
+      // Along c' (contiguous in A's transpose): no horizontal sums.
+      std::fill(eb.bet.begin(), eb.bet.end(), 0.0);
+      for (int64_t c = 0; c < C; ++c) {
+        const double vc = eb.v[c];
+        if (vc == 0.0) continue;
+        const double* __restrict col = eb.At.data() + c * C;
+        double* __restrict bt = eb.bet.data();
+#pragma omp simd
+        for (int64_t cp = 0; cp < C; ++cp) bt[cp] += col[cp] * vc;
       }
       const double sa = std::exp(eb.rel(aoff, eb.Qb));
       for (int64_t cp = 0; cp < C; ++cp) {
