@@ -1332,6 +1332,13 @@ struct ExpBackward {
   std::vector<double> col_max;  // (C) finite max over c' of transition[c', c]
   std::vector<double> A;        // (C, C) exp(transition - col_max[c])
   std::vector<double> At;       // its transpose
+  // Without start/end scores most per-label factors of a step are a table
+  // times one exp: e_dur = exp(dur_max - its max), e_col = exp(col_max -
+  // its max), e_cd = exp(col_max + dur_max - its max) (usable only where
+  // no entry underflows).
+  std::vector<double> e_dur, e_col, e_cd;
+  double dur_top = 0.0, col_top = 0.0, cd_top = 0.0;
+  bool tables_ok = false;
 
   // The span's forward messages: alpha_hat[t] relative to aoff[t], sigma_hat
   // relative to soff[t].
@@ -1365,7 +1372,7 @@ struct ExpBackward {
   ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
               int64_t span)
       : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
-        last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), At(C_ * C_), ahat((span + 1) * C_),
+        last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), At(C_ * C_), e_dur(C_), e_col(C_), e_cd(C_), ahat((span + 1) * C_),
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
         ck_rows(K_ * C_), fe_buf((span + 1) * C_), m_buf(span + 1), lm_f(C_, 0.0),
         lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_), lg(C_), arg(C_),
@@ -1392,6 +1399,17 @@ struct ExpBackward {
         A[cp * C + c] = std::exp(static_cast<double>(in.trans(cp, c)) - col_max[c]);
         At[c * C + cp] = A[cp * C + c];
       }
+    }
+    dur_top = *std::max_element(dur_max.begin(), dur_max.end());
+    col_top = *std::max_element(col_max.begin(), col_max.end());
+    cd_top = kNegInf;
+    for (int64_t c = 0; c < C; ++c) cd_top = std::max(cd_top, col_max[c] + dur_max[c]);
+    tables_ok = true;
+    for (int64_t c = 0; c < C; ++c) {
+      e_dur[c] = std::exp(dur_max[c] - dur_top);
+      e_col[c] = std::exp(col_max[c] - col_top);
+      e_cd[c] = std::exp(col_max[c] + dur_max[c] - cd_top);
+      tables_ok = tables_ok && e_dur[c] > 0.0 && e_col[c] > 0.0 && e_cd[c] > 0.0;
     }
     std::vector<char> to_end(C, 0), from_start(C, 0);
     for (int64_t c = 0; c < C; ++c) {
@@ -1484,6 +1502,17 @@ struct ExpBackward {
     return true;
   }
 
+  // out[c] = table[c] · exp(e), when that exp is a normal number: one exp
+  // for a row. False (out untouched) otherwise; the caller takes the row's
+  // exps one by one.
+  static bool table_row(const double* table, double e, double* out, int64_t n) {
+    const double f = std::exp(e);
+    if (!(f > std::numeric_limits<double>::min() && f < std::numeric_limits<double>::max()))
+      return false;
+    for (int64_t c = 0; c < n; ++c) out[c] = table[c] * f;
+    return true;
+  }
+
   // exp(a + b + extra - log Z), the sum taken so that the large parts cancel
   // first.
   double rel(const Offset& a, const Offset& b, double extra = 0.0) const {
@@ -1570,8 +1599,10 @@ struct ExpBackward {
       for (int64_t c = 0; c < C; ++c) lg[c] = dur_max[c] + static_cast<double>(in.end(t - 1, c));
       double ma = log_scale(lg.data(), acc.data());
       if (ma == kNegInf) ma = 0.0;
-      for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
-      exp_row_f64(arg.data(), ex.data(), C);
+      if (!(tables_ok && !in.end_scores && table_row(e_dur.data(), dur_top - ma, ex.data(), C))) {
+        for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
+        exp_row_f64(arg.data(), ex.data(), C);
+      }
       for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
       aoff[i] = Oa.plus(ma);
       if (t < L) {
@@ -1587,8 +1618,11 @@ struct ExpBackward {
         for (int64_t c = 0; c < C; ++c) lg[c] = col_max[c] + static_cast<double>(in.start(t, c));
         double ms = log_scale(lg.data(), u.data());
         if (ms == kNegInf) ms = 0.0;
-        for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ms;
-        exp_row_f64(arg.data(), ex.data(), C);
+        if (!(tables_ok && !in.start_scores &&
+              table_row(e_col.data(), col_top - ms, ex.data(), C))) {
+          for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ms;
+          exp_row_f64(arg.data(), ex.data(), C);
+        }
         for (int64_t c = 0; c < C; ++c) s[c] = u[c] > 0 ? u[c] * ex[c] : 0.0;
         soff[i] = aoff[i].plus(ms);
       }
@@ -1599,7 +1633,7 @@ struct ExpBackward {
     for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m + shift;
     const double extra = fresh_scale(arg.data(), s, fwd_last.data());
     if (extra != 0.0) rescale(fring.data(), lm_f.data(), extra);
-    exp_row_f64(arg.data(), ex.data(), C);
+    if (!table_row(f, shift - extra, ex.data(), C)) exp_row_f64(arg.data(), ex.data(), C);
     double* fresh = fring.data() + (t % K) * C;
     for (int64_t c = 0; c < C; ++c) {
       const double v0 = s[c] > 0 && fwd_last[c] > 0 ? s[c] * ex[c] : 0.0;
@@ -1817,8 +1851,11 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       // step's largest, as in the forward recompute).
       const int64_t dmax = std::min(K, L - t);
       const bool fused = t > first;
-      for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]);
-      exp_row_f64(eb.arg.data(), eb.ws.data(), C);
+      if (!(eb.tables_ok &&
+            eb.table_row(eb.e_dur.data(), eb.rel(eb.soff[i], eb.Q, eb.dur_top), eb.ws.data(), C))) {
+        for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]);
+        exp_row_f64(eb.arg.data(), eb.ws.data(), C);
+      }
       for (int64_t c = 0; c < C; ++c) eb.ws[c] = sigma[c] > 0 ? sigma[c] * eb.ws[c] : 0.0;
       double m = 0.0, inv = 1.0;
       if (fused) {
@@ -1896,8 +1933,11 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         eb.lg[c] = eb.col_max[c] + static_cast<double>(in.start(t, c)) + eb.dur_max[c];
       double mv = eb.log_scale(eb.lg.data(), eb.tau.data());
       if (mv == -std::numeric_limits<double>::infinity()) mv = 0.0;
-      for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.lg[c] - mv;
-      exp_row_f64(eb.arg.data(), eb.v.data(), C);
+      if (!(eb.tables_ok && !in.start_scores &&
+            eb.table_row(eb.e_cd.data(), eb.cd_top - mv, eb.v.data(), C))) {
+        for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.lg[c] - mv;
+        exp_row_f64(eb.arg.data(), eb.v.data(), C);
+      }
       for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
       eb.Qb = eb.Q.plus(mv);
       // Along c' (contiguous in A's transpose): no horizontal sums.
@@ -1972,7 +2012,10 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
                     static_cast<double>(in.end(t - 1, c));
       const double extra = eb.fresh_scale(eb.arg.data(), eb.bet.data(), eb.bwd_last.data());
       if (extra != 0.0) eb.rescale(eb.bring.data(), eb.lm_b.data(), extra);
-      exp_row_f64(eb.arg.data(), eb.ex.data(), C);
+      // exp(scores[t-1] - m), the forward recompute's where it has it.
+      const double* f_prev = fused ? eb.fe_buf.data() + (i - 1) * C : eb.fe.data();
+      if (!(!in.end_scores && eb.table_row(f_prev, shift - extra, eb.ex.data(), C)))
+        exp_row_f64(eb.arg.data(), eb.ex.data(), C);
       double* fresh = eb.bring.data() + tK * C;
       for (int64_t c = 0; c < C; ++c) {
         const double v0 = eb.bet[c] > 0 && eb.bwd_last[c] > 0 ? eb.bet[c] * eb.ex[c] : 0.0;
