@@ -1,15 +1,17 @@
-"""The C++ CPU kernel's scaled exp-domain forward against its log-domain scan,
-side by side in one run, one thread: ``python -m bench.exp_domain``.
+"""The C++ CPU kernel's scaled exp-domain forward and backward against its
+log-domain scan and backward, side by side in one run, one thread:
+``python -m bench.exp_domain``.
 
 Writes bench/results/exp-domain.csv and bench/results/exp-domain.md. For each
-problem: forward and forward+backward times with FLASHSEMICRF_CPU_ALGORITHM
-= log and = exp (the backward is the log-domain one in both), the
-exp-domain forward's fallback rate (sequences handed to the log scan), and
-the throughput in log-sum-exp-term equivalents per second — B·T·(C² + K·C)
-terms per forward, B·T·K·C² with a (K, C, C) transition, 3x for
-forward+backward — as a ratio to this machine's single-thread exp
-throughput, measured in the same run (torch.exp into a preallocated,
-cache-resident float32 buffer, the best of a few sizes).
+problem: forward, backward and forward+backward times with
+FLASHSEMICRF_CPU_ALGORITHM = log and = exp (each setting runs its own forward
+and backward), the exp-domain forward's and backward's fallback rates
+(sequences handed to the log-domain kernel), and the throughput in
+log-sum-exp-term equivalents per second — B·T·(C² + K·C) terms per forward,
+B·T·K·C² with a (K, C, C) transition, 3x for forward+backward — as a ratio
+to this machine's single-thread exp throughput, measured in the same run
+(torch.exp into a preallocated, cache-resident float32 buffer, the best of a
+few sizes). Times are the best of --repeats calls: the machine may be shared.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def time_call(fn, repeats: int) -> float:
 def measure(name, B, T, K, C, dd, repeats: int) -> dict:
     ops = torch.ops.flashsemicrf
     fallbacks = torch.ops.flashsemicrf_testing.cpu_exp_fallbacks
+    bwd_fallbacks = torch.ops.flashsemicrf_testing.cpu_exp_backward_fallbacks
     x = problem(B, T, K, C, dd)
     up = torch.ones(B)
     terms = B * T * (K * C * C if dd else C * C + K * C)
@@ -90,6 +93,10 @@ def measure(name, B, T, K, C, dd, repeats: int) -> dict:
         log_z, ring, offset = ops.forward(*x, 0)
         taken = fallbacks() - before
         fwd = time_call(lambda: ops.forward(*x, 0), repeats)
+        before_bwd = bwd_fallbacks()
+        ops.backward(up, *x, log_z, ring, offset, 0, False)
+        taken_bwd = bwd_fallbacks() - before_bwd
+        bwd = time_call(lambda: ops.backward(up, *x, log_z, ring, offset, 0, False), repeats)
 
         def both():
             z, rg, off = ops.forward(*x, 0)
@@ -97,22 +104,68 @@ def measure(name, B, T, K, C, dd, repeats: int) -> dict:
 
         total = time_call(both, repeats)
         row[f"{algorithm}_fwd_ms"] = fwd * 1e3
+        row[f"{algorithm}_bwd_ms"] = bwd * 1e3
         row[f"{algorithm}_fwdbwd_ms"] = total * 1e3
         if algorithm == "exp":
             row["fallbacks"] = f"{taken}/{B}"
+            row["bwd_fallbacks"] = f"{taken_bwd}/{B}"
     return row
+
+
+def precision(T: int, K: int = 200, C: int = 6, seed: int = 0) -> list:
+    """float32 against float64 at long T, one sequence (scores N(-1.5, 1),
+    parameters N(0, 1)): for each setting, its float32 forward and backward
+    against the log-domain kernel in float64. Errors: log Z relative, score
+    gradients absolute, the shared parameters max |Δ| / (1 + |g|)."""
+    ops = torch.ops.flashsemicrf
+    testing = torch.ops.flashsemicrf_testing
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    inputs = [r(1, T, C) - 1.5, r(C, C), r(K, C), torch.full((1,), T), r(C), r(C)]
+
+    def run(algorithm, dtype):
+        os.environ[ENV] = algorithm
+        x = [v.to(dtype) if v.is_floating_point() else v for v in inputs] + [None, None]
+        before = (testing.cpu_exp_fallbacks(), testing.cpu_exp_backward_fallbacks())
+        t0 = time.perf_counter()
+        log_z, ring, offset = ops.forward(*x, 0)
+        grads = ops.backward(torch.ones(1, dtype=dtype), *x, log_z, ring, offset, 0, False)
+        seconds = time.perf_counter() - t0
+        taken = (testing.cpu_exp_fallbacks() - before[0],
+                 testing.cpu_exp_backward_fallbacks() - before[1])
+        return log_z.double(), [v.double() for v in grads[:5]], seconds, taken
+
+    z64, g64, _, _ = run("log", torch.float64)
+    rows = []
+    for algorithm in ("log", "exp"):
+        z, gr, seconds, taken = run(algorithm, torch.float32)
+        row = dict(setting=algorithm, T=T, K=K, C=C, seconds=seconds,
+                   fallbacks=f"{taken[0]}/1", bwd_fallbacks=f"{taken[1]}/1",
+                   log_z=((z - z64).abs() / z64.abs()).max().item(),
+                   scores=(gr[0] - g64[0]).abs().max().item())
+        for name, a, b in zip(("transition", "duration", "start_transition", "end_transition"),
+                              gr[1:], g64[1:]):
+            row[name] = ((a - b).abs() / (1 + b.abs())).max().item()
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--precision-T", type=int, default=10**6,
+                        help="T of the float32 precision check (0: skip it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     saved = os.environ.get(ENV)
     try:
         peak = exp_peak()
         rows = [measure(*p, repeats=args.repeats) for p in PROBLEMS]
+        checks = precision(args.precision_T) if args.precision_T else []
     finally:
         if saved is None:
             os.environ.pop(ENV, None)
@@ -133,24 +186,47 @@ def main(argv=None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "# CPU kernel: exp-domain forward vs log-domain scan",
+        "# CPU kernel: exp-domain forward and backward vs the log-domain kernel",
         "",
         f"`python -m bench.exp_domain`, one thread, float32, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}. Single-thread exp peak: {peak / 1e9:.2f} G exp/s "
         "(torch.exp into a cache-resident float32 buffer). Times are the best of "
-        f"{args.repeats}. The backward is the log-domain one with either setting.",
+        f"{args.repeats}. Each setting runs its own forward and backward "
+        "(`FLASHSEMICRF_CPU_ALGORITHM=log`: the log-domain scan and backward).",
         "",
-        "| problem | log fwd ms | exp fwd ms | fwd speed-up | log fwd+bwd ms | exp fwd+bwd ms "
-        "| fwd+bwd speed-up | exp fwd × exp peak | exp fwd+bwd × exp peak | fallbacks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| problem | log fwd ms | exp fwd ms | log bwd ms | exp bwd ms | log fwd+bwd ms "
+        "| exp fwd+bwd ms | fwd+bwd speed-up | exp fwd × exp peak | exp fwd+bwd × exp peak "
+        "| fwd fallbacks | bwd fallbacks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['problem']} B={r['B']} T={r['T']} K={r['K']} C={r['C']} {r['transition']} "
-            f"| {r['log_fwd_ms']:.1f} | {r['exp_fwd_ms']:.1f} | {r['speedup_fwd']:.2f}x "
-            f"| {r['log_fwdbwd_ms']:.1f} | {r['exp_fwdbwd_ms']:.1f} | {r['speedup_fwdbwd']:.2f}x "
-            f"| {r['exp_fwd_x_exp_peak']:.2f} | {r['exp_fwdbwd_x_exp_peak']:.2f} | {r['fallbacks']} |")
-    lines += ["", "The (K, C, C) transition has no exp-domain path yet: both columns run the log scan."]
+            f"| {r['log_fwd_ms']:.1f} | {r['exp_fwd_ms']:.1f} | {r['log_bwd_ms']:.1f} "
+            f"| {r['exp_bwd_ms']:.1f} | {r['log_fwdbwd_ms']:.1f} | {r['exp_fwdbwd_ms']:.1f} "
+            f"| {r['speedup_fwdbwd']:.2f}x | {r['exp_fwd_x_exp_peak']:.2f} "
+            f"| {r['exp_fwdbwd_x_exp_peak']:.2f} | {r['fallbacks']} | {r['bwd_fallbacks']} |")
+    lines += ["", "The (K, C, C) transition has no exp-domain path yet: both columns run the "
+              "log-domain kernel."]
+    if checks:
+        lines += [
+            "",
+            f"## float32 precision at T = {args.precision_T}",
+            "",
+            "One sequence, K = 200, C = 6, scores N(-1.5, 1) uncentred: each setting's float32 "
+            "forward and backward against the log-domain kernel in float64 (log Z relative, "
+            "score gradients absolute, shared parameters max |Δ| / (1 + |g|)). Time: float32 "
+            "forward + backward, one call.",
+            "",
+            "| setting | log Z | scores | transition | duration | start_transition "
+            "| end_transition | s | fwd fallbacks | bwd fallbacks |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c in checks:
+            lines.append(
+                f"| {c['setting']} | {c['log_z']:.1e} | {c['scores']:.1e} | {c['transition']:.1e} "
+                f"| {c['duration']:.1e} | {c['start_transition']:.1e} | {c['end_transition']:.1e} "
+                f"| {c['seconds']:.1f} | {c['fallbacks']} | {c['bwd_fallbacks']} |")
     (args.out / "exp-domain.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

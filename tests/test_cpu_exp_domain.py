@@ -1,13 +1,18 @@
-"""The C++ CPU kernel's scaled exp-domain forward (FLASHSEMICRF_CPU_ALGORITHM
-= "exp", the default) against its log-domain scan ("log").
+"""The C++ CPU kernel's scaled exp-domain forward and backward
+(FLASHSEMICRF_CPU_ALGORITHM = "exp", the default) against its log-domain scan
+and backward ("log").
 
 The exp-domain forward keeps probabilities relative to one float64 offset per
 sequence and bounds what underflow loses; where the bound cannot certify log
-Z it hands the sequence to the log scan. So the results must match the log
-scan's on every input, the fallback must be taken exactly where exp-domain
-arithmetic alone would be wrong (the adversarial problems below), and never
-on ordinary random inputs. The fallback count is read from
-``torch.ops.flashsemicrf_testing.cpu_exp_fallbacks``, outside the public API.
+Z it hands the sequence to the log scan. The exp-domain backward checks that
+the posteriors covering every position sum to 1 (and that every re-anchor
+and log Z agree); where they do not it hands the sequence to the log-domain
+backward. So the results must match the log kernel's on every input, the
+fallbacks must be taken where exp-domain arithmetic alone would be wrong (the
+adversarial problems below), and never on ordinary random inputs. The
+fallback counts are read from ``torch.ops.flashsemicrf_testing``
+(``cpu_exp_fallbacks``, ``cpu_exp_backward_fallbacks``), outside the public
+API.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import flashsemicrf  # noqa: F401  (loads the compiled ops when they are built)
 from conftest import assert_close, log_z_and_grads, make_case, random_small_cases
 
 ENV = "FLASHSEMICRF_CPU_ALGORITHM"
+GRADIENTS = ("scores", "transition", "duration", "start_transition", "end_transition",
+             "start_scores", "end_scores")
 NEG_INF = -math.inf
 F32, F64 = torch.float32, torch.float64
 
@@ -30,6 +37,7 @@ def _has_cpu_op() -> bool:
     try:
         torch.ops.flashsemicrf.forward.default
         torch.ops.flashsemicrf_testing.cpu_exp_fallbacks.default
+        torch.ops.flashsemicrf_testing.cpu_exp_backward_fallbacks.default
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -40,6 +48,10 @@ pytestmark = pytest.mark.skipif(not _has_cpu_op(), reason="needs the C++ CPU ker
 
 def fallbacks() -> int:
     return int(torch.ops.flashsemicrf_testing.cpu_exp_fallbacks())
+
+
+def bwd_fallbacks() -> int:
+    return int(torch.ops.flashsemicrf_testing.cpu_exp_backward_fallbacks())
 
 
 def op_args(kw: dict, dtype) -> list:
@@ -64,6 +76,32 @@ def forward(monkeypatch, algorithm: str, kw: dict, dtype, interval: int = 0):
     return (*out, fallbacks() - before)
 
 
+def backward(monkeypatch, algorithm: str, kw: dict, dtype, fwd, interval: int = 0, upstream=None):
+    """(every gradient output of the backward op, fallbacks taken) from the
+    forward outputs fwd = (log Z, ring, offsets, ...), boundary masses on."""
+    monkeypatch.setenv(ENV, algorithm)
+    x = op_args(kw, dtype)
+    B = x[0].shape[0]
+    if upstream is None:
+        upstream = torch.linspace(1.0, -0.5, B, dtype=F64)
+    before = bwd_fallbacks()
+    out = torch.ops.flashsemicrf.backward(upstream.to(dtype), *x, *fwd[:3], interval, True)
+    return list(out), bwd_fallbacks() - before
+
+
+def centred(kw: dict) -> dict:
+    """The same posteriors with each position's scores shifted by their
+    finite max (every segmentation covers each position once): float64
+    computes them to ~1e-15 however large the scores, the truth the float64
+    kernels are held to on problems without start/end scores."""
+    if "start_scores" in kw or "end_scores" in kw:
+        return kw
+    s = kw["scores"]
+    top = torch.where(torch.isfinite(s), s, torch.full_like(s, NEG_INF)).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return dict(kw, scores=s - top)
+
+
 def grads(monkeypatch, algorithm: str, kw: dict, dtype):
     monkeypatch.setenv(ENV, algorithm)
     return log_z_and_grads({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in kw.items()},
@@ -83,9 +121,9 @@ def test_exp_matches_log_small(monkeypatch, case):
     """Every optional input, ragged lengths, K > T, T = 1, -inf entries, both
     transition forms: log Z and every gradient, float64, to 1e-10."""
     z_log, g_log = grads(monkeypatch, "log", case.kwargs, F64)
-    before = fallbacks()
+    before, before_bwd = fallbacks(), bwd_fallbacks()
     z_exp, g_exp = grads(monkeypatch, "exp", case.kwargs, F64)
-    assert fallbacks() == before
+    assert fallbacks() == before and bwd_fallbacks() == before_bwd
     scale = max(1.0, z_log[torch.isfinite(z_log)].abs().max().item()) if torch.isfinite(z_log).any() else 1.0
     assert_close("log Z", z_exp, z_log, 1e-10 * scale)
     for name in g_log:
@@ -97,7 +135,9 @@ def test_exp_matches_log_small(monkeypatch, case):
 def test_exp_matches_log_medium(monkeypatch, seed, neg_inf):
     case = make_case(seed, 3, 150, 20, 6, neg_inf=neg_inf, scale=2.0)
     z_log, g_log = grads(monkeypatch, "log", case.kwargs, F64)
+    before = bwd_fallbacks()
     z_exp, g_exp = grads(monkeypatch, "exp", case.kwargs, F64)
+    assert bwd_fallbacks() == before
     assert_close("log Z", z_exp, z_log, 1e-10 * z_log.abs().max().item())
     for name in g_log:
         assert_close(name, g_exp[name], g_log[name], 1e-10)
@@ -111,10 +151,23 @@ def test_no_fallback_on_benchmark_inputs(monkeypatch, dtype):
     kw = dict(scores=torch.randn(B, T, C, generator=g, dtype=F64),
               transition=torch.randn(C, C, generator=g, dtype=F64),
               duration=torch.randn(K, C, generator=g, dtype=F64), lengths=torch.full((B,), T))
-    z_exp, *_, taken = forward(monkeypatch, "exp", kw, dtype)
+    fwd_exp = forward(monkeypatch, "exp", kw, dtype)
+    z_exp, taken = fwd_exp[0], fwd_exp[3]
     assert taken == 0
-    z_log, *_ = forward(monkeypatch, "log", kw, dtype)
+    fwd_log = forward(monkeypatch, "log", kw, dtype)
+    z_log = fwd_log[0]
     assert_close("log Z", z_exp, z_log, (1e-6 if dtype == F32 else 1e-12) * z_log.abs().max().item())
+    g_exp, taken = backward(monkeypatch, "exp", kw, dtype, fwd_exp)
+    assert taken == 0
+    g_log, _ = backward(monkeypatch, "log", kw, dtype, fwd_log)
+    if dtype == F64:
+        for a, b in zip(g_exp, g_log):
+            assert_close("gradient", a, b, 1e-10 * max(1.0, b.abs().max().item()))
+    else:
+        g_64, _ = backward(monkeypatch, "log", kw, F64, forward(monkeypatch, "log", kw, F64))
+        for a, b, c in zip(g_exp, g_log, g_64):
+            own = (b.double() - c).abs().max().item()
+            assert_close("gradient", a, c, max(1e-5 * max(1.0, c.abs().max().item()), 2 * own))
 
 
 def test_exp_is_deterministic(monkeypatch):
@@ -123,6 +176,82 @@ def test_exp_is_deterministic(monkeypatch):
         first = forward(monkeypatch, "exp", case.kwargs, dtype, interval=7)
         second = forward(monkeypatch, "exp", case.kwargs, dtype, interval=7)
         for a, b in zip(first[:3], second[:3]):
+            assert same_values(a, b)
+
+
+@pytest.mark.parametrize("interval", [1, 3, 0])
+@pytest.mark.parametrize("case", random_small_cases(16, seed0=41, max_T=14, max_K=6, max_C=4),
+                         ids=lambda c: c.id)
+def test_exp_backward_every_output(monkeypatch, case, interval):
+    """The backward op's every output (boundary masses on), from the log
+    scan's checkpoints and from the exp-domain forward's, with one span per
+    position up to the default interval: float64 to 1e-10 of the log
+    backward, no fallback. Both transition forms run (the (K, C, C) one is
+    the log backward in either setting)."""
+    kw = case.kwargs
+    fwd_log = forward(monkeypatch, "log", kw, F64, interval)
+    fwd_exp = forward(monkeypatch, "exp", kw, F64, interval)
+    expected, _ = backward(monkeypatch, "log", kw, F64, fwd_log, interval)
+    for fwd in (fwd_log, fwd_exp):
+        got, taken = backward(monkeypatch, "exp", kw, F64, fwd, interval)
+        assert taken == 0
+        for name, a, b in zip(GRADIENTS, got, expected):
+            assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("interval", [5, 0])
+@pytest.mark.parametrize("C", [8, 16])
+def test_exp_backward_eight_label_passes(monkeypatch, C, interval):
+    """Label counts that are multiples of 8 take the register-blocked passes:
+    every output, float64, to 1e-10 of the log backward, -inf entries,
+    ragged lengths, every optional input."""
+    kw = make_case(11 + C, 3, 90, 12, C, neg_inf=True, scale=1.5).kwargs
+    for algorithm in ("log", "exp"):
+        fwd = forward(monkeypatch, algorithm, kw, F64, interval)
+        expected, _ = backward(monkeypatch, "log", kw, F64, fwd, interval)
+        got, taken = backward(monkeypatch, "exp", kw, F64, fwd, interval)
+        assert taken == 0
+        for name, a, b in zip(GRADIENTS, got, expected):
+            assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
+
+
+def test_exp_backward_float32(monkeypatch):
+    """Float32, ragged lengths, every optional input, several spans: against
+    float64 as close as the log backward in float32 is (or 1e-5)."""
+    case = make_case(7, 3, 300, 24, 6, neg_inf=True, scale=2.0)
+    kw = case.kwargs
+    g_64, _ = backward(monkeypatch, "log", kw, F64, forward(monkeypatch, "log", kw, F64))
+    g_32, _ = backward(monkeypatch, "log", kw, F32, forward(monkeypatch, "log", kw, F32))
+    got, taken = backward(monkeypatch, "exp", kw, F32, forward(monkeypatch, "exp", kw, F32))
+    assert taken == 0
+    for name, a, b, c in zip(GRADIENTS, got, g_32, g_64):
+        own = (b.double() - c).abs().max().item()
+        assert_close(name, a, c, max(1e-5 * max(1.0, c.abs().max().item()), 2 * own))
+
+
+def test_exp_backward_is_deterministic(monkeypatch):
+    case = make_case(3, 3, 200, 16, 8, neg_inf=True)
+    for dtype in (F32, F64):
+        fwd = forward(monkeypatch, "exp", case.kwargs, dtype, interval=7)
+        first, _ = backward(monkeypatch, "exp", case.kwargs, dtype, fwd, interval=7)
+        second, _ = backward(monkeypatch, "exp", case.kwargs, dtype, fwd, interval=7)
+        for a, b in zip(first, second):
+            assert same_values(a, b)
+
+
+def test_backward_fallback_is_the_log_backward(monkeypatch):
+    """Where the certificate fails, the sequence's outputs are the log
+    backward's, bit for bit (the exp attempt's partial outputs are cleared);
+    with FLASHSEMICRF_CPU_ALGORITHM=log the exp-domain backward never runs."""
+    adv = next(a for a in ADVERSARIES if a.name == "revived_by_duration")
+    B = adv.kw["scores"].shape[0]
+    for dtype in (F32, F64):
+        fwd = forward(monkeypatch, "log", adv.kw, dtype)
+        got, taken = backward(monkeypatch, "exp", adv.kw, dtype, fwd)
+        assert taken == B
+        expected, taken = backward(monkeypatch, "log", adv.kw, dtype, fwd)
+        assert taken == 0
+        for a, b in zip(got, expected):
             assert same_values(a, b)
 
 
@@ -144,6 +273,8 @@ class Adversary:
     kw: dict
     breaks: tuple = ()
     clean: tuple = ()
+    bwd_breaks: tuple = ()  # dtypes where the exp-domain backward must hand every row over
+    bwd_clean: tuple = ()  # dtypes where it must not hand any over
     dead_row: int | None = None  # a row without any segmentation: -inf, zero gradients
     nan_row: int | None = None  # a row with a NaN score: NaN
     extra: dict = field(default_factory=dict)
@@ -336,6 +467,22 @@ def adversaries() -> list[Adversary]:
                          dict(scores=scores, transition=randn(C, C), duration=randn(K, C),
                               lengths=torch.tensor([T, 15])),
                          nan_row=0))
+
+    # The exp-domain backward runs in float64 whatever the dtype: it loses
+    # mass (and must hand the row over) where float64 does, which is where
+    # the forward needed the log scan in both dtypes. Float32 rows of the
+    # wide duration table lose nothing in float64; the dead-end label's
+    # float32 log Z differs from the float32 log scan's (whose offsets follow
+    # the dead end) by more than that scan's rounding allows for, and goes
+    # to the log backward.
+    both = (F32, F64)
+    for a in out:
+        if a.breaks == both:
+            a.bwd_breaks = both
+        elif a.name in ("wide_duration_table", "dead_end_label"):
+            a.bwd_clean = (F64,)
+        elif a.clean == both:
+            a.bwd_clean = both
     return out
 
 
@@ -356,6 +503,17 @@ def test_adversarial(monkeypatch, adv, dtype):
         assert same_values(ring_exp, ring_log) and torch.equal(off_exp, off_log)
     if dtype in adv.clean:
         assert taken == 0
+    # The backward from these checkpoints: handed over where it must be,
+    # and then the log backward's outputs, bit for bit.
+    fwd = (z_exp, ring_exp, off_exp)
+    g_exp, taken_bwd = backward(monkeypatch, "exp", adv.kw, dtype, fwd)
+    if dtype in adv.bwd_breaks:
+        assert taken_bwd == B
+        g_log, _ = backward(monkeypatch, "log", adv.kw, dtype, fwd)
+        for a, b in zip(g_exp, g_log):
+            assert same_values(a, b)
+    if dtype in adv.bwd_clean:
+        assert taken_bwd == 0
     if adv.nan_row is not None:
         assert taken == 1 and torch.isnan(z_exp[adv.nan_row])
         rest = [b for b in range(B) if b != adv.nan_row]
@@ -364,7 +522,8 @@ def test_adversarial(monkeypatch, adv, dtype):
         return
     # Where the exp-domain result stands, it agrees with float64 as well as
     # the log scan in the same dtype does (or better).
-    z64, g64 = grads(monkeypatch, "log", adv.kw, F64)
+    z64, _ = grads(monkeypatch, "log", adv.kw, F64)
+    _, g64 = grads(monkeypatch, "log", centred(adv.kw), F64)
     z_e, g_e = grads(monkeypatch, "exp", adv.kw, dtype)
     z_l, g_l = grads(monkeypatch, "log", adv.kw, dtype)
     finite = torch.isfinite(z64)

@@ -1129,6 +1129,928 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
   std::copy(sum_dur.begin(), sum_dur.end(), grad.duration);
 }
 
+// ---------------------------------------------------------------------------
+// The scaled exp-domain backward (static (C, C) transition). It walks the
+// spans as the log-domain backward above does, re-anchoring at every
+// checkpoint, but keeps every message as a float64 probability relative to
+// a float64 log offset: a span's forward recompute (from the log-layout
+// checkpoint) and the beta sweep cost K·C multiply-adds and O(C) exps a
+// position instead of K·C + C² exps. Float64 inside, whatever the dtype: it
+// rounds 1e-16 a step, so a span's recompute is consistent with its
+// checkpoint to the last bits and needs no renormalisation, and it
+// underflows only 708 nats below the normaliser.
+//
+// Exactness is certified, not assumed. Every computed posterior is a sum of
+// products of nonnegative terms, at most the exact one times rounding:
+// underflow can only lose mass. The posteriors of the segments that cover a
+// position sum to 1 in exact arithmetic, so the kernel sums them for every
+// position and accepts the sequence only if every sum is 1 within
+// exp_backward_tolerance, every re-anchor measures the boundary mass it
+// must, no checkpoint entry underflows on loading, and log Z (from this
+// recompute) agrees with the log-domain scan of the last span. Otherwise
+// the caller reruns the log-domain backward for the sequence.
+// docs/design.md has the argument.
+
+// The certificate's tolerances. Coverage and re-anchoring compare float64
+// sums of float64 products: their rounding is a few ulp of the float64
+// offsets (1e-16 · |log Z|) plus the float32 inputs' conversion, far below
+// both dtypes' targets. log Z is compared with the log-domain scan of the
+// last span, whose own rounding grows with the span: eps · |log Z| per step
+// in its float64 offset, and (float32) ~eps32 · |entries| in its messages.
+template <typename scalar_t>
+double exp_backward_tolerance(double log_z) {
+  const double own = 16.0 * std::numeric_limits<double>::epsilon() * std::abs(log_z);
+  return (sizeof(scalar_t) < sizeof(double) ? 1e-6 : 1e-10) + own;
+}
+template <typename scalar_t>
+double exp_backward_log_z_tolerance(double log_z, int64_t steps) {
+  const double root = std::sqrt(static_cast<double>(steps + 1));
+  const double offset = 8.0 * std::numeric_limits<double>::epsilon() * std::abs(log_z) * root;
+  return offset + (sizeof(scalar_t) < sizeof(double) ? 4e-6 : 1e-12) * root;
+}
+
+// exp in float64 written so that loops calling it vectorise (std::exp does
+// not): Cody-Waite reduction to |r| <= ln2/2 and the Taylor polynomial to
+// degree 13 (truncation 4e-18 relative), ~2 ulp. exp(-inf) = 0, NaN stays
+// NaN; results below 2^-1021 flush to 0 (as flush-to-zero would make them)
+// and above 2^1023 are inf.
+__attribute__((always_inline)) inline double exp_f64(double x) {
+  const double lo = -708.0, hi = 709.08;
+  const double xc = x < lo ? lo : (x > hi ? hi : x);
+  const double n = (xc * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+  const double r = (xc - n * 0.693145751953125) - n * 1.4286068203094172321e-6;
+  double y = 1.0 / 6227020800.0;
+  y = y * r + 1.0 / 479001600.0;
+  y = y * r + 1.0 / 39916800.0;
+  y = y * r + 1.0 / 3628800.0;
+  y = y * r + 1.0 / 362880.0;
+  y = y * r + 1.0 / 40320.0;
+  y = y * r + 1.0 / 5040.0;
+  y = y * r + 1.0 / 720.0;
+  y = y * r + 1.0 / 120.0;
+  y = y * r + 1.0 / 24.0;
+  y = y * r + 1.0 / 6.0;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  double res = y * scale;
+  res = x < lo ? 0.0 : res;
+  res = x > hi ? std::numeric_limits<double>::infinity() : res;
+  return x != x ? x : res;
+}
+
+// out[c] = exp_f64(x[c]) for c < n.
+inline void exp_row_f64(const double* __restrict x, double* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) out[c] = exp_f64(x[c]);
+}
+
+// The passes of the exp-domain backward over its rings, eight labels at a
+// time (C % 8 == 0), so that the per-label sums stay in registers across
+// the durations instead of going through memory for every row; the generic
+// loops in ExpBackward are the same arithmetic in the same order.
+//
+// Forward recompute, step t: acc[c] = sum_{d <= n} ring[t-d][c] · W[d-1][c];
+// with ADVANCE, every entry also moves to the next step: times scale[c], or
+// to exactly 0 once older than last[c], the label's longest duration (it
+// meets only zero weights from then on, and must neither set a normaliser
+// nor overflow); lm[c] receives the largest moved entry.
+template <bool ADVANCE>
+void forward_pass8(double* ring, const double* W, const double* last, const double* scale,
+                   double* acc, double* lm, int tK, int64_t n, int64_t K, int64_t C) {
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sc[8], lt[8];
+    for (int k = 0; k < 8; ++k) {
+      sc[k] = scale[c0 + k];
+      lt[k] = last[c0 + k];
+    }
+    for (int64_t d = 1; d <= n; ++d) {
+      double* __restrict r = ring + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
+      const double* __restrict w = W + (d - 1) * C + c0;
+      const double age = static_cast<double>(d);
+#pragma omp simd
+      for (int k = 0; k < 8; ++k) {
+        const double x0 = r[k];
+        a[k] += x0 * w[k];
+        if (ADVANCE) {
+          const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
+          r[k] = moved;
+          mx[k] = moved > mx[k] ? moved : mx[k];
+        }
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      acc[c0 + k] = a[k];
+      if (ADVANCE) lm[c0 + k] = mx[k];
+    }
+  }
+}
+
+// Backward sweep, step t: for d = dmax … 1, x = ring[t+d][c] · W[d-1][c]
+// into tau, the posterior x · ws into sum_dur[d-1], the running coverage
+// into pending (position t+d-1); with MOVE, the entry moves to step t-1 as
+// in forward_pass8.
+template <bool MOVE>
+void backward_pass8(double* ring, const double* W, const double* last, const double* ws,
+                    const double* scale, double* tau, double* covered, double* lm,
+                    double* sum_dur, double* pending, int64_t t, int tK, int64_t dmax, int64_t K,
+                    int64_t C) {
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    double ta[8] = {0, 0, 0, 0, 0, 0, 0, 0}, cv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double mx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, wv[8], sc[8], lt[8];
+    for (int k = 0; k < 8; ++k) {
+      wv[k] = ws[c0 + k];
+      sc[k] = scale[c0 + k];
+      lt[k] = last[c0 + k];
+    }
+    // pending's slot of position t+d-1, stepped down with d (no division).
+    int64_t slot = (t + dmax - 1) % K;
+    for (int64_t d = dmax; d >= 1; --d, slot = slot == 0 ? K - 1 : slot - 1) {
+      double* __restrict r = ring + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
+      const double* __restrict w = W + (d - 1) * C + c0;
+      double* __restrict sd = sum_dur + (d - 1) * C + c0;
+      double* __restrict pd = pending + slot * C + c0;
+      const double age = static_cast<double>(d);
+#pragma omp simd
+      for (int k = 0; k < 8; ++k) {
+        const double x0 = r[k];
+        const double xv = x0 * w[k];
+        ta[k] += xv;
+        const double post = xv * wv[k];
+        sd[k] += post;
+        cv[k] += post;
+        pd[k] += cv[k];
+        if (MOVE) {
+          const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
+          r[k] = moved;
+          mx[k] = moved > mx[k] ? moved : mx[k];
+        }
+      }
+    }
+    for (int k = 0; k < 8; ++k) {
+      tau[c0 + k] = ta[k];
+      covered[c0 + k] = cv[k];
+      if (MOVE) lm[c0 + k] = mx[k];
+    }
+  }
+}
+
+// A float64 log offset kept as an unevaluated sum hi + lo (two-sum): an
+// offset of 1e5 gathers 1e-11 of rounding per addition, which thousands of
+// steps would turn into 1e-8 of relative error on every posterior.
+struct Offset {
+  double hi = 0.0, lo = 0.0;
+  void add(double x) {
+    const double s = hi + x, bb = s - hi;
+    lo += (hi - (s - bb)) + (x - bb);
+    hi = s;
+  }
+  Offset plus(double x) const { return {hi, lo + x}; }
+};
+
+template <typename scalar_t>
+struct ExpBackward {
+  static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  const SequenceInputs<scalar_t>& in;
+  const int64_t K, C, L;
+
+  // Per-call tables, float64.
+  std::vector<double> dur_max;  // (C) finite max over d of duration (0 if none)
+  std::vector<double> W;        // (K, C) exp(duration - dur_max)
+  // Labels that can reach an end (forward) or be reached from a start
+  // (backward), a fixed point over the finite transitions: the others carry
+  // no mass to Z, and are kept at exactly 0 so that they cannot set a
+  // normaliser. *_last: the longest duration of such a label, else 0;
+  // keep_f: (K, C) 1 where a forward entry of age d can still matter after
+  // a move.
+  std::vector<int> fwd_last, bwd_last;
+  std::vector<double> keep_f, fwd_last_d, bwd_last_d;
+  std::vector<int> last_raw;    // (C) longest finite duration (0: none)
+  std::vector<double> col_max;  // (C) finite max over c' of transition[c', c]
+  std::vector<double> A;        // (C, C) exp(transition - col_max[c])
+  std::vector<double> At;       // its transpose
+  // Without start/end scores most per-label factors of a step are a table
+  // times one exp: e_dur = exp(dur_max - its max), e_col = exp(col_max -
+  // its max), e_cd = exp(col_max + dur_max - its max) (usable only where
+  // no entry underflows).
+  std::vector<double> e_dur, e_col, e_cd;
+  double dur_top = 0.0, col_top = 0.0, cd_top = 0.0;
+  bool tables_ok = false;
+
+  // The span's forward messages: alpha_hat[t] relative to aoff[t], sigma_hat
+  // relative to soff[t].
+  std::vector<double> ahat, shat;
+  std::vector<Offset> aoff, soff;
+  // Forward ring (circular, slot s % K), relative to Oa.
+  std::vector<double> fring;
+  Offset Oa;
+  // The checkpoint's ring in duration order (row d-1: [t-d, t)), relative to ck_off.
+  std::vector<double> ck_rows;
+  Offset ck_off;
+  // exp(scores[t] - m_t) and m_t, the emission max, at the span's positions:
+  // the forward recompute's, reused by the backward sweep.
+  std::vector<double> fe_buf, m_buf;
+  // The largest entry of each label that can still matter, in the forward
+  // and backward rings: the next step's normaliser.
+  std::vector<double> lm_f, lm_b;
+  // Scratch.
+  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered;
+  std::vector<double> trans_acc;  // (C, C) sum over t of alpha-part · v-part
+  std::vector<double> sum_dur;    // (K, C)
+  std::vector<double> pending;    // (K, C): score gradients of positions not yet complete
+  // Backward ring (slot e % K: the segment [t, e)), relative to Q; beta_hat
+  // relative to Qb.
+  std::vector<double> bring;
+  Offset Q, Qb;
+  double log_z = 0.0;
+  double tol;  // set with log Z (exp_backward_tolerance)
+  bool failed = false;
+
+  ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
+              int64_t span)
+      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
+        last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), At(C_ * C_), e_dur(C_), e_col(C_), e_cd(C_), ahat((span + 1) * C_),
+        shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
+        ck_rows(K_ * C_), fe_buf((span + 1) * C_), m_buf(span + 1), lm_f(C_, 0.0),
+        lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_), lg(C_), arg(C_),
+        ex(C_),
+        tau(C_), v(C_), bet(C_), ws(C_), covered(C_), trans_acc(C_ * C_, 0.0),
+        sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
+        tol(0.0) {
+    for (int64_t c = 0; c < C; ++c) {
+      double mx = kNegInf;
+      for (int64_t d = 1; d <= K; ++d) {
+        const double w = in.dur(d, c);
+        if (w > kNegInf) last_raw[c] = static_cast<int>(d);
+        mx = std::max(mx, w);
+      }
+      dur_max[c] = mx > kNegInf ? mx : 0.0;
+      for (int64_t d = 1; d <= K; ++d) {
+        W[(d - 1) * C + c] = std::exp(static_cast<double>(in.dur(d, c)) - dur_max[c]);
+
+      }
+      mx = kNegInf;
+      for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, static_cast<double>(in.trans(cp, c)));
+      col_max[c] = mx > kNegInf ? mx : 0.0;
+      for (int64_t cp = 0; cp < C; ++cp) {
+        A[cp * C + c] = std::exp(static_cast<double>(in.trans(cp, c)) - col_max[c]);
+        At[c * C + cp] = A[cp * C + c];
+      }
+    }
+    dur_top = *std::max_element(dur_max.begin(), dur_max.end());
+    col_top = *std::max_element(col_max.begin(), col_max.end());
+    cd_top = kNegInf;
+    for (int64_t c = 0; c < C; ++c) cd_top = std::max(cd_top, col_max[c] + dur_max[c]);
+    tables_ok = true;
+    for (int64_t c = 0; c < C; ++c) {
+      e_dur[c] = std::exp(dur_max[c] - dur_top);
+      e_col[c] = std::exp(col_max[c] - col_top);
+      e_cd[c] = std::exp(col_max[c] + dur_max[c] - cd_top);
+      tables_ok = tables_ok && e_dur[c] > 0.0 && e_col[c] > 0.0 && e_cd[c] > 0.0;
+    }
+    std::vector<char> to_end(C, 0), from_start(C, 0);
+    for (int64_t c = 0; c < C; ++c) {
+      to_end[c] = last_raw[c] > 0 && in.end_transition[c] > neg_inf<scalar_t>();
+      from_start[c] = last_raw[c] > 0 && in.start_transition[c] > neg_inf<scalar_t>();
+    }
+    for (bool changed = true; changed;) {
+      changed = false;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t c2 = 0; c2 < C; ++c2) {
+          if (in.trans(c, c2) == neg_inf<scalar_t>() || last_raw[c] == 0 || last_raw[c2] == 0)
+            continue;
+          if (!to_end[c] && to_end[c2]) to_end[c] = changed = true;
+          if (from_start[c] && !from_start[c2]) from_start[c2] = changed = true;
+        }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      fwd_last[c] = to_end[c] ? last_raw[c] : 0;
+      bwd_last[c] = from_start[c] ? last_raw[c] : 0;
+      fwd_last_d[c] = fwd_last[c];
+      bwd_last_d[c] = bwd_last[c];
+      for (int64_t d = 1; d <= K; ++d) {
+        keep_f[(d - 1) * C + c] = d + 1 <= fwd_last[c] ? 1.0 : 0.0;
+      }
+    }
+  }
+
+  // NaN or +inf anywhere: the log backward gives the NaN.
+  static bool bad(scalar_t v) { return !(v < std::numeric_limits<scalar_t>::infinity()); }
+  bool bad_inputs() const {
+    bool any = false;
+    for (int64_t i = 0; i < C * C; ++i) any |= bad(in.transition[i]);
+    for (int64_t i = 0; i < K * C; ++i) any |= bad(in.duration[i]);
+    for (int64_t c = 0; c < C; ++c) any |= bad(in.start_transition[c]) | bad(in.end_transition[c]);
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t c = 0; c < C; ++c)
+        any |= bad(in.score(t, c)) | bad(in.start(t, c)) | bad(in.end(t, c));
+    return any;
+  }
+
+  // Scaled copies of a log-layout ring (rows d-1 = [t-d, t), relative to
+  // off): out = exp(row - M), *out_off = off + M, M the finite max.
+  void scaled_rows(const scalar_t* rows, double off, double* out, Offset* out_off) const {
+    double M = kNegInf;
+    for (int64_t i = 0; i < K * C; ++i) M = std::max(M, static_cast<double>(rows[i]));
+    if (M == kNegInf) M = 0.0;
+    for (int64_t i = 0; i < K * C; ++i) out[i] = std::exp(static_cast<double>(rows[i]) - M);
+    *out_off = Offset{off, M};
+  }
+
+  // Checkpoint j of the span starting at `first` into the forward ring.
+  bool load(int64_t first, const scalar_t* rows, double off) {
+    scaled_rows(rows, off, ck_rows.data(), &ck_off);
+    // Entries older than their label's longest duration meet only zero
+    // weights; the exp-domain forward keeps them (capped), so they must not
+    // set the scale.
+    bool rescale = false;
+    for (int64_t d = 1; d <= K; ++d)
+      for (int64_t c = 0; c < C; ++c)
+        if (d > fwd_last[c] && ck_rows[(d - 1) * C + c] > 0) rescale = true;
+    if (rescale) {
+      double M = kNegInf;
+      for (int64_t d = 1; d <= K; ++d)
+        for (int64_t c = 0; c < C; ++c)
+          if (d <= fwd_last[c]) M = std::max(M, static_cast<double>(rows[(d - 1) * C + c]));
+      if (M == kNegInf) M = 0.0;
+      for (int64_t d = 1; d <= K; ++d)
+        for (int64_t c = 0; c < C; ++c)
+          ck_rows[(d - 1) * C + c] =
+              d <= fwd_last[c] ? std::exp(static_cast<double>(rows[(d - 1) * C + c]) - M) : 0.0;
+      ck_off = Offset{off, M};
+    }
+    // A finite entry that underflows here is mass lost before any check
+    // could see it: the log backward takes the sequence.
+    for (int64_t d = 1; d <= K; ++d)
+      for (int64_t c = 0; c < C; ++c)
+        if (d <= fwd_last[c] && ck_rows[(d - 1) * C + c] == 0.0 &&
+            rows[(d - 1) * C + c] > neg_inf<scalar_t>())
+          return false;
+    const int tK = static_cast<int>(first % K);
+    for (int64_t d = 1; d <= K; ++d)
+      std::copy_n(ck_rows.data() + (d - 1) * C, C,
+                  fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C);
+    Oa = ck_off;
+    for (int64_t c = 0; c < C; ++c) {
+      lm_f[c] = 0.0;
+      for (int64_t d = 1; d <= K; ++d)
+        lm_f[c] = std::max(lm_f[c], ck_rows[(d - 1) * C + c] * keep_f[(d - 1) * C + c]);
+    }
+    return true;
+  }
+
+  // out[c] = table[c] · exp(e), when that exp is a normal number: one exp
+  // for a row. False (out untouched) otherwise; the caller takes the row's
+  // exps one by one.
+  static bool table_row(const double* table, double e, double* out, int64_t n) {
+    const double f = std::exp(e);
+    if (!(f > std::numeric_limits<double>::min() && f < std::numeric_limits<double>::max()))
+      return false;
+    for (int64_t c = 0; c < n; ++c) out[c] = table[c] * f;
+    return true;
+  }
+
+  // exp(a + b + extra - log Z), the sum taken so that the large parts cancel
+  // first.
+  double rel(const Offset& a, const Offset& b, double extra = 0.0) const {
+    return ((a.hi - log_z) + b.hi) + ((a.lo + b.lo) + extra);
+  }
+
+  // largest of y[c] + log(val[c]) over val > 0, from the exponent (within a
+  // factor 2); kNegInf if none.
+  double log_scale(const double* y, const double* val) const {
+    double top = kNegInf;
+    for (int64_t c = 0; c < C; ++c)
+      if (val[c] > 0) top = std::max(top, y[c] + exponent_of(val[c]) * kLn2);
+    return top;
+  }
+
+  // Forward step t of the span (row i of the buffers): alpha_hat[t] (t ≥ 1)
+  // and sigma_hat[t] (t < L). With `advance` (t < L) the ring moves on to
+  // step t+1 in the same pass over it: position t's emissions, the segments
+  // opening at t, and the normaliser, which makes the largest entry that
+  // can still matter about 1 (from the previous step's largest, so that
+  // entries are rescaled as they are read; float64 has room for the lag).
+  void forward_step(int64_t t, int64_t i, bool advance) {
+    double* a = ahat.data() + i * C;
+    double* s = shat.data() + i * C;
+    double* f = fe_buf.data() + i * C;
+    double m = 0.0, inv = 1.0;
+    if (advance) {
+      m = kNegInf;
+      for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+      if (m == kNegInf) m = 0.0;
+      m_buf[i] = m;
+      for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m;
+      exp_row_f64(arg.data(), f, C);
+      double top = 0.0;
+      for (int64_t c = 0; c < C; ++c) top = std::max(top, lm_f[c] * f[c]);
+      if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
+      for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv;
+    }
+    if (t == 0) {
+      std::fill_n(a, C, 0.0);
+      aoff[i] = Oa;
+      for (int64_t c = 0; c < C; ++c) lg[c] = in.first(c);
+      double m0 = kNegInf;
+      for (int64_t c = 0; c < C; ++c) m0 = std::max(m0, lg[c]);
+      if (m0 == kNegInf) m0 = 0.0;
+      for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - m0;
+      exp_row_f64(arg.data(), s, C);
+      soff[i] = Offset{m0, 0.0};
+      std::fill(lm_f.begin(), lm_f.end(), 0.0);
+    } else {
+      const int tK = static_cast<int>(t % K);
+      const int64_t n = std::min(K, t);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(lm_f.begin(), lm_f.end(), 0.0);
+      if (C % 8 == 0) {
+        if (advance)
+          forward_pass8<true>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
+                              lm_f.data(), tK, n, K, C);
+        else
+          forward_pass8<false>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
+                               lm_f.data(), tK, n, K, C);
+      }
+      for (int64_t d = 1; d <= (C % 8 == 0 ? 0 : n); ++d) {
+        double* __restrict r =
+            fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+        const double* __restrict w = W.data() + (d - 1) * C;
+        double* __restrict ac = acc.data();
+        if (advance) {
+          const double* __restrict sc = fs.data();
+          double* __restrict lm = lm_f.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double x0 = r[c];
+            ac[c] += x0 * w[c];
+            const double moved = static_cast<double>(d) < fwd_last_d[c] ? x0 * sc[c] : 0.0;
+            r[c] = moved;
+            lm[c] = moved > lm[c] ? moved : lm[c];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) ac[c] += r[c] * w[c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) lg[c] = dur_max[c] + static_cast<double>(in.end(t - 1, c));
+      double ma = log_scale(lg.data(), acc.data());
+      if (ma == kNegInf) ma = 0.0;
+      if (!(tables_ok && !in.end_scores && table_row(e_dur.data(), dur_top - ma, ex.data(), C))) {
+        for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
+        exp_row_f64(arg.data(), ex.data(), C);
+      }
+      for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
+      aoff[i] = Oa.plus(ma);
+      if (t < L) {
+        std::fill(u.begin(), u.end(), 0.0);
+        for (int64_t cp = 0; cp < C; ++cp) {
+          const double ac = a[cp];
+          if (ac == 0.0) continue;
+          const double* __restrict row = A.data() + cp * C;
+          double* __restrict uu = u.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) uu[c] += ac * row[c];
+        }
+        for (int64_t c = 0; c < C; ++c) lg[c] = col_max[c] + static_cast<double>(in.start(t, c));
+        double ms = log_scale(lg.data(), u.data());
+        if (ms == kNegInf) ms = 0.0;
+        if (!(tables_ok && !in.start_scores &&
+              table_row(e_col.data(), col_top - ms, ex.data(), C))) {
+          for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ms;
+          exp_row_f64(arg.data(), ex.data(), C);
+        }
+        for (int64_t c = 0; c < C; ++c) s[c] = u[c] > 0 ? u[c] * ex[c] : 0.0;
+        soff[i] = aoff[i].plus(ms);
+      }
+    }
+    if (!advance) return;
+    // The segments opening at t: sigma_hat[t] · exp(scores[t]).
+    const double shift = (soff[i].hi - Oa.hi) + (soff[i].lo - Oa.lo) + std::log(inv);
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m + shift;
+    const double extra = fresh_scale(arg.data(), s, fwd_last.data());
+    if (extra != 0.0) rescale(fring.data(), lm_f.data(), extra);
+    if (!table_row(f, shift - extra, ex.data(), C)) exp_row_f64(arg.data(), ex.data(), C);
+    double* fresh = fring.data() + (t % K) * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const double v0 = s[c] > 0 && fwd_last[c] > 0 ? s[c] * ex[c] : 0.0;
+      if (!(v0 < std::numeric_limits<double>::infinity())) failed = true;
+      fresh[c] = v0;
+      lm_f[c] = std::max(lm_f[c], fwd_last[c] > 1 ? v0 : 0.0);
+    }
+    Oa.add((m - std::log(inv)) + extra);
+  }
+
+  // The normaliser of a move comes from the previous step's entries; when
+  // the entries arriving now, val[c] · exp(arg[c]), lie far above them
+  // (beyond 2^400: scores of 1e4 do that), the move takes the excess out of
+  // everything instead: returns it (0 otherwise), already taken out of arg.
+  double fresh_scale(double* arg_, const double* val, const int* last) const {
+    double top = kNegInf;
+    for (int64_t c = 0; c < C; ++c)
+      if (val[c] > 0 && last[c] > 0) top = std::max(top, arg_[c] + exponent_of(val[c]) * kLn2);
+    if (!(top > 400.0 * kLn2)) return 0.0;
+    for (int64_t c = 0; c < C; ++c) arg_[c] -= top;
+    return top;
+  }
+
+  // Every entry of a ring, and its largest-entry record, times exp(-extra).
+  void rescale(double* ring, double* lm, double extra) const {
+    const double f = std::exp(-extra);
+    for (int64_t k = 0; k < K * C; ++k) ring[k] *= f;
+    for (int64_t c = 0; c < C; ++c) lm[c] *= f;
+  }
+
+  // The forward ring at step t in duration order (rows d-1 = [t-d, t)).
+  void ring_rows(int64_t t, double* out) const {
+    const int tK = static_cast<int>(t % K);
+    for (int64_t d = 1; d <= K; ++d)
+      std::copy_n(fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
+                  C, out + (d - 1) * C);
+  }
+
+  // The boundary mass at t (1 in exact arithmetic): alpha_hat (offset
+  // a_off) against beta_hat (offset qb), plus the segments across t, from
+  // the forward rows (duration order, offset f_off) and the backward ring
+  // `back` (offset q).
+  double boundary_mass(int64_t t, const double* alpha, const Offset& a_off, const double* rows,
+                       const Offset& f_off, const double* beta, const Offset& qb,
+                       const double* back, const Offset& q) {
+    const int tK = static_cast<int>(t % K);
+    double total = 0.0;
+    const double sb = std::exp(rel(a_off, qb));
+    for (int64_t c = 0; c < C; ++c) total += alpha[c] * beta[c] * sb;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {
+      const double* __restrict f = rows + (d1 - 1) * C;
+      for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
+        const double* __restrict b = back + slot_after(tK, static_cast<int>(d2), static_cast<int>(K)) * C;
+        const double* __restrict w = W.data() + (d1 + d2 - 1) * C;
+        double* __restrict ac = acc.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) ac[c] += f[c] * b[c] * w[c];
+      }
+    }
+    for (int64_t c = 0; c < C; ++c)
+      if (acc[c] > 0) total += acc[c] * std::exp(rel(f_off, q, dur_max[c]));
+    return total;
+  }
+
+  // Position u's score gradients are complete: write them, and check that
+  // the posteriors covering u sum to 1.
+  void flush_position(int64_t u, scalar_t g, scalar_t* grad_scores) {
+    double* row = pending.data() + (u % K) * C;
+    double total = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      total += row[c];
+      grad_scores[u * C + c] = static_cast<scalar_t>(row[c] * static_cast<double>(g));
+      row[c] = 0.0;
+    }
+    if (!(std::abs(total - 1.0) <= tol)) failed = true;
+  }
+};
+
+// Deterministic fallbacks of the exp-domain backward to the log-domain one,
+// exposed by flashsemicrf_testing::cpu_exp_backward_fallbacks.
+std::atomic<int64_t> exp_backward_fallbacks{0};
+
+// The exp-domain backward of sequence b (static transition); false (outputs
+// partly written) when the certificate fails, and the caller reruns the
+// log-domain backward.
+template <typename scalar_t>
+bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
+  const int64_t K = p.K, C = p.C, L = sequence_length(p, b);
+  const double fwd_log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
+  const scalar_t g = static_cast<const scalar_t*>(p.grad_log_z)[b];
+  if (fwd_log_z == -std::numeric_limits<double>::infinity()) return true;  // outputs stay 0
+  if (!(std::abs(fwd_log_z) < std::numeric_limits<double>::infinity())) return false;
+  const SequenceInputs<scalar_t> in(p, b);
+  const SequenceGradients<scalar_t> grad(p, b);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  const int64_t span = p.interval + 1;
+  ExpBackward<scalar_t> eb(in, K, C, L, span);
+  if (eb.bad_inputs()) return false;
+  const double gd = static_cast<double>(g);
+  constexpr double kMaxDrift = 1e-2;  // as the log-domain backward
+
+  ForwardScan<scalar_t, false, false> scan(in, K, C, L);  // log Z's certificate
+  std::vector<double> ext_rows(K * C);
+  struct Anchor {
+    int64_t t = -1;
+    double total = 0.0;
+    Offset Q, Qb;
+  } anchor;
+  std::vector<double> anchor_beta(C), anchor_ring(K * C);
+  std::vector<double>& ahat = eb.ahat;
+  std::vector<double>& shat = eb.shat;
+
+  for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
+    const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
+    if (!eb.load(first, ckpt.at(j), ckpt.offset[j])) return false;
+    for (int64_t t = first; t <= last; ++t) {
+      eb.forward_step(t, t - first, t < L);
+    }
+    if (eb.failed) return false;
+    double span_drift = 0.0;
+    if (last == L) {
+      // log Z from this recompute, which every posterior shares; the log
+      // scan of the span (the log backward's own log Z) certifies it.
+      const int64_t i = L - first;
+      double et_max = -std::numeric_limits<double>::infinity();
+      for (int64_t c = 0; c < C; ++c) et_max = std::max(et_max, static_cast<double>(in.end_transition[c]));
+      if (et_max == -std::numeric_limits<double>::infinity()) return false;
+      double z = 0.0;
+      for (int64_t c = 0; c < C; ++c)
+        z += ahat[i * C + c] * std::exp(static_cast<double>(in.end_transition[c]) - et_max);
+      if (!(z > 0.0 && z < std::numeric_limits<double>::infinity())) return false;
+      eb.log_z = eb.aoff[i].hi + (eb.aoff[i].lo + (et_max + std::log(z)));
+      scan.load(first, ckpt.at(j), ckpt.offset[j]);
+      for (int64_t t = first; t <= L; ++t) {
+        const scalar_t m = scan.step(t);
+        if (t < L) scan.advance(t, m);
+      }
+      const double log_z_scan = scan.offset + static_cast<double>(scan.end_value());
+      if (!(std::abs(eb.log_z - log_z_scan) <=
+            exp_backward_log_z_tolerance<scalar_t>(eb.log_z, L - first)))
+        return false;
+      eb.tol = exp_backward_tolerance<scalar_t>(eb.log_z);
+    } else if (anchor.t == last + 1) {
+      // One step past the span: the boundary mass there against what the
+      // next span's re-anchor measured from its checkpoint, as the log
+      // backward does. Their log ratio is the two checkpoints' rounding
+      // difference (plus any mass this recompute lost); the float64
+      // recompute adds none within the span, so it is taken out of the
+      // whole span (the log backward, whose recompute rounds step by step,
+      // spreads it). A larger ratio is a checkpoint that means something
+      // else: the log backward keeps it in the span before.
+      const int64_t i = last + 1 - first;
+      eb.ring_rows(last + 1, ext_rows.data());
+      eb.forward_step(last + 1, i, false);
+      const double total =
+          eb.boundary_mass(last + 1, ahat.data() + i * C, eb.aoff[i], ext_rows.data(), eb.Oa,
+                           anchor_beta.data(), anchor.Qb, anchor_ring.data(), anchor.Q);
+      if (!(total > 0.0 && total < std::numeric_limits<double>::infinity())) return false;
+      span_drift = std::log(total) - std::log(anchor.total);
+      if (!(std::abs(span_drift) <= kMaxDrift)) return false;
+      for (int64_t t = first; t <= last; ++t) {
+        eb.aoff[t - first].lo -= span_drift;
+        eb.soff[t - first].lo -= span_drift;
+      }
+    }
+    anchor.t = -1;
+
+    for (int64_t t = last; t >= first; --t) {
+      const int64_t i = t - first;
+      const double* alpha = ahat.data() + i * C;
+      const double* sigma = shat.data() + i * C;
+      const Offset aoff = eb.aoff[i];
+      const int tK = static_cast<int>(t % K);
+      if (t == L) {
+        double q = -std::numeric_limits<double>::infinity();
+        for (int64_t c = 0; c < C; ++c) q = std::max(q, static_cast<double>(in.end_transition[c]));
+        if (q == -std::numeric_limits<double>::infinity()) q = 0.0;
+        eb.Qb = Offset{q, 0.0};
+        const double sb = std::exp(eb.rel(aoff, eb.Qb));
+        for (int64_t c = 0; c < C; ++c) {
+          eb.bet[c] = std::exp(static_cast<double>(in.end_transition[c]) - q);
+          const scalar_t mass = static_cast<scalar_t>(alpha[c] * eb.bet[c] * sb * gd);
+          grad.end_transition[c] = mass;
+          if (grad.end_scores) grad.end_scores[(L - 1) * C + c] = mass;
+        }
+        std::fill(eb.bring.begin(), eb.bring.end(), 0.0);
+        // Open the segments ending at L.
+        double m = -std::numeric_limits<double>::infinity();
+        for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(L - 1, c)));
+        if (m == -std::numeric_limits<double>::infinity()) m = 0.0;
+        double top = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          const double e = static_cast<double>(in.end(L - 1, c)) +
+                           static_cast<double>(in.score(L - 1, c)) - m;
+          eb.fnew[c] = eb.bet[c] > 0 && eb.bwd_last[c] > 0 ? eb.bet[c] * std::exp(e) : 0.0;
+          top = std::max(top, eb.fnew[c]);
+        }
+        if (!(top > 0) || !(top < std::numeric_limits<double>::infinity())) top = 1.0;
+        for (int64_t c = 0; c < C; ++c) {
+          eb.bring[tK * C + c] = eb.fnew[c] / top;
+          eb.lm_b[c] = eb.bwd_last[c] > 1 ? eb.bring[tK * C + c] : 0.0;
+        }
+        eb.Q = eb.Qb;
+        eb.Q.add(m + std::log(top));
+        continue;
+      }
+
+      // Segments [t, t+d): x = ring · W, tau_hat = sum_d x (relative to Q +
+      // dur_max), their posteriors sigma_hat · x · ws, and (except at a
+      // span's first position, whose re-anchor needs the ring as it is) the
+      // ring's move to step t-1, all in one pass over the ring. The move
+      // multiplies by exp(scores[t-1] - m) over the normaliser, which makes
+      // the largest entry that can still matter about 1 (from the previous
+      // step's largest, as in the forward recompute).
+      const int64_t dmax = std::min(K, L - t);
+      const bool fused = t > first;
+      if (!(eb.tables_ok &&
+            eb.table_row(eb.e_dur.data(), eb.rel(eb.soff[i], eb.Q, eb.dur_top), eb.ws.data(), C))) {
+        for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]);
+        exp_row_f64(eb.arg.data(), eb.ws.data(), C);
+      }
+      for (int64_t c = 0; c < C; ++c) eb.ws[c] = sigma[c] > 0 ? sigma[c] * eb.ws[c] : 0.0;
+      double m = 0.0, inv = 1.0;
+      if (fused) {
+        const double* f = eb.fe_buf.data() + (i - 1) * C;  // position t-1
+        m = eb.m_buf[i - 1];
+        double top = 0.0;
+        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * f[c]);
+        if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
+        for (int64_t c = 0; c < C; ++c) eb.fs[c] = f[c] * inv;
+        std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
+      }
+      std::fill(eb.tau.begin(), eb.tau.end(), 0.0);
+      std::fill(eb.covered.begin(), eb.covered.end(), 0.0);
+      if (C % 8 == 0) {
+        if (fused)
+          backward_pass8<true>(eb.bring.data(), eb.W.data(), eb.bwd_last_d.data(), eb.ws.data(),
+                               eb.fs.data(), eb.tau.data(), eb.covered.data(), eb.lm_b.data(),
+                               eb.sum_dur.data(), eb.pending.data(), t, tK, dmax, K, C);
+        else
+          backward_pass8<false>(eb.bring.data(), eb.W.data(), eb.bwd_last_d.data(), eb.ws.data(),
+                                eb.fs.data(), eb.tau.data(), eb.covered.data(), eb.lm_b.data(),
+                                eb.sum_dur.data(), eb.pending.data(), t, tK, dmax, K, C);
+      }
+      for (int64_t d = (C % 8 == 0 ? 0 : dmax); d >= 1; --d) {
+        double* __restrict r =
+            eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+        const double* __restrict w = eb.W.data() + (d - 1) * C;
+        const double* __restrict wsv = eb.ws.data();
+        double* __restrict ta = eb.tau.data();
+        double* __restrict sd = eb.sum_dur.data() + (d - 1) * C;
+        double* __restrict cv = eb.covered.data();
+        double* __restrict pd = eb.pending.data() + ((t + d - 1) % K) * C;
+        if (fused) {
+          const double* __restrict sc = eb.fs.data();
+          double* __restrict lm = eb.lm_b.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double x0 = r[c];
+            const double xv = x0 * w[c];
+            ta[c] += xv;
+            const double post = xv * wsv[c];
+            sd[c] += post;
+            cv[c] += post;
+            pd[c] += cv[c];
+            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? x0 * sc[c] : 0.0;
+            r[c] = moved;
+            lm[c] = moved > lm[c] ? moved : lm[c];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double xv = r[c] * w[c];
+            ta[c] += xv;
+            const double post = xv * wsv[c];
+            sd[c] += post;
+            cv[c] += post;
+            pd[c] += cv[c];
+          }
+        }
+      }
+      if (t + K - 1 < L) eb.flush_position(t + K - 1, g, grad.scores);
+      if (grad.start_scores)
+        for (int64_t c = 0; c < C; ++c)
+          grad.start_scores[t * C + c] = static_cast<scalar_t>(eb.covered[c] * gd);
+      if (t == 0) {
+        for (int64_t c = 0; c < C; ++c)
+          grad.start_transition[c] = static_cast<scalar_t>(eb.covered[c] * gd);
+        for (int64_t u = std::min(K - 1, L) - 1; u >= 0; --u) eb.flush_position(u, g, grad.scores);
+        break;
+      }
+
+      // beta_hat[t, c'] = sum_c A[c', c] · v[c], v = tau_hat · exp(start
+      // terms), and the transition posteriors alpha_hat[c'] A[c', c] v[c].
+      for (int64_t c = 0; c < C; ++c)
+        eb.lg[c] = eb.col_max[c] + static_cast<double>(in.start(t, c)) + eb.dur_max[c];
+      double mv = eb.log_scale(eb.lg.data(), eb.tau.data());
+      if (mv == -std::numeric_limits<double>::infinity()) mv = 0.0;
+      if (!(eb.tables_ok && !in.start_scores &&
+            eb.table_row(eb.e_cd.data(), eb.cd_top - mv, eb.v.data(), C))) {
+        for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.lg[c] - mv;
+        exp_row_f64(eb.arg.data(), eb.v.data(), C);
+      }
+      for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
+      eb.Qb = eb.Q.plus(mv);
+      // Along c' (contiguous in A's transpose): no horizontal sums.
+      std::fill(eb.bet.begin(), eb.bet.end(), 0.0);
+      for (int64_t c = 0; c < C; ++c) {
+        const double vc = eb.v[c];
+        if (vc == 0.0) continue;
+        const double* __restrict col = eb.At.data() + c * C;
+        double* __restrict bt = eb.bet.data();
+#pragma omp simd
+        for (int64_t cp = 0; cp < C; ++cp) bt[cp] += col[cp] * vc;
+      }
+      const double sa = std::exp(eb.rel(aoff, eb.Qb));
+      for (int64_t cp = 0; cp < C; ++cp) {
+        const double wa = alpha[cp] * sa;
+        if (grad.end_scores)
+          grad.end_scores[(t - 1) * C + cp] = static_cast<scalar_t>(wa * eb.bet[cp] * gd);
+        if (wa == 0.0) continue;
+        double* __restrict ta = eb.trans_acc.data() + cp * C;
+        const double* __restrict vv = eb.v.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) ta[c] += wa * vv[c];
+      }
+      if (t == first) {
+        // Re-anchor at the checkpoint, as the log backward does; the
+        // certificate requires the boundary mass there to be 1.
+        // alpha_hat here without the span's drift correction, as the
+        // checkpoint rows it is measured with.
+        const double total = eb.boundary_mass(t, alpha, aoff.plus(span_drift), eb.ck_rows.data(),
+                                              eb.ck_off, eb.bet.data(), eb.Qb, eb.bring.data(),
+                                              eb.Q);
+        anchor = {t, total, eb.Q, eb.Qb};
+        std::copy(eb.bet.begin(), eb.bet.end(), anchor_beta.begin());
+        std::copy(eb.bring.begin(), eb.bring.end(), anchor_ring.begin());
+        // It is exp(span_drift) in exact arithmetic: what this span's beta
+        // sweep lost to underflow shows here.
+        if (!(total > 0.0 && std::abs(std::log(total) - span_drift) <= eb.tol)) return false;
+        eb.Q.lo -= std::log(total);
+        eb.Qb.lo -= std::log(total);
+      }
+
+      if (!fused) {
+        // The move at a span's first position, in a pass of its own.
+        m = -std::numeric_limits<double>::infinity();
+        for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t - 1, c)));
+        if (m == -std::numeric_limits<double>::infinity()) m = 0.0;
+        for (int64_t c = 0; c < C; ++c) eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m;
+        exp_row_f64(eb.arg.data(), eb.fe.data(), C);
+        double top = 0.0;
+        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * eb.fe[c]);
+        if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
+        for (int64_t c = 0; c < C; ++c) eb.fs[c] = eb.fe[c] * inv;
+        std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
+        for (int64_t d = 1; d <= std::min(K, L - t); ++d) {
+          double* __restrict r =
+              eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+          const double* __restrict sc = eb.fs.data();
+          double* __restrict lm = eb.lm_b.data();
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? r[c] * sc[c] : 0.0;
+            r[c] = moved;
+            lm[c] = moved > lm[c] ? moved : lm[c];
+          }
+        }
+      }
+      // The segments ending at t: beta_hat[t] · exp(end_scores[t-1] +
+      // scores[t-1]), in slot t % K (the duration-K segment's, now too long).
+      const double shift = (eb.Qb.hi - eb.Q.hi) + (eb.Qb.lo - eb.Q.lo) + std::log(inv);
+      for (int64_t c = 0; c < C; ++c)
+        eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m + shift +
+                    static_cast<double>(in.end(t - 1, c));
+      const double extra = eb.fresh_scale(eb.arg.data(), eb.bet.data(), eb.bwd_last.data());
+      if (extra != 0.0) eb.rescale(eb.bring.data(), eb.lm_b.data(), extra);
+      // exp(scores[t-1] - m), the forward recompute's where it has it.
+      const double* f_prev = fused ? eb.fe_buf.data() + (i - 1) * C : eb.fe.data();
+      if (!(!in.end_scores && eb.table_row(f_prev, shift - extra, eb.ex.data(), C)))
+        exp_row_f64(eb.arg.data(), eb.ex.data(), C);
+      double* fresh = eb.bring.data() + tK * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const double v0 = eb.bet[c] > 0 && eb.bwd_last[c] > 0 ? eb.bet[c] * eb.ex[c] : 0.0;
+        if (!(v0 < std::numeric_limits<double>::infinity())) return false;
+        fresh[c] = v0;
+        eb.lm_b[c] = std::max(eb.lm_b[c], eb.bwd_last[c] > 1 ? v0 : 0.0);
+      }
+      eb.Q.add((m - std::log(inv)) + extra);
+    }
+    if (eb.failed) return false;
+  }
+  if (eb.failed) return false;
+  for (int64_t cp = 0; cp < C; ++cp)
+    for (int64_t c = 0; c < C; ++c)
+      grad.transition[cp * C + c] =
+          static_cast<scalar_t>(eb.A[cp * C + c] * eb.trans_acc[cp * C + c] * gd);
+  for (int64_t i = 0; i < K * C; ++i)
+    grad.duration[i] = static_cast<scalar_t>(eb.sum_dur[i] * gd);
+  return true;
+}
+
+// Zeroes sequence b's gradient outputs (before the log-domain backward
+// reruns it: it accumulates into the score gradients).
+template <typename scalar_t>
+void clear_gradients(const BackwardParams& p, int64_t b) {
+  const SequenceGradients<scalar_t> grad(p, b);
+  const int64_t T = p.T, C = p.C, K = p.K;
+  std::fill_n(grad.scores, T * C, scalar_t(0));
+  std::fill_n(grad.transition, (p.duration_dependent ? K : 1) * C * C, scalar_t(0));
+  std::fill_n(grad.duration, K * C, scalar_t(0));
+  std::fill_n(grad.start_transition, C, scalar_t(0));
+  std::fill_n(grad.end_transition, C, scalar_t(0));
+  if (grad.start_scores) std::fill_n(grad.start_scores, T * C, scalar_t(0));
+  if (grad.end_scores) std::fill_n(grad.end_scores, T * C, scalar_t(0));
+}
 template <typename scalar_t, bool DD>
 void viterbi_sequence(const ViterbiParams& p, int64_t b) {
   const SequenceInputs<scalar_t> in(p, b);
@@ -1197,8 +2119,16 @@ struct Cpu {
     });
   }
   static void run(const BackwardParams& p, const at::Tensor& scores) {
+    const bool exp_domain = cpu_uses_exp_domain();
     for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
-      backward_sequence<decltype(zero), decltype(dd)::value>(p, b);
+      using scalar_t = decltype(zero);
+      if (exp_domain && !decltype(dd)::value) {
+        const FlushSubnormals flush_subnormals;
+        if (backward_sequence_exp<scalar_t>(p, b)) return;
+        exp_backward_fallbacks.fetch_add(1, std::memory_order_relaxed);
+        clear_gradients<scalar_t>(p, b);
+      }
+      backward_sequence<scalar_t, decltype(dd)::value>(p, b);
     });
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
@@ -1218,9 +2148,12 @@ struct Cpu {
 TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) { OpEntries<Cpu>::register_all(m); }
 
 // Outside the op contract, for tests and the benchmark only: how many
-// sequences the exp-domain forward has handed to the log scan so far.
+// sequences the exp-domain forward (backward) has handed to the log-domain
+// scan (backward) so far.
 TORCH_LIBRARY(flashsemicrf_testing, m) {
   m.def("cpu_exp_fallbacks() -> int", []() -> int64_t { return exp_fallbacks.load(); });
+  m.def("cpu_exp_backward_fallbacks() -> int",
+        []() -> int64_t { return exp_backward_fallbacks.load(); });
 }
 
 }  // namespace flashsemicrf
