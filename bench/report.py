@@ -319,9 +319,9 @@ def column_legend(meta: dict) -> dict[str, str]:
                   "`torch.exp` into a cache-resident buffer, measured in this run, times "
                   "the threads the kernel can use on this batch, min(B, threads) (it runs "
                   "one sequence per thread).",
-        ALG_FALLBACKS: "sequences of the checked call that the exp-domain forward handed to "
-                       "the log-domain scan (of B per forward; a (K, C, C) transition has "
-                       "no exp-domain path and is not counted).",
+        ALG_FALLBACKS: "sequences of the checked call that the exp-domain forward or "
+                       "backward handed to its log-domain version (of B per pass; a "
+                       "(K, C, C) transition has no exp-domain path and is not counted).",
     }
 
 

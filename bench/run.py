@@ -104,10 +104,12 @@ def _call(backend, inputs, pass_: str):
 
 
 def exp_fallbacks() -> float:
-    """Sequences the C++ kernel's exp-domain forward has handed to its
-    log-domain scan so far in this process (NaN without the counter)."""
+    """Passes the C++ kernel's exp-domain forward and backward have handed to
+    their log-domain versions so far in this process, one per sequence and
+    pass (NaN without the counters)."""
     try:
-        return float(torch.ops.flashsemicrf_testing.cpu_exp_fallbacks())
+        testing = torch.ops.flashsemicrf_testing
+        return float(testing.cpu_exp_fallbacks() + testing.cpu_exp_backward_fallbacks())
     except (AttributeError, RuntimeError):
         return float("nan")
 
