@@ -506,7 +506,9 @@ def timing_cases(dry_run: bool):
         ours = ("cpu", "torch")
         return ours, [
             BenchCase("headline", "headline", B=2, T=400, K=20, C=6, backends=ours, force=ours),
-            BenchCase("genomics", "T", B=1, T=2000, K=20, C=6, backends=ours, force=ours),
+            # Small enough that the PyTorch reference's loop over T fits its
+            # budget on a loaded 2-core CI machine (T = 2000 did not).
+            BenchCase("genomics", "T", B=1, T=600, K=20, C=6, backends=ours, force=ours),
         ]
     gpu = ("cuda", "triton", "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
