@@ -332,6 +332,73 @@ double ghost_through_factor(double g, scalar_t x, scalar_t f, double log_f) {
   return std::max((g * tiny_d + static_cast<double>(x)) * kSlack, kFloor);
 }
 
+// NaN or +inf leaves nothing to bound: the exp-domain forwards hand such
+// sequences to the log scan, which gives the NaN.
+template <typename scalar_t>
+bool unboundable(scalar_t x) {
+  return !(x < std::numeric_limits<scalar_t>::infinity());
+}
+template <typename scalar_t>
+bool unboundable_position(const SequenceInputs<scalar_t>& in, int64_t t, int64_t C) {
+  bool any = false;
+  for (int64_t c = 0; c < C; ++c)
+    any |= unboundable(in.score(t, c)) | unboundable(in.start(t, c)) | unboundable(in.end(t, c));
+  return any;
+}
+template <typename scalar_t>
+bool unboundable_parameters(const SequenceInputs<scalar_t>& in, int64_t n_transition, int64_t K,
+                            int64_t C) {
+  bool any = false;
+  for (int64_t i = 0; i < n_transition; ++i) any |= unboundable(in.transition[i]);
+  for (int64_t i = 0; i < K * C; ++i) any |= unboundable(in.duration[i]);
+  for (int64_t c = 0; c < C; ++c)
+    any |= unboundable(in.start_transition[c]) | unboundable(in.end_transition[c]);
+  return any;
+}
+
+// hi + lo += m in two-sum arithmetic: hi is the log scan's rounded offset,
+// lo the rounding it carries.
+inline void two_sum_add(double& hi, double& lo, double m) {
+  const double s = hi + m, bb = s - hi;
+  lo += (hi - (s - bb)) + (m - bb);
+  hi = s;
+}
+
+// t = L: log Z from alpha_hat (relative to O + mes) and its ghosts ga, or
+// false where the ghost bound cannot certify it: Z ≥ rho · ghost(Z).
+template <typename scalar_t>
+bool certified_log_z(const SequenceInputs<scalar_t>& in, int64_t C, const scalar_t* alpha,
+                     const double* ga, double O, double mes, double* log_z) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  const double tiny_d = static_cast<double>(tiny);
+  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+  const bool rejected = false;
+    double top = kNegInf, et_max = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      const double et = in.end_transition[c];
+      et_max = std::max(et_max, et);
+      if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
+    }
+    const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
+    double z = 0.0, gz = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double lz = static_cast<double>(in.end_transition[c]) - mz;
+      const scalar_t zf = fexp(static_cast<scalar_t>(lz));
+      const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
+      z += static_cast<double>(term);
+      gz += ghost_through_factor(ga[c], alpha[c], zf, lz);
+      if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
+    }
+    if (rejected || !(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
+    if (z == 0.0) {
+      *log_z = kNegInf;
+      return gz == 0.0;
+    }
+    *log_z = O + (mes + mz + std::log(z));
+    return z >= rho * gz * tiny_d * kSlack;
+}
+
 template <typename scalar_t>
 struct ExpForward {
   using Limits = std::numeric_limits<scalar_t>;
@@ -459,22 +526,8 @@ struct ExpForward {
     }
   }
 
-  // NaN or +inf leaves nothing to bound: such sequences go to the log scan,
-  // which gives the NaN.
-  static bool bad(scalar_t x) { return !(x < Limits::infinity()); }
-  bool bad_position(int64_t t) const {
-    bool any = false;
-    for (int64_t c = 0; c < C; ++c)
-      any |= bad(in.score(t, c)) | bad(in.start(t, c)) | bad(in.end(t, c));
-    return any;
-  }
-  bool bad_parameters() const {
-    bool any = false;
-    for (int64_t i = 0; i < C * C; ++i) any |= bad(in.transition[i]);
-    for (int64_t i = 0; i < K * C; ++i) any |= bad(in.duration[i]);
-    for (int64_t c = 0; c < C; ++c) any |= bad(in.start_transition[c]) | bad(in.end_transition[c]);
-    return any;
-  }
+  bool bad_position(int64_t t) const { return unboundable_position(in, t, C); }
+  bool bad_parameters() const { return unboundable_parameters(in, C * C, K, C); }
 
   double through_factor(double g, scalar_t x, scalar_t f, double log_f) const {
     return ghost_through_factor(g, x, f, log_f);
@@ -555,29 +608,7 @@ struct ExpForward {
 
   // t = L: log Z, or false where the ghost bound cannot certify it.
   bool finish(double* log_z) const {
-    double top = kNegInf, et_max = kNegInf;
-    for (int64_t c = 0; c < C; ++c) {
-      const double et = in.end_transition[c];
-      et_max = std::max(et_max, et);
-      if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
-    }
-    const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
-    double z = 0.0, gz = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double lz = static_cast<double>(in.end_transition[c]) - mz;
-      const scalar_t zf = fexp(static_cast<scalar_t>(lz));
-      const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
-      z += static_cast<double>(term);
-      gz += through_factor(ga[c], alpha[c], zf, lz);
-      if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
-    }
-    if (rejected || !(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
-    if (z == 0.0) {
-      *log_z = kNegInf;
-      return gz == 0.0;
-    }
-    *log_z = O + (mes + mz + std::log(z));
-    return z >= rho * gz * tiny_d * kSlack;
+    return !rejected && certified_log_z(in, C, alpha.data(), ga.data(), O, mes, log_z);
   }
 
   // t < L, t ≥ 1: sigma_hat[t] and its ghost gs.
@@ -734,12 +765,7 @@ struct ExpForward {
     return std::max(g * std::max(f, kFloor) * kUp, kFloor);
   }
 
-  // ref += m in two-sum arithmetic: ref_hi is the log scan's rounded sum.
-  void ref_add(double m) {
-    const double s = ref_hi + m, bb = s - ref_hi;
-    ref_lo += (ref_hi - (s - bb)) + (m - bb);
-    ref_hi = s;
-  }
+  void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
 
   bool emit_flushed(int64_t c) const { return emit[c] < tiny && lemit[c] > kNegInf; }
 
@@ -948,20 +974,8 @@ struct ExpForwardDD {
     return a > 0 && b > 0 ? std::max(a * b, kFloor) : 0.0;
   }
 
-  static bool bad(scalar_t x) { return !(x < Limits::infinity()); }
-  bool bad_position(int64_t t) const {
-    bool any = false;
-    for (int64_t c = 0; c < C; ++c)
-      any |= bad(in.score(t, c)) | bad(in.start(t, c)) | bad(in.end(t, c));
-    return any;
-  }
-  bool bad_parameters() const {
-    bool any = false;
-    for (int64_t i = 0; i < K * C * C; ++i) any |= bad(in.transition[i]);
-    for (int64_t i = 0; i < K * C; ++i) any |= bad(in.duration[i]);
-    for (int64_t c = 0; c < C; ++c) any |= bad(in.start_transition[c]) | bad(in.end_transition[c]);
-    return any;
-  }
+  bool bad_position(int64_t t) const { return unboundable_position(in, t, C); }
+  bool bad_parameters() const { return unboundable_parameters(in, K * C * C, K, C); }
 
   // Step 0: the log scan's offset starts at the largest first score.
   void first() {
@@ -972,12 +986,7 @@ struct ExpForwardDD {
     ref_lo = 0.0;
   }
 
-  // ref += m in two-sum arithmetic, as ExpForward::ref_add.
-  void ref_add(double m) {
-    const double sum = ref_hi + m, bb = sum - ref_hi;
-    ref_lo += (ref_hi - (sum - bb)) + (m - bb);
-    ref_hi = sum;
-  }
+  void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
 
   // Step t ≥ 1: alpha_hat[t] and its ghost ga.
   void ends(int64_t t) {
@@ -1094,29 +1103,7 @@ struct ExpForwardDD {
 
   // t = L: log Z, or false where it cannot be certified.
   bool finish(double* log_z) const {
-    double top = kNegInf, et_max = kNegInf;
-    for (int64_t c = 0; c < C; ++c) {
-      const double et = in.end_transition[c];
-      et_max = std::max(et_max, et);
-      if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
-    }
-    const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
-    double z = 0.0, gz = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double lz = static_cast<double>(in.end_transition[c]) - mz;
-      const scalar_t zf = fexp(static_cast<scalar_t>(lz));
-      const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
-      z += static_cast<double>(term);
-      gz += ghost_through_factor(ga[c], alpha[c], zf, lz);
-      if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
-    }
-    if (rejected || !(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
-    if (z == 0.0) {
-      *log_z = kNegInf;
-      return gz == 0.0;
-    }
-    *log_z = O + (mes + mz + std::log(z));
-    return z >= rho * gz * tiny_d * kSlack;
+    return !rejected && certified_log_z(in, C, alpha.data(), ga.data(), O, mes, log_z);
   }
 
   // Move the rings to step t+1 (t < L): position t's emissions, the
