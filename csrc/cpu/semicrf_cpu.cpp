@@ -891,7 +891,7 @@ struct ExpForwardDD {
   std::vector<scalar_t> alpha_minpos;
   double O = 0.0, mes = 0.0;  // gains relative to O; alpha_hat[t] to O + mes
   std::vector<scalar_t> acc, alpha, u, livemax, arg, factor;
-  std::vector<double> gacc, ga, gu, lemit, lfresh;
+  std::vector<double> gacc, ga, gu, lemit, lfresh, old_factor;
   // The log scan's offset (ExpForward's ref_hi, ref_lo) and, per slot, the
   // absolute scale of alpha_hat[s] and the log scan's offset after its step
   // s, so that checkpoints are written in that scan's terms.
@@ -906,7 +906,7 @@ struct ExpForwardDD {
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
         alpha(C_, 0), u(C_), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
-        lemit(C_), lfresh(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
+        lemit(C_), lfresh(C_), old_factor(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters() || !tables();
   }
@@ -1133,6 +1133,8 @@ struct ExpForwardDD {
     slot_ref_hi[tK] = ref_hi;
     slot_ref_lo[tK] = ref_lo;
     ref_add(m);
+    // The old gains' factors, once per label (C exps).
+    for (int64_t c = 0; c < C; ++c) old_factor[c] = std::exp(lemit[c] + base);
     for (int64_t d = 1; d <= std::min(t, K - 1); ++d) {
       const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
       scalar_t* g = gain.data() + slot * C;
@@ -1144,7 +1146,7 @@ struct ExpForwardDD {
           gg[c] = 0.0;
           continue;
         }
-        const double f = std::exp(lemit[c] + base);
+        const double f = old_factor[c];
         if (gg[c] > 0) gg[c] = std::max(gg[c] * std::max(f, kFloor) * kUp, kFloor);
         if (g[c] > 0) {
           const double x = static_cast<double>(g[c]) * f;
