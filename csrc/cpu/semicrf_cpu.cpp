@@ -364,6 +364,32 @@ inline void two_sum_add(double& hi, double& lo, double m) {
   hi = s;
 }
 
+// The ghost of alpha_hat = acc · endf (endf = fexp(log_endf)) from acc's
+// ghost g: through the factor, plus a smallest normal where the product fell
+// below it; 0 where it is absorbed into relative error (g · absorb_factor ≤
+// alpha_hat). *rejected where no bound is left.
+template <typename scalar_t>
+double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf, scalar_t alpha,
+                   double absorb_factor, bool* rejected) {
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  g = ghost_through_factor(g, acc, endf, log_endf);
+  if (acc > 0 && endf >= tiny && alpha < tiny) g += kSlack;
+  if (g > 0 && alpha > 0 && g * absorb_factor <= static_cast<double>(alpha)) g = 0.0;
+  if (!(g < 1e300)) *rejected = true;  // past any use (or NaN): fall back
+  return g;
+}
+
+// The maximum the log scan's step subtracts (in its dtype), from alpha_hat
+// relative to that scan's offset + shift + mes; 0 where every label is 0.
+template <typename scalar_t>
+double log_scan_step_max(const scalar_t* alpha, int64_t C, double shift, double mes) {
+  scalar_t amax = 0;
+  for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
+  if (!(amax > 0)) return 0.0;
+  return static_cast<double>(
+      static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
+}
+
 // t = L: log Z from alpha_hat (relative to O + mes) and its ghosts ga, or
 // false where the ghost bound cannot certify it: Z ≥ rho · ghost(Z).
 template <typename scalar_t>
@@ -592,18 +618,9 @@ struct ExpForward {
         if (rmin[c] * weight_minpos[c] < tiny) g += static_cast<double>(n) * kSlack;
         g += weight_lost[c];
       }
-      g = through_factor(g, acc[c], endf, ya - mes);
-      if (acc[c] > 0 && endf >= tiny && alpha[c] < tiny) g += kSlack;
-      if (g > 0 && alpha[c] > 0 && g * absorb_factor <= static_cast<double>(alpha[c])) g = 0.0;
-      if (!(g < 1e300)) rejected = true;  // past any use (or NaN): fall back
-      ga[c] = g;
+      ga[c] = ghost_of_alpha(g, acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
     }
-    // The log scan's step subtracts the largest alpha (in its dtype).
-    scalar_t amax = 0;
-    for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
-    if (amax > 0)
-      ref_add(static_cast<double>(static_cast<scalar_t>(
-          std::log(static_cast<double>(amax)) + ((O - ref_hi) - ref_lo) + mes)));
+    ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
   }
 
   // t = L: log Z, or false where the ghost bound cannot certify it.
@@ -1087,18 +1104,9 @@ struct ExpForwardDD {
       if (!(acc[c] < Limits::max())) rejected = true;
       alpha[c] = acc[c] > 0 ? acc[c] * endf : scalar_t(0);
       if (!(alpha[c] < Limits::max())) rejected = true;
-      double g = ghost_through_factor(gacc[c], acc[c], endf, ya - mes);
-      if (acc[c] > 0 && endf >= tiny && alpha[c] < tiny) g += kSlack;
-      if (g > 0 && alpha[c] > 0 && g * absorb_factor <= static_cast<double>(alpha[c])) g = 0.0;
-      if (!(g < 1e300)) rejected = true;  // past any use (or NaN): fall back
-      ga[c] = g;
+      ga[c] = ghost_of_alpha(gacc[c], acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
     }
-    // The log scan's step subtracts the largest alpha (in its dtype).
-    scalar_t amax = 0;
-    for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
-    if (amax > 0)
-      ref_add(static_cast<double>(static_cast<scalar_t>(
-          std::log(static_cast<double>(amax)) + ((O - ref_hi) - ref_lo) + mes)));
+    ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
   }
 
   // t = L: log Z, or false where it cannot be certified.
