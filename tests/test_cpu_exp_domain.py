@@ -489,9 +489,9 @@ def adversaries() -> list[Adversary]:
 ADVERSARIES = adversaries()
 
 
-@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
-@pytest.mark.parametrize("adv", ADVERSARIES, ids=lambda a: a.name)
-def test_adversarial(monkeypatch, adv, dtype):
+def _forward_falls_back_where_it_must(monkeypatch, adv, dtype):
+    """The exp-domain forward's outputs and fallback count, checked against
+    the adversary's breaks and clean dtypes."""
     B = adv.kw["scores"].shape[0]
     z_exp, ring_exp, off_exp, taken = forward(monkeypatch, "exp", adv.kw, dtype)
     z_log, ring_log, off_log, _ = forward(monkeypatch, "log", adv.kw, dtype)
@@ -503,6 +503,14 @@ def test_adversarial(monkeypatch, adv, dtype):
         assert same_values(ring_exp, ring_log) and torch.equal(off_exp, off_log)
     if dtype in adv.clean:
         assert taken == 0
+    return z_exp, ring_exp, off_exp, taken
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("adv", ADVERSARIES, ids=lambda a: a.name)
+def test_adversarial(monkeypatch, adv, dtype):
+    B = adv.kw["scores"].shape[0]
+    z_exp, ring_exp, off_exp, taken = _forward_falls_back_where_it_must(monkeypatch, adv, dtype)
     # The backward from these checkpoints: handed over where it must be,
     # and then the log backward's outputs, bit for bit.
     fwd = (z_exp, ring_exp, off_exp)
@@ -517,11 +525,17 @@ def test_adversarial(monkeypatch, adv, dtype):
     if adv.nan_row is not None:
         assert taken == 1 and torch.isnan(z_exp[adv.nan_row])
         rest = [b for b in range(B) if b != adv.nan_row]
+        z_log = forward(monkeypatch, "log", adv.kw, dtype)[0]
         assert_close("log Z", z_exp[rest], z_log[rest],
                      (1e-6 if dtype == F32 else 1e-12) * z_log[rest].abs().max().item())
         return
-    # Where the exp-domain result stands, it agrees with float64 as well as
-    # the log scan in the same dtype does (or better).
+    _as_close_to_float64_as_log(monkeypatch, adv, dtype)
+
+
+def _as_close_to_float64_as_log(monkeypatch, adv, dtype):
+    """Where the exp-domain result stands, it agrees with float64 as well as
+    the log scan in the same dtype does (or better)."""
+    B = adv.kw["scores"].shape[0]
     z64, _ = grads(monkeypatch, "log", adv.kw, F64)
     _, g64 = grads(monkeypatch, "log", centred(adv.kw), F64)
     z_e, g_e = grads(monkeypatch, "exp", adv.kw, dtype)
@@ -538,6 +552,87 @@ def test_adversarial(monkeypatch, adv, dtype):
         for name, gr in g_e.items():
             if gr.dim() > 0 and gr.shape[0] == B:
                 assert (gr[adv.dead_row] == 0).all(), name
+
+
+# -- the duration-dependent (K, C, C) transition --------------------------------------------------
+# Its exp-domain forward (K mat-vecs per position) has the static path's
+# certificate; its backward is the log-domain one, from the exp-domain
+# forward's checkpoints.
+
+def duration_dependent(adv: Adversary) -> Adversary:
+    """The same problem with transition[d] = transition for every duration d:
+    the same distribution, through the (K, C, C) kernels."""
+    kw = dict(adv.kw)
+    K = kw["duration"].shape[0]
+    kw["transition"] = kw["transition"].expand(K, *kw["transition"].shape).contiguous()
+    return Adversary(adv.name, kw, breaks=adv.breaks, clean=adv.clean, dead_row=adv.dead_row,
+                     nan_row=adv.nan_row)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("adv", [duration_dependent(a) for a in ADVERSARIES], ids=lambda a: a.name)
+def test_adversarial_duration_dependent(monkeypatch, adv, dtype):
+    z_exp, _, _, taken = _forward_falls_back_where_it_must(monkeypatch, adv, dtype)
+    if adv.nan_row is not None:
+        assert taken == 1 and torch.isnan(z_exp[adv.nan_row])
+        return
+    _as_close_to_float64_as_log(monkeypatch, adv, dtype)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_duration_dependent_matches_log(monkeypatch, seed):
+    """Every optional input, ragged lengths, -inf entries, several spans:
+    log Z and every gradient, float64 to 1e-10 of the log kernel, no
+    fallback."""
+    kw = make_case(seed, 3, 120, 16, 6, duration_dependent=True, neg_inf=True, scale=2.0).kwargs
+    for interval in (7, 0):
+        fwd_log = forward(monkeypatch, "log", kw, F64, interval)
+        fwd_exp = forward(monkeypatch, "exp", kw, F64, interval)
+        assert fwd_exp[3] == 0
+        assert_close("log Z", fwd_exp[0], fwd_log[0], 1e-12 * fwd_log[0].abs().max().item())
+        expected, _ = backward(monkeypatch, "log", kw, F64, fwd_log, interval)
+        got, _ = backward(monkeypatch, "exp", kw, F64, fwd_exp, interval)
+        for name, a, b in zip(GRADIENTS, got, expected):
+            assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_duration_dependent_no_fallback_on_benchmark_inputs(monkeypatch, dtype):
+    """The benchmark's (K, C, C) problem (N(0, 1) everything, C = 24),
+    shorter: no fallback, log Z and the gradients as close to float64 as
+    the log kernel's own in float32 (float64: to 1e-12 / 1e-10)."""
+    g = torch.Generator().manual_seed(1)
+    B, T, K, C = 2, 300, 30, 24
+    kw = dict(scores=torch.randn(B, T, C, generator=g, dtype=F64),
+              transition=torch.randn(K, C, C, generator=g, dtype=F64),
+              duration=torch.randn(K, C, generator=g, dtype=F64), lengths=torch.tensor([T, T - 37]))
+    fwd_exp = forward(monkeypatch, "exp", kw, dtype)
+    assert fwd_exp[3] == 0
+    fwd_log = forward(monkeypatch, "log", kw, dtype)
+    fwd_64 = forward(monkeypatch, "log", kw, F64)
+    g_exp, _ = backward(monkeypatch, "exp", kw, dtype, fwd_exp)
+    g_log, _ = backward(monkeypatch, "log", kw, dtype, fwd_log)
+    g_64, _ = backward(monkeypatch, "log", kw, F64, fwd_64)
+    if dtype == F64:
+        assert_close("log Z", fwd_exp[0], fwd_log[0], 1e-12 * fwd_log[0].abs().max().item())
+        for a, b in zip(g_exp, g_log):
+            assert_close("gradient", a, b, 1e-10 * max(1.0, b.abs().max().item()))
+    else:
+        own = (fwd_log[0].double() - fwd_64[0]).abs().max().item()
+        assert_close("log Z", fwd_exp[0], fwd_64[0], max(1e-6 * fwd_64[0].abs().max().item(), 2 * own))
+        for name, a, b, c in zip(GRADIENTS, g_exp, g_log, g_64):
+            own = (b.double() - c).abs().max().item()
+            assert_close(name, a, c, max(1e-5 * max(1.0, c.abs().max().item()), 2 * own))
+
+
+def test_duration_dependent_is_deterministic(monkeypatch):
+    kw = make_case(5, 3, 150, 12, 6, duration_dependent=True, neg_inf=True).kwargs
+    for dtype in (F32, F64):
+        first = forward(monkeypatch, "exp", kw, dtype, interval=7)
+        second = forward(monkeypatch, "exp", kw, dtype, interval=7)
+        assert first[3] == 0
+        for a, b in zip(first[:3], second[:3]):
+            assert same_values(a, b)
 
 
 def test_float32_gradients_from_exp_checkpoints(monkeypatch):

@@ -315,6 +315,116 @@ inline void ring_row_scale(scalar_t* __restrict r, const scalar_t* __restrict f,
   }
 }
 
+// The ghost (in units of the dtype's smallest normal) of a value computed as
+// x · f, f = fexp(log_f) in the dtype: ghost g of x times the true factor,
+// or, where f flushed, everything x and its ghost stood for (the true
+// factor is below tiny). Positive bounds never round to 0: a product that
+// underflows float64 is replaced by float64's smallest normal, above its
+// true value.
+template <typename scalar_t>
+double ghost_through_factor(double g, scalar_t x, scalar_t f, double log_f) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  constexpr double kFloor = std::numeric_limits<double>::min();
+  const double tiny_d = static_cast<double>(std::numeric_limits<scalar_t>::min());
+  if (f >= std::numeric_limits<scalar_t>::min())
+    return g > 0 ? std::max(g * static_cast<double>(f) * kUp, kFloor) : 0.0;
+  if (log_f == kNegInf || (g == 0.0 && x == 0)) return 0.0;  // exact zeros
+  return std::max((g * tiny_d + static_cast<double>(x)) * kSlack, kFloor);
+}
+
+// NaN or +inf leaves nothing to bound: the exp-domain forwards hand such
+// sequences to the log scan, which gives the NaN.
+template <typename scalar_t>
+bool unboundable(scalar_t x) {
+  return !(x < std::numeric_limits<scalar_t>::infinity());
+}
+template <typename scalar_t>
+bool unboundable_position(const SequenceInputs<scalar_t>& in, int64_t t, int64_t C) {
+  bool any = false;
+  for (int64_t c = 0; c < C; ++c)
+    any |= unboundable(in.score(t, c)) | unboundable(in.start(t, c)) | unboundable(in.end(t, c));
+  return any;
+}
+template <typename scalar_t>
+bool unboundable_parameters(const SequenceInputs<scalar_t>& in, int64_t n_transition, int64_t K,
+                            int64_t C) {
+  bool any = false;
+  for (int64_t i = 0; i < n_transition; ++i) any |= unboundable(in.transition[i]);
+  for (int64_t i = 0; i < K * C; ++i) any |= unboundable(in.duration[i]);
+  for (int64_t c = 0; c < C; ++c)
+    any |= unboundable(in.start_transition[c]) | unboundable(in.end_transition[c]);
+  return any;
+}
+
+// hi + lo += m in two-sum arithmetic: hi is the log scan's rounded offset,
+// lo the rounding it carries.
+inline void two_sum_add(double& hi, double& lo, double m) {
+  const double s = hi + m, bb = s - hi;
+  lo += (hi - (s - bb)) + (m - bb);
+  hi = s;
+}
+
+// The ghost of alpha_hat = acc · endf (endf = fexp(log_endf)) from acc's
+// ghost g: through the factor, plus a smallest normal where the product fell
+// below it; 0 where it is absorbed into relative error (g · absorb_factor ≤
+// alpha_hat). *rejected where no bound is left.
+template <typename scalar_t>
+double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf, scalar_t alpha,
+                   double absorb_factor, bool* rejected) {
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  g = ghost_through_factor(g, acc, endf, log_endf);
+  if (acc > 0 && endf >= tiny && alpha < tiny) g += kSlack;
+  if (g > 0 && alpha > 0 && g * absorb_factor <= static_cast<double>(alpha)) g = 0.0;
+  if (!(g < 1e300)) *rejected = true;  // past any use (or NaN): fall back
+  return g;
+}
+
+// The maximum the log scan's step subtracts (in its dtype), from alpha_hat
+// relative to that scan's offset + shift + mes; 0 where every label is 0.
+template <typename scalar_t>
+double log_scan_step_max(const scalar_t* alpha, int64_t C, double shift, double mes) {
+  scalar_t amax = 0;
+  for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
+  if (!(amax > 0)) return 0.0;
+  return static_cast<double>(
+      static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
+}
+
+// t = L: log Z from alpha_hat (relative to O + mes) and its ghosts ga, or
+// false where the ghost bound cannot certify it: Z ≥ rho · ghost(Z).
+template <typename scalar_t>
+bool certified_log_z(const SequenceInputs<scalar_t>& in, int64_t C, const scalar_t* alpha,
+                     const double* ga, double O, double mes, double* log_z) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  const double tiny_d = static_cast<double>(tiny);
+  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+  const bool rejected = false;
+    double top = kNegInf, et_max = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      const double et = in.end_transition[c];
+      et_max = std::max(et_max, et);
+      if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
+    }
+    const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
+    double z = 0.0, gz = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const double lz = static_cast<double>(in.end_transition[c]) - mz;
+      const scalar_t zf = fexp(static_cast<scalar_t>(lz));
+      const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
+      z += static_cast<double>(term);
+      gz += ghost_through_factor(ga[c], alpha[c], zf, lz);
+      if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
+    }
+    if (rejected || !(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
+    if (z == 0.0) {
+      *log_z = kNegInf;
+      return gz == 0.0;
+    }
+    *log_z = O + (mes + mz + std::log(z));
+    return z >= rho * gz * tiny_d * kSlack;
+}
+
 template <typename scalar_t>
 struct ExpForward {
   using Limits = std::numeric_limits<scalar_t>;
@@ -442,32 +552,11 @@ struct ExpForward {
     }
   }
 
-  // NaN or +inf leaves nothing to bound: such sequences go to the log scan,
-  // which gives the NaN.
-  static bool bad(scalar_t x) { return !(x < Limits::infinity()); }
-  bool bad_position(int64_t t) const {
-    bool any = false;
-    for (int64_t c = 0; c < C; ++c)
-      any |= bad(in.score(t, c)) | bad(in.start(t, c)) | bad(in.end(t, c));
-    return any;
-  }
-  bool bad_parameters() const {
-    bool any = false;
-    for (int64_t i = 0; i < C * C; ++i) any |= bad(in.transition[i]);
-    for (int64_t i = 0; i < K * C; ++i) any |= bad(in.duration[i]);
-    for (int64_t c = 0; c < C; ++c) any |= bad(in.start_transition[c]) | bad(in.end_transition[c]);
-    return any;
-  }
+  bool bad_position(int64_t t) const { return unboundable_position(in, t, C); }
+  bool bad_parameters() const { return unboundable_parameters(in, C * C, K, C); }
 
-  // The ghost of a value computed as x · f, f = fexp(log_f) in the dtype:
-  // ghost g of x (tiny units) times the true factor, or, where f flushed,
-  // everything x and its ghost stood for (the true factor is below tiny).
-  // Positive bounds never round to 0: a product that underflows float64
-  // is replaced by float64's smallest normal, above its true value.
   double through_factor(double g, scalar_t x, scalar_t f, double log_f) const {
-    if (f >= tiny) return g > 0 ? std::max(g * static_cast<double>(f) * kUp, kFloor) : 0.0;
-    if (log_f == kNegInf || (g == 0.0 && x == 0)) return 0.0;  // exact zeros
-    return std::max((g * tiny_d + static_cast<double>(x)) * kSlack, kFloor);
+    return ghost_through_factor(g, x, f, log_f);
   }
 
   // Step 0: sigma_hat[0] relative to O = its finite max.
@@ -529,45 +618,14 @@ struct ExpForward {
         if (rmin[c] * weight_minpos[c] < tiny) g += static_cast<double>(n) * kSlack;
         g += weight_lost[c];
       }
-      g = through_factor(g, acc[c], endf, ya - mes);
-      if (acc[c] > 0 && endf >= tiny && alpha[c] < tiny) g += kSlack;
-      if (g > 0 && alpha[c] > 0 && g * absorb_factor <= static_cast<double>(alpha[c])) g = 0.0;
-      if (!(g < 1e300)) rejected = true;  // past any use (or NaN): fall back
-      ga[c] = g;
+      ga[c] = ghost_of_alpha(g, acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
     }
-    // The log scan's step subtracts the largest alpha (in its dtype).
-    scalar_t amax = 0;
-    for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
-    if (amax > 0)
-      ref_add(static_cast<double>(static_cast<scalar_t>(
-          std::log(static_cast<double>(amax)) + ((O - ref_hi) - ref_lo) + mes)));
+    ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
   }
 
   // t = L: log Z, or false where the ghost bound cannot certify it.
   bool finish(double* log_z) const {
-    double top = kNegInf, et_max = kNegInf;
-    for (int64_t c = 0; c < C; ++c) {
-      const double et = in.end_transition[c];
-      et_max = std::max(et_max, et);
-      if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
-    }
-    const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
-    double z = 0.0, gz = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double lz = static_cast<double>(in.end_transition[c]) - mz;
-      const scalar_t zf = fexp(static_cast<scalar_t>(lz));
-      const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
-      z += static_cast<double>(term);
-      gz += through_factor(ga[c], alpha[c], zf, lz);
-      if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
-    }
-    if (rejected || !(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
-    if (z == 0.0) {
-      *log_z = kNegInf;
-      return gz == 0.0;
-    }
-    *log_z = O + (mes + mz + std::log(z));
-    return z >= rho * gz * tiny_d * kSlack;
+    return !rejected && certified_log_z(in, C, alpha.data(), ga.data(), O, mes, log_z);
   }
 
   // t < L, t ≥ 1: sigma_hat[t] and its ghost gs.
@@ -724,12 +782,7 @@ struct ExpForward {
     return std::max(g * std::max(f, kFloor) * kUp, kFloor);
   }
 
-  // ref += m in two-sum arithmetic: ref_hi is the log scan's rounded sum.
-  void ref_add(double m) {
-    const double s = ref_hi + m, bb = s - ref_hi;
-    ref_lo += (ref_hi - (s - bb)) + (m - bb);
-    ref_hi = s;
-  }
+  void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
 
   bool emit_flushed(int64_t c) const { return emit[c] < tiny && lemit[c] > kNegInf; }
 
@@ -801,9 +854,422 @@ bool forward_sequence_exp(const ForwardParams& p, int64_t b) {
   return true;
 }
 
+// ---------------------------------------------------------------------------
+// The scaled exp-domain forward for the duration-dependent (K, C, C)
+// transition. The log scan's step takes K·C² exps (one per previous label,
+// label and duration); here the segments [t-d, t) cost one mat-vec each with
+// the table A_d = exp(transition[d-1] - col_max) built once per call, so a
+// step is K mat-vecs of multiply-adds and O(C) exps. Two rings, as the log
+// scan's: alpha_hat[s] (normalised at step s) and gain[s][c] = exp(start(s,
+// c) + the emissions of s … t-1 + the scale of alpha_hat[s] - O), so that
+// the segment [s, t) of label c weighs
+//   (alpha_hat[s] · A_d)[c] · gain[s][c] · weight[d-1][c]
+// relative to O + col_max[c] + dur_max[c]: the scales of the different steps
+// s live in the gains, and a term is multiply-adds only.
+// The certificate is the static path's: both rings carry ghosts (what
+// underflow lost, in units of the dtype's smallest normal), alpha_hat's
+// follow the K mat-vecs through the same tables, a ghost is absorbed into
+// relative error where it is below its value / (4 rho L), and log Z is
+// accepted only if Z ≥ rho · ghost(Z); otherwise the sequence goes to the
+// log scan. So do sequences whose tables flush a finite entry (the static
+// path bounds those; here they would need a ghost in every mat-vec).
+// docs/design.md has the argument.
+template <typename scalar_t>
+struct ExpForwardDD {
+  using Limits = std::numeric_limits<scalar_t>;
+  static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  static constexpr double kFloor = std::numeric_limits<double>::min();
+  const SequenceInputs<scalar_t>& in;
+  const int64_t K, C, L;
+  const scalar_t tiny = Limits::min();
+  const double tiny_d = static_cast<double>(Limits::min());
+  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+  double absorb_factor;  // as ExpForward's: at most L absorptions along a chain
+
+  // Per-call tables.
+  std::vector<double> col_max;        // (C) finite max over d, c' of transition[d][c', c]
+  std::vector<double> dur_max;        // (C) finite max over d of duration[d-1, c]
+  std::vector<scalar_t> A;            // (K, C, C) exp(transition - col_max[c])
+  std::vector<scalar_t> A_minpos;     // (C) smallest positive entry of column c, all d
+  std::vector<scalar_t> weight;       // (K, C) exp(duration - dur_max)
+  std::vector<scalar_t> first_alpha;  // (C) exp(start_transition - col_max - first_max)
+  double first_max = 0.0;
+  // Labels that can reach an end (a superset, from the finite entries):
+  // the others never contribute to Z and are kept at exactly 0, so that
+  // they can neither set a normaliser nor flush the mass that matters.
+  std::vector<char> reach;
+
+  // State: the rings (slot s % K), their ghosts (tiny units) and, per
+  // slot, whether any ghost is nonzero and alpha_hat's smallest positive
+  // entry (for the mat-vec's underflow check).
+  std::vector<scalar_t> alpha_ring, gain;
+  std::vector<double> alpha_ghost, gain_ghost;
+  std::vector<char> slot_alpha_ghost, slot_ghost;
+  std::vector<scalar_t> alpha_minpos;
+  double O = 0.0, mes = 0.0;  // gains relative to O; alpha_hat[t] to O + mes
+  std::vector<scalar_t> acc, alpha, u, livemax, arg, factor;
+  std::vector<double> gacc, ga, gu, lemit, lfresh, old_factor;
+  // The log scan's offset (ExpForward's ref_hi, ref_lo) and, per slot, the
+  // absolute scale of alpha_hat[s] and the log scan's offset after its step
+  // s, so that checkpoints are written in that scan's terms.
+  double ref_hi = 0.0, ref_lo = 0.0;
+  std::vector<double> slot_scale, slot_ref_hi, slot_ref_lo;
+  scalar_t first_m = 0;  // the log scan's step-0 maximum
+  bool rejected = false;
+
+  ExpForwardDD(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
+      : in(in_), K(K_), C(C_), L(L_), col_max(C_, 0.0), dur_max(C_, 0.0), A(K_ * C_ * C_),
+        A_minpos(C_, Limits::infinity()), weight(K_ * C_), first_alpha(C_), reach(C_, 0),
+        alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
+        slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
+        alpha(C_, 0), u(C_), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
+        lemit(C_), lfresh(C_), old_factor(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
+    absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
+    rejected = bad_parameters() || !tables();
+  }
+
+  // False where a finite entry flushes: its loss would need a ghost in
+  // every mat-vec, and such parameters are far from ordinary.
+  bool tables() {
+    for (int64_t c = 0; c < C; ++c) {
+      double mx = kNegInf, dm = kNegInf;
+      for (int64_t d = 1; d <= K; ++d) {
+        dm = std::max(dm, static_cast<double>(in.dur(d, c)));
+        for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, static_cast<double>(in.trans(d, cp, c)));
+      }
+      col_max[c] = mx == kNegInf ? 0.0 : mx;
+      dur_max[c] = dm == kNegInf ? 0.0 : dm;
+    }
+    auto table_exp = [&](double x, scalar_t* out) {
+      const scalar_t v = fexp(static_cast<scalar_t>(x));
+      *out = v;
+      return !(x > kNegInf && v < tiny);
+    };
+    bool ok = true;
+    for (int64_t d = 1; d <= K; ++d)
+      for (int64_t cp = 0; cp < C; ++cp)
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* a = A.data() + ((d - 1) * C + cp) * C + c;
+          ok &= table_exp(static_cast<double>(in.trans(d, cp, c)) - col_max[c], a);
+          if (*a > 0) A_minpos[c] = std::min(A_minpos[c], *a);
+        }
+    for (int64_t d = 1; d <= K; ++d)
+      for (int64_t c = 0; c < C; ++c)
+        ok &= table_exp(static_cast<double>(in.dur(d, c)) - dur_max[c],
+                        weight.data() + (d - 1) * C + c);
+    double fm = kNegInf;
+    for (int64_t c = 0; c < C; ++c)
+      fm = std::max(fm, static_cast<double>(in.start_transition[c]) - col_max[c]);
+    first_max = fm == kNegInf ? 0.0 : fm;
+    for (int64_t c = 0; c < C; ++c)
+      ok &= table_exp(static_cast<double>(in.start_transition[c]) - col_max[c] - first_max,
+                      first_alpha.data() + c);
+    std::vector<char> ends_somewhere(C, 0);
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t d = 1; d <= K; ++d) ends_somewhere[c] |= in.dur(d, c) > neg_inf<scalar_t>();
+      reach[c] = ends_somewhere[c] && in.end_transition[c] > neg_inf<scalar_t>();
+    }
+    for (bool changed = true; changed;) {
+      changed = false;
+      for (int64_t c = 0; c < C; ++c) {
+        if (reach[c] || !ends_somewhere[c]) continue;
+        for (int64_t d = 1; d <= K && !reach[c]; ++d)
+          for (int64_t c2 = 0; c2 < C; ++c2)
+            if (reach[c2] && in.trans(d, c, c2) > neg_inf<scalar_t>()) {
+              reach[c] = 1;
+              changed = true;
+              break;
+            }
+      }
+    }
+    return ok;
+  }
+
+  // An upper bound of a · b (a, b ≥ 0) that never rounds a positive
+  // product to 0.
+  static double bound_product(double a, double b) {
+    return a > 0 && b > 0 ? std::max(a * b, kFloor) : 0.0;
+  }
+
+  bool bad_position(int64_t t) const { return unboundable_position(in, t, C); }
+  bool bad_parameters() const { return unboundable_parameters(in, K * C * C, K, C); }
+
+  // Step 0: the log scan's offset starts at the largest first score.
+  void first() {
+    scalar_t m = neg_inf<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) m = nan_max(m, in.first(c));
+    first_m = finite_or_zero(m);
+    ref_hi = static_cast<double>(first_m);
+    ref_lo = 0.0;
+  }
+
+  void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
+
+  // Step t ≥ 1: alpha_hat[t] and its ghost ga.
+  void ends(int64_t t) {
+    const int64_t n = std::min(t, K);
+    const int tK = static_cast<int>(t % K);
+    std::fill(acc.begin(), acc.end(), scalar_t(0));
+    std::fill(livemax.begin(), livemax.end(), scalar_t(0));
+    std::fill(gacc.begin(), gacc.end(), 0.0);
+    for (int64_t d = 1; d <= n; ++d) {
+      const int64_t s = t - d;
+      const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+      const scalar_t* __restrict g = gain.data() + slot * C;
+      const scalar_t* __restrict w = weight.data() + (d - 1) * C;
+      scalar_t* __restrict uu = u.data();
+      bool matvec_flush = false;
+      if (s == 0) {
+        std::copy_n(first_alpha.data(), C, uu);
+      } else {
+        std::fill_n(uu, C, scalar_t(0));
+        const scalar_t* a = alpha_ring.data() + slot * C;
+        for (int64_t cp = 0; cp < C; ++cp) {
+          const scalar_t x = a[cp];
+          if (x == 0) continue;
+          const scalar_t* __restrict row = A.data() + ((d - 1) * C + cp) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) uu[c] += x * row[c];
+        }
+        for (int64_t c = 0; c < C; ++c) matvec_flush |= alpha_minpos[slot] * A_minpos[c] < tiny;
+      }
+      const bool alpha_ghosts = s > 0 && slot_alpha_ghost[slot];
+      scalar_t* __restrict ac = acc.data();
+      scalar_t* __restrict lm = livemax.data();
+      const bool live = d + 1 <= K;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        ac[c] += (uu[c] * g[c]) * w[c];
+        const scalar_t keep = live ? g[c] : scalar_t(0);
+        lm[c] = keep > lm[c] ? keep : lm[c];
+      }
+      // Ghosts: the gains', the mat-vec's products below tiny (C at most),
+      // and the term's own two products.
+      bool product_flush = false;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t p = uu[c] * g[c];
+        product_flush |= (uu[c] > 0 && g[c] > 0 && p < tiny) || (p > 0 && w[c] > 0 && p * w[c] < tiny);
+      }
+      if (!(slot_ghost[slot] || alpha_ghosts || matvec_flush || product_flush)) continue;
+      // The mat-vec's ghost: alpha_hat's ghosts through the same table
+      // (exact, so that one label's ghost stays in the columns it reaches),
+      // and at most C products below tiny.
+      std::fill(gu.begin(), gu.end(), 0.0);
+      if (alpha_ghosts) {
+        const double* ag = alpha_ghost.data() + slot * C;
+        for (int64_t cp = 0; cp < C; ++cp) {
+          if (ag[cp] == 0.0) continue;
+          const scalar_t* row = A.data() + ((d - 1) * C + cp) * C;
+          for (int64_t c = 0; c < C; ++c)
+            if (row[c] > 0) gu[c] += std::max(ag[cp] * static_cast<double>(row[c]) * kUp, kFloor);
+        }
+      }
+      const double* gg = gain_ghost.data() + slot * C;
+      for (int64_t c = 0; c < C; ++c) {
+        if (w[c] == 0) continue;  // a -inf duration score: exact
+        const double gu_c =
+            gu[c] + (s > 0 && alpha_minpos[slot] * A_minpos[c] < tiny ? static_cast<double>(C) * kSlack : 0.0);
+        // (u + gu)(g + gg) · w less u · g · w, every product kept above 0.
+        double term = bound_product(
+            bound_product(gu_c, static_cast<double>(g[c]) * kUp) +
+                bound_product(static_cast<double>(uu[c]) * kUp, gg[c]) +
+                bound_product(bound_product(gu_c, gg[c]), tiny_d),
+            static_cast<double>(w[c]) * kUp);
+        const scalar_t p = uu[c] * g[c];
+        if (uu[c] > 0 && g[c] > 0 && p < tiny) term += kSlack;
+        if (p > 0 && p * w[c] < tiny) term += kSlack;
+        if (term > 0) gacc[c] += std::max(term * kSlack, kFloor);
+      }
+    }
+    double top = kNegInf, ya_max = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      if (!reach[c]) continue;
+      const double ya = static_cast<double>(in.end(t - 1, c)) + col_max[c] + dur_max[c];
+      ya_max = std::max(ya_max, ya);
+      if (acc[c] > 0) top = std::max(top, ya + exponent_of(acc[c]) * kLn2);
+    }
+    mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
+    for (int64_t c = 0; c < C; ++c)
+      arg[c] = static_cast<scalar_t>(static_cast<double>(in.end(t - 1, c)) + col_max[c] +
+                                     dur_max[c] - mes);
+    exp_row(arg.data(), factor.data(), C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double ya = static_cast<double>(in.end(t - 1, c)) + col_max[c] + dur_max[c];
+      const scalar_t endf = factor[c];
+      if (!reach[c]) {  // contributes nothing to Z: exactly 0
+        alpha[c] = 0;
+        ga[c] = 0.0;
+        continue;
+      }
+      if (!(acc[c] < Limits::max())) rejected = true;
+      alpha[c] = acc[c] > 0 ? acc[c] * endf : scalar_t(0);
+      if (!(alpha[c] < Limits::max())) rejected = true;
+      ga[c] = ghost_of_alpha(gacc[c], acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
+    }
+    ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
+  }
+
+  // t = L: log Z, or false where it cannot be certified.
+  bool finish(double* log_z) const {
+    return !rejected && certified_log_z(in, C, alpha.data(), ga.data(), O, mes, log_z);
+  }
+
+  // Move the rings to step t+1 (t < L): position t's emissions, the
+  // segments starting at t, and the normaliser: the largest gain that can
+  // still matter becomes about 1.
+  void advance(int64_t t) {
+    if (bad_position(t)) rejected = true;
+    double m = kNegInf;
+    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+    if (m == kNegInf) m = 0.0;
+    // alpha_hat[t]'s scale relative to O (step 0: first_alpha's).
+    const double scale = t == 0 ? first_max : mes;
+    double top = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      lemit[c] = static_cast<double>(in.score(t, c)) - m;
+      lfresh[c] = reach[c] ? static_cast<double>(in.start(t, c)) + lemit[c] + scale : kNegInf;
+      top = std::max(top, lfresh[c]);
+      if (livemax[c] > 0 && lemit[c] > kNegInf)
+        top = std::max(top, std::log(static_cast<double>(livemax[c])) + lemit[c]);
+    }
+    if (top == kNegInf) top = 0.0;
+    const double new_offset = O + (top + m);
+    const double base = (O - new_offset) + m;
+    const double big = static_cast<double>(Limits::max());
+    const int tK = static_cast<int>(t % K);
+    slot_scale[tK] = O + scale;
+    slot_ref_hi[tK] = ref_hi;
+    slot_ref_lo[tK] = ref_lo;
+    ref_add(m);
+    // The old gains' factors, once per label (C exps).
+    for (int64_t c = 0; c < C; ++c) old_factor[c] = std::exp(lemit[c] + base);
+    for (int64_t d = 1; d <= std::min(t, K - 1); ++d) {
+      const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+      scalar_t* g = gain.data() + slot * C;
+      double* gg = gain_ghost.data() + slot * C;
+      bool any = false;
+      for (int64_t c = 0; c < C; ++c) {
+        if (lemit[c] == kNegInf) {  // a -inf score: everything exactly 0
+          g[c] = 0;
+          gg[c] = 0.0;
+          continue;
+        }
+        const double f = old_factor[c];
+        if (gg[c] > 0) gg[c] = std::max(gg[c] * std::max(f, kFloor) * kUp, kFloor);
+        if (g[c] > 0) {
+          const double x = static_cast<double>(g[c]) * f;
+          if (x > big) rejected = true;
+          const scalar_t v = static_cast<scalar_t>(std::min(x, big));
+          if (v < tiny) {
+            gg[c] += kSlack;
+            g[c] = 0;
+          } else {
+            g[c] = v;
+          }
+        }
+        any |= gg[c] > 0;
+        if (!(gg[c] < 1e300)) rejected = true;
+      }
+      slot_ghost[slot] = any;
+    }
+    // The segments starting at t: alpha_hat[t] and its gain.
+    scalar_t* g = gain.data() + tK * C;
+    double* gg = gain_ghost.data() + tK * C;
+    bool any = false;
+    for (int64_t c = 0; c < C; ++c) {
+      gg[c] = 0.0;
+      g[c] = 0;
+      if (lfresh[c] == kNegInf) continue;
+      const double x = std::exp(lfresh[c] + base);
+      if (x > big) rejected = true;
+      const scalar_t v = static_cast<scalar_t>(std::min(x, big));
+      if (v < tiny) {
+        gg[c] = kSlack;
+        any = true;
+      } else {
+        g[c] = v;
+      }
+    }
+    slot_ghost[tK] = any;
+    scalar_t amin = Limits::infinity();
+    scalar_t* a = alpha_ring.data() + tK * C;
+    double* ag = alpha_ghost.data() + tK * C;
+    bool alpha_any = false;
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = t == 0 ? scalar_t(0) : alpha[c];
+      ag[c] = t == 0 ? 0.0 : ga[c];
+      alpha_any |= ag[c] > 0;
+      if (a[c] > 0) amin = std::min(amin, a[c]);
+    }
+    alpha_minpos[tK] = amin;
+    slot_alpha_ghost[tK] = alpha_any;
+    O = new_offset;
+  }
+
+  // The rings in the checkpoint layout, as the log scan writes them: alpha
+  // rows relative to that scan's offset after step s (step 0's row is its
+  // start_transition - first_m), gain rows relative to its offset now less
+  // that one, and -inf for 0. 2K·C logs per checkpoint.
+  void save(int64_t t, scalar_t* out, double* out_offset) const {
+    const int tK = static_cast<int>(t % K);
+    const double now = (O - ref_hi) - ref_lo;
+    for (int64_t d = 1; d <= K; ++d) {
+      const int64_t s = t - d;
+      const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+      scalar_t* alpha_row = out + (d - 1) * C;
+      scalar_t* gain_row = out + (K + d - 1) * C;
+      if (s < 0) {
+        std::fill_n(alpha_row, C, neg_inf<scalar_t>());
+        std::fill_n(gain_row, C, neg_inf<scalar_t>());
+        continue;
+      }
+      const double to_ref = (slot_scale[slot] - slot_ref_hi[slot]) - slot_ref_lo[slot];
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t a = alpha_ring[slot * C + c], g = gain[slot * C + c];
+        if (s == 0) alpha_row[c] = in.start_transition[c] - first_m;
+        else alpha_row[c] = a > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(a)) + to_ref)
+                                  : neg_inf<scalar_t>();
+        gain_row[c] = g > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(g)) + now - to_ref)
+                            : neg_inf<scalar_t>();
+      }
+    }
+    *out_offset = ref_hi;
+  }
+};
+
+template <typename scalar_t>
+bool forward_sequence_exp_dd(const ForwardParams& p, int64_t b) {
+  const FlushSubnormals flush_subnormals;
+  const SequenceInputs<scalar_t> in(p, b);
+  const int64_t L = sequence_length(p, b);
+  ExpForwardDD<scalar_t> scan(in, p.K, p.C, L);
+  if (scan.rejected) return false;
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  double log_z = 0.0;
+  for (int64_t t = 0; t <= L; ++t) {
+    if (ckpt.due(t)) scan.save(t, ckpt.at(t / p.interval), ckpt.offset + t / p.interval);
+    if (t == 0) scan.first();
+    else scan.ends(t);
+    if (scan.rejected) return false;
+    if (t == L) {
+      if (!scan.finish(&log_z)) return false;
+    } else {
+      scan.advance(t);
+      if (scan.rejected) return false;
+    }
+  }
+  static_cast<scalar_t*>(p.log_z)[b] = static_cast<scalar_t>(log_z);
+  for (int64_t j = ckpt.first_unused(L); j < p.n_ckpt; ++j) {
+    std::fill_n(ckpt.at(j), ckpt.stride, neg_inf<scalar_t>());
+    ckpt.offset[j] = 0.0;
+  }
+  return true;
+}
+
 // FLASHSEMICRF_CPU_ALGORITHM: "exp" (default) runs the scaled exp-domain
-// forward where it exists (static transition) with the log scan as its
-// per-sequence fallback; "log" runs the log scan everywhere.
+// forward (both transition forms) and backward (static transition) with the
+// log-domain kernels as their per-sequence fallbacks; "log" runs the log
+// domain everywhere.
 bool cpu_uses_exp_domain() {
   const char* v = std::getenv("FLASHSEMICRF_CPU_ALGORITHM");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "exp") == 0) return true;
@@ -2111,8 +2577,10 @@ struct Cpu {
     const bool exp_domain = cpu_uses_exp_domain();
     for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
       using scalar_t = decltype(zero);
-      if (exp_domain && !decltype(dd)::value) {
-        if (forward_sequence_exp<scalar_t>(p, b)) return;
+      if (exp_domain) {
+        const bool done = decltype(dd)::value ? forward_sequence_exp_dd<scalar_t>(p, b)
+                                              : forward_sequence_exp<scalar_t>(p, b);
+        if (done) return;
         exp_fallbacks.fetch_add(1, std::memory_order_relaxed);
       }
       forward_sequence<scalar_t, decltype(dd)::value>(p, b);
