@@ -320,8 +320,8 @@ def column_legend(meta: dict) -> dict[str, str]:
                   "the threads the kernel can use on this batch, min(B, threads) (it runs "
                   "one sequence per thread).",
         ALG_FALLBACKS: "sequences of the checked call that the exp-domain forward or "
-                       "backward handed to its log-domain version (of B per pass; a "
-                       "(K, C, C) transition has no exp-domain path and is not counted).",
+                       "backward handed to its log-domain version (of B per pass; with a "
+                       "(K, C, C) transition only the forward has an exp-domain path).",
     }
 
 
@@ -440,7 +440,7 @@ def algorithm_table(rows: list[dict], peak: dict) -> list[str]:
             _ratio(log["lse_per_s"] / log.get("exp_peak_per_s", nan))
             if log["status"] in TIMED else "",
             used,
-            "" if math.isnan(exp.get("exp_fallbacks", nan)) or key[4] != "static"
+            "" if math.isnan(exp.get("exp_fallbacks", nan))
             else str(int(exp["exp_fallbacks"])),
         ]
         B, T, K, C, tr, pass_ = key
