@@ -822,14 +822,16 @@ struct FlushSubnormals {
 // exposed to tests and the benchmark by flashsemicrf_testing::cpu_exp_fallbacks.
 std::atomic<int64_t> exp_fallbacks{0};
 
-// The exp-domain forward of sequence b; false (outputs partly written) when
-// its bounds cannot certify log Z, and the caller reruns the log scan.
-template <typename scalar_t>
+// The exp-domain forward of sequence b with either scan (ExpForward for the
+// static transition, ExpForwardDD for the (K, C, C) one); false (outputs
+// partly written) when its bounds cannot certify log Z, and the caller reruns
+// the log scan.
+template <template <typename> class Scan, typename scalar_t>
 bool forward_sequence_exp(const ForwardParams& p, int64_t b) {
   const FlushSubnormals flush_subnormals;
   const SequenceInputs<scalar_t> in(p, b);
   const int64_t L = sequence_length(p, b);
-  ExpForward<scalar_t> scan(in, p.K, p.C, L);
+  Scan<scalar_t> scan(in, p.K, p.C, L);
   if (scan.rejected) return false;
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
   double log_z = 0.0;
@@ -1114,6 +1116,10 @@ struct ExpForwardDD {
     return !rejected && certified_log_z(in, C, alpha.data(), ga.data(), O, mes, log_z);
   }
 
+  // The static scan's sigma step has no counterpart here: the start terms
+  // of the segments beginning at t enter the gain ring in advance(t).
+  void starts(int64_t) {}
+
   // Move the rings to step t+1 (t < L): position t's emissions, the
   // segments starting at t, and the normaliser: the largest gain that can
   // still matter becomes about 1.
@@ -1236,35 +1242,6 @@ struct ExpForwardDD {
     *out_offset = ref_hi;
   }
 };
-
-template <typename scalar_t>
-bool forward_sequence_exp_dd(const ForwardParams& p, int64_t b) {
-  const FlushSubnormals flush_subnormals;
-  const SequenceInputs<scalar_t> in(p, b);
-  const int64_t L = sequence_length(p, b);
-  ExpForwardDD<scalar_t> scan(in, p.K, p.C, L);
-  if (scan.rejected) return false;
-  const SequenceCheckpoints<scalar_t> ckpt(p, b);
-  double log_z = 0.0;
-  for (int64_t t = 0; t <= L; ++t) {
-    if (ckpt.due(t)) scan.save(t, ckpt.at(t / p.interval), ckpt.offset + t / p.interval);
-    if (t == 0) scan.first();
-    else scan.ends(t);
-    if (scan.rejected) return false;
-    if (t == L) {
-      if (!scan.finish(&log_z)) return false;
-    } else {
-      scan.advance(t);
-      if (scan.rejected) return false;
-    }
-  }
-  static_cast<scalar_t*>(p.log_z)[b] = static_cast<scalar_t>(log_z);
-  for (int64_t j = ckpt.first_unused(L); j < p.n_ckpt; ++j) {
-    std::fill_n(ckpt.at(j), ckpt.stride, neg_inf<scalar_t>());
-    ckpt.offset[j] = 0.0;
-  }
-  return true;
-}
 
 // FLASHSEMICRF_CPU_ALGORITHM: "exp" (default) runs the scaled exp-domain
 // forward (both transition forms) and backward (static transition) with the
@@ -2578,8 +2555,8 @@ struct Cpu {
     for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
       using scalar_t = decltype(zero);
       if (exp_domain) {
-        const bool done = decltype(dd)::value ? forward_sequence_exp_dd<scalar_t>(p, b)
-                                              : forward_sequence_exp<scalar_t>(p, b);
+        const bool done = decltype(dd)::value ? forward_sequence_exp<ExpForwardDD, scalar_t>(p, b)
+                                              : forward_sequence_exp<ExpForward, scalar_t>(p, b);
         if (done) return;
         exp_fallbacks.fetch_add(1, std::memory_order_relaxed);
       }
