@@ -273,24 +273,90 @@ inline int exponent_of(double v) {
   return e == 0 ? -1075 : e - 1023;
 }
 
-// The hot loop of the exp-domain forward, one ring row (the entries of one
-// age): the duration-weighted sum, the largest entry that stays alive and the
-// smallest positive entry, along c. A function of its own so that the
-// restrict qualifiers let the compiler vectorise it.
+// Four lanes of float or double (GCC/Clang vector extensions: one AVX
+// register, or two SSE ones where the build targets no AVX), for the
+// per-label bound arithmetic of the exp-domain forward. Written out because
+// the compiler does not if-convert that arithmetic's selects on its own; the
+// lanes compute exactly what the scalar expressions compute.
+template <typename T>
+struct Lanes4;
+template <>
+struct Lanes4<float> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Lanes4<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+using f64x4 = Lanes4<double>::type;
+typedef int64_t i64x4 __attribute__((vector_size(32)));  // a comparison of f64x4: 0 or -1
+
+template <typename T>
+inline typename Lanes4<T>::type load4(const T* p) {
+  typename Lanes4<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store4(T* p, typename Lanes4<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline f64x4 widen(Lanes4<float>::type v) { return __builtin_convertvector(v, f64x4); }  // exact
+inline f64x4 widen(f64x4 v) { return v; }
+inline bool any_lane(i64x4 m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
+
+// Labels per chunk of the exp-domain forward's ring pass: the ring, weight
+// and keep rows are padded to a multiple of it with zeros, so that the pass
+// runs whole vectors and one chunk's sums stay in registers across the K
+// rows.
+constexpr int64_t kRingLanes = 8;
+inline int64_t padded_labels(int64_t C) { return (C + kRingLanes - 1) / kRingLanes * kRingLanes; }
+
+// The hot loop of the exp-domain forward: for kRingLanes labels, the
+// duration-weighted sum over the n ring rows of ages 1..n, the largest entry
+// that stays alive and the smallest positive entry. Rows older than age 1
+// first take the previous step's factor f (the advance of the ring, fused
+// into this pass so the ring is read once per step); an entry is capped at
+// the dtype's largest value, so that an entry that can no longer matter meets
+// its zero weight as 0, never as inf · 0.
 template <typename scalar_t>
-inline void ring_row_pass(const scalar_t* __restrict r, const scalar_t* __restrict w,
-                          const scalar_t* __restrict kp, scalar_t* __restrict acc,
-                          scalar_t* __restrict livemax, scalar_t* __restrict rmin, int64_t C) {
-  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, bool advance_old,
+                            const scalar_t* __restrict w, const scalar_t* __restrict kp,
+                            int64_t stride, const scalar_t* __restrict f, scalar_t* __restrict acc,
+                            scalar_t* __restrict livemax, scalar_t* __restrict rmin) {
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t big = std::numeric_limits<scalar_t>::max();
+  scalar_t a[kRingLanes], lm[kRingLanes], mn[kRingLanes];
+  for (int64_t i = 0; i < kRingLanes; ++i) {
+    a[i] = 0;
+    lm[i] = 0;
+    mn[i] = inf;
+  }
+  for (int64_t d = 0; d < n; ++d) {
+    scalar_t* __restrict r = rows[d];
+    const scalar_t* __restrict wd = w + d * stride;
+    const scalar_t* __restrict kd = kp + d * stride;
+    const bool scale = advance_old && d > 0;
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t x = r[c];
-    acc[c] += x * w[c];
-    const scalar_t live = x * kp[c], lm = livemax[c];
-    livemax[c] = live > lm ? live : lm;
-    // Only entries that meet a weight now or stay alive can lose anything.
-    const scalar_t pos = (x > 0 && w[c] + kp[c] > 0) ? x : inf, mn = rmin[c];
-    rmin[c] = pos < mn ? pos : mn;
+    for (int64_t i = 0; i < kRingLanes; ++i) {
+      scalar_t x = r[i];
+      if (scale) {
+        x = x * f[i];
+        x = x < big ? x : big;
+        r[i] = x;
+      }
+      a[i] += x * wd[i];
+      const scalar_t live = x * kd[i];
+      lm[i] = live > lm[i] ? live : lm[i];
+      // Only entries that meet a weight now or stay alive can lose anything.
+      const scalar_t pos = (x > 0 && wd[i] + kd[i] > 0) ? x : inf;
+      mn[i] = pos < mn[i] ? pos : mn[i];
+    }
+  }
+  for (int64_t i = 0; i < kRingLanes; ++i) {
+    acc[i] = a[i];
+    livemax[i] = lm[i];
+    rmin[i] = mn[i];
   }
 }
 
@@ -299,20 +365,6 @@ template <typename scalar_t>
 inline void exp_row(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) out[c] = fexp(x[c]);
-}
-
-// Moves the ring's old entries to the next step: times the label's factor.
-// Entries that can no longer matter stay (the checkpoints hold them, as every
-// backend's do) but are capped at the dtype's largest value, so that they
-// meet their zero weights as 0, never as inf · 0.
-template <typename scalar_t>
-inline void ring_row_scale(scalar_t* __restrict r, const scalar_t* __restrict f, int64_t C) {
-  const scalar_t big = std::numeric_limits<scalar_t>::max();
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t x = r[c] * f[c];
-    r[c] = x < big ? x : big;
-  }
 }
 
 // The ghost (in units of the dtype's smallest normal) of a value computed as
@@ -383,8 +435,9 @@ double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf, sc
 // relative to that scan's offset + shift + mes; 0 where every label is 0.
 template <typename scalar_t>
 double log_scan_step_max(const scalar_t* alpha, int64_t C, double shift, double mes) {
-  scalar_t amax = 0;
-  for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
+  scalar_t m4[4] = {0, 0, 0, 0};  // four chains: the same max, a quarter of the latency
+  for (int64_t c = 0; c < C; ++c) m4[c & 3] = std::max(m4[c & 3], alpha[c]);
+  const scalar_t amax = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
   if (!(amax > 0)) return 0.0;
   return static_cast<double>(
       static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
@@ -432,8 +485,12 @@ struct ExpForward {
   static constexpr double kFloor = std::numeric_limits<double>::min();
   const SequenceInputs<scalar_t>& in;
   const int64_t K, C, L;
+  const int64_t Cp;  // C padded to whole ring chunks: the stride of ring, weight and keep
   const scalar_t tiny = Limits::min();
   const double tiny_d = static_cast<double>(Limits::min());
+  // A power of 2, so that x * inv_tiny_d is exactly x / tiny_d.
+  const double inv_tiny_d = 1.0 / static_cast<double>(Limits::min());
+  static constexpr double kInf = std::numeric_limits<double>::infinity();
   const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
   // A ghost below value / rho_abs is absorbed into relative error: at most
   // 2L absorptions along any chain add 1/(2 rho) relative in all.
@@ -441,20 +498,25 @@ struct ExpForward {
 
   // Per-call tables.
   std::vector<double> dur_max;          // (C) finite max over d of duration[d-1, c] (0 if none)
-  std::vector<scalar_t> weight;         // (K, C) exp(duration - dur_max), 0 below tiny
-  std::vector<scalar_t> keep;           // (K, C) 1 where an entry of age d+1 can still matter
-  std::vector<double> weight_lost;      // (C) 2 · the flushed true weights, in tiny units
-  std::vector<scalar_t> weight_minpos;  // (C) smallest positive weight
+  std::vector<scalar_t> weight;         // (K, Cp) exp(duration - dur_max), 0 below tiny
+  std::vector<scalar_t> keep;           // (K, Cp) 1 where an entry of age d+1 can still matter
+  std::vector<double> weight_lost;      // (Cp) 2 · the flushed true weights, in tiny units
+  std::vector<scalar_t> weight_minpos;  // (Cp) smallest positive weight
   std::vector<int> last_duration;       // (C) longest duration, 0 if the label cannot reach an end
   std::vector<double> col_max;          // (C) finite max over c' of transition[c', c]
   std::vector<scalar_t> A;              // (C, C) exp(transition - col_max[c]), 0 below tiny
+  std::vector<scalar_t> A_padded;       // (C, Cp) the same, rows padded with zeros
   std::vector<double> A_bound;          // (C, C) the same in float64, for the ghost mat-vec
   std::vector<double> A_lost;           // (C) the column's flushed true entries, tiny units
   std::vector<scalar_t> A_minpos;       // (C) smallest positive entry of the column
 
   // State. Entries are relative to O; alpha_hat to O + mes; sigma_hat to
   // O + sigma_rel (kept apart from O so that no large sum rounds them).
-  std::vector<scalar_t> ring;  // (K, C)
+  std::vector<scalar_t> ring;  // (K, Cp)
+  // The ring's entries older than age 1 still owe the last advance's factor
+  // fo (the next ring pass applies it).
+  bool owes_advance = false;
+  std::vector<scalar_t*> rows, chunk_rows;  // (K) the ring rows of ages 1..K at this step
   double O = 0.0, mes = 0.0, sigma_rel = 0.0;
   // The offset the log-domain scan would have, O_t of the shared checkpoint
   // layout: the sum of its per-step maxima, kept with its rounding error
@@ -466,16 +528,28 @@ struct ExpForward {
   // charged, so generation 0 expires every K steps.
   std::vector<double> ghost_old, ghost_new;
   std::vector<scalar_t> acc, alpha, sigma, u, emit, fo, fn, livemax, rmin, arg, factor;
-  std::vector<double> ga, gs, work, lemit, fo_d, fn_d;
+  std::vector<double> ga, gs, work, work_ys, lemit, fo_d, fn_d;
   bool rejected = false;  // no bound could be kept: the caller falls back
+  // Fast paths. On ordinary inputs nothing underflows and every ghost stays
+  // exactly 0; a step then checks, in vectorisable loops, that none of its
+  // charges fires, and skips the per-label bound arithmetic, which would
+  // return the same zeros. Any charge runs that arithmetic in full.
+  bool ring_ghost_free = true;  // ghost_old and ghost_new are all 0
+  bool sigma_ghost_free = true;  // gs is all 0
+  bool any_A_lost = false;  // over the labels that can reach an end
+  scalar_t A_minpos_min;  // min of A_minpos over the labels that can reach an end
+  std::vector<char> reaches;  // (C) last_duration > 0
+  std::vector<double> reach_mask;  // (Cp) the same as 1.0 / 0.0, 0 in the padding
 
   ExpForward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
-      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), weight(K_ * C_), keep(K_ * C_),
-        weight_lost(C_, 0.0), weight_minpos(C_), last_duration(C_, 0), col_max(C_, 0.0),
-        A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), ring(K_ * C_, 0),
-        ghost_old(C_, 0.0), ghost_new(C_, 0.0), acc(C_), alpha(C_), sigma(C_), u(C_), emit(C_),
-        fo(C_), fn(C_), livemax(C_, 0), rmin(C_, Limits::infinity()), arg(C_), factor(C_), ga(C_, 0.0), gs(C_, 0.0),
-        work(C_), lemit(C_), fo_d(C_), fn_d(C_) {
+      : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), dur_max(C_, 0.0),
+        weight(K_ * Cp, 0), keep(K_ * Cp, 0),
+        weight_lost(Cp, 0.0), weight_minpos(Cp, 0), last_duration(C_, 0), col_max(C_, 0.0),
+        A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0), rows(K_), chunk_rows(K_),
+        ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
+        emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(C_),
+        factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(C_), lemit(Cp, 0.0), fo_d(Cp, 0.0),
+        fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters();
     tables();
@@ -500,7 +574,7 @@ struct ExpForward {
           lost += std::max(std::exp(x) * kUp, kFloor);
           w = 0;
         }
-        weight[(d - 1) * C + c] = w;
+        weight[(d - 1) * Cp + c] = w;
         if (w > 0) weight_minpos[c] = std::min(weight_minpos[c], w);
       }
       // Entries are at most 1 (times rounding) when they meet a weight.
@@ -521,6 +595,7 @@ struct ExpForward {
           a = 0;
         }
         A[cp * C + c] = a;
+        A_padded[cp * Cp + c] = a;
         A_bound[cp * C + c] = xb;
         if (a > 0) A_minpos[c] = std::min(A_minpos[c], a);
       }
@@ -546,9 +621,15 @@ struct ExpForward {
           }
       }
     }
+    A_minpos_min = Limits::infinity();
     for (int64_t c = 0; c < C; ++c) {
       last_duration[c] = reach[c] ? raw_last[c] : 0;
-      for (int64_t d = 1; d <= K; ++d) keep[(d - 1) * C + c] = d + 1 <= last_duration[c] ? 1 : 0;
+      for (int64_t d = 1; d <= K; ++d) keep[(d - 1) * Cp + c] = d + 1 <= last_duration[c] ? 1 : 0;
+      reaches[c] = last_duration[c] > 0;
+      reach_mask[c] = reaches[c] ? 1.0 : 0.0;
+      if (!reaches[c]) continue;
+      any_A_lost |= A_lost[c] > 0;
+      A_minpos_min = std::min(A_minpos_min, A_minpos[c]);
     }
   }
 
@@ -572,54 +653,77 @@ struct ExpForward {
       sigma[c] = fexp(static_cast<scalar_t>(x));
       gs[c] = through_factor(0.0, 1, sigma[c], x);
     }
+    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Step t ≥ 1: alpha_hat[t] and its ghost ga.
   void ends(int64_t t) {
-    if (t % K == 0) {
+    if (t % K == 0 && !ring_ghost_free) {
       ghost_old.swap(ghost_new);
       std::fill(ghost_new.begin(), ghost_new.end(), 0.0);
+      update_ring_ghost_free();
     }
     const int64_t n = std::min(t, K);
     const int tK = static_cast<int>(t % K);
-    std::fill(acc.begin(), acc.end(), scalar_t(0));
-    std::fill(livemax.begin(), livemax.end(), scalar_t(0));
-    std::fill(rmin.begin(), rmin.end(), Limits::infinity());
     for (int64_t d = 1; d <= n; ++d)
-      ring_row_pass(ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
-                    weight.data() + (d - 1) * C, keep.data() + (d - 1) * C, acc.data(),
-                    livemax.data(), rmin.data(), C);
+      rows[d - 1] = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
+    for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
+      for (int64_t d = 0; d < n; ++d) chunk_rows[d] = rows[d] + c0;
+      ring_chunk_pass(chunk_rows.data(), n, owes_advance, weight.data() + c0, keep.data() + c0, Cp,
+                      fo.data() + c0, acc.data() + c0, livemax.data() + c0, rmin.data() + c0);
+    }
+    owes_advance = false;
     // The end factor is normalised against the mass it multiplies, so that
     // a label that holds the mass is never flushed by another label's larger
-    // end score.
-    double top = kNegInf, ya_max = kNegInf;
+    // end score. (Maxima in four chains, as in advance.)
+    double top4[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, ya4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
     for (int64_t c = 0; c < C; ++c) {
-      if (last_duration[c] == 0) continue;  // labels that cannot reach an end set no scale
       const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
-      ya_max = std::max(ya_max, ya);
-      if (acc[c] > 0) top = std::max(top, ya + exponent_of(acc[c]) * kLn2);
+      lemit[c] = ya;
+      if (!reaches[c]) continue;  // labels that cannot reach an end set no scale
+      ya4[c & 3] = std::max(ya4[c & 3], ya);
+      if (acc[c] > 0) top4[c & 3] = std::max(top4[c & 3], ya + exponent_of(acc[c]) * kLn2);
     }
+    const double top = std::max(std::max(top4[0], top4[1]), std::max(top4[2], top4[3]));
+    const double ya_max = std::max(std::max(ya4[0], ya4[1]), std::max(ya4[2], ya4[3]));
     mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
-    for (int64_t c = 0; c < C; ++c)
-      arg[c] = static_cast<scalar_t>(static_cast<double>(in.end(t - 1, c)) + dur_max[c] - mes);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(lemit[c] - mes);
     exp_row(arg.data(), factor.data(), C);
-    for (int64_t c = 0; c < C; ++c) {
-      const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
-      const scalar_t endf = factor[c];
-      acc[c] = std::min(acc[c], Limits::max());
-      alpha[c] = acc[c] > 0 ? std::min(acc[c] * endf, Limits::max()) : scalar_t(0);
-      if (last_duration[c] == 0) {  // feeds only labels like itself: no ghost
-        ga[c] = 0.0;
-        continue;
-      }
-      // Ghost of acc: the ring's, weights that flushed, products below tiny.
-      double g = ghost_old[c] + ghost_new[c];
-      if (rmin[c] < Limits::infinity()) {
-        if (rmin[c] * weight_minpos[c] < tiny) g += static_cast<double>(n) * kSlack;
-        g += weight_lost[c];
-      }
-      ga[c] = ghost_of_alpha(g, acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
+    // alpha_hat and its ghost: the ring's, weights that flushed, products
+    // below tiny (ghost_of_alpha, written out branch-free with & and | so
+    // that it vectorises: a charge that does not apply adds an exact 0).
+    using S4 = typename Lanes4<scalar_t>::type;
+    const S4 big4 = S4{} + Limits::max(), zero_s = S4{};
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
+    const double n_charge = static_cast<double>(n) * kSlack;
+    i64x4 lost4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const S4 endf = load4(&factor[c]), a4 = load4(&acc[c]);
+      const S4 x = big4 < a4 ? big4 : a4;
+      store4(&acc[c], x);
+      const S4 prod = x * endf;
+      const S4 y = x > 0 ? (big4 < prod ? big4 : prod) : zero_s;
+      store4(&alpha[c], y);
+      const S4 rmn = load4(&rmin[c]);
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
+      f64x4 g = load4(&ghost_old[c]) + load4(&ghost_new[c]);
+      g += has & (widen(rmn * load4(&weight_minpos[c])) < tiny_d) ? zero + n_charge : zero;
+      g += has ? load4(&weight_lost[c]) : zero;
+      // Through the end factor (ghost_through_factor).
+      const f64x4 ef = widen(endf), xw = widen(x), yw = widen(y);
+      const f64x4 via = g * ef * kUp;
+      const f64x4 spill = (g * tiny_d + xw) * kSlack;
+      const i64x4 exact = (load4(&lemit[c]) - mes == -kInf) | ((g == 0.0) & (xw == 0.0));
+      f64x4 ga_c = ef >= tiny_d ? (g > 0.0 ? (via < kFloor ? floor4 : via) : zero)
+                                : (exact ? zero : (spill < kFloor ? floor4 : spill));
+      ga_c += (xw > 0.0) & (ef >= tiny_d) & (yw < tiny_d) ? zero + kSlack : zero;
+      ga_c = (ga_c > 0.0) & (yw > 0.0) & (ga_c * absorb_factor <= yw) ? zero : ga_c;
+      lost4 |= reach & ~(ga_c < 1e300);
+      store4(&ga[c], reach ? ga_c : zero);  // a label that cannot reach an end feeds only its like
     }
+    const bool lost = any_lane(lost4);
+    if (lost) rejected = true;
     ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
   }
 
@@ -630,22 +734,34 @@ struct ExpForward {
 
   // t < L, t ≥ 1: sigma_hat[t] and its ghost gs.
   void starts(int64_t t) {
-    std::fill(u.begin(), u.end(), scalar_t(0));
-    scalar_t amax = 0, amin = Limits::infinity();
+    // alpha's range over the labels that can reach an end (a label that
+    // cannot has no finite transition into one that can: it adds exact
+    // zeros to every column that matters), in four chains.
+    scalar_t amax4[4] = {0, 0, 0, 0};
+    scalar_t amin4[4] = {Limits::infinity(), Limits::infinity(), Limits::infinity(),
+                         Limits::infinity()};
     bool ghost = false;
     for (int64_t cp = 0; cp < C; ++cp) {
       const scalar_t a = alpha[cp];
-      // A label that cannot reach an end has no finite transition into one
-      // that can: it adds exact zeros to every column that matters.
-      if (last_duration[cp] > 0) {
-        amax = std::max(amax, a);
-        if (a > 0) amin = std::min(amin, a);
+      if (reaches[cp]) {
+        amax4[cp & 3] = std::max(amax4[cp & 3], a);
+        if (a > 0) amin4[cp & 3] = std::min(amin4[cp & 3], a);
       }
       ghost |= ga[cp] > 0;
-      const scalar_t* __restrict row = A.data() + cp * C;
-      scalar_t* __restrict uu = u.data();
+    }
+    const scalar_t amax = std::max(std::max(amax4[0], amax4[1]), std::max(amax4[2], amax4[3]));
+    const scalar_t amin = std::min(std::min(amin4[0], amin4[1]), std::min(amin4[2], amin4[3]));
+    // u = alpha_hat A, one chunk of labels at a time so that its sums stay
+    // in registers (the same multiply-adds in the same order as row by row).
+    for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
+      scalar_t sum[kRingLanes] = {};
+      for (int64_t cp = 0; cp < C; ++cp) {
+        const scalar_t a = alpha[cp];
+        const scalar_t* __restrict row = A_padded.data() + cp * Cp + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) uu[c] += a * row[c];
+        for (int64_t i = 0; i < kRingLanes; ++i) sum[i] += a * row[i];
+      }
+      for (int64_t i = 0; i < kRingLanes; ++i) u[c0 + i] = sum[i];
     }
     // The ghost mat-vec is exact: the cheap bound (largest ghost times the
     // column sum) would spread one label's ghost into every column.
@@ -657,18 +773,40 @@ struct ExpForward {
         for (int64_t c = 0; c < C; ++c)
           if (row[c] > 0) work[c] += std::max(ga[cp] * row[c], kFloor);
       }
-    double top = kNegInf, ys_max = kNegInf;
+    double top4[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, ys4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
     for (int64_t c = 0; c < C; ++c) {
       u[c] = std::min(u[c], Limits::max());
-      if (last_duration[c] == 0) continue;
       const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
-      ys_max = std::max(ys_max, ys);
-      if (u[c] > 0) top = std::max(top, ys + exponent_of(u[c]) * kLn2);
+      work_ys[c] = ys;
+      if (!reaches[c]) continue;
+      ys4[c & 3] = std::max(ys4[c & 3], ys);
+      if (u[c] > 0) top4[c & 3] = std::max(top4[c & 3], ys + exponent_of(u[c]) * kLn2);
     }
+    const double top = std::max(std::max(top4[0], top4[1]), std::max(top4[2], top4[3]));
+    const double ys_max = std::max(std::max(ys4[0], ys4[1]), std::max(ys4[2], ys4[3]));
     const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
-    for (int64_t c = 0; c < C; ++c)
-      arg[c] = static_cast<scalar_t>(static_cast<double>(in.start(t, c)) + col_max[c] - mss);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(work_ys[c] - mss);
     exp_row(arg.data(), factor.data(), C);
+    sigma_rel = mes + mss;
+    if (!ghost && !any_A_lost && !(amax > 0 && amin * A_minpos_min < tiny)) {
+      // With no ghost to carry, sigma_hat's is 0 unless the start factor or
+      // sigma_hat fell below tiny.
+      int charged = 0;
+      const scalar_t big = Limits::max();
+#pragma omp simd reduction(| : charged)
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t x = u[c], h = factor[c], prod = x * h;
+        const scalar_t y = x > 0 ? (big < prod ? big : prod) : scalar_t(0);
+        sigma[c] = y;
+        charged |= (reaches[c] != 0) & !(x == 0) & ((h < tiny) | (y < tiny));
+      }
+      if (!charged) {
+        std::fill(gs.begin(), gs.end(), 0.0);
+        sigma_ghost_free = true;
+        return;
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
       const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
       const scalar_t h = factor[c];
@@ -688,30 +826,44 @@ struct ExpForward {
       if (!(g < 1e300)) rejected = true;
       gs[c] = g;
     }
-    sigma_rel = mes + mss;
+    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Move the ring to step t+1 (t < L): position t's emissions, the segments
   // starting at t, and the normaliser: the largest entry that can still
   // matter becomes 1.
   void advance(int64_t t) {
-    double m = kNegInf;
-    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+    // Position t's scores relative to their finite max m. The per-label
+    // maxima of this function run in four independent chains: a max over
+    // the same values is the same in any order, and the latency of one
+    // chain of C dependent maxima would dominate the step.
+    double m4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+    for (int64_t c = 0; c < C; ++c) {
+      lemit[c] = static_cast<double>(in.score(t, c));
+      m4[c & 3] = std::max(m4[c & 3], lemit[c]);
+    }
+    double m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
     if (m == kNegInf) m = 0.0;
     ref_add(m);
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      lemit[c] = static_cast<double>(in.score(t, c)) - m;
+      lemit[c] -= m;
       arg[c] = static_cast<scalar_t>(lemit[c]);
     }
     exp_row(arg.data(), emit.data(), C);
     // A label whose emission factor flushed takes its factors from float64,
     // so that a flush never loses more than the final factor's underflow.
-    double old = 0.0, fresh = 0.0;
+    bool any_flushed = false;
+    double old4[4] = {0.0, 0.0, 0.0, 0.0}, fresh4[4] = {0.0, 0.0, 0.0, 0.0};
     for (int64_t c = 0; c < C; ++c) {
-      const double e = emit_flushed(c) ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
-      old = std::max(old, static_cast<double>(livemax[c]) * e);
-      if (last_duration[c] >= 1) fresh = std::max(fresh, static_cast<double>(sigma[c]) * e);
+      const bool flushed = emit_flushed(c);
+      any_flushed |= flushed;
+      const double e = flushed ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
+      old4[c & 3] = std::max(old4[c & 3], static_cast<double>(livemax[c]) * e);
+      if (reaches[c]) fresh4[c & 3] = std::max(fresh4[c & 3], static_cast<double>(sigma[c]) * e);
     }
+    const double old = std::max(std::max(old4[0], old4[1]), std::max(old4[2], old4[3]));
+    const double fresh = std::max(std::max(fresh4[0], fresh4[1]), std::max(fresh4[2], fresh4[3]));
     double top = std::max(old > 0 ? std::log(old) : kNegInf,
                           fresh > 0 ? sigma_rel + std::log(fresh) : kNegInf);
     if (top == kNegInf) top = 0.0;
@@ -721,65 +873,106 @@ struct ExpForward {
     const double base = (O - new_offset) + m;
     const double so = std::exp(base), sn = std::exp(base + sigma_rel);
     const double big = static_cast<double>(Limits::max());
-    for (int64_t c = 0; c < C; ++c) {
-      double old_f, new_f;
-      if (emit_flushed(c)) {
-        old_f = std::exp(lemit[c] + base);
-        new_f = std::exp(lemit[c] + base + sigma_rel);
-      } else if (emit[c] == 0) {
-        old_f = new_f = 0.0;  // a -inf score: exact
-      } else {
-        old_f = static_cast<double>(emit[c]) * so;
-        new_f = static_cast<double>(emit[c]) * sn;
-      }
-      // A factor past the dtype's range has no bound: reject where it
-      // multiplies something; elsewhere it multiplies exact zeros.
-      if (last_duration[c] > 0 &&
-          ((rmin[c] < Limits::infinity() && old_f > big) || (sigma[c] > 0 && new_f > big)))
-        rejected = true;
-      fo_d[c] = old_f;
-      fn_d[c] = new_f;
-      fo[c] = static_cast<scalar_t>(std::min(old_f, big));
-      fn[c] = static_cast<scalar_t>(std::min(new_f, big));
+    // A factor past the dtype's range has no bound: reject where it
+    // multiplies something; elsewhere it multiplies exact zeros. A -inf
+    // score (emit 0) gives exact zeros. Flushed labels are redone below.
+    // (Bitwise & and | rather than && and ||: every operand is evaluated,
+    // so the loop has no control flow and vectorises.)
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, big4 = zero + big;
+    i64x4 past4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 e = widen(load4(&emit[c]));
+      const i64x4 zero_e = e == 0.0;
+      const f64x4 old_f = zero_e ? zero : e * so, new_f = zero_e ? zero : e * sn;
+      const i64x4 flushed = (e < tiny_d) & (load4(&lemit[c]) > kNegInf);
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      past4 |= reach & ~flushed &
+               (((widen(load4(&rmin[c])) < kInf) & (old_f > big)) |
+                ((widen(load4(&sigma[c])) > 0.0) & (new_f > big)));
+      store4(&fo_d[c], old_f);
+      store4(&fn_d[c], new_f);
+      // std::min(f, big), then the dtype's rounding, as static_cast gives it.
+      using S4 = typename Lanes4<scalar_t>::type;
+      store4(&fo[c], __builtin_convertvector(big4 < old_f ? big4 : old_f, S4));
+      store4(&fn[c], __builtin_convertvector(big4 < new_f ? big4 : new_f, S4));
     }
+    bool past = any_lane(past4);
+    if (any_flushed)
+      for (int64_t c = 0; c < C; ++c) {
+        if (!emit_flushed(c)) continue;
+        const double old_f = std::exp(lemit[c] + base);
+        const double new_f = std::exp(lemit[c] + base + sigma_rel);
+        past |= reaches[c] && ((rmin[c] < Limits::infinity() && old_f > big) ||
+                               (sigma[c] > 0 && new_f > big));
+        fo_d[c] = old_f;
+        fn_d[c] = new_f;
+        fo[c] = static_cast<scalar_t>(std::min(old_f, big));
+        fn[c] = static_cast<scalar_t>(std::min(new_f, big));
+      }
+    if (past) rejected = true;
     // Ghosts: every generation follows its entries; the new entries bring
     // sigma's ghost; entries that this step takes below tiny are charged in
     // full. Only a -inf score makes a factor exactly 0: a factor that
     // underflowed even float64 is bounded by float64's smallest normal.
+    // Branch-free, so that it vectorises: a charge that does not apply adds
+    // an exact 0.
     const double n_old = static_cast<double>(std::min(t, K - 1));
-    for (int64_t c = 0; c < C; ++c) {
-      if (last_duration[c] == 0) {
-        ghost_old[c] = ghost_new[c] = 0.0;
-        continue;
-      }
-      const bool exact_zero = lemit[c] == kNegInf;
-      ghost_old[c] = scaled_ghost(ghost_old[c], fo_d[c], exact_zero);
-      ghost_new[c] = scaled_ghost(ghost_new[c], fo_d[c], exact_zero) +
-                     scaled_ghost(gs[c], fn_d[c], exact_zero);
-      if (!exact_zero) {
-        const scalar_t v = sigma[c] * fn[c];
-        if (sigma[c] > 0 && v < tiny)
-          ghost_new[c] += (static_cast<double>(sigma[c]) * fn_d[c] / tiny_d + 2.0) * kSlack;
-        if (rmin[c] < Limits::infinity() && (fo[c] < tiny || rmin[c] * fo[c] < tiny))
-          ghost_new[c] += 2.0 * n_old * kSlack;
-      }
-      if (!(ghost_old[c] + ghost_new[c] < 1e300)) rejected = true;
+    const double old_charge = 2.0 * n_old * kSlack;
+    const f64x4 floor4 = zero + kFloor;
+    // scaled_ghost, four labels at a time.
+    auto scaled4 = [&](f64x4 g, f64x4 f, i64x4 exact_zero) {
+      const f64x4 scaled = g * (f < kFloor ? floor4 : f) * kUp;
+      return (g == 0.0) | exact_zero ? zero : (scaled < kFloor ? floor4 : scaled);
+    };
+    i64x4 lost4 = {0, 0, 0, 0}, any4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      const f64x4 fod = load4(&fo_d[c]), fnd = load4(&fn_d[c]);
+      const f64x4 go = scaled4(load4(&ghost_old[c]), fod, exact_zero);
+      f64x4 gn = scaled4(load4(&ghost_new[c]), fod, exact_zero) +
+                 scaled4(load4(&gs[c]), fnd, exact_zero);
+      const auto sig = load4(&sigma[c]), fns = load4(&fn[c]), fos = load4(&fo[c]),
+                 rmn = load4(&rmin[c]);
+      const f64x4 sig_w = widen(sig), rmin_w = widen(rmn);
+      const i64x4 fresh_lost = ~exact_zero & (sig_w > 0.0) & (widen(sig * fns) < tiny_d);
+      const i64x4 old_lost = ~exact_zero & (rmin_w < kInf) &
+                             ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d));
+      gn += fresh_lost ? (sig_w * fnd * inv_tiny_d + 2.0) * kSlack : zero;
+      gn += old_lost ? zero + old_charge : zero;
+      // Labels that cannot reach an end carry no ghost.
+      const f64x4 go_kept = reach ? go : zero, gn_kept = reach ? gn : zero;
+      store4(&ghost_old[c], go_kept);
+      store4(&ghost_new[c], gn_kept);
+      lost4 |= reach & ~(go + gn < 1e300);
+      any4 |= (go_kept != 0.0) | (gn_kept != 0.0);
     }
+    const bool lost = any_lane(lost4), any = any_lane(any4);
+    if (lost) rejected = true;
+    ring_ghost_free = !any;
+    finish_advance(t, new_offset);
+  }
+
+  // The end of advance(t): the segments starting at t enter the ring.
+  void finish_advance(int64_t t, double new_offset) {
     if (bad_position(t)) rejected = true;
-    const int tK = static_cast<int>(t % K);
-    for (int64_t d = 1; d <= std::min(t, K - 1); ++d)
-      ring_row_scale(ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
-                     fo.data(), C);
-    scalar_t* r = ring.data() + tK * C;
+    owes_advance = true;
+    scalar_t* r = ring.data() + (t % K) * Cp;
     for (int64_t c = 0; c < C; ++c) r[c] = std::min(sigma[c] * fn[c], Limits::max());
     O = new_offset;
+  }
+
+  void update_ring_ghost_free() {
+    ring_ghost_free = true;
+    for (int64_t c = 0; c < C; ++c) ring_ghost_free &= ghost_old[c] == 0.0 && ghost_new[c] == 0.0;
   }
 
   // A ghost carried through a float64 factor f: an upper bound even where
   // f or the product underflowed float64.
   static double scaled_ghost(double g, double f, bool exact_zero) {
-    if (g == 0.0 || exact_zero) return 0.0;
-    return std::max(g * std::max(f, kFloor) * kUp, kFloor);
+    // std::max spelled out, so that this vectorises with the same NaN rule.
+    const double scaled = g * (f < kFloor ? kFloor : f) * kUp;
+    return g == 0.0 || exact_zero ? 0.0 : (scaled < kFloor ? kFloor : scaled);
   }
 
   void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
@@ -790,12 +983,23 @@ struct ExpForward {
   // relative to its offset ref_hi, less the rounding that offset carries
   // (so a log-domain recompute from here follows the log scan's own), and
   // -inf for 0. K·C logs per checkpoint.
-  void save(int64_t t, scalar_t* out, double* out_offset) const {
+  void save(int64_t t, scalar_t* out, double* out_offset) {
     const int tK = static_cast<int>(t % K);
+    if (owes_advance) {  // the entries of ages 2 .. min(t, K) take the last factor
+      const scalar_t big = Limits::max();
+      for (int64_t d = 2; d <= std::min<int64_t>(t, K); ++d) {
+        scalar_t* r = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t x = r[c] * fo[c];
+          r[c] = x < big ? x : big;
+        }
+      }
+      owes_advance = false;
+    }
     const double shift = (O - ref_hi) - ref_lo;
     for (int row = 0; row < K; ++row) {
       const scalar_t* r =
-          ring.data() + ring_row_of_checkpoint_row(row, tK, static_cast<int>(K)) * C;
+          ring.data() + ring_row_of_checkpoint_row(row, tK, static_cast<int>(K)) * Cp;
       for (int64_t c = 0; c < C; ++c)
         out[row * C + c] = r[c] > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(r[c])) + shift)
                                     : neg_inf<scalar_t>();
