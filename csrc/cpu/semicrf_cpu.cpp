@@ -540,6 +540,8 @@ struct ExpForward {
   scalar_t A_minpos_min;  // min of A_minpos over the labels that can reach an end
   std::vector<char> reaches;  // (C) last_duration > 0
   std::vector<double> reach_mask;  // (Cp) the same as 1.0 / 0.0, 0 in the padding
+  std::vector<scalar_t> srow;  // (Cp) position t's scores, -inf in the padding
+  bool bad_scores = false;  // position t has a NaN or +inf score
 
   ExpForward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), dur_max(C_, 0.0),
@@ -547,9 +549,10 @@ struct ExpForward {
         weight_lost(Cp, 0.0), weight_minpos(Cp, 0), last_duration(C_, 0), col_max(C_, 0.0),
         A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0), rows(K_), chunk_rows(K_),
         ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
-        emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(C_),
+        emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(Cp, 0),
         factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(C_), lemit(Cp, 0.0), fo_d(Cp, 0.0),
-        fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0) {
+        fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0),
+        srow(Cp, -Limits::infinity()) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters();
     tables();
@@ -833,34 +836,53 @@ struct ExpForward {
   // starting at t, and the normaliser: the largest entry that can still
   // matter becomes 1.
   void advance(int64_t t) {
-    // Position t's scores relative to their finite max m. The per-label
-    // maxima of this function run in four independent chains: a max over
-    // the same values is the same in any order, and the latency of one
-    // chain of C dependent maxima would dominate the step.
-    double m4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-    for (int64_t c = 0; c < C; ++c) {
-      lemit[c] = static_cast<double>(in.score(t, c));
-      m4[c & 3] = std::max(m4[c & 3], lemit[c]);
+    // Position t's scores relative to their finite max m, four labels at a
+    // time (the row is copied into srow, padded with -inf; a max over the
+    // same values is the same in any order).
+    const scalar_t* row = in.scores + t * in.s_t;
+    if (in.s_c == 1) {
+      std::memcpy(srow.data(), row, C * sizeof(scalar_t));
+    } else {
+      for (int64_t c = 0; c < C; ++c) srow[c] = row[c * in.s_c];
     }
+    f64x4 m4 = f64x4{} + kNegInf;
+    i64x4 bad4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 x = widen(load4(&srow[c]));
+      m4 = m4 < x ? x : m4;  // std::max(m, x)
+      bad4 |= ~(x < kInf);   // NaN or +inf: the log scan gives the NaN
+    }
+    bad_scores = any_lane(bad4);
     double m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
     if (m == kNegInf) m = 0.0;
     ref_add(m);
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      lemit[c] -= m;
-      arg[c] = static_cast<scalar_t>(lemit[c]);
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 x = widen(load4(&srow[c])) - m;
+      store4(&lemit[c], x);
+      store4(&arg[c], __builtin_convertvector(x, typename Lanes4<scalar_t>::type));
     }
     exp_row(arg.data(), emit.data(), C);
     // A label whose emission factor flushed takes its factors from float64,
     // so that a flush never loses more than the final factor's underflow.
-    bool any_flushed = false;
-    double old4[4] = {0.0, 0.0, 0.0, 0.0}, fresh4[4] = {0.0, 0.0, 0.0, 0.0};
-    for (int64_t c = 0; c < C; ++c) {
-      const bool flushed = emit_flushed(c);
-      any_flushed |= flushed;
-      const double e = flushed ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
-      old4[c & 3] = std::max(old4[c & 3], static_cast<double>(livemax[c]) * e);
-      if (reaches[c]) fresh4[c & 3] = std::max(fresh4[c & 3], static_cast<double>(sigma[c]) * e);
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0};
+    i64x4 flushed4 = {0, 0, 0, 0};
+    f64x4 old4 = zero, fresh4 = zero;
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 e = widen(load4(&emit[c]));
+      flushed4 |= (e < tiny_d) & (load4(&lemit[c]) > kNegInf);
+      const f64x4 o = widen(load4(&livemax[c])) * e, f = widen(load4(&sigma[c])) * e;
+      old4 = old4 < o ? o : old4;
+      fresh4 = (load4(&reach_mask[c]) != 0.0) & (fresh4 < f) ? f : fresh4;
+    }
+    const bool any_flushed = any_lane(flushed4);
+    if (any_flushed) {  // rare: redo with the float64 factors where they flushed
+      old4 = zero;
+      fresh4 = zero;
+      for (int64_t c = 0; c < C; ++c) {
+        const double e = emit_flushed(c) ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
+        old4[0] = std::max(old4[0], static_cast<double>(livemax[c]) * e);
+        if (reaches[c]) fresh4[0] = std::max(fresh4[0], static_cast<double>(sigma[c]) * e);
+      }
     }
     const double old = std::max(std::max(old4[0], old4[1]), std::max(old4[2], old4[3]));
     const double fresh = std::max(std::max(fresh4[0], fresh4[1]), std::max(fresh4[2], fresh4[3]));
@@ -878,7 +900,7 @@ struct ExpForward {
     // score (emit 0) gives exact zeros. Flushed labels are redone below.
     // (Bitwise & and | rather than && and ||: every operand is evaluated,
     // so the loop has no control flow and vectorises.)
-    const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, big4 = zero + big;
+    const f64x4 big4 = zero + big;
     i64x4 past4 = {0, 0, 0, 0};
     for (int64_t c = 0; c < Cp; c += 4) {
       const f64x4 e = widen(load4(&emit[c]));
@@ -955,7 +977,7 @@ struct ExpForward {
 
   // The end of advance(t): the segments starting at t enter the ring.
   void finish_advance(int64_t t, double new_offset) {
-    if (bad_position(t)) rejected = true;
+    if (bad_scores || ((in.start_scores || in.end_scores) && bad_position(t))) rejected = true;
     owes_advance = true;
     scalar_t* r = ring.data() + (t % K) * Cp;
     for (int64_t c = 0; c < C; ++c) r[c] = std::min(sigma[c] * fn[c], Limits::max());
