@@ -304,6 +304,24 @@ inline void store4(T* p, typename Lanes4<T>::type v) {
 inline f64x4 widen(Lanes4<float>::type v) { return __builtin_convertvector(v, f64x4); }  // exact
 inline f64x4 widen(f64x4 v) { return v; }
 inline bool any_lane(i64x4 m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
+// exponent_of, four lanes at a time, as float64.
+inline f64x4 exponent4(Lanes4<float>::type v) {
+  typedef int32_t i32x4 __attribute__((vector_size(16)));
+  i32x4 b;
+  std::memcpy(&b, &v, sizeof(b));
+  const i32x4 e = (b >> 23) & 0xff;
+  return __builtin_convertvector(e == 0 ? i32x4{} - 150 : e - 127, f64x4);
+}
+inline f64x4 exponent4(f64x4 v) {
+  i64x4 b;
+  std::memcpy(&b, &v, sizeof(b));
+  const i64x4 e = (b >> 52) & 0x7ff;
+  return __builtin_convertvector(e == 0 ? i64x4{} - 1075 : e - 1023, f64x4);
+}
+// max/min over the lanes (std::max/std::min order: any order gives the same
+// value for the non-NaN values these take).
+inline double max_lane(f64x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
+inline double min_lane(f64x4 v) { return std::min(std::min(v[0], v[1]), std::min(v[2], v[3])); }
 
 // Labels per chunk of the exp-domain forward's ring pass: the ring, weight
 // and keep rows are padded to a multiple of it with zeros, so that the pass
@@ -550,7 +568,7 @@ struct ExpForward {
         A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0), rows(K_), chunk_rows(K_),
         ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
         emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(Cp, 0),
-        factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(C_), lemit(Cp, 0.0), fo_d(Cp, 0.0),
+        factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(Cp, 0.0), lemit(Cp, 0.0), fo_d(Cp, 0.0),
         fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0),
         srow(Cp, -Limits::infinity()) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
@@ -679,16 +697,18 @@ struct ExpForward {
     // The end factor is normalised against the mass it multiplies, so that
     // a label that holds the mass is never flushed by another label's larger
     // end score. (Maxima in four chains, as in advance.)
-    double top4[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, ya4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-    for (int64_t c = 0; c < C; ++c) {
-      const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
-      lemit[c] = ya;
-      if (!reaches[c]) continue;  // labels that cannot reach an end set no scale
-      ya4[c & 3] = std::max(ya4[c & 3], ya);
-      if (acc[c] > 0) top4[c & 3] = std::max(top4[c & 3], ya + exponent_of(acc[c]) * kLn2);
+    for (int64_t c = 0; c < C; ++c)
+      lemit[c] = static_cast<double>(in.end(t - 1, c)) + dur_max[c];  // ya
+    f64x4 top4 = f64x4{} + kNegInf, ya4 = top4;
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const auto a4 = load4(&acc[c]);
+      const f64x4 ya = load4(&lemit[c]), cand = ya + exponent4(a4) * kLn2;
+      // Labels that cannot reach an end set no scale.
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      ya4 = reach & (ya4 < ya) ? ya : ya4;
+      top4 = reach & (widen(a4) > 0.0) & (top4 < cand) ? cand : top4;
     }
-    const double top = std::max(std::max(top4[0], top4[1]), std::max(top4[2], top4[3]));
-    const double ya_max = std::max(std::max(ya4[0], ya4[1]), std::max(ya4[2], ya4[3]));
+    const double top = max_lane(top4), ya_max = max_lane(ya4);
     mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(lemit[c] - mes);
@@ -740,20 +760,19 @@ struct ExpForward {
     // alpha's range over the labels that can reach an end (a label that
     // cannot has no finite transition into one that can: it adds exact
     // zeros to every column that matters), in four chains.
-    scalar_t amax4[4] = {0, 0, 0, 0};
-    scalar_t amin4[4] = {Limits::infinity(), Limits::infinity(), Limits::infinity(),
-                         Limits::infinity()};
-    bool ghost = false;
-    for (int64_t cp = 0; cp < C; ++cp) {
-      const scalar_t a = alpha[cp];
-      if (reaches[cp]) {
-        amax4[cp & 3] = std::max(amax4[cp & 3], a);
-        if (a > 0) amin4[cp & 3] = std::min(amin4[cp & 3], a);
-      }
-      ghost |= ga[cp] > 0;
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0};
+    f64x4 amax4 = zero, amin4 = zero + kInf;
+    i64x4 ghost4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 a = widen(load4(&alpha[c]));
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      amax4 = reach & (amax4 < a) ? a : amax4;
+      amin4 = reach & (a > 0.0) & (a < amin4) ? a : amin4;
+      ghost4 |= load4(&ga[c]) > 0.0;
     }
-    const scalar_t amax = std::max(std::max(amax4[0], amax4[1]), std::max(amax4[2], amax4[3]));
-    const scalar_t amin = std::min(std::min(amin4[0], amin4[1]), std::min(amin4[2], amin4[3]));
+    const scalar_t amax = static_cast<scalar_t>(max_lane(amax4));
+    const scalar_t amin = static_cast<scalar_t>(min_lane(amin4));
+    const bool ghost = any_lane(ghost4);
     // u = alpha_hat A, one chunk of labels at a time so that its sums stay
     // in registers (the same multiply-adds in the same order as row by row).
     for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
@@ -776,17 +795,21 @@ struct ExpForward {
         for (int64_t c = 0; c < C; ++c)
           if (row[c] > 0) work[c] += std::max(ga[cp] * row[c], kFloor);
       }
-    double top4[4] = {kNegInf, kNegInf, kNegInf, kNegInf}, ys4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-    for (int64_t c = 0; c < C; ++c) {
-      u[c] = std::min(u[c], Limits::max());
-      const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
-      work_ys[c] = ys;
-      if (!reaches[c]) continue;
-      ys4[c & 3] = std::max(ys4[c & 3], ys);
-      if (u[c] > 0) top4[c & 3] = std::max(top4[c & 3], ys + exponent_of(u[c]) * kLn2);
+    for (int64_t c = 0; c < C; ++c)
+      work_ys[c] = static_cast<double>(in.start(t, c)) + col_max[c];
+    using S4 = typename Lanes4<scalar_t>::type;
+    const S4 big4 = S4{} + Limits::max();
+    f64x4 top4 = zero + kNegInf, ys4 = top4;
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const S4 u4 = load4(&u[c]);
+      const S4 x = big4 < u4 ? big4 : u4;  // std::min(u, max)
+      store4(&u[c], x);
+      const f64x4 ys = load4(&work_ys[c]), cand = ys + exponent4(x) * kLn2;
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      ys4 = reach & (ys4 < ys) ? ys : ys4;
+      top4 = reach & (widen(x) > 0.0) & (top4 < cand) ? cand : top4;
     }
-    const double top = std::max(std::max(top4[0], top4[1]), std::max(top4[2], top4[3]));
-    const double ys_max = std::max(std::max(ys4[0], ys4[1]), std::max(ys4[2], ys4[3]));
+    const double top = max_lane(top4), ys_max = max_lane(ys4);
     const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(work_ys[c] - mss);
