@@ -1132,6 +1132,7 @@ struct ExpForwardDD {
   static constexpr double kFloor = std::numeric_limits<double>::min();
   const SequenceInputs<scalar_t>& in;
   const int64_t K, C, L;
+  const int64_t Cp;  // C padded to whole chunks of kRingLanes: the stride of A_padded and u
   const scalar_t tiny = Limits::min();
   const double tiny_d = static_cast<double>(Limits::min());
   const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
@@ -1142,6 +1143,8 @@ struct ExpForwardDD {
   std::vector<double> dur_max;        // (C) finite max over d of duration[d-1, c]
   std::vector<scalar_t> A;            // (K, C, C) exp(transition - col_max[c])
   std::vector<scalar_t> A_minpos;     // (C) smallest positive entry of column c, all d
+  std::vector<scalar_t> A_padded;     // (K, C, Cp) A, rows padded with zeros
+  scalar_t A_minpos_min;              // min over c of A_minpos
   std::vector<scalar_t> weight;       // (K, C) exp(duration - dur_max)
   std::vector<scalar_t> first_alpha;  // (C) exp(start_transition - col_max - first_max)
   double first_max = 0.0;
@@ -1169,11 +1172,11 @@ struct ExpForwardDD {
   bool rejected = false;
 
   ExpForwardDD(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
-      : in(in_), K(K_), C(C_), L(L_), col_max(C_, 0.0), dur_max(C_, 0.0), A(K_ * C_ * C_),
-        A_minpos(C_, Limits::infinity()), weight(K_ * C_), first_alpha(C_), reach(C_, 0),
+      : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), col_max(C_, 0.0), dur_max(C_, 0.0),
+        A(K_ * C_ * C_), A_minpos(C_, Limits::infinity()), A_padded(K_ * C_ * Cp, 0), weight(K_ * C_), first_alpha(C_), reach(C_, 0),
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
-        alpha(C_, 0), u(C_), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
+        alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
         lemit(C_), lfresh(C_), old_factor(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters() || !tables();
@@ -1203,7 +1206,9 @@ struct ExpForwardDD {
           scalar_t* a = A.data() + ((d - 1) * C + cp) * C + c;
           ok &= table_exp(static_cast<double>(in.trans(d, cp, c)) - col_max[c], a);
           if (*a > 0) A_minpos[c] = std::min(A_minpos[c], *a);
+          A_padded[((d - 1) * C + cp) * Cp + c] = *a;
         }
+    A_minpos_min = *std::min_element(A_minpos.begin(), A_minpos.end());
     for (int64_t d = 1; d <= K; ++d)
       for (int64_t c = 0; c < C; ++c)
         ok &= table_exp(static_cast<double>(in.dur(d, c)) - dur_max[c],
@@ -1273,16 +1278,23 @@ struct ExpForwardDD {
       if (s == 0) {
         std::copy_n(first_alpha.data(), C, uu);
       } else {
-        std::fill_n(uu, C, scalar_t(0));
+        // One chunk of labels at a time, so that the sums stay in registers
+        // (the same multiply-adds in the same order as row by row).
         const scalar_t* a = alpha_ring.data() + slot * C;
-        for (int64_t cp = 0; cp < C; ++cp) {
-          const scalar_t x = a[cp];
-          if (x == 0) continue;
-          const scalar_t* __restrict row = A.data() + ((d - 1) * C + cp) * C;
+        const scalar_t* table = A_padded.data() + (d - 1) * C * Cp;
+        for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
+          scalar_t sum[kRingLanes] = {};
+          for (int64_t cp = 0; cp < C; ++cp) {
+            const scalar_t x = a[cp];
+            if (x == 0) continue;
+            const scalar_t* __restrict row = table + cp * Cp + c0;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) uu[c] += x * row[c];
+            for (int64_t i = 0; i < kRingLanes; ++i) sum[i] += x * row[i];
+          }
+          for (int64_t i = 0; i < kRingLanes; ++i) uu[c0 + i] = sum[i];
         }
-        for (int64_t c = 0; c < C; ++c) matvec_flush |= alpha_minpos[slot] * A_minpos[c] < tiny;
+        // Some product below tiny: alpha_minpos · A_minpos[c] < tiny for a c.
+        matvec_flush = alpha_minpos[slot] * A_minpos_min < tiny;
       }
       const bool alpha_ghosts = s > 0 && slot_alpha_ghost[slot];
       scalar_t* __restrict ac = acc.data();
@@ -1294,13 +1306,18 @@ struct ExpForwardDD {
         const scalar_t keep = live ? g[c] : scalar_t(0);
         lm[c] = keep > lm[c] ? keep : lm[c];
       }
-      // Ghosts: the gains', the mat-vec's products below tiny (C at most),
-      // and the term's own two products.
-      bool product_flush = false;
+      // Whether one of the term's two products fell below tiny (& and |, so
+      // that the loop vectorises; a loop of its own, so that the sum above
+      // keeps its fused multiply-add).
+      int product_flush = 0;
+#pragma omp simd reduction(| : product_flush)
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t p = uu[c] * g[c];
-        product_flush |= (uu[c] > 0 && g[c] > 0 && p < tiny) || (p > 0 && w[c] > 0 && p * w[c] < tiny);
+        product_flush |=
+            ((uu[c] > 0) & (g[c] > 0) & (p < tiny)) | ((p > 0) & (w[c] > 0) & (p * w[c] < tiny));
       }
+      // Ghosts: the gains', the mat-vec's products below tiny (C at most),
+      // and the term's own two products.
       if (!(slot_ghost[slot] || alpha_ghosts || matvec_flush || product_flush)) continue;
       // The mat-vec's ghost: alpha_hat's ghosts through the same table
       // (exact, so that one label's ghost stays in the columns it reaches),
