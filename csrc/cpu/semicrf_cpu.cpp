@@ -318,6 +318,12 @@ inline f64x4 exponent4(f64x4 v) {
   const i64x4 e = (b >> 52) & 0x7ff;
   return __builtin_convertvector(e == 0 ? i64x4{} - 1075 : e - 1023, f64x4);
 }
+// m ? a : b with a float64 comparison's mask, for lanes of either dtype.
+inline Lanes4<float>::type select4(i64x4 m, Lanes4<float>::type a, Lanes4<float>::type b) {
+  typedef int32_t i32x4 __attribute__((vector_size(16)));
+  return __builtin_convertvector(m, i32x4) ? a : b;
+}
+inline f64x4 select4(i64x4 m, f64x4 a, f64x4 b) { return m ? a : b; }
 // max/min over the lanes (std::max/std::min order: any order gives the same
 // value for the non-NaN values these take).
 inline double max_lane(f64x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
@@ -1419,8 +1425,35 @@ struct ExpForwardDD {
       const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
       scalar_t* g = gain.data() + slot * C;
       double* gg = gain_ghost.data() + slot * C;
-      bool any = false;
-      for (int64_t c = 0; c < C; ++c) {
+      // Four labels at a time, branch-free, then the scalar loop below for
+      // the last C mod 4: the same arithmetic.
+      using S4 = typename Lanes4<scalar_t>::type;
+      const S4 zero_s = S4{};
+      const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor, big4 = zero + big;
+      i64x4 any4 = {0, 0, 0, 0}, past4 = {0, 0, 0, 0};
+      const int64_t C4 = C & ~int64_t{3};
+      for (int64_t c = 0; c < C4; c += 4) {
+        const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
+        const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
+        const S4 g0 = load4(&g[c]);
+        const f64x4 gw = widen(g0);
+        const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
+        const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
+        const i64x4 pos = gw > 0.0;
+        const f64x4 x = gw * f;
+        past4 |= ~exact_zero & pos & (x > big);
+        const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
+        const i64x4 under = pos & (widen(v) < tiny_d);
+        const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
+        const S4 g2 = select4(pos & ~under, v, select4(pos, zero_s, g0));
+        store4(&g[c], select4(exact_zero, zero_s, g2));
+        store4(&gg[c], gg2);
+        any4 |= ~exact_zero & (gg2 > 0.0);
+        past4 |= ~exact_zero & ~(gg2 < 1e300);
+      }
+      if (any_lane(past4)) rejected = true;
+      bool any = any_lane(any4);
+      for (int64_t c = C4; c < C; ++c) {
         if (lemit[c] == kNegInf) {  // a -inf score: everything exactly 0
           g[c] = 0;
           gg[c] = 0.0;
