@@ -384,6 +384,37 @@ inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, bool advance_old,
   }
 }
 
+// out[0 : Cp] = sum over cp of x[cp] · table[cp, 0 : Cp] (table rows padded
+// to Cp), zeros of x skipped (they add exact zeros). Up to four chunks of
+// sums are kept in registers at once, so that their chains of dependent
+// multiply-adds interleave; each sum runs over cp in order, as row by row.
+template <int kChunks, typename scalar_t>
+inline void matvec_chunks(const scalar_t* __restrict x, const scalar_t* __restrict table,
+                          int64_t C, int64_t Cp, int64_t c0, scalar_t* __restrict out) {
+  constexpr int64_t kWidth = kChunks * kRingLanes;
+  scalar_t sum[kWidth] = {};
+  for (int64_t cp = 0; cp < C; ++cp) {
+    const scalar_t a = x[cp];
+    if (a == 0) continue;
+    const scalar_t* __restrict row = table + cp * Cp + c0;
+#pragma omp simd
+    for (int64_t i = 0; i < kWidth; ++i) sum[i] += a * row[i];
+  }
+  for (int64_t i = 0; i < kWidth; ++i) out[c0 + i] = sum[i];
+}
+template <typename scalar_t>
+inline void matvec_padded(const scalar_t* x, const scalar_t* table, int64_t C, int64_t Cp,
+                          scalar_t* out) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kRingLanes <= Cp; c0 += 4 * kRingLanes) matvec_chunks<4>(x, table, C, Cp, c0, out);
+  switch ((Cp - c0) / kRingLanes) {
+    case 3: matvec_chunks<3>(x, table, C, Cp, c0, out); break;
+    case 2: matvec_chunks<2>(x, table, C, Cp, c0, out); break;
+    case 1: matvec_chunks<1>(x, table, C, Cp, c0, out); break;
+    default: break;
+  }
+}
+
 // out[c] = fexp(x[c]) for c < C, in a loop of its own so that it vectorises.
 template <typename scalar_t>
 inline void exp_row(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t C) {
@@ -779,18 +810,8 @@ struct ExpForward {
     const scalar_t amax = static_cast<scalar_t>(max_lane(amax4));
     const scalar_t amin = static_cast<scalar_t>(min_lane(amin4));
     const bool ghost = any_lane(ghost4);
-    // u = alpha_hat A, one chunk of labels at a time so that its sums stay
-    // in registers (the same multiply-adds in the same order as row by row).
-    for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
-      scalar_t sum[kRingLanes] = {};
-      for (int64_t cp = 0; cp < C; ++cp) {
-        const scalar_t a = alpha[cp];
-        const scalar_t* __restrict row = A_padded.data() + cp * Cp + c0;
-#pragma omp simd
-        for (int64_t i = 0; i < kRingLanes; ++i) sum[i] += a * row[i];
-      }
-      for (int64_t i = 0; i < kRingLanes; ++i) u[c0 + i] = sum[i];
-    }
+    // u = alpha_hat A.
+    matvec_padded(alpha.data(), A_padded.data(), C, Cp, u.data());
     // The ghost mat-vec is exact: the cheap bound (largest ghost times the
     // column sum) would spread one label's ghost into every column.
     std::fill(work.begin(), work.end(), 0.0);
@@ -1284,21 +1305,7 @@ struct ExpForwardDD {
       if (s == 0) {
         std::copy_n(first_alpha.data(), C, uu);
       } else {
-        // One chunk of labels at a time, so that the sums stay in registers
-        // (the same multiply-adds in the same order as row by row).
-        const scalar_t* a = alpha_ring.data() + slot * C;
-        const scalar_t* table = A_padded.data() + (d - 1) * C * Cp;
-        for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
-          scalar_t sum[kRingLanes] = {};
-          for (int64_t cp = 0; cp < C; ++cp) {
-            const scalar_t x = a[cp];
-            if (x == 0) continue;
-            const scalar_t* __restrict row = table + cp * Cp + c0;
-#pragma omp simd
-            for (int64_t i = 0; i < kRingLanes; ++i) sum[i] += x * row[i];
-          }
-          for (int64_t i = 0; i < kRingLanes; ++i) uu[c0 + i] = sum[i];
-        }
+        matvec_padded(alpha_ring.data() + slot * C, A_padded.data() + (d - 1) * C * Cp, C, Cp, uu);
         // Some product below tiny: alpha_minpos · A_minpos[c] < tiny for a c.
         matvec_flush = alpha_minpos[slot] * A_minpos_min < tiny;
       }
