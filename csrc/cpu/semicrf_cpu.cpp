@@ -1346,7 +1346,38 @@ struct ExpForwardDD {
         }
       }
       const double* gg = gain_ghost.data() + slot * C;
-      for (int64_t c = 0; c < C; ++c) {
+      // Four labels at a time, branch-free (bound_product written out), then
+      // the scalar loop below for the last C mod 4: the same arithmetic.
+      {
+        using S4 = typename Lanes4<scalar_t>::type;
+        const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
+        auto bound4 = [&](f64x4 a, f64x4 b) {
+          const f64x4 ab = a * b;
+          return (a > 0.0) & (b > 0.0) ? (ab < kFloor ? floor4 : ab) : zero;
+        };
+        const double matvec_charge = static_cast<double>(C) * kSlack;
+        const scalar_t amp = alpha_minpos[slot];
+        const int64_t C4 = C & ~int64_t{3};
+        for (int64_t c = 0; c < C4; c += 4) {
+          const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
+          const f64x4 gg4 = load4(&gg[c]);
+          const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
+                                (widen(amp * load4(&A_minpos[c])) < tiny_d);
+          const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
+          f64x4 term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
+                                  bound4(bound4(gu_c, gg4), zero + tiny_d),
+                              widen(ws) * kUp);
+          const S4 p = us * gs4;
+          const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
+          term += (uw > 0.0) & (gw > 0.0) & (pw < tiny_d) ? zero + kSlack : zero;
+          term += (pw > 0.0) & (widen(p * ws) < tiny_d) ? zero + kSlack : zero;
+          const f64x4 add = term * kSlack;
+          // A -inf duration score (w = 0) is exact: nothing to add.
+          const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
+          store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
+        }
+      }
+      for (int64_t c = C & ~int64_t{3}; c < C; ++c) {
         if (w[c] == 0) continue;  // a -inf duration score: exact
         const double gu_c =
             gu[c] + (s > 0 && alpha_minpos[slot] * A_minpos[c] < tiny ? static_cast<double>(C) * kSlack : 0.0);
