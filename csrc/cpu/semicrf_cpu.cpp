@@ -278,6 +278,12 @@ inline int exponent_of(double v) {
 // per-label bound arithmetic of the exp-domain forward. Written out because
 // the compiler does not if-convert that arithmetic's selects on its own; the
 // lanes compute exactly what the scalar expressions compute.
+// (Builds without AVX pass these by value in pairs of SSE registers: GCC's
+// note that this differs from AVX builds' ABI does not apply to functions
+// internal to this file.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 template <typename T>
 struct Lanes4;
 template <>
