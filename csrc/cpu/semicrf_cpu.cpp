@@ -350,7 +350,7 @@ inline int64_t padded_labels(int64_t C) { return (C + kRingLanes - 1) / kRingLan
 // the dtype's largest value, so that an entry that can no longer matter meets
 // its zero weight as 0, never as inf · 0.
 template <typename scalar_t>
-inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, bool advance_old,
+inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, bool advance_old,
                             const scalar_t* __restrict w, const scalar_t* __restrict kp,
                             int64_t stride, const scalar_t* __restrict f, scalar_t* __restrict acc,
                             scalar_t* __restrict livemax, scalar_t* __restrict rmin) {
@@ -366,21 +366,36 @@ inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, bool advance_old,
     scalar_t* __restrict r = rows[d];
     const scalar_t* __restrict wd = w + d * stride;
     const scalar_t* __restrict kd = kp + d * stride;
-    const bool scale = advance_old && d > 0;
+    if (advance_old && d > 0) {
 #pragma omp simd
-    for (int64_t i = 0; i < kRingLanes; ++i) {
-      scalar_t x = r[i];
-      if (scale) {
-        x = x * f[i];
+      for (int64_t i = 0; i < kRingLanes; ++i) {
+        scalar_t x = r[i] * f[i];
         x = x < big ? x : big;
         r[i] = x;
       }
-      a[i] += x * wd[i];
-      const scalar_t live = x * kd[i];
-      lm[i] = live > lm[i] ? live : lm[i];
-      // Only entries that meet a weight now or stay alive can lose anything.
-      const scalar_t pos = (x > 0 && wd[i] + kd[i] > 0) ? x : inf;
-      mn[i] = pos < mn[i] ? pos : mn[i];
+    }
+    if (d < n_alive) {
+      // Every lane's entry stays alive (keep = 1): the general body below
+      // with its masks known to be true.
+#pragma omp simd
+      for (int64_t i = 0; i < kRingLanes; ++i) {
+        const scalar_t x = r[i];
+        a[i] += x * wd[i];
+        lm[i] = x > lm[i] ? x : lm[i];
+        const scalar_t pos = x > 0 ? x : inf;
+        mn[i] = pos < mn[i] ? pos : mn[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < kRingLanes; ++i) {
+        const scalar_t x = r[i];
+        a[i] += x * wd[i];
+        const scalar_t live = x * kd[i];
+        lm[i] = live > lm[i] ? live : lm[i];
+        // Only entries that meet a weight now or stay alive can lose anything.
+        const scalar_t pos = (x > 0 && wd[i] + kd[i] > 0) ? x : inf;
+        mn[i] = pos < mn[i] ? pos : mn[i];
+      }
     }
   }
   for (int64_t i = 0; i < kRingLanes; ++i) {
@@ -561,6 +576,9 @@ struct ExpForward {
   std::vector<double> dur_max;          // (C) finite max over d of duration[d-1, c] (0 if none)
   std::vector<scalar_t> weight;         // (K, Cp) exp(duration - dur_max), 0 below tiny
   std::vector<scalar_t> keep;           // (K, Cp) 1 where an entry of age d+1 can still matter
+  // (Cp / kRingLanes) the number of ages 1, 2, ... at which every label of
+  // the chunk has keep = 1: min over its labels of last_duration - 1.
+  std::vector<int64_t> chunk_alive_ages;
   std::vector<double> weight_lost;      // (Cp) 2 · the flushed true weights, in tiny units
   std::vector<scalar_t> weight_minpos;  // (Cp) smallest positive weight
   std::vector<int> last_duration;       // (C) longest duration, 0 if the label cannot reach an end
@@ -606,7 +624,7 @@ struct ExpForward {
 
   ExpForward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), dur_max(C_, 0.0),
-        weight(K_ * Cp, 0), keep(K_ * Cp, 0),
+        weight(K_ * Cp, 0), keep(K_ * Cp, 0), chunk_alive_ages(Cp / kRingLanes, 0),
         weight_lost(Cp, 0.0), weight_minpos(Cp, 0), last_duration(C_, 0), col_max(C_, 0.0),
         A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0), rows(K_), chunk_rows(K_),
         ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
@@ -695,6 +713,12 @@ struct ExpForward {
       any_A_lost |= A_lost[c] > 0;
       A_minpos_min = std::min(A_minpos_min, A_minpos[c]);
     }
+    for (int64_t chunk = 0; chunk < Cp / kRingLanes; ++chunk) {
+      int64_t alive = K;
+      for (int64_t c = chunk * kRingLanes; c < std::min(C, (chunk + 1) * kRingLanes); ++c)
+        alive = std::min<int64_t>(alive, std::max(last_duration[c] - 1, 0));
+      chunk_alive_ages[chunk] = alive;
+    }
   }
 
   bool bad_position(int64_t t) const { return unboundable_position(in, t, C); }
@@ -733,8 +757,10 @@ struct ExpForward {
       rows[d - 1] = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
     for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
       for (int64_t d = 0; d < n; ++d) chunk_rows[d] = rows[d] + c0;
-      ring_chunk_pass(chunk_rows.data(), n, owes_advance, weight.data() + c0, keep.data() + c0, Cp,
-                      fo.data() + c0, acc.data() + c0, livemax.data() + c0, rmin.data() + c0);
+      ring_chunk_pass(chunk_rows.data(), n,
+                      std::min<int64_t>(n, chunk_alive_ages[c0 / kRingLanes]), owes_advance,
+                      weight.data() + c0, keep.data() + c0, Cp, fo.data() + c0, acc.data() + c0,
+                      livemax.data() + c0, rmin.data() + c0);
     }
     owes_advance = false;
     // The end factor is normalised against the mass it multiplies, so that
