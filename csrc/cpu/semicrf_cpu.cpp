@@ -362,24 +362,24 @@ inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, b
     lm[i] = 0;
     mn[i] = inf;
   }
+  // Row 0 (the entries that started at t - 1) is new: the rows after it
+  // take the last advance's factor first, in the same pass.
   for (int64_t d = 0; d < n; ++d) {
     scalar_t* __restrict r = rows[d];
     const scalar_t* __restrict wd = w + d * stride;
     const scalar_t* __restrict kd = kp + d * stride;
-    if (advance_old && d > 0) {
-#pragma omp simd
-      for (int64_t i = 0; i < kRingLanes; ++i) {
-        scalar_t x = r[i] * f[i];
-        x = x < big ? x : big;
-        r[i] = x;
-      }
-    }
+    const bool scale = advance_old && d > 0;
     if (d < n_alive) {
       // Every lane's entry stays alive (keep = 1): the general body below
       // with its masks known to be true.
 #pragma omp simd
       for (int64_t i = 0; i < kRingLanes; ++i) {
-        const scalar_t x = r[i];
+        scalar_t x = r[i];
+        if (scale) {
+          x = x * f[i];
+          x = x < big ? x : big;
+          r[i] = x;
+        }
         a[i] += x * wd[i];
         lm[i] = x > lm[i] ? x : lm[i];
         const scalar_t pos = x > 0 ? x : inf;
@@ -388,7 +388,12 @@ inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, b
     } else {
 #pragma omp simd
       for (int64_t i = 0; i < kRingLanes; ++i) {
-        const scalar_t x = r[i];
+        scalar_t x = r[i];
+        if (scale) {
+          x = x * f[i];
+          x = x < big ? x : big;
+          r[i] = x;
+        }
         a[i] += x * wd[i];
         const scalar_t live = x * kd[i];
         lm[i] = live > lm[i] ? live : lm[i];
