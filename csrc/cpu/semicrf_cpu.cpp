@@ -273,24 +273,171 @@ inline int exponent_of(double v) {
   return e == 0 ? -1075 : e - 1023;
 }
 
-// The hot loop of the exp-domain forward, one ring row (the entries of one
-// age): the duration-weighted sum, the largest entry that stays alive and the
-// smallest positive entry, along c. A function of its own so that the
-// restrict qualifiers let the compiler vectorise it.
+// Four lanes of float or double (GCC/Clang vector extensions: one AVX
+// register, or two SSE ones where the build targets no AVX), for the
+// per-label bound arithmetic of the exp-domain forward. Written out because
+// the compiler does not if-convert that arithmetic's selects on its own; the
+// lanes compute exactly what the scalar expressions compute.
+// (Builds without AVX pass these by value in pairs of SSE registers: GCC's
+// note that this differs from AVX builds' ABI does not apply to functions
+// internal to this file.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+template <typename T>
+struct Lanes4;
+template <>
+struct Lanes4<float> {
+  typedef float type __attribute__((vector_size(16)));
+};
+template <>
+struct Lanes4<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+using f64x4 = Lanes4<double>::type;
+typedef int64_t i64x4 __attribute__((vector_size(32)));  // a comparison of f64x4: 0 or -1
+
+template <typename T>
+inline typename Lanes4<T>::type load4(const T* p) {
+  typename Lanes4<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store4(T* p, typename Lanes4<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline f64x4 widen(Lanes4<float>::type v) { return __builtin_convertvector(v, f64x4); }  // exact
+inline f64x4 widen(f64x4 v) { return v; }
+inline bool any_lane(i64x4 m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
+// exponent_of, four lanes at a time, as float64.
+inline f64x4 exponent4(Lanes4<float>::type v) {
+  typedef int32_t i32x4 __attribute__((vector_size(16)));
+  i32x4 b;
+  std::memcpy(&b, &v, sizeof(b));
+  const i32x4 e = (b >> 23) & 0xff;
+  return __builtin_convertvector(e == 0 ? i32x4{} - 150 : e - 127, f64x4);
+}
+inline f64x4 exponent4(f64x4 v) {
+  i64x4 b;
+  std::memcpy(&b, &v, sizeof(b));
+  const i64x4 e = (b >> 52) & 0x7ff;
+  return __builtin_convertvector(e == 0 ? i64x4{} - 1075 : e - 1023, f64x4);
+}
+// m ? a : b with a float64 comparison's mask, for lanes of either dtype.
+inline Lanes4<float>::type select4(i64x4 m, Lanes4<float>::type a, Lanes4<float>::type b) {
+  typedef int32_t i32x4 __attribute__((vector_size(16)));
+  return __builtin_convertvector(m, i32x4) ? a : b;
+}
+inline f64x4 select4(i64x4 m, f64x4 a, f64x4 b) { return m ? a : b; }
+// max/min over the lanes (std::max/std::min order: any order gives the same
+// value for the non-NaN values these take).
+inline double max_lane(f64x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
+inline double min_lane(f64x4 v) { return std::min(std::min(v[0], v[1]), std::min(v[2], v[3])); }
+
+// Labels per chunk of the exp-domain forward's ring pass: the ring, weight
+// and keep rows are padded to a multiple of it with zeros, so that the pass
+// runs whole vectors and one chunk's sums stay in registers across the K
+// rows.
+constexpr int64_t kRingLanes = 8;
+inline int64_t padded_labels(int64_t C) { return (C + kRingLanes - 1) / kRingLanes * kRingLanes; }
+
+// The hot loop of the exp-domain forward: for kRingLanes labels, the
+// duration-weighted sum over the n ring rows of ages 1..n, the largest entry
+// that stays alive and the smallest positive entry. Rows older than age 1
+// first take the previous step's factor f (the advance of the ring, fused
+// into this pass so the ring is read once per step); an entry is capped at
+// the dtype's largest value, so that an entry that can no longer matter meets
+// its zero weight as 0, never as inf · 0.
 template <typename scalar_t>
-inline void ring_row_pass(const scalar_t* __restrict r, const scalar_t* __restrict w,
-                          const scalar_t* __restrict kp, scalar_t* __restrict acc,
-                          scalar_t* __restrict livemax, scalar_t* __restrict rmin, int64_t C) {
-  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, bool advance_old,
+                            const scalar_t* __restrict w, const scalar_t* __restrict kp,
+                            int64_t stride, const scalar_t* __restrict f, scalar_t* __restrict acc,
+                            scalar_t* __restrict livemax, scalar_t* __restrict rmin) {
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t big = std::numeric_limits<scalar_t>::max();
+  scalar_t a[kRingLanes], lm[kRingLanes], mn[kRingLanes];
+  for (int64_t i = 0; i < kRingLanes; ++i) {
+    a[i] = 0;
+    lm[i] = 0;
+    mn[i] = inf;
+  }
+  // Row 0 (the entries that started at t - 1) is new: the rows after it
+  // take the last advance's factor first, in the same pass.
+  for (int64_t d = 0; d < n; ++d) {
+    scalar_t* __restrict r = rows[d];
+    const scalar_t* __restrict wd = w + d * stride;
+    const scalar_t* __restrict kd = kp + d * stride;
+    const bool scale = advance_old && d > 0;
+    if (d < n_alive) {
+      // Every lane's entry stays alive (keep = 1): the general body below
+      // with its masks known to be true.
 #pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t x = r[c];
-    acc[c] += x * w[c];
-    const scalar_t live = x * kp[c], lm = livemax[c];
-    livemax[c] = live > lm ? live : lm;
-    // Only entries that meet a weight now or stay alive can lose anything.
-    const scalar_t pos = (x > 0 && w[c] + kp[c] > 0) ? x : inf, mn = rmin[c];
-    rmin[c] = pos < mn ? pos : mn;
+      for (int64_t i = 0; i < kRingLanes; ++i) {
+        scalar_t x = r[i];
+        if (scale) {
+          x = x * f[i];
+          x = x < big ? x : big;
+          r[i] = x;
+        }
+        a[i] += x * wd[i];
+        lm[i] = x > lm[i] ? x : lm[i];
+        const scalar_t pos = x > 0 ? x : inf;
+        mn[i] = pos < mn[i] ? pos : mn[i];
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < kRingLanes; ++i) {
+        scalar_t x = r[i];
+        if (scale) {
+          x = x * f[i];
+          x = x < big ? x : big;
+          r[i] = x;
+        }
+        a[i] += x * wd[i];
+        const scalar_t live = x * kd[i];
+        lm[i] = live > lm[i] ? live : lm[i];
+        // Only entries that meet a weight now or stay alive can lose anything.
+        const scalar_t pos = (x > 0 && wd[i] + kd[i] > 0) ? x : inf;
+        mn[i] = pos < mn[i] ? pos : mn[i];
+      }
+    }
+  }
+  for (int64_t i = 0; i < kRingLanes; ++i) {
+    acc[i] = a[i];
+    livemax[i] = lm[i];
+    rmin[i] = mn[i];
+  }
+}
+
+// out[0 : Cp] = sum over cp of x[cp] · table[cp, 0 : Cp] (table rows padded
+// to Cp), zeros of x skipped (they add exact zeros). Up to four chunks of
+// sums are kept in registers at once, so that their chains of dependent
+// multiply-adds interleave; each sum runs over cp in order, as row by row.
+template <int kChunks, typename scalar_t>
+inline void matvec_chunks(const scalar_t* __restrict x, const scalar_t* __restrict table,
+                          int64_t C, int64_t Cp, int64_t c0, scalar_t* __restrict out) {
+  constexpr int64_t kWidth = kChunks * kRingLanes;
+  scalar_t sum[kWidth] = {};
+  for (int64_t cp = 0; cp < C; ++cp) {
+    const scalar_t a = x[cp];
+    if (a == 0) continue;
+    const scalar_t* __restrict row = table + cp * Cp + c0;
+#pragma omp simd
+    for (int64_t i = 0; i < kWidth; ++i) sum[i] += a * row[i];
+  }
+  for (int64_t i = 0; i < kWidth; ++i) out[c0 + i] = sum[i];
+}
+template <typename scalar_t>
+inline void matvec_padded(const scalar_t* x, const scalar_t* table, int64_t C, int64_t Cp,
+                          scalar_t* out) {
+  int64_t c0 = 0;
+  for (; c0 + 4 * kRingLanes <= Cp; c0 += 4 * kRingLanes) matvec_chunks<4>(x, table, C, Cp, c0, out);
+  switch ((Cp - c0) / kRingLanes) {
+    case 3: matvec_chunks<3>(x, table, C, Cp, c0, out); break;
+    case 2: matvec_chunks<2>(x, table, C, Cp, c0, out); break;
+    case 1: matvec_chunks<1>(x, table, C, Cp, c0, out); break;
+    default: break;
   }
 }
 
@@ -299,20 +446,6 @@ template <typename scalar_t>
 inline void exp_row(const scalar_t* __restrict x, scalar_t* __restrict out, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) out[c] = fexp(x[c]);
-}
-
-// Moves the ring's old entries to the next step: times the label's factor.
-// Entries that can no longer matter stay (the checkpoints hold them, as every
-// backend's do) but are capped at the dtype's largest value, so that they
-// meet their zero weights as 0, never as inf · 0.
-template <typename scalar_t>
-inline void ring_row_scale(scalar_t* __restrict r, const scalar_t* __restrict f, int64_t C) {
-  const scalar_t big = std::numeric_limits<scalar_t>::max();
-#pragma omp simd
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t x = r[c] * f[c];
-    r[c] = x < big ? x : big;
-  }
 }
 
 // The ghost (in units of the dtype's smallest normal) of a value computed as
@@ -383,8 +516,9 @@ double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf, sc
 // relative to that scan's offset + shift + mes; 0 where every label is 0.
 template <typename scalar_t>
 double log_scan_step_max(const scalar_t* alpha, int64_t C, double shift, double mes) {
-  scalar_t amax = 0;
-  for (int64_t c = 0; c < C; ++c) amax = std::max(amax, alpha[c]);
+  scalar_t m4[4] = {0, 0, 0, 0};  // four chains: the same max, a quarter of the latency
+  for (int64_t c = 0; c < C; ++c) m4[c & 3] = std::max(m4[c & 3], alpha[c]);
+  const scalar_t amax = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
   if (!(amax > 0)) return 0.0;
   return static_cast<double>(
       static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
@@ -432,8 +566,12 @@ struct ExpForward {
   static constexpr double kFloor = std::numeric_limits<double>::min();
   const SequenceInputs<scalar_t>& in;
   const int64_t K, C, L;
+  const int64_t Cp;  // C padded to whole ring chunks: the stride of ring, weight and keep
   const scalar_t tiny = Limits::min();
   const double tiny_d = static_cast<double>(Limits::min());
+  // A power of 2, so that x * inv_tiny_d is exactly x / tiny_d.
+  const double inv_tiny_d = 1.0 / static_cast<double>(Limits::min());
+  static constexpr double kInf = std::numeric_limits<double>::infinity();
   const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
   // A ghost below value / rho_abs is absorbed into relative error: at most
   // 2L absorptions along any chain add 1/(2 rho) relative in all.
@@ -441,20 +579,28 @@ struct ExpForward {
 
   // Per-call tables.
   std::vector<double> dur_max;          // (C) finite max over d of duration[d-1, c] (0 if none)
-  std::vector<scalar_t> weight;         // (K, C) exp(duration - dur_max), 0 below tiny
-  std::vector<scalar_t> keep;           // (K, C) 1 where an entry of age d+1 can still matter
-  std::vector<double> weight_lost;      // (C) 2 · the flushed true weights, in tiny units
-  std::vector<scalar_t> weight_minpos;  // (C) smallest positive weight
+  std::vector<scalar_t> weight;         // (K, Cp) exp(duration - dur_max), 0 below tiny
+  std::vector<scalar_t> keep;           // (K, Cp) 1 where an entry of age d+1 can still matter
+  // (Cp / kRingLanes) the number of ages 1, 2, ... at which every label of
+  // the chunk has keep = 1: min over its labels of last_duration - 1.
+  std::vector<int64_t> chunk_alive_ages;
+  std::vector<double> weight_lost;      // (Cp) 2 · the flushed true weights, in tiny units
+  std::vector<scalar_t> weight_minpos;  // (Cp) smallest positive weight
   std::vector<int> last_duration;       // (C) longest duration, 0 if the label cannot reach an end
   std::vector<double> col_max;          // (C) finite max over c' of transition[c', c]
   std::vector<scalar_t> A;              // (C, C) exp(transition - col_max[c]), 0 below tiny
+  std::vector<scalar_t> A_padded;       // (C, Cp) the same, rows padded with zeros
   std::vector<double> A_bound;          // (C, C) the same in float64, for the ghost mat-vec
   std::vector<double> A_lost;           // (C) the column's flushed true entries, tiny units
   std::vector<scalar_t> A_minpos;       // (C) smallest positive entry of the column
 
   // State. Entries are relative to O; alpha_hat to O + mes; sigma_hat to
   // O + sigma_rel (kept apart from O so that no large sum rounds them).
-  std::vector<scalar_t> ring;  // (K, C)
+  std::vector<scalar_t> ring;  // (K, Cp)
+  // The ring's entries older than age 1 still owe the last advance's factor
+  // fo (the next ring pass applies it).
+  bool owes_advance = false;
+  std::vector<scalar_t*> rows, chunk_rows;  // (K) the ring rows of ages 1..K at this step
   double O = 0.0, mes = 0.0, sigma_rel = 0.0;
   // The offset the log-domain scan would have, O_t of the shared checkpoint
   // layout: the sum of its per-step maxima, kept with its rounding error
@@ -466,16 +612,31 @@ struct ExpForward {
   // charged, so generation 0 expires every K steps.
   std::vector<double> ghost_old, ghost_new;
   std::vector<scalar_t> acc, alpha, sigma, u, emit, fo, fn, livemax, rmin, arg, factor;
-  std::vector<double> ga, gs, work, lemit, fo_d, fn_d;
+  std::vector<double> ga, gs, work, work_ys, lemit, fo_d, fn_d;
   bool rejected = false;  // no bound could be kept: the caller falls back
+  // Fast paths. On ordinary inputs nothing underflows and every ghost stays
+  // exactly 0; a step then checks, in vectorisable loops, that none of its
+  // charges fires, and skips the per-label bound arithmetic, which would
+  // return the same zeros. Any charge runs that arithmetic in full.
+  bool ring_ghost_free = true;  // ghost_old and ghost_new are all 0
+  bool sigma_ghost_free = true;  // gs is all 0
+  bool any_A_lost = false;  // over the labels that can reach an end
+  scalar_t A_minpos_min;  // min of A_minpos over the labels that can reach an end
+  std::vector<char> reaches;  // (C) last_duration > 0
+  std::vector<double> reach_mask;  // (Cp) the same as 1.0 / 0.0, 0 in the padding
+  std::vector<scalar_t> srow;  // (Cp) position t's scores, -inf in the padding
+  bool bad_scores = false;  // position t has a NaN or +inf score
 
   ExpForward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
-      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), weight(K_ * C_), keep(K_ * C_),
-        weight_lost(C_, 0.0), weight_minpos(C_), last_duration(C_, 0), col_max(C_, 0.0),
-        A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), ring(K_ * C_, 0),
-        ghost_old(C_, 0.0), ghost_new(C_, 0.0), acc(C_), alpha(C_), sigma(C_), u(C_), emit(C_),
-        fo(C_), fn(C_), livemax(C_, 0), rmin(C_, Limits::infinity()), arg(C_), factor(C_), ga(C_, 0.0), gs(C_, 0.0),
-        work(C_), lemit(C_), fo_d(C_), fn_d(C_) {
+      : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), dur_max(C_, 0.0),
+        weight(K_ * Cp, 0), keep(K_ * Cp, 0), chunk_alive_ages(Cp / kRingLanes, 0),
+        weight_lost(Cp, 0.0), weight_minpos(Cp, 0), last_duration(C_, 0), col_max(C_, 0.0),
+        A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0), rows(K_), chunk_rows(K_),
+        ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
+        emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(Cp, 0),
+        factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(Cp, 0.0), lemit(Cp, 0.0), fo_d(Cp, 0.0),
+        fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0),
+        srow(Cp, -Limits::infinity()) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters();
     tables();
@@ -500,7 +661,7 @@ struct ExpForward {
           lost += std::max(std::exp(x) * kUp, kFloor);
           w = 0;
         }
-        weight[(d - 1) * C + c] = w;
+        weight[(d - 1) * Cp + c] = w;
         if (w > 0) weight_minpos[c] = std::min(weight_minpos[c], w);
       }
       // Entries are at most 1 (times rounding) when they meet a weight.
@@ -521,6 +682,7 @@ struct ExpForward {
           a = 0;
         }
         A[cp * C + c] = a;
+        A_padded[cp * Cp + c] = a;
         A_bound[cp * C + c] = xb;
         if (a > 0) A_minpos[c] = std::min(A_minpos[c], a);
       }
@@ -546,9 +708,21 @@ struct ExpForward {
           }
       }
     }
+    A_minpos_min = Limits::infinity();
     for (int64_t c = 0; c < C; ++c) {
       last_duration[c] = reach[c] ? raw_last[c] : 0;
-      for (int64_t d = 1; d <= K; ++d) keep[(d - 1) * C + c] = d + 1 <= last_duration[c] ? 1 : 0;
+      for (int64_t d = 1; d <= K; ++d) keep[(d - 1) * Cp + c] = d + 1 <= last_duration[c] ? 1 : 0;
+      reaches[c] = last_duration[c] > 0;
+      reach_mask[c] = reaches[c] ? 1.0 : 0.0;
+      if (!reaches[c]) continue;
+      any_A_lost |= A_lost[c] > 0;
+      A_minpos_min = std::min(A_minpos_min, A_minpos[c]);
+    }
+    for (int64_t chunk = 0; chunk < Cp / kRingLanes; ++chunk) {
+      int64_t alive = K;
+      for (int64_t c = chunk * kRingLanes; c < std::min(C, (chunk + 1) * kRingLanes); ++c)
+        alive = std::min<int64_t>(alive, std::max(last_duration[c] - 1, 0));
+      chunk_alive_ages[chunk] = alive;
     }
   }
 
@@ -572,54 +746,81 @@ struct ExpForward {
       sigma[c] = fexp(static_cast<scalar_t>(x));
       gs[c] = through_factor(0.0, 1, sigma[c], x);
     }
+    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Step t ≥ 1: alpha_hat[t] and its ghost ga.
   void ends(int64_t t) {
-    if (t % K == 0) {
+    if (t % K == 0 && !ring_ghost_free) {
       ghost_old.swap(ghost_new);
       std::fill(ghost_new.begin(), ghost_new.end(), 0.0);
+      update_ring_ghost_free();
     }
     const int64_t n = std::min(t, K);
     const int tK = static_cast<int>(t % K);
-    std::fill(acc.begin(), acc.end(), scalar_t(0));
-    std::fill(livemax.begin(), livemax.end(), scalar_t(0));
-    std::fill(rmin.begin(), rmin.end(), Limits::infinity());
     for (int64_t d = 1; d <= n; ++d)
-      ring_row_pass(ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
-                    weight.data() + (d - 1) * C, keep.data() + (d - 1) * C, acc.data(),
-                    livemax.data(), rmin.data(), C);
+      rows[d - 1] = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
+    for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
+      for (int64_t d = 0; d < n; ++d) chunk_rows[d] = rows[d] + c0;
+      ring_chunk_pass(chunk_rows.data(), n,
+                      std::min<int64_t>(n, chunk_alive_ages[c0 / kRingLanes]), owes_advance,
+                      weight.data() + c0, keep.data() + c0, Cp, fo.data() + c0, acc.data() + c0,
+                      livemax.data() + c0, rmin.data() + c0);
+    }
+    owes_advance = false;
     // The end factor is normalised against the mass it multiplies, so that
     // a label that holds the mass is never flushed by another label's larger
-    // end score.
-    double top = kNegInf, ya_max = kNegInf;
-    for (int64_t c = 0; c < C; ++c) {
-      if (last_duration[c] == 0) continue;  // labels that cannot reach an end set no scale
-      const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
-      ya_max = std::max(ya_max, ya);
-      if (acc[c] > 0) top = std::max(top, ya + exponent_of(acc[c]) * kLn2);
-    }
-    mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
+    // end score. (Maxima in four chains, as in advance.)
     for (int64_t c = 0; c < C; ++c)
-      arg[c] = static_cast<scalar_t>(static_cast<double>(in.end(t - 1, c)) + dur_max[c] - mes);
-    exp_row(arg.data(), factor.data(), C);
-    for (int64_t c = 0; c < C; ++c) {
-      const double ya = static_cast<double>(in.end(t - 1, c)) + dur_max[c];
-      const scalar_t endf = factor[c];
-      acc[c] = std::min(acc[c], Limits::max());
-      alpha[c] = acc[c] > 0 ? std::min(acc[c] * endf, Limits::max()) : scalar_t(0);
-      if (last_duration[c] == 0) {  // feeds only labels like itself: no ghost
-        ga[c] = 0.0;
-        continue;
-      }
-      // Ghost of acc: the ring's, weights that flushed, products below tiny.
-      double g = ghost_old[c] + ghost_new[c];
-      if (rmin[c] < Limits::infinity()) {
-        if (rmin[c] * weight_minpos[c] < tiny) g += static_cast<double>(n) * kSlack;
-        g += weight_lost[c];
-      }
-      ga[c] = ghost_of_alpha(g, acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
+      lemit[c] = static_cast<double>(in.end(t - 1, c)) + dur_max[c];  // ya
+    f64x4 top4 = f64x4{} + kNegInf, ya4 = top4;
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const auto a4 = load4(&acc[c]);
+      const f64x4 ya = load4(&lemit[c]), cand = ya + exponent4(a4) * kLn2;
+      // Labels that cannot reach an end set no scale.
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      ya4 = reach & (ya4 < ya) ? ya : ya4;
+      top4 = reach & (widen(a4) > 0.0) & (top4 < cand) ? cand : top4;
     }
+    const double top = max_lane(top4), ya_max = max_lane(ya4);
+    mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(lemit[c] - mes);
+    exp_row(arg.data(), factor.data(), C);
+    // alpha_hat and its ghost: the ring's, weights that flushed, products
+    // below tiny (ghost_of_alpha, written out branch-free with & and | so
+    // that it vectorises: a charge that does not apply adds an exact 0).
+    using S4 = typename Lanes4<scalar_t>::type;
+    const S4 big4 = S4{} + Limits::max(), zero_s = S4{};
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
+    const double n_charge = static_cast<double>(n) * kSlack;
+    i64x4 lost4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const S4 endf = load4(&factor[c]), a4 = load4(&acc[c]);
+      const S4 x = big4 < a4 ? big4 : a4;
+      store4(&acc[c], x);
+      const S4 prod = x * endf;
+      const S4 y = x > 0 ? (big4 < prod ? big4 : prod) : zero_s;
+      store4(&alpha[c], y);
+      const S4 rmn = load4(&rmin[c]);
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
+      f64x4 g = load4(&ghost_old[c]) + load4(&ghost_new[c]);
+      g += has & (widen(rmn * load4(&weight_minpos[c])) < tiny_d) ? zero + n_charge : zero;
+      g += has ? load4(&weight_lost[c]) : zero;
+      // Through the end factor (ghost_through_factor).
+      const f64x4 ef = widen(endf), xw = widen(x), yw = widen(y);
+      const f64x4 via = g * ef * kUp;
+      const f64x4 spill = (g * tiny_d + xw) * kSlack;
+      const i64x4 exact = (load4(&lemit[c]) - mes == -kInf) | ((g == 0.0) & (xw == 0.0));
+      f64x4 ga_c = ef >= tiny_d ? (g > 0.0 ? (via < kFloor ? floor4 : via) : zero)
+                                : (exact ? zero : (spill < kFloor ? floor4 : spill));
+      ga_c += (xw > 0.0) & (ef >= tiny_d) & (yw < tiny_d) ? zero + kSlack : zero;
+      ga_c = (ga_c > 0.0) & (yw > 0.0) & (ga_c * absorb_factor <= yw) ? zero : ga_c;
+      lost4 |= reach & ~(ga_c < 1e300);
+      store4(&ga[c], reach ? ga_c : zero);  // a label that cannot reach an end feeds only its like
+    }
+    const bool lost = any_lane(lost4);
+    if (lost) rejected = true;
     ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
   }
 
@@ -630,23 +831,24 @@ struct ExpForward {
 
   // t < L, t ≥ 1: sigma_hat[t] and its ghost gs.
   void starts(int64_t t) {
-    std::fill(u.begin(), u.end(), scalar_t(0));
-    scalar_t amax = 0, amin = Limits::infinity();
-    bool ghost = false;
-    for (int64_t cp = 0; cp < C; ++cp) {
-      const scalar_t a = alpha[cp];
-      // A label that cannot reach an end has no finite transition into one
-      // that can: it adds exact zeros to every column that matters.
-      if (last_duration[cp] > 0) {
-        amax = std::max(amax, a);
-        if (a > 0) amin = std::min(amin, a);
-      }
-      ghost |= ga[cp] > 0;
-      const scalar_t* __restrict row = A.data() + cp * C;
-      scalar_t* __restrict uu = u.data();
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) uu[c] += a * row[c];
+    // alpha's range over the labels that can reach an end (a label that
+    // cannot has no finite transition into one that can: it adds exact
+    // zeros to every column that matters), in four chains.
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0};
+    f64x4 amax4 = zero, amin4 = zero + kInf;
+    i64x4 ghost4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 a = widen(load4(&alpha[c]));
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      amax4 = reach & (amax4 < a) ? a : amax4;
+      amin4 = reach & (a > 0.0) & (a < amin4) ? a : amin4;
+      ghost4 |= load4(&ga[c]) > 0.0;
     }
+    const scalar_t amax = static_cast<scalar_t>(max_lane(amax4));
+    const scalar_t amin = static_cast<scalar_t>(min_lane(amin4));
+    const bool ghost = any_lane(ghost4);
+    // u = alpha_hat A.
+    matvec_padded(alpha.data(), A_padded.data(), C, Cp, u.data());
     // The ghost mat-vec is exact: the cheap bound (largest ghost times the
     // column sum) would spread one label's ghost into every column.
     std::fill(work.begin(), work.end(), 0.0);
@@ -657,18 +859,44 @@ struct ExpForward {
         for (int64_t c = 0; c < C; ++c)
           if (row[c] > 0) work[c] += std::max(ga[cp] * row[c], kFloor);
       }
-    double top = kNegInf, ys_max = kNegInf;
-    for (int64_t c = 0; c < C; ++c) {
-      u[c] = std::min(u[c], Limits::max());
-      if (last_duration[c] == 0) continue;
-      const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
-      ys_max = std::max(ys_max, ys);
-      if (u[c] > 0) top = std::max(top, ys + exponent_of(u[c]) * kLn2);
-    }
-    const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
     for (int64_t c = 0; c < C; ++c)
-      arg[c] = static_cast<scalar_t>(static_cast<double>(in.start(t, c)) + col_max[c] - mss);
+      work_ys[c] = static_cast<double>(in.start(t, c)) + col_max[c];
+    using S4 = typename Lanes4<scalar_t>::type;
+    const S4 big4 = S4{} + Limits::max();
+    f64x4 top4 = zero + kNegInf, ys4 = top4;
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const S4 u4 = load4(&u[c]);
+      const S4 x = big4 < u4 ? big4 : u4;  // std::min(u, max)
+      store4(&u[c], x);
+      const f64x4 ys = load4(&work_ys[c]), cand = ys + exponent4(x) * kLn2;
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      ys4 = reach & (ys4 < ys) ? ys : ys4;
+      top4 = reach & (widen(x) > 0.0) & (top4 < cand) ? cand : top4;
+    }
+    const double top = max_lane(top4), ys_max = max_lane(ys4);
+    const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(work_ys[c] - mss);
     exp_row(arg.data(), factor.data(), C);
+    sigma_rel = mes + mss;
+    if (!ghost && !any_A_lost && !(amax > 0 && amin * A_minpos_min < tiny)) {
+      // With no ghost to carry, sigma_hat's is 0 unless the start factor or
+      // sigma_hat fell below tiny.
+      int charged = 0;
+      const scalar_t big = Limits::max();
+#pragma omp simd reduction(| : charged)
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t x = u[c], h = factor[c], prod = x * h;
+        const scalar_t y = x > 0 ? (big < prod ? big : prod) : scalar_t(0);
+        sigma[c] = y;
+        charged |= (reaches[c] != 0) & !(x == 0) & ((h < tiny) | (y < tiny));
+      }
+      if (!charged) {
+        std::fill(gs.begin(), gs.end(), 0.0);
+        sigma_ghost_free = true;
+        return;
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
       const double ys = static_cast<double>(in.start(t, c)) + col_max[c];
       const scalar_t h = factor[c];
@@ -688,30 +916,63 @@ struct ExpForward {
       if (!(g < 1e300)) rejected = true;
       gs[c] = g;
     }
-    sigma_rel = mes + mss;
+    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Move the ring to step t+1 (t < L): position t's emissions, the segments
   // starting at t, and the normaliser: the largest entry that can still
   // matter becomes 1.
   void advance(int64_t t) {
-    double m = kNegInf;
-    for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+    // Position t's scores relative to their finite max m, four labels at a
+    // time (the row is copied into srow, padded with -inf; a max over the
+    // same values is the same in any order).
+    const scalar_t* row = in.scores + t * in.s_t;
+    if (in.s_c == 1) {
+      std::memcpy(srow.data(), row, C * sizeof(scalar_t));
+    } else {
+      for (int64_t c = 0; c < C; ++c) srow[c] = row[c * in.s_c];
+    }
+    f64x4 m4 = f64x4{} + kNegInf;
+    i64x4 bad4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 x = widen(load4(&srow[c]));
+      m4 = m4 < x ? x : m4;  // std::max(m, x)
+      bad4 |= ~(x < kInf);   // NaN or +inf: the log scan gives the NaN
+    }
+    bad_scores = any_lane(bad4);
+    double m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
     if (m == kNegInf) m = 0.0;
     ref_add(m);
-    for (int64_t c = 0; c < C; ++c) {
-      lemit[c] = static_cast<double>(in.score(t, c)) - m;
-      arg[c] = static_cast<scalar_t>(lemit[c]);
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 x = widen(load4(&srow[c])) - m;
+      store4(&lemit[c], x);
+      store4(&arg[c], __builtin_convertvector(x, typename Lanes4<scalar_t>::type));
     }
     exp_row(arg.data(), emit.data(), C);
     // A label whose emission factor flushed takes its factors from float64,
     // so that a flush never loses more than the final factor's underflow.
-    double old = 0.0, fresh = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double e = emit_flushed(c) ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
-      old = std::max(old, static_cast<double>(livemax[c]) * e);
-      if (last_duration[c] >= 1) fresh = std::max(fresh, static_cast<double>(sigma[c]) * e);
+    const f64x4 zero = {0.0, 0.0, 0.0, 0.0};
+    i64x4 flushed4 = {0, 0, 0, 0};
+    f64x4 old4 = zero, fresh4 = zero;
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 e = widen(load4(&emit[c]));
+      flushed4 |= (e < tiny_d) & (load4(&lemit[c]) > kNegInf);
+      const f64x4 o = widen(load4(&livemax[c])) * e, f = widen(load4(&sigma[c])) * e;
+      old4 = old4 < o ? o : old4;
+      fresh4 = (load4(&reach_mask[c]) != 0.0) & (fresh4 < f) ? f : fresh4;
     }
+    const bool any_flushed = any_lane(flushed4);
+    if (any_flushed) {  // rare: redo with the float64 factors where they flushed
+      old4 = zero;
+      fresh4 = zero;
+      for (int64_t c = 0; c < C; ++c) {
+        const double e = emit_flushed(c) ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
+        old4[0] = std::max(old4[0], static_cast<double>(livemax[c]) * e);
+        if (reaches[c]) fresh4[0] = std::max(fresh4[0], static_cast<double>(sigma[c]) * e);
+      }
+    }
+    const double old = std::max(std::max(old4[0], old4[1]), std::max(old4[2], old4[3]));
+    const double fresh = std::max(std::max(fresh4[0], fresh4[1]), std::max(fresh4[2], fresh4[3]));
     double top = std::max(old > 0 ? std::log(old) : kNegInf,
                           fresh > 0 ? sigma_rel + std::log(fresh) : kNegInf);
     if (top == kNegInf) top = 0.0;
@@ -721,65 +982,106 @@ struct ExpForward {
     const double base = (O - new_offset) + m;
     const double so = std::exp(base), sn = std::exp(base + sigma_rel);
     const double big = static_cast<double>(Limits::max());
-    for (int64_t c = 0; c < C; ++c) {
-      double old_f, new_f;
-      if (emit_flushed(c)) {
-        old_f = std::exp(lemit[c] + base);
-        new_f = std::exp(lemit[c] + base + sigma_rel);
-      } else if (emit[c] == 0) {
-        old_f = new_f = 0.0;  // a -inf score: exact
-      } else {
-        old_f = static_cast<double>(emit[c]) * so;
-        new_f = static_cast<double>(emit[c]) * sn;
-      }
-      // A factor past the dtype's range has no bound: reject where it
-      // multiplies something; elsewhere it multiplies exact zeros.
-      if (last_duration[c] > 0 &&
-          ((rmin[c] < Limits::infinity() && old_f > big) || (sigma[c] > 0 && new_f > big)))
-        rejected = true;
-      fo_d[c] = old_f;
-      fn_d[c] = new_f;
-      fo[c] = static_cast<scalar_t>(std::min(old_f, big));
-      fn[c] = static_cast<scalar_t>(std::min(new_f, big));
+    // A factor past the dtype's range has no bound: reject where it
+    // multiplies something; elsewhere it multiplies exact zeros. A -inf
+    // score (emit 0) gives exact zeros. Flushed labels are redone below.
+    // (Bitwise & and | rather than && and ||: every operand is evaluated,
+    // so the loop has no control flow and vectorises.)
+    const f64x4 big4 = zero + big;
+    i64x4 past4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const f64x4 e = widen(load4(&emit[c]));
+      const i64x4 zero_e = e == 0.0;
+      const f64x4 old_f = zero_e ? zero : e * so, new_f = zero_e ? zero : e * sn;
+      const i64x4 flushed = (e < tiny_d) & (load4(&lemit[c]) > kNegInf);
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      past4 |= reach & ~flushed &
+               (((widen(load4(&rmin[c])) < kInf) & (old_f > big)) |
+                ((widen(load4(&sigma[c])) > 0.0) & (new_f > big)));
+      store4(&fo_d[c], old_f);
+      store4(&fn_d[c], new_f);
+      // std::min(f, big), then the dtype's rounding, as static_cast gives it.
+      using S4 = typename Lanes4<scalar_t>::type;
+      store4(&fo[c], __builtin_convertvector(big4 < old_f ? big4 : old_f, S4));
+      store4(&fn[c], __builtin_convertvector(big4 < new_f ? big4 : new_f, S4));
     }
+    bool past = any_lane(past4);
+    if (any_flushed)
+      for (int64_t c = 0; c < C; ++c) {
+        if (!emit_flushed(c)) continue;
+        const double old_f = std::exp(lemit[c] + base);
+        const double new_f = std::exp(lemit[c] + base + sigma_rel);
+        past |= reaches[c] && ((rmin[c] < Limits::infinity() && old_f > big) ||
+                               (sigma[c] > 0 && new_f > big));
+        fo_d[c] = old_f;
+        fn_d[c] = new_f;
+        fo[c] = static_cast<scalar_t>(std::min(old_f, big));
+        fn[c] = static_cast<scalar_t>(std::min(new_f, big));
+      }
+    if (past) rejected = true;
     // Ghosts: every generation follows its entries; the new entries bring
     // sigma's ghost; entries that this step takes below tiny are charged in
     // full. Only a -inf score makes a factor exactly 0: a factor that
     // underflowed even float64 is bounded by float64's smallest normal.
+    // Branch-free, so that it vectorises: a charge that does not apply adds
+    // an exact 0.
     const double n_old = static_cast<double>(std::min(t, K - 1));
-    for (int64_t c = 0; c < C; ++c) {
-      if (last_duration[c] == 0) {
-        ghost_old[c] = ghost_new[c] = 0.0;
-        continue;
-      }
-      const bool exact_zero = lemit[c] == kNegInf;
-      ghost_old[c] = scaled_ghost(ghost_old[c], fo_d[c], exact_zero);
-      ghost_new[c] = scaled_ghost(ghost_new[c], fo_d[c], exact_zero) +
-                     scaled_ghost(gs[c], fn_d[c], exact_zero);
-      if (!exact_zero) {
-        const scalar_t v = sigma[c] * fn[c];
-        if (sigma[c] > 0 && v < tiny)
-          ghost_new[c] += (static_cast<double>(sigma[c]) * fn_d[c] / tiny_d + 2.0) * kSlack;
-        if (rmin[c] < Limits::infinity() && (fo[c] < tiny || rmin[c] * fo[c] < tiny))
-          ghost_new[c] += 2.0 * n_old * kSlack;
-      }
-      if (!(ghost_old[c] + ghost_new[c] < 1e300)) rejected = true;
+    const double old_charge = 2.0 * n_old * kSlack;
+    const f64x4 floor4 = zero + kFloor;
+    // scaled_ghost, four labels at a time.
+    auto scaled4 = [&](f64x4 g, f64x4 f, i64x4 exact_zero) {
+      const f64x4 scaled = g * (f < kFloor ? floor4 : f) * kUp;
+      return (g == 0.0) | exact_zero ? zero : (scaled < kFloor ? floor4 : scaled);
+    };
+    i64x4 lost4 = {0, 0, 0, 0}, any4 = {0, 0, 0, 0};
+    for (int64_t c = 0; c < Cp; c += 4) {
+      const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;
+      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
+      const f64x4 fod = load4(&fo_d[c]), fnd = load4(&fn_d[c]);
+      const f64x4 go = scaled4(load4(&ghost_old[c]), fod, exact_zero);
+      f64x4 gn = scaled4(load4(&ghost_new[c]), fod, exact_zero) +
+                 scaled4(load4(&gs[c]), fnd, exact_zero);
+      const auto sig = load4(&sigma[c]), fns = load4(&fn[c]), fos = load4(&fo[c]),
+                 rmn = load4(&rmin[c]);
+      const f64x4 sig_w = widen(sig), rmin_w = widen(rmn);
+      const i64x4 fresh_lost = ~exact_zero & (sig_w > 0.0) & (widen(sig * fns) < tiny_d);
+      const i64x4 old_lost = ~exact_zero & (rmin_w < kInf) &
+                             ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d));
+      gn += fresh_lost ? (sig_w * fnd * inv_tiny_d + 2.0) * kSlack : zero;
+      gn += old_lost ? zero + old_charge : zero;
+      // Labels that cannot reach an end carry no ghost.
+      const f64x4 go_kept = reach ? go : zero, gn_kept = reach ? gn : zero;
+      store4(&ghost_old[c], go_kept);
+      store4(&ghost_new[c], gn_kept);
+      lost4 |= reach & ~(go + gn < 1e300);
+      any4 |= (go_kept != 0.0) | (gn_kept != 0.0);
     }
-    if (bad_position(t)) rejected = true;
-    const int tK = static_cast<int>(t % K);
-    for (int64_t d = 1; d <= std::min(t, K - 1); ++d)
-      ring_row_scale(ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
-                     fo.data(), C);
-    scalar_t* r = ring.data() + tK * C;
+    const bool lost = any_lane(lost4), any = any_lane(any4);
+    if (lost) rejected = true;
+    ring_ghost_free = !any;
+    finish_advance(t, new_offset);
+  }
+
+  // The end of advance(t): the segments starting at t enter the ring.
+  void finish_advance(int64_t t, double new_offset) {
+    if (bad_scores || ((in.start_scores || in.end_scores) && bad_position(t))) rejected = true;
+    owes_advance = true;
+    scalar_t* r = ring.data() + (t % K) * Cp;
     for (int64_t c = 0; c < C; ++c) r[c] = std::min(sigma[c] * fn[c], Limits::max());
     O = new_offset;
+  }
+
+  void update_ring_ghost_free() {
+    ring_ghost_free = true;
+    for (int64_t c = 0; c < C; ++c) ring_ghost_free &= ghost_old[c] == 0.0 && ghost_new[c] == 0.0;
   }
 
   // A ghost carried through a float64 factor f: an upper bound even where
   // f or the product underflowed float64.
   static double scaled_ghost(double g, double f, bool exact_zero) {
-    if (g == 0.0 || exact_zero) return 0.0;
-    return std::max(g * std::max(f, kFloor) * kUp, kFloor);
+    // std::max spelled out, so that this vectorises with the same NaN rule.
+    const double scaled = g * (f < kFloor ? kFloor : f) * kUp;
+    return g == 0.0 || exact_zero ? 0.0 : (scaled < kFloor ? kFloor : scaled);
   }
 
   void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
@@ -790,12 +1092,23 @@ struct ExpForward {
   // relative to its offset ref_hi, less the rounding that offset carries
   // (so a log-domain recompute from here follows the log scan's own), and
   // -inf for 0. K·C logs per checkpoint.
-  void save(int64_t t, scalar_t* out, double* out_offset) const {
+  void save(int64_t t, scalar_t* out, double* out_offset) {
     const int tK = static_cast<int>(t % K);
+    if (owes_advance) {  // the entries of ages 2 .. min(t, K) take the last factor
+      const scalar_t big = Limits::max();
+      for (int64_t d = 2; d <= std::min<int64_t>(t, K); ++d) {
+        scalar_t* r = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t x = r[c] * fo[c];
+          r[c] = x < big ? x : big;
+        }
+      }
+      owes_advance = false;
+    }
     const double shift = (O - ref_hi) - ref_lo;
     for (int row = 0; row < K; ++row) {
       const scalar_t* r =
-          ring.data() + ring_row_of_checkpoint_row(row, tK, static_cast<int>(K)) * C;
+          ring.data() + ring_row_of_checkpoint_row(row, tK, static_cast<int>(K)) * Cp;
       for (int64_t c = 0; c < C; ++c)
         out[row * C + c] = r[c] > 0 ? static_cast<scalar_t>(std::log(static_cast<double>(r[c])) + shift)
                                     : neg_inf<scalar_t>();
@@ -883,6 +1196,7 @@ struct ExpForwardDD {
   static constexpr double kFloor = std::numeric_limits<double>::min();
   const SequenceInputs<scalar_t>& in;
   const int64_t K, C, L;
+  const int64_t Cp;  // C padded to whole chunks of kRingLanes: the stride of A_padded and u
   const scalar_t tiny = Limits::min();
   const double tiny_d = static_cast<double>(Limits::min());
   const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
@@ -893,6 +1207,8 @@ struct ExpForwardDD {
   std::vector<double> dur_max;        // (C) finite max over d of duration[d-1, c]
   std::vector<scalar_t> A;            // (K, C, C) exp(transition - col_max[c])
   std::vector<scalar_t> A_minpos;     // (C) smallest positive entry of column c, all d
+  std::vector<scalar_t> A_padded;     // (K, C, Cp) A, rows padded with zeros
+  scalar_t A_minpos_min;              // min over c of A_minpos
   std::vector<scalar_t> weight;       // (K, C) exp(duration - dur_max)
   std::vector<scalar_t> first_alpha;  // (C) exp(start_transition - col_max - first_max)
   double first_max = 0.0;
@@ -920,11 +1236,11 @@ struct ExpForwardDD {
   bool rejected = false;
 
   ExpForwardDD(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
-      : in(in_), K(K_), C(C_), L(L_), col_max(C_, 0.0), dur_max(C_, 0.0), A(K_ * C_ * C_),
-        A_minpos(C_, Limits::infinity()), weight(K_ * C_), first_alpha(C_), reach(C_, 0),
+      : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), col_max(C_, 0.0), dur_max(C_, 0.0),
+        A(K_ * C_ * C_), A_minpos(C_, Limits::infinity()), A_padded(K_ * C_ * Cp, 0), weight(K_ * C_), first_alpha(C_), reach(C_, 0),
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
-        alpha(C_, 0), u(C_), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
+        alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
         lemit(C_), lfresh(C_), old_factor(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters() || !tables();
@@ -954,7 +1270,9 @@ struct ExpForwardDD {
           scalar_t* a = A.data() + ((d - 1) * C + cp) * C + c;
           ok &= table_exp(static_cast<double>(in.trans(d, cp, c)) - col_max[c], a);
           if (*a > 0) A_minpos[c] = std::min(A_minpos[c], *a);
+          A_padded[((d - 1) * C + cp) * Cp + c] = *a;
         }
+    A_minpos_min = *std::min_element(A_minpos.begin(), A_minpos.end());
     for (int64_t d = 1; d <= K; ++d)
       for (int64_t c = 0; c < C; ++c)
         ok &= table_exp(static_cast<double>(in.dur(d, c)) - dur_max[c],
@@ -1024,16 +1342,9 @@ struct ExpForwardDD {
       if (s == 0) {
         std::copy_n(first_alpha.data(), C, uu);
       } else {
-        std::fill_n(uu, C, scalar_t(0));
-        const scalar_t* a = alpha_ring.data() + slot * C;
-        for (int64_t cp = 0; cp < C; ++cp) {
-          const scalar_t x = a[cp];
-          if (x == 0) continue;
-          const scalar_t* __restrict row = A.data() + ((d - 1) * C + cp) * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) uu[c] += x * row[c];
-        }
-        for (int64_t c = 0; c < C; ++c) matvec_flush |= alpha_minpos[slot] * A_minpos[c] < tiny;
+        matvec_padded(alpha_ring.data() + slot * C, A_padded.data() + (d - 1) * C * Cp, C, Cp, uu);
+        // Some product below tiny: alpha_minpos · A_minpos[c] < tiny for a c.
+        matvec_flush = alpha_minpos[slot] * A_minpos_min < tiny;
       }
       const bool alpha_ghosts = s > 0 && slot_alpha_ghost[slot];
       scalar_t* __restrict ac = acc.data();
@@ -1045,13 +1356,18 @@ struct ExpForwardDD {
         const scalar_t keep = live ? g[c] : scalar_t(0);
         lm[c] = keep > lm[c] ? keep : lm[c];
       }
-      // Ghosts: the gains', the mat-vec's products below tiny (C at most),
-      // and the term's own two products.
-      bool product_flush = false;
+      // Whether one of the term's two products fell below tiny (& and |, so
+      // that the loop vectorises; a loop of its own, so that the sum above
+      // keeps its fused multiply-add).
+      int product_flush = 0;
+#pragma omp simd reduction(| : product_flush)
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t p = uu[c] * g[c];
-        product_flush |= (uu[c] > 0 && g[c] > 0 && p < tiny) || (p > 0 && w[c] > 0 && p * w[c] < tiny);
+        product_flush |=
+            ((uu[c] > 0) & (g[c] > 0) & (p < tiny)) | ((p > 0) & (w[c] > 0) & (p * w[c] < tiny));
       }
+      // Ghosts: the gains', the mat-vec's products below tiny (C at most),
+      // and the term's own two products.
       if (!(slot_ghost[slot] || alpha_ghosts || matvec_flush || product_flush)) continue;
       // The mat-vec's ghost: alpha_hat's ghosts through the same table
       // (exact, so that one label's ghost stays in the columns it reaches),
@@ -1067,7 +1383,38 @@ struct ExpForwardDD {
         }
       }
       const double* gg = gain_ghost.data() + slot * C;
-      for (int64_t c = 0; c < C; ++c) {
+      // Four labels at a time, branch-free (bound_product written out), then
+      // the scalar loop below for the last C mod 4: the same arithmetic.
+      {
+        using S4 = typename Lanes4<scalar_t>::type;
+        const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
+        auto bound4 = [&](f64x4 a, f64x4 b) {
+          const f64x4 ab = a * b;
+          return (a > 0.0) & (b > 0.0) ? (ab < kFloor ? floor4 : ab) : zero;
+        };
+        const double matvec_charge = static_cast<double>(C) * kSlack;
+        const scalar_t amp = alpha_minpos[slot];
+        const int64_t C4 = C & ~int64_t{3};
+        for (int64_t c = 0; c < C4; c += 4) {
+          const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
+          const f64x4 gg4 = load4(&gg[c]);
+          const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
+                                (widen(amp * load4(&A_minpos[c])) < tiny_d);
+          const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
+          f64x4 term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
+                                  bound4(bound4(gu_c, gg4), zero + tiny_d),
+                              widen(ws) * kUp);
+          const S4 p = us * gs4;
+          const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
+          term += (uw > 0.0) & (gw > 0.0) & (pw < tiny_d) ? zero + kSlack : zero;
+          term += (pw > 0.0) & (widen(p * ws) < tiny_d) ? zero + kSlack : zero;
+          const f64x4 add = term * kSlack;
+          // A -inf duration score (w = 0) is exact: nothing to add.
+          const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
+          store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
+        }
+      }
+      for (int64_t c = C & ~int64_t{3}; c < C; ++c) {
         if (w[c] == 0) continue;  // a -inf duration score: exact
         const double gu_c =
             gu[c] + (s > 0 && alpha_minpos[slot] * A_minpos[c] < tiny ? static_cast<double>(C) * kSlack : 0.0);
@@ -1153,8 +1500,35 @@ struct ExpForwardDD {
       const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
       scalar_t* g = gain.data() + slot * C;
       double* gg = gain_ghost.data() + slot * C;
-      bool any = false;
-      for (int64_t c = 0; c < C; ++c) {
+      // Four labels at a time, branch-free, then the scalar loop below for
+      // the last C mod 4: the same arithmetic.
+      using S4 = typename Lanes4<scalar_t>::type;
+      const S4 zero_s = S4{};
+      const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor, big4 = zero + big;
+      i64x4 any4 = {0, 0, 0, 0}, past4 = {0, 0, 0, 0};
+      const int64_t C4 = C & ~int64_t{3};
+      for (int64_t c = 0; c < C4; c += 4) {
+        const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
+        const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
+        const S4 g0 = load4(&g[c]);
+        const f64x4 gw = widen(g0);
+        const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
+        const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
+        const i64x4 pos = gw > 0.0;
+        const f64x4 x = gw * f;
+        past4 |= ~exact_zero & pos & (x > big);
+        const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
+        const i64x4 under = pos & (widen(v) < tiny_d);
+        const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
+        const S4 g2 = select4(pos & ~under, v, select4(pos, zero_s, g0));
+        store4(&g[c], select4(exact_zero, zero_s, g2));
+        store4(&gg[c], gg2);
+        any4 |= ~exact_zero & (gg2 > 0.0);
+        past4 |= ~exact_zero & ~(gg2 < 1e300);
+      }
+      if (any_lane(past4)) rejected = true;
+      bool any = any_lane(any4);
+      for (int64_t c = C4; c < C; ++c) {
         if (lemit[c] == kNegInf) {  // a -inf score: everything exactly 0
           g[c] = 0;
           gg[c] = 0.0;
