@@ -349,13 +349,43 @@ inline int64_t padded_labels(int64_t C) { return (C + kRingLanes - 1) / kRingLan
 // into this pass so the ring is read once per step); an entry is capped at
 // the dtype's largest value, so that an entry that can no longer matter meets
 // its zero weight as 0, never as inf · 0.
+// One ring row of ring_chunk_pass. kAllAlive: every lane's entry stays
+// alive (keep = 1), so the masks of the general body are known to be true.
+template <bool kAllAlive, typename scalar_t>
+inline void ring_row(scalar_t* __restrict r, const scalar_t* __restrict wd,
+                     const scalar_t* __restrict kd, const scalar_t* __restrict f, bool scale,
+                     scalar_t* __restrict a, scalar_t* __restrict lm, scalar_t* __restrict mn) {
+  constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  constexpr scalar_t big = std::numeric_limits<scalar_t>::max();
+#pragma omp simd
+  for (int64_t i = 0; i < kRingLanes; ++i) {
+    scalar_t x = r[i];
+    if (scale) {
+      x = x * f[i];
+      x = x < big ? x : big;
+      r[i] = x;
+    }
+    a[i] += x * wd[i];
+    if constexpr (kAllAlive) {
+      lm[i] = x > lm[i] ? x : lm[i];
+      const scalar_t pos = x > 0 ? x : inf;
+      mn[i] = pos < mn[i] ? pos : mn[i];
+    } else {
+      const scalar_t live = x * kd[i];
+      lm[i] = live > lm[i] ? live : lm[i];
+      // Only entries that meet a weight now or stay alive can lose anything.
+      const scalar_t pos = (x > 0 && wd[i] + kd[i] > 0) ? x : inf;
+      mn[i] = pos < mn[i] ? pos : mn[i];
+    }
+  }
+}
+
 template <typename scalar_t>
 inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, bool advance_old,
                             const scalar_t* __restrict w, const scalar_t* __restrict kp,
                             int64_t stride, const scalar_t* __restrict f, scalar_t* __restrict acc,
                             scalar_t* __restrict livemax, scalar_t* __restrict rmin) {
   constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-  constexpr scalar_t big = std::numeric_limits<scalar_t>::max();
   scalar_t a[kRingLanes], lm[kRingLanes], mn[kRingLanes];
   for (int64_t i = 0; i < kRingLanes; ++i) {
     a[i] = 0;
@@ -370,37 +400,9 @@ inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, b
     const scalar_t* __restrict kd = kp + d * stride;
     const bool scale = advance_old && d > 0;
     if (d < n_alive) {
-      // Every lane's entry stays alive (keep = 1): the general body below
-      // with its masks known to be true.
-#pragma omp simd
-      for (int64_t i = 0; i < kRingLanes; ++i) {
-        scalar_t x = r[i];
-        if (scale) {
-          x = x * f[i];
-          x = x < big ? x : big;
-          r[i] = x;
-        }
-        a[i] += x * wd[i];
-        lm[i] = x > lm[i] ? x : lm[i];
-        const scalar_t pos = x > 0 ? x : inf;
-        mn[i] = pos < mn[i] ? pos : mn[i];
-      }
+      ring_row<true>(r, wd, kd, f, scale, a, lm, mn);
     } else {
-#pragma omp simd
-      for (int64_t i = 0; i < kRingLanes; ++i) {
-        scalar_t x = r[i];
-        if (scale) {
-          x = x * f[i];
-          x = x < big ? x : big;
-          r[i] = x;
-        }
-        a[i] += x * wd[i];
-        const scalar_t live = x * kd[i];
-        lm[i] = live > lm[i] ? live : lm[i];
-        // Only entries that meet a weight now or stay alive can lose anything.
-        const scalar_t pos = (x > 0 && wd[i] + kd[i] > 0) ? x : inf;
-        mn[i] = pos < mn[i] ? pos : mn[i];
-      }
+      ring_row<false>(r, wd, kd, f, scale, a, lm, mn);
     }
   }
   for (int64_t i = 0; i < kRingLanes; ++i) {
