@@ -1741,6 +1741,16 @@ void backward_pass8(double* ring, const double* W, const double* last, const dou
   }
 }
 
+// A ring entry x0 of age `age` moved on by one step: times the label's
+// factor, or exactly 0 once older than `last`, its label's longest
+// duration; lm keeps the largest moved entry.
+__attribute__((always_inline)) inline double moved_entry(double x0, double age, double last,
+                                                         double scale, double& lm) {
+  const double moved = age < last ? x0 * scale : 0.0;
+  lm = moved > lm ? moved : lm;
+  return moved;
+}
+
 // A float64 log offset kept as an unevaluated sum hi + lo (two-sum): an
 // offset of 1e5 gathers 1e-11 of rounding per addition, which thousands of
 // steps would turn into 1e-8 of relative error on every posterior.
@@ -1848,7 +1858,7 @@ struct ExpBackward {
   // and backward rings: the next step's normaliser.
   std::vector<double> lm_f, lm_b;
   // Scratch.
-  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wa;
+  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wa, wrow;
   std::vector<double> row_scale;  // DD: (K) the checkpoint's alpha rows' maxima
   std::vector<double> xbuf;       // DD: (K, C) the backward sweep's ring · W at t
   std::vector<double> trans_acc;  // (C, C) or (K, C, C): sum over t of alpha-part · v-part
@@ -1870,7 +1880,7 @@ struct ExpBackward {
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
         aring(DD ? K_ * C_ : 0, 0.0), ck_rows((DD ? 2 : 1) * K_ * C_), fe_buf((span + 1) * C_),
         m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_),
-        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_), wa(C_),
+        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_), wa(C_), wrow(C_),
         row_scale(DD ? K_ : 0), xbuf(DD ? K_ * C_ : 0), trans_acc(n_matrices() * C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
@@ -2158,50 +2168,12 @@ struct ExpBackward {
       exp_row_f64(arg.data(), s, C);
       soff[i] = Offset{m0, 0.0};
       std::fill(lm_f.begin(), lm_f.end(), 0.0);
-    } else if (DD) {
-      // acc[c] = sum_d (alpha_hat[t-d] · A_d)[c] · gain[t-d][c] · W[d-1][c],
-      // the gains moving on to step t+1 in the same pass.
-      const int tK = static_cast<int>(t % K);
-      const int64_t n = std::min(K, t);
-      std::fill(acc.begin(), acc.end(), 0.0);
-      std::fill(lm_f.begin(), lm_f.end(), 0.0);
-      for (int64_t d = 1; d <= n; ++d) {
-        const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
-        double* __restrict g = fring.data() + slot * C;
-        const double* __restrict w = W.data() + (d - 1) * C;
-        const double* __restrict uu = opened(t - d, d, aring.data() + slot * C, u.data());
-        double* __restrict ac = acc.data();
-        if (advance) {
-          const double* __restrict sc = fs.data();
-          double* __restrict lm = lm_f.data();
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const double x0 = g[c];
-            ac[c] += uu[c] * x0 * w[c];
-            const double moved = static_cast<double>(d) < fwd_last_d[c] ? x0 * sc[c] : 0.0;
-            g[c] = moved;
-            lm[c] = moved > lm[c] ? moved : lm[c];
-          }
-        } else {
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) ac[c] += uu[c] * g[c] * w[c];
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) lg[c] = seg_max[c] + static_cast<double>(in.end(t - 1, c));
-      double ma = log_scale(lg.data(), acc.data());
-      if (ma == kNegInf) ma = 0.0;
-      if (!(tables_ok && !in.end_scores && table_row(e_cd.data(), cd_top - ma, ex.data(), C))) {
-        for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
-        exp_row_f64(arg.data(), ex.data(), C);
-      }
-      for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
-      aoff[i] = Oa.plus(ma);
     } else {
       const int tK = static_cast<int>(t % K);
       const int64_t n = std::min(K, t);
       std::fill(acc.begin(), acc.end(), 0.0);
       std::fill(lm_f.begin(), lm_f.end(), 0.0);
-      if (C % 8 == 0) {
+      if (C % 8 == 0 && !DD) {
         if (advance)
           forward_pass8<true>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
                               lm_f.data(), tK, n, K, C);
@@ -2209,10 +2181,17 @@ struct ExpBackward {
           forward_pass8<false>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
                                lm_f.data(), tK, n, K, C);
       }
-      for (int64_t d = 1; d <= (C % 8 == 0 ? 0 : n); ++d) {
-        double* __restrict r =
-            fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
-        const double* __restrict w = W.data() + (d - 1) * C;
+      // DD: the ring holds the gains, and the weight of [t-d, t) is
+      // (alpha_hat[t-d] · A_d) · W[d-1] (a mat-vec per d).
+      for (int64_t d = 1; d <= (C % 8 == 0 && !DD ? 0 : n); ++d) {
+        const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+        double* __restrict r = fring.data() + slot * C;
+        const double* w = W.data() + (d - 1) * C;
+        if (DD) {
+          const double* o = opened(t - d, d, aring.data() + slot * C, u.data());
+          for (int64_t c = 0; c < C; ++c) wrow[c] = o[c] * w[c];
+          w = wrow.data();
+        }
         double* __restrict ac = acc.data();
         if (advance) {
           const double* __restrict sc = fs.data();
@@ -2230,16 +2209,17 @@ struct ExpBackward {
           for (int64_t c = 0; c < C; ++c) ac[c] += r[c] * w[c];
         }
       }
-      for (int64_t c = 0; c < C; ++c) lg[c] = dur_max[c] + static_cast<double>(in.end(t - 1, c));
+      for (int64_t c = 0; c < C; ++c) lg[c] = seg_max[c] + static_cast<double>(in.end(t - 1, c));
       double ma = log_scale(lg.data(), acc.data());
       if (ma == kNegInf) ma = 0.0;
-      if (!(tables_ok && !in.end_scores && table_row(e_dur.data(), dur_top - ma, ex.data(), C))) {
+      if (!(tables_ok && !in.end_scores &&
+            table_row(DD ? e_cd.data() : e_dur.data(), (DD ? cd_top : dur_top) - ma, ex.data(), C))) {
         for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
         exp_row_f64(arg.data(), ex.data(), C);
       }
       for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
       aoff[i] = Oa.plus(ma);
-      if (t < L) {
+      if (!DD && t < L) {
         std::fill(u.begin(), u.end(), 0.0);
         for (int64_t cp = 0; cp < C; ++cp) {
           const double ac = a[cp];
@@ -2395,13 +2375,9 @@ struct ExpBackward {
         const double age = static_cast<double>(d);
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const double x0 = r[c];
-          const double xv = x0 * w[c];
-          xd[c] = xv;
-          ta[c] += xv;
-          const double moved = age < last[c] ? x0 * sc[c] : 0.0;
-          r[c] = moved;
-          lm[c] = moved > lm[c] ? moved : lm[c];
+          xd[c] = r[c] * w[c];
+          ta[c] += xd[c];
+          r[c] = moved_entry(r[c], age, last[c], sc[c], lm[c]);
         }
       } else {
 #pragma omp simd
@@ -2636,18 +2612,16 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         if (fused) {
           const double* __restrict sc = eb.fs.data();
           double* __restrict lm = eb.lm_b.data();
+          const double age = static_cast<double>(d);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const double x0 = r[c];
-            const double xv = x0 * w[c];
+            const double xv = r[c] * w[c];
             ta[c] += xv;
             const double post = xv * wsv[c];
             sd[c] += post;
             cv[c] += post;
             pd[c] += cv[c];
-            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? x0 * sc[c] : 0.0;
-            r[c] = moved;
-            lm[c] = moved > lm[c] ? moved : lm[c];
+            r[c] = moved_entry(r[c], age, eb.bwd_last_d[c], sc[c], lm[c]);
           }
         } else {
 #pragma omp simd
