@@ -1764,31 +1764,41 @@ struct Offset {
   Offset plus(double x) const { return {hi, lo + x}; }
 };
 
-// out[c] += sum_{r < n} a[r] · M[r·C + c] for c < C (M row-major): the
-// (K, C, C) backward's mat-vecs, eight labels at a time in registers when C
-// % 8 == 0 (the same sums in the same order as the generic loop).
-inline void matvec_add(const double* a, const double* M, double* out, int64_t n, int64_t C) {
-  if (C % 8 == 0) {
-    for (int64_t c0 = 0; c0 < C; c0 += 8) {
-      double s[8];
-      for (int k = 0; k < 8; ++k) s[k] = out[c0 + k];
-      for (int64_t r = 0; r < n; ++r) {
-        const double x = a[r];
-        const double* __restrict row = M + r * C + c0;
-#pragma omp simd
-        for (int k = 0; k < 8; ++k) s[k] += x * row[k];
-      }
-      for (int k = 0; k < 8; ++k) out[c0 + k] = s[k];
-    }
-    return;
-  }
+// out[k] = sum_{r < n} a[r] · M[r·stride + k] for k < len: the (K, C, C)
+// backward's mat-vecs. Blocks of W outputs stay in registers across r
+// (W / 4 independent chains of vector multiply-adds), the sums in the order
+// of r.
+template <int W>
+inline void vecmat_block(const double* a, const double* M, double* out, int64_t n,
+                         int64_t stride) {
+  double s[W] = {};
   for (int64_t r = 0; r < n; ++r) {
     const double x = a[r];
-    if (x == 0.0) continue;
-    const double* __restrict row = M + r * C;
-    double* __restrict o = out;
+    const double* __restrict row = M + r * stride;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) o[c] += x * row[c];
+    for (int j = 0; j < W; ++j) s[j] += x * row[j];
+  }
+  for (int j = 0; j < W; ++j) out[j] = s[j];
+}
+inline void vecmat(const double* a, const double* M, double* out, int64_t n, int64_t len,
+                   int64_t stride) {
+  int64_t k0 = 0;
+  for (; k0 + 32 <= len; k0 += 32) vecmat_block<32>(a, M + k0, out + k0, n, stride);
+  if (len - k0 >= 24) {
+    vecmat_block<24>(a, M + k0, out + k0, n, stride);
+    k0 += 24;
+  } else if (len - k0 >= 16) {
+    vecmat_block<16>(a, M + k0, out + k0, n, stride);
+    k0 += 16;
+  }
+  if (len - k0 >= 8) {
+    vecmat_block<8>(a, M + k0, out + k0, n, stride);
+    k0 += 8;
+  }
+  for (; k0 < len; ++k0) {
+    double s = 0.0;
+    for (int64_t r = 0; r < n; ++r) s += a[r] * M[r * stride + k0];
+    out[k0] = s;
   }
 }
 
@@ -1820,8 +1830,10 @@ struct ExpBackward {
   std::vector<double> keep_f, fwd_last_d, bwd_last_d;
   std::vector<int> last_raw;    // (C) longest finite duration (0: none)
   std::vector<double> col_max;  // (C) finite max over c' (and d, DD) of transition[(d,) c', c]
-  std::vector<double> A;        // (C, C) or (K, C, C): exp(transition - col_max[c])
-  std::vector<double> At;       // each (C, C) matrix transposed
+  // exp(transition - col_max[c]) as (C, C), or DD as (C, K, C): entry
+  // [c'][d-1][c], so that everything leaving c' is one contiguous row.
+  std::vector<double> A;
+  std::vector<double> At;       // static: A transposed
   // DD: the ring entry of a label-c segment, times its weight, is relative
   // to the offset + seg_max[c] (static: dur_max[c]); u0 = exp(start_transition
   // - col_max - first_max) is the first segment's alpha_hat · A_d (for every
@@ -1860,8 +1872,14 @@ struct ExpBackward {
   // Scratch.
   std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wa, wrow;
   std::vector<double> row_scale;  // DD: (K) the checkpoint's alpha rows' maxima
-  std::vector<double> xbuf;       // DD: (K, C) the backward sweep's ring · W at t
-  std::vector<double> trans_acc;  // (C, C) or (K, C, C): sum over t of alpha-part · v-part
+  // DD: the last few positions' v_d (kBatch, K, C; the slot of this one
+  // holds ring · W first) and alpha-parts (kBatch, C), whose transition
+  // posteriors join trans_acc together (flush_transitions).
+  static constexpr int64_t kBatch = 8;
+  std::vector<double> vbatch, wbatch;
+  int64_t n_batch = 0;
+  std::vector<double> ubuf;       // DD: (K, C) alpha_hat[t] · A_d for every d
+  std::vector<double> trans_acc;  // as A: sum over t of alpha-part · v-part
   std::vector<double> sum_dur;    // (K, C)
   std::vector<double> pending;    // (K, C): score gradients of positions not yet complete
   // Backward ring (slot e % K: the segment [t, e)), relative to Q; beta_hat
@@ -1875,13 +1893,13 @@ struct ExpBackward {
   ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
               int64_t span)
       : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
-        last_raw(C_, 0), col_max(C_, 0.0), A(n_matrices() * C_ * C_), At(n_matrices() * C_ * C_),
+        last_raw(C_, 0), col_max(C_, 0.0), A(n_matrices() * C_ * C_), At(DD ? 0 : C_ * C_),
         seg_max(C_), u0(DD ? C_ : 0), e_dur(C_), e_col(C_), e_cd(C_), ahat((span + 1) * C_),
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
         aring(DD ? K_ * C_ : 0, 0.0), ck_rows((DD ? 2 : 1) * K_ * C_), fe_buf((span + 1) * C_),
         m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_),
         lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_), wa(C_), wrow(C_),
-        row_scale(DD ? K_ : 0), xbuf(DD ? K_ * C_ : 0), trans_acc(n_matrices() * C_ * C_, 0.0),
+        row_scale(DD ? K_ : 0), vbatch(DD ? kBatch * K_ * C_ : 0), wbatch(DD ? kBatch * C_ : 0), ubuf(DD ? K_ * C_ : 0), trans_acc(n_matrices() * C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
     // transition[c', c] (static) or transition[d-1, c', c] (DD), as a double.
@@ -1910,8 +1928,8 @@ struct ExpBackward {
           const double x = trans(d, cp, c);
           const double a = std::exp(x - col_max[c]);
           tables_flush = tables_flush || (DD && x > kNegInf && a == 0.0);
-          A[((d - 1) * C + cp) * C + c] = a;
-          At[((d - 1) * C + c) * C + cp] = a;
+          A[(cp * n_tr + d - 1) * C + c] = a;
+          if (!DD) At[c * C + cp] = a;
         }
       seg_max[c] = DD ? col_max[c] + dur_max[c] : dur_max[c];
     }
@@ -2103,8 +2121,7 @@ struct ExpBackward {
   // holds it), else arow · A_d into out.
   const double* opened(int64_t s, int64_t d, const double* arow, double* out) const {
     if (s == 0) return arow;
-    std::fill_n(out, C, 0.0);
-    matvec_add(arow, A.data() + (d - 1) * C * C, out, C, C);
+    vecmat(arow, A.data() + (d - 1) * C, out, C, C, K * C);
     return out;
   }
 
@@ -2355,6 +2372,45 @@ struct ExpBackward {
     if (!(std::abs(total - 1.0) <= tol)) failed = true;
   }
 
+  // DD: the batch's transition posteriors into trans_acc, position by
+  // position (the sums of adding them one position at a time).
+  // Sixteen entries at a time stay in registers across the batch.
+  void flush_transitions() {
+    const int64_t n = n_batch, len = K * C;
+    for (int64_t cp = 0; cp < C; ++cp) {
+      double* __restrict ta = trans_acc.data() + cp * len;
+      int64_t k0 = 0;
+      for (; k0 + 16 <= len; k0 += 16) {
+        double a[16];
+        for (int j = 0; j < 16; ++j) a[j] = ta[k0 + j];
+        for (int64_t p = 0; p < n; ++p) {
+          const double w = wbatch[p * C + cp];
+          const double* __restrict vb = vbatch.data() + p * len + k0;
+#pragma omp simd
+          for (int j = 0; j < 16; ++j) a[j] += w * vb[j];
+        }
+        for (int j = 0; j < 16; ++j) ta[k0 + j] = a[j];
+      }
+      for (; k0 < len; ++k0)
+        for (int64_t p = 0; p < n; ++p) ta[k0] += wbatch[p * C + cp] * vbatch[p * len + k0];
+    }
+    n_batch = 0;
+  }
+
+  // sum_{k < n} x[k] · y[k], sixteen partial sums (independent chains).
+  static double dot(const double* __restrict x, const double* __restrict y, int64_t n) {
+    double s[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t k0 = 0;
+    for (; k0 + 16 <= n; k0 += 16) {
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) s[j] += x[k0 + j] * y[k0 + j];
+    }
+    double total = 0.0;
+    for (; k0 < n; ++k0) total += x[k0] * y[k0];
+    for (int j = 0; j < 16; ++j) total += s[j];
+    return total;
+  }
+
   // DD, position t ≥ 1 of the beta sweep: x_d = ring · W for every d (and,
   // fused, the ring's move to step t-1 as in backward_pass8), v_d = x_d ·
   // exp(start terms) (relative to Qb = Q + mv), the posteriors (alpha_hat ·
@@ -2366,7 +2422,7 @@ struct ExpBackward {
     for (int64_t d = dmax; d >= 1; --d) {
       double* __restrict r = bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
       const double* __restrict w = W.data() + (d - 1) * C;
-      double* __restrict xd = xbuf.data() + (d - 1) * C;
+      double* __restrict xd = vbatch.data() + (n_batch * K + d - 1) * C;
       double* __restrict ta = tau.data();
       if (fused) {
         const double* __restrict sc = fs.data();
@@ -2397,33 +2453,38 @@ struct ExpBackward {
     }
     Qb = Q.plus(mv);
     const double sa = std::exp(rel(aoff, Qb));
-    for (int64_t c = 0; c < C; ++c) wa[c] = alpha[c] * sa;
-    std::fill(bet.begin(), bet.end(), 0.0);
+    double* __restrict w_t = wbatch.data() + n_batch * C;
+    for (int64_t c = 0; c < C; ++c) w_t[c] = alpha[c] * sa;
+    // v_d in place of x_d (0 past dmax, for the batch); beta_hat[c'] =
+    // sum_{d,c} A[c'][d][c] v_d[c], one long dot product per c'; u_d =
+    // (alpha_hat · A_d) · sa, a mat-vec per d.
+    const int64_t len = dmax * C;
+    double* __restrict vf = vbatch.data() + n_batch * K * C;
+    for (int64_t d = 0; d < dmax; ++d)
+      for (int64_t c = 0; c < C; ++c) {
+        const double x = vf[d * C + c];
+        vf[d * C + c] = x > 0 ? x * ex[c] : 0.0;
+      }
+    std::fill(vf + len, vf + K * C, 0.0);
+    for (int64_t cp = 0; cp < C; ++cp) bet[cp] = dot(A.data() + cp * K * C, vf, len);
+    double* __restrict uf = ubuf.data();
+    vecmat(w_t, A.data(), uf, C, len, K * C);
+    if (++n_batch == kBatch) flush_transitions();
+    // The posteriors (alpha_hat · A_d)[c] · v_d[c] of the segments [t, t+d):
+    // the duration gradient and the coverage of positions t … t+dmax-1.
     std::fill(covered.begin(), covered.end(), 0.0);
     for (int64_t d = dmax; d >= 1; --d) {
-      const double* xd = xbuf.data() + (d - 1) * C;
-      for (int64_t c = 0; c < C; ++c) v[c] = xd[c] > 0 ? xd[c] * ex[c] : 0.0;
-      std::fill(u.begin(), u.end(), 0.0);
-      matvec_add(wa.data(), A.data() + (d - 1) * C * C, u.data(), C, C);
       double* __restrict sd = sum_dur.data() + (d - 1) * C;
       double* __restrict pd = pending.data() + ((t + d - 1) % K) * C;
       double* __restrict cv = covered.data();
-      const double* __restrict uu = u.data();
-      const double* __restrict vv = v.data();
+      const double* __restrict uu = uf + (d - 1) * C;
+      const double* __restrict vv = vf + (d - 1) * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const double post = uu[c] * vv[c];
         sd[c] += post;
         cv[c] += post;
         pd[c] += cv[c];
-      }
-      matvec_add(v.data(), At.data() + (d - 1) * C * C, bet.data(), C, C);
-      for (int64_t cp = 0; cp < C; ++cp) {
-        const double w = wa[cp];
-        if (w == 0.0) continue;
-        double* __restrict ta = trans_acc.data() + ((d - 1) * C + cp) * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) ta[c] += w * vv[c];
       }
     }
   }
@@ -2750,8 +2811,16 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
     if (eb.failed) return false;
   }
   if (eb.failed) return false;
-  for (int64_t k = 0; k < eb.n_matrices() * C * C; ++k)
-    grad.transition[k] = static_cast<scalar_t>(eb.A[k] * eb.trans_acc[k] * gd);
+  // (C, C), or DD [c'][d-1][c] into transition's [d-1][c'][c].
+  if (DD) eb.flush_transitions();
+  const int64_t n_tr = eb.n_matrices();
+  for (int64_t d = 1; d <= n_tr; ++d)
+    for (int64_t cp = 0; cp < C; ++cp)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = (cp * n_tr + d - 1) * C + c;
+        grad.transition[((d - 1) * C + cp) * C + c] =
+            static_cast<scalar_t>(eb.A[k] * eb.trans_acc[k] * gd);
+      }
   for (int64_t i = 0; i < K * C; ++i)
     grad.duration[i] = static_cast<scalar_t>(eb.sum_dur[i] * gd);
   return true;
