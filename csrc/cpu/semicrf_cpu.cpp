@@ -2397,18 +2397,52 @@ struct ExpBackward {
     n_batch = 0;
   }
 
-  // sum_{k < n} x[k] · y[k], sixteen partial sums (independent chains).
-  static double dot(const double* __restrict x, const double* __restrict y, int64_t n) {
-    double s[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k0 = 0;
-    for (; k0 + 16 <= n; k0 += 16) {
+  // out[i] = sum_{k < n} M[i·stride + k] · y[k] for i < m: eight partial
+  // sums per row, four rows at a time, so that each block of y is loaded
+  // once for four rows (the loads, not the multiply-adds, bound this loop).
+  static void row_dots(const double* M, const double* y, double* out, int64_t m, int64_t n,
+                       int64_t stride) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      const double* __restrict r0 = M + i * stride;
+      const double* __restrict r1 = r0 + stride;
+      const double* __restrict r2 = r1 + stride;
+      const double* __restrict r3 = r2 + stride;
+      double s0[8] = {}, s1[8] = {}, s2[8] = {}, s3[8] = {};
+      int64_t k0 = 0;
+      for (; k0 + 8 <= n; k0 += 8) {
 #pragma omp simd
-      for (int j = 0; j < 16; ++j) s[j] += x[k0 + j] * y[k0 + j];
+        for (int j = 0; j < 8; ++j) {
+          const double yv = y[k0 + j];
+          s0[j] += r0[k0 + j] * yv;
+          s1[j] += r1[k0 + j] * yv;
+          s2[j] += r2[k0 + j] * yv;
+          s3[j] += r3[k0 + j] * yv;
+        }
+      }
+      double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
+      for (; k0 < n; ++k0) {
+        t0 += r0[k0] * y[k0];
+        t1 += r1[k0] * y[k0];
+        t2 += r2[k0] * y[k0];
+        t3 += r3[k0] * y[k0];
+      }
+      for (int j = 0; j < 8; ++j) {
+        t0 += s0[j];
+        t1 += s1[j];
+        t2 += s2[j];
+        t3 += s3[j];
+      }
+      out[i] = t0;
+      out[i + 1] = t1;
+      out[i + 2] = t2;
+      out[i + 3] = t3;
     }
-    double total = 0.0;
-    for (; k0 < n; ++k0) total += x[k0] * y[k0];
-    for (int j = 0; j < 16; ++j) total += s[j];
-    return total;
+    for (; i < m; ++i) {
+      double t = 0.0;
+      for (int64_t k = 0; k < n; ++k) t += M[i * stride + k] * y[k];
+      out[i] = t;
+    }
   }
 
   // DD, position t ≥ 1 of the beta sweep: x_d = ring · W for every d (and,
@@ -2466,7 +2500,7 @@ struct ExpBackward {
         vf[d * C + c] = x > 0 ? x * ex[c] : 0.0;
       }
     std::fill(vf + len, vf + K * C, 0.0);
-    for (int64_t cp = 0; cp < C; ++cp) bet[cp] = dot(A.data() + cp * K * C, vf, len);
+    row_dots(A.data(), vf, bet.data(), C, len, K * C);
     double* __restrict uf = ubuf.data();
     vecmat(w_t, A.data(), uf, C, len, K * C);
     if (++n_batch == kBatch) flush_transitions();
