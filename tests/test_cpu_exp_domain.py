@@ -678,6 +678,27 @@ def test_duration_dependent_no_fallback_on_benchmark_inputs(monkeypatch, dtype):
             assert_close(name, a, c, max(1e-5 * max(1.0, c.abs().max().item()), 2 * own))
 
 
+def test_duration_dependent_entries_at_the_float64_floor(monkeypatch):
+    """K = 200: the open segments' gains decay by a few nats a step, so every
+    checkpoint holds entries near float64's smallest normal, which the
+    exp-domain forward keeps relative to its own normaliser. Loading them
+    must not flush them (that would hand the sequence to the log backward):
+    no fallback, every output to 1e-10 of the log backward."""
+    g = torch.Generator().manual_seed(0)
+    B, T, K, C = 3, 700, 200, 12
+    kw = dict(scores=torch.randn(B, T, C, generator=g, dtype=F64) - 1.0,
+              transition=torch.randn(K, C, C, generator=g, dtype=F64),
+              duration=torch.randn(K, C, generator=g, dtype=F64),
+              lengths=torch.tensor([T, T - 31, T - 77]))
+    fwd = forward(monkeypatch, "exp", kw, F64, interval=13)
+    assert fwd[3] == 0
+    expected, _ = backward(monkeypatch, "log", kw, F64, fwd, interval=13)
+    got, taken = backward(monkeypatch, "exp", kw, F64, fwd, interval=13)
+    assert taken == 0
+    for name, a, b in zip(GRADIENTS, got, expected):
+        assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
+
+
 def test_duration_dependent_is_deterministic(monkeypatch):
     kw = make_case(5, 3, 150, 12, 6, duration_dependent=True, neg_inf=True).kwargs
     for dtype in (F32, F64):

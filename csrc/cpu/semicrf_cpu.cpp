@@ -2061,8 +2061,13 @@ struct ExpBackward {
   // u0's terms. The gain rows (relative to the checkpoint's offset less
   // their alpha row's) take each alpha row's scale, and the ring its
   // largest entry that can still matter. A finite entry that matters and
-  // underflows fails, as in load.
+  // underflows fails, as in load. Both scales leave a factor 8 of headroom:
+  // the exp-domain forward keeps entries down to float64's smallest normal
+  // relative to its own normaliser, which differs from these maxima by up
+  // to a factor 2 (its alpha_hat rows are normalised to within one), and
+  // such an entry must not flush here.
   bool load_dd(int64_t first, const scalar_t* rows, double off) {
+    constexpr double kHeadroom = 3.0 * kLn2;
     for (int64_t d = 1; d <= K; ++d) {
       const scalar_t* ar = rows + (d - 1) * C;
       double* out = ck_rows.data() + (d - 1) * C;
@@ -2071,7 +2076,7 @@ struct ExpBackward {
       for (int64_t c = 0; c < C; ++c)
         if (fwd_last[c] > 0)
           M = std::max(M, static_cast<double>(ar[c]) - (start_row ? col_max[c] : 0.0));
-      if (M == kNegInf) M = 0.0;
+      M = M == kNegInf ? 0.0 : M - kHeadroom;
       row_scale[d - 1] = M;
       for (int64_t c = 0; c < C; ++c)
         out[c] = fwd_last[c] > 0
@@ -2084,7 +2089,7 @@ struct ExpBackward {
       for (int64_t c = 0; c < C; ++c)
         if (d <= fwd_last[c])
           G = std::max(G, static_cast<double>(gr[(d - 1) * C + c]) + row_scale[d - 1]);
-    if (G == kNegInf) G = 0.0;
+    G = G == kNegInf ? 0.0 : G - kHeadroom;
     for (int64_t d = 1; d <= K; ++d) {
       double* out = ck_rows.data() + (K + d - 1) * C;
       const double* alpha_row = ck_rows.data() + (d - 1) * C;
