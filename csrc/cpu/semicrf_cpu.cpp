@@ -1870,7 +1870,7 @@ struct ExpBackward {
   // and backward rings: the next step's normaliser.
   std::vector<double> lm_f, lm_b;
   // Scratch.
-  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wa, wrow;
+  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wrow;
   std::vector<double> row_scale;  // DD: (K) the checkpoint's alpha rows' maxima
   // DD: the last few positions' v_d (kBatch, K, C; the slot of this one
   // holds ring · W first) and alpha-parts (kBatch, C), whose transition
@@ -1898,8 +1898,10 @@ struct ExpBackward {
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
         aring(DD ? K_ * C_ : 0, 0.0), ck_rows((DD ? 2 : 1) * K_ * C_), fe_buf((span + 1) * C_),
         m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_),
-        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_), wa(C_), wrow(C_),
-        row_scale(DD ? K_ : 0), vbatch(DD ? kBatch * K_ * C_ : 0), wbatch(DD ? kBatch * C_ : 0), ubuf(DD ? K_ * C_ : 0), trans_acc(n_matrices() * C_ * C_, 0.0),
+        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_),
+        wrow(C_), row_scale(DD ? K_ : 0), vbatch(DD ? kBatch * K_ * C_ : 0),
+        wbatch(DD ? kBatch * C_ : 0), ubuf(DD ? K_ * C_ : 0),
+        trans_acc(n_matrices() * C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
     // transition[c', c] (static) or transition[d-1, c', c] (DD), as a double.
@@ -1975,7 +1977,8 @@ struct ExpBackward {
     if (DD) {
       double fm = kNegInf;
       for (int64_t c = 0; c < C; ++c)
-        if (fwd_last[c] > 0) fm = std::max(fm, static_cast<double>(in.start_transition[c]) - col_max[c]);
+        if (fwd_last[c] > 0)
+          fm = std::max(fm, static_cast<double>(in.start_transition[c]) - col_max[c]);
       first_max = fm > kNegInf ? fm : 0.0;
       for (int64_t c = 0; c < C; ++c) {
         const double x = static_cast<double>(in.start_transition[c]) - col_max[c] - first_max;
@@ -2234,8 +2237,9 @@ struct ExpBackward {
       for (int64_t c = 0; c < C; ++c) lg[c] = seg_max[c] + static_cast<double>(in.end(t - 1, c));
       double ma = log_scale(lg.data(), acc.data());
       if (ma == kNegInf) ma = 0.0;
-      if (!(tables_ok && !in.end_scores &&
-            table_row(DD ? e_cd.data() : e_dur.data(), (DD ? cd_top : dur_top) - ma, ex.data(), C))) {
+      const double* end_table = DD ? e_cd.data() : e_dur.data();
+      const double end_top = DD ? cd_top : dur_top;
+      if (!(tables_ok && !in.end_scores && table_row(end_table, end_top - ma, ex.data(), C))) {
         for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
         exp_row_f64(arg.data(), ex.data(), C);
       }
@@ -2459,7 +2463,8 @@ struct ExpBackward {
     const int tK = static_cast<int>(t % K);
     std::fill(tau.begin(), tau.end(), 0.0);
     for (int64_t d = dmax; d >= 1; --d) {
-      double* __restrict r = bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+      double* __restrict r =
+          bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
       const double* __restrict w = W.data() + (d - 1) * C;
       double* __restrict xd = vbatch.data() + (n_batch * K + d - 1) * C;
       double* __restrict ta = tau.data();
