@@ -320,8 +320,7 @@ def column_legend(meta: dict) -> dict[str, str]:
                   "the threads the kernel can use on this batch, min(B, threads) (it runs "
                   "one sequence per thread).",
         ALG_FALLBACKS: "sequences of the checked call that the exp-domain forward or "
-                       "backward handed to its log-domain version (of B per pass; with a "
-                       "(K, C, C) transition only the forward has an exp-domain path).",
+                       "backward handed to its log-domain version (of B per pass).",
     }
 
 

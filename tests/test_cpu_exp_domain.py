@@ -130,10 +130,11 @@ def test_exp_matches_log_small(monkeypatch, case):
         assert_close(name, g_exp[name], g_log[name], 1e-10)
 
 
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("neg_inf", [False, True])
-def test_exp_matches_log_medium(monkeypatch, seed, neg_inf):
-    case = make_case(seed, 3, 150, 20, 6, neg_inf=neg_inf, scale=2.0)
+def test_exp_matches_log_medium(monkeypatch, seed, neg_inf, dd):
+    case = make_case(seed, 3, 150, 20, 6, duration_dependent=dd, neg_inf=neg_inf, scale=2.0)
     z_log, g_log = grads(monkeypatch, "log", case.kwargs, F64)
     before = bwd_fallbacks()
     z_exp, g_exp = grads(monkeypatch, "exp", case.kwargs, F64)
@@ -186,8 +187,8 @@ def test_exp_backward_every_output(monkeypatch, case, interval):
     """The backward op's every output (boundary masses on), from the log
     scan's checkpoints and from the exp-domain forward's, with one span per
     position up to the default interval: float64 to 1e-10 of the log
-    backward, no fallback. Both transition forms run (the (K, C, C) one is
-    the log backward in either setting)."""
+    backward, no fallback. Both transition forms (a third of the cases are
+    (K, C, C))."""
     kw = case.kwargs
     fwd_log = forward(monkeypatch, "log", kw, F64, interval)
     fwd_exp = forward(monkeypatch, "exp", kw, F64, interval)
@@ -199,13 +200,14 @@ def test_exp_backward_every_output(monkeypatch, case, interval):
             assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
 @pytest.mark.parametrize("interval", [5, 0])
 @pytest.mark.parametrize("C", [8, 16])
-def test_exp_backward_eight_label_passes(monkeypatch, C, interval):
-    """Label counts that are multiples of 8 take the register-blocked passes:
-    every output, float64, to 1e-10 of the log backward, -inf entries,
-    ragged lengths, every optional input."""
-    kw = make_case(11 + C, 3, 90, 12, C, neg_inf=True, scale=1.5).kwargs
+def test_exp_backward_eight_label_passes(monkeypatch, C, interval, dd):
+    """Label counts that are multiples of 8 take the register-blocked passes
+    and mat-vecs: every output, float64, to 1e-10 of the log backward, -inf
+    entries, ragged lengths, every optional input."""
+    kw = make_case(11 + C, 3, 90, 12, C, duration_dependent=dd, neg_inf=True, scale=1.5).kwargs
     for algorithm in ("log", "exp"):
         fwd = forward(monkeypatch, algorithm, kw, F64, interval)
         expected, _ = backward(monkeypatch, "log", kw, F64, fwd, interval)
@@ -215,10 +217,11 @@ def test_exp_backward_eight_label_passes(monkeypatch, C, interval):
             assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
 
 
-def test_exp_backward_float32(monkeypatch):
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_exp_backward_float32(monkeypatch, dd):
     """Float32, ragged lengths, every optional input, several spans: against
     float64 as close as the log backward in float32 is (or 1e-5)."""
-    case = make_case(7, 3, 300, 24, 6, neg_inf=True, scale=2.0)
+    case = make_case(7, 3, 300, 24, 6, duration_dependent=dd, neg_inf=True, scale=2.0)
     kw = case.kwargs
     g_64, _ = backward(monkeypatch, "log", kw, F64, forward(monkeypatch, "log", kw, F64))
     g_32, _ = backward(monkeypatch, "log", kw, F32, forward(monkeypatch, "log", kw, F32))
@@ -229,21 +232,26 @@ def test_exp_backward_float32(monkeypatch):
         assert_close(name, a, c, max(1e-5 * max(1.0, c.abs().max().item()), 2 * own))
 
 
-def test_exp_backward_is_deterministic(monkeypatch):
-    case = make_case(3, 3, 200, 16, 8, neg_inf=True)
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_exp_backward_is_deterministic(monkeypatch, dd):
+    case = make_case(3, 3, 200, 16, 8, duration_dependent=dd, neg_inf=True)
     for dtype in (F32, F64):
         fwd = forward(monkeypatch, "exp", case.kwargs, dtype, interval=7)
-        first, _ = backward(monkeypatch, "exp", case.kwargs, dtype, fwd, interval=7)
+        first, taken = backward(monkeypatch, "exp", case.kwargs, dtype, fwd, interval=7)
+        assert taken == 0
         second, _ = backward(monkeypatch, "exp", case.kwargs, dtype, fwd, interval=7)
         for a, b in zip(first, second):
             assert same_values(a, b)
 
 
-def test_backward_fallback_is_the_log_backward(monkeypatch):
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_backward_fallback_is_the_log_backward(monkeypatch, dd):
     """Where the certificate fails, the sequence's outputs are the log
     backward's, bit for bit (the exp attempt's partial outputs are cleared);
     with FLASHSEMICRF_CPU_ALGORITHM=log the exp-domain backward never runs."""
     adv = next(a for a in ADVERSARIES if a.name == "revived_by_duration")
+    if dd:
+        adv = duration_dependent(adv)
     B = adv.kw["scores"].shape[0]
     for dtype in (F32, F64):
         fwd = forward(monkeypatch, "log", adv.kw, dtype)
@@ -509,6 +517,13 @@ def _forward_falls_back_where_it_must(monkeypatch, adv, dtype):
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("adv", ADVERSARIES, ids=lambda a: a.name)
 def test_adversarial(monkeypatch, adv, dtype):
+    _check_adversary(monkeypatch, adv, dtype)
+
+
+def _check_adversary(monkeypatch, adv, dtype):
+    """Forward and backward fall back where the adversary says they must
+    (then with the log kernel's results, bit for bit) and nowhere else it
+    marks clean; the results agree with float64 as well as the log kernel's."""
     B = adv.kw["scores"].shape[0]
     z_exp, ring_exp, off_exp, taken = _forward_falls_back_where_it_must(monkeypatch, adv, dtype)
     # The backward from these checkpoints: handed over where it must be,
@@ -555,28 +570,64 @@ def _as_close_to_float64_as_log(monkeypatch, adv, dtype):
 
 
 # -- the duration-dependent (K, C, C) transition --------------------------------------------------
-# Its exp-domain forward (K mat-vecs per position) has the static path's
-# certificate; its backward is the log-domain one, from the exp-domain
-# forward's checkpoints.
+# Its exp-domain forward (K mat-vecs per position) and backward (K mat-vecs
+# for the posteriors, K for beta, K outer products for the transition
+# posteriors) have the static path's certificates and fallbacks.
 
 def duration_dependent(adv: Adversary) -> Adversary:
     """The same problem with transition[d] = transition for every duration d:
-    the same distribution, through the (K, C, C) kernels."""
+    the same distribution, through the (K, C, C) kernels, which must fall
+    back where the static ones do."""
     kw = dict(adv.kw)
     K = kw["duration"].shape[0]
     kw["transition"] = kw["transition"].expand(K, *kw["transition"].shape).contiguous()
-    return Adversary(adv.name, kw, breaks=adv.breaks, clean=adv.clean, dead_row=adv.dead_row,
-                     nan_row=adv.nan_row)
+    return Adversary(adv.name, kw, breaks=adv.breaks, clean=adv.clean, bwd_breaks=adv.bwd_breaks,
+                     bwd_clean=adv.bwd_clean, dead_row=adv.dead_row, nan_row=adv.nan_row)
+
+
+def duration_dependent_adversaries() -> list[Adversary]:
+    """Problems of the (K, C, C) form alone: the tables A_d = exp(transition[d]
+    - max over d and c') are per call, so one duration's transitions far below
+    the others' flush there, while its duration score carries its segments."""
+    g = torch.Generator().manual_seed(2027)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=F64)
+
+    out = []
+    B, T, K, C, d_low = 2, 200, 12, 4, 5
+    for gap in (200.0, 800.0):
+        trans, dur = randn(K, C, C), randn(K, C, scale=0.3)
+        trans[d_low - 1] -= gap
+        dur[d_low - 1] += gap
+        # 200 nats flush float32's tables (the forward's log scan takes
+        # them), not the float64 backward's; 800 flush float64's too, while
+        # the duration-5 segments after the first carry their share of the
+        # mass (the first, which takes no transition, is nearly always one).
+        out.append(Adversary(f"transitions_{int(gap)}_below_for_one_duration",
+                             dict(scores=randn(B, T, C), transition=trans, duration=dur,
+                                  lengths=torch.tensor([T, T - 17])),
+                             breaks=(F32,) if gap < 700 else (F32, F64),
+                             clean=(F64,) if gap < 700 else (),
+                             bwd_breaks=() if gap < 700 else (F32, F64),
+                             bwd_clean=(F32, F64) if gap < 700 else ()))
+
+    # Transitions only after segments of durations 2, 5 and 9 (the first
+    # segment needs none): exact zeros, nothing to fall back for.
+    trans = randn(K, C, C)
+    trans[[d - 1 for d in range(1, K + 1) if d not in (2, 5, 9)]] = NEG_INF
+    out.append(Adversary("transitions_for_three_durations",
+                         dict(scores=randn(B, T, C), transition=trans, duration=randn(K, C),
+                              lengths=torch.tensor([T, T - 60])),
+                         clean=(F32, F64), bwd_clean=(F32, F64)))
+    return out
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
-@pytest.mark.parametrize("adv", [duration_dependent(a) for a in ADVERSARIES], ids=lambda a: a.name)
+@pytest.mark.parametrize("adv", [duration_dependent(a) for a in ADVERSARIES] +
+                         duration_dependent_adversaries(), ids=lambda a: a.name)
 def test_adversarial_duration_dependent(monkeypatch, adv, dtype):
-    z_exp, _, _, taken = _forward_falls_back_where_it_must(monkeypatch, adv, dtype)
-    if adv.nan_row is not None:
-        assert taken == 1 and torch.isnan(z_exp[adv.nan_row])
-        return
-    _as_close_to_float64_as_log(monkeypatch, adv, dtype)
+    _check_adversary(monkeypatch, adv, dtype)
 
 
 @pytest.mark.parametrize("seed", range(2))
@@ -591,7 +642,8 @@ def test_duration_dependent_matches_log(monkeypatch, seed):
         assert fwd_exp[3] == 0
         assert_close("log Z", fwd_exp[0], fwd_log[0], 1e-12 * fwd_log[0].abs().max().item())
         expected, _ = backward(monkeypatch, "log", kw, F64, fwd_log, interval)
-        got, _ = backward(monkeypatch, "exp", kw, F64, fwd_exp, interval)
+        got, taken = backward(monkeypatch, "exp", kw, F64, fwd_exp, interval)
+        assert taken == 0
         for name, a, b in zip(GRADIENTS, got, expected):
             assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
 
@@ -610,7 +662,8 @@ def test_duration_dependent_no_fallback_on_benchmark_inputs(monkeypatch, dtype):
     assert fwd_exp[3] == 0
     fwd_log = forward(monkeypatch, "log", kw, dtype)
     fwd_64 = forward(monkeypatch, "log", kw, F64)
-    g_exp, _ = backward(monkeypatch, "exp", kw, dtype, fwd_exp)
+    g_exp, taken = backward(monkeypatch, "exp", kw, dtype, fwd_exp)
+    assert taken == 0
     g_log, _ = backward(monkeypatch, "log", kw, dtype, fwd_log)
     g_64, _ = backward(monkeypatch, "log", kw, F64, fwd_64)
     if dtype == F64:
@@ -623,6 +676,27 @@ def test_duration_dependent_no_fallback_on_benchmark_inputs(monkeypatch, dtype):
         for name, a, b, c in zip(GRADIENTS, g_exp, g_log, g_64):
             own = (b.double() - c).abs().max().item()
             assert_close(name, a, c, max(1e-5 * max(1.0, c.abs().max().item()), 2 * own))
+
+
+def test_duration_dependent_entries_at_the_float64_floor(monkeypatch):
+    """K = 200: the open segments' gains decay by a few nats a step, so every
+    checkpoint holds entries near float64's smallest normal, which the
+    exp-domain forward keeps relative to its own normaliser. Loading them
+    must not flush them (that would hand the sequence to the log backward):
+    no fallback, every output to 1e-10 of the log backward."""
+    g = torch.Generator().manual_seed(0)
+    B, T, K, C = 3, 700, 200, 12
+    kw = dict(scores=torch.randn(B, T, C, generator=g, dtype=F64) - 1.0,
+              transition=torch.randn(K, C, C, generator=g, dtype=F64),
+              duration=torch.randn(K, C, generator=g, dtype=F64),
+              lengths=torch.tensor([T, T - 31, T - 77]))
+    fwd = forward(monkeypatch, "exp", kw, F64, interval=13)
+    assert fwd[3] == 0
+    expected, _ = backward(monkeypatch, "log", kw, F64, fwd, interval=13)
+    got, taken = backward(monkeypatch, "exp", kw, F64, fwd, interval=13)
+    assert taken == 0
+    for name, a, b in zip(GRADIENTS, got, expected):
+        assert_close(name, a, b, 1e-10 * max(1.0, b.abs().max().item()))
 
 
 def test_duration_dependent_is_deterministic(monkeypatch):

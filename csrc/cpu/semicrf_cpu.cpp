@@ -1620,9 +1620,8 @@ struct ExpForwardDD {
 };
 
 // FLASHSEMICRF_CPU_ALGORITHM: "exp" (default) runs the scaled exp-domain
-// forward (both transition forms) and backward (static transition) with the
-// log-domain kernels as their per-sequence fallbacks; "log" runs the log
-// domain everywhere.
+// forward and backward (both transition forms) with the log-domain kernels
+// as their per-sequence fallbacks; "log" runs the log domain everywhere.
 bool cpu_uses_exp_domain() {
   const char* v = std::getenv("FLASHSEMICRF_CPU_ALGORITHM");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "exp") == 0) return true;
@@ -1949,12 +1948,13 @@ void backward_sequence(const BackwardParams& p, int64_t b) {
 }
 
 // ---------------------------------------------------------------------------
-// The scaled exp-domain backward (static (C, C) transition). It walks the
+// The scaled exp-domain backward (both transition forms). It walks the
 // spans as the log-domain backward above does, re-anchoring at every
 // checkpoint, but keeps every message as a float64 probability relative to
 // a float64 log offset: a span's forward recompute (from the log-layout
 // checkpoint) and the beta sweep cost K·C multiply-adds and O(C) exps a
-// position instead of K·C + C² exps. Float64 inside, whatever the dtype: it
+// position instead of K·C + C² exps (with the (K, C, C) transition, 4 K·C²
+// multiply-adds instead of ~3 K·C² exps). Float64 inside, whatever the dtype: it
 // rounds 1e-16 a step, so a span's recompute is consistent with its
 // checkpoint to the last bits and needs no renormalisation, and it
 // underflows only 708 nats below the normaliser.
@@ -2117,6 +2117,16 @@ void backward_pass8(double* ring, const double* W, const double* last, const dou
   }
 }
 
+// A ring entry x0 of age `age` moved on by one step: times the label's
+// factor, or exactly 0 once older than `last`, its label's longest
+// duration; lm keeps the largest moved entry.
+__attribute__((always_inline)) inline double moved_entry(double x0, double age, double last,
+                                                         double scale, double& lm) {
+  const double moved = age < last ? x0 * scale : 0.0;
+  lm = moved > lm ? moved : lm;
+  return moved;
+}
+
 // A float64 log offset kept as an unevaluated sum hi + lo (two-sum): an
 // offset of 1e5 gathers 1e-11 of rounding per addition, which thousands of
 // steps would turn into 1e-8 of relative error on every posterior.
@@ -2130,7 +2140,54 @@ struct Offset {
   Offset plus(double x) const { return {hi, lo + x}; }
 };
 
-template <typename scalar_t>
+// out[k] = sum_{r < n} a[r] · M[r·stride + k] for k < len: the (K, C, C)
+// backward's mat-vecs. Blocks of W outputs stay in registers across r
+// (W / 4 independent chains of vector multiply-adds), the sums in the order
+// of r.
+template <int W>
+inline void vecmat_block(const double* a, const double* M, double* out, int64_t n,
+                         int64_t stride) {
+  double s[W] = {};
+  for (int64_t r = 0; r < n; ++r) {
+    const double x = a[r];
+    const double* __restrict row = M + r * stride;
+#pragma omp simd
+    for (int j = 0; j < W; ++j) s[j] += x * row[j];
+  }
+  for (int j = 0; j < W; ++j) out[j] = s[j];
+}
+inline void vecmat(const double* a, const double* M, double* out, int64_t n, int64_t len,
+                   int64_t stride) {
+  int64_t k0 = 0;
+  for (; k0 + 32 <= len; k0 += 32) vecmat_block<32>(a, M + k0, out + k0, n, stride);
+  if (len - k0 >= 24) {
+    vecmat_block<24>(a, M + k0, out + k0, n, stride);
+    k0 += 24;
+  } else if (len - k0 >= 16) {
+    vecmat_block<16>(a, M + k0, out + k0, n, stride);
+    k0 += 16;
+  }
+  if (len - k0 >= 8) {
+    vecmat_block<8>(a, M + k0, out + k0, n, stride);
+    k0 += 8;
+  }
+  for (; k0 < len; ++k0) {
+    double s = 0.0;
+    for (int64_t r = 0; r < n; ++r) s += a[r] * M[r * stride + k0];
+    out[k0] = s;
+  }
+}
+
+// DD: the duration-dependent (K, C, C) transition. Its forward recompute
+// keeps the exp-domain forward's two rings (alpha_hat of each open
+// segment's start, and a gain per label with that start's scale, the start
+// score and the emissions since), so that segment [s, t) of label c weighs
+// (alpha_hat[s] · A_d)[c] · gain[s][c] · W[d-1][c]: K mat-vecs a position.
+// The backward ring is the static one; at a position t ≥ 1 the posteriors
+// of the segments [t, t+d) take alpha_hat[t] · A_d for every d, beta_hat
+// the K mat-vecs A_d · v_d and the transition posteriors K outer products:
+// K·C² multiply-adds each, never exps.
+template <typename scalar_t, bool DD>
 struct ExpBackward {
   static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const SequenceInputs<scalar_t>& in;
@@ -2148,9 +2205,19 @@ struct ExpBackward {
   std::vector<int> fwd_last, bwd_last;
   std::vector<double> keep_f, fwd_last_d, bwd_last_d;
   std::vector<int> last_raw;    // (C) longest finite duration (0: none)
-  std::vector<double> col_max;  // (C) finite max over c' of transition[c', c]
-  std::vector<double> A;        // (C, C) exp(transition - col_max[c])
-  std::vector<double> At;       // its transpose
+  std::vector<double> col_max;  // (C) finite max over c' (and d, DD) of transition[(d,) c', c]
+  // exp(transition - col_max[c]) as (C, C), or DD as (C, K, C): entry
+  // [c'][d-1][c], so that everything leaving c' is one contiguous row.
+  std::vector<double> A;
+  std::vector<double> At;       // static: A transposed
+  // DD: the ring entry of a label-c segment, times its weight, is relative
+  // to the offset + seg_max[c] (static: dur_max[c]); u0 = exp(start_transition
+  // - col_max - first_max) is the first segment's alpha_hat · A_d (for every
+  // d); tables_flush: a finite entry of A or u0 underflowed (the log backward
+  // takes such parameters, as the forward's log scan does).
+  std::vector<double> seg_max, u0;
+  double first_max = 0.0;
+  bool tables_flush = false;
   // Without start/end scores most per-label factors of a step are a table
   // times one exp: e_dur = exp(dur_max - its max), e_col = exp(col_max -
   // its max), e_cd = exp(col_max + dur_max - its max) (usable only where
@@ -2163,10 +2230,13 @@ struct ExpBackward {
   // relative to soff[t].
   std::vector<double> ahat, shat;
   std::vector<Offset> aoff, soff;
-  // Forward ring (circular, slot s % K), relative to Oa.
-  std::vector<double> fring;
+  // Forward ring (circular, slot s % K), relative to Oa; DD: the gains, and
+  // aring the alpha_hat of each slot's start (relative to the gain's
+  // scale; the slot of s = 0 holds u0).
+  std::vector<double> fring, aring;
   Offset Oa;
-  // The checkpoint's ring in duration order (row d-1: [t-d, t)), relative to ck_off.
+  // The checkpoint's ring in duration order (row d-1: [t-d, t); DD: K alpha
+  // rows then K gain rows), relative to ck_off.
   std::vector<double> ck_rows;
   Offset ck_off;
   // exp(scores[t] - m_t) and m_t, the emission max, at the span's positions:
@@ -2176,8 +2246,16 @@ struct ExpBackward {
   // and backward rings: the next step's normaliser.
   std::vector<double> lm_f, lm_b;
   // Scratch.
-  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered;
-  std::vector<double> trans_acc;  // (C, C) sum over t of alpha-part · v-part
+  std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wrow;
+  std::vector<double> row_scale;  // DD: (K) the checkpoint's alpha rows' maxima
+  // DD: the last few positions' v_d (kBatch, K, C; the slot of this one
+  // holds ring · W first) and alpha-parts (kBatch, C), whose transition
+  // posteriors join trans_acc together (flush_transitions).
+  static constexpr int64_t kBatch = 8;
+  std::vector<double> vbatch, wbatch;
+  int64_t n_batch = 0;
+  std::vector<double> ubuf;       // DD: (K, C) alpha_hat[t] · A_d for every d
+  std::vector<double> trans_acc;  // as A: sum over t of alpha-part · v-part
   std::vector<double> sum_dur;    // (K, C)
   std::vector<double> pending;    // (K, C): score gradients of positions not yet complete
   // Backward ring (slot e % K: the segment [t, e)), relative to Q; beta_hat
@@ -2191,14 +2269,22 @@ struct ExpBackward {
   ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
               int64_t span)
       : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
-        last_raw(C_, 0), col_max(C_, 0.0), A(C_ * C_), At(C_ * C_), e_dur(C_), e_col(C_), e_cd(C_), ahat((span + 1) * C_),
+        last_raw(C_, 0), col_max(C_, 0.0), A(n_matrices() * C_ * C_), At(DD ? 0 : C_ * C_),
+        seg_max(C_), u0(DD ? C_ : 0), e_dur(C_), e_col(C_), e_cd(C_), ahat((span + 1) * C_),
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
-        ck_rows(K_ * C_), fe_buf((span + 1) * C_), m_buf(span + 1), lm_f(C_, 0.0),
-        lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_), lg(C_), arg(C_),
-        ex(C_),
-        tau(C_), v(C_), bet(C_), ws(C_), covered(C_), trans_acc(C_ * C_, 0.0),
+        aring(DD ? K_ * C_ : 0, 0.0), ck_rows((DD ? 2 : 1) * K_ * C_), fe_buf((span + 1) * C_),
+        m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_),
+        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_),
+        wrow(C_), row_scale(DD ? K_ : 0), vbatch(DD ? kBatch * K_ * C_ : 0),
+        wbatch(DD ? kBatch * C_ : 0), ubuf(DD ? K_ * C_ : 0),
+        trans_acc(n_matrices() * C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
+    // transition[c', c] (static) or transition[d-1, c', c] (DD), as a double.
+    auto trans = [&](int64_t d, int64_t cp, int64_t c) {
+      return static_cast<double>(DD ? in.trans(d, cp, c) : in.trans(cp, c));
+    };
+    const int64_t n_tr = n_matrices();
     for (int64_t c = 0; c < C; ++c) {
       double mx = kNegInf;
       for (int64_t d = 1; d <= K; ++d) {
@@ -2212,12 +2298,18 @@ struct ExpBackward {
 
       }
       mx = kNegInf;
-      for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, static_cast<double>(in.trans(cp, c)));
+      for (int64_t d = 1; d <= n_tr; ++d)
+        for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, trans(d, cp, c));
       col_max[c] = mx > kNegInf ? mx : 0.0;
-      for (int64_t cp = 0; cp < C; ++cp) {
-        A[cp * C + c] = std::exp(static_cast<double>(in.trans(cp, c)) - col_max[c]);
-        At[c * C + cp] = A[cp * C + c];
-      }
+      for (int64_t d = 1; d <= n_tr; ++d)
+        for (int64_t cp = 0; cp < C; ++cp) {
+          const double x = trans(d, cp, c);
+          const double a = std::exp(x - col_max[c]);
+          tables_flush = tables_flush || (DD && x > kNegInf && a == 0.0);
+          A[(cp * n_tr + d - 1) * C + c] = a;
+          if (!DD) At[c * C + cp] = a;
+        }
+      seg_max[c] = DD ? col_max[c] + dur_max[c] : dur_max[c];
     }
     dur_top = *std::max_element(dur_max.begin(), dur_max.end());
     col_top = *std::max_element(col_max.begin(), col_max.end());
@@ -2235,12 +2327,16 @@ struct ExpBackward {
       to_end[c] = last_raw[c] > 0 && in.end_transition[c] > neg_inf<scalar_t>();
       from_start[c] = last_raw[c] > 0 && in.start_transition[c] > neg_inf<scalar_t>();
     }
+    // linked[c][c2]: a finite transition c -> c2 (for some duration, DD).
+    std::vector<char> linked(C * C, 0);
+    for (int64_t d = 1; d <= n_tr; ++d)
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t c2 = 0; c2 < C; ++c2) linked[c * C + c2] |= trans(d, c, c2) > kNegInf;
     for (bool changed = true; changed;) {
       changed = false;
       for (int64_t c = 0; c < C; ++c)
         for (int64_t c2 = 0; c2 < C; ++c2) {
-          if (in.trans(c, c2) == neg_inf<scalar_t>() || last_raw[c] == 0 || last_raw[c2] == 0)
-            continue;
+          if (!linked[c * C + c2] || last_raw[c] == 0 || last_raw[c2] == 0) continue;
           if (!to_end[c] && to_end[c2]) to_end[c] = changed = true;
           if (from_start[c] && !from_start[c2]) from_start[c2] = changed = true;
         }
@@ -2254,13 +2350,28 @@ struct ExpBackward {
         keep_f[(d - 1) * C + c] = d + 1 <= fwd_last[c] ? 1.0 : 0.0;
       }
     }
+    if (DD) {
+      double fm = kNegInf;
+      for (int64_t c = 0; c < C; ++c)
+        if (fwd_last[c] > 0)
+          fm = std::max(fm, static_cast<double>(in.start_transition[c]) - col_max[c]);
+      first_max = fm > kNegInf ? fm : 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        const double x = static_cast<double>(in.start_transition[c]) - col_max[c] - first_max;
+        u0[c] = fwd_last[c] > 0 ? std::exp(x) : 0.0;
+        tables_flush = tables_flush || (fwd_last[c] > 0 && x > kNegInf && u0[c] == 0.0);
+      }
+    }
   }
 
-  // NaN or +inf anywhere: the log backward gives the NaN.
+  int64_t n_matrices() const { return DD ? K : 1; }
+
+  // NaN or +inf anywhere: the log backward gives the NaN. So it does with
+  // tables that flushed a finite entry.
   static bool bad(scalar_t v) { return !(v < std::numeric_limits<scalar_t>::infinity()); }
   bool bad_inputs() const {
-    bool any = false;
-    for (int64_t i = 0; i < C * C; ++i) any |= bad(in.transition[i]);
+    bool any = tables_flush;
+    for (int64_t i = 0; i < n_matrices() * C * C; ++i) any |= bad(in.transition[i]);
     for (int64_t i = 0; i < K * C; ++i) any |= bad(in.duration[i]);
     for (int64_t c = 0; c < C; ++c) any |= bad(in.start_transition[c]) | bad(in.end_transition[c]);
     for (int64_t t = 0; t < L; ++t)
@@ -2281,6 +2392,7 @@ struct ExpBackward {
 
   // Checkpoint j of the span starting at `first` into the forward ring.
   bool load(int64_t first, const scalar_t* rows, double off) {
+    if (DD) return load_dd(first, rows, off);
     scaled_rows(rows, off, ck_rows.data(), &ck_off);
     // Entries older than their label's longest duration meet only zero
     // weights; the exp-domain forward keeps them (capped), so they must not
@@ -2319,6 +2431,82 @@ struct ExpBackward {
         lm_f[c] = std::max(lm_f[c], ck_rows[(d - 1) * C + c] * keep_f[(d - 1) * C + c]);
     }
     return true;
+  }
+
+  // DD: the alpha rows (row d-1: alpha at t-d relative to the log scan's
+  // offset after that step; for t-d = 0 the start transitions) times A_d's
+  // scale, each row scaled to its largest entry of a label that can reach an
+  // end (the others carry no mass to Z: 0); the row of the first segment in
+  // u0's terms. The gain rows (relative to the checkpoint's offset less
+  // their alpha row's) take each alpha row's scale, and the ring its
+  // largest entry that can still matter. A finite entry that matters and
+  // underflows fails, as in load. Both scales leave a factor 8 of headroom:
+  // the exp-domain forward keeps entries down to float64's smallest normal
+  // relative to its own normaliser, which differs from these maxima by up
+  // to a factor 2 (its alpha_hat rows are normalised to within one), and
+  // such an entry must not flush here.
+  bool load_dd(int64_t first, const scalar_t* rows, double off) {
+    constexpr double kHeadroom = 3.0 * kLn2;
+    for (int64_t d = 1; d <= K; ++d) {
+      const scalar_t* ar = rows + (d - 1) * C;
+      double* out = ck_rows.data() + (d - 1) * C;
+      const bool start_row = first - d == 0;
+      double M = kNegInf;
+      for (int64_t c = 0; c < C; ++c)
+        if (fwd_last[c] > 0)
+          M = std::max(M, static_cast<double>(ar[c]) - (start_row ? col_max[c] : 0.0));
+      M = M == kNegInf ? 0.0 : M - kHeadroom;
+      row_scale[d - 1] = M;
+      for (int64_t c = 0; c < C; ++c)
+        out[c] = fwd_last[c] > 0
+                     ? std::exp(static_cast<double>(ar[c]) - (start_row ? col_max[c] : 0.0) - M)
+                     : 0.0;
+    }
+    const scalar_t* gr = rows + K * C;
+    double G = kNegInf;
+    for (int64_t d = 1; d <= K; ++d)
+      for (int64_t c = 0; c < C; ++c)
+        if (d <= fwd_last[c])
+          G = std::max(G, static_cast<double>(gr[(d - 1) * C + c]) + row_scale[d - 1]);
+    G = G == kNegInf ? 0.0 : G - kHeadroom;
+    for (int64_t d = 1; d <= K; ++d) {
+      double* out = ck_rows.data() + (K + d - 1) * C;
+      const double* alpha_row = ck_rows.data() + (d - 1) * C;
+      bool row_matters = false;
+      for (int64_t c = 0; c < C; ++c) {
+        const double x = static_cast<double>(gr[(d - 1) * C + c]);
+        const bool matters = d <= fwd_last[c] && x > kNegInf;
+        out[c] = d <= fwd_last[c] ? std::exp(x + row_scale[d - 1] - G) : 0.0;
+        if (matters && out[c] == 0.0) return false;
+        row_matters = row_matters || matters;
+      }
+      if (!row_matters) continue;
+      for (int64_t c = 0; c < C; ++c)
+        if (fwd_last[c] > 0 && alpha_row[c] == 0.0 && rows[(d - 1) * C + c] > neg_inf<scalar_t>())
+          return false;
+    }
+    ck_off = Offset{off, G};
+    const int tK = static_cast<int>(first % K);
+    for (int64_t d = 1; d <= K; ++d) {
+      const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+      std::copy_n(ck_rows.data() + (d - 1) * C, C, aring.data() + slot * C);
+      std::copy_n(ck_rows.data() + (K + d - 1) * C, C, fring.data() + slot * C);
+    }
+    Oa = ck_off;
+    for (int64_t c = 0; c < C; ++c) {
+      lm_f[c] = 0.0;
+      for (int64_t d = 1; d <= K; ++d)
+        lm_f[c] = std::max(lm_f[c], ck_rows[(K + d - 1) * C + c] * keep_f[(d - 1) * C + c]);
+    }
+    return true;
+  }
+
+  // DD: the alpha_hat part of segment [s, s+d): u0 for s = 0 (`arow`
+  // holds it), else arow · A_d into out.
+  const double* opened(int64_t s, int64_t d, const double* arow, double* out) const {
+    if (s == 0) return arow;
+    vecmat(arow, A.data() + (d - 1) * C, out, C, C, K * C);
+    return out;
   }
 
   // out[c] = table[c] · exp(e), when that exp is a normal number: one exp
@@ -2386,7 +2574,7 @@ struct ExpBackward {
       const int64_t n = std::min(K, t);
       std::fill(acc.begin(), acc.end(), 0.0);
       std::fill(lm_f.begin(), lm_f.end(), 0.0);
-      if (C % 8 == 0) {
+      if (C % 8 == 0 && !DD) {
         if (advance)
           forward_pass8<true>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
                               lm_f.data(), tK, n, K, C);
@@ -2394,10 +2582,17 @@ struct ExpBackward {
           forward_pass8<false>(fring.data(), W.data(), fwd_last_d.data(), fs.data(), acc.data(),
                                lm_f.data(), tK, n, K, C);
       }
-      for (int64_t d = 1; d <= (C % 8 == 0 ? 0 : n); ++d) {
-        double* __restrict r =
-            fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
-        const double* __restrict w = W.data() + (d - 1) * C;
+      // DD: the ring holds the gains, and the weight of [t-d, t) is
+      // (alpha_hat[t-d] · A_d) · W[d-1] (a mat-vec per d).
+      for (int64_t d = 1; d <= (C % 8 == 0 && !DD ? 0 : n); ++d) {
+        const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+        double* __restrict r = fring.data() + slot * C;
+        const double* w = W.data() + (d - 1) * C;
+        if (DD) {
+          const double* o = opened(t - d, d, aring.data() + slot * C, u.data());
+          for (int64_t c = 0; c < C; ++c) wrow[c] = o[c] * w[c];
+          w = wrow.data();
+        }
         double* __restrict ac = acc.data();
         if (advance) {
           const double* __restrict sc = fs.data();
@@ -2415,16 +2610,18 @@ struct ExpBackward {
           for (int64_t c = 0; c < C; ++c) ac[c] += r[c] * w[c];
         }
       }
-      for (int64_t c = 0; c < C; ++c) lg[c] = dur_max[c] + static_cast<double>(in.end(t - 1, c));
+      for (int64_t c = 0; c < C; ++c) lg[c] = seg_max[c] + static_cast<double>(in.end(t - 1, c));
       double ma = log_scale(lg.data(), acc.data());
       if (ma == kNegInf) ma = 0.0;
-      if (!(tables_ok && !in.end_scores && table_row(e_dur.data(), dur_top - ma, ex.data(), C))) {
+      const double* end_table = DD ? e_cd.data() : e_dur.data();
+      const double end_top = DD ? cd_top : dur_top;
+      if (!(tables_ok && !in.end_scores && table_row(end_table, end_top - ma, ex.data(), C))) {
         for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - ma;
         exp_row_f64(arg.data(), ex.data(), C);
       }
       for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
       aoff[i] = Oa.plus(ma);
-      if (t < L) {
+      if (!DD && t < L) {
         std::fill(u.begin(), u.end(), 0.0);
         for (int64_t cp = 0; cp < C; ++cp) {
           const double ac = a[cp];
@@ -2447,15 +2644,30 @@ struct ExpBackward {
       }
     }
     if (!advance) return;
-    // The segments opening at t: sigma_hat[t] · exp(scores[t]).
-    const double shift = (soff[i].hi - Oa.hi) + (soff[i].lo - Oa.lo) + std::log(inv);
-    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m + shift;
-    const double extra = fresh_scale(arg.data(), s, fwd_last.data());
+    // The segments opening at t: sigma_hat[t] · exp(scores[t]); DD: their
+    // gains exp(start(t) + scores[t]) with alpha_hat[t]'s scale, and
+    // alpha_hat[t] (u0 at t = 0) into its slot.
+    const Offset src = !DD ? soff[i] : (t == 0 ? Offset{first_max, 0.0} : aoff[i]);
+    const double shift = (src.hi - Oa.hi) + (src.lo - Oa.lo) + std::log(inv);
+    for (int64_t c = 0; c < C; ++c)
+      arg[c] = static_cast<double>(in.score(t, c)) - m + shift +
+               (DD ? static_cast<double>(in.start(t, c)) : 0.0);
+    const double* val = s;
+    if (DD) {
+      const double* opening = t == 0 ? u0.data() : a;
+      std::copy_n(opening, C, aring.data() + (t % K) * C);
+      bool any = false;
+      for (int64_t c = 0; c < C; ++c) any = any || opening[c] > 0;
+      std::fill(fval.begin(), fval.end(), any ? 1.0 : 0.0);
+      val = fval.data();
+    }
+    const double extra = fresh_scale(arg.data(), val, fwd_last.data());
     if (extra != 0.0) rescale(fring.data(), lm_f.data(), extra);
-    if (!table_row(f, shift - extra, ex.data(), C)) exp_row_f64(arg.data(), ex.data(), C);
+    if (!(!(DD && in.start_scores) && table_row(f, shift - extra, ex.data(), C)))
+      exp_row_f64(arg.data(), ex.data(), C);
     double* fresh = fring.data() + (t % K) * C;
     for (int64_t c = 0; c < C; ++c) {
-      const double v0 = s[c] > 0 && fwd_last[c] > 0 ? s[c] * ex[c] : 0.0;
+      const double v0 = val[c] > 0 && fwd_last[c] > 0 ? val[c] * ex[c] : 0.0;
       if (!(v0 < std::numeric_limits<double>::infinity())) failed = true;
       fresh[c] = v0;
       lm_f[c] = std::max(lm_f[c], fwd_last[c] > 1 ? v0 : 0.0);
@@ -2483,12 +2695,19 @@ struct ExpBackward {
     for (int64_t c = 0; c < C; ++c) lm[c] *= f;
   }
 
-  // The forward ring at step t in duration order (rows d-1 = [t-d, t)).
+  // The forward ring at step t in duration order (rows d-1 = [t-d, t); DD:
+  // the alpha rows, then the gain rows), as ck_rows.
   void ring_rows(int64_t t, double* out) const {
     const int tK = static_cast<int>(t % K);
-    for (int64_t d = 1; d <= K; ++d)
-      std::copy_n(fring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C,
-                  C, out + (d - 1) * C);
+    for (int64_t d = 1; d <= K; ++d) {
+      const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
+      if (DD) {
+        std::copy_n(aring.data() + slot * C, C, out + (d - 1) * C);
+        std::copy_n(fring.data() + slot * C, C, out + (K + d - 1) * C);
+      } else {
+        std::copy_n(fring.data() + slot * C, C, out + (d - 1) * C);
+      }
+    }
   }
 
   // The boundary mass at t (1 in exact arithmetic): alpha_hat (offset
@@ -2504,17 +2723,24 @@ struct ExpBackward {
     for (int64_t c = 0; c < C; ++c) total += alpha[c] * beta[c] * sb;
     std::fill(acc.begin(), acc.end(), 0.0);
     for (int64_t d1 = 1; d1 <= std::min(K - 1, t); ++d1) {
-      const double* __restrict f = rows + (d1 - 1) * C;
+      const double* __restrict f = rows + ((DD ? K : 0) + d1 - 1) * C;
       for (int64_t d2 = 1; d1 + d2 <= K; ++d2) {
         const double* __restrict b = back + slot_after(tK, static_cast<int>(d2), static_cast<int>(K)) * C;
         const double* __restrict w = W.data() + (d1 + d2 - 1) * C;
+        // DD: the open part's alpha_hat · A_d depends on the whole duration.
         double* __restrict ac = acc.data();
+        if (DD) {
+          const double* __restrict o = opened(t - d1, d1 + d2, rows + (d1 - 1) * C, u.data());
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) ac[c] += f[c] * b[c] * w[c];
+          for (int64_t c = 0; c < C; ++c) ac[c] += o[c] * f[c] * b[c] * w[c];
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) ac[c] += f[c] * b[c] * w[c];
+        }
       }
     }
     for (int64_t c = 0; c < C; ++c)
-      if (acc[c] > 0) total += acc[c] * std::exp(rel(f_off, q, dur_max[c]));
+      if (acc[c] > 0) total += acc[c] * std::exp(rel(f_off, q, seg_max[c]));
     return total;
   }
 
@@ -2530,16 +2756,168 @@ struct ExpBackward {
     }
     if (!(std::abs(total - 1.0) <= tol)) failed = true;
   }
+
+  // DD: the batch's transition posteriors into trans_acc, position by
+  // position (the sums of adding them one position at a time).
+  // Sixteen entries at a time stay in registers across the batch.
+  void flush_transitions() {
+    const int64_t n = n_batch, len = K * C;
+    for (int64_t cp = 0; cp < C; ++cp) {
+      double* __restrict ta = trans_acc.data() + cp * len;
+      int64_t k0 = 0;
+      for (; k0 + 16 <= len; k0 += 16) {
+        double a[16];
+        for (int j = 0; j < 16; ++j) a[j] = ta[k0 + j];
+        for (int64_t p = 0; p < n; ++p) {
+          const double w = wbatch[p * C + cp];
+          const double* __restrict vb = vbatch.data() + p * len + k0;
+#pragma omp simd
+          for (int j = 0; j < 16; ++j) a[j] += w * vb[j];
+        }
+        for (int j = 0; j < 16; ++j) ta[k0 + j] = a[j];
+      }
+      for (; k0 < len; ++k0)
+        for (int64_t p = 0; p < n; ++p) ta[k0] += wbatch[p * C + cp] * vbatch[p * len + k0];
+    }
+    n_batch = 0;
+  }
+
+  // out[i] = sum_{k < n} M[i·stride + k] · y[k] for i < m: eight partial
+  // sums per row, four rows at a time, so that each block of y is loaded
+  // once for four rows (the loads, not the multiply-adds, bound this loop).
+  static void row_dots(const double* M, const double* y, double* out, int64_t m, int64_t n,
+                       int64_t stride) {
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+      const double* __restrict r0 = M + i * stride;
+      const double* __restrict r1 = r0 + stride;
+      const double* __restrict r2 = r1 + stride;
+      const double* __restrict r3 = r2 + stride;
+      double s0[8] = {}, s1[8] = {}, s2[8] = {}, s3[8] = {};
+      int64_t k0 = 0;
+      for (; k0 + 8 <= n; k0 += 8) {
+#pragma omp simd
+        for (int j = 0; j < 8; ++j) {
+          const double yv = y[k0 + j];
+          s0[j] += r0[k0 + j] * yv;
+          s1[j] += r1[k0 + j] * yv;
+          s2[j] += r2[k0 + j] * yv;
+          s3[j] += r3[k0 + j] * yv;
+        }
+      }
+      double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
+      for (; k0 < n; ++k0) {
+        t0 += r0[k0] * y[k0];
+        t1 += r1[k0] * y[k0];
+        t2 += r2[k0] * y[k0];
+        t3 += r3[k0] * y[k0];
+      }
+      for (int j = 0; j < 8; ++j) {
+        t0 += s0[j];
+        t1 += s1[j];
+        t2 += s2[j];
+        t3 += s3[j];
+      }
+      out[i] = t0;
+      out[i + 1] = t1;
+      out[i + 2] = t2;
+      out[i + 3] = t3;
+    }
+    for (; i < m; ++i) {
+      double t = 0.0;
+      for (int64_t k = 0; k < n; ++k) t += M[i * stride + k] * y[k];
+      out[i] = t;
+    }
+  }
+
+  // DD, position t ≥ 1 of the beta sweep: x_d = ring · W for every d (and,
+  // fused, the ring's move to step t-1 as in backward_pass8), v_d = x_d ·
+  // exp(start terms) (relative to Qb = Q + mv), the posteriors (alpha_hat ·
+  // A_d)[c] · v_d[c] into the duration gradient and the coverage, beta_hat
+  // = sum_d A_d v_d and the transition posteriors alpha_hat ⊗ v_d.
+  void sweep_dd(int64_t t, int64_t dmax, bool fused, const double* alpha, const Offset& aoff) {
+    const int tK = static_cast<int>(t % K);
+    std::fill(tau.begin(), tau.end(), 0.0);
+    for (int64_t d = dmax; d >= 1; --d) {
+      double* __restrict r =
+          bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+      const double* __restrict w = W.data() + (d - 1) * C;
+      double* __restrict xd = vbatch.data() + (n_batch * K + d - 1) * C;
+      double* __restrict ta = tau.data();
+      if (fused) {
+        const double* __restrict sc = fs.data();
+        const double* __restrict last = bwd_last_d.data();
+        double* __restrict lm = lm_b.data();
+        const double age = static_cast<double>(d);
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          xd[c] = r[c] * w[c];
+          ta[c] += xd[c];
+          r[c] = moved_entry(r[c], age, last[c], sc[c], lm[c]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double xv = r[c] * w[c];
+          xd[c] = xv;
+          ta[c] += xv;
+        }
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) lg[c] = seg_max[c] + static_cast<double>(in.start(t, c));
+    double mv = log_scale(lg.data(), tau.data());
+    if (mv == kNegInf) mv = 0.0;
+    if (!(tables_ok && !in.start_scores && table_row(e_cd.data(), cd_top - mv, ex.data(), C))) {
+      for (int64_t c = 0; c < C; ++c) arg[c] = lg[c] - mv;
+      exp_row_f64(arg.data(), ex.data(), C);
+    }
+    Qb = Q.plus(mv);
+    const double sa = std::exp(rel(aoff, Qb));
+    double* __restrict w_t = wbatch.data() + n_batch * C;
+    for (int64_t c = 0; c < C; ++c) w_t[c] = alpha[c] * sa;
+    // v_d in place of x_d (0 past dmax, for the batch); beta_hat[c'] =
+    // sum_{d,c} A[c'][d][c] v_d[c], one long dot product per c'; u_d =
+    // (alpha_hat · A_d) · sa, a mat-vec per d.
+    const int64_t len = dmax * C;
+    double* __restrict vf = vbatch.data() + n_batch * K * C;
+    for (int64_t d = 0; d < dmax; ++d)
+      for (int64_t c = 0; c < C; ++c) {
+        const double x = vf[d * C + c];
+        vf[d * C + c] = x > 0 ? x * ex[c] : 0.0;
+      }
+    std::fill(vf + len, vf + K * C, 0.0);
+    row_dots(A.data(), vf, bet.data(), C, len, K * C);
+    double* __restrict uf = ubuf.data();
+    vecmat(w_t, A.data(), uf, C, len, K * C);
+    if (++n_batch == kBatch) flush_transitions();
+    // The posteriors (alpha_hat · A_d)[c] · v_d[c] of the segments [t, t+d):
+    // the duration gradient and the coverage of positions t … t+dmax-1.
+    std::fill(covered.begin(), covered.end(), 0.0);
+    for (int64_t d = dmax; d >= 1; --d) {
+      double* __restrict sd = sum_dur.data() + (d - 1) * C;
+      double* __restrict pd = pending.data() + ((t + d - 1) % K) * C;
+      double* __restrict cv = covered.data();
+      const double* __restrict uu = uf + (d - 1) * C;
+      const double* __restrict vv = vf + (d - 1) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double post = uu[c] * vv[c];
+        sd[c] += post;
+        cv[c] += post;
+        pd[c] += cv[c];
+      }
+    }
+  }
 };
 
 // Deterministic fallbacks of the exp-domain backward to the log-domain one,
 // exposed by flashsemicrf_testing::cpu_exp_backward_fallbacks.
 std::atomic<int64_t> exp_backward_fallbacks{0};
 
-// The exp-domain backward of sequence b (static transition); false (outputs
-// partly written) when the certificate fails, and the caller reruns the
-// log-domain backward.
-template <typename scalar_t>
+// The exp-domain backward of sequence b (DD: the (K, C, C) transition);
+// false (outputs partly written) when the certificate fails, and the caller
+// reruns the log-domain backward.
+template <typename scalar_t, bool DD>
 bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
   const int64_t K = p.K, C = p.C, L = sequence_length(p, b);
   const double fwd_log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
@@ -2550,13 +2928,13 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
   const SequenceGradients<scalar_t> grad(p, b);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
   const int64_t span = p.interval + 1;
-  ExpBackward<scalar_t> eb(in, K, C, L, span);
+  ExpBackward<scalar_t, DD> eb(in, K, C, L, span);
   if (eb.bad_inputs()) return false;
   const double gd = static_cast<double>(g);
   constexpr double kMaxDrift = 1e-2;  // as the log-domain backward
 
-  ForwardScan<scalar_t, false, false> scan(in, K, C, L);  // log Z's certificate
-  std::vector<double> ext_rows(K * C);
+  ForwardScan<scalar_t, DD, false> scan(in, K, C, L);  // log Z's certificate
+  std::vector<double> ext_rows((DD ? 2 : 1) * K * C);
   struct Anchor {
     int64_t t = -1;
     double total = 0.0;
@@ -2670,12 +3048,15 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       // step's largest, as in the forward recompute).
       const int64_t dmax = std::min(K, L - t);
       const bool fused = t > first;
-      if (!(eb.tables_ok &&
-            eb.table_row(eb.e_dur.data(), eb.rel(eb.soff[i], eb.Q, eb.dur_top), eb.ws.data(), C))) {
-        for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]);
-        exp_row_f64(eb.arg.data(), eb.ws.data(), C);
+      const bool per_duration = DD && t > 0;  // the posteriors' start part depends on d
+      if (!per_duration) {
+        if (!(eb.tables_ok &&
+              eb.table_row(eb.e_dur.data(), eb.rel(eb.soff[i], eb.Q, eb.dur_top), eb.ws.data(), C))) {
+          for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.rel(eb.soff[i], eb.Q, eb.dur_max[c]);
+          exp_row_f64(eb.arg.data(), eb.ws.data(), C);
+        }
+        for (int64_t c = 0; c < C; ++c) eb.ws[c] = sigma[c] > 0 ? sigma[c] * eb.ws[c] : 0.0;
       }
-      for (int64_t c = 0; c < C; ++c) eb.ws[c] = sigma[c] > 0 ? sigma[c] * eb.ws[c] : 0.0;
       double m = 0.0, inv = 1.0;
       if (fused) {
         const double* f = eb.fe_buf.data() + (i - 1) * C;  // position t-1
@@ -2688,7 +3069,9 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       }
       std::fill(eb.tau.begin(), eb.tau.end(), 0.0);
       std::fill(eb.covered.begin(), eb.covered.end(), 0.0);
-      if (C % 8 == 0) {
+      if (per_duration) {
+        eb.sweep_dd(t, dmax, fused, alpha, aoff);
+      } else if (C % 8 == 0) {
         if (fused)
           backward_pass8<true>(eb.bring.data(), eb.W.data(), eb.bwd_last_d.data(), eb.ws.data(),
                                eb.fs.data(), eb.tau.data(), eb.covered.data(), eb.lm_b.data(),
@@ -2698,7 +3081,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
                                 eb.fs.data(), eb.tau.data(), eb.covered.data(), eb.lm_b.data(),
                                 eb.sum_dur.data(), eb.pending.data(), t, tK, dmax, K, C);
       }
-      for (int64_t d = (C % 8 == 0 ? 0 : dmax); d >= 1; --d) {
+      for (int64_t d = (C % 8 == 0 || per_duration ? 0 : dmax); d >= 1; --d) {
         double* __restrict r =
             eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
         const double* __restrict w = eb.W.data() + (d - 1) * C;
@@ -2710,18 +3093,16 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         if (fused) {
           const double* __restrict sc = eb.fs.data();
           double* __restrict lm = eb.lm_b.data();
+          const double age = static_cast<double>(d);
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const double x0 = r[c];
-            const double xv = x0 * w[c];
+            const double xv = r[c] * w[c];
             ta[c] += xv;
             const double post = xv * wsv[c];
             sd[c] += post;
             cv[c] += post;
             pd[c] += cv[c];
-            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? x0 * sc[c] : 0.0;
-            r[c] = moved;
-            lm[c] = moved > lm[c] ? moved : lm[c];
+            r[c] = moved_entry(r[c], age, eb.bwd_last_d[c], sc[c], lm[c]);
           }
         } else {
 #pragma omp simd
@@ -2747,34 +3128,37 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       }
 
       // beta_hat[t, c'] = sum_c A[c', c] · v[c], v = tau_hat · exp(start
-      // terms), and the transition posteriors alpha_hat[c'] A[c', c] v[c].
-      for (int64_t c = 0; c < C; ++c)
-        eb.lg[c] = eb.col_max[c] + static_cast<double>(in.start(t, c)) + eb.dur_max[c];
-      double mv = eb.log_scale(eb.lg.data(), eb.tau.data());
-      if (mv == -std::numeric_limits<double>::infinity()) mv = 0.0;
-      if (!(eb.tables_ok && !in.start_scores &&
-            eb.table_row(eb.e_cd.data(), eb.cd_top - mv, eb.v.data(), C))) {
-        for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.lg[c] - mv;
-        exp_row_f64(eb.arg.data(), eb.v.data(), C);
-      }
-      for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
-      eb.Qb = eb.Q.plus(mv);
-      // Along c' (contiguous in A's transpose): no horizontal sums.
-      std::fill(eb.bet.begin(), eb.bet.end(), 0.0);
-      for (int64_t c = 0; c < C; ++c) {
-        const double vc = eb.v[c];
-        if (vc == 0.0) continue;
-        const double* __restrict col = eb.At.data() + c * C;
-        double* __restrict bt = eb.bet.data();
+      // terms), and the transition posteriors alpha_hat[c'] A[c', c] v[c]
+      // (DD: sweep_dd has them, per duration).
+      if (!DD) {
+        for (int64_t c = 0; c < C; ++c)
+          eb.lg[c] = eb.col_max[c] + static_cast<double>(in.start(t, c)) + eb.dur_max[c];
+        double mv = eb.log_scale(eb.lg.data(), eb.tau.data());
+        if (mv == -std::numeric_limits<double>::infinity()) mv = 0.0;
+        if (!(eb.tables_ok && !in.start_scores &&
+              eb.table_row(eb.e_cd.data(), eb.cd_top - mv, eb.v.data(), C))) {
+          for (int64_t c = 0; c < C; ++c) eb.arg[c] = eb.lg[c] - mv;
+          exp_row_f64(eb.arg.data(), eb.v.data(), C);
+        }
+        for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
+        eb.Qb = eb.Q.plus(mv);
+        // Along c' (contiguous in A's transpose): no horizontal sums.
+        std::fill(eb.bet.begin(), eb.bet.end(), 0.0);
+        for (int64_t c = 0; c < C; ++c) {
+          const double vc = eb.v[c];
+          if (vc == 0.0) continue;
+          const double* __restrict col = eb.At.data() + c * C;
+          double* __restrict bt = eb.bet.data();
 #pragma omp simd
-        for (int64_t cp = 0; cp < C; ++cp) bt[cp] += col[cp] * vc;
+          for (int64_t cp = 0; cp < C; ++cp) bt[cp] += col[cp] * vc;
+        }
       }
       const double sa = std::exp(eb.rel(aoff, eb.Qb));
       for (int64_t cp = 0; cp < C; ++cp) {
         const double wa = alpha[cp] * sa;
         if (grad.end_scores)
           grad.end_scores[(t - 1) * C + cp] = static_cast<scalar_t>(wa * eb.bet[cp] * gd);
-        if (wa == 0.0) continue;
+        if (DD || wa == 0.0) continue;
         double* __restrict ta = eb.trans_acc.data() + cp * C;
         const double* __restrict vv = eb.v.data();
 #pragma omp simd
@@ -2847,10 +3231,16 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
     if (eb.failed) return false;
   }
   if (eb.failed) return false;
-  for (int64_t cp = 0; cp < C; ++cp)
-    for (int64_t c = 0; c < C; ++c)
-      grad.transition[cp * C + c] =
-          static_cast<scalar_t>(eb.A[cp * C + c] * eb.trans_acc[cp * C + c] * gd);
+  // (C, C), or DD [c'][d-1][c] into transition's [d-1][c'][c].
+  if (DD) eb.flush_transitions();
+  const int64_t n_tr = eb.n_matrices();
+  for (int64_t d = 1; d <= n_tr; ++d)
+    for (int64_t cp = 0; cp < C; ++cp)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t k = (cp * n_tr + d - 1) * C + c;
+        grad.transition[((d - 1) * C + cp) * C + c] =
+            static_cast<scalar_t>(eb.A[k] * eb.trans_acc[k] * gd);
+      }
   for (int64_t i = 0; i < K * C; ++i)
     grad.duration[i] = static_cast<scalar_t>(eb.sum_dur[i] * gd);
   return true;
@@ -2943,9 +3333,9 @@ struct Cpu {
     const bool exp_domain = cpu_uses_exp_domain();
     for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {
       using scalar_t = decltype(zero);
-      if (exp_domain && !decltype(dd)::value) {
+      if (exp_domain) {
         const FlushSubnormals flush_subnormals;
-        if (backward_sequence_exp<scalar_t>(p, b)) return;
+        if (backward_sequence_exp<scalar_t, decltype(dd)::value>(p, b)) return;
         exp_backward_fallbacks.fetch_add(1, std::memory_order_relaxed);
         clear_gradients<scalar_t>(p, b);
       }
