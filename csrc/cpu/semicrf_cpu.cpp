@@ -591,10 +591,10 @@ struct ExpForward {
   std::vector<int> last_duration;       // (C) longest duration, 0 if the label cannot reach an end
   std::vector<double> col_max;          // (C) finite max over c' of transition[c', c]
   std::vector<scalar_t> A;              // (C, C) exp(transition - col_max[c]), 0 below tiny
-  std::vector<scalar_t> A_padded;       // (C, Cp) the same, rows padded with zeros
   std::vector<double> A_bound;          // (C, C) the same in float64, for the ghost mat-vec
   std::vector<double> A_lost;           // (C) the column's flushed true entries, tiny units
   std::vector<scalar_t> A_minpos;       // (C) smallest positive entry of the column
+  std::vector<scalar_t> A_padded;       // (C, Cp) A, rows padded with zeros
 
   // State. Entries are relative to O; alpha_hat to O + mes; sigma_hat to
   // O + sigma_rel (kept apart from O so that no large sum rounds them).
