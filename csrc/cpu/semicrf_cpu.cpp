@@ -2187,6 +2187,14 @@ inline void vecmat(const double* a, const double* M, double* out, int64_t n, int
 // of the segments [t, t+d) take alpha_hat[t] · A_d for every d, beta_hat
 // the K mat-vecs A_d · v_d and the transition posteriors K outer products:
 // K·C² multiply-adds each, never exps.
+// max(0, max over c of x[c] · y[c]) in four chains: the same max in any
+// order, a quarter of one chain's latency.
+inline double max_product(const double* x, const double* y, int64_t C) {
+  double top[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t c = 0; c < C; ++c) top[c & 3] = std::max(top[c & 3], x[c] * y[c]);
+  return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+}
+
 template <typename scalar_t, bool DD>
 struct ExpBackward {
   static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -2535,10 +2543,11 @@ struct ExpBackward {
   // largest of y[c] + log(val[c]) over val > 0, from the exponent (within a
   // factor 2); kNegInf if none.
   double log_scale(const double* y, const double* val) const {
-    double top = kNegInf;
+    // Four chains of maxima: the same max, a quarter of the latency.
+    double top[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
     for (int64_t c = 0; c < C; ++c)
-      if (val[c] > 0) top = std::max(top, y[c] + exponent_of(val[c]) * kLn2);
-    return top;
+      if (val[c] > 0) top[c & 3] = std::max(top[c & 3], y[c] + exponent_of(val[c]) * kLn2);
+    return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
   }
 
   // Forward step t of the span (row i of the buffers): alpha_hat[t] (t ≥ 1)
@@ -2559,8 +2568,7 @@ struct ExpBackward {
       m_buf[i] = m;
       for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m;
       exp_row_f64(arg.data(), f, C);
-      double top = 0.0;
-      for (int64_t c = 0; c < C; ++c) top = std::max(top, lm_f[c] * f[c]);
+      const double top = max_product(lm_f.data(), f, C);
       if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
       for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv;
     }
@@ -2678,9 +2686,11 @@ struct ExpBackward {
   // (beyond 2^400: scores of 1e4 do that), the move takes the excess out of
   // everything instead: returns it (0 otherwise), already taken out of arg.
   double fresh_scale(double* arg_, const double* val, const int* last) const {
-    double top = kNegInf;
+    double tops[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // as in log_scale
     for (int64_t c = 0; c < C; ++c)
-      if (val[c] > 0 && last[c] > 0) top = std::max(top, arg_[c] + exponent_of(val[c]) * kLn2);
+      if (val[c] > 0 && last[c] > 0)
+        tops[c & 3] = std::max(tops[c & 3], arg_[c] + exponent_of(val[c]) * kLn2);
+    const double top = std::max(std::max(tops[0], tops[1]), std::max(tops[2], tops[3]));
     if (!(top > 400.0 * kLn2)) return 0.0;
     for (int64_t c = 0; c < C; ++c) arg_[c] -= top;
     return top;
@@ -3059,8 +3069,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       if (fused) {
         const double* f = eb.fe_buf.data() + (i - 1) * C;  // position t-1
         m = eb.m_buf[i - 1];
-        double top = 0.0;
-        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * f[c]);
+        const double top = max_product(eb.lm_b.data(), f, C);
         if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
         for (int64_t c = 0; c < C; ++c) eb.fs[c] = f[c] * inv;
         std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
