@@ -2187,11 +2187,20 @@ inline void vecmat(const double* a, const double* M, double* out, int64_t n, int
 // of the segments [t, t+d) take alpha_hat[t] · A_d for every d, beta_hat
 // the K mat-vecs A_d · v_d and the transition posteriors K outer products:
 // K·C² multiply-adds each, never exps.
+// max(0, max over c of x[c] · y[c]) in four chains: the same max in any
+// order, a quarter of one chain's latency.
+inline double max_product(const double* x, const double* y, int64_t C) {
+  double top[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t c = 0; c < C; ++c) top[c & 3] = std::max(top[c & 3], x[c] * y[c]);
+  return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+}
+
 template <typename scalar_t, bool DD>
 struct ExpBackward {
   static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const SequenceInputs<scalar_t>& in;
   const int64_t K, C, L;
+  const int64_t Cp;  // C padded to whole chunks of kRingLanes (the static mat-vecs' tables)
 
   // Per-call tables, float64.
   std::vector<double> dur_max;  // (C) finite max over d of duration (0 if none)
@@ -2209,7 +2218,8 @@ struct ExpBackward {
   // exp(transition - col_max[c]) as (C, C), or DD as (C, K, C): entry
   // [c'][d-1][c], so that everything leaving c' is one contiguous row.
   std::vector<double> A;
-  std::vector<double> At;       // static: A transposed
+  // Static: A and its transpose with rows padded to Cp, for the mat-vecs.
+  std::vector<double> A_pad, At_pad;
   // DD: the ring entry of a label-c segment, times its weight, is relative
   // to the offset + seg_max[c] (static: dur_max[c]); u0 = exp(start_transition
   // - col_max - first_max) is the first segment's alpha_hat · A_d (for every
@@ -2268,13 +2278,14 @@ struct ExpBackward {
 
   ExpBackward(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_,
               int64_t span)
-      : in(in_), K(K_), C(C_), L(L_), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
-        last_raw(C_, 0), col_max(C_, 0.0), A(n_matrices() * C_ * C_), At(DD ? 0 : C_ * C_),
+      : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), dur_max(C_, 0.0), W(K_ * C_), fwd_last(C_, 0), bwd_last(C_, 0), keep_f(K_ * C_), fwd_last_d(C_), bwd_last_d(C_),
+        last_raw(C_, 0), col_max(C_, 0.0), A(n_matrices() * C_ * C_),
+        A_pad(DD ? 0 : C_ * Cp, 0.0), At_pad(DD ? 0 : C_ * Cp, 0.0),
         seg_max(C_), u0(DD ? C_ : 0), e_dur(C_), e_col(C_), e_cd(C_), ahat((span + 1) * C_),
         shat((span + 1) * C_), aoff(span + 1), soff(span + 1), fring(K_ * C_, 0.0),
         aring(DD ? K_ * C_ : 0, 0.0), ck_rows((DD ? 2 : 1) * K_ * C_), fe_buf((span + 1) * C_),
-        m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(C_), fe(C_), fs(C_), fnew(C_),
-        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(C_), ws(C_), covered(C_), fval(C_),
+        m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(Cp, 0.0), fe(C_), fs(C_), fnew(C_),
+        lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(Cp, 0.0), ws(C_), covered(C_), fval(C_),
         wrow(C_), row_scale(DD ? K_ : 0), vbatch(DD ? kBatch * K_ * C_ : 0),
         wbatch(DD ? kBatch * C_ : 0), ubuf(DD ? K_ * C_ : 0),
         trans_acc(n_matrices() * C_ * C_, 0.0),
@@ -2307,7 +2318,10 @@ struct ExpBackward {
           const double a = std::exp(x - col_max[c]);
           tables_flush = tables_flush || (DD && x > kNegInf && a == 0.0);
           A[(cp * n_tr + d - 1) * C + c] = a;
-          if (!DD) At[c * C + cp] = a;
+          if (!DD) {
+            A_pad[cp * Cp + c] = a;
+            At_pad[c * Cp + cp] = a;
+          }
         }
       seg_max[c] = DD ? col_max[c] + dur_max[c] : dur_max[c];
     }
@@ -2529,10 +2543,11 @@ struct ExpBackward {
   // largest of y[c] + log(val[c]) over val > 0, from the exponent (within a
   // factor 2); kNegInf if none.
   double log_scale(const double* y, const double* val) const {
-    double top = kNegInf;
+    // Four chains of maxima: the same max, a quarter of the latency.
+    double top[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
     for (int64_t c = 0; c < C; ++c)
-      if (val[c] > 0) top = std::max(top, y[c] + exponent_of(val[c]) * kLn2);
-    return top;
+      if (val[c] > 0) top[c & 3] = std::max(top[c & 3], y[c] + exponent_of(val[c]) * kLn2);
+    return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
   }
 
   // Forward step t of the span (row i of the buffers): alpha_hat[t] (t ≥ 1)
@@ -2553,8 +2568,7 @@ struct ExpBackward {
       m_buf[i] = m;
       for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m;
       exp_row_f64(arg.data(), f, C);
-      double top = 0.0;
-      for (int64_t c = 0; c < C; ++c) top = std::max(top, lm_f[c] * f[c]);
+      const double top = max_product(lm_f.data(), f, C);
       if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
       for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv;
     }
@@ -2622,15 +2636,7 @@ struct ExpBackward {
       for (int64_t c = 0; c < C; ++c) a[c] = acc[c] > 0 ? acc[c] * ex[c] : 0.0;
       aoff[i] = Oa.plus(ma);
       if (!DD && t < L) {
-        std::fill(u.begin(), u.end(), 0.0);
-        for (int64_t cp = 0; cp < C; ++cp) {
-          const double ac = a[cp];
-          if (ac == 0.0) continue;
-          const double* __restrict row = A.data() + cp * C;
-          double* __restrict uu = u.data();
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) uu[c] += ac * row[c];
-        }
+        matvec_padded(a, A_pad.data(), C, Cp, u.data());  // u = alpha_hat A
         for (int64_t c = 0; c < C; ++c) lg[c] = col_max[c] + static_cast<double>(in.start(t, c));
         double ms = log_scale(lg.data(), u.data());
         if (ms == kNegInf) ms = 0.0;
@@ -2680,9 +2686,11 @@ struct ExpBackward {
   // (beyond 2^400: scores of 1e4 do that), the move takes the excess out of
   // everything instead: returns it (0 otherwise), already taken out of arg.
   double fresh_scale(double* arg_, const double* val, const int* last) const {
-    double top = kNegInf;
+    double tops[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // as in log_scale
     for (int64_t c = 0; c < C; ++c)
-      if (val[c] > 0 && last[c] > 0) top = std::max(top, arg_[c] + exponent_of(val[c]) * kLn2);
+      if (val[c] > 0 && last[c] > 0)
+        tops[c & 3] = std::max(tops[c & 3], arg_[c] + exponent_of(val[c]) * kLn2);
+    const double top = std::max(std::max(tops[0], tops[1]), std::max(tops[2], tops[3]));
     if (!(top > 400.0 * kLn2)) return 0.0;
     for (int64_t c = 0; c < C; ++c) arg_[c] -= top;
     return top;
@@ -3061,8 +3069,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       if (fused) {
         const double* f = eb.fe_buf.data() + (i - 1) * C;  // position t-1
         m = eb.m_buf[i - 1];
-        double top = 0.0;
-        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * f[c]);
+        const double top = max_product(eb.lm_b.data(), f, C);
         if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
         for (int64_t c = 0; c < C; ++c) eb.fs[c] = f[c] * inv;
         std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
@@ -3142,16 +3149,8 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         }
         for (int64_t c = 0; c < C; ++c) eb.v[c] = eb.tau[c] > 0 ? eb.tau[c] * eb.v[c] : 0.0;
         eb.Qb = eb.Q.plus(mv);
-        // Along c' (contiguous in A's transpose): no horizontal sums.
-        std::fill(eb.bet.begin(), eb.bet.end(), 0.0);
-        for (int64_t c = 0; c < C; ++c) {
-          const double vc = eb.v[c];
-          if (vc == 0.0) continue;
-          const double* __restrict col = eb.At.data() + c * C;
-          double* __restrict bt = eb.bet.data();
-#pragma omp simd
-          for (int64_t cp = 0; cp < C; ++cp) bt[cp] += col[cp] * vc;
-        }
+        // beta_hat = A v, along c' (rows of A's transpose): no horizontal sums.
+        matvec_padded(eb.v.data(), eb.At_pad.data(), C, eb.Cp, eb.bet.data());
       }
       const double sa = std::exp(eb.rel(aoff, eb.Qb));
       for (int64_t cp = 0; cp < C; ++cp) {
@@ -3173,7 +3172,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
                                               eb.ck_off, eb.bet.data(), eb.Qb, eb.bring.data(),
                                               eb.Q);
         anchor = {t, total, eb.Q, eb.Qb};
-        std::copy(eb.bet.begin(), eb.bet.end(), anchor_beta.begin());
+        std::copy_n(eb.bet.begin(), C, anchor_beta.begin());
         std::copy(eb.bring.begin(), eb.bring.end(), anchor_ring.begin());
         // It is exp(span_drift) in exact arithmetic: what this span's beta
         // sweep lost to underflow shows here.
