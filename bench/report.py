@@ -248,9 +248,9 @@ def column_legend(meta: dict) -> dict[str, str]:
     algorithms = meta.get("cpu_algorithms", {})
     cpu_algorithm = (
         f" with its default algorithm, `{CPU_ALGORITHM_ENV}=exp`: the scaled exp-domain "
-        "forward, which hands a sequence to the log-domain scan where scaled "
-        "probabilities could lose precision and runs that scan where it has no path yet "
-        "(a (K, C, C) transition)" if algorithms.get("cpu") == "exp" else "")
+        "forward and backward (both transition forms), each of which hands a sequence to "
+        "its log-domain version where scaled probabilities could lose precision"
+        if algorithms.get("cpu") == "exp" else "")
     return {
         "B": "sequences in the batch.",
         "T": "length of every sequence, in positions (tokens, frames, bases).",
