@@ -21,20 +21,10 @@ import torch
 
 import flashsemicrf  # noqa: F401  (loads the compiled ops when they are built)
 from conftest import assert_close
+from test_cpu_exp_domain import ENV, _has_cpu_op
 
-ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 F32, F64 = torch.float32, torch.float64
 NEG_INF = -math.inf
-
-
-def _has_cpu_op() -> bool:
-    try:
-        torch.ops.flashsemicrf.forward.default
-        torch.ops.flashsemicrf_testing.cpu_exp_fallbacks.default
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
 
 pytestmark = pytest.mark.skipif(not _has_cpu_op(), reason="needs the C++ CPU kernel")
 

@@ -616,12 +616,12 @@ struct ExpForward {
   std::vector<scalar_t> acc, alpha, sigma, u, emit, fo, fn, livemax, rmin, arg, factor;
   std::vector<double> ga, gs, work, work_ys, lemit, fo_d, fn_d;
   bool rejected = false;  // no bound could be kept: the caller falls back
-  // Fast paths. On ordinary inputs nothing underflows and every ghost stays
-  // exactly 0; a step then checks, in vectorisable loops, that none of its
-  // charges fires, and skips the per-label bound arithmetic, which would
-  // return the same zeros. Any charge runs that arithmetic in full.
+  // Fast paths. Where no ghost is left to carry, a step checks in one
+  // vectorised loop that none of its charges fires and skips the per-label
+  // bound arithmetic, which would return the same zeros (sigma_hat's, on
+  // ordinary inputs nearly always; the ring's generations swap only when
+  // they hold a ghost).
   bool ring_ghost_free = true;  // ghost_old and ghost_new are all 0
-  bool sigma_ghost_free = true;  // gs is all 0
   bool any_A_lost = false;  // over the labels that can reach an end
   scalar_t A_minpos_min;  // min of A_minpos over the labels that can reach an end
   std::vector<char> reaches;  // (C) last_duration > 0
@@ -748,7 +748,6 @@ struct ExpForward {
       sigma[c] = fexp(static_cast<scalar_t>(x));
       gs[c] = through_factor(0.0, 1, sigma[c], x);
     }
-    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Step t ≥ 1: alpha_hat[t] and its ghost ga.
@@ -895,7 +894,6 @@ struct ExpForward {
       }
       if (!charged) {
         std::fill(gs.begin(), gs.end(), 0.0);
-        sigma_ghost_free = true;
         return;
       }
     }
@@ -918,7 +916,6 @@ struct ExpForward {
       if (!(g < 1e300)) rejected = true;
       gs[c] = g;
     }
-    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Move the ring to step t+1 (t < L): position t's emissions, the segments
