@@ -434,7 +434,8 @@ template <typename scalar_t>
 inline void matvec_padded(const scalar_t* x, const scalar_t* table, int64_t C, int64_t Cp,
                           scalar_t* out) {
   int64_t c0 = 0;
-  for (; c0 + 4 * kRingLanes <= Cp; c0 += 4 * kRingLanes) matvec_chunks<4>(x, table, C, Cp, c0, out);
+  for (; c0 + 4 * kRingLanes <= Cp; c0 += 4 * kRingLanes)
+    matvec_chunks<4>(x, table, C, Cp, c0, out);
   switch ((Cp - c0) / kRingLanes) {
     case 3: matvec_chunks<3>(x, table, C, Cp, c0, out); break;
     case 2: matvec_chunks<2>(x, table, C, Cp, c0, out); break;
@@ -590,11 +591,10 @@ struct ExpForward {
   std::vector<scalar_t> weight_minpos;  // (Cp) smallest positive weight
   std::vector<int> last_duration;       // (C) longest duration, 0 if the label cannot reach an end
   std::vector<double> col_max;          // (C) finite max over c' of transition[c', c]
-  std::vector<scalar_t> A;              // (C, C) exp(transition - col_max[c]), 0 below tiny
-  std::vector<double> A_bound;          // (C, C) the same in float64, for the ghost mat-vec
+  std::vector<double> A_bound;          // (C, C) exp(transition - col_max[c]), float64 (ghosts)
   std::vector<double> A_lost;           // (C) the column's flushed true entries, tiny units
   std::vector<scalar_t> A_minpos;       // (C) smallest positive entry of the column
-  std::vector<scalar_t> A_padded;       // (C, Cp) A, rows padded with zeros
+  std::vector<scalar_t> A_padded;       // (C, Cp) the same in the dtype, 0 below tiny, zero-padded
 
   // State. Entries are relative to O; alpha_hat to O + mes; sigma_hat to
   // O + sigma_rel (kept apart from O so that no large sum rounds them).
@@ -633,10 +633,12 @@ struct ExpForward {
       : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), dur_max(C_, 0.0),
         weight(K_ * Cp, 0), keep(K_ * Cp, 0), chunk_alive_ages(Cp / kRingLanes, 0),
         weight_lost(Cp, 0.0), weight_minpos(Cp, 0), last_duration(C_, 0), col_max(C_, 0.0),
-        A(C_ * C_), A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0), rows(K_), chunk_rows(K_),
+        A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0),
+        rows(K_), chunk_rows(K_),
         ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
         emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(Cp, 0),
-        factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(Cp, 0.0), lemit(Cp, 0.0), fo_d(Cp, 0.0),
+        factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(Cp, 0.0), lemit(Cp, 0.0),
+        fo_d(Cp, 0.0),
         fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0),
         srow(Cp, -Limits::infinity()) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
@@ -683,7 +685,6 @@ struct ExpForward {
           lost += xb;
           a = 0;
         }
-        A[cp * C + c] = a;
         A_padded[cp * Cp + c] = a;
         A_bound[cp * C + c] = xb;
         if (a > 0) A_minpos[c] = std::min(A_minpos[c], a);
@@ -1204,9 +1205,8 @@ struct ExpForwardDD {
   // Per-call tables.
   std::vector<double> col_max;        // (C) finite max over d, c' of transition[d][c', c]
   std::vector<double> dur_max;        // (C) finite max over d of duration[d-1, c]
-  std::vector<scalar_t> A;            // (K, C, C) exp(transition - col_max[c])
   std::vector<scalar_t> A_minpos;     // (C) smallest positive entry of column c, all d
-  std::vector<scalar_t> A_padded;     // (K, C, Cp) A, rows padded with zeros
+  std::vector<scalar_t> A_padded;     // (K, C, Cp) exp(transition - col_max[c]), zero-padded rows
   scalar_t A_minpos_min;              // min over c of A_minpos
   std::vector<scalar_t> weight;       // (K, C) exp(duration - dur_max)
   std::vector<scalar_t> first_alpha;  // (C) exp(start_transition - col_max - first_max)
@@ -1236,7 +1236,8 @@ struct ExpForwardDD {
 
   ExpForwardDD(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_), Cp(padded_labels(C_)), col_max(C_, 0.0), dur_max(C_, 0.0),
-        A(K_ * C_ * C_), A_minpos(C_, Limits::infinity()), A_padded(K_ * C_ * Cp, 0), weight(K_ * C_), first_alpha(C_), reach(C_, 0),
+        A_minpos(C_, Limits::infinity()), A_padded(K_ * C_ * Cp, 0), weight(K_ * C_),
+        first_alpha(C_), reach(C_, 0),
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
         alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
@@ -1266,10 +1267,9 @@ struct ExpForwardDD {
     for (int64_t d = 1; d <= K; ++d)
       for (int64_t cp = 0; cp < C; ++cp)
         for (int64_t c = 0; c < C; ++c) {
-          scalar_t* a = A.data() + ((d - 1) * C + cp) * C + c;
+          scalar_t* a = A_padded.data() + ((d - 1) * C + cp) * Cp + c;
           ok &= table_exp(static_cast<double>(in.trans(d, cp, c)) - col_max[c], a);
           if (*a > 0) A_minpos[c] = std::min(A_minpos[c], *a);
-          A_padded[((d - 1) * C + cp) * Cp + c] = *a;
         }
     A_minpos_min = *std::min_element(A_minpos.begin(), A_minpos.end());
     for (int64_t d = 1; d <= K; ++d)
@@ -1376,7 +1376,7 @@ struct ExpForwardDD {
         const double* ag = alpha_ghost.data() + slot * C;
         for (int64_t cp = 0; cp < C; ++cp) {
           if (ag[cp] == 0.0) continue;
-          const scalar_t* row = A.data() + ((d - 1) * C + cp) * C;
+          const scalar_t* row = A_padded.data() + ((d - 1) * C + cp) * Cp;
           for (int64_t c = 0; c < C; ++c)
             if (row[c] > 0) gu[c] += std::max(ag[cp] * static_cast<double>(row[c]) * kUp, kFloor);
         }
