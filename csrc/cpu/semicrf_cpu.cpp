@@ -335,6 +335,42 @@ inline f64x4 select4(i64x4 m, f64x4 a, f64x4 b) { return m ? a : b; }
 inline double max_lane(f64x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
 inline double min_lane(f64x4 v) { return std::min(std::min(v[0], v[1]), std::min(v[2], v[3])); }
 
+// The largest of y[c] + exponent_of(val[c]) · ln2 over c < n with val[c] > 0
+// (and gate[c] > 0 where a gate is given): log(val) + y within a factor 2;
+// kNegInf if none. Four lanes at a time (the same max in any order).
+inline double top_log_bound(const double* y, const double* val, const double* gate, int64_t n) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  f64x4 top = {kNegInf, kNegInf, kNegInf, kNegInf};
+  const f64x4 none = top;
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const f64x4 v = load4(val + c);
+    const f64x4 cand = load4(y + c) + exponent4(v) * kLn2;
+    i64x4 live = v > 0;
+    if (gate) live &= load4(gate + c) > 0;
+    const f64x4 x = select4(live, cand, none);
+    top = x > top ? x : top;
+  }
+  double out = max_lane(top);
+  for (; c < n; ++c)
+    if (val[c] > 0 && (!gate || gate[c] > 0))
+      out = std::max(out, y[c] + exponent_of(val[c]) * kLn2);
+  return out;
+}
+// The largest of x[c] over c < n (kNegInf for none), four lanes at a time.
+inline double max_of(const double* x, int64_t n) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  f64x4 top = {kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const f64x4 v = load4(x + c);
+    top = v > top ? v : top;
+  }
+  double out = max_lane(top);
+  for (; c < n; ++c) out = std::max(out, x[c]);
+  return out;
+}
+
 // Labels per chunk of the exp-domain forward's ring pass: the ring, weight
 // and keep rows are padded to a multiple of it with zeros, so that the pass
 // runs whole vectors and one chunk's sums stay in registers across the K
@@ -2024,94 +2060,122 @@ inline void exp_row_f64(const double* __restrict x, double* __restrict out, int6
   for (int64_t c = 0; c < n; ++c) out[c] = exp_f64(x[c]);
 }
 
-// The passes of the exp-domain backward over its rings, eight labels at a
-// time (C % 8 == 0), so that the per-label sums stay in registers across
-// the durations instead of going through memory for every row; the generic
-// loops in ExpBackward are the same arithmetic in the same order.
-//
+// The passes of the exp-domain backward over its rings, eight labels a
+// chunk (C % 8 == 0), so that the per-label sums stay in registers across
+// the durations instead of going through memory for every row. Up to NC =
+// 3 chunks run side by side: each chunk's sums form chains of dependent
+// additions, one link per duration, and three chains interleave where one
+// would wait on its own latency. The generic loops in ExpBackward are the
+// same arithmetic in the same order.
+constexpr int kPassLanes = 8;
+template <typename Fn>
+inline void for_chunk_groups(int64_t C, Fn fn) {
+  int64_t c0 = 0;
+  for (; c0 + 3 * kPassLanes <= C; c0 += 3 * kPassLanes) fn(c0, std::integral_constant<int, 3>{});
+  if (C - c0 == 2 * kPassLanes) fn(c0, std::integral_constant<int, 2>{});
+  if (C - c0 == kPassLanes) fn(c0, std::integral_constant<int, 1>{});
+}
+
 // Forward recompute, step t: acc[c] = sum_{d <= n} ring[t-d][c] · W[d-1][c];
 // with ADVANCE, every entry also moves to the next step: times scale[c], or
 // to exactly 0 once older than last[c], the label's longest duration (it
 // meets only zero weights from then on, and must neither set a normaliser
 // nor overflow); lm[c] receives the largest moved entry.
+template <bool ADVANCE, int NC>
+inline void forward_pass_chunks(double* ring, const double* W, const double* last,
+                                const double* scale, double* acc, double* lm, int tK, int64_t n,
+                                int64_t K, int64_t C, int64_t c0) {
+  constexpr int kW = NC * kPassLanes;
+  double a[kW] = {}, mx[kW] = {}, sc[kW], lt[kW];
+  for (int k = 0; k < kW; ++k) {
+    sc[k] = scale[c0 + k];
+    lt[k] = last[c0 + k];
+  }
+  for (int64_t d = 1; d <= n; ++d) {
+    double* __restrict r = ring + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
+    const double* __restrict w = W + (d - 1) * C + c0;
+    const double age = static_cast<double>(d);
+#pragma omp simd
+    for (int k = 0; k < kW; ++k) {
+      const double x0 = r[k];
+      a[k] += x0 * w[k];
+      if (ADVANCE) {
+        const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
+        r[k] = moved;
+        mx[k] = moved > mx[k] ? moved : mx[k];
+      }
+    }
+  }
+  for (int k = 0; k < kW; ++k) {
+    acc[c0 + k] = a[k];
+    if (ADVANCE) lm[c0 + k] = mx[k];
+  }
+}
 template <bool ADVANCE>
 void forward_pass8(double* ring, const double* W, const double* last, const double* scale,
                    double* acc, double* lm, int tK, int64_t n, int64_t K, int64_t C) {
-  for (int64_t c0 = 0; c0 < C; c0 += 8) {
-    double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, mx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sc[8], lt[8];
-    for (int k = 0; k < 8; ++k) {
-      sc[k] = scale[c0 + k];
-      lt[k] = last[c0 + k];
-    }
-    for (int64_t d = 1; d <= n; ++d) {
-      double* __restrict r = ring + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
-      const double* __restrict w = W + (d - 1) * C + c0;
-      const double age = static_cast<double>(d);
-#pragma omp simd
-      for (int k = 0; k < 8; ++k) {
-        const double x0 = r[k];
-        a[k] += x0 * w[k];
-        if (ADVANCE) {
-          const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
-          r[k] = moved;
-          mx[k] = moved > mx[k] ? moved : mx[k];
-        }
-      }
-    }
-    for (int k = 0; k < 8; ++k) {
-      acc[c0 + k] = a[k];
-      if (ADVANCE) lm[c0 + k] = mx[k];
-    }
-  }
+  for_chunk_groups(C, [&](int64_t c0, auto nc) {
+    forward_pass_chunks<ADVANCE, decltype(nc)::value>(ring, W, last, scale, acc, lm, tK, n, K, C,
+                                                      c0);
+  });
 }
 
 // Backward sweep, step t: for d = dmax … 1, x = ring[t+d][c] · W[d-1][c]
 // into tau, the posterior x · ws into sum_dur[d-1], the running coverage
 // into pending (position t+d-1); with MOVE, the entry moves to step t-1 as
 // in forward_pass8.
+template <bool MOVE, int NC>
+inline void backward_pass_chunks(double* ring, const double* W, const double* last,
+                                 const double* ws, const double* scale, double* tau,
+                                 double* covered, double* lm, double* sum_dur, double* pending,
+                                 int64_t t, int tK, int64_t dmax, int64_t K, int64_t C,
+                                 int64_t c0) {
+  constexpr int kW = NC * kPassLanes;
+  double ta[kW] = {}, cv[kW] = {}, mx[kW] = {}, wv[kW], sc[kW], lt[kW];
+  for (int k = 0; k < kW; ++k) {
+    wv[k] = ws[c0 + k];
+    sc[k] = scale[c0 + k];
+    lt[k] = last[c0 + k];
+  }
+  // pending's slot of position t+d-1, stepped down with d (no division).
+  int64_t slot = (t + dmax - 1) % K;
+  for (int64_t d = dmax; d >= 1; --d, slot = slot == 0 ? K - 1 : slot - 1) {
+    double* __restrict r = ring + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
+    const double* __restrict w = W + (d - 1) * C + c0;
+    double* __restrict sd = sum_dur + (d - 1) * C + c0;
+    double* __restrict pd = pending + slot * C + c0;
+    const double age = static_cast<double>(d);
+#pragma omp simd
+    for (int k = 0; k < kW; ++k) {
+      const double x0 = r[k];
+      const double xv = x0 * w[k];
+      ta[k] += xv;
+      const double post = xv * wv[k];
+      sd[k] += post;
+      cv[k] += post;
+      pd[k] += cv[k];
+      if (MOVE) {
+        const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
+        r[k] = moved;
+        mx[k] = moved > mx[k] ? moved : mx[k];
+      }
+    }
+  }
+  for (int k = 0; k < kW; ++k) {
+    tau[c0 + k] = ta[k];
+    covered[c0 + k] = cv[k];
+    if (MOVE) lm[c0 + k] = mx[k];
+  }
+}
 template <bool MOVE>
 void backward_pass8(double* ring, const double* W, const double* last, const double* ws,
                     const double* scale, double* tau, double* covered, double* lm,
                     double* sum_dur, double* pending, int64_t t, int tK, int64_t dmax, int64_t K,
                     int64_t C) {
-  for (int64_t c0 = 0; c0 < C; c0 += 8) {
-    double ta[8] = {0, 0, 0, 0, 0, 0, 0, 0}, cv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    double mx[8] = {0, 0, 0, 0, 0, 0, 0, 0}, wv[8], sc[8], lt[8];
-    for (int k = 0; k < 8; ++k) {
-      wv[k] = ws[c0 + k];
-      sc[k] = scale[c0 + k];
-      lt[k] = last[c0 + k];
-    }
-    // pending's slot of position t+d-1, stepped down with d (no division).
-    int64_t slot = (t + dmax - 1) % K;
-    for (int64_t d = dmax; d >= 1; --d, slot = slot == 0 ? K - 1 : slot - 1) {
-      double* __restrict r = ring + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C + c0;
-      const double* __restrict w = W + (d - 1) * C + c0;
-      double* __restrict sd = sum_dur + (d - 1) * C + c0;
-      double* __restrict pd = pending + slot * C + c0;
-      const double age = static_cast<double>(d);
-#pragma omp simd
-      for (int k = 0; k < 8; ++k) {
-        const double x0 = r[k];
-        const double xv = x0 * w[k];
-        ta[k] += xv;
-        const double post = xv * wv[k];
-        sd[k] += post;
-        cv[k] += post;
-        pd[k] += cv[k];
-        if (MOVE) {
-          const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
-          r[k] = moved;
-          mx[k] = moved > mx[k] ? moved : mx[k];
-        }
-      }
-    }
-    for (int k = 0; k < 8; ++k) {
-      tau[c0 + k] = ta[k];
-      covered[c0 + k] = cv[k];
-      if (MOVE) lm[c0 + k] = mx[k];
-    }
-  }
+  for_chunk_groups(C, [&](int64_t c0, auto nc) {
+    backward_pass_chunks<MOVE, decltype(nc)::value>(ring, W, last, ws, scale, tau, covered, lm,
+                                                    sum_dur, pending, t, tK, dmax, K, C, c0);
+  });
 }
 
 // A ring entry x0 of age `age` moved on by one step: times the label's
@@ -2255,9 +2319,10 @@ struct ExpBackward {
   // Scratch.
   std::vector<double> acc, u, fe, fs, fnew, lg, arg, ex, tau, v, bet, ws, covered, fval, wrow;
   std::vector<double> row_scale;  // DD: (K) the checkpoint's alpha rows' maxima
-  // DD: the last few positions' v_d (kBatch, K, C; the slot of this one
-  // holds ring · W first) and alpha-parts (kBatch, C), whose transition
-  // posteriors join trans_acc together (flush_transitions).
+  // The last few positions' v-parts (kBatch, C; DD: v_d, (kBatch, K, C),
+  // the slot of this one holding ring · W first) and alpha-parts (kBatch,
+  // C), whose transition posteriors join trans_acc together
+  // (flush_transitions): trans_acc is read and written once a batch.
   static constexpr int64_t kBatch = 8;
   std::vector<double> vbatch, wbatch;
   int64_t n_batch = 0;
@@ -2283,8 +2348,8 @@ struct ExpBackward {
         aring(DD ? K_ * C_ : 0, 0.0), ck_rows((DD ? 2 : 1) * K_ * C_), fe_buf((span + 1) * C_),
         m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(Cp, 0.0), fe(C_), fs(C_), fnew(C_),
         lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(Cp, 0.0), ws(C_), covered(C_), fval(C_),
-        wrow(C_), row_scale(DD ? K_ : 0), vbatch(DD ? kBatch * K_ * C_ : 0),
-        wbatch(DD ? kBatch * C_ : 0), ubuf(DD ? K_ * C_ : 0),
+        wrow(C_), row_scale(DD ? K_ : 0), vbatch(kBatch * (DD ? K_ : 1) * C_),
+        wbatch(kBatch * C_), ubuf(DD ? K_ * C_ : 0),
         trans_acc(n_matrices() * C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
@@ -2540,11 +2605,7 @@ struct ExpBackward {
   // largest of y[c] + log(val[c]) over val > 0, from the exponent (within a
   // factor 2); kNegInf if none.
   double log_scale(const double* y, const double* val) const {
-    // Four chains of maxima: the same max, a quarter of the latency.
-    double top[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-    for (int64_t c = 0; c < C; ++c)
-      if (val[c] > 0) top[c & 3] = std::max(top[c & 3], y[c] + exponent_of(val[c]) * kLn2);
-    return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+    return top_log_bound(y, val, nullptr, C);
   }
 
   // Forward step t of the span (row i of the buffers): alpha_hat[t] (t ≥ 1)
@@ -2559,11 +2620,11 @@ struct ExpBackward {
     double* f = fe_buf.data() + i * C;
     double m = 0.0, inv = 1.0;
     if (advance) {
-      m = kNegInf;
-      for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t, c)));
+      for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c));
+      m = max_of(arg.data(), C);
       if (m == kNegInf) m = 0.0;
       m_buf[i] = m;
-      for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c)) - m;
+      for (int64_t c = 0; c < C; ++c) arg[c] -= m;
       exp_row_f64(arg.data(), f, C);
       const double top = max_product(lm_f.data(), f, C);
       if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
@@ -2664,7 +2725,7 @@ struct ExpBackward {
       std::fill(fval.begin(), fval.end(), any ? 1.0 : 0.0);
       val = fval.data();
     }
-    const double extra = fresh_scale(arg.data(), val, fwd_last.data());
+    const double extra = fresh_scale(arg.data(), val, fwd_last_d.data());
     if (extra != 0.0) rescale(fring.data(), lm_f.data(), extra);
     if (!(!(DD && in.start_scores) && table_row(f, shift - extra, ex.data(), C)))
       exp_row_f64(arg.data(), ex.data(), C);
@@ -2682,12 +2743,8 @@ struct ExpBackward {
   // the entries arriving now, val[c] · exp(arg[c]), lie far above them
   // (beyond 2^400: scores of 1e4 do that), the move takes the excess out of
   // everything instead: returns it (0 otherwise), already taken out of arg.
-  double fresh_scale(double* arg_, const double* val, const int* last) const {
-    double tops[4] = {kNegInf, kNegInf, kNegInf, kNegInf};  // as in log_scale
-    for (int64_t c = 0; c < C; ++c)
-      if (val[c] > 0 && last[c] > 0)
-        tops[c & 3] = std::max(tops[c & 3], arg_[c] + exponent_of(val[c]) * kLn2);
-    const double top = std::max(std::max(tops[0], tops[1]), std::max(tops[2], tops[3]));
+  double fresh_scale(double* arg_, const double* val, const double* last) const {
+    const double top = top_log_bound(arg_, val, last, C);
     if (!(top > 400.0 * kLn2)) return 0.0;
     for (int64_t c = 0; c < C; ++c) arg_[c] -= top;
     return top;
@@ -2762,27 +2819,38 @@ struct ExpBackward {
     if (!(std::abs(total - 1.0) <= tol)) failed = true;
   }
 
-  // DD: the batch's transition posteriors into trans_acc, position by
-  // position (the sums of adding them one position at a time).
-  // Sixteen entries at a time stay in registers across the batch.
+  // The batch's transition posteriors into trans_acc, position by position
+  // (the sums of adding them one position at a time; a zero alpha-part adds
+  // nothing, as it would add an exact 0). Up to 32 entries at a time stay in
+  // registers across the batch.
+  template <int W>
+  void flush_block(double* __restrict ta, int64_t cp, int64_t k0, int64_t len) const {
+    double a[W];
+    for (int j = 0; j < W; ++j) a[j] = ta[k0 + j];
+    for (int64_t p = 0; p < n_batch; ++p) {
+      const double w = wbatch[p * C + cp];
+      if (w == 0.0) continue;
+      const double* __restrict vb = vbatch.data() + p * len + k0;
+#pragma omp simd
+      for (int j = 0; j < W; ++j) a[j] += w * vb[j];
+    }
+    for (int j = 0; j < W; ++j) ta[k0 + j] = a[j];
+  }
   void flush_transitions() {
-    const int64_t n = n_batch, len = K * C;
+    const int64_t len = n_matrices() * C;
     for (int64_t cp = 0; cp < C; ++cp) {
       double* __restrict ta = trans_acc.data() + cp * len;
       int64_t k0 = 0;
-      for (; k0 + 16 <= len; k0 += 16) {
-        double a[16];
-        for (int j = 0; j < 16; ++j) a[j] = ta[k0 + j];
-        for (int64_t p = 0; p < n; ++p) {
-          const double w = wbatch[p * C + cp];
-          const double* __restrict vb = vbatch.data() + p * len + k0;
-#pragma omp simd
-          for (int j = 0; j < 16; ++j) a[j] += w * vb[j];
-        }
-        for (int j = 0; j < 16; ++j) ta[k0 + j] = a[j];
+      for (; k0 + 32 <= len; k0 += 32) flush_block<32>(ta, cp, k0, len);
+      switch ((len - k0) / 8) {
+        case 3: flush_block<24>(ta, cp, k0, len); break;
+        case 2: flush_block<16>(ta, cp, k0, len); break;
+        case 1: flush_block<8>(ta, cp, k0, len); break;
+        default: break;
       }
-      for (; k0 < len; ++k0)
-        for (int64_t p = 0; p < n; ++p) ta[k0] += wbatch[p * C + cp] * vbatch[p * len + k0];
+      k0 += (len - k0) / 8 * 8;
+      for (; k0 + 4 <= len; k0 += 4) flush_block<4>(ta, cp, k0, len);
+      for (; k0 < len; ++k0) flush_block<1>(ta, cp, k0, len);
     }
     n_batch = 0;
   }
@@ -3150,15 +3218,17 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         matvec_padded(eb.v.data(), eb.At_pad.data(), C, eb.Cp, eb.bet.data());
       }
       const double sa = std::exp(eb.rel(aoff, eb.Qb));
-      for (int64_t cp = 0; cp < C; ++cp) {
-        const double wa = alpha[cp] * sa;
-        if (grad.end_scores)
-          grad.end_scores[(t - 1) * C + cp] = static_cast<scalar_t>(wa * eb.bet[cp] * gd);
-        if (DD || wa == 0.0) continue;
-        double* __restrict ta = eb.trans_acc.data() + cp * C;
-        const double* __restrict vv = eb.v.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) ta[c] += wa * vv[c];
+      if (grad.end_scores)
+        for (int64_t cp = 0; cp < C; ++cp)
+          grad.end_scores[(t - 1) * C + cp] =
+              static_cast<scalar_t>(alpha[cp] * sa * eb.bet[cp] * gd);
+      if (!DD) {
+        // The transition posteriors alpha_hat[c'] A[c', c] v[c], a batch at
+        // a time (sweep_dd batches DD's).
+        double* __restrict w_t = eb.wbatch.data() + eb.n_batch * C;
+        for (int64_t cp = 0; cp < C; ++cp) w_t[cp] = alpha[cp] * sa;
+        std::copy_n(eb.v.data(), C, eb.vbatch.data() + eb.n_batch * C);
+        if (++eb.n_batch == eb.kBatch) eb.flush_transitions();
       }
       if (t == first) {
         // Re-anchor at the checkpoint, as the log backward does; the
@@ -3209,7 +3279,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       for (int64_t c = 0; c < C; ++c)
         eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m + shift +
                     static_cast<double>(in.end(t - 1, c));
-      const double extra = eb.fresh_scale(eb.arg.data(), eb.bet.data(), eb.bwd_last.data());
+      const double extra = eb.fresh_scale(eb.arg.data(), eb.bet.data(), eb.bwd_last_d.data());
       if (extra != 0.0) eb.rescale(eb.bring.data(), eb.lm_b.data(), extra);
       // exp(scores[t-1] - m), the forward recompute's where it has it.
       const double* f_prev = fused ? eb.fe_buf.data() + (i - 1) * C : eb.fe.data();
@@ -3228,7 +3298,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
   }
   if (eb.failed) return false;
   // (C, C), or DD [c'][d-1][c] into transition's [d-1][c'][c].
-  if (DD) eb.flush_transitions();
+  eb.flush_transitions();
   const int64_t n_tr = eb.n_matrices();
   for (int64_t d = 1; d <= n_tr; ++d)
     for (int64_t cp = 0; cp < C; ++cp)
