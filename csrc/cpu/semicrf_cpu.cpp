@@ -2188,6 +2188,22 @@ __attribute__((always_inline)) inline double moved_entry(double x0, double age, 
   return moved;
 }
 
+// The normaliser of a ring move: the power of two 2^-e that brings `top`
+// (the move's largest entry) into [1, 2), clamped to a normal number; 1
+// where top is 0 or not finite. A power of two scales every entry without
+// rounding, and its log, -e·ln2, needs no call to log.
+struct Normaliser {
+  double value = 1.0, log = 0.0;
+};
+inline Normaliser normaliser_for(double top) {
+  if (!(top > 0.0 && top < std::numeric_limits<double>::infinity())) return {};
+  const int e = std::max(exponent_of(top), -1022);
+  const int64_t bits = static_cast<int64_t>(1023 - e) << 52;
+  double value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return {value, -static_cast<double>(e) * kLn2};
+}
+
 // A float64 log offset kept as an unevaluated sum hi + lo (two-sum): an
 // offset of 1e5 gathers 1e-11 of rounding per addition, which thousands of
 // steps would turn into 1e-8 of relative error on every posterior.
@@ -2618,7 +2634,8 @@ struct ExpBackward {
     double* a = ahat.data() + i * C;
     double* s = shat.data() + i * C;
     double* f = fe_buf.data() + i * C;
-    double m = 0.0, inv = 1.0;
+    double m = 0.0;
+    Normaliser inv;
     if (advance) {
       for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c));
       m = max_of(arg.data(), C);
@@ -2627,8 +2644,8 @@ struct ExpBackward {
       for (int64_t c = 0; c < C; ++c) arg[c] -= m;
       exp_row_f64(arg.data(), f, C);
       const double top = max_product(lm_f.data(), f, C);
-      if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
-      for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv;
+      inv = normaliser_for(top);
+      for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv.value;
     }
     if (t == 0) {
       std::fill_n(a, C, 0.0);
@@ -2712,7 +2729,7 @@ struct ExpBackward {
     // gains exp(start(t) + scores[t]) with alpha_hat[t]'s scale, and
     // alpha_hat[t] (u0 at t = 0) into its slot.
     const Offset src = !DD ? soff[i] : (t == 0 ? Offset{first_max, 0.0} : aoff[i]);
-    const double shift = (src.hi - Oa.hi) + (src.lo - Oa.lo) + std::log(inv);
+    const double shift = (src.hi - Oa.hi) + (src.lo - Oa.lo) + inv.log;
     for (int64_t c = 0; c < C; ++c)
       arg[c] = static_cast<double>(in.score(t, c)) - m + shift +
                (DD ? static_cast<double>(in.start(t, c)) : 0.0);
@@ -2736,7 +2753,7 @@ struct ExpBackward {
       fresh[c] = v0;
       lm_f[c] = std::max(lm_f[c], fwd_last[c] > 1 ? v0 : 0.0);
     }
-    Oa.add((m - std::log(inv)) + extra);
+    Oa.add((m - inv.log) + extra);
   }
 
   // The normaliser of a move comes from the previous step's entries; when
@@ -3130,13 +3147,14 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         }
         for (int64_t c = 0; c < C; ++c) eb.ws[c] = sigma[c] > 0 ? sigma[c] * eb.ws[c] : 0.0;
       }
-      double m = 0.0, inv = 1.0;
+      double m = 0.0;
+      Normaliser inv;
       if (fused) {
         const double* f = eb.fe_buf.data() + (i - 1) * C;  // position t-1
         m = eb.m_buf[i - 1];
         const double top = max_product(eb.lm_b.data(), f, C);
-        if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
-        for (int64_t c = 0; c < C; ++c) eb.fs[c] = f[c] * inv;
+        inv = normaliser_for(top);
+        for (int64_t c = 0; c < C; ++c) eb.fs[c] = f[c] * inv.value;
         std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
       }
       std::fill(eb.tau.begin(), eb.tau.end(), 0.0);
@@ -3257,8 +3275,8 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         exp_row_f64(eb.arg.data(), eb.fe.data(), C);
         double top = 0.0;
         for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * eb.fe[c]);
-        if (top > 0.0 && top < std::numeric_limits<double>::infinity()) inv = 1.0 / top;
-        for (int64_t c = 0; c < C; ++c) eb.fs[c] = eb.fe[c] * inv;
+        inv = normaliser_for(top);
+        for (int64_t c = 0; c < C; ++c) eb.fs[c] = eb.fe[c] * inv.value;
         std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
         for (int64_t d = 1; d <= std::min(K, L - t); ++d) {
           double* __restrict r =
@@ -3275,7 +3293,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
       }
       // The segments ending at t: beta_hat[t] · exp(end_scores[t-1] +
       // scores[t-1]), in slot t % K (the duration-K segment's, now too long).
-      const double shift = (eb.Qb.hi - eb.Q.hi) + (eb.Qb.lo - eb.Q.lo) + std::log(inv);
+      const double shift = (eb.Qb.hi - eb.Q.hi) + (eb.Qb.lo - eb.Q.lo) + inv.log;
       for (int64_t c = 0; c < C; ++c)
         eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m + shift +
                     static_cast<double>(in.end(t - 1, c));
@@ -3292,7 +3310,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         fresh[c] = v0;
         eb.lm_b[c] = std::max(eb.lm_b[c], eb.bwd_last[c] > 1 ? v0 : 0.0);
       }
-      eb.Q.add((m - std::log(inv)) + extra);
+      eb.Q.add((m - inv.log) + extra);
     }
     if (eb.failed) return false;
   }
