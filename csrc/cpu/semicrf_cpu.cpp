@@ -385,16 +385,17 @@ inline int64_t padded_labels(int64_t C) { return (C + kRingLanes - 1) / kRingLan
 // into this pass so the ring is read once per step); an entry is capped at
 // the dtype's largest value, so that an entry that can no longer matter meets
 // its zero weight as 0, never as inf · 0.
-// One ring row of ring_chunk_pass. kAllAlive: every lane's entry stays
-// alive (keep = 1), so the masks of the general body are known to be true.
-template <bool kAllAlive, typename scalar_t>
+// One ring row of ring_chunk_pass, kWidth lanes. kAllAlive: every lane's
+// entry stays alive (keep = 1), so the masks of the general body are known
+// to be true.
+template <bool kAllAlive, int kWidth, typename scalar_t>
 inline void ring_row(scalar_t* __restrict r, const scalar_t* __restrict wd,
                      const scalar_t* __restrict kd, const scalar_t* __restrict f, bool scale,
                      scalar_t* __restrict a, scalar_t* __restrict lm, scalar_t* __restrict mn) {
   constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   constexpr scalar_t big = std::numeric_limits<scalar_t>::max();
 #pragma omp simd
-  for (int64_t i = 0; i < kRingLanes; ++i) {
+  for (int64_t i = 0; i < kWidth; ++i) {
     scalar_t x = r[i];
     if (scale) {
       x = x * f[i];
@@ -416,14 +417,20 @@ inline void ring_row(scalar_t* __restrict r, const scalar_t* __restrict wd,
   }
 }
 
-template <typename scalar_t>
-inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, bool advance_old,
-                            const scalar_t* __restrict w, const scalar_t* __restrict kp,
-                            int64_t stride, const scalar_t* __restrict f, scalar_t* __restrict acc,
+// NC chunks (labels c0 … c0 + NC·kRingLanes) side by side: each lane's sums
+// are chains of dependent operations, one link per ring row, and NC chunks'
+// chains interleave where one chunk's would wait on its own latency. Each
+// lane computes what it computes alone.
+template <int NC, typename scalar_t>
+inline void ring_chunk_pass(scalar_t* const* rows, int64_t c0, int64_t n, int64_t n_alive,
+                            bool advance_old, const scalar_t* __restrict w,
+                            const scalar_t* __restrict kp, int64_t stride,
+                            const scalar_t* __restrict f, scalar_t* __restrict acc,
                             scalar_t* __restrict livemax, scalar_t* __restrict rmin) {
+  constexpr int kWidth = NC * kRingLanes;
   constexpr scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-  scalar_t a[kRingLanes], lm[kRingLanes], mn[kRingLanes];
-  for (int64_t i = 0; i < kRingLanes; ++i) {
+  scalar_t a[kWidth], lm[kWidth], mn[kWidth];
+  for (int64_t i = 0; i < kWidth; ++i) {
     a[i] = 0;
     lm[i] = 0;
     mn[i] = inf;
@@ -431,17 +438,17 @@ inline void ring_chunk_pass(scalar_t* const* rows, int64_t n, int64_t n_alive, b
   // Row 0 (the entries that started at t - 1) is new: the rows after it
   // take the last advance's factor first, in the same pass.
   for (int64_t d = 0; d < n; ++d) {
-    scalar_t* __restrict r = rows[d];
+    scalar_t* __restrict r = rows[d] + c0;
     const scalar_t* __restrict wd = w + d * stride;
     const scalar_t* __restrict kd = kp + d * stride;
     const bool scale = advance_old && d > 0;
     if (d < n_alive) {
-      ring_row<true>(r, wd, kd, f, scale, a, lm, mn);
+      ring_row<true, kWidth>(r, wd, kd, f, scale, a, lm, mn);
     } else {
-      ring_row<false>(r, wd, kd, f, scale, a, lm, mn);
+      ring_row<false, kWidth>(r, wd, kd, f, scale, a, lm, mn);
     }
   }
-  for (int64_t i = 0; i < kRingLanes; ++i) {
+  for (int64_t i = 0; i < kWidth; ++i) {
     acc[i] = a[i];
     livemax[i] = lm[i];
     rmin[i] = mn[i];
@@ -638,7 +645,7 @@ struct ExpForward {
   // The ring's entries older than age 1 still owe the last advance's factor
   // fo (the next ring pass applies it).
   bool owes_advance = false;
-  std::vector<scalar_t*> rows, chunk_rows;  // (K) the ring rows of ages 1..K at this step
+  std::vector<scalar_t*> rows;  // (K) the ring rows of ages 1..K at this step
   double O = 0.0, mes = 0.0, sigma_rel = 0.0;
   // The offset the log-domain scan would have, O_t of the shared checkpoint
   // layout: the sum of its per-step maxima, kept with its rounding error
@@ -670,7 +677,7 @@ struct ExpForward {
         weight(K_ * Cp, 0), keep(K_ * Cp, 0), chunk_alive_ages(Cp / kRingLanes, 0),
         weight_lost(Cp, 0.0), weight_minpos(Cp, 0), last_duration(C_, 0), col_max(C_, 0.0),
         A_bound(C_ * C_), A_lost(C_, 0.0), A_minpos(C_), A_padded(C_ * Cp, 0), ring(K_ * Cp, 0),
-        rows(K_), chunk_rows(K_),
+        rows(K_),
         ghost_old(Cp, 0.0), ghost_new(Cp, 0.0), acc(Cp), alpha(Cp, 0), sigma(Cp, 0), u(Cp),
         emit(Cp, 0), fo(Cp, 0), fn(Cp, 0), livemax(Cp, 0), rmin(Cp, Limits::infinity()), arg(Cp, 0),
         factor(Cp, 0), ga(Cp, 0.0), gs(Cp, 0.0), work(C_), work_ys(Cp, 0.0), lemit(Cp, 0.0),
@@ -798,12 +805,22 @@ struct ExpForward {
     const int tK = static_cast<int>(t % K);
     for (int64_t d = 1; d <= n; ++d)
       rows[d - 1] = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
-    for (int64_t c0 = 0; c0 < Cp; c0 += kRingLanes) {
-      for (int64_t d = 0; d < n; ++d) chunk_rows[d] = rows[d] + c0;
-      ring_chunk_pass(chunk_rows.data(), n,
-                      std::min<int64_t>(n, chunk_alive_ages[c0 / kRingLanes]), owes_advance,
-                      weight.data() + c0, keep.data() + c0, Cp, fo.data() + c0, acc.data() + c0,
-                      livemax.data() + c0, rmin.data() + c0);
+    // Up to three chunks at a time; a group's rows are all alive up to its
+    // chunks' smallest such age.
+    for (int64_t c0 = 0; c0 < Cp;) {
+      const int64_t nc = std::min<int64_t>(3, (Cp - c0) / kRingLanes), k0 = c0 / kRingLanes;
+      int64_t alive = chunk_alive_ages[k0];
+      for (int64_t k = 1; k < nc; ++k) alive = std::min(alive, chunk_alive_ages[k0 + k]);
+      auto pass = [&](auto width) {
+        ring_chunk_pass<decltype(width)::value>(
+            rows.data(), c0, n, std::min<int64_t>(n, alive), owes_advance, weight.data() + c0,
+            keep.data() + c0, Cp, fo.data() + c0, acc.data() + c0, livemax.data() + c0,
+            rmin.data() + c0);
+      };
+      if (nc == 3) pass(std::integral_constant<int, 3>{});
+      else if (nc == 2) pass(std::integral_constant<int, 2>{});
+      else pass(std::integral_constant<int, 1>{});
+      c0 += nc * kRingLanes;
     }
     owes_advance = false;
     // The end factor is normalised against the mass it multiplies, so that
