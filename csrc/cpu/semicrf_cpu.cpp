@@ -2250,6 +2250,15 @@ inline void vecmat_block(const double* a, const double* M, double* out, int64_t 
   }
   for (int j = 0; j < W; ++j) out[j] = s[j];
 }
+// The columns k0 … len-1 of a · M one by one (fewer than 8 remain).
+inline void vecmat_tail(const double* a, const double* M, double* out, int64_t n, int64_t k0,
+                        int64_t len, int64_t stride) {
+  for (; k0 < len; ++k0) {
+    double s = 0.0;
+    for (int64_t r = 0; r < n; ++r) s += a[r] * M[r * stride + k0];
+    out[k0] = s;
+  }
+}
 inline void vecmat(const double* a, const double* M, double* out, int64_t n, int64_t len,
                    int64_t stride) {
   int64_t k0 = 0;
@@ -2265,11 +2274,77 @@ inline void vecmat(const double* a, const double* M, double* out, int64_t n, int
     vecmat_block<8>(a, M + k0, out + k0, n, stride);
     k0 += 8;
   }
-  for (; k0 < len; ++k0) {
-    double s = 0.0;
-    for (int64_t r = 0; r < n; ++r) s += a[r] * M[r * stride + k0];
-    out[k0] = s;
+  vecmat_tail(a, M, out, n, k0, len, stride);
+}
+
+// The (K, C, C) forward recompute's mat-vecs: out_p[(d-1)·C + k] =
+// sum_{r < C} a_p[d-1][r] · A[r·stride + (d-1)·C + k] for d ≤ nd, k < C,
+// for P = 1 or 2 sets of row vectors a_p (two positions' segment starts:
+// the table, streamed from L2, is read once for both). One vecmat per
+// duration runs a few chains of C dependent multiply-adds; here D
+// durations (adjacent in A's rows) times P vectors share the pass over r,
+// D·P·V chains of four lanes in flight (at most 12 vectors: no spills with
+// 16 registers). Every output is still summed over r in ascending order,
+// as vecmat sums it.
+template <int V, int D, int P>
+inline void vecmat_durations_block(const double* const* const* a, const double* M,
+                                   double* const* out, int64_t nd, int64_t C, int64_t stride) {
+  if constexpr (D > 1)
+    if (nd < D) return vecmat_durations_block<V, D - 1, P>(a, M, out, nd, C, stride);
+  int64_t g0 = 0;
+  for (; g0 + D <= nd; g0 += D) {
+    f64x4 s[P][D][V] = {};
+    for (int64_t r = 0; r < C; ++r) {
+      const double* row = M + r * stride + g0 * C;
+      for (int g = 0; g < D; ++g)
+        for (int q = 0; q < P; ++q) {
+          const double xs = a[q][g0 + g][r];
+          const f64x4 x = {xs, xs, xs, xs};
+          for (int j = 0; j < V; ++j) s[q][g][j] += x * load4(row + g * C + 4 * j);
+        }
+    }
+    for (int q = 0; q < P; ++q)
+      for (int g = 0; g < D; ++g)
+        for (int j = 0; j < V; ++j) store4(out[q] + (g0 + g) * C + 4 * j, s[q][g][j]);
   }
+  if constexpr (D > 1)
+    if (g0 < nd) {
+      const double* const* a2[P];
+      double* o2[P];
+      for (int q = 0; q < P; ++q) {
+        a2[q] = a[q] + g0;
+        o2[q] = out[q] + g0 * C;
+      }
+      vecmat_durations_block<V, D - 1, P>(a2, M + g0 * C, o2, nd - g0, C, stride);
+    }
+}
+template <int V, int P>
+inline void vecmat_durations_cols(const double* const* const* a, const double* M,
+                                  double* const* out, int64_t k0, int64_t nd, int64_t C,
+                                  int64_t stride) {
+  constexpr int D = 12 / (V * P) < 4 ? (12 / (V * P) > 0 ? 12 / (V * P) : 1) : 4;
+  double* o[P];
+  for (int q = 0; q < P; ++q) o[q] = out[q] + k0;
+  vecmat_durations_block<V, D, P>(a, M + k0, o, nd, C, stride);
+}
+template <int P>
+inline void vecmat_durations(const double* const* const* a, const double* M, double* const* out,
+                             int64_t nd, int64_t C, int64_t stride) {
+  int64_t k0 = 0;
+  for (; k0 + 24 <= C; k0 += 24) vecmat_durations_cols<6, P>(a, M, out, k0, nd, C, stride);
+  if (C - k0 >= 16) {
+    vecmat_durations_cols<4, P>(a, M, out, k0, nd, C, stride);
+    k0 += 16;
+  } else if (C - k0 >= 8) {
+    vecmat_durations_cols<2, P>(a, M, out, k0, nd, C, stride);
+    k0 += 8;
+  }
+  // The last C % 8 columns as vecmat takes them (the same loop, so that
+  // the compiler rounds them alike).
+  if (k0 < C)
+    for (int q = 0; q < P; ++q)
+      for (int64_t g = 0; g < nd; ++g)
+        vecmat_tail(a[q][g], M + g * C, out[q] + g * C, C, k0, C, stride);
 }
 
 // DD: the duration-dependent (K, C, C) transition. Its forward recompute
@@ -2357,9 +2432,24 @@ struct ExpBackward {
   // C), whose transition posteriors join trans_acc together
   // (flush_transitions): trans_acc is read and written once a batch.
   static constexpr int64_t kBatch = 8;
+  // flush_transitions' register block, R rows by V vectors of four: R·V
+  // sums and V entries of v in vector registers (16 with AVX2, 32 with
+  // AVX-512's).
+#if defined(__AVX512F__)
+  static constexpr int kFlushRows = 4, kFlushVectors = 4;
+#else
+  static constexpr int kFlushRows = 4, kFlushVectors = 2;
+#endif
   std::vector<double> vbatch, wbatch;
   int64_t n_batch = 0;
   std::vector<double> ubuf;       // DD: (K, C) alpha_hat[t] · A_d for every d
+  // DD forward recompute: (K, C) alpha_hat[t-d] · A_d for every d, and the
+  // ring rows alpha_hat[t-d].
+  // unext: step t+1's rows d ≥ 2 when made along (opened_for = t+1).
+  std::vector<double> uopen, unext;
+  std::vector<const double*> arows;
+  int64_t opened_for = -1;
+  bool opened_next = false;
   std::vector<double> trans_acc;  // as A: sum over t of alpha-part · v-part
   std::vector<double> sum_dur;    // (K, C)
   std::vector<double> pending;    // (K, C): score gradients of positions not yet complete
@@ -2382,7 +2472,8 @@ struct ExpBackward {
         m_buf(span + 1), lm_f(C_, 0.0), lm_b(C_, 0.0), acc(C_), u(Cp, 0.0), fe(C_), fs(C_), fnew(C_),
         lg(C_), arg(C_), ex(C_), tau(C_), v(C_), bet(Cp, 0.0), ws(C_), covered(C_), fval(C_),
         wrow(C_), row_scale(DD ? K_ : 0), vbatch(kBatch * (DD ? K_ : 1) * C_),
-        wbatch(kBatch * C_), ubuf(DD ? K_ * C_ : 0),
+        wbatch(kBatch * C_), ubuf(DD ? K_ * C_ : 0), uopen(DD ? K_ * C_ : 0), unext(DD ? K_ * C_ : 0),
+        arows(DD ? K_ : 0),
         trans_acc(n_matrices() * C_ * C_, 0.0),
         sum_dur(K_ * C_, 0.0), pending(K_ * C_, 0.0), bring(K_ * C_, 0.0),
         tol(0.0) {
@@ -2501,6 +2592,7 @@ struct ExpBackward {
 
   // Checkpoint j of the span starting at `first` into the forward ring.
   bool load(int64_t first, const scalar_t* rows, double off) {
+    opened_for = -1;
     if (DD) return load_dd(first, rows, off);
     scaled_rows(rows, off, ck_rows.data(), &ck_off);
     // Entries older than their label's longest duration meet only zero
@@ -2610,6 +2702,28 @@ struct ExpBackward {
     return true;
   }
 
+  // DD forward recompute, step t: uopen row d-1 = alpha_hat[t-d] · A_d for
+  // d ≤ n (the slot of s = 0 holds u0 itself, which the caller reads from
+  // the ring). Step t+1's products with d ≥ 2 take the same blocks of A
+  // (alpha_hat[t+1-d] is already in the ring): every other step computes
+  // them along into unext, and the next step only its d = 1 row. The ring's
+  // alpha rows never change once written, so products made a step early
+  // are the ones that step would make; load() drops them.
+  void open_segments(int64_t t, int tK, int64_t n) {
+    for (int64_t d = 1; d <= n; ++d)
+      arows[d - 1] = aring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * C;
+    const double* const* one[1] = {arows.data()};
+    double* first[1] = {uopen.data()};
+    vecmat_durations<1>(one, A.data(), first, 1, C, K * C);
+    if (opened_for == t) return;  // d ≥ 2 made the step before
+    if (n >= 2) {
+      const double* const* two[2] = {arows.data() + 1, arows.data()};
+      double* rest[2] = {uopen.data() + C, unext.data() + C};
+      vecmat_durations<2>(two, A.data() + C, rest, n - 1, C, K * C);
+    }
+    opened_next = true;
+  }
+
   // DD: the alpha_hat part of segment [s, s+d): u0 for s = 0 (`arow`
   // holds it), else arow · A_d into out.
   const double* opened(int64_t s, int64_t d, const double* arow, double* out) const {
@@ -2690,12 +2804,13 @@ struct ExpBackward {
       }
       // DD: the ring holds the gains, and the weight of [t-d, t) is
       // (alpha_hat[t-d] · A_d) · W[d-1] (a mat-vec per d).
+      if (DD) open_segments(t, tK, n);
       for (int64_t d = 1; d <= (C % 8 == 0 && !DD ? 0 : n); ++d) {
         const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
         double* __restrict r = fring.data() + slot * C;
         const double* w = W.data() + (d - 1) * C;
         if (DD) {
-          const double* o = opened(t - d, d, aring.data() + slot * C, u.data());
+          const double* o = t == d ? aring.data() + slot * C : uopen.data() + (d - 1) * C;
           for (int64_t c = 0; c < C; ++c) wrow[c] = o[c] * w[c];
           w = wrow.data();
         }
@@ -2715,6 +2830,11 @@ struct ExpBackward {
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) ac[c] += r[c] * w[c];
         }
+      }
+      if (DD) {
+        if (opened_next) std::swap(uopen, unext);
+        opened_for = opened_next ? t + 1 : -1;
+        opened_next = false;
       }
       for (int64_t c = 0; c < C; ++c) lg[c] = seg_max[c] + static_cast<double>(in.end(t - 1, c));
       double ma = log_scale(lg.data(), acc.data());
@@ -2870,46 +2990,102 @@ struct ExpBackward {
     }
     for (int j = 0; j < W; ++j) ta[k0 + j] = a[j];
   }
+  // R rows cp … cp+R-1 and W = 4·V entries at a time: each block of a
+  // position's v-part is loaded once for R rows (each row's sums as
+  // flush_block's). Where one of the R alpha-parts is 0 the position adds
+  // row by row, skipping it.
+  template <int R, int V>
+  void flush_rows_block(double* __restrict ta, int64_t cp, int64_t k0, int64_t len) const {
+    f64x4 a[R][V];
+    for (int q = 0; q < R; ++q)
+      for (int j = 0; j < V; ++j) a[q][j] = load4(ta + q * len + k0 + 4 * j);
+    for (int64_t p = 0; p < n_batch; ++p) {
+      const double* __restrict wp = wbatch.data() + p * C + cp;
+      f64x4 vb[V];
+      for (int j = 0; j < V; ++j) vb[j] = load4(vbatch.data() + p * len + k0 + 4 * j);
+      bool all = true;
+      for (int q = 0; q < R; ++q) all = all && wp[q] != 0.0;
+      if (all) {
+        for (int q = 0; q < R; ++q) {
+          const f64x4 w = {wp[q], wp[q], wp[q], wp[q]};
+          for (int j = 0; j < V; ++j) a[q][j] += w * vb[j];
+        }
+      } else {
+        for (int q = 0; q < R; ++q) {
+          if (wp[q] == 0.0) continue;
+          const f64x4 w = {wp[q], wp[q], wp[q], wp[q]};
+          for (int j = 0; j < V; ++j) a[q][j] += w * vb[j];
+        }
+      }
+    }
+    for (int q = 0; q < R; ++q)
+      for (int j = 0; j < V; ++j) store4(ta + q * len + k0 + 4 * j, a[q][j]);
+  }
+  // Row cp's entries k0 … len-1, as many as fit at a time.
+  void flush_row(int64_t cp, int64_t k0, int64_t len) {
+    double* __restrict ta = trans_acc.data() + cp * len;
+    for (; k0 + 32 <= len; k0 += 32) flush_block<32>(ta, cp, k0, len);
+    switch ((len - k0) / 8) {
+      case 3: flush_block<24>(ta, cp, k0, len); break;
+      case 2: flush_block<16>(ta, cp, k0, len); break;
+      case 1: flush_block<8>(ta, cp, k0, len); break;
+      default: break;
+    }
+    k0 += (len - k0) / 8 * 8;
+    for (; k0 + 4 <= len; k0 += 4) flush_block<4>(ta, cp, k0, len);
+    for (; k0 < len; ++k0) flush_block<1>(ta, cp, k0, len);
+  }
   void flush_transitions() {
+    constexpr int R = kFlushRows, V = kFlushVectors, W = 4 * V;
     const int64_t len = n_matrices() * C;
-    for (int64_t cp = 0; cp < C; ++cp) {
+    int64_t cp = 0;
+    for (; cp + R <= C; cp += R) {
       double* __restrict ta = trans_acc.data() + cp * len;
       int64_t k0 = 0;
-      for (; k0 + 32 <= len; k0 += 32) flush_block<32>(ta, cp, k0, len);
-      switch ((len - k0) / 8) {
-        case 3: flush_block<24>(ta, cp, k0, len); break;
-        case 2: flush_block<16>(ta, cp, k0, len); break;
-        case 1: flush_block<8>(ta, cp, k0, len); break;
-        default: break;
-      }
-      k0 += (len - k0) / 8 * 8;
-      for (; k0 + 4 <= len; k0 += 4) flush_block<4>(ta, cp, k0, len);
-      for (; k0 < len; ++k0) flush_block<1>(ta, cp, k0, len);
+      for (; k0 + W <= len; k0 += W) flush_rows_block<R, V>(ta, cp, k0, len);
+      for (int q = 0; q < R; ++q) flush_row(cp + q, k0, len);
     }
+    for (; cp < C; ++cp) flush_row(cp, 0, len);
     n_batch = 0;
   }
 
-  // out[i] = sum_{k < n} M[i·stride + k] · y[k] for i < m: eight partial
-  // sums per row, four rows at a time, so that each block of y is loaded
-  // once for four rows (the loads, not the multiply-adds, bound this loop).
-  static void row_dots(const double* M, const double* y, double* out, int64_t m, int64_t n,
-                       int64_t stride) {
+  // dots[i] = sum_{k < n} M[i·stride + k] · y[k] for i < m, and vm[k] =
+  // sum_{i < m} a[i] · M[i·stride + k] for k < n, in one pass over M (the
+  // (K, C, C) table, streamed from L2 at every position: each row block
+  // loaded serves both). A dot product keeps eight partial sums over blocks
+  // of eight, adds its last n % 8 terms first and then the partials in
+  // order, four rows at a time (loads of y shared); a row left over is one
+  // chain. vm[k] is summed over i in ascending order, its last n % 8
+  // entries as vecmat takes them.
+  static void dots_and_vecmat(const double* M, const double* y, const double* a, double* dots,
+                              double* vm, int64_t m, int64_t n, int64_t stride) {
+    const int64_t n8 = n / 8 * 8;
+    std::fill_n(vm, n8, 0.0);
     int64_t i = 0;
     for (; i + 4 <= m; i += 4) {
       const double* __restrict r0 = M + i * stride;
       const double* __restrict r1 = r0 + stride;
       const double* __restrict r2 = r1 + stride;
       const double* __restrict r3 = r2 + stride;
+      double* __restrict v = vm;
+      const double a0 = a[i], a1 = a[i + 1], a2 = a[i + 2], a3 = a[i + 3];
       double s0[8] = {}, s1[8] = {}, s2[8] = {}, s3[8] = {};
       int64_t k0 = 0;
       for (; k0 + 8 <= n; k0 += 8) {
 #pragma omp simd
         for (int j = 0; j < 8; ++j) {
           const double yv = y[k0 + j];
-          s0[j] += r0[k0 + j] * yv;
-          s1[j] += r1[k0 + j] * yv;
-          s2[j] += r2[k0 + j] * yv;
-          s3[j] += r3[k0 + j] * yv;
+          const double x0 = r0[k0 + j], x1 = r1[k0 + j], x2 = r2[k0 + j], x3 = r3[k0 + j];
+          s0[j] += x0 * yv;
+          s1[j] += x1 * yv;
+          s2[j] += x2 * yv;
+          s3[j] += x3 * yv;
+          double acc = v[k0 + j];
+          acc += a0 * x0;
+          acc += a1 * x1;
+          acc += a2 * x2;
+          acc += a3 * x3;
+          v[k0 + j] = acc;
         }
       }
       double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
@@ -2925,16 +3101,22 @@ struct ExpBackward {
         t2 += s2[j];
         t3 += s3[j];
       }
-      out[i] = t0;
-      out[i + 1] = t1;
-      out[i + 2] = t2;
-      out[i + 3] = t3;
+      dots[i] = t0;
+      dots[i + 1] = t1;
+      dots[i + 2] = t2;
+      dots[i + 3] = t3;
     }
     for (; i < m; ++i) {
+      const double* __restrict row = M + i * stride;
+      double* __restrict v = vm;
       double t = 0.0;
-      for (int64_t k = 0; k < n; ++k) t += M[i * stride + k] * y[k];
-      out[i] = t;
+      for (int64_t k = 0; k < n; ++k) t += row[k] * y[k];
+      dots[i] = t;
+      const double ai = a[i];
+#pragma omp simd
+      for (int64_t k = 0; k < n8; ++k) v[k] += ai * row[k];
     }
+    vecmat_tail(a, M, vm, m, n8, n, stride);
   }
 
   // DD, position t ≥ 1 of the beta sweep: x_d = ring · W for every d (and,
@@ -2993,9 +3175,8 @@ struct ExpBackward {
         vf[d * C + c] = x > 0 ? x * ex[c] : 0.0;
       }
     std::fill(vf + len, vf + K * C, 0.0);
-    row_dots(A.data(), vf, bet.data(), C, len, K * C);
     double* __restrict uf = ubuf.data();
-    vecmat(w_t, A.data(), uf, C, len, K * C);
+    dots_and_vecmat(A.data(), vf, w_t, bet.data(), uf, C, len, K * C);
     if (++n_batch == kBatch) flush_transitions();
     // The posteriors (alpha_hat · A_d)[c] · v_d[c] of the segments [t, t+d):
     // the duration gradient and the coverage of positions t … t+dmax-1.
