@@ -85,7 +85,15 @@ def test_dry_run_runs_every_section(carried, tmp_path):
         rows = list(reader)
     assert tuple(reader.fieldnames) == COLUMNS
     assert {r["backend"] for r in rows} == {"cpu", "torch"}
-    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows), rows
+    # Our kernel's rows must time; the PyTorch reference may be estimated
+    # past its budget on a loaded machine (then skipped, saying why), but
+    # not everywhere.
+    timed = [r for r in rows if r["status"] == "ok"]
+    assert all(float(r["ms"]) > 0 for r in timed), rows
+    assert all(r["status"] == "ok" for r in rows if r["backend"] == "cpu"), rows
+    assert all(r["status"] == "ok" or (r["status"] == "skipped" and "too slow" in r["note"])
+               for r in rows if r["backend"] == "torch"), rows
+    assert any(r["backend"] == "torch" for r in timed), rows
 
     with tarfile.open(out / f"{TAG}-gpu-check.tar.gz") as tar:
         names = set(tar.getnames())
