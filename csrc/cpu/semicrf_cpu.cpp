@@ -1222,6 +1222,47 @@ bool forward_sequence_exp(const ForwardParams& p, int64_t b) {
   return true;
 }
 
+// Two mat-vecs through one table in one pass over it: out0 = x0 · table and
+// out1 = x1 · table, as matvec_padded computes each (every sum over cp in
+// order; a zero of x adds an exact zero, since the table's entries are
+// finite and the sums never -0, so a row is skipped only where both are
+// zero). The table is read from L2 once for both. At most two chunks of
+// double sums a pass, so that the four chains fit AVX2's registers.
+template <int kChunks, typename scalar_t>
+inline void matvec_pair_chunks(const scalar_t* __restrict x0, const scalar_t* __restrict x1,
+                               const scalar_t* __restrict table, int64_t C, int64_t Cp, int64_t c0,
+                               scalar_t* __restrict out0, scalar_t* __restrict out1) {
+  constexpr int64_t kWidth = kChunks * kRingLanes;
+  scalar_t sum0[kWidth] = {}, sum1[kWidth] = {};
+  for (int64_t cp = 0; cp < C; ++cp) {
+    const scalar_t a0 = x0[cp], a1 = x1[cp];
+    if (a0 == 0 && a1 == 0) continue;
+    const scalar_t* __restrict row = table + cp * Cp + c0;
+#pragma omp simd
+    for (int64_t i = 0; i < kWidth; ++i) {
+      sum0[i] += a0 * row[i];
+      sum1[i] += a1 * row[i];
+    }
+  }
+  for (int64_t i = 0; i < kWidth; ++i) {
+    out0[c0 + i] = sum0[i];
+    out1[c0 + i] = sum1[i];
+  }
+}
+template <typename scalar_t>
+inline void matvec_padded_pair(const scalar_t* x0, const scalar_t* x1, const scalar_t* table,
+                               int64_t C, int64_t Cp, scalar_t* out0, scalar_t* out1) {
+  constexpr int kMax = sizeof(scalar_t) < sizeof(double) ? 3 : 2;
+  int64_t c0 = 0;
+  for (; c0 + kMax * kRingLanes <= Cp; c0 += kMax * kRingLanes)
+    matvec_pair_chunks<kMax>(x0, x1, table, C, Cp, c0, out0, out1);
+  switch ((Cp - c0) / kRingLanes) {
+    case 2: matvec_pair_chunks<2>(x0, x1, table, C, Cp, c0, out0, out1); break;
+    case 1: matvec_pair_chunks<1>(x0, x1, table, C, Cp, c0, out0, out1); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The scaled exp-domain forward for the duration-dependent (K, C, C)
 // transition. The log scan's step takes K·C² exps (one per previous label,
@@ -1279,6 +1320,12 @@ struct ExpForwardDD {
   double O = 0.0, mes = 0.0;  // gains relative to O; alpha_hat[t] to O + mes
   std::vector<scalar_t> acc, alpha, u, livemax, arg, factor;
   std::vector<double> gacc, ga, gu, lemit, lfresh, old_factor;
+  // Steps run in pairs over the tables: step t's pass over A_d also gives
+  // step t+1's mat-vec alpha_hat[t+1-d] · A_d for d ≥ 2 (that row is known
+  // at step t), kept in u_next row d-1, so that two steps read A from L2
+  // K+1 times rather than 2K; u_next_ready: step t's rows are there.
+  std::vector<scalar_t> u_next;
+  bool u_next_ready = false;
   // The log scan's offset (ExpForward's ref_hi, ref_lo) and, per slot, the
   // absolute scale of alpha_hat[s] and the log scan's offset after its step
   // s, so that checkpoints are written in that scan's terms.
@@ -1294,7 +1341,8 @@ struct ExpForwardDD {
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
         alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
-        lemit(C_), lfresh(C_), old_factor(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
+        lemit(C_), lfresh(C_), old_factor(C_), u_next(K_ * Cp, 0), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0),
+        slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters() || !tables();
   }
@@ -1384,6 +1432,9 @@ struct ExpForwardDD {
     std::fill(acc.begin(), acc.end(), scalar_t(0));
     std::fill(livemax.begin(), livemax.end(), scalar_t(0));
     std::fill(gacc.begin(), gacc.end(), 0.0);
+    const bool use_next = u_next_ready;
+    const bool make_next = !use_next && t < L;
+    const int tK1 = static_cast<int>((t + 1) % K);
     for (int64_t d = 1; d <= n; ++d) {
       const int64_t s = t - d;
       const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
@@ -1393,8 +1444,23 @@ struct ExpForwardDD {
       bool matvec_flush = false;
       if (s == 0) {
         std::copy_n(first_alpha.data(), C, uu);
+        if (make_next && d >= 2) {  // step t+1's row alpha_hat[1] has no pass to share
+          const int next_slot = slot_before(tK1, static_cast<int>(d), static_cast<int>(K));
+          matvec_padded(alpha_ring.data() + next_slot * C, A_padded.data() + (d - 1) * C * Cp, C,
+                        Cp, u_next.data() + (d - 1) * Cp);
+        }
       } else {
-        matvec_padded(alpha_ring.data() + slot * C, A_padded.data() + (d - 1) * C * Cp, C, Cp, uu);
+        const scalar_t* table = A_padded.data() + (d - 1) * C * Cp;
+        const scalar_t* x = alpha_ring.data() + slot * C;
+        if (use_next && d >= 2) {
+          uu = u_next.data() + (d - 1) * Cp;
+        } else if (make_next && d >= 2) {  // step t+1's row alpha_hat[s + 1] is known
+          const int next_slot = slot_before(tK1, static_cast<int>(d), static_cast<int>(K));
+          matvec_padded_pair(x, alpha_ring.data() + next_slot * C, table, C, Cp, uu,
+                             u_next.data() + (d - 1) * Cp);
+        } else {
+          matvec_padded(x, table, C, Cp, uu);
+        }
         // Some product below tiny: alpha_minpos · A_minpos[c] < tiny for a c.
         matvec_flush = alpha_minpos[slot] * A_minpos_min < tiny;
       }
@@ -1508,6 +1574,7 @@ struct ExpForwardDD {
       ga[c] = ghost_of_alpha(gacc[c], acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
     }
     ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
+    u_next_ready = make_next;
   }
 
   // t = L: log Z, or false where it cannot be certified.
