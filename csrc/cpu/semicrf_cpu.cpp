@@ -1620,30 +1620,48 @@ struct ExpForwardDD {
       scalar_t* g = gain.data() + slot * C;
       double* gg = gain_ghost.data() + slot * C;
       // Four labels at a time, branch-free, then the scalar loop below for
-      // the last C mod 4: the same arithmetic.
+      // the last C mod 4: the same arithmetic. A gain is finite and ≥ +0,
+      // and a -inf score's factor is exactly 0, so that x = g · f is 0 (or
+      // NaN, 0 · inf) wherever g = 0 or the score is -inf: there v ≥ tiny
+      // and x > big fail without the scalar loop's masks, and the new gain
+      // is v ≥ tiny ? v : 0, a comparison in the gains' own lanes.
       using S4 = typename Lanes4<scalar_t>::type;
       const S4 zero_s = S4{};
       const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor, big4 = zero + big;
       i64x4 any4 = {0, 0, 0, 0}, past4 = {0, 0, 0, 0};
       const int64_t C4 = C & ~int64_t{3};
-      for (int64_t c = 0; c < C4; c += 4) {
-        const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
-        const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
-        const S4 g0 = load4(&g[c]);
-        const f64x4 gw = widen(g0);
-        const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
-        const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
-        const i64x4 pos = gw > 0.0;
-        const f64x4 x = gw * f;
-        past4 |= ~exact_zero & pos & (x > big);
-        const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
-        const i64x4 under = pos & (widen(v) < tiny_d);
-        const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
-        const S4 g2 = select4(pos & ~under, v, select4(pos, zero_s, g0));
-        store4(&g[c], select4(exact_zero, zero_s, g2));
-        store4(&gg[c], gg2);
-        any4 |= ~exact_zero & (gg2 > 0.0);
-        past4 |= ~exact_zero & ~(gg2 < 1e300);
+      if (!slot_ghost[slot]) {
+        // Every ghost of the slot is 0: only the gains that fall below tiny
+        // start one.
+        for (int64_t c = 0; c < C4; c += 4) {
+          const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
+          const f64x4 f = load4(&old_factor[c]);
+          const f64x4 gw = widen(load4(&g[c]));
+          const f64x4 x = gw * f;
+          past4 |= x > big;
+          const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
+          const i64x4 fresh = ~exact_zero & (gw > 0.0) & (widen(v) < tiny_d);
+          store4(&g[c], v >= tiny ? v : zero_s);
+          store4(&gg[c], fresh ? zero + kSlack : zero);
+          any4 |= fresh;
+        }
+      } else {
+        for (int64_t c = 0; c < C4; c += 4) {
+          const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
+          const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
+          const f64x4 gw = widen(load4(&g[c]));
+          const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
+          const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
+          const f64x4 x = gw * f;
+          past4 |= x > big;
+          const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
+          const i64x4 under = (gw > 0.0) & (widen(v) < tiny_d);
+          const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
+          store4(&g[c], v >= tiny ? v : zero_s);
+          store4(&gg[c], gg2);
+          any4 |= ~exact_zero & (gg2 > 0.0);
+          past4 |= ~exact_zero & ~(gg2 < 1e300);
+        }
       }
       if (any_lane(past4)) rejected = true;
       bool any = any_lane(any4);
