@@ -1503,6 +1503,10 @@ struct ExpForwardDD {
       const double* gg = gain_ghost.data() + slot * C;
       // Four labels at a time, branch-free (bound_product written out), then
       // the scalar loop below for the last C mod 4: the same arithmetic.
+      // Where the mat-vec is exact (gu = 0, nothing charged) the bounds of
+      // gu's products are +0 and drop out of the sum exactly, and where the
+      // gains are exact too (gg = 0) so does the rest: the hot cases skip
+      // that arithmetic, with the same bits.
       {
         using S4 = typename Lanes4<scalar_t>::type;
         const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
@@ -1513,24 +1517,36 @@ struct ExpForwardDD {
         const double matvec_charge = static_cast<double>(C) * kSlack;
         const scalar_t amp = alpha_minpos[slot];
         const int64_t C4 = C & ~int64_t{3};
-        for (int64_t c = 0; c < C4; c += 4) {
-          const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
-          const f64x4 gg4 = load4(&gg[c]);
-          const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
-                                (widen(amp * load4(&A_minpos[c])) < tiny_d);
-          const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
-          f64x4 term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
-                                  bound4(bound4(gu_c, gg4), zero + tiny_d),
-                              widen(ws) * kUp);
-          const S4 p = us * gs4;
-          const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
-          term += (uw > 0.0) & (gw > 0.0) & (pw < tiny_d) ? zero + kSlack : zero;
-          term += (pw > 0.0) & (widen(p * ws) < tiny_d) ? zero + kSlack : zero;
-          const f64x4 add = term * kSlack;
-          // A -inf duration score (w = 0) is exact: nothing to add.
-          const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
-          store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
-        }
+        auto term_ghosts = [&](auto exact_matvec, auto exact_gains) {
+          for (int64_t c = 0; c < C4; c += 4) {
+            const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
+            f64x4 term = zero;
+            if constexpr (!decltype(exact_matvec)::value) {
+              const f64x4 gg4 = load4(&gg[c]);
+              const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
+                                    (widen(amp * load4(&A_minpos[c])) < tiny_d);
+              const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
+              term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
+                                bound4(bound4(gu_c, gg4), zero + tiny_d),
+                            widen(ws) * kUp);
+            } else if constexpr (!decltype(exact_gains)::value) {
+              term = bound4(bound4(widen(us) * kUp, load4(&gg[c])), widen(ws) * kUp);
+            }
+            const S4 p = us * gs4;
+            const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
+            term += (uw > 0.0) & (gw > 0.0) & (pw < tiny_d) ? zero + kSlack : zero;
+            term += (pw > 0.0) & (widen(p * ws) < tiny_d) ? zero + kSlack : zero;
+            const f64x4 add = term * kSlack;
+            // A -inf duration score (w = 0) is exact: nothing to add.
+            const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
+            store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
+          }
+        };
+        using Yes = std::true_type;
+        using No = std::false_type;
+        if (alpha_ghosts || matvec_flush) term_ghosts(No{}, No{});
+        else if (slot_ghost[slot]) term_ghosts(Yes{}, No{});
+        else term_ghosts(Yes{}, Yes{});
       }
       for (int64_t c = C & ~int64_t{3}; c < C; ++c) {
         if (w[c] == 0) continue;  // a -inf duration score: exact
