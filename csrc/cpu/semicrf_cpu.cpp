@@ -1222,43 +1222,40 @@ bool forward_sequence_exp(const ForwardParams& p, int64_t b) {
   return true;
 }
 
-// Two mat-vecs through one table in one pass over it: out0 = x0 · table and
-// out1 = x1 · table, as matvec_padded computes each (every sum over cp in
-// order; a zero of x adds an exact zero, since the table's entries are
-// finite and the sums never -0, so a row is skipped only where both are
-// zero). The table is read from L2 once for both. At most two chunks of
-// double sums a pass, so that the four chains fit AVX2's registers.
-template <int kChunks, typename scalar_t>
-inline void matvec_pair_chunks(const scalar_t* __restrict x0, const scalar_t* __restrict x1,
-                               const scalar_t* __restrict table, int64_t C, int64_t Cp, int64_t c0,
-                               scalar_t* __restrict out0, scalar_t* __restrict out1) {
+// G mat-vecs through one table in one pass over it: out[j] = x[j] · table,
+// each as matvec_padded computes it: every sum over cp in order, and the
+// zeros of x that matvec_padded skips add exact zeros here (the table's
+// entries are finite and the sums never -0), cheaper than testing. The table is
+// read from L2 once for all G, and the G · kChunks chains of multiply-adds
+// interleave. Chunks per pass: about ten vector registers of sums, so that
+// AVX2's sixteen hold them with the broadcasts and the row.
+template <int G, int kChunks, typename scalar_t>
+inline void matvec_group_chunks(const scalar_t* const* x, const scalar_t* __restrict table,
+                                int64_t C, int64_t Cp, int64_t c0, scalar_t* const* out) {
   constexpr int64_t kWidth = kChunks * kRingLanes;
-  scalar_t sum0[kWidth] = {}, sum1[kWidth] = {};
+  scalar_t sum[G][kWidth] = {};
   for (int64_t cp = 0; cp < C; ++cp) {
-    const scalar_t a0 = x0[cp], a1 = x1[cp];
-    if (a0 == 0 && a1 == 0) continue;
     const scalar_t* __restrict row = table + cp * Cp + c0;
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) {
 #pragma omp simd
-    for (int64_t i = 0; i < kWidth; ++i) {
-      sum0[i] += a0 * row[i];
-      sum1[i] += a1 * row[i];
+      for (int64_t i = 0; i < kWidth; ++i) sum[j][i] += x[j][cp] * row[i];
     }
   }
-  for (int64_t i = 0; i < kWidth; ++i) {
-    out0[c0 + i] = sum0[i];
-    out1[c0 + i] = sum1[i];
-  }
+  for (int j = 0; j < G; ++j)
+    for (int64_t i = 0; i < kWidth; ++i) out[j][c0 + i] = sum[j][i];
 }
-template <typename scalar_t>
-inline void matvec_padded_pair(const scalar_t* x0, const scalar_t* x1, const scalar_t* table,
-                               int64_t C, int64_t Cp, scalar_t* out0, scalar_t* out1) {
-  constexpr int kMax = sizeof(scalar_t) < sizeof(double) ? 3 : 2;
+template <int G, typename scalar_t>
+inline void matvec_group(const scalar_t* const* x, const scalar_t* table, int64_t C, int64_t Cp,
+                         scalar_t* const* out) {
+  constexpr int kRegisters = sizeof(scalar_t) / sizeof(float);  // AVX2 registers per chunk
+  constexpr int kMax = std::max(1, std::min(3, 10 / (G * kRegisters)));
   int64_t c0 = 0;
   for (; c0 + kMax * kRingLanes <= Cp; c0 += kMax * kRingLanes)
-    matvec_pair_chunks<kMax>(x0, x1, table, C, Cp, c0, out0, out1);
+    matvec_group_chunks<G, kMax>(x, table, C, Cp, c0, out);
   switch ((Cp - c0) / kRingLanes) {
-    case 2: matvec_pair_chunks<2>(x0, x1, table, C, Cp, c0, out0, out1); break;
-    case 1: matvec_pair_chunks<1>(x0, x1, table, C, Cp, c0, out0, out1); break;
+    case 2: matvec_group_chunks<G, 2>(x, table, C, Cp, c0, out); break;
+    case 1: matvec_group_chunks<G, 1>(x, table, C, Cp, c0, out); break;
     default: break;
   }
 }
@@ -1320,12 +1317,14 @@ struct ExpForwardDD {
   double O = 0.0, mes = 0.0;  // gains relative to O; alpha_hat[t] to O + mes
   std::vector<scalar_t> acc, alpha, u, livemax, arg, factor;
   std::vector<double> gacc, ga, gu, lemit, lfresh, old_factor;
-  // Steps run in pairs over the tables: step t's pass over A_d also gives
-  // step t+1's mat-vec alpha_hat[t+1-d] · A_d for d ≥ 2 (that row is known
-  // at step t), kept in u_next row d-1, so that two steps read A from L2
-  // K+1 times rather than 2K; u_next_ready: step t's rows are there.
-  std::vector<scalar_t> u_next;
-  bool u_next_ready = false;
+  // Steps share their passes over the tables: step t's pass over A_d also
+  // gives step t+j's mat-vec alpha_hat[t+j-d] · A_d (j < kAhead, d > j:
+  // that row is known at step t), kept in u_ahead row ((t+j) % kAhead, d-1)
+  // with its step in u_ahead_step, so that the K mat-vecs of a step read A
+  // from L2 about K/3 + 1 times rather than K.
+  static constexpr int kAhead = 3;
+  std::vector<scalar_t> u_ahead;       // (kAhead, K, Cp)
+  std::vector<int64_t> u_ahead_step;   // (kAhead, K) the step a row is for; -1: none
   // The log scan's offset (ExpForward's ref_hi, ref_lo) and, per slot, the
   // absolute scale of alpha_hat[s] and the log scan's offset after its step
   // s, so that checkpoints are written in that scan's terms.
@@ -1341,8 +1340,8 @@ struct ExpForwardDD {
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
         alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
-        lemit(C_), lfresh(C_), old_factor(C_), u_next(K_ * Cp, 0), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0),
-        slot_ref_lo(K_, 0.0) {
+        lemit(C_), lfresh(C_), old_factor(C_), u_ahead(kAhead * K_ * Cp, 0),
+        u_ahead_step(kAhead * K_, -1), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters() || !tables();
   }
@@ -1432,9 +1431,6 @@ struct ExpForwardDD {
     std::fill(acc.begin(), acc.end(), scalar_t(0));
     std::fill(livemax.begin(), livemax.end(), scalar_t(0));
     std::fill(gacc.begin(), gacc.end(), 0.0);
-    const bool use_next = u_next_ready;
-    const bool make_next = !use_next && t < L;
-    const int tK1 = static_cast<int>((t + 1) % K);
     for (int64_t d = 1; d <= n; ++d) {
       const int64_t s = t - d;
       const int slot = slot_before(tK, static_cast<int>(d), static_cast<int>(K));
@@ -1444,22 +1440,32 @@ struct ExpForwardDD {
       bool matvec_flush = false;
       if (s == 0) {
         std::copy_n(first_alpha.data(), C, uu);
-        if (make_next && d >= 2) {  // step t+1's row alpha_hat[1] has no pass to share
-          const int next_slot = slot_before(tK1, static_cast<int>(d), static_cast<int>(K));
-          matvec_padded(alpha_ring.data() + next_slot * C, A_padded.data() + (d - 1) * C * Cp, C,
-                        Cp, u_next.data() + (d - 1) * Cp);
-        }
       } else {
-        const scalar_t* table = A_padded.data() + (d - 1) * C * Cp;
-        const scalar_t* x = alpha_ring.data() + slot * C;
-        if (use_next && d >= 2) {
-          uu = u_next.data() + (d - 1) * Cp;
-        } else if (make_next && d >= 2) {  // step t+1's row alpha_hat[s + 1] is known
-          const int next_slot = slot_before(tK1, static_cast<int>(d), static_cast<int>(K));
-          matvec_padded_pair(x, alpha_ring.data() + next_slot * C, table, C, Cp, uu,
-                             u_next.data() + (d - 1) * Cp);
+        const int64_t row = (t % kAhead) * K + (d - 1);
+        if (u_ahead_step[row] == t) {
+          uu = u_ahead.data() + row * Cp;
         } else {
-          matvec_padded(x, table, C, Cp, uu);
+          // This step's mat-vec and those of the next steps that have not
+          // got theirs yet and whose alpha_hat row is known.
+          const scalar_t* xs[kAhead];
+          scalar_t* outs[kAhead];
+          xs[0] = alpha_ring.data() + slot * C;
+          outs[0] = uu;
+          int nx = 1;
+          for (int64_t j = 1; j < kAhead && t + j <= L && d > j; ++j) {
+            const int64_t ahead = ((t + j) % kAhead) * K + (d - 1);
+            if (u_ahead_step[ahead] == t + j) continue;
+            u_ahead_step[ahead] = t + j;
+            xs[nx] = alpha_ring.data() + ((t + j - d) % K) * C;
+            outs[nx++] = u_ahead.data() + ahead * Cp;
+          }
+          const scalar_t* table = A_padded.data() + (d - 1) * C * Cp;
+          switch (nx) {
+            case 1: matvec_padded(xs[0], table, C, Cp, uu); break;
+            case 2: matvec_group<2>(xs, table, C, Cp, outs); break;
+            case 3: matvec_group<3>(xs, table, C, Cp, outs); break;
+            default: matvec_group<kAhead>(xs, table, C, Cp, outs); break;
+          }
         }
         // Some product below tiny: alpha_minpos · A_minpos[c] < tiny for a c.
         matvec_flush = alpha_minpos[slot] * A_minpos_min < tiny;
@@ -1590,7 +1596,6 @@ struct ExpForwardDD {
       ga[c] = ghost_of_alpha(gacc[c], acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
     }
     ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
-    u_next_ready = make_next;
   }
 
   // t = L: log Z, or false where it cannot be certified.
