@@ -1222,6 +1222,44 @@ bool forward_sequence_exp(const ForwardParams& p, int64_t b) {
   return true;
 }
 
+// G mat-vecs through one table in one pass over it: out[j] = x[j] · table,
+// each as matvec_padded computes it: every sum over cp in order, and the
+// zeros of x that matvec_padded skips add exact zeros here (the table's
+// entries are finite and the sums never -0), cheaper than testing. The table is
+// read from L2 once for all G, and the G · kChunks chains of multiply-adds
+// interleave. Chunks per pass: about ten vector registers of sums, so that
+// AVX2's sixteen hold them with the broadcasts and the row.
+template <int G, int kChunks, typename scalar_t>
+inline void matvec_group_chunks(const scalar_t* const* x, const scalar_t* __restrict table,
+                                int64_t C, int64_t Cp, int64_t c0, scalar_t* const* out) {
+  constexpr int64_t kWidth = kChunks * kRingLanes;
+  scalar_t sum[G][kWidth] = {};
+  for (int64_t cp = 0; cp < C; ++cp) {
+    const scalar_t* __restrict row = table + cp * Cp + c0;
+#pragma GCC unroll 8
+    for (int j = 0; j < G; ++j) {
+#pragma omp simd
+      for (int64_t i = 0; i < kWidth; ++i) sum[j][i] += x[j][cp] * row[i];
+    }
+  }
+  for (int j = 0; j < G; ++j)
+    for (int64_t i = 0; i < kWidth; ++i) out[j][c0 + i] = sum[j][i];
+}
+template <int G, typename scalar_t>
+inline void matvec_group(const scalar_t* const* x, const scalar_t* table, int64_t C, int64_t Cp,
+                         scalar_t* const* out) {
+  constexpr int kRegisters = sizeof(scalar_t) / sizeof(float);  // AVX2 registers per chunk
+  constexpr int kMax = std::max(1, std::min(3, 10 / (G * kRegisters)));
+  int64_t c0 = 0;
+  for (; c0 + kMax * kRingLanes <= Cp; c0 += kMax * kRingLanes)
+    matvec_group_chunks<G, kMax>(x, table, C, Cp, c0, out);
+  switch ((Cp - c0) / kRingLanes) {
+    case 2: matvec_group_chunks<G, 2>(x, table, C, Cp, c0, out); break;
+    case 1: matvec_group_chunks<G, 1>(x, table, C, Cp, c0, out); break;
+    default: break;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The scaled exp-domain forward for the duration-dependent (K, C, C)
 // transition. The log scan's step takes K·C² exps (one per previous label,
@@ -1279,6 +1317,14 @@ struct ExpForwardDD {
   double O = 0.0, mes = 0.0;  // gains relative to O; alpha_hat[t] to O + mes
   std::vector<scalar_t> acc, alpha, u, livemax, arg, factor;
   std::vector<double> gacc, ga, gu, lemit, lfresh, old_factor;
+  // Steps share their passes over the tables: step t's pass over A_d also
+  // gives step t+j's mat-vec alpha_hat[t+j-d] · A_d (j < kAhead, d > j:
+  // that row is known at step t), kept in u_ahead row ((t+j) % kAhead, d-1)
+  // with its step in u_ahead_step, so that the K mat-vecs of a step read A
+  // from L2 about K/3 + 1 times rather than K.
+  static constexpr int kAhead = 3;
+  std::vector<scalar_t> u_ahead;       // (kAhead, K, Cp)
+  std::vector<int64_t> u_ahead_step;   // (kAhead, K) the step a row is for; -1: none
   // The log scan's offset (ExpForward's ref_hi, ref_lo) and, per slot, the
   // absolute scale of alpha_hat[s] and the log scan's offset after its step
   // s, so that checkpoints are written in that scan's terms.
@@ -1294,7 +1340,8 @@ struct ExpForwardDD {
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
         alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
-        lemit(C_), lfresh(C_), old_factor(C_), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
+        lemit(C_), lfresh(C_), old_factor(C_), u_ahead(kAhead * K_ * Cp, 0),
+        u_ahead_step(kAhead * K_, -1), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
     rejected = bad_parameters() || !tables();
   }
@@ -1394,7 +1441,32 @@ struct ExpForwardDD {
       if (s == 0) {
         std::copy_n(first_alpha.data(), C, uu);
       } else {
-        matvec_padded(alpha_ring.data() + slot * C, A_padded.data() + (d - 1) * C * Cp, C, Cp, uu);
+        const int64_t row = (t % kAhead) * K + (d - 1);
+        if (u_ahead_step[row] == t) {
+          uu = u_ahead.data() + row * Cp;
+        } else {
+          // This step's mat-vec and those of the next steps that have not
+          // got theirs yet and whose alpha_hat row is known.
+          const scalar_t* xs[kAhead];
+          scalar_t* outs[kAhead];
+          xs[0] = alpha_ring.data() + slot * C;
+          outs[0] = uu;
+          int nx = 1;
+          for (int64_t j = 1; j < kAhead && t + j <= L && d > j; ++j) {
+            const int64_t ahead = ((t + j) % kAhead) * K + (d - 1);
+            if (u_ahead_step[ahead] == t + j) continue;
+            u_ahead_step[ahead] = t + j;
+            xs[nx] = alpha_ring.data() + ((t + j - d) % K) * C;
+            outs[nx++] = u_ahead.data() + ahead * Cp;
+          }
+          const scalar_t* table = A_padded.data() + (d - 1) * C * Cp;
+          switch (nx) {
+            case 1: matvec_padded(xs[0], table, C, Cp, uu); break;
+            case 2: matvec_group<2>(xs, table, C, Cp, outs); break;
+            case 3: matvec_group<3>(xs, table, C, Cp, outs); break;
+            default: matvec_group<kAhead>(xs, table, C, Cp, outs); break;
+          }
+        }
         // Some product below tiny: alpha_minpos · A_minpos[c] < tiny for a c.
         matvec_flush = alpha_minpos[slot] * A_minpos_min < tiny;
       }
@@ -1437,6 +1509,10 @@ struct ExpForwardDD {
       const double* gg = gain_ghost.data() + slot * C;
       // Four labels at a time, branch-free (bound_product written out), then
       // the scalar loop below for the last C mod 4: the same arithmetic.
+      // Where the mat-vec is exact (gu = 0, nothing charged) the bounds of
+      // gu's products are +0 and drop out of the sum exactly, and where the
+      // gains are exact too (gg = 0) so does the rest: the hot cases skip
+      // that arithmetic, with the same bits.
       {
         using S4 = typename Lanes4<scalar_t>::type;
         const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
@@ -1447,24 +1523,36 @@ struct ExpForwardDD {
         const double matvec_charge = static_cast<double>(C) * kSlack;
         const scalar_t amp = alpha_minpos[slot];
         const int64_t C4 = C & ~int64_t{3};
-        for (int64_t c = 0; c < C4; c += 4) {
-          const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
-          const f64x4 gg4 = load4(&gg[c]);
-          const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
-                                (widen(amp * load4(&A_minpos[c])) < tiny_d);
-          const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
-          f64x4 term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
-                                  bound4(bound4(gu_c, gg4), zero + tiny_d),
-                              widen(ws) * kUp);
-          const S4 p = us * gs4;
-          const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
-          term += (uw > 0.0) & (gw > 0.0) & (pw < tiny_d) ? zero + kSlack : zero;
-          term += (pw > 0.0) & (widen(p * ws) < tiny_d) ? zero + kSlack : zero;
-          const f64x4 add = term * kSlack;
-          // A -inf duration score (w = 0) is exact: nothing to add.
-          const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
-          store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
-        }
+        auto term_ghosts = [&](auto exact_matvec, auto exact_gains) {
+          for (int64_t c = 0; c < C4; c += 4) {
+            const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
+            f64x4 term = zero;
+            if constexpr (!decltype(exact_matvec)::value) {
+              const f64x4 gg4 = load4(&gg[c]);
+              const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
+                                    (widen(amp * load4(&A_minpos[c])) < tiny_d);
+              const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
+              term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
+                                bound4(bound4(gu_c, gg4), zero + tiny_d),
+                            widen(ws) * kUp);
+            } else if constexpr (!decltype(exact_gains)::value) {
+              term = bound4(bound4(widen(us) * kUp, load4(&gg[c])), widen(ws) * kUp);
+            }
+            const S4 p = us * gs4;
+            const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
+            term += (uw > 0.0) & (gw > 0.0) & (pw < tiny_d) ? zero + kSlack : zero;
+            term += (pw > 0.0) & (widen(p * ws) < tiny_d) ? zero + kSlack : zero;
+            const f64x4 add = term * kSlack;
+            // A -inf duration score (w = 0) is exact: nothing to add.
+            const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
+            store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
+          }
+        };
+        using Yes = std::true_type;
+        using No = std::false_type;
+        if (alpha_ghosts || matvec_flush) term_ghosts(No{}, No{});
+        else if (slot_ghost[slot]) term_ghosts(Yes{}, No{});
+        else term_ghosts(Yes{}, Yes{});
       }
       for (int64_t c = C & ~int64_t{3}; c < C; ++c) {
         if (w[c] == 0) continue;  // a -inf duration score: exact
@@ -1553,30 +1641,48 @@ struct ExpForwardDD {
       scalar_t* g = gain.data() + slot * C;
       double* gg = gain_ghost.data() + slot * C;
       // Four labels at a time, branch-free, then the scalar loop below for
-      // the last C mod 4: the same arithmetic.
+      // the last C mod 4: the same arithmetic. A gain is finite and ≥ +0,
+      // and a -inf score's factor is exactly 0, so that x = g · f is 0 (or
+      // NaN, 0 · inf) wherever g = 0 or the score is -inf: there v ≥ tiny
+      // and x > big fail without the scalar loop's masks, and the new gain
+      // is v ≥ tiny ? v : 0, a comparison in the gains' own lanes.
       using S4 = typename Lanes4<scalar_t>::type;
       const S4 zero_s = S4{};
       const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor, big4 = zero + big;
       i64x4 any4 = {0, 0, 0, 0}, past4 = {0, 0, 0, 0};
       const int64_t C4 = C & ~int64_t{3};
-      for (int64_t c = 0; c < C4; c += 4) {
-        const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
-        const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
-        const S4 g0 = load4(&g[c]);
-        const f64x4 gw = widen(g0);
-        const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
-        const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
-        const i64x4 pos = gw > 0.0;
-        const f64x4 x = gw * f;
-        past4 |= ~exact_zero & pos & (x > big);
-        const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
-        const i64x4 under = pos & (widen(v) < tiny_d);
-        const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
-        const S4 g2 = select4(pos & ~under, v, select4(pos, zero_s, g0));
-        store4(&g[c], select4(exact_zero, zero_s, g2));
-        store4(&gg[c], gg2);
-        any4 |= ~exact_zero & (gg2 > 0.0);
-        past4 |= ~exact_zero & ~(gg2 < 1e300);
+      if (!slot_ghost[slot]) {
+        // Every ghost of the slot is 0: only the gains that fall below tiny
+        // start one.
+        for (int64_t c = 0; c < C4; c += 4) {
+          const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
+          const f64x4 f = load4(&old_factor[c]);
+          const f64x4 gw = widen(load4(&g[c]));
+          const f64x4 x = gw * f;
+          past4 |= x > big;
+          const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
+          const i64x4 fresh = ~exact_zero & (gw > 0.0) & (widen(v) < tiny_d);
+          store4(&g[c], v >= tiny ? v : zero_s);
+          store4(&gg[c], fresh ? zero + kSlack : zero);
+          any4 |= fresh;
+        }
+      } else {
+        for (int64_t c = 0; c < C4; c += 4) {
+          const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
+          const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
+          const f64x4 gw = widen(load4(&g[c]));
+          const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
+          const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
+          const f64x4 x = gw * f;
+          past4 |= x > big;
+          const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
+          const i64x4 under = (gw > 0.0) & (widen(v) < tiny_d);
+          const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
+          store4(&g[c], v >= tiny ? v : zero_s);
+          store4(&gg[c], gg2);
+          any4 |= ~exact_zero & (gg2 > 0.0);
+          past4 |= ~exact_zero & ~(gg2 < 1e300);
+        }
       }
       if (any_lane(past4)) rejected = true;
       bool any = any_lane(any4);
