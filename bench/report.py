@@ -20,6 +20,12 @@ NUMERIC = {"B", "T", "K", "C", "ms", "runs", "peak_mib", "lse_terms", "lse_per_s
            "pct_exp_peak", "exp_peak_per_s", "exp_fallbacks", "logz_rel_err", "grad_err"}
 
 
+def _pct(x: float) -> str:
+    """A percentage with two significant digits, written out at 100 % and
+    above (103%, not 1e+02%)."""
+    return f"{x:.0f}%" if x >= 99.5 else f"{x:.2g}%"
+
+
 def _fmt(v, digits=3) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -516,7 +522,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             best = min((cells[b] for b in OURS if b in cells and cells[b]["status"] in TIMED),
                        key=lambda r: r["ms"], default=None)
             thr = "" if best is None else (
-                f"{_si(best['lse_per_s'])} ({best['pct_exp_peak']:.2g}%, "
+                f"{_si(best['lse_per_s'])} ({_pct(best['pct_exp_peak'])}, "
                 f"{SHORT[best['backend']]})")
             texts = []
             for b in cols:
