@@ -2183,6 +2183,16 @@ inline void exp_row_f64(const double* __restrict x, double* __restrict out, int6
   for (int64_t c = 0; c < n; ++c) out[c] = exp_f64(x[c]);
 }
 
+// A ring entry x0 of age `age` moved on by one step: times the label's
+// factor, or exactly 0 once older than `last`, its label's longest
+// duration; lm keeps the largest moved entry.
+__attribute__((always_inline)) inline double moved_entry(double x0, double age, double last,
+                                                         double scale, double& lm) {
+  const double moved = age < last ? x0 * scale : 0.0;
+  lm = moved > lm ? moved : lm;
+  return moved;
+}
+
 // The passes of the exp-domain backward over its rings, eight labels a
 // chunk (C % 8 == 0), so that the per-label sums stay in registers across
 // the durations instead of going through memory for every row. Up to NC =
@@ -2222,11 +2232,7 @@ inline void forward_pass_chunks(double* ring, const double* W, const double* las
     for (int k = 0; k < kW; ++k) {
       const double x0 = r[k];
       a[k] += x0 * w[k];
-      if (ADVANCE) {
-        const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
-        r[k] = moved;
-        mx[k] = moved > mx[k] ? moved : mx[k];
-      }
+      if (ADVANCE) r[k] = moved_entry(x0, age, lt[k], sc[k], mx[k]);
     }
   }
   for (int k = 0; k < kW; ++k) {
@@ -2277,11 +2283,7 @@ inline void backward_pass_chunks(double* ring, const double* W, const double* la
       sd[k] += post;
       cv[k] += post;
       pd[k] += cv[k];
-      if (MOVE) {
-        const double moved = age < lt[k] ? x0 * sc[k] : 0.0;
-        r[k] = moved;
-        mx[k] = moved > mx[k] ? moved : mx[k];
-      }
+      if (MOVE) r[k] = moved_entry(x0, age, lt[k], sc[k], mx[k]);
     }
   }
   for (int k = 0; k < kW; ++k) {
@@ -2301,15 +2303,6 @@ void backward_pass8(double* ring, const double* W, const double* last, const dou
   });
 }
 
-// A ring entry x0 of age `age` moved on by one step: times the label's
-// factor, or exactly 0 once older than `last`, its label's longest
-// duration; lm keeps the largest moved entry.
-__attribute__((always_inline)) inline double moved_entry(double x0, double age, double last,
-                                                         double scale, double& lm) {
-  const double moved = age < last ? x0 * scale : 0.0;
-  lm = moved > lm ? moved : lm;
-  return moved;
-}
 
 // The normaliser of a ring move: the power of two 2^-e that brings `top`
 // (the move's largest entry) into [1, 2), clamped to a normal number; 1
