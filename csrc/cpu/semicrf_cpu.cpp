@@ -371,20 +371,25 @@ inline double max_of(const double* x, int64_t n) {
   return out;
 }
 
-// Labels per chunk of the exp-domain forward's ring pass: the ring, weight
-// and keep rows are padded to a multiple of it with zeros, so that the pass
-// runs whole vectors and one chunk's sums stay in registers across the K
-// rows.
+// Labels per chunk of the exp-domain passes over a ring: the forward's ring,
+// weight and keep rows are padded to a multiple of it with zeros (the
+// backward's passes take C % 8 == 0 only), so that a pass runs whole vectors
+// and a chunk's sums stay in registers across the K rows.
 constexpr int64_t kRingLanes = 8;
 inline int64_t padded_labels(int64_t C) { return (C + kRingLanes - 1) / kRingLanes * kRingLanes; }
 
-// The hot loop of the exp-domain forward: for kRingLanes labels, the
-// duration-weighted sum over the n ring rows of ages 1..n, the largest entry
-// that stays alive and the smallest positive entry. Rows older than age 1
-// first take the previous step's factor f (the advance of the ring, fused
-// into this pass so the ring is read once per step); an entry is capped at
-// the dtype's largest value, so that an entry that can no longer matter meets
-// its zero weight as 0, never as inf · 0.
+// Calls fn(c0, NC) over the chunks of C labels (C % kRingLanes == 0), NC =
+// up to three chunks at a time: each label's sums in a pass are chains of
+// dependent operations, one link per ring row, and three chunks' chains
+// interleave where one chunk's would wait on its own latency.
+template <typename Fn>
+inline void for_chunk_groups(int64_t C, Fn fn) {
+  int64_t c0 = 0;
+  for (; c0 + 3 * kRingLanes <= C; c0 += 3 * kRingLanes) fn(c0, std::integral_constant<int, 3>{});
+  if (C - c0 == 2 * kRingLanes) fn(c0, std::integral_constant<int, 2>{});
+  if (C - c0 == kRingLanes) fn(c0, std::integral_constant<int, 1>{});
+}
+
 // One ring row of ring_chunk_pass, kWidth lanes. kAllAlive: every lane's
 // entry stays alive (keep = 1), so the masks of the general body are known
 // to be true.
@@ -417,10 +422,14 @@ inline void ring_row(scalar_t* __restrict r, const scalar_t* __restrict wd,
   }
 }
 
-// NC chunks (labels c0 … c0 + NC·kRingLanes) side by side: each lane's sums
-// are chains of dependent operations, one link per ring row, and NC chunks'
-// chains interleave where one chunk's would wait on its own latency. Each
-// lane computes what it computes alone.
+// The hot loop of the exp-domain forward, for the NC chunks of labels c0 …
+// c0 + NC·kRingLanes side by side (for_chunk_groups): the duration-weighted
+// sum over the n ring rows of ages 1..n, the largest entry that stays alive
+// and the smallest positive entry. Rows older than age 1 first take the
+// previous step's factor f (the advance of the ring, fused into this pass
+// so the ring is read once per step); an entry is capped at the dtype's
+// largest value, so that an entry that can no longer matter meets its zero
+// weight as 0, never as inf · 0. Each lane computes what it computes alone.
 template <int NC, typename scalar_t>
 inline void ring_chunk_pass(scalar_t* const* rows, int64_t c0, int64_t n, int64_t n_alive,
                             bool advance_old, const scalar_t* __restrict w,
@@ -805,23 +814,16 @@ struct ExpForward {
     const int tK = static_cast<int>(t % K);
     for (int64_t d = 1; d <= n; ++d)
       rows[d - 1] = ring.data() + slot_before(tK, static_cast<int>(d), static_cast<int>(K)) * Cp;
-    // Up to three chunks at a time; a group's rows are all alive up to its
-    // chunks' smallest such age.
-    for (int64_t c0 = 0; c0 < Cp;) {
-      const int64_t nc = std::min<int64_t>(3, (Cp - c0) / kRingLanes), k0 = c0 / kRingLanes;
-      int64_t alive = chunk_alive_ages[k0];
-      for (int64_t k = 1; k < nc; ++k) alive = std::min(alive, chunk_alive_ages[k0 + k]);
-      auto pass = [&](auto width) {
-        ring_chunk_pass<decltype(width)::value>(
-            rows.data(), c0, n, std::min<int64_t>(n, alive), owes_advance, weight.data() + c0,
-            keep.data() + c0, Cp, fo.data() + c0, acc.data() + c0, livemax.data() + c0,
-            rmin.data() + c0);
-      };
-      if (nc == 3) pass(std::integral_constant<int, 3>{});
-      else if (nc == 2) pass(std::integral_constant<int, 2>{});
-      else pass(std::integral_constant<int, 1>{});
-      c0 += nc * kRingLanes;
-    }
+    // A group's rows are all alive up to its chunks' smallest such age.
+    for_chunk_groups(Cp, [&](int64_t c0, auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      int64_t alive = n;
+      for (int64_t k = c0 / kRingLanes; k < c0 / kRingLanes + NC; ++k)
+        alive = std::min(alive, chunk_alive_ages[k]);
+      ring_chunk_pass<NC>(rows.data(), c0, n, alive, owes_advance, weight.data() + c0,
+                          keep.data() + c0, Cp, fo.data() + c0, acc.data() + c0,
+                          livemax.data() + c0, rmin.data() + c0);
+    });
     owes_advance = false;
     // The end factor is normalised against the mass it multiplies, so that
     // a label that holds the mass is never flushed by another label's larger
@@ -993,7 +995,7 @@ struct ExpForward {
       bad4 |= ~(x < kInf);   // NaN or +inf: the log scan gives the NaN
     }
     bad_scores = any_lane(bad4);
-    double m = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+    double m = max_lane(m4);
     if (m == kNegInf) m = 0.0;
     ref_add(m);
     for (int64_t c = 0; c < Cp; c += 4) {
@@ -1024,8 +1026,7 @@ struct ExpForward {
         if (reaches[c]) fresh4[0] = std::max(fresh4[0], static_cast<double>(sigma[c]) * e);
       }
     }
-    const double old = std::max(std::max(old4[0], old4[1]), std::max(old4[2], old4[3]));
-    const double fresh = std::max(std::max(fresh4[0], fresh4[1]), std::max(fresh4[2], fresh4[3]));
+    const double old = max_lane(old4), fresh = max_lane(fresh4);
     double top = std::max(old > 0 ? std::log(old) : kNegInf,
                           fresh > 0 ? sigma_rel + std::log(fresh) : kNegInf);
     if (top == kNegInf) top = 0.0;
@@ -2193,21 +2194,11 @@ __attribute__((always_inline)) inline double moved_entry(double x0, double age, 
   return moved;
 }
 
-// The passes of the exp-domain backward over its rings, eight labels a
-// chunk (C % 8 == 0), so that the per-label sums stay in registers across
-// the durations instead of going through memory for every row. Up to NC =
-// 3 chunks run side by side: each chunk's sums form chains of dependent
-// additions, one link per duration, and three chains interleave where one
-// would wait on its own latency. The generic loops in ExpBackward are the
-// same arithmetic in the same order.
-constexpr int kPassLanes = 8;
-template <typename Fn>
-inline void for_chunk_groups(int64_t C, Fn fn) {
-  int64_t c0 = 0;
-  for (; c0 + 3 * kPassLanes <= C; c0 += 3 * kPassLanes) fn(c0, std::integral_constant<int, 3>{});
-  if (C - c0 == 2 * kPassLanes) fn(c0, std::integral_constant<int, 2>{});
-  if (C - c0 == kPassLanes) fn(c0, std::integral_constant<int, 1>{});
-}
+// The passes of the exp-domain backward over its rings, a group of label
+// chunks at a time (C % 8 == 0, for_chunk_groups), so that the per-label
+// sums stay in registers across the durations instead of going through
+// memory for every row. The generic loops in ExpBackward are the same
+// arithmetic in the same order.
 
 // Forward recompute, step t: acc[c] = sum_{d <= n} ring[t-d][c] · W[d-1][c];
 // with ADVANCE, every entry also moves to the next step: times scale[c], or
@@ -2218,7 +2209,7 @@ template <bool ADVANCE, int NC>
 inline void forward_pass_chunks(double* ring, const double* W, const double* last,
                                 const double* scale, double* acc, double* lm, int tK, int64_t n,
                                 int64_t K, int64_t C, int64_t c0) {
-  constexpr int kW = NC * kPassLanes;
+  constexpr int kW = NC * kRingLanes;
   double a[kW] = {}, mx[kW] = {}, sc[kW], lt[kW];
   for (int k = 0; k < kW; ++k) {
     sc[k] = scale[c0 + k];
@@ -2259,7 +2250,7 @@ inline void backward_pass_chunks(double* ring, const double* W, const double* la
                                  double* covered, double* lm, double* sum_dur, double* pending,
                                  int64_t t, int tK, int64_t dmax, int64_t K, int64_t C,
                                  int64_t c0) {
-  constexpr int kW = NC * kPassLanes;
+  constexpr int kW = NC * kRingLanes;
   double ta[kW] = {}, cv[kW] = {}, mx[kW] = {}, wv[kW], sc[kW], lt[kW];
   for (int k = 0; k < kW; ++k) {
     wv[k] = ws[c0 + k];
@@ -2446,6 +2437,14 @@ inline void vecmat_durations(const double* const* const* a, const double* M, dou
         vecmat_tail(a[q][g], M + g * C, out[q] + g * C, C, k0, C, stride);
 }
 
+// max(0, max over c of x[c] · y[c]) in four chains: the same max in any
+// order, a quarter of one chain's latency.
+inline double max_product(const double* x, const double* y, int64_t C) {
+  double top[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t c = 0; c < C; ++c) top[c & 3] = std::max(top[c & 3], x[c] * y[c]);
+  return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+}
+
 // DD: the duration-dependent (K, C, C) transition. Its forward recompute
 // keeps the exp-domain forward's two rings (alpha_hat of each open
 // segment's start, and a gain per label with that start's scale, the start
@@ -2455,14 +2454,6 @@ inline void vecmat_durations(const double* const* const* a, const double* M, dou
 // of the segments [t, t+d) take alpha_hat[t] · A_d for every d, beta_hat
 // the K mat-vecs A_d · v_d and the transition posteriors K outer products:
 // K·C² multiply-adds each, never exps.
-// max(0, max over c of x[c] · y[c]) in four chains: the same max in any
-// order, a quarter of one chain's latency.
-inline double max_product(const double* x, const double* y, int64_t C) {
-  double top[4] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t c = 0; c < C; ++c) top[c & 3] = std::max(top[c & 3], x[c] * y[c]);
-  return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
-}
-
 template <typename scalar_t, bool DD>
 struct ExpBackward {
   static constexpr double kNegInf = -std::numeric_limits<double>::infinity();
@@ -2854,6 +2845,17 @@ struct ExpBackward {
     return top_log_bound(y, val, nullptr, C);
   }
 
+  // f[c] = exp(scores[t, c] - m) for m, returned, the finite max of the
+  // row (0 if none).
+  double emissions(int64_t t, double* f) {
+    for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c));
+    double m = max_of(arg.data(), C);
+    if (m == kNegInf) m = 0.0;
+    for (int64_t c = 0; c < C; ++c) arg[c] -= m;
+    exp_row_f64(arg.data(), f, C);
+    return m;
+  }
+
   // Forward step t of the span (row i of the buffers): alpha_hat[t] (t ≥ 1)
   // and sigma_hat[t] (t < L). With `advance` (t < L) the ring moves on to
   // step t+1 in the same pass over it: position t's emissions, the segments
@@ -2867,12 +2869,8 @@ struct ExpBackward {
     double m = 0.0;
     Normaliser inv;
     if (advance) {
-      for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<double>(in.score(t, c));
-      m = max_of(arg.data(), C);
-      if (m == kNegInf) m = 0.0;
+      m = emissions(t, f);
       m_buf[i] = m;
-      for (int64_t c = 0; c < C; ++c) arg[c] -= m;
-      exp_row_f64(arg.data(), f, C);
       const double top = max_product(lm_f.data(), f, C);
       inv = normaliser_for(top);
       for (int64_t c = 0; c < C; ++c) fs[c] = f[c] * inv.value;
@@ -3565,14 +3563,8 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
 
       if (!fused) {
         // The move at a span's first position, in a pass of its own.
-        m = -std::numeric_limits<double>::infinity();
-        for (int64_t c = 0; c < C; ++c) m = std::max(m, static_cast<double>(in.score(t - 1, c)));
-        if (m == -std::numeric_limits<double>::infinity()) m = 0.0;
-        for (int64_t c = 0; c < C; ++c) eb.arg[c] = static_cast<double>(in.score(t - 1, c)) - m;
-        exp_row_f64(eb.arg.data(), eb.fe.data(), C);
-        double top = 0.0;
-        for (int64_t c = 0; c < C; ++c) top = std::max(top, eb.lm_b[c] * eb.fe[c]);
-        inv = normaliser_for(top);
+        m = eb.emissions(t - 1, eb.fe.data());
+        inv = normaliser_for(max_product(eb.lm_b.data(), eb.fe.data(), C));
         for (int64_t c = 0; c < C; ++c) eb.fs[c] = eb.fe[c] * inv.value;
         std::fill(eb.lm_b.begin(), eb.lm_b.end(), 0.0);
         for (int64_t d = 1; d <= std::min(K, L - t); ++d) {
@@ -3580,12 +3572,10 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
               eb.bring.data() + slot_after(tK, static_cast<int>(d), static_cast<int>(K)) * C;
           const double* __restrict sc = eb.fs.data();
           double* __restrict lm = eb.lm_b.data();
+          const double age = static_cast<double>(d);
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const double moved = static_cast<double>(d) < eb.bwd_last_d[c] ? r[c] * sc[c] : 0.0;
-            r[c] = moved;
-            lm[c] = moved > lm[c] ? moved : lm[c];
-          }
+          for (int64_t c = 0; c < C; ++c)
+            r[c] = moved_entry(r[c], age, eb.bwd_last_d[c], sc[c], lm[c]);
         }
       }
       // The segments ending at t: beta_hat[t] · exp(end_scores[t-1] +
