@@ -14,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE__)
@@ -273,67 +274,97 @@ inline int exponent_of(double v) {
   return e == 0 ? -1075 : e - 1023;
 }
 
-// Four lanes of float or double (GCC/Clang vector extensions: one AVX
-// register, or two SSE ones where the build targets no AVX), for the
-// per-label bound arithmetic of the exp-domain forward. Written out because
-// the compiler does not if-convert that arithmetic's selects on its own; the
-// lanes compute exactly what the scalar expressions compute.
-// (Builds without AVX pass these by value in pairs of SSE registers: GCC's
+// N lanes of float or double (GCC/Clang vector extensions), for the
+// per-label arithmetic of the exp-domain kernels: four lanes of double are
+// one AVX register, eight one AVX-512 register (two AVX or four SSE ones
+// where the build targets less). Written out because the compiler does not
+// if-convert that arithmetic's selects on its own; the lanes compute exactly
+// what the scalar expressions compute.
+// (Builds without AVX pass these by value in several SSE registers: GCC's
 // note that this differs from AVX builds' ABI does not apply to functions
 // internal to this file.)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
-template <typename T>
-struct Lanes4;
-template <>
-struct Lanes4<float> {
-  typedef float type __attribute__((vector_size(16)));
+template <typename T, int N>
+struct Lanes {
+  typedef T type __attribute__((vector_size(sizeof(T) * N)));
 };
-template <>
-struct Lanes4<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-using f64x4 = Lanes4<double>::type;
-typedef int64_t i64x4 __attribute__((vector_size(32)));  // a comparison of f64x4: 0 or -1
+using f64x4 = Lanes<double, 4>::type;
+using f64x8 = Lanes<double, 8>::type;
+using i64x4 = Lanes<int64_t, 4>::type;  // a comparison of f64x4: 0 or -1
+using i64x8 = Lanes<int64_t, 8>::type;
+// The number of lanes of a vector V.
+template <typename V>
+constexpr int lanes_of = static_cast<int>(sizeof(V) / sizeof(std::declval<V>()[0]));
 
-template <typename T>
-inline typename Lanes4<T>::type load4(const T* p) {
-  typename Lanes4<T>::type v;
+template <int N, typename T>
+inline typename Lanes<T, N>::type load_lanes(const T* p) {
+  typename Lanes<T, N>::type v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-inline void store4(T* p, typename Lanes4<T>::type v) {
+template <typename T, typename V>
+inline void store_lanes(T* p, V v) {
+  static_assert(std::is_same_v<V, typename Lanes<T, lanes_of<V>>::type>);
   std::memcpy(p, &v, sizeof(v));
 }
-inline f64x4 widen(Lanes4<float>::type v) { return __builtin_convertvector(v, f64x4); }  // exact
-inline f64x4 widen(f64x4 v) { return v; }
-inline bool any_lane(i64x4 m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
-// exponent_of, four lanes at a time, as float64.
-inline f64x4 exponent4(Lanes4<float>::type v) {
-  typedef int32_t i32x4 __attribute__((vector_size(16)));
-  i32x4 b;
-  std::memcpy(&b, &v, sizeof(b));
-  const i32x4 e = (b >> 23) & 0xff;
-  return __builtin_convertvector(e == 0 ? i32x4{} - 150 : e - 127, f64x4);
+// Float lanes as double lanes (exact); double lanes unchanged.
+template <typename V>
+inline auto widen(V v) {
+  constexpr int N = lanes_of<V>;
+  if constexpr (sizeof(v[0]) == sizeof(double)) return v;
+  else return __builtin_convertvector(v, typename Lanes<double, N>::type);
 }
-inline f64x4 exponent4(f64x4 v) {
-  i64x4 b;
-  std::memcpy(&b, &v, sizeof(b));
-  const i64x4 e = (b >> 52) & 0x7ff;
-  return __builtin_convertvector(e == 0 ? i64x4{} - 1075 : e - 1023, f64x4);
+template <typename M>
+inline bool any_lane(M m) {
+  int64_t any = 0;
+  for (int i = 0; i < lanes_of<M>; ++i) any |= m[i];
+  return any != 0;
+}
+// exponent_of, lane by lane, as double lanes.
+template <typename V>
+inline auto exponent_lanes(V v) {
+  constexpr int N = lanes_of<V>;
+  using F = typename Lanes<double, N>::type;
+  if constexpr (sizeof(v[0]) == sizeof(float)) {
+    using I = typename Lanes<int32_t, N>::type;
+    I b;
+    std::memcpy(&b, &v, sizeof(b));
+    const I e = (b >> 23) & 0xff;
+    return __builtin_convertvector(e == 0 ? I{} - 150 : e - 127, F);
+  } else {
+    using I = typename Lanes<int64_t, N>::type;
+    I b;
+    std::memcpy(&b, &v, sizeof(b));
+    const I e = (b >> 52) & 0x7ff;
+    return __builtin_convertvector(e == 0 ? I{} - 1075 : e - 1023, F);
+  }
 }
 // m ? a : b with a float64 comparison's mask, for lanes of either dtype.
-inline Lanes4<float>::type select4(i64x4 m, Lanes4<float>::type a, Lanes4<float>::type b) {
-  typedef int32_t i32x4 __attribute__((vector_size(16)));
-  return __builtin_convertvector(m, i32x4) ? a : b;
+template <typename M, typename V>
+inline V select_lanes(M m, V a, V b) {
+  if constexpr (sizeof(a[0]) == sizeof(double)) {
+    return m ? a : b;
+  } else {
+    using I = typename Lanes<int32_t, lanes_of<V>>::type;
+    return __builtin_convertvector(m, I) ? a : b;
+  }
 }
-inline f64x4 select4(i64x4 m, f64x4 a, f64x4 b) { return m ? a : b; }
 // max/min over the lanes (std::max/std::min order: any order gives the same
 // value for the non-NaN values these take).
-inline double max_lane(f64x4 v) { return std::max(std::max(v[0], v[1]), std::max(v[2], v[3])); }
-inline double min_lane(f64x4 v) { return std::min(std::min(v[0], v[1]), std::min(v[2], v[3])); }
+template <typename V>
+inline double max_lane(V v) {
+  double m = v[0];
+  for (int i = 1; i < lanes_of<V>; ++i) m = std::max(m, v[i]);
+  return m;
+}
+template <typename V>
+inline double min_lane(V v) {
+  double m = v[0];
+  for (int i = 1; i < lanes_of<V>; ++i) m = std::min(m, v[i]);
+  return m;
+}
 
 // The largest of y[c] + exponent_of(val[c]) · ln2 over c < n with val[c] > 0
 // (and gate[c] > 0 where a gate is given): log(val) + y within a factor 2;
@@ -344,11 +375,11 @@ inline double top_log_bound(const double* y, const double* val, const double* ga
   const f64x4 none = top;
   int64_t c = 0;
   for (; c + 4 <= n; c += 4) {
-    const f64x4 v = load4(val + c);
-    const f64x4 cand = load4(y + c) + exponent4(v) * kLn2;
+    const f64x4 v = load_lanes<4>(val + c);
+    const f64x4 cand = load_lanes<4>(y + c) + exponent_lanes(v) * kLn2;
     i64x4 live = v > 0;
-    if (gate) live &= load4(gate + c) > 0;
-    const f64x4 x = select4(live, cand, none);
+    if (gate) live &= load_lanes<4>(gate + c) > 0;
+    const f64x4 x = select_lanes(live, cand, none);
     top = x > top ? x : top;
   }
   double out = max_lane(top);
@@ -363,7 +394,7 @@ inline double max_of(const double* x, int64_t n) {
   f64x4 top = {kNegInf, kNegInf, kNegInf, kNegInf};
   int64_t c = 0;
   for (; c + 4 <= n; c += 4) {
-    const f64x4 v = load4(x + c);
+    const f64x4 v = load_lanes<4>(x + c);
     top = v > top ? v : top;
   }
   double out = max_lane(top);
@@ -569,11 +600,17 @@ double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf, sc
 
 // The maximum the log scan's step subtracts (in its dtype), from alpha_hat
 // relative to that scan's offset + shift + mes; 0 where every label is 0.
+// alpha has Cp (a multiple of 8) entries, 0 in the padding; the max runs
+// eight lanes at a time (the same max in any order: alpha has no NaN).
 template <typename scalar_t>
-double log_scan_step_max(const scalar_t* alpha, int64_t C, double shift, double mes) {
-  scalar_t m4[4] = {0, 0, 0, 0};  // four chains: the same max, a quarter of the latency
-  for (int64_t c = 0; c < C; ++c) m4[c & 3] = std::max(m4[c & 3], alpha[c]);
-  const scalar_t amax = std::max(std::max(m4[0], m4[1]), std::max(m4[2], m4[3]));
+double log_scan_step_max(const scalar_t* alpha, int64_t Cp, double shift, double mes) {
+  auto m8 = load_lanes<8>(alpha);
+  for (int64_t c = 8; c < Cp; c += 8) {
+    const auto a8 = load_lanes<8>(alpha + c);
+    m8 = m8 < a8 ? a8 : m8;
+  }
+  scalar_t amax = m8[0];
+  for (int i = 1; i < 8; ++i) amax = std::max(amax, m8[i]);
   if (!(amax > 0)) return 0.0;
   return static_cast<double>(
       static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
@@ -674,6 +711,8 @@ struct ExpForward {
   // ordinary inputs nearly always; the ring's generations swap only when
   // they hold a ghost).
   bool ring_ghost_free = true;  // ghost_old and ghost_new are all 0
+  bool alpha_ghost_free = true;  // ga is all 0
+  bool sigma_ghost_free = true;  // gs is all 0
   bool any_A_lost = false;  // over the labels that can reach an end
   scalar_t A_minpos_min;  // min of A_minpos over the labels that can reach an end
   std::vector<char> reaches;  // (C) last_duration > 0
@@ -801,6 +840,7 @@ struct ExpForward {
       sigma[c] = fexp(static_cast<scalar_t>(x));
       gs[c] = through_factor(0.0, 1, sigma[c], x);
     }
+    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Step t ≥ 1: alpha_hat[t] and its ghost ga.
@@ -827,58 +867,85 @@ struct ExpForward {
     owes_advance = false;
     // The end factor is normalised against the mass it multiplies, so that
     // a label that holds the mass is never flushed by another label's larger
-    // end score. (Maxima in four chains, as in advance.)
+    // end score. (Maxima in eight lanes, as in advance.)
     for (int64_t c = 0; c < C; ++c)
       lemit[c] = static_cast<double>(in.end(t - 1, c)) + dur_max[c];  // ya
-    f64x4 top4 = f64x4{} + kNegInf, ya4 = top4;
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const auto a4 = load4(&acc[c]);
-      const f64x4 ya = load4(&lemit[c]), cand = ya + exponent4(a4) * kLn2;
+    f64x8 top8 = f64x8{} + kNegInf, ya8 = top8;
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const auto a8 = load_lanes<8>(&acc[c]);
+      const f64x8 ya = load_lanes<8>(&lemit[c]), cand = ya + exponent_lanes(a8) * kLn2;
       // Labels that cannot reach an end set no scale.
-      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
-      ya4 = reach & (ya4 < ya) ? ya : ya4;
-      top4 = reach & (widen(a4) > 0.0) & (top4 < cand) ? cand : top4;
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0;
+      ya8 = reach & (ya8 < ya) ? ya : ya8;
+      top8 = reach & (widen(a8) > 0.0) & (top8 < cand) ? cand : top8;
     }
-    const double top = max_lane(top4), ya_max = max_lane(ya4);
+    const double top = max_lane(top8), ya_max = max_lane(ya8);
     mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(lemit[c] - mes);
     exp_row(arg.data(), factor.data(), C);
-    // alpha_hat and its ghost: the ring's, weights that flushed, products
-    // below tiny (ghost_of_alpha, written out branch-free with & and | so
-    // that it vectorises: a charge that does not apply adds an exact 0).
-    using S4 = typename Lanes4<scalar_t>::type;
-    const S4 big4 = S4{} + Limits::max(), zero_s = S4{};
-    const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
+    // alpha_hat, and whether any of its ghost's charges can fire: with the
+    // ring's ghosts all 0, the ghost loop below gives ga = 0 unless a label
+    // that can reach an end has rmin · (smallest weight) below tiny, a
+    // flushed weight, or a positive acc whose end factor or product falls
+    // below tiny.
+    using S8 = typename Lanes<scalar_t, 8>::type;
+    const S8 big8 = S8{} + Limits::max(), zero_s = S8{};
+    i64x8 charged8 = {};
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const S8 endf = load_lanes<8>(&factor[c]), a8 = load_lanes<8>(&acc[c]);
+      const S8 x = big8 < a8 ? big8 : a8;
+      store_lanes(&acc[c], x);
+      const S8 prod = x * endf;
+      const S8 y = x > 0 ? (big8 < prod ? big8 : prod) : zero_s;
+      store_lanes(&alpha[c], y);
+      const S8 rmn = load_lanes<8>(&rmin[c]);
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
+      const f64x8 ef = widen(endf), xw = widen(x), yw = widen(y);
+      charged8 |= reach & ((has & ((widen(rmn * load_lanes<8>(&weight_minpos[c])) < tiny_d) |
+                                   (load_lanes<8>(&weight_lost[c]) != 0.0))) |
+                           ((xw > 0.0) & ((ef < tiny_d) | (yw < tiny_d))));
+    }
+    if (ring_ghost_free && !any_lane(charged8)) {
+      if (!alpha_ghost_free) std::fill(ga.begin(), ga.end(), 0.0);
+      alpha_ghost_free = true;
+    } else {
+      alpha_ghost(n);
+    }
+    ref_add(log_scan_step_max(alpha.data(), Cp, (O - ref_hi) - ref_lo, mes));
+  }
+
+  // ends' ghost of alpha_hat: the ring's, weights that flushed, products
+  // below tiny (ghost_of_alpha, written out branch-free with & and | so
+  // that it vectorises: a charge that does not apply adds an exact 0).
+  void alpha_ghost(int64_t n) {
+    using S8 = typename Lanes<scalar_t, 8>::type;
+    const f64x8 zero = f64x8{}, floor8 = zero + kFloor;
     const double n_charge = static_cast<double>(n) * kSlack;
-    i64x4 lost4 = {0, 0, 0, 0};
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const S4 endf = load4(&factor[c]), a4 = load4(&acc[c]);
-      const S4 x = big4 < a4 ? big4 : a4;
-      store4(&acc[c], x);
-      const S4 prod = x * endf;
-      const S4 y = x > 0 ? (big4 < prod ? big4 : prod) : zero_s;
-      store4(&alpha[c], y);
-      const S4 rmn = load4(&rmin[c]);
-      const i64x4 reach = load4(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
-      f64x4 g = load4(&ghost_old[c]) + load4(&ghost_new[c]);
-      g += has & (widen(rmn * load4(&weight_minpos[c])) < tiny_d) ? zero + n_charge : zero;
-      g += has ? load4(&weight_lost[c]) : zero;
+    i64x8 lost8 = {}, any8 = {};
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const S8 endf = load_lanes<8>(&factor[c]), x = load_lanes<8>(&acc[c]), y = load_lanes<8>(&alpha[c]);
+      const S8 rmn = load_lanes<8>(&rmin[c]);
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
+      f64x8 g = load_lanes<8>(&ghost_old[c]) + load_lanes<8>(&ghost_new[c]);
+      g += has & (widen(rmn * load_lanes<8>(&weight_minpos[c])) < tiny_d) ? zero + n_charge : zero;
+      g += has ? load_lanes<8>(&weight_lost[c]) : zero;
       // Through the end factor (ghost_through_factor).
-      const f64x4 ef = widen(endf), xw = widen(x), yw = widen(y);
-      const f64x4 via = g * ef * kUp;
-      const f64x4 spill = (g * tiny_d + xw) * kSlack;
-      const i64x4 exact = (load4(&lemit[c]) - mes == -kInf) | ((g == 0.0) & (xw == 0.0));
-      f64x4 ga_c = ef >= tiny_d ? (g > 0.0 ? (via < kFloor ? floor4 : via) : zero)
-                                : (exact ? zero : (spill < kFloor ? floor4 : spill));
+      const f64x8 ef = widen(endf), xw = widen(x), yw = widen(y);
+      const f64x8 via = g * ef * kUp;
+      const f64x8 spill = (g * tiny_d + xw) * kSlack;
+      const i64x8 exact = (load_lanes<8>(&lemit[c]) - mes == -kInf) | ((g == 0.0) & (xw == 0.0));
+      f64x8 ga_c = ef >= tiny_d ? (g > 0.0 ? (via < kFloor ? floor8 : via) : zero)
+                                : (exact ? zero : (spill < kFloor ? floor8 : spill));
       ga_c += (xw > 0.0) & (ef >= tiny_d) & (yw < tiny_d) ? zero + kSlack : zero;
       ga_c = (ga_c > 0.0) & (yw > 0.0) & (ga_c * absorb_factor <= yw) ? zero : ga_c;
-      lost4 |= reach & ~(ga_c < 1e300);
-      store4(&ga[c], reach ? ga_c : zero);  // a label that cannot reach an end feeds only its like
+      lost8 |= reach & ~(ga_c < 1e300);
+      ga_c = reach ? ga_c : zero;  // a label that cannot reach an end feeds only its like
+      any8 |= ga_c != 0.0;
+      store_lanes(&ga[c], ga_c);
     }
-    const bool lost = any_lane(lost4);
-    if (lost) rejected = true;
-    ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
+    alpha_ghost_free = !any_lane(any8);
+    if (any_lane(lost8)) rejected = true;
   }
 
   // t = L: log Z, or false where the ghost bound cannot certify it.
@@ -890,20 +957,19 @@ struct ExpForward {
   void starts(int64_t t) {
     // alpha's range over the labels that can reach an end (a label that
     // cannot has no finite transition into one that can: it adds exact
-    // zeros to every column that matters), in four chains.
-    const f64x4 zero = {0.0, 0.0, 0.0, 0.0};
-    f64x4 amax4 = zero, amin4 = zero + kInf;
-    i64x4 ghost4 = {0, 0, 0, 0};
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const f64x4 a = widen(load4(&alpha[c]));
-      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
-      amax4 = reach & (amax4 < a) ? a : amax4;
-      amin4 = reach & (a > 0.0) & (a < amin4) ? a : amin4;
-      ghost4 |= load4(&ga[c]) > 0.0;
+    // zeros to every column that matters), in eight lanes.
+    const f64x8 zero = f64x8{};
+    f64x8 amax8 = zero, amin8 = zero + kInf;
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const f64x8 a = widen(load_lanes<8>(&alpha[c]));
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0;
+      amax8 = reach & (amax8 < a) ? a : amax8;
+      amin8 = reach & (a > 0.0) & (a < amin8) ? a : amin8;
     }
-    const scalar_t amax = static_cast<scalar_t>(max_lane(amax4));
-    const scalar_t amin = static_cast<scalar_t>(min_lane(amin4));
-    const bool ghost = any_lane(ghost4);
+    const scalar_t amax = static_cast<scalar_t>(max_lane(amax8));
+    const scalar_t amin = static_cast<scalar_t>(min_lane(amin8));
+    const bool ghost =
+        !alpha_ghost_free && std::any_of(ga.begin(), ga.end(), [](double g) { return g > 0.0; });
     // u = alpha_hat A.
     matvec_padded(alpha.data(), A_padded.data(), C, Cp, u.data());
     // The ghost mat-vec is exact: the cheap bound (largest ghost times the
@@ -918,19 +984,19 @@ struct ExpForward {
       }
     for (int64_t c = 0; c < C; ++c)
       work_ys[c] = static_cast<double>(in.start(t, c)) + col_max[c];
-    using S4 = typename Lanes4<scalar_t>::type;
-    const S4 big4 = S4{} + Limits::max();
-    f64x4 top4 = zero + kNegInf, ys4 = top4;
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const S4 u4 = load4(&u[c]);
-      const S4 x = big4 < u4 ? big4 : u4;  // std::min(u, max)
-      store4(&u[c], x);
-      const f64x4 ys = load4(&work_ys[c]), cand = ys + exponent4(x) * kLn2;
-      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
-      ys4 = reach & (ys4 < ys) ? ys : ys4;
-      top4 = reach & (widen(x) > 0.0) & (top4 < cand) ? cand : top4;
+    using S8 = typename Lanes<scalar_t, 8>::type;
+    const S8 big8 = S8{} + Limits::max();
+    f64x8 top8 = zero + kNegInf, ys8 = top8;
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const S8 u8 = load_lanes<8>(&u[c]);
+      const S8 x = big8 < u8 ? big8 : u8;  // std::min(u, max)
+      store_lanes(&u[c], x);
+      const f64x8 ys = load_lanes<8>(&work_ys[c]), cand = ys + exponent_lanes(x) * kLn2;
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0;
+      ys8 = reach & (ys8 < ys) ? ys : ys8;
+      top8 = reach & (widen(x) > 0.0) & (top8 < cand) ? cand : top8;
     }
-    const double top = max_lane(top4), ys_max = max_lane(ys4);
+    const double top = max_lane(top8), ys_max = max_lane(ys8);
     const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) arg[c] = static_cast<scalar_t>(work_ys[c] - mss);
@@ -938,18 +1004,19 @@ struct ExpForward {
     sigma_rel = mes + mss;
     if (!ghost && !any_A_lost && !(amax > 0 && amin * A_minpos_min < tiny)) {
       // With no ghost to carry, sigma_hat's is 0 unless the start factor or
-      // sigma_hat fell below tiny.
-      int charged = 0;
-      const scalar_t big = Limits::max();
-#pragma omp simd reduction(| : charged)
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t x = u[c], h = factor[c], prod = x * h;
-        const scalar_t y = x > 0 ? (big < prod ? big : prod) : scalar_t(0);
-        sigma[c] = y;
-        charged |= (reaches[c] != 0) & !(x == 0) & ((h < tiny) | (y < tiny));
+      // sigma_hat fell below tiny (the padding's u and factor are 0).
+      const S8 zero_s = S8{};
+      i64x8 charged8 = {};
+      for (int64_t c = 0; c < Cp; c += 8) {
+        const S8 x = load_lanes<8>(&u[c]), h = load_lanes<8>(&factor[c]), prod = x * h;
+        const S8 y = x > 0 ? (big8 < prod ? big8 : prod) : zero_s;
+        store_lanes(&sigma[c], y);
+        charged8 |= (load_lanes<8>(&reach_mask[c]) != 0.0) & (widen(x) != 0.0) &
+                    ((widen(h) < tiny_d) | (widen(y) < tiny_d));
       }
-      if (!charged) {
-        std::fill(gs.begin(), gs.end(), 0.0);
+      if (!any_lane(charged8)) {
+        if (!sigma_ghost_free) std::fill(gs.begin(), gs.end(), 0.0);
+        sigma_ghost_free = true;
         return;
       }
     }
@@ -972,13 +1039,14 @@ struct ExpForward {
       if (!(g < 1e300)) rejected = true;
       gs[c] = g;
     }
+    sigma_ghost_free = std::all_of(gs.begin(), gs.end(), [](double g) { return g == 0.0; });
   }
 
   // Move the ring to step t+1 (t < L): position t's emissions, the segments
   // starting at t, and the normaliser: the largest entry that can still
   // matter becomes 1.
   void advance(int64_t t) {
-    // Position t's scores relative to their finite max m, four labels at a
+    // Position t's scores relative to their finite max m, eight labels at a
     // time (the row is copied into srow, padded with -inf; a max over the
     // same values is the same in any order).
     const scalar_t* row = in.scores + t * in.s_t;
@@ -987,46 +1055,46 @@ struct ExpForward {
     } else {
       for (int64_t c = 0; c < C; ++c) srow[c] = row[c * in.s_c];
     }
-    f64x4 m4 = f64x4{} + kNegInf;
-    i64x4 bad4 = {0, 0, 0, 0};
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const f64x4 x = widen(load4(&srow[c]));
-      m4 = m4 < x ? x : m4;  // std::max(m, x)
-      bad4 |= ~(x < kInf);   // NaN or +inf: the log scan gives the NaN
+    f64x8 m8 = f64x8{} + kNegInf;
+    i64x8 bad8 = {};
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const f64x8 x = widen(load_lanes<8>(&srow[c]));
+      m8 = m8 < x ? x : m8;  // std::max(m, x)
+      bad8 |= ~(x < kInf);   // NaN or +inf: the log scan gives the NaN
     }
-    bad_scores = any_lane(bad4);
-    double m = max_lane(m4);
+    bad_scores = any_lane(bad8);
+    double m = max_lane(m8);
     if (m == kNegInf) m = 0.0;
     ref_add(m);
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const f64x4 x = widen(load4(&srow[c])) - m;
-      store4(&lemit[c], x);
-      store4(&arg[c], __builtin_convertvector(x, typename Lanes4<scalar_t>::type));
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const f64x8 x = widen(load_lanes<8>(&srow[c])) - m;
+      store_lanes(&lemit[c], x);
+      store_lanes(&arg[c], __builtin_convertvector(x, typename Lanes<scalar_t, 8>::type));
     }
     exp_row(arg.data(), emit.data(), C);
     // A label whose emission factor flushed takes its factors from float64,
     // so that a flush never loses more than the final factor's underflow.
-    const f64x4 zero = {0.0, 0.0, 0.0, 0.0};
-    i64x4 flushed4 = {0, 0, 0, 0};
-    f64x4 old4 = zero, fresh4 = zero;
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const f64x4 e = widen(load4(&emit[c]));
-      flushed4 |= (e < tiny_d) & (load4(&lemit[c]) > kNegInf);
-      const f64x4 o = widen(load4(&livemax[c])) * e, f = widen(load4(&sigma[c])) * e;
-      old4 = old4 < o ? o : old4;
-      fresh4 = (load4(&reach_mask[c]) != 0.0) & (fresh4 < f) ? f : fresh4;
+    const f64x8 zero = f64x8{};
+    i64x8 flushed8 = {};
+    f64x8 old8 = zero, fresh8 = zero;
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const f64x8 e = widen(load_lanes<8>(&emit[c]));
+      flushed8 |= (e < tiny_d) & (load_lanes<8>(&lemit[c]) > kNegInf);
+      const f64x8 o = widen(load_lanes<8>(&livemax[c])) * e, f = widen(load_lanes<8>(&sigma[c])) * e;
+      old8 = old8 < o ? o : old8;
+      fresh8 = (load_lanes<8>(&reach_mask[c]) != 0.0) & (fresh8 < f) ? f : fresh8;
     }
-    const bool any_flushed = any_lane(flushed4);
+    const bool any_flushed = any_lane(flushed8);
     if (any_flushed) {  // rare: redo with the float64 factors where they flushed
-      old4 = zero;
-      fresh4 = zero;
+      old8 = zero;
+      fresh8 = zero;
       for (int64_t c = 0; c < C; ++c) {
         const double e = emit_flushed(c) ? std::exp(lemit[c]) : static_cast<double>(emit[c]);
-        old4[0] = std::max(old4[0], static_cast<double>(livemax[c]) * e);
-        if (reaches[c]) fresh4[0] = std::max(fresh4[0], static_cast<double>(sigma[c]) * e);
+        old8[0] = std::max(old8[0], static_cast<double>(livemax[c]) * e);
+        if (reaches[c]) fresh8[0] = std::max(fresh8[0], static_cast<double>(sigma[c]) * e);
       }
     }
-    const double old = max_lane(old4), fresh = max_lane(fresh4);
+    const double old = max_lane(old8), fresh = max_lane(fresh8);
     double top = std::max(old > 0 ? std::log(old) : kNegInf,
                           fresh > 0 ? sigma_rel + std::log(fresh) : kNegInf);
     if (top == kNegInf) top = 0.0;
@@ -1041,25 +1109,35 @@ struct ExpForward {
     // score (emit 0) gives exact zeros. Flushed labels are redone below.
     // (Bitwise & and | rather than && and ||: every operand is evaluated,
     // so the loop has no control flow and vectorises.)
-    const f64x4 big4 = zero + big;
-    i64x4 past4 = {0, 0, 0, 0};
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const f64x4 e = widen(load4(&emit[c]));
-      const i64x4 zero_e = e == 0.0;
-      const f64x4 old_f = zero_e ? zero : e * so, new_f = zero_e ? zero : e * sn;
-      const i64x4 flushed = (e < tiny_d) & (load4(&lemit[c]) > kNegInf);
-      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
-      past4 |= reach & ~flushed &
-               (((widen(load4(&rmin[c])) < kInf) & (old_f > big)) |
-                ((widen(load4(&sigma[c])) > 0.0) & (new_f > big)));
-      store4(&fo_d[c], old_f);
-      store4(&fn_d[c], new_f);
+    const f64x8 big8 = zero + big;
+    // charged8: the ghost loop's charges for entries that this step takes
+    // below tiny (fresh_lost and old_lost there), which are all it adds
+    // where no ghost is carried.
+    i64x8 past8 = {}, charged8 = {};
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const f64x8 e = widen(load_lanes<8>(&emit[c]));
+      const i64x8 zero_e = e == 0.0;
+      const f64x8 old_f = zero_e ? zero : e * so, new_f = zero_e ? zero : e * sn;
+      const i64x8 flushed = (e < tiny_d) & (load_lanes<8>(&lemit[c]) > kNegInf);
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0;
+      const auto sig = load_lanes<8>(&sigma[c]), rmn = load_lanes<8>(&rmin[c]);
+      const f64x8 sig_w = widen(sig), rmin_w = widen(rmn);
+      past8 |= reach & ~flushed &
+               (((rmin_w < kInf) & (old_f > big)) | ((sig_w > 0.0) & (new_f > big)));
+      store_lanes(&fo_d[c], old_f);
+      store_lanes(&fn_d[c], new_f);
       // std::min(f, big), then the dtype's rounding, as static_cast gives it.
-      using S4 = typename Lanes4<scalar_t>::type;
-      store4(&fo[c], __builtin_convertvector(big4 < old_f ? big4 : old_f, S4));
-      store4(&fn[c], __builtin_convertvector(big4 < new_f ? big4 : new_f, S4));
+      using S8 = typename Lanes<scalar_t, 8>::type;
+      const S8 fos = __builtin_convertvector(big8 < old_f ? big8 : old_f, S8);
+      const S8 fns = __builtin_convertvector(big8 < new_f ? big8 : new_f, S8);
+      store_lanes(&fo[c], fos);
+      store_lanes(&fn[c], fns);
+      const i64x8 exact_zero = load_lanes<8>(&lemit[c]) == kNegInf;
+      charged8 |= reach & ~exact_zero &
+                  (((sig_w > 0.0) & (widen(sig * fns) < tiny_d)) |
+                   ((rmin_w < kInf) & ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d))));
     }
-    bool past = any_lane(past4);
+    bool past = any_lane(past8);
     if (any_flushed)
       for (int64_t c = 0; c < C; ++c) {
         if (!emit_flushed(c)) continue;
@@ -1073,6 +1151,11 @@ struct ExpForward {
         fn[c] = static_cast<scalar_t>(std::min(new_f, big));
       }
     if (past) rejected = true;
+    if (!any_flushed && ring_ghost_free && sigma_ghost_free && !any_lane(charged8)) {
+      // Every ghost stays 0.
+      finish_advance(t, new_offset);
+      return;
+    }
     // Ghosts: every generation follows its entries; the new entries bring
     // sigma's ghost; entries that this step takes below tiny are charged in
     // full. Only a -inf score makes a factor exactly 0: a factor that
@@ -1081,36 +1164,36 @@ struct ExpForward {
     // an exact 0.
     const double n_old = static_cast<double>(std::min(t, K - 1));
     const double old_charge = 2.0 * n_old * kSlack;
-    const f64x4 floor4 = zero + kFloor;
-    // scaled_ghost, four labels at a time.
-    auto scaled4 = [&](f64x4 g, f64x4 f, i64x4 exact_zero) {
-      const f64x4 scaled = g * (f < kFloor ? floor4 : f) * kUp;
-      return (g == 0.0) | exact_zero ? zero : (scaled < kFloor ? floor4 : scaled);
+    const f64x8 floor8 = zero + kFloor;
+    // scaled_ghost, eight labels at a time.
+    auto scaled8 = [&](f64x8 g, f64x8 f, i64x8 exact_zero) {
+      const f64x8 scaled = g * (f < kFloor ? floor8 : f) * kUp;
+      return (g == 0.0) | exact_zero ? zero : (scaled < kFloor ? floor8 : scaled);
     };
-    i64x4 lost4 = {0, 0, 0, 0}, any4 = {0, 0, 0, 0};
-    for (int64_t c = 0; c < Cp; c += 4) {
-      const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;
-      const i64x4 reach = load4(&reach_mask[c]) != 0.0;
-      const f64x4 fod = load4(&fo_d[c]), fnd = load4(&fn_d[c]);
-      const f64x4 go = scaled4(load4(&ghost_old[c]), fod, exact_zero);
-      f64x4 gn = scaled4(load4(&ghost_new[c]), fod, exact_zero) +
-                 scaled4(load4(&gs[c]), fnd, exact_zero);
-      const auto sig = load4(&sigma[c]), fns = load4(&fn[c]), fos = load4(&fo[c]),
-                 rmn = load4(&rmin[c]);
-      const f64x4 sig_w = widen(sig), rmin_w = widen(rmn);
-      const i64x4 fresh_lost = ~exact_zero & (sig_w > 0.0) & (widen(sig * fns) < tiny_d);
-      const i64x4 old_lost = ~exact_zero & (rmin_w < kInf) &
+    i64x8 lost8 = {}, any8 = {};
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const i64x8 exact_zero = load_lanes<8>(&lemit[c]) == kNegInf;
+      const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0;
+      const f64x8 fod = load_lanes<8>(&fo_d[c]), fnd = load_lanes<8>(&fn_d[c]);
+      const f64x8 go = scaled8(load_lanes<8>(&ghost_old[c]), fod, exact_zero);
+      f64x8 gn = scaled8(load_lanes<8>(&ghost_new[c]), fod, exact_zero) +
+                 scaled8(load_lanes<8>(&gs[c]), fnd, exact_zero);
+      const auto sig = load_lanes<8>(&sigma[c]), fns = load_lanes<8>(&fn[c]), fos = load_lanes<8>(&fo[c]),
+                 rmn = load_lanes<8>(&rmin[c]);
+      const f64x8 sig_w = widen(sig), rmin_w = widen(rmn);
+      const i64x8 fresh_lost = ~exact_zero & (sig_w > 0.0) & (widen(sig * fns) < tiny_d);
+      const i64x8 old_lost = ~exact_zero & (rmin_w < kInf) &
                              ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d));
       gn += fresh_lost ? (sig_w * fnd * inv_tiny_d + 2.0) * kSlack : zero;
       gn += old_lost ? zero + old_charge : zero;
       // Labels that cannot reach an end carry no ghost.
-      const f64x4 go_kept = reach ? go : zero, gn_kept = reach ? gn : zero;
-      store4(&ghost_old[c], go_kept);
-      store4(&ghost_new[c], gn_kept);
-      lost4 |= reach & ~(go + gn < 1e300);
-      any4 |= (go_kept != 0.0) | (gn_kept != 0.0);
+      const f64x8 go_kept = reach ? go : zero, gn_kept = reach ? gn : zero;
+      store_lanes(&ghost_old[c], go_kept);
+      store_lanes(&ghost_new[c], gn_kept);
+      lost8 |= reach & ~(go + gn < 1e300);
+      any8 |= (go_kept != 0.0) | (gn_kept != 0.0);
     }
-    const bool lost = any_lane(lost4), any = any_lane(any4);
+    const bool lost = any_lane(lost8), any = any_lane(any8);
     if (lost) rejected = true;
     ring_ghost_free = !any;
     finish_advance(t, new_offset);
@@ -1340,7 +1423,7 @@ struct ExpForwardDD {
         first_alpha(C_), reach(C_, 0),
         alpha_ring(K_ * C_, 0), gain(K_ * C_, 0), alpha_ghost(K_ * C_, 0.0), gain_ghost(K_ * C_, 0.0),
         slot_alpha_ghost(K_, 0), slot_ghost(K_, 0), alpha_minpos(K_, Limits::infinity()), acc(C_),
-        alpha(C_, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
+        alpha(Cp, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
         lemit(C_), lfresh(C_), old_factor(C_), u_ahead(kAhead * K_ * Cp, 0),
         u_ahead_step(kAhead * K_, -1), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
     absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
@@ -1515,7 +1598,7 @@ struct ExpForwardDD {
       // gains are exact too (gg = 0) so does the rest: the hot cases skip
       // that arithmetic, with the same bits.
       {
-        using S4 = typename Lanes4<scalar_t>::type;
+        using S4 = typename Lanes<scalar_t, 4>::type;
         const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor;
         auto bound4 = [&](f64x4 a, f64x4 b) {
           const f64x4 ab = a * b;
@@ -1526,18 +1609,18 @@ struct ExpForwardDD {
         const int64_t C4 = C & ~int64_t{3};
         auto term_ghosts = [&](auto exact_matvec, auto exact_gains) {
           for (int64_t c = 0; c < C4; c += 4) {
-            const S4 ws = load4(&w[c]), gs4 = load4(&g[c]), us = load4(&uu[c]);
+            const S4 ws = load_lanes<4>(&w[c]), gs4 = load_lanes<4>(&g[c]), us = load_lanes<4>(&uu[c]);
             f64x4 term = zero;
             if constexpr (!decltype(exact_matvec)::value) {
-              const f64x4 gg4 = load4(&gg[c]);
+              const f64x4 gg4 = load_lanes<4>(&gg[c]);
               const i64x4 charged = (s > 0 ? ~i64x4{} : i64x4{}) &
-                                    (widen(amp * load4(&A_minpos[c])) < tiny_d);
-              const f64x4 gu_c = load4(&gu[c]) + (charged ? zero + matvec_charge : zero);
+                                    (widen(amp * load_lanes<4>(&A_minpos[c])) < tiny_d);
+              const f64x4 gu_c = load_lanes<4>(&gu[c]) + (charged ? zero + matvec_charge : zero);
               term = bound4(bound4(gu_c, widen(gs4) * kUp) + bound4(widen(us) * kUp, gg4) +
                                 bound4(bound4(gu_c, gg4), zero + tiny_d),
                             widen(ws) * kUp);
             } else if constexpr (!decltype(exact_gains)::value) {
-              term = bound4(bound4(widen(us) * kUp, load4(&gg[c])), widen(ws) * kUp);
+              term = bound4(bound4(widen(us) * kUp, load_lanes<4>(&gg[c])), widen(ws) * kUp);
             }
             const S4 p = us * gs4;
             const f64x4 pw = widen(p), uw = widen(us), gw = widen(gs4);
@@ -1546,7 +1629,7 @@ struct ExpForwardDD {
             const f64x4 add = term * kSlack;
             // A -inf duration score (w = 0) is exact: nothing to add.
             const i64x4 adds = (widen(ws) != 0.0) & (term > 0.0);
-            store4(&gacc[c], load4(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
+            store_lanes(&gacc[c], load_lanes<4>(&gacc[c]) + (adds ? (add < kFloor ? floor4 : add) : zero));
           }
         };
         using Yes = std::true_type;
@@ -1596,7 +1679,7 @@ struct ExpForwardDD {
       if (!(alpha[c] < Limits::max())) rejected = true;
       ga[c] = ghost_of_alpha(gacc[c], acc[c], endf, ya - mes, alpha[c], absorb_factor, &rejected);
     }
-    ref_add(log_scan_step_max(alpha.data(), C, (O - ref_hi) - ref_lo, mes));
+    ref_add(log_scan_step_max(alpha.data(), Cp, (O - ref_hi) - ref_lo, mes));
   }
 
   // t = L: log Z, or false where it cannot be certified.
@@ -1647,7 +1730,7 @@ struct ExpForwardDD {
       // NaN, 0 · inf) wherever g = 0 or the score is -inf: there v ≥ tiny
       // and x > big fail without the scalar loop's masks, and the new gain
       // is v ≥ tiny ? v : 0, a comparison in the gains' own lanes.
-      using S4 = typename Lanes4<scalar_t>::type;
+      using S4 = typename Lanes<scalar_t, 4>::type;
       const S4 zero_s = S4{};
       const f64x4 zero = {0.0, 0.0, 0.0, 0.0}, floor4 = zero + kFloor, big4 = zero + big;
       i64x4 any4 = {0, 0, 0, 0}, past4 = {0, 0, 0, 0};
@@ -1656,22 +1739,22 @@ struct ExpForwardDD {
         // Every ghost of the slot is 0: only the gains that fall below tiny
         // start one.
         for (int64_t c = 0; c < C4; c += 4) {
-          const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
-          const f64x4 f = load4(&old_factor[c]);
-          const f64x4 gw = widen(load4(&g[c]));
+          const i64x4 exact_zero = load_lanes<4>(&lemit[c]) == kNegInf;  // a -inf score
+          const f64x4 f = load_lanes<4>(&old_factor[c]);
+          const f64x4 gw = widen(load_lanes<4>(&g[c]));
           const f64x4 x = gw * f;
           past4 |= x > big;
           const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
           const i64x4 fresh = ~exact_zero & (gw > 0.0) & (widen(v) < tiny_d);
-          store4(&g[c], v >= tiny ? v : zero_s);
-          store4(&gg[c], fresh ? zero + kSlack : zero);
+          store_lanes(&g[c], v >= tiny ? v : zero_s);
+          store_lanes(&gg[c], fresh ? zero + kSlack : zero);
           any4 |= fresh;
         }
       } else {
         for (int64_t c = 0; c < C4; c += 4) {
-          const i64x4 exact_zero = load4(&lemit[c]) == kNegInf;  // a -inf score
-          const f64x4 f = load4(&old_factor[c]), gg0 = load4(&gg[c]);
-          const f64x4 gw = widen(load4(&g[c]));
+          const i64x4 exact_zero = load_lanes<4>(&lemit[c]) == kNegInf;  // a -inf score
+          const f64x4 f = load_lanes<4>(&old_factor[c]), gg0 = load_lanes<4>(&gg[c]);
+          const f64x4 gw = widen(load_lanes<4>(&g[c]));
           const f64x4 scaled = gg0 * (f < kFloor ? floor4 : f) * kUp;
           const f64x4 gg1 = gg0 > 0.0 ? (scaled < kFloor ? floor4 : scaled) : gg0;
           const f64x4 x = gw * f;
@@ -1679,8 +1762,8 @@ struct ExpForwardDD {
           const S4 v = __builtin_convertvector(big4 < x ? big4 : x, S4);
           const i64x4 under = (gw > 0.0) & (widen(v) < tiny_d);
           const f64x4 gg2 = exact_zero ? zero : (under ? gg1 + kSlack : gg1);
-          store4(&g[c], v >= tiny ? v : zero_s);
-          store4(&gg[c], gg2);
+          store_lanes(&g[c], v >= tiny ? v : zero_s);
+          store_lanes(&gg[c], gg2);
           any4 |= ~exact_zero & (gg2 > 0.0);
           past4 |= ~exact_zero & ~(gg2 < 1e300);
         }
@@ -2390,12 +2473,12 @@ inline void vecmat_durations_block(const double* const* const* a, const double* 
         for (int q = 0; q < P; ++q) {
           const double xs = a[q][g0 + g][r];
           const f64x4 x = {xs, xs, xs, xs};
-          for (int j = 0; j < V; ++j) s[q][g][j] += x * load4(row + g * C + 4 * j);
+          for (int j = 0; j < V; ++j) s[q][g][j] += x * load_lanes<4>(row + g * C + 4 * j);
         }
     }
     for (int q = 0; q < P; ++q)
       for (int g = 0; g < D; ++g)
-        for (int j = 0; j < V; ++j) store4(out[q] + (g0 + g) * C + 4 * j, s[q][g][j]);
+        for (int j = 0; j < V; ++j) store_lanes(out[q] + (g0 + g) * C + 4 * j, s[q][g][j]);
   }
   if constexpr (D > 1)
     if (g0 < nd) {
@@ -3095,11 +3178,11 @@ struct ExpBackward {
   void flush_rows_block(double* __restrict ta, int64_t cp, int64_t k0, int64_t len) const {
     f64x4 a[R][V];
     for (int q = 0; q < R; ++q)
-      for (int j = 0; j < V; ++j) a[q][j] = load4(ta + q * len + k0 + 4 * j);
+      for (int j = 0; j < V; ++j) a[q][j] = load_lanes<4>(ta + q * len + k0 + 4 * j);
     for (int64_t p = 0; p < n_batch; ++p) {
       const double* __restrict wp = wbatch.data() + p * C + cp;
       f64x4 vb[V];
-      for (int j = 0; j < V; ++j) vb[j] = load4(vbatch.data() + p * len + k0 + 4 * j);
+      for (int j = 0; j < V; ++j) vb[j] = load_lanes<4>(vbatch.data() + p * len + k0 + 4 * j);
       bool all = true;
       for (int q = 0; q < R; ++q) all = all && wp[q] != 0.0;
       if (all) {
@@ -3116,7 +3199,7 @@ struct ExpBackward {
       }
     }
     for (int q = 0; q < R; ++q)
-      for (int j = 0; j < V; ++j) store4(ta + q * len + k0 + 4 * j, a[q][j]);
+      for (int j = 0; j < V; ++j) store_lanes(ta + q * len + k0 + 4 * j, a[q][j]);
   }
   // Row cp's entries k0 … len-1, as many as fit at a time.
   void flush_row(int64_t cp, int64_t k0, int64_t len) {
