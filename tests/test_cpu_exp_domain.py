@@ -285,6 +285,9 @@ class Adversary:
     bwd_clean: tuple = ()  # dtypes where it must not hand any over
     dead_row: int | None = None  # a row without any segmentation: -inf, zero gradients
     nan_row: int | None = None  # a row with a NaN score: NaN
+    # The (K, C, C) form's breaks and clean dtypes, where they differ.
+    dd_breaks: tuple | None = None
+    dd_clean: tuple | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -476,6 +479,24 @@ def adversaries() -> list[Adversary]:
                               lengths=torch.tensor([T, 15])),
                          nan_row=0))
 
+    # Every segmentation starts a label-1 segment at position 30 (no other
+    # label may cover 30, and label 1 may not cover 29), where label 1's
+    # start score is 120 nats below the others': float32 flushes its start
+    # factor, so all the mass rides on sigma_hat's ghost (float64 keeps it).
+    # The (K, C, C) forward takes a new segment's start score, emission and
+    # scale together in float64, and normalises after the emission, where
+    # only label 1 is alive: it loses nothing in either dtype.
+    B, T, K, C = 2, 60, 4, 3
+    scores = randn(B, T, C)
+    scores[:, 30, 0] = scores[:, 30, 2] = scores[:, 29, 1] = NEG_INF
+    start_scores = torch.zeros(B, T, C, dtype=F64)
+    start_scores[:, 30, 1] = -120.0
+    out.append(Adversary("flushed_start",
+                         dict(scores=scores, transition=randn(C, C),
+                              duration=randn(K, C, scale=0.3), lengths=torch.tensor([T, T - 5]),
+                              start_scores=start_scores),
+                         breaks=(F32,), clean=(F64,), dd_breaks=(), dd_clean=(F32, F64)))
+
     # The exp-domain backward runs in float64 whatever the dtype: it loses
     # mass (and must hand the row over) where float64 does, which is where
     # the forward needed the log scan in both dtypes. Float32 rows of the
@@ -581,7 +602,9 @@ def duration_dependent(adv: Adversary) -> Adversary:
     kw = dict(adv.kw)
     K = kw["duration"].shape[0]
     kw["transition"] = kw["transition"].expand(K, *kw["transition"].shape).contiguous()
-    return Adversary(adv.name, kw, breaks=adv.breaks, clean=adv.clean, bwd_breaks=adv.bwd_breaks,
+    breaks = adv.breaks if adv.dd_breaks is None else adv.dd_breaks
+    clean = adv.clean if adv.dd_clean is None else adv.dd_clean
+    return Adversary(adv.name, kw, breaks=breaks, clean=clean, bwd_breaks=adv.bwd_breaks,
                      bwd_clean=adv.bwd_clean, dead_row=adv.dead_row, nan_row=adv.nan_row)
 
 
