@@ -388,16 +388,19 @@ inline double top_log_bound(const double* y, const double* val, const double* ga
       out = std::max(out, y[c] + exponent_of(val[c]) * kLn2);
   return out;
 }
-// The largest of x[c] over c < n (kNegInf for none), four lanes at a time.
-inline double max_of(const double* x, int64_t n) {
-  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-  f64x4 top = {kNegInf, kNegInf, kNegInf, kNegInf};
+// The largest of x[c] over c < n (-inf for none), N lanes at a time (the
+// same max in any order for the non-NaN values it takes).
+template <int N = 4, typename T>
+inline T max_of(const T* x, int64_t n) {
+  using V = typename Lanes<T, N>::type;
+  V top = V{} - std::numeric_limits<T>::infinity();
   int64_t c = 0;
-  for (; c + 4 <= n; c += 4) {
-    const f64x4 v = load_lanes<4>(x + c);
+  for (; c + N <= n; c += N) {
+    const V v = load_lanes<N>(x + c);
     top = v > top ? v : top;
   }
-  double out = max_lane(top);
+  T out = top[0];
+  for (int i = 1; i < N; ++i) out = std::max(out, top[i]);
   for (; c < n; ++c) out = std::max(out, x[c]);
   return out;
 }
@@ -600,17 +603,10 @@ double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf, sc
 
 // The maximum the log scan's step subtracts (in its dtype), from alpha_hat
 // relative to that scan's offset + shift + mes; 0 where every label is 0.
-// alpha has Cp (a multiple of 8) entries, 0 in the padding; the max runs
-// eight lanes at a time (the same max in any order: alpha has no NaN).
+// alpha has Cp (a multiple of 8) entries, 0 in the padding.
 template <typename scalar_t>
 double log_scan_step_max(const scalar_t* alpha, int64_t Cp, double shift, double mes) {
-  auto m8 = load_lanes<8>(alpha);
-  for (int64_t c = 8; c < Cp; c += 8) {
-    const auto a8 = load_lanes<8>(alpha + c);
-    m8 = m8 < a8 ? a8 : m8;
-  }
-  scalar_t amax = m8[0];
-  for (int i = 1; i < 8; ++i) amax = std::max(amax, m8[i]);
+  const scalar_t amax = max_of<8>(alpha, Cp);
   if (!(amax > 0)) return 0.0;
   return static_cast<double>(
       static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
@@ -902,7 +898,7 @@ struct ExpForward {
       const S8 rmn = load_lanes<8>(&rmin[c]);
       const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
       const f64x8 ef = widen(endf), xw = widen(x), yw = widen(y);
-      charged8 |= reach & ((has & ((widen(rmn * load_lanes<8>(&weight_minpos[c])) < tiny_d) |
+      charged8 |= reach & ((has & (small_product_charged(rmn, c) |
                                    (load_lanes<8>(&weight_lost[c]) != 0.0))) |
                            ((xw > 0.0) & ((ef < tiny_d) | (yw < tiny_d))));
     }
@@ -913,6 +909,12 @@ struct ExpForward {
       alpha_ghost(n);
     }
     ref_add(log_scan_step_max(alpha.data(), Cp, (O - ref_hi) - ref_lo, mes));
+  }
+
+  // Labels c … c+7 where some ring entry times a weight may fall below tiny:
+  // the smallest positive entry rmn times the smallest positive weight.
+  i64x8 small_product_charged(typename Lanes<scalar_t, 8>::type rmn, int64_t c) const {
+    return widen(rmn * load_lanes<8>(&weight_minpos[c])) < tiny_d;
   }
 
   // ends' ghost of alpha_hat: the ring's, weights that flushed, products
@@ -928,7 +930,7 @@ struct ExpForward {
       const S8 rmn = load_lanes<8>(&rmin[c]);
       const i64x8 reach = load_lanes<8>(&reach_mask[c]) != 0.0, has = widen(rmn) < kInf;
       f64x8 g = load_lanes<8>(&ghost_old[c]) + load_lanes<8>(&ghost_new[c]);
-      g += has & (widen(rmn * load_lanes<8>(&weight_minpos[c])) < tiny_d) ? zero + n_charge : zero;
+      g += has & small_product_charged(rmn, c) ? zero + n_charge : zero;
       g += has ? load_lanes<8>(&weight_lost[c]) : zero;
       // Through the end factor (ghost_through_factor).
       const f64x8 ef = widen(endf), xw = widen(x), yw = widen(y);
@@ -1110,8 +1112,16 @@ struct ExpForward {
     // (Bitwise & and | rather than && and ||: every operand is evaluated,
     // so the loop has no control flow and vectorises.)
     const f64x8 big8 = zero + big;
-    // charged8: the ghost loop's charges for entries that this step takes
-    // below tiny (fresh_lost and old_lost there), which are all it adds
+    // The ghost charges for entries that this step takes below tiny: new
+    // ones (sigma · fn) and old ones (fo, or rmin · fo); a -inf score's
+    // exact zeros are not charged.
+    auto lost_charges = [&](auto sig, auto fns, auto fos, auto rmn, i64x8 exact_zero) {
+      const i64x8 fresh = ~exact_zero & (widen(sig) > 0.0) & (widen(sig * fns) < tiny_d);
+      const i64x8 old = ~exact_zero & (widen(rmn) < kInf) &
+                        ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d));
+      return std::pair{fresh, old};
+    };
+    // charged8: those charges, which are all the ghost loop below adds
     // where no ghost is carried.
     i64x8 past8 = {}, charged8 = {};
     for (int64_t c = 0; c < Cp; c += 8) {
@@ -1132,10 +1142,9 @@ struct ExpForward {
       const S8 fns = __builtin_convertvector(big8 < new_f ? big8 : new_f, S8);
       store_lanes(&fo[c], fos);
       store_lanes(&fn[c], fns);
-      const i64x8 exact_zero = load_lanes<8>(&lemit[c]) == kNegInf;
-      charged8 |= reach & ~exact_zero &
-                  (((sig_w > 0.0) & (widen(sig * fns) < tiny_d)) |
-                   ((rmin_w < kInf) & ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d))));
+      const auto [fresh_lost, old_lost] =
+          lost_charges(sig, fns, fos, rmn, load_lanes<8>(&lemit[c]) == kNegInf);
+      charged8 |= reach & (fresh_lost | old_lost);
     }
     bool past = any_lane(past8);
     if (any_flushed)
@@ -1180,11 +1189,8 @@ struct ExpForward {
                  scaled8(load_lanes<8>(&gs[c]), fnd, exact_zero);
       const auto sig = load_lanes<8>(&sigma[c]), fns = load_lanes<8>(&fn[c]), fos = load_lanes<8>(&fo[c]),
                  rmn = load_lanes<8>(&rmin[c]);
-      const f64x8 sig_w = widen(sig), rmin_w = widen(rmn);
-      const i64x8 fresh_lost = ~exact_zero & (sig_w > 0.0) & (widen(sig * fns) < tiny_d);
-      const i64x8 old_lost = ~exact_zero & (rmin_w < kInf) &
-                             ((widen(fos) < tiny_d) | (widen(rmn * fos) < tiny_d));
-      gn += fresh_lost ? (sig_w * fnd * inv_tiny_d + 2.0) * kSlack : zero;
+      const auto [fresh_lost, old_lost] = lost_charges(sig, fns, fos, rmn, exact_zero);
+      gn += fresh_lost ? (widen(sig) * fnd * inv_tiny_d + 2.0) * kSlack : zero;
       gn += old_lost ? zero + old_charge : zero;
       // Labels that cannot reach an end carry no ghost.
       const f64x8 go_kept = reach ? go : zero, gn_kept = reach ? gn : zero;
@@ -2520,12 +2526,18 @@ inline void vecmat_durations(const double* const* const* a, const double* M, dou
         vecmat_tail(a[q][g], M + g * C, out[q] + g * C, C, k0, C, stride);
 }
 
-// max(0, max over c of x[c] · y[c]) in four chains: the same max in any
-// order, a quarter of one chain's latency.
+// max(0, max over c of x[c] · y[c]), four lanes at a time (the same max in
+// any order).
 inline double max_product(const double* x, const double* y, int64_t C) {
-  double top[4] = {0.0, 0.0, 0.0, 0.0};
-  for (int64_t c = 0; c < C; ++c) top[c & 3] = std::max(top[c & 3], x[c] * y[c]);
-  return std::max(std::max(top[0], top[1]), std::max(top[2], top[3]));
+  f64x4 top = {};
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const f64x4 p = load_lanes<4>(x + c) * load_lanes<4>(y + c);
+    top = p > top ? p : top;
+  }
+  double out = max_lane(top);
+  for (; c < C; ++c) out = std::max(out, x[c] * y[c]);
+  return out;
 }
 
 // DD: the duration-dependent (K, C, C) transition. Its forward recompute
