@@ -94,7 +94,7 @@ def test_lengths_are_runtime_arguments():
     per_kernel = {
         kernels._forward_kernel: {"T", "interval", "n_ckpt"},
         kernels._backward_kernel: {"T", "interval", "n_ckpt"},
-        kernels._viterbi_kernel: {"T"},
+        kernels._viterbi_kernel: {"T", "interval", "n_ckpt"},
         kernels._filter_kernel: {"T"},
     }
     for kernel, expected in per_kernel.items():

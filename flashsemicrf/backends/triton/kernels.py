@@ -32,6 +32,12 @@ The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
   the workspace (interval + 1 rows of C_PAD) and sweeps a mirror ring through
   them. Every gradient element belongs to one program, which accumulates it in
   a fixed order: no atomics, bit-identical reruns.
+* Viterbi does the same with the max semiring: it saves checkpoints as it
+  scans, then recomputes the spans last first, each one's backpointers into
+  interval + 1 rows, and follows the path through them (O(√(T·K)·C) memory
+  per sequence, not O(T·C) backpointers).
+* Ring slots are t ± d wrapped into [0, K) by a compare and an add
+  (:func:`_ring_slot`): one integer division per step, none per element.
 
 Threads of a program share the workspace through global memory, so every
 phase that writes it is fenced by ``tl.debug_barrier()`` (a CTA barrier, which
@@ -164,6 +170,22 @@ def _transition_tile(trans_ptr, C, C_PAD: tl.constexpr, DD: tl.constexpr):
         return tl.load(trans_ptr + cl[:, None] * C + cl[None, :], mask=ok, other=float("-inf"))
 
 
+@triton.jit
+def _ring_slot(base, delta, K):
+    """(base + delta) mod K for base in [0, K) (int32) and delta in [-K, K):
+    a compare and an add per element instead of an integer division (the
+    slots of the ring are t ± d with d <= K, so one wrap is all it takes)."""
+    x = base + delta
+    x = tl.where(x < 0, x + K, x)
+    return tl.where(x >= K, x - K, x)
+
+
+@triton.jit
+def _step_slot(t, K):
+    """t mod K as int32: one scalar division per step, for _ring_slot."""
+    return (t % K).to(tl.int32)
+
+
 # --------------------------------------------------------------------------
 # The forward step (every kernel) and the ring
 # --------------------------------------------------------------------------
@@ -192,11 +214,12 @@ def _segment_ends(
     best_d = tl.full([C_PAD], 1, tl.int32)
     best_prev = tl.full([C_PAD], -1, tl.int32)
     GAIN = K if DD else 0
+    tK = _step_slot(t, K)
     for d0 in range(0, dmax, BLOCK_D):
         d = d0 + 1 + ds  # (BLOCK_D,) durations
         dok = d <= dmax
         d_row = tl.where(dok, d - 1, 0)  # in-range row for every lane
-        slot = tl.where(dok, t - d, 0) % K
+        slot = _ring_slot(tK, -tl.where(dok, d, 0), K)
         ok = dok[:, None] & cm[None, :]
         dur = _durations(dur_ptr, d_row, ok, C, C_PAD)
         gain = tl.load(ring + (GAIN + slot)[:, None] * C_PAD + cs[None, :])
@@ -299,7 +322,7 @@ def _advance(
     else:
         fresh = sigma
         GAIN = 0
-    fresh_slot = t % K
+    fresh_slot = _step_slot(t, K)
     tl.debug_barrier()
     for r0 in range(0, K, BLOCK_D):
         rows = r0 + rs
@@ -363,11 +386,12 @@ def _copy_checkpoint_part(
     cl = tl.minimum(cs, C - 1)
     cm = cs < C
     rs = tl.arange(0, BLOCK_D)
+    tK = _step_slot(t, K)
     for r0 in range(0, K, BLOCK_D):
         rows = r0 + rs
         rok = rows < K
         rows = tl.where(rok, rows, 0)
-        slot = (t - rows - 1 + K) % K
+        slot = _ring_slot(tK, -rows - 1, K)
         ring_ptrs = ring + (PART * K + slot)[:, None] * C_PAD + cs[None, :]
         ck_ptrs = ckpt + (PART * K + rows)[:, None] * C + cl[None, :]
         ok = rok[:, None] & cm[None, :]
@@ -466,6 +490,7 @@ def _reanchor(
     ds = tl.arange(0, BLOCK_D)
     total = tl.sum(tl.where(cm, tl.exp(alpha + beta + shift_beta), 0.0), 0).to(tl.float64)
     shift_x = (ckpt_off + Q_ring - log_z64).to(DT)
+    tK = _step_slot(t, K)
     for d1 in range(1, tl.minimum(K - 1, t) + 1):
         opened = _labels(ckpt + (d1 - 1) * C, C, C_PAD, float("-inf"))
         if DD:
@@ -476,7 +501,7 @@ def _reanchor(
             dok = d2 <= n2
             d_row = tl.where(dok, d1 + d2 - 1, 0)  # total duration - 1, in range
             ok = dok[:, None] & cm[None, :]
-            slot = (t + tl.where(dok, d2, 0)) % K
+            slot = _ring_slot(tK, tl.where(dok, d2, 0), K)
             closing = tl.load(back + slot[:, None] * C_PAD + cs[None, :])  # (BLOCK_D, C_PAD)
             dur = _durations(dur_ptr, d_row, ok, C, C_PAD)
             if DD:
@@ -502,6 +527,7 @@ def _open_back(back, t, q, fresh, emit, K, C, EMPTY: tl.constexpr, C_PAD: tl.con
     cs = tl.arange(0, C_PAD)
     cm = cs < C
     ds = tl.arange(0, BLOCK_D)
+    tK = _step_slot(t, K)
     tl.debug_barrier()
     for r0 in range(0, K, BLOCK_D):
         rows = r0 + ds
@@ -512,7 +538,7 @@ def _open_back(back, t, q, fresh, emit, K, C, EMPTY: tl.constexpr, C_PAD: tl.con
             old = tl.full([BLOCK_D, C_PAD], float("-inf"), fresh.dtype)
         else:
             old = tl.load(ptrs) - q
-        new = tl.where((rows == t % K)[:, None], fresh[None, :], old)
+        new = tl.where((rows == tK)[:, None], fresh[None, :], old)
         new = tl.where(cm[None, :], new + emit[None, :], float("-inf"))
         tl.store(ptrs, new, mask=rok[:, None])
     tl.debug_barrier()
@@ -629,6 +655,7 @@ def _backward_kernel(
                 tau_sum = tl.zeros([C_PAD], DT)
                 beta_max = tl.full([C_PAD], float("-inf"), DT)
                 beta_sum = tl.zeros([C_PAD], DT)
+                tK = _step_slot(t, K)
                 tl.debug_barrier()
                 # Segments [t, t+d), longest first so coverage accumulates.
                 for k in range(0, n_chunks):
@@ -636,7 +663,7 @@ def _backward_kernel(
                     dok = d <= dmax
                     d_row = tl.where(dok, d - 1, 0)
                     ok = dok[:, None] & cm[None, :]
-                    slot = (t + d) % K
+                    slot = _ring_slot(tK, tl.where(dok, d, 0), K)
                     dur = _durations(dur_ptr, d_row, ok, C, C_PAD)
                     x = tl.load(back + slot[:, None] * C_PAD + cs[None, :]) + dur
                     x = tl.where(ok, x, float("-inf"))  # (BLOCK_D, C_PAD)
@@ -718,23 +745,60 @@ def _backward_kernel(
 
 
 # --------------------------------------------------------------------------
-# Viterbi: the max semiring scan with backpointers, and the traceback
+# Viterbi: the max semiring scan, checkpointed, and a span-by-span traceback
 # --------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit
+def _trace_span(t, c, need_previous, first, bp_d, bp_c, label_ptr, C, C_PAD: tl.constexpr,
+                DD: tl.constexpr):
+    """Follow the best path back while its next lookup lies in the span whose
+    rows first … are in (bp_d, bp_c): from the segment ending at t with label c
+    (or, when ``need_previous``, the static transition's previous label, read
+    at the start row t of the segment just written), writing each segment's
+    label at its start. Returns (t, c, need_previous) where the walk leaves
+    the span (t < first) or reaches 0. Pointers are clamped into range, so a
+    NaN score cannot send an address out of range."""
+    while (t >= first) & (t > 0):
+        row = (t - first) * C_PAD + c
+        d = tl.load(bp_d + row).to(tl.int64)
+        prev = tl.load(bp_c + row)
+        prev = tl.minimum(tl.maximum(prev, 0), C - 1).to(tl.int32)
+        d = tl.minimum(tl.maximum(d, 1), t)
+        s = t - d
+        ends_here = need_previous == 0  # (K, C, C): never a pending lookup
+        tl.store(label_ptr + s, c.to(tl.int64), mask=ends_here)
+        if DD:
+            # The previous label was chosen with the duration, at row t.
+            c = tl.where(s > 0, prev, c)
+            t = s
+        else:
+            # Chosen when sigma[s] was formed: row s, maybe in an earlier span.
+            c = tl.where(need_previous, prev, c)
+            t = tl.where(need_previous, t, s)
+            need_previous = ends_here & (s > 0)
+    return t, c, need_previous
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
 def _viterbi_kernel(
     # inputs
     scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
     end_sc_ptr,
     # outputs and workspace
-    best_ptr, label_ptr, ring_ws_ptr, bp_d_ptr, bp_c_ptr,
+    best_ptr, label_ptr, ring_ws_ptr, ckpt_ptr, ckpt_off_ptr, bp_d_ptr, bp_c_ptr,
     # sizes
-    T, K, C,
+    T, K, C, interval, n_ckpt,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Memory O(√(T·K)·C) per sequence instead of O(T·C) backpointers: the
+    max-semiring scan saves the ring every ``interval`` steps (as the forward
+    does for the backward), then each span, last first, is recomputed from its
+    checkpoint with its backpointers into (interval + 1) rows and the path is
+    followed through it. The scan state at a checkpoint is the ring and its
+    offset, so the recomputed backpointers are the first pass's, bit for bit."""
     b = tl.program_id(0).to(tl.int64)
     DT = scores_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
@@ -744,8 +808,10 @@ def _viterbi_kernel(
     L = tl.load(lengths_ptr + b)
     S = 2 * K if DD else K
     ring = ring_ws_ptr + b * S * C_PAD
-    bp_d_ptr += b * (T + 1) * C_PAD  # (T+1, C_PAD) int32: best duration of alpha[t, c]
-    bp_c_ptr += b * (T + 1) * C_PAD  # (T+1, C_PAD) int32: best previous label
+    ckpt_ptr += b * n_ckpt * S * C  # (N, S, C) of this sequence
+    ckpt_off_ptr += b * n_ckpt
+    bp_d_ptr += b * (interval + 1) * C_PAD  # (interval+1, C_PAD) int32: best duration
+    bp_c_ptr += b * (interval + 1) * C_PAD  # (interval+1, C_PAD) int32: best previous label
     label_ptr += b * T
     trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
     end_tr = _labels(end_tr_ptr, C, C_PAD, float("-inf"))
@@ -753,34 +819,46 @@ def _viterbi_kernel(
     offset = tl.full([], 0.0, tl.float64)
     best = tl.full([], float("-inf"), DT)
     last_label = tl.full([], 0, tl.int32)
+    next_save = 0
     for t in range(0, L + 1):
-        alpha, _sigma, o_t, offset, best_d, best_prev = _step_and_advance(
+        if (t == next_save) & (t < T):
+            _copy_checkpoint(t, ring, ckpt_ptr + (t // interval) * S * C, K, C, True, DD, C_PAD,
+                             BLOCK_D)
+            tl.store(ckpt_off_ptr + t // interval, offset)
+            next_save += interval
+        alpha, _sigma, o_t, offset, _bd, _bp = _step_and_advance(
             t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD, HAS_START, HAS_END,
             C_PAD, BLOCK_D)
-        if t > 0:
-            tl.store(bp_d_ptr + t * C_PAD + cs, best_d)
-            # Static: the previous label was chosen when sigma[t] was formed;
-            # duration-dependent: together with the duration at alpha[t].
-            tl.store(bp_c_ptr + t * C_PAD + cs, best_prev)
         if t == L:
             top, arg = _first_argmax(tl.where(cm, alpha + end_tr, float("-inf")), cs, 0)
             best = (o_t + top.to(tl.float64)).to(DT)
             last_label = tl.minimum(arg, C - 1).to(tl.int32)
     tl.store(best_ptr + b, best)
-    tl.debug_barrier()
     if best > float("-inf"):  # -inf or NaN: no path to trace
-        t = L
+        t_path = L
         c = last_label
-        while t > 0:
-            d = tl.load(bp_d_ptr + t * C_PAD + c).to(tl.int64)
-            d = tl.minimum(tl.maximum(d, 1), t)  # a NaN score must not derail the walk
-            s = t - d
-            tl.store(label_ptr + s, c.to(tl.int64))
-            if s > 0:
-                row = t if DD else s
-                c = tl.load(bp_c_ptr + row * C_PAD + c)
-                c = tl.minimum(tl.maximum(c, 0), C - 1).to(tl.int32)
-            t = s
+        need_previous = tl.full([], False, tl.int1)
+        last_span = tl.minimum(L // interval, n_ckpt - 1)
+        for i in range(0, last_span + 1):
+            j = last_span - i
+            first = j * interval
+            if (t_path >= first) & (t_path > 0):
+                last = tl.where(j == last_span, L, first + interval - 1)
+                _copy_checkpoint(first, ring, ckpt_ptr + j * S * C, K, C, False, DD, C_PAD,
+                                 BLOCK_D)
+                offset = tl.load(ckpt_off_ptr + j)
+                for t in range(first, last + 1):
+                    _alpha, _sigma, _o_t, offset, best_d, best_prev = _step_and_advance(
+                        t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD,
+                        HAS_START, HAS_END, C_PAD, BLOCK_D)
+                    # Static: the previous label was chosen when sigma[t] was
+                    # formed; duration-dependent: with the duration at alpha[t].
+                    tl.store(bp_d_ptr + (t - first) * C_PAD + cs, best_d)
+                    tl.store(bp_c_ptr + (t - first) * C_PAD + cs, best_prev)
+                tl.debug_barrier()
+                t_path, c, need_previous = _trace_span(t_path, c, need_previous, first, bp_d_ptr,
+                                                       bp_c_ptr, label_ptr, C, C_PAD, DD)
+                tl.debug_barrier()  # the walk's reads before the next span's writes
 
 
 # --------------------------------------------------------------------------

@@ -173,12 +173,17 @@ def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tenso
     best = p.empty(p.B)
     label = torch.full((p.B, p.T), -1, dtype=torch.long, device=scores.device)
     if p.B:
-        # Backpointers (B, T+1, C_PAD) int32: workspace, like the C++ op's.
-        bp_d = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
-        bp_c = p.empty(p.B, p.T + 1, p.C_PAD, dtype=torch.int32)
+        # Workspace O(√(T·K)·C) per sequence: the max-semiring checkpoints,
+        # and the backpointers of one span at a time (interval + 1 rows).
+        interval = _contract.checkpoint_interval(p.T, p.K, _contract.DEFAULT_INTERVAL)
+        n_ckpt = _contract.checkpoint_count(p.T, interval)
+        ckpt = p.empty(p.B, n_ckpt, p.S, p.C)
+        ckpt_offset = p.empty(p.B, n_ckpt, dtype=torch.float64)
+        bp_d = p.empty(p.B, interval + 1, p.C_PAD, dtype=torch.int32)
+        bp_c = p.empty(p.B, interval + 1, p.C_PAD, dtype=torch.int32)
         torch.library.wrap_triton(kernels._viterbi_kernel)[(p.B,)](
-            *p.inputs, best, label, p.ring_workspace(), bp_d, bp_c,
-            p.T, p.K, p.C, **p.meta)
+            *p.inputs, best, label, p.ring_workspace(), ckpt, ckpt_offset, bp_d, bp_c,
+            p.T, p.K, p.C, interval, n_ckpt, **p.meta)
     return best, label
 
 
