@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning"),
 ]
 TRITON_DEVICE = DEVICE["triton"]
+ROOT = Path(__file__).resolve().parent.parent
 CASES = random_small_cases(16, seed0=23, max_T=7, max_K=4, max_C=3) + [
     make_case(2000 + i, B, T, K, C, duration_dependent=dd, neg_inf=ni)
     for i, (B, T, K, C, dd, ni) in enumerate(
@@ -110,33 +112,13 @@ def test_lengths_are_runtime_arguments():
 # kernels go through Triton's real compiler (TTIR … PTX, ptxas) for sm_90, and
 # launching is refused after compiling, so no GPU is needed.
 _COMPILE_SCRIPT = r"""
+import sys
 import torch
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver
 
+sys.path.insert(0, {root!r})
+from bench.triton_registers import NoLaunch, install_compile_only_driver
 
-class NoLaunch(Exception):
-    pass
-
-
-class CompileOnlyDriver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def launcher_cls(self, *args, **kwargs):
-        raise NoLaunch()
-
-
-driver.set_active(CompileOnlyDriver())
+install_compile_only_driver()
 import flashsemicrf.backends.triton as ft
 from flashsemicrf._contract import checkpoint_interval
 from flashsemicrf.backends.triton import kernels, launchers
@@ -223,7 +205,8 @@ def test_kernels_compile_for_sm90_and_new_lengths_reuse_them():
     counts hit the compiled kernel (T is a runtime argument); torch.compile
     traces the triton_op registration into its kernels with T dynamic."""
     env = dict(os.environ, TRITON_INTERPRET="0")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+    script = _COMPILE_SCRIPT.replace("{root!r}", repr(str(ROOT)))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=600)
     print(out.stdout[-2000:], out.stderr[-6000:])
     assert out.returncode == 0, out.stderr[-6000:]

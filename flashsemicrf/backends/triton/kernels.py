@@ -817,48 +817,49 @@ def _viterbi_kernel(
     end_tr = _labels(end_tr_ptr, C, C_PAD, float("-inf"))
     _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
     offset = tl.full([], 0.0, tl.float64)
-    best = tl.full([], float("-inf"), DT)
-    last_label = tl.full([], 0, tl.int32)
-    next_save = 0
-    for t in range(0, L + 1):
-        if (t == next_save) & (t < T):
-            _copy_checkpoint(t, ring, ckpt_ptr + (t // interval) * S * C, K, C, True, DD, C_PAD,
-                             BLOCK_D)
-            tl.store(ckpt_off_ptr + t // interval, offset)
-            next_save += interval
-        alpha, _sigma, o_t, offset, _bd, _bp = _step_and_advance(
-            t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD, HAS_START, HAS_END,
-            C_PAD, BLOCK_D)
-        if t == L:
-            top, arg = _first_argmax(tl.where(cm, alpha + end_tr, float("-inf")), cs, 0)
-            best = (o_t + top.to(tl.float64)).to(DT)
-            last_label = tl.minimum(arg, C - 1).to(tl.int32)
-    tl.store(best_ptr + b, best)
-    if best > float("-inf"):  # -inf or NaN: no path to trace
-        t_path = L
-        c = last_label
-        need_previous = tl.full([], False, tl.int1)
-        last_span = tl.minimum(L // interval, n_ckpt - 1)
-        for i in range(0, last_span + 1):
-            j = last_span - i
-            first = j * interval
-            if (t_path >= first) & (t_path > 0):
-                last = tl.where(j == last_span, L, first + interval - 1)
-                _copy_checkpoint(first, ring, ckpt_ptr + j * S * C, K, C, False, DD, C_PAD,
-                                 BLOCK_D)
-                offset = tl.load(ckpt_off_ptr + j)
-                for t in range(first, last + 1):
-                    _alpha, _sigma, _o_t, offset, best_d, best_prev = _step_and_advance(
-                        t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD,
-                        HAS_START, HAS_END, C_PAD, BLOCK_D)
-                    # Static: the previous label was chosen when sigma[t] was
-                    # formed; duration-dependent: with the duration at alpha[t].
-                    tl.store(bp_d_ptr + (t - first) * C_PAD + cs, best_d)
-                    tl.store(bp_c_ptr + (t - first) * C_PAD + cs, best_prev)
-                tl.debug_barrier()
-                t_path, c, need_previous = _trace_span(t_path, c, need_previous, first, bp_d_ptr,
-                                                       bp_c_ptr, label_ptr, C, C_PAD, DD)
-                tl.debug_barrier()  # the walk's reads before the next span's writes
+    last_span = tl.minimum(L // interval, n_ckpt - 1)
+    t_path = L * 0  # where the path's next lookup is; 0 once traced (or no path)
+    c = tl.full([], 0, tl.int32)
+    need_previous = tl.full([], False, tl.int1)
+    next_save = L * 0
+    # Pass 0 scans the sequence; pass i >= 1 recomputes span last_span - i + 1
+    # and walks the path through it. One loop, so that the step is inlined
+    # once (twice spilled registers at C = 24).
+    for i in range(0, last_span + 2):
+        j = last_span + 1 - i
+        lo = tl.where(i == 0, 0, j * interval)
+        hi = tl.where(i == 0, L, tl.where(j == last_span, L, lo + interval - 1))
+        if (i > 0) & ((t_path < lo) | (t_path == 0)):
+            hi = lo - 1  # the path is traced beyond this span already
+        if (i > 0) & (hi >= lo):
+            _copy_checkpoint(lo, ring, ckpt_ptr + j * S * C, K, C, False, DD, C_PAD, BLOCK_D)
+            offset = tl.load(ckpt_off_ptr + j)
+        for t in range(lo, hi + 1):
+            if (i == 0) & (t == next_save) & (t < T):
+                _copy_checkpoint(t, ring, ckpt_ptr + (t // interval) * S * C, K, C, True, DD,
+                                 C_PAD, BLOCK_D)
+                tl.store(ckpt_off_ptr + t // interval, offset)
+                next_save += interval
+            alpha, _sigma, o_t, offset, best_d, best_prev = _step_and_advance(
+                t, t < L, offset, ring, trans_tile, inputs, T, K, C, True, DD, HAS_START,
+                HAS_END, C_PAD, BLOCK_D)
+            if i > 0:
+                # Static: the previous label was chosen when sigma[t] was
+                # formed; duration-dependent: with the duration at alpha[t].
+                tl.store(bp_d_ptr + (t - lo) * C_PAD + cs, best_d)
+                tl.store(bp_c_ptr + (t - lo) * C_PAD + cs, best_prev)
+            if (i == 0) & (t == L):
+                top, arg = _first_argmax(tl.where(cm, alpha + end_tr, float("-inf")), cs, 0)
+                best = (o_t + top.to(tl.float64)).to(DT)
+                tl.store(best_ptr + b, best)
+                if best > float("-inf"):  # -inf or NaN: no path to trace
+                    t_path = L
+                    c = tl.minimum(arg, C - 1).to(tl.int32)
+        if (i > 0) & (hi >= lo):
+            tl.debug_barrier()
+            t_path, c, need_previous = _trace_span(t_path, c, need_previous, lo, bp_d_ptr,
+                                                   bp_c_ptr, label_ptr, C, C_PAD, DD)
+            tl.debug_barrier()  # the walk's reads before the next span's writes
 
 
 # --------------------------------------------------------------------------

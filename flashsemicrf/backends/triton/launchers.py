@@ -28,6 +28,16 @@ Tensor = torch.Tensor
 # on a GPU yet. Tests lower it to exercise the chunked sweep.
 TILE_ELEMENTS = 2048
 NUM_WARPS = 4
+# Past 4 warps only to keep big label tiles out of local memory: a static
+# (C_PAD, C_PAD) tile (every kernel holds one, the backward two) or the
+# (K, C, C) form's (BLOCK_D, C_PAD, C_PAD) tiles (the backward holds several)
+# is spread so that each thread keeps at most TILE_VALUES_PER_THREAD of
+# one. ptxas -v for sm_90, float32: 16 warps take the static kernels at
+# C = 128 from 5.9 KB of spill stores to 1.2 KB (backward), 284 B to none
+# (forward) and 212 B to 52 B (Viterbi); 8 warps the (K, C, C) backward at
+# C = 64 from 2.4 KB to 0.4 KB. Not yet timed on a GPU.
+MAX_WARPS = 16
+TILE_VALUES_PER_THREAD = 32
 # Positions whose static-transition gradient terms the backward sums in a
 # register tile, in the compute dtype, before adding them to the float64 sum:
 # 32 terms round to < 32·eps relative, and a float64 tile spills at C = 24
@@ -81,7 +91,11 @@ class _Launch:
         self.C_PAD = triton.next_power_of_2(self.C)
         per_row = self.C_PAD * self.C_PAD if self.dd else self.C_PAD
         self.BLOCK_D = max(1, min(triton.next_power_of_2(self.K), TILE_ELEMENTS // per_row))
-        self.num_warps = max(1, min(NUM_WARPS, self.BLOCK_D * per_row // 256))
+        tile = self.BLOCK_D * per_row if self.dd else max(self.BLOCK_D * per_row,
+                                                          self.C_PAD * self.C_PAD)
+        spread = tile // (32 * TILE_VALUES_PER_THREAD) * (2 if self.dd else 1)
+        self.num_warps = min(MAX_WARPS, max(1, min(NUM_WARPS, self.BLOCK_D * per_row // 256),
+                                            triton.next_power_of_2(spread)))
         self.scores = scores = scores.contiguous()
         self.has_start = start_scores is not None
         self.has_end = end_scores is not None

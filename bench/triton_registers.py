@@ -1,0 +1,132 @@
+"""Registers and spills of the Triton kernels for sm_90, without a GPU.
+
+Triton's real compiler (TTIR … PTX) runs behind a stand-in driver that reports
+an sm_90 device and refuses to launch; each compiled kernel's PTX then goes
+through ptxas -v (the CUDA toolkit's, or Triton's copy). The kernels
+specialise on the label padding, the duration tile and the dtype, so the
+problems below pick those; T is a runtime argument and does not matter.
+
+    TRITON_INTERPRET=0 python -m bench.triton_registers
+
+Must run in a process of its own: the stand-in driver replaces the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+# (dtype, (K, C, C) transition, K, C): the forecast's shapes and the large-C cases.
+SHAPES = (
+    (torch.float32, False, 200, 24),
+    (torch.float64, False, 200, 24),
+    (torch.float32, True, 30, 24),
+    (torch.float32, False, 30, 128),
+    (torch.float32, True, 16, 64),
+)
+
+
+class NoLaunch(Exception):
+    """Raised where the stand-in driver would launch a compiled kernel."""
+
+
+def install_compile_only_driver() -> None:
+    """Make Triton compile for sm_90 and stop before launching (no GPU needed).
+    Call before importing the kernels."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def launcher_cls(self, *args, **kwargs):
+            raise NoLaunch()
+
+    driver.set_active(CompileOnlyDriver())
+
+
+def _ptxas() -> str:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "ptxas"), os.X_OK):
+            return os.path.join(root, "bin", "ptxas")
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) of one kernel's PTX."""
+    target = re.search(r"^\.target (\S+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(), f"-arch={target}", "-v", path, "-o", os.devnull],
+                             capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not spills:
+        raise RuntimeError(f"ptxas -v said:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def main() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run with TRITON_INTERPRET=0: the interpreter compiles nothing")
+    install_compile_only_driver()
+    from flashsemicrf._contract import checkpoint_interval
+    from flashsemicrf.backends.triton import kernels, launchers  # noqa: F401 (defines the ops)
+
+    ops = torch.ops.flashsemicrf_triton
+    named = {"forward": kernels._forward_kernel, "backward": kernels._backward_kernel,
+             "viterbi": kernels._viterbi_kernel}
+    seen: set[int] = set()
+    print("| dtype | transition | K | C | kernel | warps | registers | spill stores (B) "
+          "| spill loads (B) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype, dd, K, C in SHAPES:
+        B, T = 1, 50
+        g = torch.Generator().manual_seed(0)
+        r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+        args = (r(B, T, C), r(K, C, C) if dd else r(C, C), r(K, C), torch.full((B,), T),
+                r(C), r(C), None, None)
+        iv = checkpoint_interval(T, K, 0)
+        n, S = (T + iv - 1) // iv, (2 * K if dd else K)
+        calls = {
+            "forward": lambda: ops.forward(*args, 0),
+            "backward": lambda: ops.backward(r(B), *args, r(B), r(B, n, S, C),
+                                             torch.zeros(B, n, dtype=torch.float64), 0, True),
+            "viterbi": lambda: ops.viterbi(*args),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except NoLaunch:
+                pass
+            for cache in named[name].device_caches.values():
+                for compiled in cache[0].values():
+                    if id(compiled) in seen:
+                        continue
+                    seen.add(id(compiled))
+                    regs, st, ld = ptxas_usage(compiled.asm["ptx"])
+                    print(f"| {str(dtype)[6:]} | {'(K, C, C)' if dd else '(C, C)'} | {K} | {C} "
+                          f"| {name} | {compiled.metadata.num_warps} | {regs} | {st} | {ld} |")
+
+
+if __name__ == "__main__":
+    main()
