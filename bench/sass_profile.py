@@ -12,7 +12,10 @@ each loop body by class and the source lines they come from:
     python -m bench.sass_profile --kernel 'forward_kernel<float, false>'
 
 Counts are static: an instruction inside a loop counts once per iteration of
-the innermost loop holding it, whatever branches inside the body skip.
+the innermost loop holding it, whatever branches inside the body skip. The
+compiler rotates and duplicates the outer loops, whose bodies then overlap
+without nesting; the innermost loops (the per-term work) are what the
+forecast reads.
 """
 
 from __future__ import annotations
@@ -93,13 +96,15 @@ class Kernel:
     labels: dict[str, int]  # label -> instruction index
 
     def loops(self) -> list[Loop]:
-        found = []
+        """One loop per header: its body runs to the last backward branch to
+        it (a loop with several back edges, e.g. `continue`, is one loop)."""
+        ends: dict[int, int] = {}
         for i, ins in enumerate(self.instructions):
             if ins.target is not None and ins.target in self.labels:
                 j = self.labels[ins.target]
                 if j <= i:
-                    found.append(Loop(j, i))
-        found.sort(key=lambda lp: (lp.first, -lp.last))
+                    ends[j] = max(ends.get(j, i), i)
+        found = sorted((Loop(j, i) for j, i in ends.items()), key=lambda lp: (lp.first, -lp.last))
         for a in found:
             for b in found:
                 if a is not b and a.first <= b.first and b.last <= a.last and len(b) < len(a):
@@ -235,16 +240,16 @@ def report(kernels: dict[str, Kernel], only: str | None, min_loop: int) -> str:
         if calls:
             out.append("calls: " + ", ".join(f"{n} ×{v}" for n, v in calls.most_common()))
         out.append("")
-        out.append("| loop (instructions) | depth | innermost | " + " | ".join(SHOWN)
+        out.append("| loop (instructions) | innermost | " + " | ".join(SHOWN)
                    + " | main source lines |")
-        out.append("|---" * (len(SHOWN) + 4) + "|")
+        out.append("|---" * (len(SHOWN) + 3) + "|")
         for lp in k.loops():
             if len(lp) < min_loop:
                 continue
             c = k.counts(lp.first, lp.last)
             lines = ", ".join(f"{s} ({n})" for s, n in k.sources(lp.first, lp.last))
             addr = k.instructions[lp.first].addr
-            out.append(f"| 0x{addr:04x} ({len(lp)}) | {lp.depth} | {'yes' if lp.innermost else ''}"
+            out.append(f"| 0x{addr:04x} ({len(lp)}) | {'yes' if lp.innermost else ''}"
                        f" | " + " | ".join(str(c[s] or "") for s in SHOWN) + f" | {lines} |")
         out.append("")
     return "\n".join(out)
