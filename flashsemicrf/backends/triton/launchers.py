@@ -31,13 +31,14 @@ NUM_WARPS = 4
 # Past 4 warps only to keep big label tiles out of local memory: a static
 # (C_PAD, C_PAD) tile (every kernel holds one, the backward two) or the
 # (K, C, C) form's (BLOCK_D, C_PAD, C_PAD) tiles (the backward holds several)
-# is spread so that each thread keeps at most TILE_VALUES_PER_THREAD of
-# one. ptxas -v for sm_90, float32: 16 warps take the static kernels at
-# C = 128 from 5.9 KB of spill stores to 1.2 KB (backward), 284 B to none
-# (forward) and 212 B to 52 B (Viterbi); 8 warps the (K, C, C) backward at
-# C = 64 from 2.4 KB to 0.4 KB. Not yet timed on a GPU.
+# is spread so that each thread keeps at most TILE_VALUES_PER_THREAD of one.
+# ptxas -v for sm_90 (python -m bench.triton_registers), spill stores of the
+# backward before -> after: float32 C = 24 (K, C, C) 16 B -> 0 (8 warps),
+# float64 C = 24 232 B -> 16 B (8 warps), float32 C = 128 5.9 KB -> 1.2 KB
+# (16 warps; the forward 284 B -> 0), float32 C = 64 (K, C, C) 2.4 KB ->
+# 0.6 KB (16 warps). Not yet timed on a GPU.
 MAX_WARPS = 16
-TILE_VALUES_PER_THREAD = 32
+TILE_VALUES_PER_THREAD = 16
 # Positions whose static-transition gradient terms the backward sums in a
 # register tile, in the compute dtype, before adding them to the float64 sum:
 # 32 terms round to < 32·eps relative, and a float64 tile spills at C = 24
