@@ -490,3 +490,23 @@ def test_plan_runs_both_algorithms_at_the_cpu_throughput_targets():
                      and pass_ in c.passes]
             assert any({"cpu", "cpu-log"} <= set(case_backends(c, list(bk.ALL)))
                        for c in found), (B, T, K, C, tr, pass_)
+
+
+def test_viterbi_bench_finds_flash_semicrfs_path(tmp_path):
+    """bench.viterbi maps the problem onto flash-semicrf's Viterbi (free first
+    label = start_transition max over the previous label): the same best score
+    (float32 against its float64) and as many segments; it writes its table."""
+    pytest.importorskip("flash_semicrf")
+    from bench import viterbi
+
+    viterbi.main(["--lengths", "40,120", "--flash-max-T", "120", "--repeats", "1",
+                  "--out", str(tmp_path / "v")])
+    table = (tmp_path / "v.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| 40 |") or ln.startswith("| 120 |")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        diff, flash_segments = cells[6].split(", ")
+        T = int(cells[0].replace(",", ""))
+        assert float(diff) < 1e-3 * T  # float32 rounding of a sum over T positions
+        assert flash_segments == f"{cells[3]} segments"
