@@ -3726,25 +3726,70 @@ void clear_gradients(const BackwardParams& p, int64_t b) {
   if (grad.start_scores) std::fill_n(grad.start_scores, T * C, scalar_t(0));
   if (grad.end_scores) std::fill_n(grad.end_scores, T * C, scalar_t(0));
 }
+// The largest working memory (bytes) one sequence of a CPU Viterbi call has
+// held (checkpoints and one span's backpointers), for
+// flashsemicrf_testing::cpu_viterbi_workspace_bytes.
+std::atomic<int64_t> viterbi_workspace_bytes{0};
+
+// Viterbi of one sequence in two passes over the scan. The first keeps the
+// ring at the start of every span but the last (checkpoints) and the last
+// span's backpointers; then the traceback follows the path down through the
+// spans, recomputing each span it enters from its checkpoint. The recompute
+// repeats the first pass's arithmetic, so its backpointers are the ones a
+// full table would hold. Working memory O(sqrt(T·K)·C) instead of (T+1, C).
 template <typename scalar_t, bool DD>
 void viterbi_sequence(const ViterbiParams& p, int64_t b) {
   const SequenceInputs<scalar_t> in(p, b);
-  const int64_t L = sequence_length(p, b), C = p.C;
+  const int64_t L = sequence_length(p, b), C = p.C, I = p.interval;
   ForwardScan<scalar_t, DD, true> scan(in, p.K, C, L);
-  const SequencePath path(p, b);
-  std::fill_n(path.label, p.T, int64_t(-1));
-  int c = 0;
+  std::vector<scalar_t> ckpt_ring(p.n_ckpt * p.ring_width * C);
+  std::vector<double> ckpt_offset(p.n_ckpt);
+  std::vector<int32_t> span_buffer(2 * span_rows(I) * C);
+  const int64_t bytes = static_cast<int64_t>(ckpt_ring.size() * sizeof(scalar_t) +
+                                             ckpt_offset.size() * sizeof(double) +
+                                             span_buffer.size() * sizeof(int32_t));
+  int64_t seen = viterbi_workspace_bytes.load(std::memory_order_relaxed);
+  while (seen < bytes && !viterbi_workspace_bytes.compare_exchange_weak(seen, bytes)) {
+  }
+  const SequenceCheckpoints<scalar_t> ckpt(ckpt_ring.data(), ckpt_offset.data(), p, I, p.n_ckpt);
+  SpanBackpointers span(span_buffer.data(), I, C);
+  // Step t, its backpointers into the span buffer from row span.first on.
+  auto step = [&](int64_t t) {
+    return t < span.first ? scan.step(t)
+                          : scan.step(t, span.duration_row(t, C), span.previous_row(t, C));
+  };
+  const int64_t last = ckpt.last_span(L);
+  span.first = ckpt.first(last);
+  int64_t c = 0;
   scalar_t* best = static_cast<scalar_t*>(p.best) + b;
   for (int64_t t = 0; t <= L; ++t) {
-    const scalar_t m = scan.step(t, path.best_duration + t * C, path.best_previous + t * C);
+    if (ckpt.due(t) && t < span.first)
+      scan.save(t, ckpt.at(t / I), ckpt.offset + t / I);
+    const scalar_t m = step(t);
     if (t == L) {
-      const scalar_t v = scan.end_value(&c);
+      int a = 0;
+      const scalar_t v = scan.end_value(&a);
+      c = a;
       *best = static_cast<scalar_t>(scan.offset + static_cast<double>(v));
     } else {
       scan.advance(t, m);
     }
   }
-  if (*best > neg_inf<scalar_t>()) path.trace_back<DD>(L, c);  // not -inf or NaN: a path
+  int64_t* label = p.segment_label + b * p.T;
+  std::fill_n(label, p.T, int64_t(-1));
+  PathWalk walk(L, c, *best > neg_inf<scalar_t>());  // not -inf or NaN: a path
+  for (;;) {
+    walk.follow<DD>(span, C, label);
+    if (walk.done) break;
+    const int64_t j = ckpt.span_of(walk.row, L);  // below the span just walked
+    span.first = ckpt.first(j);
+    const int64_t span_last = ckpt.last(j, L);
+    scan.load(span.first, ckpt.at(j), ckpt.offset[j]);
+    for (int64_t t = span.first; t <= span_last; ++t) {
+      const scalar_t m = step(t);
+      if (t < span_last) scan.advance(t, m);
+    }
+  }
 }
 
 template <typename scalar_t, bool DD>
@@ -3831,6 +3876,8 @@ TORCH_LIBRARY(flashsemicrf_testing, m) {
   m.def("cpu_exp_fallbacks() -> int", []() -> int64_t { return exp_fallbacks.load(); });
   m.def("cpu_exp_backward_fallbacks() -> int",
         []() -> int64_t { return exp_backward_fallbacks.load(); });
+  m.def("cpu_viterbi_workspace_bytes() -> int",
+        []() -> int64_t { return viterbi_workspace_bytes.exchange(0); });
 }
 
 }  // namespace flashsemicrf

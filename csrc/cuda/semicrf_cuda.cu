@@ -142,7 +142,7 @@ struct Cuda {
     });
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
+    launch_per_sequence(scores, p, cuda::plan_viterbi_arena, [](auto zero, auto dd) {
       return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>;
     });
   }
