@@ -57,6 +57,29 @@ int argmax_of(const scalar_t* x, int64_t n, scalar_t* best) {
   return argmax<scalar_t>(static_cast<int>(n), [&](int i) { return x[i]; }, best);
 }
 
+// Column-wise argmax of value(r, c) over the rows r = 0 … n_rows-1 (n_rows ≥
+// 1), for every c < C, in argmax's order (semicrf.h): best[c] receives the
+// value, arg[c] its row. Rows outer and labels inner, with selects instead of
+// branches, so that the inner loop vectorises; each column still sees its
+// rows in increasing order, so the results are argmax's, tie rule included.
+template <typename scalar_t, typename Value>
+void argmax_columns(int64_t n_rows, int64_t C, Value value, scalar_t* __restrict best,
+                    int32_t* __restrict arg) {
+  for (int64_t c = 0; c < C; ++c) {
+    best[c] = value(0, c);
+    arg[c] = 0;
+  }
+  for (int64_t r = 1; r < n_rows; ++r) {
+    const int32_t row = static_cast<int32_t>(r);
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t x = value(r, c);
+      const bool wins = beats_later(x, best[c]);
+      best[c] = wins ? x : best[c];
+      arg[c] = wins ? row : arg[c];
+    }
+  }
+}
+
 // The forward scan of one sequence. MAX selects the max semiring (Viterbi),
 // DD the duration-dependent (K, C, C) transition.
 template <typename scalar_t, bool DD, bool MAX>
@@ -71,13 +94,14 @@ struct ForwardScan {
   std::vector<scalar_t> scratch;       // scratch (max(K, C), C)
   std::vector<scalar_t> entered, top, emit;  // scratch (C)
   std::vector<int32_t> term_prev;      // MAX && DD: best previous label per (d, c)
+  std::vector<int32_t> arg;            // MAX: scratch (C)
   double offset = 0.0;                 // O_t
 
   ForwardScan(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_),
         ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
         terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_),
-        emit(C_), term_prev(K_ * C_) {}
+        emit(C_), term_prev(K_ * C_), arg(C_) {}
 
   // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L), both relative to
   // O_t. Returns the max m_t subtracted. bp_*: this step's backpointer rows.
@@ -118,14 +142,15 @@ struct ForwardScan {
       }
     }
     if (MAX) {
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t v;
-        const int best = argmax<scalar_t>(
-            static_cast<int>(dmax), [&](int i) { return terms[i * C + c]; }, &v);
-        alpha[c] = in.end(t - 1, c) + v;
-        if (bp_duration) bp_duration[c] = best + 1;
-        if (DD && bp_previous) bp_previous[c] = term_prev[best * C + c];
-      }
+      const scalar_t* tm = terms.data();
+      argmax_columns(
+          dmax, C, [&](int64_t i, int64_t c) { return tm[i * C + c]; }, alpha.data(),
+          arg.data());
+      for (int64_t c = 0; c < C; ++c) alpha[c] += in.end(t - 1, c);
+      if (bp_duration)
+        for (int64_t c = 0; c < C; ++c) bp_duration[c] = arg[c] + 1;
+      if (DD && bp_previous)
+        for (int64_t c = 0; c < C; ++c) bp_previous[c] = term_prev[arg[c] * C + c];
     } else {
       lse_columns(terms.data(), dmax, C, alpha.data(), top.data(), scratch.data());
       for (int64_t c = 0; c < C; ++c) alpha[c] += in.end(t - 1, c);
@@ -144,19 +169,17 @@ struct ForwardScan {
   // entered[c] = reduce_c' (prev[c'] + trans[c', c]) for one (C, C) matrix,
   // row by row so the inner loops run along c. MAX: argmax c' into best.
   void into(const scalar_t* prev, const scalar_t* trans, int32_t* best) {
+    if (MAX) {
+      argmax_columns(
+          C, C, [&](int64_t cp, int64_t c) { return prev[cp] + trans[cp * C + c]; },
+          entered.data(), best ? best : arg.data());
+      return;
+    }
     for (int64_t cp = 0; cp < C; ++cp) {
       scalar_t* row = pairs.data() + cp * C;
       for (int64_t c = 0; c < C; ++c) row[c] = prev[cp] + trans[cp * C + c];
     }
-    if (MAX) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int a = argmax<scalar_t>(
-            static_cast<int>(C), [&](int cp) { return pairs[cp * C + c]; }, &entered[c]);
-        if (best) best[c] = a;
-      }
-    } else {
-      lse_columns(pairs.data(), C, C, entered.data(), top.data(), scratch.data());
-    }
+    lse_columns(pairs.data(), C, C, entered.data(), top.data(), scratch.data());
   }
 
   // Move the ring from step t to step t+1 (t < L): re-base every entry by m,
