@@ -3749,9 +3749,9 @@ void clear_gradients(const BackwardParams& p, int64_t b) {
   if (grad.start_scores) std::fill_n(grad.start_scores, T * C, scalar_t(0));
   if (grad.end_scores) std::fill_n(grad.end_scores, T * C, scalar_t(0));
 }
-// The largest working memory (bytes) one sequence of a CPU Viterbi call has
-// held (checkpoints and one span's backpointers), for
-// flashsemicrf_testing::cpu_viterbi_workspace_bytes.
+// The largest working memory (bytes: checkpoints and one span's
+// backpointers) a sequence of the CPU Viterbi has held since
+// flashsemicrf_testing::cpu_viterbi_workspace_bytes last read it.
 std::atomic<int64_t> viterbi_workspace_bytes{0};
 
 // Viterbi of one sequence in two passes over the scan. The first keeps the
@@ -3894,7 +3894,8 @@ TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) { OpEntries<Cpu>::register_all(m); }
 
 // Outside the op contract, for tests and the benchmark only: how many
 // sequences the exp-domain forward (backward) has handed to the log-domain
-// scan (backward) so far.
+// scan (backward) so far; the Viterbi's working memory per sequence (read
+// and reset).
 TORCH_LIBRARY(flashsemicrf_testing, m) {
   m.def("cpu_exp_fallbacks() -> int", []() -> int64_t { return exp_fallbacks.load(); });
   m.def("cpu_exp_backward_fallbacks() -> int",
