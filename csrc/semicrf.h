@@ -64,12 +64,15 @@ struct BackwardParams : ForwardParams {
   void* grad_end_scores = nullptr;        // (B, T, C) or null
 };
 
-// Viterbi: the max semiring with backpointers.
+// Viterbi: the max semiring, checkpointed like the forward so that the
+// traceback recomputes the backpointers of one span at a time (the kernels
+// place the checkpoints and the span's backpointers in their own working
+// memory: O(sqrt(T·K)·C) per sequence, never (T+1, C)).
 struct ViterbiParams : Params {
+  int64_t interval = 1;              // span length: default_interval(T, K)
+  int64_t n_ckpt = 0;                // ceil(T / interval)
   void* best = nullptr;              // (B,)
   int64_t* segment_label = nullptr;  // (B, T): label of the segment starting at t, else -1
-  int32_t* best_duration = nullptr;  // workspace (B, T+1, C)
-  int32_t* best_previous = nullptr;  // workspace (B, T+1, C)
 };
 
 // The filter: the forward messages at every boundary, for sampling.
@@ -352,13 +355,13 @@ struct SequenceCheckpoints {
   double* offset;
   int64_t stride, interval, count, T;
 
+  HOST_DEVICE SequenceCheckpoints(scalar_t* ring_, double* offset_, const Params& p,
+                                  int64_t interval_, int64_t count_)
+      : ring(ring_), offset(offset_), stride(p.ring_width * p.C), interval(interval_),
+        count(count_), T(p.T) {}
   HOST_DEVICE SequenceCheckpoints(const ForwardParams& p, int64_t b)
-      : ring(static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * p.ring_width * p.C),
-        offset(p.ckpt_offset + b * p.n_ckpt),
-        stride(p.ring_width * p.C),
-        interval(p.interval),
-        count(p.n_ckpt),
-        T(p.T) {}
+      : SequenceCheckpoints(static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * p.ring_width * p.C,
+                            p.ckpt_offset + b * p.n_ckpt, p, p.interval, p.n_ckpt) {}
   HOST_DEVICE scalar_t* at(int64_t j) const { return ring + j * stride; }
   HOST_DEVICE bool due(int64_t t) const { return t < T && t % interval == 0; }
   HOST_DEVICE int64_t last_span(int64_t L) const {
@@ -369,40 +372,82 @@ struct SequenceCheckpoints {
     return j == last_span(L) ? L : (j + 1) * interval - 1;
   }
   HOST_DEVICE int64_t first_unused(int64_t L) const { return L / interval + 1; }
+  // The span whose recompute writes row t's backpointers (0 ≤ t ≤ L).
+  HOST_DEVICE int64_t span_of(int64_t t, int64_t L) const {
+    const int64_t j = t / interval, jl = last_span(L);
+    return j < jl ? j : jl;
+  }
 };
 
-// One sequence's Viterbi outputs and backpointers: best_duration[t·C + c],
-// the duration of the best label-c segment ending at t; best_previous, the
-// label before it, at [t·C + c] for the (K, C, C) transition (it depends on
-// the duration) and at [s·C + c], s its start, for the static one.
-struct SequencePath {
-  int32_t* best_duration;  // (T+1, C)
-  int32_t* best_previous;  // (T+1, C)
-  int64_t* label;          // (T)
-  int64_t C;
+// The Viterbi backpointers of one span, rows first … last (at most
+// interval + 1 of them: the last span also holds row L), in a buffer of
+// 2·span_rows(interval)·C int32: best_duration[(t - first)·C + c], the
+// duration of the best label-c segment ending at t; best_previous after it,
+// the label before that segment, at its end row t for the (K, C, C)
+// transition (it depends on the duration) and at its start row s for the
+// static one (chosen when sigma_hat[s] was formed).
+HOST_DEVICE int64_t span_rows(int64_t interval) { return interval + 1; }
 
-  HOST_DEVICE SequencePath(const ViterbiParams& p, int64_t b)
-      : best_duration(p.best_duration + b * (p.T + 1) * p.C),
-        best_previous(p.best_previous + b * (p.T + 1) * p.C),
-        label(p.segment_label + b * p.T),
-        C(p.C) {}
+struct SpanBackpointers {
+  int32_t* best_duration;
+  int32_t* best_previous;
+  int64_t first = 0;  // the row at index 0
 
-  // Follows the backpointers from the last label c at L down to 0, writing
-  // each segment's label at its start (label is -1-filled before). Stops at
-  // a pointer out of range, unreachable for a finite best, so that a
-  // corrupted table cannot send an address out of range.
+  HOST_DEVICE SpanBackpointers(int32_t* buffer, int64_t interval, int64_t C)
+      : best_duration(buffer), best_previous(buffer + span_rows(interval) * C) {}
+  // Row t's slices, for the step that writes them.
+  HOST_DEVICE int32_t* duration_row(int64_t t, int64_t C) const {
+    return best_duration + (t - first) * C;
+  }
+  HOST_DEVICE int32_t* previous_row(int64_t t, int64_t C) const {
+    return best_previous + (t - first) * C;
+  }
+};
+
+// The traceback of one sequence, a span at a time from the last: the best
+// path's rows are read in decreasing order (the end row t for the duration,
+// then for the static transition the start row s for the previous label), so
+// each span's rows are needed once, after those of the spans above it.
+// Writes each segment's label at its start (label is -1-filled before).
+// Stops at a pointer out of range, unreachable for a finite best, so that a
+// corrupted buffer cannot send an address out of range. Every field is a
+// function of the buffer's contents alone: the CUDA kernel's threads all
+// walk and stay in agreement without a broadcast.
+struct PathWalk {
+  int64_t row;            // the next row to read
+  int c;                  // the label being followed
+  bool at_start = false;  // static: row starts a label-c segment, its previous label pending
+  bool done;
+
+  HOST_DEVICE PathWalk(int64_t L, int last_label, bool has_path)
+      : row(L), c(last_label), done(!has_path) {}
+
+  // Follows the path while the pending row lies in the span; label null:
+  // walk without writing.
   template <bool DD>
-  HOST_DEVICE void trace_back(int64_t L, int64_t c) const {
-    for (int64_t t = L; t > 0;) {
-      const int64_t d = best_duration[t * C + c];
-      if (d < 1 || d > t) return;
-      const int64_t s = t - d;
-      label[s] = c;
-      if (s > 0) {
-        c = DD ? best_previous[t * C + c] : best_previous[s * C + c];
-        if (c < 0 || c >= C) return;
+  HOST_DEVICE void follow(const SpanBackpointers& span, int64_t C, int64_t* label) {
+    while (!done && row >= span.first) {
+      const int64_t i = (row - span.first) * C + c;
+      if (!DD && at_start) {
+        c = span.best_previous[i];
+        at_start = false;
+        done = c < 0 || c >= C;
+        continue;
       }
-      t = s;
+      const int64_t d = span.best_duration[i];
+      if (d < 1 || d > row) {
+        done = true;
+        return;
+      }
+      const int64_t s = row - d;
+      if (label) label[s] = c;
+      if (DD && s > 0) {
+        c = span.best_previous[i];
+        done = c < 0 || c >= C;
+      }
+      at_start = !DD;
+      row = s;
+      done = done || s == 0;
     }
   }
 };

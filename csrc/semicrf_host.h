@@ -173,19 +173,19 @@ class OpCall {
   }
 
   // (best (B,), segment_label (B, T) int64: label of the segment starting at
-  // t, -1 elsewhere). Backpointers are workspace, freed with this object.
+  // t, -1 elsewhere). The spans of the traceback are those of the default
+  // checkpoint interval; the backend places their checkpoints and
+  // backpointers in its own working memory.
   Pass<ViterbiParams, ViterbiOutputs> viterbi() {
     ViterbiParams p;
     static_cast<Params&>(p) = inputs_;
+    p.interval = default_interval(p.T, p.K);
+    p.n_ckpt = (p.T + p.interval - 1) / p.interval;
     auto opts = scores_.options();
     at::Tensor best = at::empty({p.B}, opts);
     at::Tensor label = at::empty({p.B, p.T}, opts.dtype(at::kLong));
-    bp_duration_ = at::zeros({p.B, p.T + 1, p.C}, opts.dtype(at::kInt));
-    bp_previous_ = at::zeros({p.B, p.T + 1, p.C}, opts.dtype(at::kInt));
     p.best = best.data_ptr();
     p.segment_label = label.data_ptr<int64_t>();
-    p.best_duration = bp_duration_.data_ptr<int32_t>();
-    p.best_previous = bp_previous_.data_ptr<int32_t>();
     return {p, {best, label}};
   }
 
@@ -238,7 +238,7 @@ class OpCall {
 
   Params inputs_;
   at::Tensor scores_, transition_, duration_, lengths_, start_transition_, end_transition_;
-  at::Tensor grad_log_z_, log_z_, ckpt_ring_, ckpt_offset_, bp_duration_, bp_previous_;
+  at::Tensor grad_log_z_, log_z_, ckpt_ring_, ckpt_offset_;
 };
 
 // The four ops' entry points, written once: check the call, set up the

@@ -325,3 +325,55 @@ def test_emulated_launches_take_the_opt_in_path(emu):
     emu.backward(torch.ones(1), *args, *ref, 2, False, 2, 0, ALL_SMEM)
     _, _, smem, _ = emu.launch_log()[-1]
     assert smem <= ALL_SMEM
+
+
+def viterbi_placements(T, K, C, dd, dtype):
+    """smem limits that put the Viterbi kernel's arena in every placement: all
+    in shared memory (but the checkpoints, always in the workspace); the
+    span's backpointers (2·(interval+1)·C int32) in the workspace; the ring
+    too; all in the workspace."""
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    def aligned(n, size=elem):
+        return -(-n * size // 16) * 16
+
+    ring = aligned((2 * K if dd else K) * (C | 1))
+    rows = aligned(5 * C)
+    span = aligned(2 * (math.isqrt(T * K) + 1) * C, 4)
+    return {"all-smem": ring + rows + span, "span-global": ring + rows, "ring-global": rows,
+            "all-global": 0}
+
+
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_emulated_viterbi_placements(emu, dd):
+    """The streaming Viterbi (traceback span by span, T = 50, K = 4: four
+    spans of 14) gives the CPU kernel's best and segmentation bit for bit with
+    the span's backpointers in shared memory or in the workspace, and the ring
+    in either."""
+    B, T, K, C = 3, 50, 4, 3
+    for dtype in (torch.float64, torch.float32):
+        limits = viterbi_placements(T, K, C, dd, dtype)
+        for n, (name, smem) in enumerate(limits.items()):
+            args = make(B, T, K, C, dd, True, dtype, 200 + n, neg_inf=n % 2 == 1)
+            want = ops.viterbi(*args)
+            got = emu.viterbi(*args, 2, n, smem)
+            assert torch.equal(bitwise(got[:1])[0], bitwise(want[:1])[0]), name
+            assert torch.equal(got[1], want[1]), name
+            assert got[2][0] == smem, (name, got[2].tolist())
+
+
+def test_emulated_viterbi_working_memory_grows_as_sqrt_T(emu):
+    """The Viterbi kernel's arena beyond the forward's (checkpoints, their
+    offsets, one span's backpointers) takes about 4 times the memory for 16
+    times the length: O(sqrt(T·K)·C), where the full backpointer tables took
+    2·(T+1)·C int32."""
+    K, C = 2, 2
+    extra = []
+    for T in (40, 640):
+        args = make(1, T, K, C, False, False, torch.float32, 51, ragged=False)
+        smem, workspace = emu.viterbi(*args, 0, 0, 0)[2].tolist()
+        fwd_smem, fwd_workspace = emu.forward(*args, 0, 0, 0, 0)[3].tolist()
+        assert smem == fwd_smem == 0
+        extra.append(workspace - fwd_workspace)
+    assert 3.5 <= extra[1] / extra[0] <= 4.5, extra
+    assert extra[1] * 4 < 2 * (640 + 1) * C * 4, extra

@@ -57,6 +57,29 @@ int argmax_of(const scalar_t* x, int64_t n, scalar_t* best) {
   return argmax<scalar_t>(static_cast<int>(n), [&](int i) { return x[i]; }, best);
 }
 
+// Column-wise argmax of value(r, c) over the rows r = 0 … n_rows-1 (n_rows ≥
+// 1), for every c < C, in argmax's order (semicrf.h): best[c] receives the
+// value, arg[c] its row. Rows outer and labels inner, with selects instead of
+// branches, so that the inner loop vectorises; each column still sees its
+// rows in increasing order, so the results are argmax's, tie rule included.
+template <typename scalar_t, typename Value>
+void argmax_columns(int64_t n_rows, int64_t C, Value value, scalar_t* __restrict best,
+                    int32_t* __restrict arg) {
+  for (int64_t c = 0; c < C; ++c) {
+    best[c] = value(0, c);
+    arg[c] = 0;
+  }
+  for (int64_t r = 1; r < n_rows; ++r) {
+    const int32_t row = static_cast<int32_t>(r);
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t x = value(r, c);
+      const bool wins = beats_later(x, best[c]);
+      best[c] = wins ? x : best[c];
+      arg[c] = wins ? row : arg[c];
+    }
+  }
+}
+
 // The forward scan of one sequence. MAX selects the max semiring (Viterbi),
 // DD the duration-dependent (K, C, C) transition.
 template <typename scalar_t, bool DD, bool MAX>
@@ -71,13 +94,14 @@ struct ForwardScan {
   std::vector<scalar_t> scratch;       // scratch (max(K, C), C)
   std::vector<scalar_t> entered, top, emit;  // scratch (C)
   std::vector<int32_t> term_prev;      // MAX && DD: best previous label per (d, c)
+  std::vector<int32_t> arg;            // MAX: scratch (C)
   double offset = 0.0;                 // O_t
 
   ForwardScan(const SequenceInputs<scalar_t>& in_, int64_t K_, int64_t C_, int64_t L_)
       : in(in_), K(K_), C(C_), L(L_),
         ring((DD ? 2 : 1) * K_ * C_, neg_inf<scalar_t>()), alpha(C_), sigma(C_),
         terms(K_ * C_), pairs(C_ * C_), scratch(std::max(K_, C_) * C_), entered(C_), top(C_),
-        emit(C_), term_prev(K_ * C_) {}
+        emit(C_), term_prev(K_ * C_), arg(C_) {}
 
   // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L), both relative to
   // O_t. Returns the max m_t subtracted. bp_*: this step's backpointer rows.
@@ -118,14 +142,15 @@ struct ForwardScan {
       }
     }
     if (MAX) {
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t v;
-        const int best = argmax<scalar_t>(
-            static_cast<int>(dmax), [&](int i) { return terms[i * C + c]; }, &v);
-        alpha[c] = in.end(t - 1, c) + v;
-        if (bp_duration) bp_duration[c] = best + 1;
-        if (DD && bp_previous) bp_previous[c] = term_prev[best * C + c];
-      }
+      const scalar_t* tm = terms.data();
+      argmax_columns(
+          dmax, C, [&](int64_t i, int64_t c) { return tm[i * C + c]; }, alpha.data(),
+          arg.data());
+      for (int64_t c = 0; c < C; ++c) alpha[c] += in.end(t - 1, c);
+      if (bp_duration)
+        for (int64_t c = 0; c < C; ++c) bp_duration[c] = arg[c] + 1;
+      if (DD && bp_previous)
+        for (int64_t c = 0; c < C; ++c) bp_previous[c] = term_prev[arg[c] * C + c];
     } else {
       lse_columns(terms.data(), dmax, C, alpha.data(), top.data(), scratch.data());
       for (int64_t c = 0; c < C; ++c) alpha[c] += in.end(t - 1, c);
@@ -144,19 +169,17 @@ struct ForwardScan {
   // entered[c] = reduce_c' (prev[c'] + trans[c', c]) for one (C, C) matrix,
   // row by row so the inner loops run along c. MAX: argmax c' into best.
   void into(const scalar_t* prev, const scalar_t* trans, int32_t* best) {
+    if (MAX) {
+      argmax_columns(
+          C, C, [&](int64_t cp, int64_t c) { return prev[cp] + trans[cp * C + c]; },
+          entered.data(), best ? best : arg.data());
+      return;
+    }
     for (int64_t cp = 0; cp < C; ++cp) {
       scalar_t* row = pairs.data() + cp * C;
       for (int64_t c = 0; c < C; ++c) row[c] = prev[cp] + trans[cp * C + c];
     }
-    if (MAX) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int a = argmax<scalar_t>(
-            static_cast<int>(C), [&](int cp) { return pairs[cp * C + c]; }, &entered[c]);
-        if (best) best[c] = a;
-      }
-    } else {
-      lse_columns(pairs.data(), C, C, entered.data(), top.data(), scratch.data());
-    }
+    lse_columns(pairs.data(), C, C, entered.data(), top.data(), scratch.data());
   }
 
   // Move the ring from step t to step t+1 (t < L): re-base every entry by m,
@@ -3726,25 +3749,70 @@ void clear_gradients(const BackwardParams& p, int64_t b) {
   if (grad.start_scores) std::fill_n(grad.start_scores, T * C, scalar_t(0));
   if (grad.end_scores) std::fill_n(grad.end_scores, T * C, scalar_t(0));
 }
+// The largest working memory (bytes: checkpoints and one span's
+// backpointers) a sequence of the CPU Viterbi has held since
+// flashsemicrf_testing::cpu_viterbi_workspace_bytes last read it.
+std::atomic<int64_t> viterbi_workspace_bytes{0};
+
+// Viterbi of one sequence in two passes over the scan. The first keeps the
+// ring at the start of every span but the last (checkpoints) and the last
+// span's backpointers; then the traceback follows the path down through the
+// spans, recomputing each span it enters from its checkpoint. The recompute
+// repeats the first pass's arithmetic, so its backpointers are the ones a
+// full table would hold. Working memory O(sqrt(T·K)·C) instead of (T+1, C).
 template <typename scalar_t, bool DD>
 void viterbi_sequence(const ViterbiParams& p, int64_t b) {
   const SequenceInputs<scalar_t> in(p, b);
-  const int64_t L = sequence_length(p, b), C = p.C;
+  const int64_t L = sequence_length(p, b), C = p.C, I = p.interval;
   ForwardScan<scalar_t, DD, true> scan(in, p.K, C, L);
-  const SequencePath path(p, b);
-  std::fill_n(path.label, p.T, int64_t(-1));
-  int c = 0;
+  std::vector<scalar_t> ckpt_ring(p.n_ckpt * p.ring_width * C);
+  std::vector<double> ckpt_offset(p.n_ckpt);
+  std::vector<int32_t> span_buffer(2 * span_rows(I) * C);
+  const int64_t bytes = static_cast<int64_t>(ckpt_ring.size() * sizeof(scalar_t) +
+                                             ckpt_offset.size() * sizeof(double) +
+                                             span_buffer.size() * sizeof(int32_t));
+  int64_t seen = viterbi_workspace_bytes.load(std::memory_order_relaxed);
+  while (seen < bytes && !viterbi_workspace_bytes.compare_exchange_weak(seen, bytes)) {
+  }
+  const SequenceCheckpoints<scalar_t> ckpt(ckpt_ring.data(), ckpt_offset.data(), p, I, p.n_ckpt);
+  SpanBackpointers span(span_buffer.data(), I, C);
+  // Step t, its backpointers into the span buffer from row span.first on.
+  auto step = [&](int64_t t) {
+    return t < span.first ? scan.step(t)
+                          : scan.step(t, span.duration_row(t, C), span.previous_row(t, C));
+  };
+  const int64_t last = ckpt.last_span(L);
+  span.first = ckpt.first(last);
+  int64_t c = 0;
   scalar_t* best = static_cast<scalar_t*>(p.best) + b;
   for (int64_t t = 0; t <= L; ++t) {
-    const scalar_t m = scan.step(t, path.best_duration + t * C, path.best_previous + t * C);
+    if (ckpt.due(t) && t < span.first)
+      scan.save(t, ckpt.at(t / I), ckpt.offset + t / I);
+    const scalar_t m = step(t);
     if (t == L) {
-      const scalar_t v = scan.end_value(&c);
+      int a = 0;
+      const scalar_t v = scan.end_value(&a);
+      c = a;
       *best = static_cast<scalar_t>(scan.offset + static_cast<double>(v));
     } else {
       scan.advance(t, m);
     }
   }
-  if (*best > neg_inf<scalar_t>()) path.trace_back<DD>(L, c);  // not -inf or NaN: a path
+  int64_t* label = p.segment_label + b * p.T;
+  std::fill_n(label, p.T, int64_t(-1));
+  PathWalk walk(L, c, *best > neg_inf<scalar_t>());  // not -inf or NaN: a path
+  for (;;) {
+    walk.follow<DD>(span, C, label);
+    if (walk.done) break;
+    const int64_t j = ckpt.span_of(walk.row, L);  // below the span just walked
+    span.first = ckpt.first(j);
+    const int64_t span_last = ckpt.last(j, L);
+    scan.load(span.first, ckpt.at(j), ckpt.offset[j]);
+    for (int64_t t = span.first; t <= span_last; ++t) {
+      const scalar_t m = step(t);
+      if (t < span_last) scan.advance(t, m);
+    }
+  }
 }
 
 template <typename scalar_t, bool DD>
@@ -3826,11 +3894,14 @@ TORCH_LIBRARY_IMPL(flashsemicrf, CPU, m) { OpEntries<Cpu>::register_all(m); }
 
 // Outside the op contract, for tests and the benchmark only: how many
 // sequences the exp-domain forward (backward) has handed to the log-domain
-// scan (backward) so far.
+// scan (backward) so far; the Viterbi's working memory per sequence (read
+// and reset).
 TORCH_LIBRARY(flashsemicrf_testing, m) {
   m.def("cpu_exp_fallbacks() -> int", []() -> int64_t { return exp_fallbacks.load(); });
   m.def("cpu_exp_backward_fallbacks() -> int",
         []() -> int64_t { return exp_backward_fallbacks.load(); });
+  m.def("cpu_viterbi_workspace_bytes() -> int",
+        []() -> int64_t { return viterbi_workspace_bytes.exchange(0); });
 }
 
 }  // namespace flashsemicrf

@@ -1,6 +1,6 @@
 // The streaming forward scan of one sequence by one CTA (CtaScan), and the
-// kernels built on it: forward (log Z + checkpoints), Viterbi (max semiring +
-// backpointers + traceback) and filter (the messages at every boundary).
+// kernels built on it: forward (log Z + checkpoints), Viterbi (max semiring,
+// checkpoints, traceback span by span) and filter (the messages at every boundary).
 // CtaScan is the CPU kernel's ForwardScan with the loops over labels and
 // durations spread over the CTA; see semicrf_cuda.cu for the thread mapping
 // and the barrier discipline.
@@ -29,7 +29,7 @@ struct CtaScan {
   scalar_t* const score_row;  // (C) scores[t], staged for advance()
   scalar_t* const start_row;  // (C) start_scores[t]
   double offset = 0.0;        // O_t, the same in every thread
-  int32_t* bp_duration = nullptr;  // MAX: (T+1, C) rows of this sequence, or null
+  int32_t* bp_duration = nullptr;  // MAX: the next step's backpointer rows (C), or null
   int32_t* bp_previous = nullptr;
 
   __device__ CtaScan(const Params& p, int64_t b, int64_t L_, scalar_t* ring_, scalar_t* rows)
@@ -100,11 +100,11 @@ struct CtaScan {
           warp_argmax(v, a);
           if (lane == 0) {
             raw[c] = in.end(t - 1, c) + v;
-            if (bp_duration) bp_duration[t * C + c] = a + 1;
+            if (bp_duration) bp_duration[c] = a + 1;
             if (DD && bp_previous) {
               int prev = -1;
               term(tK, t, a + 1, c, &prev);  // the same argmax over c' again
-              bp_previous[t * C + c] = prev;
+              bp_previous[c] = prev;
             }
           }
         }
@@ -145,7 +145,7 @@ struct CtaScan {
             warp_argmax(v, a);
             if (lane == 0) {
               sigma[c] = v + start_row[c];
-              if (bp_previous) bp_previous[t * C + c] = a;
+              if (bp_previous) bp_previous[c] = a;
             }
           }
         }
@@ -252,26 +252,71 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The max semiring: best (B,), backpointers (B, T+1, C), then thread 0
-// traces the best path back into segment_label (B, T).
+// Arrays of the Viterbi kernel, in Arena order: the forward's, one span's
+// backpointers (2·span_rows·C int32), and the checkpoints of the spans with
+// their offsets, which only ever live in the workspace.
+enum ViterbiArray {
+  kViterbiSpan = kForwardArrays,
+  kViterbiCheckpointRing,
+  kViterbiCheckpointOffset,
+  kViterbiArrays
+};
+
+// The span's backpointers leave shared memory first: the ring is read K·C
+// times a step, the span written 2C times a step and read a few times per
+// segment of the path, and freshly written it stays in L2.
+inline Arena plan_viterbi_arena(const ViterbiParams& p, size_t elem_bytes, size_t smem_limit) {
+  const int64_t e = static_cast<int64_t>(elem_bytes);
+  const int64_t bytes[kViterbiArrays] = {
+      p.ring_width * padded_row(static_cast<int>(p.C)) * e,
+      kScanRows * p.C * e,
+      2 * span_rows(p.interval) * p.C * static_cast<int64_t>(sizeof(int32_t)),
+      p.n_ckpt * p.ring_width * p.C * e,
+      p.n_ckpt * static_cast<int64_t>(sizeof(double))};
+  const int evict[] = {kViterbiSpan, kForwardRing, kForwardRows};
+  return plan_arena(bytes, kViterbiArrays, evict, 3, smem_limit);
+}
+
+// The max semiring: best (B,) and segment_label (B, T). A first pass keeps
+// the ring at the start of every span but the last and writes the last
+// span's backpointers; then the traceback (PathWalk) follows the path down,
+// and the CTA recomputes from its checkpoint each span the path enters. Every
+// thread walks (reads of one address, broadcast), so that all agree on the
+// next span without a broadcast; thread 0 writes the labels.
 template <typename scalar_t, bool DD>
 __global__ void __launch_bounds__(kThreads)
     viterbi_kernel(const ViterbiParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
-  const int64_t L = sequence_length(p, b), C = p.C;
+  const int64_t L = sequence_length(p, b), C = p.C, I = p.interval;
   auto scan = make_scan<scalar_t, DD, true>(p, arena, b, L);
-  const SequencePath path(p, b);
-  scan.bp_duration = path.best_duration;
-  scan.bp_previous = path.best_previous;
-  fill(path.label, p.T, int64_t(-1));
+  const SequenceCheckpoints<scalar_t> ckpt(arena.get<scalar_t>(kViterbiCheckpointRing, b),
+                                           arena.get<double>(kViterbiCheckpointOffset, b), p, I,
+                                           p.n_ckpt);
+  SpanBackpointers span(arena.get<int32_t>(kViterbiSpan, b), I, C);
+  int64_t* const label = p.segment_label + b * p.T;
+  fill(label, p.T, int64_t(-1));
   scan.reset();
+  const int64_t last = ckpt.last_span(L);
+  span.first = ckpt.first(last);
   __syncthreads();
-  scalar_t best = neg_inf<scalar_t>();  // thread 0's
-  int last_label = 0;                   // thread 0's
-  for (int64_t t = 0; t <= L; ++t) {
-    const scalar_t m = scan.step(t);
-    if (t == L) {
-      if (warp_id() == 0) {
+  PathWalk walk(L, 0, false);  // the first pass's last step starts it
+  // One loop for the first pass (steps 0 … L, the only one that reaches L)
+  // and each recompute (steps first(j) … last(j, L) < L), so that step() is
+  // inlined once. The first pass saves checkpoint j before step j·I (counted,
+  // not divided).
+  int64_t saved = 0;
+  for (int64_t from = 0, to = L;;) {
+    for (int64_t t = from; t <= to; ++t) {
+      if (to == L && t == saved * I && t < span.first) {
+        scan.save(t, ckpt.at(saved), ckpt.offset + saved);
+        ++saved;
+      }
+      const bool kept = t >= span.first;
+      scan.bp_duration = kept ? span.duration_row(t, C) : nullptr;
+      scan.bp_previous = kept ? span.previous_row(t, C) : nullptr;
+      const scalar_t m = scan.step(t);
+      if (t == L) {
+        // Every warp takes the argmax itself, so every thread holds the result.
         scalar_t v = neg_inf<scalar_t>();
         int a = INT_MAX;
         for (int c = lane_id(); c < C; c += kWarpSize) {
@@ -282,19 +327,23 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
         warp_argmax(v, a);
-        if (lane_id() == 0) {
-          best = static_cast<scalar_t>(scan.offset + static_cast<double>(v));
-          static_cast<scalar_t*>(p.best)[b] = best;
-          last_label = a;
-        }
+        const scalar_t best = static_cast<scalar_t>(scan.offset + static_cast<double>(v));
+        if (threadIdx.x == 0) static_cast<scalar_t*>(p.best)[b] = best;
+        walk = PathWalk(L, a, best > neg_inf<scalar_t>());  // not -inf or NaN: a path
+      } else if (t < to) {
+        scan.advance(t, m);
       }
-    } else {
-      scan.advance(t, m);
+      __syncthreads();  // also publishes the backpointers and the -1 fill
     }
-    __syncthreads();  // also publishes the backpointers and the -1 fill to thread 0
+    walk.follow<DD>(span, C, threadIdx.x == 0 ? label : nullptr);
+    if (walk.done) break;
+    const int64_t j = ckpt.span_of(walk.row, L);  // below the span just walked
+    __syncthreads();  // every thread's walk has read the span before it is rewritten
+    span.first = from = ckpt.first(j);
+    to = ckpt.last(j, L);
+    scan.load(from, ckpt.at(j), ckpt.offset + j);
+    __syncthreads();
   }
-  // Not -inf or NaN: a path.
-  if (threadIdx.x == 0 && best > neg_inf<scalar_t>()) path.trace_back<DD>(L, last_label);
 }
 
 // Forward filtering: alpha_hat, sigma_hat (B, T+1, C) and O (B, T+1) at every

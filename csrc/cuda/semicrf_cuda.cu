@@ -33,8 +33,14 @@
 //        c ≡ tid of the boundary mass), summed in a double, then block_sum.
 //     block_sum: warps reduce by butterfly, lane 0 stores one double per
 //     warp, and after a barrier every thread adds the 8 in order.
-//   Viterbi: the forward step in the max semiring writes the backpointers;
-//   thread 0 traces the path back after the last barrier.
+//   Viterbi: the forward step in the max semiring; the step's backpointer
+//   rows are written by the lane 0 that reduced each label (A: duration,
+//   and previous label for the (K, C, C) transition; B: static previous
+//   label) into one span's buffer. The first pass saves the ring at every
+//   span start; then every thread walks the path back through the buffered
+//   span (the same reads, broadcast, so all agree on where the path leaves
+//   it), thread 0 writing the labels, and the CTA recomputes the next span
+//   from its checkpoint (a barrier after the walk, one after the restore).
 //
 // Barrier discipline. Shared state of a CTA (rings, rows of C values) is
 // written in one phase and read in the next, with __syncthreads() between
@@ -63,7 +69,11 @@
 // orders a CTA's global memory accesses. Rings are stored slot-major with an
 // odd row stride (C | 1), so a warp reading one label across 32 slots hits
 // 32 banks. Per sequence, shared memory needs (scalars): forward, Viterbi
-// and filter S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition);
+// and filter S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition), and
+// Viterbi 2·(interval+1)·C int32 for one span's backpointers (the first to
+// move to the workspace, where its n_ckpt·S·C scalars and n_ckpt doubles of
+// checkpoints always are: O(sqrt(T·K)·C) per sequence, interval =
+// floor(sqrt(T·K)));
 // backward (K + S)·(C|1) + 12C, plus K·C + C² doubles of sums (K·C + K·C²
 // for the (K, C, C) transition). The backward also takes (interval+1)·C
 // scalars twice and interval+1 doubles of global memory for the recomputed
@@ -142,7 +152,7 @@ struct Cuda {
     });
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
+    launch_per_sequence(scores, p, cuda::plan_viterbi_arena, [](auto zero, auto dd) {
       return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>;
     });
   }

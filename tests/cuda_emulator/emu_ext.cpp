@@ -104,11 +104,11 @@ std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Te
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
   auto pass = call.viterbi();
   auto out = nan_filled(pass.outputs);
-  launch_per_sequence(
-      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
+  out.push_back(launch_per_sequence(
+      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_viterbi_arena,
       [](auto zero, auto dd) {
         return &cuda::viterbi_kernel<decltype(zero), decltype(dd)::value>;
-      });
+      }));
   return out;
 }
 
