@@ -98,10 +98,10 @@ using cuda::Arena;
 // The launch every op shares, under a device guard: the arena planned for
 // this device's opt-in shared memory, a workspace for the arrays it places in
 // global memory (freed into the caching allocator on return, which keeps it
-// for this stream's later work), then Kernel<scalar_t, DD> with one CTA of
-// kThreads per sequence on the current stream, checked. plan(p, elem_bytes,
-// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}) ->
-// the kernel.
+// for this stream's later work), then the kernel with one CTA of kThreads
+// per sequence on the current stream, checked. plan(p, elem_bytes,
+// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
+// std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel).
 template <typename P, typename Plan, typename KernelFor>
 void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for) {
   TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
@@ -117,8 +117,9 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
   }
   const size_t smem = static_cast<size_t>(arena.smem_bytes);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda", [&] {
-    const auto kernel = p.duration_dependent ? kernel_for(scalar_t(0), std::true_type{})
-                                             : kernel_for(scalar_t(0), std::false_type{});
+    const auto kernel = p.duration_dependent
+                            ? cuda::pick_kernel(kernel_for, scalar_t(0), std::true_type{}, arena)
+                            : cuda::pick_kernel(kernel_for, scalar_t(0), std::false_type{}, arena);
     // Above 48 KB a kernel must opt in to more dynamic shared memory.
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -132,13 +133,13 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
 
 struct Cuda {
   static void run(const ForwardParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
-      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>;
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
     });
   }
   static void run(const BackwardParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd) {
-      return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>;
+    launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
     });
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
@@ -147,8 +148,8 @@ struct Cuda {
     });
   }
   static void run(const FilterParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
-      return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>;
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::filter_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
     });
   }
 };
