@@ -279,18 +279,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool factored = !DD || t == 0;
       const bool need_tau = !DD && t > 0;
       const int d_check = K - tK;  // coverage_position(t, K) - t + 1
-      for (int c = my_label; c < C; c += label_stride) {
-        scalar_t mx = neg_inf<scalar_t>();
+      const int d_first = my_group + 1, d_stride = groups * C;
+      // f(d, x, i, e) for this thread's durations d of label c: x the ring
+      // entry plus the duration score, i = (d-1)·C + c and e the entry of
+      // t+d in `ends`; indices stepped, not recomputed. Unrolled where the
+      // terms are short (not for the (K, C, C) posteriors' loop over c').
+      auto for_my_durations = [&](int c, auto f) {
+        int i = (d_first - 1) * C + c;
+        int slot = d_first <= K ? slot_after(tK, d_first, K) : 0;
+        auto next = [&]() {
+          i += d_stride;
+          slot += groups;  // < 2K while d + groups <= dmax <= K
+          if (slot >= K) slot -= K;
+        };
         if (factored) {
 #pragma unroll 4
-          for (int d = my_group + 1; d <= dmax; d += groups) mx = nan_max(mx, x_at(d, c));
+          for (int d = d_first; d <= dmax; d += groups, next())
+            f(d, ring[slot * ld + c] + in.duration[i], i, slot * C + c);
+        } else {
+#pragma unroll 1
+          for (int d = d_first; d <= dmax; d += groups, next())
+            f(d, ring[slot * ld + c] + in.duration[i], i, slot * C + c);
         }
+      };
+      for (int c = my_label; c < C; c += label_stride) {
+        scalar_t mx = neg_inf<scalar_t>();
+        if (factored) for_my_durations(c, [&](int, scalar_t x, int, int) { mx = nan_max(mx, x); });
         const scalar_t tau_shift = lse_shift(mx);
         const scalar_t weight = factored ? fexp(s_sigma[c] + mx + shift) * g : scalar_t(0);
         scalar_t tau_sum = 0;
         double mass = 0.0, reaching = 0.0;
-        for (int d = my_group + 1; d <= dmax; d += groups) {
-          const scalar_t xd = x_at(d, c);
+        for_my_durations(c, [&](int d, scalar_t xd, int i, int e) {
           scalar_t post_s;
           if (factored) {
             const scalar_t scaled = fexp(xd - tau_shift);
@@ -303,11 +322,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             post_s = fexp(enter + xd + shift) * g;
           }
           const double post = static_cast<double>(post_s);
-          sum_dur[(d - 1) * C + c] += post;
-          ends[slot_after(tK, d, K) * C + c] += post;
+          sum_dur[i] += post;
+          ends[e] += post;
           mass += post;
           if (d >= d_check) reaching += post;
-        }
+        });
         if (renormalises_within_spans<scalar_t>()) coverage += reaching;
         const int slot = groups > 1 ? tid : c;
         part_mass[slot] = mass;
@@ -330,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // P1': thread c adds label c's partials in group order: the start mass
       // (the start-score gradient), and, static, tau and u = start + tau.
       // Position t+K-1 is complete (no segment starting below t reaches it):
-      // its coverage is written, and the ends slot it used starts over for
-      // position t-1.
+      // its coverage is written, and its ends slot starts over, for the
+      // segments that end at t.
       for (int c = tid; c < C; c += kThreads) {
         double mass = 0.0;
         scalar_t top = neg_inf<scalar_t>();

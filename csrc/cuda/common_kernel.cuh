@@ -54,18 +54,6 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-// Inclusive prefix sum over the lanes (lane 0 first).
-template <typename T>
-__device__ __forceinline__ T warp_inclusive_scan(T v) {
-  const int lane = lane_id();
-#pragma unroll
-  for (int o = 1; o < kWarpSize; o <<= 1) {
-    const T y = __shfl_up_sync(kFullMask, v, o);
-    if (lane >= o) v += y;
-  }
-  return v;
-}
-
 // The warp's argmax in the order of `beats` (semicrf.h): lanes start from
 // (-inf, INT_MAX) for "nothing", which every real entry beats.
 template <typename T>
