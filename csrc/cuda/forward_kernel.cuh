@@ -210,10 +210,15 @@ struct CtaScan {
   }
 };
 
-// The forward and the filter ask for two CTAs per SM (up to 128 registers a
-// thread): left to itself the compiler capped the float64 (K, C, C)
-// instantiations at 64 and spilled; a cap of 80 (three CTAs) spilled more.
-constexpr int kForwardMinBlocks = 2;
+// CTAs per SM the forward and the filter ask room for: four (64 registers a
+// thread) in float32, where the compiler's own choice fits; two (128) in
+// float64, where left to itself it capped some instantiations at 64 and
+// spilled, and a cap of 80 (three CTAs) spilled more. Many CTAs per SM hide
+// the latency of each sequence's serial scan when B is large.
+template <typename scalar_t>
+constexpr int forward_min_blocks() {
+  return sizeof(scalar_t) == sizeof(double) ? 2 : 4;
+}
 
 // Arrays of the forward-type kernels (forward, Viterbi, filter), in Arena order.
 enum ForwardArray { kForwardRing = 0, kForwardRows = 1, kForwardArrays = 2 };
@@ -236,7 +241,7 @@ __device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p,
 
 // log Z (B,) and the checkpoints: one CTA per sequence.
 template <typename scalar_t, bool DD, bool kShared>
-__global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
+__global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
     forward_kernel(const ForwardParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b);
@@ -322,7 +327,7 @@ __global__ void __launch_bounds__(kThreads)
 // Forward filtering: alpha_hat, sigma_hat (B, T+1, C) and O (B, T+1) at every
 // boundary, -inf / 0 where undefined.
 template <typename scalar_t, bool DD, bool kShared>
-__global__ void __launch_bounds__(kThreads, kForwardMinBlocks)
+__global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
     filter_kernel(const FilterParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b), T = p.T, C = p.C;
