@@ -165,7 +165,7 @@ struct Arena {
   int64_t workspace_stride = 0;
   unsigned char* workspace = nullptr;
 
-  template <typename T, bool kShared>
+  template <typename T, bool kShared = false>
   __device__ __forceinline__ T* get(int k, int64_t b) const {
     if (kShared) return reinterpret_cast<T*>(dynamic_smem<unsigned char>() + offset[k]);
     unsigned char* base =
