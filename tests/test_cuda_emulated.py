@@ -134,17 +134,17 @@ def placements(K, C, dd, dtype):
     """smem limits that put the backward's arena in every placement: all in
     shared memory; the forward ring global; the float64 gradient sums too;
     both rings too; all global. (The arrays that may be in shared memory:
-    the forward ring (S, C|1), the sums (K·C + (K or 1)·C·C doubles), the
-    backward ring (K, C|1), the forward's rows (5, C) and the sweep's (7, C),
-    each 16-byte aligned.)"""
+    the forward ring (S, C|1), the sums (2·K·C + (K or 1)·C·C + C + max(C, 256)
+    doubles), the backward ring (K, C|1), the forward's rows (5, C) and the
+    sweep's (7, C) plus 2·max(C, 256) partial sums, each 16-byte aligned.)"""
     elem = torch.empty((), dtype=dtype).element_size()
 
     def aligned(n, size=elem):
         return -(-n * size // 16) * 16
 
-    rows = aligned(5 * C) + aligned(7 * C)
+    rows = aligned(5 * C) + aligned(7 * C + 2 * max(C, 256))
     ring = aligned(K * (C | 1))
-    sums = aligned(K * C + (K if dd else 1) * C * C, 8)
+    sums = aligned(2 * K * C + (K if dd else 1) * C * C + C + max(C, 256), 8)
     return {"all-smem": ALL_SMEM, "fwd-ring-global": sums + ring + rows,
             "sums-global": ring + rows, "rings-global": rows, "all-global": 0}
 
@@ -243,6 +243,20 @@ def test_emulated_long(emu, dd, dtype):
     check(emu, make(2, 3, 9, 4, dd, True, dtype, 23), 2, 1, 0, ALL_SMEM)
 
 
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_emulated_coverage_running_sums(emu, dd):
+    """The scores gradient comes from running float64 sums over the whole
+    sweep (the mass of the segments ending after u, less that of those
+    starting after u): a few hundred positions with a small interval (many
+    re-anchors, no coverage check inside a span) and -inf entries must still
+    cancel to the CPU kernel's per-position sums; C > kThreads takes every
+    duration of a label in one thread."""
+    for dtype in (torch.float32, torch.float64):
+        args = make(1, 240, 6, 3, dd, True, dtype, 51, neg_inf=True, ragged=False)
+        check(emu, args, 4, 2, 7, ALL_SMEM, viterbi=False)
+    check(emu, make(1, 3, 2, 257, dd, False, torch.float32, 52), 2, 2, 8, ALL_SMEM, viterbi=False)
+
+
 @pytest.mark.parametrize("interval", [5, 13])
 @pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
 def test_emulated_renormalises_like_cpu(emu, dd, interval):
@@ -316,9 +330,10 @@ def test_emulated_launches_take_the_opt_in_path(emu):
     log = emu.launch_log()
     assert len(log) == 4 and all(threads == 256 and grid == 2 for grid, threads, _, _ in log)
     assert all(DEFAULT_SMEM < smem <= allowed <= ALL_SMEM for _, _, smem, allowed in log), log
-    # float32, K = 500, C = 33: the backward's two rings and its float64 sums
-    # need (500 + 500)·33·4 + (500·33 + 33²)·8 = 273 KB, over the device's 227 KB.
-    args = make(1, 5, 500, 33, False, False, torch.float32, 32)
+    # float32, K = 300, C = 33: the backward's two rings and its float64 sums
+    # need (300 + 300)·33·4 + (2·300·33 + 33² + 33 + 256)·8 = 248 KB, over the
+    # device's 227 KB and under the 300 KB the host is told.
+    args = make(1, 5, 300, 33, False, False, torch.float32, 32)
     ref = ops.forward(*args, 2)
     with pytest.raises(RuntimeError, match="refused"):
         emu.backward(torch.ones(1), *args, *ref, 2, False, 2, 0, 300 * 1024)

@@ -70,15 +70,17 @@ def ptxas_command(ninja: Path, cubin: Path) -> list[str]:
 
 
 def kernel_name(mangled: str) -> str:
-    """_ZN12flashsemicrf4cuda15backward_kernelIdLb1EE... -> backward_kernel<double, true>."""
+    """_ZN12flashsemicrf4cuda15backward_kernelIdLb1EE... -> backward_kernel<double, true>;
+    a third bool (the shared-memory placement) -> backward_kernel<double, true, true>."""
     m = re.match(r"_ZN12flashsemicrf4cuda(\d+)", mangled)
     if m:
         n = int(m.group(1))
         name = mangled[m.end():m.end() + n]
-        args = re.match(r"I([fd])Lb([01])E", mangled[m.end() + n:])
+        args = re.match(r"I([fd])((?:Lb[01]E)+)E", mangled[m.end() + n:])
         if args:
             dtype = {"f": "float", "d": "double"}[args.group(1)]
-            return f"{name}<{dtype}, {'true' if args.group(2) == '1' else 'false'}>"
+            flags = ["true" if f == "1" else "false" for f in re.findall(r"Lb([01])E", args.group(2))]
+            return f"{name}<{', '.join([dtype, *flags])}>"
     return mangled
 
 

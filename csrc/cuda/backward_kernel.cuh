@@ -13,28 +13,37 @@ namespace cuda {
 
 // Rows of C scalars the sweep stages per step.
 constexpr int kSweepRows = 7;
+// P1's per-thread partials, one slot per (duration group, label), each
+// max(C, kThreads) long: static tau's max and sum (scalars, after the rows),
+// and the start mass (doubles, after the sums).
+constexpr int kSweepPartials = 2;
+HOST_DEVICE int64_t partial_slots(int64_t C) { return C > kThreads ? C : kThreads; }
 
 // Arrays of the backward kernel, in Arena order.
 enum BackwardArray {
   kBackwardRing = 0,        // (K, ld) backward ring
   kBackwardScanRing = 1,    // (S, ld) the recompute's forward ring
   kBackwardScanRows = 2,    // (kScanRows, C)
-  kBackwardSweepRows = 3,   // (kSweepRows, C)
+  kBackwardSweepRows = 3,   // (kSweepRows, C), then kSweepPartials rows of partial_slots(C)
   kBackwardSpanAlpha = 4,   // (interval+1, C) the recomputed span's alpha_hat
   kBackwardSpanSigma = 5,   // (interval+1, C) and sigma_hat
   kBackwardSpanOffset = 6,  // (interval+1) doubles: their offsets
   kBackwardReduce = 7,      // (kWarps) doubles: one per warp for block sums
-  kBackwardSums = 8,        // (K·C + (K or 1)·C·C) doubles: the duration and
-                            // transition gradients, summed in float64
+  kBackwardSums = 8,        // (2·K·C + (K or 1)·C·C + C + slots) doubles: the
+                            // duration and transition gradients, summed in
+                            // float64, the coverage ring and running sum, and
+                            // P1's start-mass partials
   kBackwardArrays = 9
 };
 
 inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
   const int64_t e = static_cast<int64_t>(elem_bytes), ld = padded_row(static_cast<int>(p.C));
   const int64_t span = p.interval + 1, d = sizeof(double);
-  const int64_t sums = p.K * p.C + (p.duration_dependent ? p.K : 1) * p.C * p.C;
+  const int64_t sums = 2 * p.K * p.C + (p.duration_dependent ? p.K : 1) * p.C * p.C + p.C +
+                       partial_slots(p.C);
+  const int64_t rows = kSweepRows * p.C + kSweepPartials * partial_slots(p.C);
   const int64_t bytes[kBackwardArrays] = {
-      p.K * ld * e, p.ring_width * ld * e, kScanRows * p.C * e, kSweepRows * p.C * e,
+      p.K * ld * e, p.ring_width * ld * e, kScanRows * p.C * e, rows * e,
       span * p.C * e, span * p.C * e, span * d, kWarps * d, sums * d};
   // The forward ring goes first: it is the larger one and is only touched by
   // the recompute; then the sums, touched once per step and element. The
@@ -44,8 +53,8 @@ inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size
   return plan_arena(bytes, kBackwardArrays, evict, 5, smem_limit);
 }
 
-// This thread's share of the re-anchor total at t = first of span j (see the
-// CPU kernel's "Re-anchor Q"): the mass of a boundary at t,
+// This thread's share of the re-anchor total at t = first of span j, tK =
+// t % K (see the CPU kernel's "Re-anchor Q"): the mass of a boundary at t,
 // sum_c exp(alpha_hat[t,c] + beta_hat[t,c] + shift_beta), plus the mass of the
 // segments [t-d1, t+d2) across t (d1, d2 >= 1, d1+d2 <= K, d1 <= t): the
 // checkpoint's open segment [t-d1, t) (fwd, duration order; (K, C, C): alpha
@@ -55,11 +64,11 @@ inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size
 // entries i = (d2-1)·C + c with i ≡ tid (mod kThreads), summing in a fixed
 // order into a double.
 template <typename scalar_t, bool DD>
-__device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, int K, int C,
-                                int ld, const scalar_t* fwd, const scalar_t* ring,
+__device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, int tK, int K,
+                                int C, int ld, const scalar_t* fwd, const scalar_t* ring,
                                 const scalar_t* s_alpha, const scalar_t* s_beta, scalar_t q,
                                 scalar_t shift_beta, scalar_t shift_x) {
-  const int tid = threadIdx.x, tK = static_cast<int>(t % K);
+  const int tid = threadIdx.x;
   double part = 0.0;
   for (int c = tid; c < C; c += kThreads)
     part += static_cast<double>(fexp(s_alpha[c] + (s_beta[c] - q) + shift_beta));
@@ -81,8 +90,11 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
   return part;
 }
 
-template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads)
+// One CTA per SM is enough (its working memory rarely leaves room for a
+// second): the bound lets a thread keep up to 255 registers, where the
+// compiler's default cap of 128 spilled.
+template <typename scalar_t, bool DD, bool kShared>
+__global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const BackwardParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   // The forward's log Z only says whether the sequence is dead (-inf); the
@@ -99,25 +111,38 @@ __global__ void __launch_bounds__(kThreads)
   const SequenceGradients<scalar_t> grad(p, b);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
 
-  scalar_t* alpha_buf = arena.get<scalar_t>(kBackwardSpanAlpha, b);
-  scalar_t* sigma_buf = arena.get<scalar_t>(kBackwardSpanSigma, b);
-  double* off_buf = arena.get<double>(kBackwardSpanOffset, b);
-  double* red = arena.get<double>(kBackwardReduce, b);  // block_sum's warp sums
+  scalar_t* alpha_buf = arena.in_workspace<scalar_t>(kBackwardSpanAlpha, b);
+  scalar_t* sigma_buf = arena.in_workspace<scalar_t>(kBackwardSpanSigma, b);
+  double* off_buf = arena.in_workspace<double>(kBackwardSpanOffset, b);
+  double* red = arena.in_workspace<double>(kBackwardReduce, b);  // block_sum's warp sums
   // The shared parameters' gradients are sums over every position: float32
   // sums of 10^6 terms would lose ~1e-3, so they add up in float64, each
-  // element always in the same thread (durations d ≡ -lane (mod 32) of labels
-  // c ≡ warp (mod kWarps) in P1; transitions c' ≡ warp, and c ≡ lane or
+  // element always in the same thread (duration entries (d-1)·C + c in P1's
+  // owner of that (d, c); transitions c' ≡ warp, and c ≡ lane or
   // (d-1)·C + c ≡ lane, in P2), in the order of t as on the CPU.
-  double* sum_dur = arena.get<double>(kBackwardSums, b);     // (K, C)
-  double* sum_trans = sum_dur + static_cast<int64_t>(K) * C;  // (C, C) or (K, C, C)
+  double* sum_dur = arena.get<double, kShared>(kBackwardSums, b);  // (K, C)
+  double* sum_trans = sum_dur + static_cast<int64_t>(K) * C;        // (C, C) or (K, C, C)
   const int64_t n_trans = static_cast<int64_t>(DD ? K : 1) * C * C;
-  fill(sum_dur, K * C + n_trans, 0.0);  // ordered by the first span's barrier
-  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t>(kBackwardScanRing, b),
-                                    arena.get<scalar_t>(kBackwardScanRows, b));
+  // The scores gradient, position u: the mass of the segments that cover u,
+  // sum over e > u of the mass of the segments that end at e, less the sum
+  // over s > u of the mass of those that start at s (float64 running sums, so
+  // that no per-position scan over durations is needed). Both sums take each
+  // segment's posterior as P1 computes it, so they cancel to rounding.
+  // ends[(e % K)·C + c] gathers, over the steps t = e-1 … e-K, the label-c
+  // segments that end at e, starting from minus the mass that starts at e;
+  // it is complete at step e - K, when position e - 1 is written, and
+  // covered[c] is then its coverage. Entry c of both belongs to thread
+  // c mod kThreads outside P1.
+  double* ends = sum_trans + n_trans;                         // (K, C)
+  double* covered = ends + static_cast<int64_t>(K) * C;       // (C)
+  double* part_mass = covered + C;                             // P1's partials
+  fill(sum_dur, 2 * K * C + n_trans + C, 0.0);  // ordered by the first span's barrier
+  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t, kShared>(kBackwardScanRing, b),
+                                    arena.get<scalar_t, kShared>(kBackwardScanRows, b));
   // Backward ring: slot e % K holds the label-c segment [t, e) with its
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
-  scalar_t* ring = arena.get<scalar_t>(kBackwardRing, b);
-  scalar_t* rows = arena.get<scalar_t>(kBackwardSweepRows, b);
+  scalar_t* ring = arena.get<scalar_t, kShared>(kBackwardRing, b);
+  scalar_t* rows = arena.get<scalar_t, kShared>(kBackwardSweepRows, b);
   scalar_t* s_alpha = rows;           // alpha_hat[t]
   scalar_t* s_sigma = rows + C;       // sigma_hat[t]
   scalar_t* s_u = rows + 2 * C;       // static: start_scores[t] + tau[t]
@@ -125,8 +150,39 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* s_start = rows + 4 * C;   // start_scores[t]
   scalar_t* s_score = rows + 5 * C;   // scores[t-1]
   scalar_t* s_end = rows + 6 * C;     // end_scores[t-1]
-  double Q = 0.0;                     // the same in every thread
+  scalar_t* part_max = rows + kSweepRows * C;  // P1's partials, slot tid (or c)
+  scalar_t* part_sum = part_max + partial_slots(C);
+  double Q = 0.0;         // the same in every thread
   double coverage = 0.0;  // this thread's share of the mass covering coverage_position(t, K)
+
+  // P1's mapping: with C < kThreads, thread tid = group·C + c takes label c
+  // and the durations d ≡ group + 1 (mod groups), so a warp reads C-contiguous
+  // runs of the ring, the duration scores and the duration sums; with more
+  // labels, labels c ≡ tid and every d. Both fixed for the whole sweep: each
+  // duration sum has one owner.
+  const int groups = C < kThreads ? kThreads / C : 1;
+  const int my_group = C < kThreads ? tid / C : 0;
+  const int my_label = C < kThreads ? (my_group < groups ? tid - my_group * C : C) : tid;
+  const int label_stride = C < kThreads ? C : kThreads;
+
+  // The staged inputs of the next step (rows t-1), this thread's first label:
+  // loaded a step ahead so that S0 does not wait for global memory.
+  struct Staged {
+    scalar_t alpha, sigma, start, score, end;
+  };
+  auto stage_load = [&](int64_t t, int64_t row) {
+    Staged v{};
+    if (tid < C) {
+      v.alpha = alpha_buf[row * C + tid];
+      v.sigma = sigma_buf[row * C + tid];
+      if (t < L) v.start = in.start(t, tid);
+      if (t > 0) {
+        v.score = in.score(t - 1, tid);
+        v.end = in.end(t - 1, tid);
+      }
+    }
+    return v;
+  };
 
   scan.reset();
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
@@ -145,10 +201,19 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     }
 
-    for (int64_t t = last; t >= first; --t) {
+    int tK = static_cast<int>(last % K);  // t % K, stepped down with t
+    Staged next = stage_load(last, last - first);
+    for (int64_t t = last; t >= first; --t, tK = tK == 0 ? K - 1 : tK - 1) {
       // S0: stage this step's rows.
       const int64_t row = t - first;
-      for (int c = tid; c < C; c += kThreads) {
+      if (tid < C) {
+        s_alpha[tid] = next.alpha;
+        s_sigma[tid] = next.sigma;
+        s_start[tid] = next.start;
+        s_score[tid] = next.score;
+        s_end[tid] = next.end;
+      }
+      for (int c = tid + kThreads; c < C; c += kThreads) {
         s_alpha[c] = alpha_buf[row * C + c];
         s_sigma[c] = sigma_buf[row * C + c];
         if (t < L) s_start[c] = in.start(t, c);
@@ -158,8 +223,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       const double off = off_buf[row];
+      if (t > first) next = stage_load(t - 1, row - 1);
       __syncthreads();
-      const int tK = static_cast<int>(t % K);
 
       if (t == L) {
         // The backward messages start: beta[L] = end_transition. Every warp
@@ -202,61 +267,123 @@ __global__ void __launch_bounds__(kThreads)
         shift = static_cast<scalar_t>(off + Q - log_z);
       }
 
-      // P1: segments [t, t+d), a warp per label, lanes over d in chunks of
-      // 32 from the longest down: posteriors, their suffix sums over d (the
-      // coverage of position t+d-1) and, static, tau = LSE_d x.
+      // P1: segments [t, t+d), lanes over labels (the mapping above):
+      // posteriors into the duration sums and the ends of t+d, and
+      // per-thread partials of their sum over d (the start mass) and,
+      // static, of tau = LSE_d x. Where the start term does not depend on d
+      // (static, or t = 0), the posterior is factored as on the CPU:
+      // exp(sigma + x + shift) = exp(x - top) · exp(sigma + top + shift),
+      // top the max of this thread's x (the second factor is the posterior
+      // of its best duration, so neither overflows; an all -inf group has
+      // weight 0 and scaled terms 0), one exp per term shared with tau.
+      const bool factored = !DD || t == 0;
       const bool need_tau = !DD && t > 0;
-      const int d_check = static_cast<int>(coverage_position(t, K) - t + 1);
-      for (int c = warp; c < C; c += kWarps) {
+      const int d_check = K - tK;  // coverage_position(t, K) - t + 1
+      const int d_first = my_group + 1, d_stride = groups * C;
+      // f(d, x, i, e) for this thread's durations d of label c: x the ring
+      // entry plus the duration score, i = (d-1)·C + c and e the entry of
+      // t+d in `ends`; indices stepped, not recomputed. Unrolled where the
+      // terms are short (not for the (K, C, C) posteriors' loop over c').
+      auto for_my_durations = [&](int c, auto f) {
+        int i = (d_first - 1) * C + c;
+        int slot = d_first <= K ? slot_after(tK, d_first, K) : 0;
+        auto next = [&]() {
+          i += d_stride;
+          slot += groups;  // < 2K while d + groups <= dmax <= K
+          if (slot >= K) slot -= K;
+        };
+        if (factored) {
+#pragma unroll 4
+          for (int d = d_first; d <= dmax; d += groups, next())
+            f(d, ring[slot * ld + c] + in.duration[i], i, slot * C + c);
+        } else {
+#pragma unroll 1
+          for (int d = d_first; d <= dmax; d += groups, next())
+            f(d, ring[slot * ld + c] + in.duration[i], i, slot * C + c);
+        }
+      };
+      for (int c = my_label; c < C; c += label_stride) {
         scalar_t mx = neg_inf<scalar_t>();
-        if (need_tau) {
-          for (int d = 1 + lane; d <= dmax; d += kWarpSize) mx = nan_max(mx, x_at(d, c));
-          mx = warp_max(mx);
-        }
+        if (factored) for_my_durations(c, [&](int, scalar_t x, int, int) { mx = nan_max(mx, x); });
         const scalar_t tau_shift = lse_shift(mx);
-        scalar_t carry = 0, tau_sum = 0;
-        for (int top = (dmax + kWarpSize - 1) / kWarpSize * kWarpSize; top > 0; top -= kWarpSize) {
-          const int d = top - lane;  // >= 1; the lane of each d never changes
-          scalar_t post = 0;
-          if (d <= dmax) {
-            const scalar_t xd = x_at(d, c);
-            scalar_t enter;
-            if (DD && t > 0) {
-              enter = lse<scalar_t>(C, [&](int cp) { return s_alpha[cp] + in.trans(d, cp, c); }) +
-                      s_start[c];
-            } else {
-              enter = s_sigma[c];
-            }
-            post = fexp(enter + xd + shift) * g;
-            if (need_tau) tau_sum += fexp(xd - tau_shift);
+        const scalar_t weight = factored ? fexp(s_sigma[c] + mx + shift) * g : scalar_t(0);
+        scalar_t tau_sum = 0;
+        double mass = 0.0, reaching = 0.0;
+        for_my_durations(c, [&](int d, scalar_t xd, int i, int e) {
+          scalar_t post_s;
+          if (factored) {
+            const scalar_t scaled = fexp(xd - tau_shift);
+            post_s = scaled * weight;
+            tau_sum += scaled;
+          } else {
+            const scalar_t enter =
+                lse<scalar_t>(C, [&](int cp) { return s_alpha[cp] + in.trans(d, cp, c); }) +
+                s_start[c];
+            post_s = fexp(enter + xd + shift) * g;
           }
-          const scalar_t incl = warp_inclusive_scan(post);
-          if (d <= dmax) {
-            sum_dur[(d - 1) * C + c] += static_cast<double>(post);
-            grad.scores[(t + d - 1) * C + c] += carry + incl;
-            if (renormalises_within_spans<scalar_t>() && d == d_check)
-              coverage += static_cast<double>(carry + incl);
-          }
-          carry += __shfl_sync(kFullMask, incl, kWarpSize - 1);
-        }
-        if (lane == 0) {
-          if (grad.start_scores) grad.start_scores[t * C + c] = carry;
-          if (t == 0) grad.start_transition[c] = carry;
-        }
+          const double post = static_cast<double>(post_s);
+          sum_dur[i] += post;
+          ends[e] += post;
+          mass += post;
+          if (d >= d_check) reaching += post;
+        });
+        if (renormalises_within_spans<scalar_t>()) coverage += reaching;
+        const int slot = groups > 1 ? tid : c;
+        part_mass[slot] = mass;
         if (need_tau) {
-          tau_sum = warp_sum(tau_sum);
-          if (lane == 0) s_u[c] = s_start[c] + lse_finish(mx, tau_sum);
+          part_max[slot] = mx;
+          part_sum[slot] = tau_sum;
         }
       }
-      if (t == 0) break;  // uniform: the last step of the last span
-      if (coverage_checked_at<scalar_t>(t, K, last, L)) {
-        // block_sum's barrier is the one between P1 and P2.
+      const bool checked = renormalises_within_spans<scalar_t>() && t > 0 && tK == 0 &&
+                           t + K - 1 <= last && t + K - 1 < L;  // coverage_checked_at
+      if (checked) {
+        // block_sum's barrier is the one between P1 and the partials' sums.
         Q = renormalised(Q, block_sum(coverage, red) / static_cast<double>(g));
         shift = static_cast<scalar_t>(off + Q - log_z);
       } else {
         __syncthreads();
       }
-      if (t % K == 0) coverage = 0.0;
+      if (tK == 0) coverage = 0.0;
+
+      // P1': thread c adds label c's partials in group order: the start mass
+      // (the start-score gradient), and, static, tau and u = start + tau.
+      // Position t+K-1 is complete (no segment starting below t reaches it):
+      // its coverage is written, and its ends slot starts over, for the
+      // segments that end at t.
+      for (int c = tid; c < C; c += kThreads) {
+        double mass = 0.0;
+        scalar_t top = neg_inf<scalar_t>();
+        for (int k = 0; k < groups; ++k) {
+          mass += part_mass[k * C + c];
+          if (need_tau) top = nan_max(top, part_max[k * C + c]);
+        }
+        if (grad.start_scores) grad.start_scores[t * C + c] = static_cast<scalar_t>(mass);
+        if (t == 0) grad.start_transition[c] = static_cast<scalar_t>(mass);
+        double& slot = ends[tK * C + c];
+        covered[c] += slot;
+        if (t + K - 1 < L) grad.scores[(t + K - 1) * C + c] = static_cast<scalar_t>(covered[c]);
+        slot = -mass;
+        if (t == 0) {
+          // No segment starts below 0: the positions below K-1 are complete too.
+          for (int u = K - 2; u >= 0; --u) {
+            covered[c] += ends[(u + 1) * C + c];
+            if (u < L) grad.scores[static_cast<int64_t>(u) * C + c] = static_cast<scalar_t>(covered[c]);
+          }
+        }
+        if (need_tau) {
+          const scalar_t top_shift = lse_shift(top);
+          scalar_t sum = 0;
+          for (int k = 0; k < groups; ++k) {
+            const scalar_t part = part_sum[k * C + c];
+            // An empty group (part 0, max -inf) adds nothing.
+            if (part != scalar_t(0)) sum += part * fexp(lse_shift(part_max[k * C + c]) - top_shift);
+          }
+          s_u[c] = s_start[c] + lse_finish(top, sum);
+        }
+      }
+      if (t == 0) break;  // uniform: the last step of the last span
+      __syncthreads();
 
       // P2: beta[t, c'] (the backward score of "a segment ended at t") and
       // the transition gradients, a warp per c'.
@@ -312,8 +439,8 @@ __global__ void __launch_bounds__(kThreads)
         // barrier also ends the reads of the ring before the update below.
         const scalar_t shift_x =
             static_cast<scalar_t>(ckpt.offset[j] + (Q - static_cast<double>(q)) - log_z);
-        const double part = reanchor_part<scalar_t, DD>(in, t, K, C, ld, ckpt.at(j), ring, s_alpha,
-                                                        s_beta, q, shift_beta, shift_x);
+        const double part = reanchor_part<scalar_t, DD>(in, t, tK, K, C, ld, ckpt.at(j), ring,
+                                                        s_alpha, s_beta, q, shift_beta, shift_x);
         Q = renormalised(Q, block_sum(part, red));
       }
       const scalar_t emit_max = finite_or_zero(array_max(s_score, C));

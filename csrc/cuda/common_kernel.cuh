@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "semicrf.h"
 
@@ -50,18 +51,6 @@ template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int o = kWarpSize / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-// Inclusive prefix sum over the lanes (lane 0 first).
-template <typename T>
-__device__ __forceinline__ T warp_inclusive_scan(T v) {
-  const int lane = lane_id();
-#pragma unroll
-  for (int o = 1; o < kWarpSize; o <<= 1) {
-    const T y = __shfl_up_sync(kFullMask, v, o);
-    if (lane >= o) v += y;
-  }
   return v;
 }
 
@@ -159,24 +148,48 @@ __device__ __forceinline__ void fill(T* x, int64_t n, T v) {
 
 // Where the working arrays of a CTA live. Array k starts offset[k] bytes
 // into either the dynamic shared memory (shared[k]) or the CTA's slice of a
-// global workspace of workspace_stride bytes per CTA. Code reaches both
-// through generic pointers, so one kernel serves every placement;
-// __syncthreads orders a CTA's global stores and loads as it does shared ones.
+// global workspace of workspace_stride bytes per CTA. The arrays a plan may
+// evict all stay in shared memory in the common case (evictables_shared):
+// the kernels then take a kShared = true instantiation whose get<T, true>
+// derives those pointers from the __shared__ array itself, so the compiler
+// reads them with LDS; the fallback (kShared = false) reaches both places
+// through generic pointers, and __syncthreads orders a CTA's global stores
+// and loads as it does shared ones. workspace() is for the arrays that
+// always live in the workspace (global loads).
 struct Arena {
   static constexpr int kMaxArrays = 12;
   int64_t offset[kMaxArrays] = {};
   bool shared[kMaxArrays] = {};
+  bool evictables_shared = false;
   int64_t smem_bytes = 0;
   int64_t workspace_stride = 0;
   unsigned char* workspace = nullptr;
 
-  template <typename T>
+  template <typename T, bool kShared = false>
   __device__ __forceinline__ T* get(int k, int64_t b) const {
+    if (kShared) return reinterpret_cast<T*>(dynamic_smem<unsigned char>() + offset[k]);
     unsigned char* base =
         shared[k] ? dynamic_smem<unsigned char>() : workspace + b * workspace_stride;
     return reinterpret_cast<T*>(base + offset[k]);
   }
+  template <typename T>
+  __device__ __forceinline__ T* in_workspace(int k, int64_t b) const {
+    return reinterpret_cast<T*>(workspace + b * workspace_stride + offset[k]);
+  }
 };
+
+// The kernel for a launch: kernel_for(zero, dd, std::bool_constant<kShared>)
+// where the kernel has a placement parameter (kShared when the plan keeps
+// every evictable array in shared memory), else kernel_for(zero, dd).
+template <typename KernelFor, typename Zero, typename DD>
+auto pick_kernel(KernelFor kernel_for, Zero zero, DD dd, const Arena& arena) {
+  if constexpr (std::is_invocable_v<KernelFor, Zero, DD, std::true_type>) {
+    return arena.evictables_shared ? kernel_for(zero, dd, std::true_type{})
+                                   : kernel_for(zero, dd, std::false_type{});
+  } else {
+    return kernel_for(zero, dd);
+  }
+}
 
 // Places n arrays of bytes[k] bytes each, every one 16-byte aligned. The
 // arrays listed in `evict` (n_evict of them) go to shared memory when they
@@ -196,6 +209,8 @@ inline Arena plan_arena(const int64_t* bytes, int n, const int* evict, int n_evi
     in_smem[evict[e]] = false;
     total -= aligned(bytes[evict[e]]);
   }
+  a.evictables_shared = true;
+  for (int e = 0; e < n_evict; ++e) a.evictables_shared &= in_smem[evict[e]];
   for (int k = 0; k < n; ++k) {
     a.shared[k] = in_smem[k];
     int64_t& end = in_smem[k] ? a.smem_bytes : a.workspace_stride;

@@ -29,6 +29,7 @@ struct CtaScan {
   scalar_t* const score_row;  // (C) scores[t], staged for advance()
   scalar_t* const start_row;  // (C) start_scores[t]
   double offset = 0.0;        // O_t, the same in every thread
+  int tK = 0;                 // t % K for the step t the scan is at, kept by a counter
   int32_t* bp_duration = nullptr;  // MAX: the next step's backpointer rows (C), or null
   int32_t* bp_previous = nullptr;
 
@@ -43,6 +44,7 @@ struct CtaScan {
     fill(ring, static_cast<int64_t>(DD ? 2 : 1) * K * ld, neg_inf<scalar_t>());
     fill(raw, static_cast<int64_t>(kScanRows) * C, neg_inf<scalar_t>());
     offset = 0.0;
+    tK = 0;
   }
 
   // The open label-c segment [t-d, t) before end_scores: the CPU kernel's
@@ -74,14 +76,19 @@ struct CtaScan {
   // relative to O_t, readable by every thread on return. Returns the max m_t
   // that was subtracted. Ends with a barrier; the caller must put another one
   // between its last read of these rows (or advance()) and the next step().
+  // t is the step after the last advance() (or reset() / load(t)).
   __device__ scalar_t step(int64_t t) {
     const int tid = threadIdx.x, lane = lane_id(), warp = warp_id();
+    // This thread's first entries of scores[t] and start_scores[t], loaded
+    // now so that the loads are in flight during phase A.
+    const bool staged = t < L && tid < C;
+    const scalar_t score_first = staged ? in.score(t, tid) : scalar_t(0);
+    const scalar_t start_first = staged ? in.start(t, tid) : scalar_t(0);
     // Phase A: raw[c], a warp per label, lanes over durations.
     if (t == 0) {
       for (int c = tid; c < C; c += kThreads) raw[c] = in.first(c);
     } else {
       const int dmax = static_cast<int>(t < K ? t : K);
-      const int tK = static_cast<int>(t % K);
       for (int c = warp; c < C; c += kWarps) {
         if (!MAX) {
           auto f = [&](int i) { return term(tK, t, i + 1, c, nullptr); };
@@ -110,8 +117,10 @@ struct CtaScan {
         }
       }
     }
-    if (t < L) {
-      for (int c = tid; c < C; c += kThreads) {
+    if (staged) {
+      score_row[tid] = score_first;
+      start_row[tid] = start_first;
+      for (int c = tid + kThreads; c < C; c += kThreads) {
         score_row[c] = in.score(t, c);
         start_row[c] = in.start(t, c);
       }
@@ -163,7 +172,7 @@ struct CtaScan {
   __device__ void advance(int64_t t, scalar_t m) {
     const scalar_t emit_max = finite_or_zero(array_max(score_row, C));
     offset += static_cast<double>(emit_max);
-    const int fresh = static_cast<int>(t % K);
+    const int fresh = tK;
     scalar_t* gain = ring + (DD ? K * ld : 0);
     for_each_entry(K, C, threadIdx.x, kThreads, [&](int slot, int c) {
       scalar_t& g = gain[slot * ld + c];
@@ -174,30 +183,46 @@ struct CtaScan {
       for (int c = threadIdx.x; c < C; c += kThreads)
         ring[fresh * ld + c] = t == 0 ? in.start_transition[c] - m : alpha[c];
     }
+    tK = tK + 1 == K ? 0 : tK + 1;
   }
 
-  // f(ring index, checkpoint index) for the entries of the ring at t: the
-  // checkpoint layout (ring_row_of_checkpoint_row), dense (S, C).
+  // f(ring index, checkpoint index) for the entries of the ring at the step
+  // tK belongs to: the checkpoint layout (ring_row_of_checkpoint_row), dense (S, C).
   template <typename F>
-  __device__ void for_each_checkpoint_entry(int64_t t, F f) const {
-    const int tK = static_cast<int>(t % K);
+  __device__ void for_each_checkpoint_entry(F f) const {
     for_each_entry((DD ? 2 : 1) * K, C, threadIdx.x, kThreads, [&](int row, int c) {
       f(ring_row_of_checkpoint_row(row, tK, K) * ld + c, row * C + c);
     });
   }
 
-  // Reads the ring only, so it may run alongside step()'s phase A.
-  __device__ void save(int64_t t, scalar_t* out, double* out_offset) const {
-    for_each_checkpoint_entry(t, [&](int r, int i) { out[i] = ring[r]; });
+  // Reads the ring only, so it may run alongside step()'s phase A. t: the
+  // step the scan is at.
+  __device__ void save(int64_t, scalar_t* out, double* out_offset) const {
+    for_each_checkpoint_entry([&](int r, int i) { out[i] = ring[r]; });
     if (threadIdx.x == 0) *out_offset = offset;
   }
 
   // The inverse of save(). Barrier before the next step().
   __device__ void load(int64_t t, const scalar_t* src, const double* src_offset) {
-    for_each_checkpoint_entry(t, [&](int r, int i) { ring[r] = src[i]; });
+    tK = static_cast<int>(t % K);
+    for_each_checkpoint_entry([&](int r, int i) { ring[r] = src[i]; });
     offset = *src_offset;
   }
 };
+
+// CTAs per SM the forward and the filter ask room for: four (64 registers a
+// thread) in float32, where the compiler's own choice fits; two (128) in
+// float64, where left to itself it capped some instantiations at 64 and
+// spilled, and a cap of 80 (three CTAs) spilled more. Many CTAs per SM hide
+// the latency of each sequence's serial scan when B is large.
+template <typename scalar_t>
+constexpr int forward_min_blocks() {
+  return sizeof(scalar_t) == sizeof(double) ? 2 : 4;
+}
+
+// Viterbi asks room for two CTAs per SM (128 registers a thread): left to
+// itself the compiler gave its (K, C, C) instantiations 64 and spilled.
+constexpr int kViterbiMinBlocks = 2;
 
 // Arrays of the forward-type kernels (forward, Viterbi, filter), in Arena order.
 enum ForwardArray { kForwardRing = 0, kForwardRows = 1, kForwardArrays = 2 };
@@ -210,25 +235,31 @@ inline Arena plan_forward_arena(const Params& p, size_t elem_bytes, size_t smem_
   return plan_arena(bytes, kForwardArrays, evict, 2, smem_limit);
 }
 
-template <typename scalar_t, bool DD, bool MAX>
+// kShared: the plan keeps the ring and rows in shared memory (Arena).
+template <typename scalar_t, bool DD, bool MAX, bool kShared = false>
 __device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p, const Arena& arena,
                                                                  int64_t b, int64_t L) {
-  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get<scalar_t>(kForwardRing, b),
-                                    arena.get<scalar_t>(kForwardRows, b));
+  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get<scalar_t, kShared>(kForwardRing, b),
+                                    arena.get<scalar_t, kShared>(kForwardRows, b));
 }
 
 // log Z (B,) and the checkpoints: one CTA per sequence.
-template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, bool DD, bool kShared>
+__global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
     forward_kernel(const ForwardParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b);
-  auto scan = make_scan<scalar_t, DD, false>(p, arena, b, L);
+  auto scan = make_scan<scalar_t, DD, false, kShared>(p, arena, b, L);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
   scan.reset();
   __syncthreads();
+  int64_t next_ckpt = 0, j = 0;  // the next checkpoint (ckpt.due) and its index
   for (int64_t t = 0; t <= L; ++t) {
-    if (ckpt.due(t)) scan.save(t, ckpt.at(t / p.interval), ckpt.offset + t / p.interval);
+    if (t == next_ckpt && t < p.T) {
+      scan.save(t, ckpt.at(j), ckpt.offset + j);
+      next_ckpt += p.interval;
+      ++j;
+    }
     const scalar_t m = scan.step(t);
     if (t == L) {
       if (warp_id() == 0) {
@@ -284,7 +315,7 @@ inline Arena plan_viterbi_arena(const ViterbiParams& p, size_t elem_bytes, size_
 // thread walks (reads of one address, broadcast), so that all agree on the
 // next span without a broadcast; thread 0 writes the labels.
 template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kViterbiMinBlocks)
     viterbi_kernel(const ViterbiParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b), C = p.C, I = p.interval;
@@ -348,12 +379,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // Forward filtering: alpha_hat, sigma_hat (B, T+1, C) and O (B, T+1) at every
 // boundary, -inf / 0 where undefined.
-template <typename scalar_t, bool DD>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, bool DD, bool kShared>
+__global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
     filter_kernel(const FilterParams p, const Arena arena) {
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b), T = p.T, C = p.C;
-  auto scan = make_scan<scalar_t, DD, false>(p, arena, b, L);
+  auto scan = make_scan<scalar_t, DD, false, kShared>(p, arena, b, L);
   using History = SequenceHistory<scalar_t>;
   const History out(p, b);
   fill(out.alpha, (T + 1) * C, neg_inf<scalar_t>());

@@ -9,21 +9,32 @@
 //     A  alpha[t, c]: warp w takes labels c ≡ w (mod 8); lane l takes
 //        durations d ≡ l+1 (mod 32) and the warp reduces the LSE over d
 //        (duration-dependent: each lane also loops over c' for its d).
-//        Threads c ≡ tid (mod 256) stage scores[t], start_scores[t].
+//        Threads c ≡ tid (mod 256) stage scores[t], start_scores[t], the
+//        first 256 labels loaded before phase A so that the loads overlap it.
 //     B  m = max_c alpha, reduced by every warp on its own; alpha_hat;
 //        static sigma[t, c]: warp per c, lanes over c'.
 //     C  ring update: thread tid owns ring entries i ≡ tid (mod 256),
 //        i = slot·C + c.
 //   backward sweep step t (backward_kernel.cuh)
-//     S0 threads c ≡ tid stage alpha_hat/sigma_hat rows and the inputs of t.
+//     S0 threads c ≡ tid (mod 256) stage alpha_hat/sigma_hat rows and the
+//        inputs of t; the first 256 labels' values were loaded into
+//        registers during the step before.
 //     (t = 0) the first segment's mass: warp per c, tau by warp_lse, then a
 //        block_sum re-normalises Q.
-//     P1 warp per c, lanes over d in chunks of 32 from the top chunk down,
-//        d = top - lane with top a multiple of 32 (so each d keeps its lane):
-//        posteriors, a warp inclusive scan gives the coverage suffix sums
-//        (carried across chunks), duration/score gradients, static tau, and
-//        each lane's share of the coverage of coverage_position(t, K); where
-//        coverage_checked_at, a block_sum of it re-normalises Q.
+//     P1 lanes over labels: with C < 256, thread tid = g·C + c (g < 256/C
+//        groups) takes label c and durations d ≡ g+1 (mod groups), so a warp
+//        reads C-contiguous runs of the ring, the duration scores and sums;
+//        with C ≥ 256, labels c ≡ tid and every d. Each thread adds its
+//        posteriors into sum_dur[(d-1)·C + c] (owned by it for the whole
+//        sweep), into the end-mass ring slot (t+d) mod K, and into its
+//        partial start mass (and static tau max/sum), stored per thread; its
+//        share of the coverage of coverage_position(t, K) is summed too, and
+//        where coverage_checked_at a block_sum of it re-normalises Q.
+//     P1' thread c ≡ tid adds label c's partials in group order: start mass
+//        (start-score gradient), static u = start + tau; it finishes the
+//        running coverage of position t+K-1 from the end-mass slot t mod K,
+//        writes its scores gradient once, and restarts the slot at minus
+//        the start mass of t (at t = 0 it also finishes positions K-2 … 0).
 //     P2 warp per c', lanes over c (static) or over (d, c) pairs (DD): beta
 //        and the transition gradients.
 //     P3 q = max beta (every warp), end-score masses, ring update as in C.
@@ -41,44 +52,60 @@
 //   span (the same reads, broadcast, so all agree on where the path leaves
 //   it), thread 0 writing the labels, and the CTA recomputes the next span
 //   from its checkpoint (a barrier after the walk, one after the restore).
+//   Counters, not divisions: t % K is kept by CtaScan (tK, stepped in
+//   advance(), set once per load()) and by the sweep (stepped down), the
+//   forward's next checkpoint by a running position.
 //
 // Barrier discipline. Shared state of a CTA (rings, rows of C values) is
 // written in one phase and read in the next, with __syncthreads() between
 // every store and the next read of another thread: step() has one barrier
 // after A and one after B, the caller one after C (and after its reads of
-// alpha/sigma); the sweep has one after each of S0, P1, P2, P3 (after P1 it
-// is block_sum's where the coverage is checked), one in the t = 0 mass and
-// one inside P3 at a re-anchor (block_sum's; it also orders the crossing
-// mass's ring reads before the ring update). block_sum's slots are written
-// only after a barrier that follows the previous reads. Reductions that
-// every thread needs (m, q) are recomputed by each warp from the same shared
-// row rather than broadcast, so they need no barrier of their own. Gradient
-// elements are written by one thread per step; different steps are ordered
-// by these barriers, so results are deterministic without atomics. The
-// duration and transition gradients add up in float64 sums, each element in
-// one fixed thread for the whole sweep, in the order of t; a last barrier
-// hands them to the threads that convert them to the output dtype.
-// Warp collectives (shuffles) only run under warp-uniform control flow;
-// padded lanes (d > dmax, c ≥ C) form no addresses.
+// alpha/sigma); the sweep has one after each of S0, P1, P1', P2, P3 (after
+// P1 it is block_sum's where the coverage is checked; P1' at t = 0 ends the
+// sweep), one in the t = 0 mass and one inside P3 at a re-anchor
+// (block_sum's; it also orders the crossing mass's ring reads before the
+// ring update). block_sum's slots are written only after a barrier that
+// follows the previous reads. Reductions that every thread needs (m, q) are
+// recomputed by each warp from the same shared row rather than broadcast,
+// so they need no barrier of their own. Gradient elements are written by
+// one thread per step; different steps are ordered by these barriers, so
+// results are deterministic without atomics. The duration and transition
+// gradients add up in float64 sums, each element in one fixed thread for
+// the whole sweep, in the order of t; the end-mass ring slots are added to
+// by P1's owners of (d, c) and read and restarted by thread c in P1', the
+// barrier after P1 between them; a last barrier hands the sums to the
+// threads that convert them to the output dtype. Warp collectives
+// (shuffles) only run under warp-uniform control flow; padded lanes
+// (d > dmax, c ≥ C) form no addresses.
 //
 // Working memory. Rings, rows and the float64 sums live in dynamic shared
 // memory when they fit in the device's opt-in limit (227 KB on H100);
 // otherwise the backward's forward ring, then the sums, then the rings, and
 // at last the rows move to a global workspace slice per CTA (plan_arena).
-// The same kernels serve both through generic pointers: __syncthreads() also
-// orders a CTA's global memory accesses. Rings are stored slot-major with an
-// odd row stride (C | 1), so a warp reading one label across 32 slots hits
-// 32 banks. Per sequence, shared memory needs (scalars): forward, Viterbi
-// and filter S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition), and
-// Viterbi 2·(interval+1)·C int32 for one span's backpointers (the first to
-// move to the workspace, where its n_ckpt·S·C scalars and n_ckpt doubles of
+// When all of them fit, the kernels run their kShared = true instantiation,
+// whose pointers come from the __shared__ array itself, so that the compiler
+// emits shared loads (LDS) rather than generic ones (LD.E); otherwise the
+// kShared = false one reaches both places through generic pointers
+// (__syncthreads() also orders a CTA's global memory accesses). Viterbi has
+// only the generic one. Rings are stored slot-major with an odd row stride
+// (C | 1), so a warp reading one label across 32 slots hits 32 banks. Per
+// sequence, shared memory needs (scalars): forward, Viterbi and filter
+// S·(C|1) + 5C (S = K, or 2K for the (K, C, C) transition), and Viterbi
+// 2·(interval+1)·C int32 for one span's backpointers (the first to move to
+// the workspace, where its n_ckpt·S·C scalars and n_ckpt doubles of
 // checkpoints always are: O(sqrt(T·K)·C) per sequence, interval =
-// floor(sqrt(T·K)));
-// backward (K + S)·(C|1) + 12C, plus K·C + C² doubles of sums (K·C + K·C²
-// for the (K, C, C) transition). The backward also takes (interval+1)·C
-// scalars twice and interval+1 doubles of global memory for the recomputed
-// span, plus 8 doubles for block_sum. All of it is one workspace tensor per
-// call, each array 16-byte aligned.
+// floor(sqrt(T·K))); backward (K + S)·(C|1) + 12C + 2·max(C, 256), plus
+// 2·K·C + C² + C + max(C, 256) doubles of sums, end-mass ring, running
+// coverage and partial start masses (2·K·C + K·C² + … for the (K, C, C)
+// transition). The backward also takes (interval+1)·C scalars twice and
+// interval+1 doubles of global memory for the recomputed span, plus 8
+// doubles for block_sum. All of it is one workspace tensor per call, each
+// array 16-byte aligned.
+//
+// Registers. The backward kernels are bounded for one CTA per SM (up to 255
+// registers a thread; at the default cap of 128 they spilled), the forward
+// and the filter for four in float32 (64) and two in float64 (128), where
+// the compiler's own choice spilled; ptxas_sm90.txt holds the counts.
 //
 // Numerics follow the CPU kernel step for step (same normalisers, same
 // checkpoint contents: the largest emission of each position moves into the
@@ -108,10 +135,10 @@ using cuda::Arena;
 // The launch every op shares, under a device guard: the arena planned for
 // this device's opt-in shared memory, a workspace for the arrays it places in
 // global memory (freed into the caching allocator on return, which keeps it
-// for this stream's later work), then Kernel<scalar_t, DD> with one CTA of
-// kThreads per sequence on the current stream, checked. plan(p, elem_bytes,
-// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}) ->
-// the kernel.
+// for this stream's later work), then the kernel with one CTA of kThreads
+// per sequence on the current stream, checked. plan(p, elem_bytes,
+// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
+// std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel).
 template <typename P, typename Plan, typename KernelFor>
 void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for) {
   TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
@@ -127,8 +154,9 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
   }
   const size_t smem = static_cast<size_t>(arena.smem_bytes);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda", [&] {
-    const auto kernel = p.duration_dependent ? kernel_for(scalar_t(0), std::true_type{})
-                                             : kernel_for(scalar_t(0), std::false_type{});
+    const auto kernel = p.duration_dependent
+                            ? cuda::pick_kernel(kernel_for, scalar_t(0), std::true_type{}, arena)
+                            : cuda::pick_kernel(kernel_for, scalar_t(0), std::false_type{}, arena);
     // Above 48 KB a kernel must opt in to more dynamic shared memory.
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -142,13 +170,13 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
 
 struct Cuda {
   static void run(const ForwardParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
-      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>;
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
     });
   }
   static void run(const BackwardParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd) {
-      return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>;
+    launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
     });
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
@@ -157,8 +185,8 @@ struct Cuda {
     });
   }
   static void run(const FilterParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd) {
-      return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>;
+    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::filter_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
     });
   }
 };

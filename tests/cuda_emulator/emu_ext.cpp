@@ -35,8 +35,9 @@ at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, cons
     arena.workspace = workspace.data_ptr<uint8_t>();
   }
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated", [&] {
-    const auto kernel = p.duration_dependent ? kernel_for(scalar_t(0), std::true_type{})
-                                             : kernel_for(scalar_t(0), std::false_type{});
+    const auto kernel = p.duration_dependent
+                            ? cuda::pick_kernel(kernel_for, scalar_t(0), std::true_type{}, arena)
+                            : cuda::pick_kernel(kernel_for, scalar_t(0), std::false_type{}, arena);
     const size_t smem = static_cast<size_t>(arena.smem_bytes);
     // As on the device: above 48 KB a kernel must opt in to more dynamic shared memory.
     if (smem > 48 * 1024 &&
@@ -73,8 +74,8 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
   auto out = nan_filled(pass.outputs);
   out.push_back(launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd) {
-        return &cuda::forward_kernel<decltype(zero), decltype(dd)::value>;
+      [](auto zero, auto dd, auto smem) {
+        return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
       }));
   return out;
 }
@@ -90,8 +91,8 @@ std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::T
   auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
   auto sizes = launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_backward_arena,
-      [](auto zero, auto dd) {
-        return &cuda::backward_kernel<decltype(zero), decltype(dd)::value>;
+      [](auto zero, auto dd, auto smem) {
+        return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
       });
   auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
   return {a0, a1, a2, a3, a4, a5, a6, sizes};
@@ -121,8 +122,8 @@ std::vector<at::Tensor> filter(at::Tensor scores, at::Tensor transition, at::Ten
   auto out = nan_filled(pass.outputs);
   launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd) {
-        return &cuda::filter_kernel<decltype(zero), decltype(dd)::value>;
+      [](auto zero, auto dd, auto smem) {
+        return &cuda::filter_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
       });
   return out;
 }
