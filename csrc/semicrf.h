@@ -36,6 +36,11 @@ struct Params {
   int64_t end_stride[3] = {0, 0, 0};
   const void* transition = nullptr;        // (C, C) or (K, C, C), contiguous
   const void* duration = nullptr;          // (K, C), contiguous
+  // The duration table as (C, K) and the (K, C, C) transition as (C, C, K)
+  // ([c][c'][d-1]; null for the static one), contiguous: for code whose
+  // neighbouring threads take neighbouring durations of one label (CUDA).
+  const void* duration_by_label = nullptr;
+  const void* transition_by_label = nullptr;
   const void* start_transition = nullptr;  // (C,)
   const void* end_transition = nullptr;    // (C,)
   const int64_t* lengths = nullptr;        // (B,)
@@ -281,9 +286,11 @@ struct SequenceInputs {
   int64_t s_t, s_c, ss_t, ss_c, es_t, es_c;
   const scalar_t* transition;
   const scalar_t* duration;
+  const scalar_t* duration_by_label;    // (C, K)
+  const scalar_t* transition_by_label;  // (C, C, K), or null: static transition
   const scalar_t* start_transition;
   const scalar_t* end_transition;
-  int64_t C;
+  int64_t C, K;
 
   HOST_DEVICE SequenceInputs(const Params& p, int64_t b)
       : scores(static_cast<const scalar_t*>(p.scores) + b * p.scores_stride[0]),
@@ -296,9 +303,12 @@ struct SequenceInputs {
         ss_c(p.start_stride[2]), es_t(p.end_stride[1]), es_c(p.end_stride[2]),
         transition(static_cast<const scalar_t*>(p.transition)),
         duration(static_cast<const scalar_t*>(p.duration)),
+        duration_by_label(static_cast<const scalar_t*>(p.duration_by_label)),
+        transition_by_label(static_cast<const scalar_t*>(p.transition_by_label)),
         start_transition(static_cast<const scalar_t*>(p.start_transition)),
         end_transition(static_cast<const scalar_t*>(p.end_transition)),
-        C(p.C) {}
+        C(p.C),
+        K(p.K) {}
 
   HOST_DEVICE scalar_t score(int64_t t, int64_t c) const { return scores[t * s_t + c * s_c]; }
   HOST_DEVICE scalar_t start(int64_t t, int64_t c) const {
@@ -313,6 +323,14 @@ struct SequenceInputs {
   }
   HOST_DEVICE scalar_t trans(int64_t c_prev, int64_t c) const { return transition[c_prev * C + c]; }
   HOST_DEVICE scalar_t dur(int64_t d, int64_t c) const { return duration[(d - 1) * C + c]; }
+  // The same entries from the transposed tables: consecutive d, consecutive
+  // addresses.
+  HOST_DEVICE scalar_t dur_by_label(int64_t d, int64_t c) const {
+    return duration_by_label[c * K + (d - 1)];
+  }
+  HOST_DEVICE scalar_t trans_by_label(int64_t d, int64_t c_prev, int64_t c) const {
+    return transition_by_label[(c * C + c_prev) * K + (d - 1)];
+  }
   // The first segment of label c opens at 0 (sigma[0, c] before normalising).
   HOST_DEVICE scalar_t first(int64_t c) const { return start_transition[c] + start(0, c); }
   // The last segment, of label c, closes at L with forward score a.

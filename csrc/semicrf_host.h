@@ -84,6 +84,8 @@ class OpCall {
 
     transition_ = transition.contiguous();
     duration_ = duration.contiguous();
+    duration_by_label_ = duration.t().contiguous();
+    if (dd) transition_by_label_ = transition.permute({2, 1, 0}).contiguous();
     lengths_ = lengths.contiguous();
     start_transition_ = start_transition.contiguous();
     end_transition_ = end_transition.contiguous();
@@ -101,6 +103,8 @@ class OpCall {
     p.end_scores = boundary_scores(end_scores, "end_scores", p.end_stride);
     p.transition = transition_.data_ptr();
     p.duration = duration_.data_ptr();
+    p.duration_by_label = duration_by_label_.data_ptr();
+    p.transition_by_label = dd ? transition_by_label_.data_ptr() : nullptr;
     p.start_transition = start_transition_.data_ptr();
     p.end_transition = end_transition_.data_ptr();
     p.lengths = lengths_.data_ptr<int64_t>();
@@ -237,7 +241,8 @@ class OpCall {
   }
 
   Params inputs_;
-  at::Tensor scores_, transition_, duration_, lengths_, start_transition_, end_transition_;
+  at::Tensor scores_, transition_, duration_, duration_by_label_, transition_by_label_, lengths_,
+      start_transition_, end_transition_;
   at::Tensor grad_log_z_, log_z_, ckpt_ring_, ckpt_offset_;
 };
 

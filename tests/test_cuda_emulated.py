@@ -151,7 +151,7 @@ def placements(K, C, dd, dtype):
 
 # (B, T, K, C, dd, boundary, interval): several spans (the backward re-anchors
 # at each checkpoint), K > T, T = 1, C > 32 (strided labels), K > 32 (duration
-# chunks).
+# chunks), K > 256 (more durations than a lane keeps in registers).
 SHAPES = [
     (2, 7, 3, 2, False, False, 3),
     (2, 7, 3, 2, True, True, 2),
@@ -164,6 +164,7 @@ SHAPES = [
     (2, 50, 36, 2, True, True, 8),
     (1, 12, 4, 33, False, True, 5),
     (1, 12, 4, 33, True, False, 5),
+    (1, 262, 258, 2, False, True, 131),
 ]
 
 

@@ -85,6 +85,44 @@ __device__ __forceinline__ T warp_lse(int n, F f) {
   return lse_finish(m, s);
 }
 
+// warp_lse's value, bit for bit (the same terms in the same orders), with
+// each term evaluated once: a lane keeps its terms (i = lane, lane + 32, …
+// < n <= 32·kCached) in registers between the max and the sum.
+template <int kCached, typename T, typename F>
+__device__ __forceinline__ T warp_lse_cached(int n, F f) {
+  const int lane = lane_id();
+  T x[kCached];
+  T m = neg_inf<T>();
+#pragma unroll
+  for (int r = 0; r < kCached; ++r) {
+    const int i = lane + r * kWarpSize;
+    x[r] = i < n ? f(i) : neg_inf<T>();
+    m = nan_max(m, x[r]);
+  }
+  m = warp_max(m);
+  const T shift = lse_shift(m);
+  // Slots past n hold -inf: their exp adds exactly +0 (no branch per term).
+  T s = 0;
+#pragma unroll
+  for (int r = 0; r < kCached; ++r) s += fexp(x[r] - shift);
+  s = warp_sum(s);
+  return lse_finish(m, s);
+}
+
+// Terms a lane keeps in registers for warp_lse_once: n <= 256.
+constexpr int kCachedTerms = 8;
+
+// warp_lse's value, evaluating each term once when n <= 32·kCachedTerms (one
+// register per term and lane; a single one when n <= 32), else twice. Float
+// only: with doubles the forward's workspace instantiation spilled (ptxas -v)
+// even with two cached terms.
+template <typename T, typename F>
+__device__ __forceinline__ T warp_lse_once(int n, F f) {
+  if (sizeof(T) == 4 && n <= kWarpSize) return warp_lse_cached<1, T>(n, f);
+  if (sizeof(T) == 4 && n <= kCachedTerms * kWarpSize) return warp_lse_cached<kCachedTerms, T>(n, f);
+  return warp_lse<T>(n, f);
+}
+
 // The same value with f evaluated once (for expensive terms): each lane keeps
 // a running (max, sum), rescaled to the warp max at the end.
 template <typename T, typename F>

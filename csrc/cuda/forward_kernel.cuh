@@ -61,15 +61,15 @@ struct CtaScan {
         e = a[c];  // start_transition - O_0: no previous label
         if (prev) *prev = -1;
       } else if (MAX) {
-        auto entered = [&](int cp) { return a[cp] + in.trans(d, cp, c); };
+        auto entered = [&](int cp) { return a[cp] + in.trans_by_label(d, cp, c); };
         const int best = argmax<scalar_t>(C, entered, &e);
         if (prev) *prev = best;
       } else {
-        e = lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans(d, cp, c); });
+        e = lse<scalar_t>(C, [&](int cp) { return a[cp] + in.trans_by_label(d, cp, c); });
       }
       e += ring[(K + slot) * ld + c];
     }
-    return e + in.dur(d, c);
+    return e + in.dur_by_label(d, c);  // lanes take consecutive d: consecutive addresses
   }
 
   // Step t: alpha_hat[t] (t > 0) and sigma_hat[t] (t < L, static, or t = 0)
@@ -92,7 +92,8 @@ struct CtaScan {
       for (int c = warp; c < C; c += kWarps) {
         if (!MAX) {
           auto f = [&](int i) { return term(tK, t, i + 1, c, nullptr); };
-          const scalar_t v = DD ? warp_lse_online<scalar_t>(dmax, f) : warp_lse<scalar_t>(dmax, f);
+          const scalar_t v =
+              DD ? warp_lse_online<scalar_t>(dmax, f) : warp_lse_once<scalar_t>(dmax, f);
           if (lane == 0) raw[c] = in.end(t - 1, c) + v;
         } else {
           scalar_t v = neg_inf<scalar_t>();
@@ -139,7 +140,7 @@ struct CtaScan {
           // alpha_hat[c'] recomputed from raw: the same bits as alpha[c'].
           auto f = [&](int cp) { return (raw[cp] - m) + in.trans(cp, c); };
           if (!MAX) {
-            const scalar_t v = warp_lse<scalar_t>(C, f);
+            const scalar_t v = warp_lse_once<scalar_t>(C, f);
             if (lane == 0) sigma[c] = v + start_row[c];
           } else {
             scalar_t v = neg_inf<scalar_t>();
