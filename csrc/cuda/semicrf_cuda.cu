@@ -8,7 +8,12 @@
 //   forward step t (CtaScan::step / advance, forward_kernel.cuh)
 //     A  alpha[t, c]: warp w takes labels c ≡ w (mod 8); lane l takes
 //        durations d ≡ l+1 (mod 32) and the warp reduces the LSE over d
-//        (duration-dependent: each lane also loops over c' for its d).
+//        (duration-dependent: each lane also loops over c' for its d). The
+//        duration and (K, C, C) transition scores come from label-major
+//        copies (OpCall's duration_by_label, transition_by_label), so the
+//        lanes' consecutive d read consecutive addresses; static, float32,
+//        K <= 256: each lane keeps its terms in registers between the max
+//        and the sum (warp_lse_once), evaluating each once.
 //        Threads c ≡ tid (mod 256) stage scores[t], start_scores[t], the
 //        first 256 labels loaded before phase A so that the loads overlap it.
 //     B  m = max_c alpha, reduced by every warp on its own; alpha_hat;
