@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import importlib.util
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -185,25 +182,15 @@ def parse(disassembly: str) -> dict[str, Kernel]:
     return kernels
 
 
-def _tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    spec = importlib.util.find_spec("triton")
-    if spec and spec.submodule_search_locations:
-        roots.append(os.path.join(spec.submodule_search_locations[0], "backends", "nvidia"))
-    for root in filter(None, roots):
-        path = os.path.join(root, "bin", name)
-        if os.access(path, os.X_OK):
-            return path
-    raise SystemExit(f"{name} not found (CUDA toolkit, or Triton's copy)")
-
-
 def disassemble() -> str:
     """nvdisasm --print-line-info of the kernels compiled for sm_90 with the build's flags."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_cuda_launch_limits import build_ninja, ptxas_command
+    from toolchain import cuda_tool
+
+    nvdisasm = cuda_tool("nvdisasm")
+    if nvdisasm is None:
+        raise SystemExit("nvdisasm not found (CUDA toolkit, or Triton's copy)")
 
     ninja = build_ninja()
     if not ninja.is_file():
@@ -217,7 +204,7 @@ def disassemble() -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"nvcc failed:\n{proc.stderr[-4000:]}")
-        return subprocess.run([_tool("nvdisasm"), "--print-line-info", str(cubin)],
+        return subprocess.run([nvdisasm, "--print-line-info", str(cubin)],
                               capture_output=True, text=True, check=True).stdout
 
 

@@ -16,7 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cuobjdump() -> str | None:
     """The CUDA toolkit's cuobjdump, or the copy Triton ships; None without either."""
-    found = shutil.which("cuobjdump")
+    return cuda_tool("cuobjdump")
+
+
+def cuda_tool(name: str) -> str | None:
+    """A CUDA binary tool (cuobjdump, nvdisasm, ptxas): on the PATH, in the
+    CUDA toolkit, or the copy Triton ships; None without any."""
+    found = shutil.which(name)
     if found:
         return found
     roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
@@ -24,7 +30,7 @@ def cuobjdump() -> str | None:
     if spec and spec.submodule_search_locations:
         roots.append(os.path.join(spec.submodule_search_locations[0], "backends", "nvidia"))
     for root in filter(None, roots):
-        path = os.path.join(root, "bin", "cuobjdump")
+        path = os.path.join(root, "bin", name)
         if os.access(path, os.X_OK):
             return path
     return None
