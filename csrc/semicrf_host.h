@@ -84,8 +84,6 @@ class OpCall {
 
     transition_ = transition.contiguous();
     duration_ = duration.contiguous();
-    duration_by_label_ = duration.t().contiguous();
-    if (dd) transition_by_label_ = transition.permute({2, 1, 0}).contiguous();
     lengths_ = lengths.contiguous();
     start_transition_ = start_transition.contiguous();
     end_transition_ = end_transition.contiguous();
@@ -103,11 +101,23 @@ class OpCall {
     p.end_scores = boundary_scores(end_scores, "end_scores", p.end_stride);
     p.transition = transition_.data_ptr();
     p.duration = duration_.data_ptr();
-    p.duration_by_label = duration_by_label_.data_ptr();
-    p.transition_by_label = dd ? transition_by_label_.data_ptr() : nullptr;
     p.start_transition = start_transition_.data_ptr();
     p.end_transition = end_transition_.data_ptr();
     p.lengths = lengths_.data_ptr<int64_t>();
+    if (scores.is_cuda()) label_major_tables();
+  }
+
+  // The label-major copies of the duration table and the (K, C, C)
+  // transition that the CUDA kernels read (Params::duration_by_label): made
+  // for CUDA tensors only (the CPU kernel does not read them; a (K, C, C)
+  // copy is as large as the transition), and by the CUDA emulator's tests.
+  void label_major_tables() {
+    duration_by_label_ = duration_.t().contiguous();
+    inputs_.duration_by_label = duration_by_label_.data_ptr();
+    if (inputs_.duration_dependent) {
+      transition_by_label_ = transition_.permute({2, 1, 0}).contiguous();
+      inputs_.transition_by_label = transition_by_label_.data_ptr();
+    }
   }
 
   at::ScalarType dtype() const { return scores_.scalar_type(); }

@@ -70,6 +70,7 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
                                 std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                 int64_t interval, int64_t mode, int64_t seed, int64_t smem_limit) {
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
   auto pass = call.forward(interval);
   auto out = nan_filled(pass.outputs);
   out.push_back(launch_per_sequence(
@@ -88,6 +89,7 @@ std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::T
                                  at::Tensor off, int64_t interval, bool boundary_mass,
                                  int64_t mode, int64_t seed, int64_t smem_limit) {
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
   auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
   auto sizes = launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_backward_arena,
@@ -103,6 +105,7 @@ std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Te
                                 std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                 int64_t mode, int64_t seed, int64_t smem_limit) {
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
   auto pass = call.viterbi();
   auto out = nan_filled(pass.outputs);
   out.push_back(launch_per_sequence(
@@ -118,6 +121,7 @@ std::vector<at::Tensor> filter(at::Tensor scores, at::Tensor transition, at::Ten
                                std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                int64_t mode, int64_t seed, int64_t smem_limit) {
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
   auto pass = call.filter();
   auto out = nan_filled(pass.outputs);
   launch_per_sequence(
