@@ -193,7 +193,7 @@ def _step_slot(t, K):
 
 @triton.jit
 def _segment_ends(
-    t, ring, inputs, K, C,
+    t, tK, ring, inputs, K, C,
     MAX: tl.constexpr, DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Reduce the open segments [t-d, t), d = 1 … min(K, t), per label (t >= 1).
@@ -214,7 +214,6 @@ def _segment_ends(
     best_d = tl.full([C_PAD], 1, tl.int32)
     best_prev = tl.full([C_PAD], -1, tl.int32)
     GAIN = K if DD else 0
-    tK = _step_slot(t, K)
     for d0 in range(0, dmax, BLOCK_D):
         d = d0 + 1 + ds  # (BLOCK_D,) durations
         dok = d <= dmax
@@ -261,7 +260,7 @@ def _segment_ends(
 
 @triton.jit
 def _scan_step(
-    t, T, ring, trans_tile, inputs, K, C,
+    t, tK, T, ring, trans_tile, inputs, K, C,
     MAX: tl.constexpr, DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -285,7 +284,8 @@ def _scan_step(
         best_d = tl.full([C_PAD], 1, tl.int32)
         best_prev = tl.full([C_PAD], -1, tl.int32)
     else:
-        alpha, best_d, best_prev = _segment_ends(t, ring, inputs, K, C, MAX, DD, C_PAD, BLOCK_D)
+        alpha, best_d, best_prev = _segment_ends(t, tK, ring, inputs, K, C, MAX, DD, C_PAD,
+                                                    BLOCK_D)
         alpha += _row(end_sc_ptr, t - 1, C, C_PAD, HAS_END)
         alpha = tl.where(cm, alpha, float("-inf"))
         m = _finite_or_zero(tl.max(alpha, 0))
@@ -305,7 +305,7 @@ def _scan_step(
 
 @triton.jit
 def _advance(
-    t, ring, sigma, alpha, m, inputs, K, C,
+    t, tK, ring, sigma, alpha, m, inputs, K, C,
     DD: tl.constexpr, HAS_START: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Move the ring from step t to step t+1 (t < L): re-base every entry by m,
@@ -322,7 +322,7 @@ def _advance(
     else:
         fresh = sigma
         GAIN = 0
-    fresh_slot = _step_slot(t, K)
+    fresh_slot = tK
     tl.debug_barrier()
     for r0 in range(0, K, BLOCK_D):
         rows = r0 + rs
@@ -351,13 +351,14 @@ def _step_and_advance(
     ``offset`` is the ring's offset before the step. Returns (alpha_hat[t],
     sigma_hat[t], O_t, the ring's offset after the step, best_d, best_prev).
     """
+    tK = _step_slot(t, K)  # the step's one division, for both halves
     alpha, sigma, m, best_d, best_prev = _scan_step(
-        t, T, ring, trans_tile, inputs, K, C, MAX, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+        t, tK, T, ring, trans_tile, inputs, K, C, MAX, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
     o_t = offset + m.to(tl.float64)
     next_offset = o_t
     if advance:
-        next_offset += _advance(t, ring, sigma, alpha, m, inputs, K, C, DD, HAS_START, C_PAD,
-                                BLOCK_D).to(tl.float64)
+        next_offset += _advance(t, tK, ring, sigma, alpha, m, inputs, K, C, DD, HAS_START,
+                                C_PAD, BLOCK_D).to(tl.float64)
     return alpha, sigma, o_t, next_offset, best_d, best_prev
 
 
@@ -471,7 +472,7 @@ def _forward_kernel(
 
 @triton.jit
 def _reanchor(
-    t, Q, Q_ring, alpha, beta, shift_beta, back, ckpt, ckpt_off, log_z64, inputs, K, C,
+    t, tK, Q, Q_ring, alpha, beta, shift_beta, back, ckpt, ckpt_off, log_z64, inputs, K, C,
     DD: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Q less the log of the total probability at checkpoint t (1 up to
@@ -490,7 +491,6 @@ def _reanchor(
     ds = tl.arange(0, BLOCK_D)
     total = tl.sum(tl.where(cm, tl.exp(alpha + beta + shift_beta), 0.0), 0).to(tl.float64)
     shift_x = (ckpt_off + Q_ring - log_z64).to(DT)
-    tK = _step_slot(t, K)
     for d1 in range(1, tl.minimum(K - 1, t) + 1):
         opened = _labels(ckpt + (d1 - 1) * C, C, C_PAD, float("-inf"))
         if DD:
@@ -519,15 +519,14 @@ def _reanchor(
 
 
 @triton.jit
-def _open_back(back, t, q, fresh, emit, K, C, EMPTY: tl.constexpr, C_PAD: tl.constexpr,
+def _open_back(back, tK, q, fresh, emit, K, C, EMPTY: tl.constexpr, C_PAD: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """Move the backward ring to step t-1: every entry re-based by q (or, when
-    EMPTY, cleared), ``fresh`` (the segments ending at t) into slot t % K,
+    EMPTY, cleared), ``fresh`` (the segments ending at t) into slot tK = t % K,
     position t-1's emissions ``emit`` added to all."""
     cs = tl.arange(0, C_PAD)
     cm = cs < C
     ds = tl.arange(0, BLOCK_D)
-    tK = _step_slot(t, K)
     tl.debug_barrier()
     for r0 in range(0, K, BLOCK_D):
         rows = r0 + ds
@@ -644,7 +643,7 @@ def _backward_kernel(
                 emit, emit_max = _emissions(scores_ptr, L - 1, C, C_PAD)
                 Q += emit_max.to(tl.float64)
                 fresh = beta + _row(end_sc_ptr, L - 1, C, C_PAD, HAS_END)
-                _open_back(back, L, q, fresh, emit, K, C, True, C_PAD, BLOCK_D)
+                _open_back(back, _step_slot(L, K), q, fresh, emit, K, C, True, C_PAD, BLOCK_D)
             else:
                 shift = (off + Q - log_z64).to(DT)
                 start_t = _row(start_sc_ptr, t, C, C_PAD, HAS_START)
@@ -727,7 +726,7 @@ def _backward_kernel(
                         # the rounding that forward and backward gather over
                         # (t, L] cannot pile up over the whole sequence.
                         Q = _reanchor(
-                            t, Q, Q_ring, alpha, beta, shift_beta, back,
+                            t, tK, Q, Q_ring, alpha, beta, shift_beta, back,
                             ckpt_ptr + j * S * C, tl.load(ckpt_off_ptr + j), log_z64,
                             inputs, K, C, DD, C_PAD, BLOCK_D)
                     # Move the ring to step t-1: re-base, open the segments ending
@@ -735,7 +734,7 @@ def _backward_kernel(
                     emit, emit_max = _emissions(scores_ptr, t - 1, C, C_PAD)
                     Q += emit_max.to(tl.float64)
                     fresh = beta + _row(end_sc_ptr, t - 1, C, C_PAD, HAS_END)
-                    _open_back(back, t, q, fresh, emit, K, C, False, C_PAD, BLOCK_D)
+                    _open_back(back, tK, q, fresh, emit, K, C, False, C_PAD, BLOCK_D)
             if not DD:
                 if (i % FLUSH == FLUSH - 1) | (i == last - first):
                     total = tl.load(g_trans_2d, mask=ok2, other=0.0) + g_trans_acc.to(tl.float64)
