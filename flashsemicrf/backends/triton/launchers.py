@@ -31,14 +31,15 @@ NUM_WARPS = 4
 # Past 4 warps only to keep big label tiles out of local memory: a static
 # (C_PAD, C_PAD) tile (every kernel holds one, the backward two) or the
 # (K, C, C) form's (BLOCK_D, C_PAD, C_PAD) tiles (the backward holds several)
-# is spread so that each thread keeps at most TILE_VALUES_PER_THREAD of one.
+# is spread so that each thread keeps at most TILE_REGISTERS_PER_THREAD
+# 32-bit registers of one (a float64 takes two).
 # ptxas -v for sm_90 (python -m bench.triton_registers), spill stores of the
 # backward before -> after: float32 C = 24 (K, C, C) 16 B -> 0 (8 warps),
 # float64 C = 24 232 B -> 16 B (8 warps), float32 C = 128 5.9 KB -> 1.2 KB
 # (16 warps; the forward 284 B -> 0), float32 C = 64 (K, C, C) 2.4 KB ->
 # 0.6 KB (16 warps). Not yet timed on a GPU.
 MAX_WARPS = 16
-TILE_VALUES_PER_THREAD = 16
+TILE_REGISTERS_PER_THREAD = 16
 # Positions whose static-transition gradient terms the backward sums in a
 # register tile, in the compute dtype, before adding them to the float64 sum:
 # 32 terms round to < 32·eps relative, and a float64 tile spills at C = 24
@@ -94,7 +95,8 @@ class _Launch:
         self.BLOCK_D = max(1, min(triton.next_power_of_2(self.K), TILE_ELEMENTS // per_row))
         tile = self.BLOCK_D * per_row if self.dd else max(self.BLOCK_D * per_row,
                                                           self.C_PAD * self.C_PAD)
-        spread = tile // (32 * TILE_VALUES_PER_THREAD) * (2 if self.dd else 1)
+        words = scores.element_size() // 4
+        spread = tile * words // (32 * TILE_REGISTERS_PER_THREAD) * (2 if self.dd else 1)
         self.num_warps = min(MAX_WARPS, max(1, min(NUM_WARPS, self.BLOCK_D * per_row // 256),
                                             triton.next_power_of_2(spread)))
         self.scores = scores = scores.contiguous()
