@@ -21,6 +21,7 @@ import torch
 import flashsemicrf as F
 from conftest import DEVICE, backend_param, check_viterbi, make_case, on
 from flashsemicrf._contract import checkpoint_interval
+from test_viterbi_streaming import problem
 
 BACKENDS = [backend_param(name) for name in ("cuda", "triton")]
 
@@ -35,21 +36,12 @@ SHAPES = [
 ]
 
 
-def _case(seed, B, T, K, C, dd, *, long_only=False, integers=False, neg_inf=False):
-    case = make_case(seed, B, T, K, C, duration_dependent=dd, neg_inf=neg_inf)
-    kw = case.kwargs
-    if integers:
-        # Small integers add exactly in any order: exact ties everywhere,
-        # which the recompute must break as the first scan did.
-        kw = {k: v.round() if v.is_floating_point() else v for k, v in kw.items()}
-    if long_only:
-        # Segments of the longest durations only: every segment ends far
-        # from its start, often in the next span; some lengths cannot be
-        # tiled at all (best = -inf, no path).
-        dur = kw["duration"].clone()
-        dur[: max(0, K - 2)] = -math.inf
-        kw["duration"] = dur
-    return kw
+def _case(seed, B, T, K, C, dd, kind="rand"):
+    """The CPU kernel's test problems (test_viterbi_streaming.problem: kinds
+    "rand", "long" — the longest durations only, so segments straddle span
+    boundaries —, "ties" — small integers, exact ties — and "forbidden" — -inf
+    entries), with boundary scores."""
+    return problem(B, T, K, C, dd, torch.float64, seed, kind, boundary=True)
 
 
 def _check(kw, backend, dtype=torch.float64):
@@ -59,9 +51,9 @@ def _check(kw, backend, dtype=torch.float64):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{1}-T{2}-K{3}-C{4}-{dd}".format(
     *s, dd="kcc" if s[5] else "cc"))
-@pytest.mark.parametrize("variant", ["random", "long_only", "integers", "neg_inf"])
-def test_viterbi_across_spans_matches_the_reference(backend, shape, variant):
-    kw = _case(*shape, **({variant: True} if variant != "random" else {}))
+@pytest.mark.parametrize("kind", ["rand", "long", "ties", "forbidden"])
+def test_viterbi_across_spans_matches_the_reference(backend, shape, kind):
+    kw = _case(*shape, kind)
     T, K = shape[2], shape[3]
     if T > K:
         assert checkpoint_interval(T, K, 0) < T, "the problem must cross spans"
