@@ -4,13 +4,15 @@ Every backend gets the same problem in our convention (README, "The model") and 
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 
-* ours (``cuda``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
+* ours (``cuda``, ``cuda-log``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
   with ``start_transition`` = flash-semicrf's "phantom start", the
   log-sum-exp of the transition over the previous label; ``cpu`` and
   ``cpu-log`` are the C++ kernel with its two algorithms, the scaled
   exp-domain forward (the default) and the log-domain scan, chosen by
   ``FLASHSEMICRF_CPU_ALGORITHM``, which the backend sets around each call
-  (forward and backward) and restores afterwards;
+  (forward and backward) and restores afterwards; ``cuda`` and ``cuda-log``
+  likewise are the CUDA kernels with the exp-domain forward (the default) and
+  the log-domain one, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``;
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -43,12 +45,15 @@ import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "triton", "cpu", "cpu-log", "torch")
+OURS = ("cuda", "cuda-log", "triton", "cpu", "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
 # Backends that run one sequence per thread (parallel over the batch only).
 ONE_SEQUENCE_PER_THREAD = tuple(CPU_ALGORITHM)
+# The same for the CUDA kernels' forward.
+CUDA_ALGORITHM_ENV = "FLASHSEMICRF_CUDA_ALGORITHM"
+CUDA_ALGORITHM = {"cuda": "exp", "cuda-log": "log"}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -58,6 +63,7 @@ LINEAR_CHAIN_ONLY = ("pytorch-crf",)
 # "dense" is torch-struct's O(log T) matrix products on (K·C)² blocks.
 KIND = {
     "cuda": "kernel",
+    "cuda-log": "kernel",
     "triton": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",
@@ -290,7 +296,7 @@ def make(name: str, device: torch.device) -> Backend:
     """The backend, or one whose ``why`` says why it cannot run on ``device``."""
     kind = KIND[name]
     cuda = device.type == "cuda"
-    if name == "cuda" and not cuda:
+    if name in CUDA_ALGORITHM and not cuda:
         return Backend(name, kind, None, "needs a CUDA device")
     if name == "triton" and not cuda:
         return Backend(name, kind, None, "needs a CUDA device (on CPU only under "
@@ -299,10 +305,13 @@ def make(name: str, device: torch.device) -> Backend:
         return Backend(name, kind, None, "needs a CUDA device")
     if name in CPU_ALGORITHM and cuda:
         return Backend(name, kind, None, "runs on CPU tensors only (run with --device cpu)")
-    env = {CPU_ALGORITHM_ENV: CPU_ALGORITHM[name]} if name in CPU_ALGORITHM else {}
+    env = ({CPU_ALGORITHM_ENV: CPU_ALGORITHM[name]} if name in CPU_ALGORITHM else
+           {CUDA_ALGORITHM_ENV: CUDA_ALGORITHM[name]} if name in CUDA_ALGORITHM else {})
     try:
         if name in CPU_ALGORITHM:
             fn = _ours("cpu")
+        elif name in CUDA_ALGORITHM:
+            fn = _ours("cuda")
         elif name in OURS:
             fn = _ours(name)
         elif name == "flash-semicrf-triton":

@@ -187,6 +187,7 @@ def headline_lines(h: dict) -> list[str]:
 # Column names for a reader: the library first, then which of its code paths.
 LABELS = {
     "cuda": "flashsemicrf CUDA",
+    "cuda-log": "flashsemicrf CUDA log-domain",
     "triton": "flashsemicrf Triton",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
@@ -197,8 +198,8 @@ LABELS = {
     "pytorch-crf": "pytorch-crf",
 }
 # Our backends as the throughput column names them.
-SHORT = {"cuda": "CUDA", "triton": "Triton", "cpu": "C++", "cpu-log": "C++ log",
-         "torch": "PyTorch ref."}
+SHORT = {"cuda": "CUDA", "cuda-log": "CUDA log", "triton": "Triton", "cpu": "C++",
+         "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
 PINNED = {"flash_semicrf": "0.2.0", "torch_struct": "0.5", "pytorch_crf": "0.7.2"}
@@ -270,7 +271,11 @@ def column_legend(meta: dict) -> dict[str, str]:
                 "and its gradients with respect to the scores, transition and duration "
                 "(what the CRF part of a training step costs). Every call computes the "
                 "whole batch.",
-        LABELS["cuda"]: "this library's handwritten CUDA kernels (`--backends cuda`).",
+        LABELS["cuda"]: "this library's handwritten CUDA kernels (`--backends cuda`) with "
+                        "their default forward, the exp-domain one for the static transition "
+                        "(`FLASHSEMICRF_CUDA_ALGORITHM=exp`).",
+        LABELS["cuda-log"]: "the same CUDA kernels with the log-domain forward everywhere "
+                            "(`FLASHSEMICRF_CUDA_ALGORITHM=log`, `--backends cuda-log`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",
@@ -298,7 +303,8 @@ def column_legend(meta: dict) -> dict[str, str]:
             "`CRF.forward` (`--backends pytorch-crf`).",
         THROUGHPUT:
             "how hard the fastest of this library's backends in that row (named in the "
-            "cell: C++, C++ log, CUDA, Triton or PyTorch ref.) keeps the device busy. Log Z is a "
+            "cell: C++, C++ log, CUDA, CUDA log, Triton or PyTorch ref.) keeps the device busy. "
+            "Log Z is a "
             "sum of log-sum-exp terms, one exponential each: B·T·(C² + K·C) per forward "
             "with a static transition, B·T·K·C² with a duration-dependent one, three "
             "times that for fwd+bwd. The first number is those terms per second; the "

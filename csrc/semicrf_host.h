@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -30,6 +32,20 @@ inline int64_t default_interval(int64_t T, int64_t K) {
   while (r * r > n) --r;
   while ((r + 1) * (r + 1) <= n) ++r;
   return std::max<int64_t>(1, r);
+}
+
+// Which algorithm an environment variable selects for a kernel:
+// FLASHSEMICRF_CPU_ALGORITHM (the C++ CPU forward and backward) and
+// FLASHSEMICRF_CUDA_ALGORITHM (the CUDA forward). "exp" (the default, also
+// when unset or empty) runs the scaled exp-domain recurrences with the
+// log-domain kernels as their per-sequence fallbacks; "log" runs the log
+// domain everywhere. Read on every call.
+inline bool uses_exp_domain(const char* variable) {
+  const char* v = std::getenv(variable);
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "exp") == 0) return true;
+  TORCH_CHECK(std::strcmp(v, "log") == 0, variable, " must be 'exp' or 'log' (or unset), got '",
+              v, "'");
+  return false;
 }
 
 // A pass's parameters with the output tensors they point into.

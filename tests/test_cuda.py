@@ -49,11 +49,35 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("algorithm", ["exp", "log"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("B,T,K,C,dd", SHAPES, ids=lambda *a: None)
-def test_cuda_matches_cpu_kernel_at_many_shapes(B, T, K, C, dd, dtype):
+def test_cuda_matches_cpu_kernel_at_many_shapes(monkeypatch, B, T, K, C, dd, dtype, algorithm):
+    """Both CUDA forwards (FLASHSEMICRF_CUDA_ALGORITHM: the exp-domain one,
+    the default, and the log-domain one) against the C++ CPU kernel."""
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_ALGORITHM", algorithm)
     case = make_case(B * 7 + T + K + C, B, T, K, C, duration_dependent=dd, neg_inf=C % 2 == 1)
     _compare_with_cpu_kernel(on(case.kwargs, dtype=dtype), dtype, tol_scale=10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_exp_forward_adversarial(dtype):
+    """The CPU kernel's adversarial problems for the exp-domain forward
+    (mass forced through flushed labels, revived segments, NaN, ...): the
+    CUDA exp-domain forward, with its fallback to the log-domain one, gives
+    the C++ kernel's log Z (tests/test_cuda_emulated.py checks on the CPU
+    that both hand the same sequences over)."""
+    from test_cpu_exp_domain import ADVERSARIES, op_args
+
+    ops = torch.ops.flashsemicrf
+    for adv in ADVERSARIES:
+        args = op_args(adv.kw, dtype)
+        want = ops.forward(*args, 0)[0]
+        got = ops.forward(*[a.cuda() if a is not None else None for a in args], 0)[0].cpu()
+        nan = torch.isnan(want)  # a NaN input: NaN for its sequence only
+        assert torch.equal(torch.isnan(got), nan), adv.name
+        assert_close(f"{adv.name}: log Z", got[~nan], want[~nan],
+                     log_z_tol(want[~nan], TOL[dtype] * 10.0))
 
 
 @pytest.mark.slow

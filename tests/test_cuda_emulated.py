@@ -393,3 +393,122 @@ def test_emulated_viterbi_working_memory_grows_as_sqrt_T(emu):
         extra.append(workspace - fwd_workspace)
     assert 3.5 <= extra[1] / extra[0] <= 4.5, extra
     assert extra[1] * 4 < 2 * (640 + 1) * C * 4, extra
+
+
+# The exp-domain forward (exp_forward_kernel, static transition; what
+# FLASHSEMICRF_CUDA_ALGORITHM=exp, the default, runs), then the log-domain
+# forward for the sequences it marks: held to the C++ CPU kernel's
+# exp-domain forward, which makes the same decisions from the same bounds.
+
+def cpu_exp_forward(monkeypatch, args, interval):
+    """The CPU kernel's exp-domain forward: (log Z, ring, offsets, fallbacks)."""
+    monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "exp")
+    fallbacks = torch.ops.flashsemicrf_testing.cpu_exp_fallbacks
+    before = int(fallbacks())
+    out = ops.forward(*args, interval)
+    return (*out, int(fallbacks()) - before)
+
+
+def check_exp_forward(emu, monkeypatch, args, interval, mode, seed, smem, tol=None):
+    """The emulated exp-domain forward against the CPU kernel's: the same
+    number of sequences handed to the log scan, log Z and checkpoints to
+    rounding. Returns (verdicts, arena sizes)."""
+    dtype = args[0].dtype
+    tol = tol if tol is not None else (1e-9 if dtype == torch.float64 else 2e-4)
+    *want, taken = cpu_exp_forward(monkeypatch, args, interval)
+    got = emu.forward_exp(*args, interval, mode, seed, smem)
+    verdicts = got[4]
+    assert set(verdicts.tolist()) <= {0, 1}, verdicts
+    assert int(verdicts.sum()) == taken, (verdicts.tolist(), taken)
+    close("log_z", got[0], want[0], tol)
+    close("ckpt_offset", got[2], want[2], tol)
+    # The CPU kernel runs with subnormals flushed; the device code keeps them
+    # (nvcc's default). A ring entry that fell below the dtype's normal range
+    # relative to the normaliser may so be -inf in one checkpoint and finite
+    # in the other; elsewhere they agree to rounding.
+    ring, ring_cpu = got[1], want[1]
+    below = math.log(torch.finfo(dtype).tiny) + 1.0
+    top = torch.maximum(ring, ring_cpu).flatten(2).amax(-1)[..., None, None]
+    one_sided = torch.isinf(ring) != torch.isinf(ring_cpu)
+    finite_side = torch.where(torch.isinf(ring), ring_cpu, ring)
+    assert bool((finite_side[one_sided] < (top.expand_as(ring) + below)[one_sided]).all())
+    close("ckpt_ring", torch.where(one_sided, ring_cpu, ring), ring_cpu, tol)
+    return verdicts, got[3].tolist()
+
+
+STATIC_SHAPES = [s for s in SHAPES if not s[4]] + [(2, 30, 40, 3, False, True, 7),
+                                                  (1, 9, 5, 300, False, False, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", STATIC_SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-{}-i{}".format(
+    *s[:4], "bd" if s[5] else "nobd", s[6]))
+def test_emulated_exp_forward_matches_cpu(emu, monkeypatch, shape, dtype):
+    """Random problems (ragged, -inf entries, strided scores, K > T, T = 1,
+    C > 32 and C > kThreads, K > 256): no sequence falls back, and log Z and
+    the checkpoints are the CPU exp-domain forward's to rounding, in shared
+    memory and in the workspace."""
+    B, T, K, C, _, boundary, interval = shape
+    seed = sum(shape[:4]) + 3
+    for i, (mode, sched_seed) in enumerate(SCHEDULES):
+        args = make(B, T, K, C, False, boundary, dtype, seed + i, neg_inf=(seed + i) % 3 == 0,
+                    noncontig=i == 1)
+        smem = ALL_SMEM if i == 0 else 0
+        verdicts, _ = check_exp_forward(emu, monkeypatch, args, interval, mode, sched_seed, smem)
+        assert int(verdicts.sum()) == 0
+
+
+def exp_placements(K, C, dtype):
+    """smem limits that put the exp-domain forward's arena in every
+    placement: all in shared memory; the float64 transition bound in the
+    workspace; the scalar transition too; the weights and the ring too; all
+    in the workspace."""
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    def aligned(n, size=elem):
+        return -(-n * size // 16) * 16
+
+    ring = weight = aligned(K * C)
+    trans, bound = aligned(C * C), aligned(C * C, 8)
+    rows = aligned(20 * C, 8) + aligned(11 * C + 3 * max(C, 256)) + aligned(3 * C + 3, 4)
+    return {"all-smem": ALL_SMEM, "bound-global": ring + weight + trans + rows,
+            "transition-global": ring + weight + rows, "tables-global": rows, "all-global": 0}
+
+
+def test_emulated_exp_forward_placements(emu, monkeypatch):
+    """Every placement of the exp-domain forward's working memory gives the
+    CPU kernel's results."""
+    B, T, K, C = 2, 30, 9, 3
+    for dtype in (torch.float64, torch.float32):
+        seen = set()
+        limits = exp_placements(K, C, dtype)
+        for n, (name, smem) in enumerate(limits.items()):
+            args = make(B, T, K, C, False, True, dtype, 300 + n, neg_inf=n % 2 == 1)
+            _, sizes = check_exp_forward(emu, monkeypatch, args, 7, 2, n, smem)
+            seen.add(tuple(sizes))
+        assert len(seen) == len(limits), seen
+
+
+def _static_adversaries():
+    from test_cpu_exp_domain import ADVERSARIES
+    return ADVERSARIES
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("adv", _static_adversaries(), ids=lambda a: a.name)
+def test_emulated_exp_forward_adversarial(emu, monkeypatch, adv, dtype):
+    """The CPU kernel's adversarial problems (mass forced through flushed
+    labels, revived segments, dead ends, NaN, ...): the CUDA exp-domain
+    forward hands exactly the sequences to the log scan that the CPU kernel
+    does, every one where the adversary says a plain exp-domain scan is
+    wrong, and its results are the CPU's to rounding."""
+    from test_cpu_exp_domain import op_args
+
+    args = op_args(adv.kw, dtype)
+    B = args[0].shape[0]
+    verdicts, _ = check_exp_forward(emu, monkeypatch, args, 0, 2, 5, ALL_SMEM,
+                                    tol=1e-9 if dtype == torch.float64 else 1e-4)
+    if dtype in adv.breaks:
+        assert int(verdicts.sum()) == B
+    if dtype in adv.clean:
+        assert int(verdicts.sum()) == 0

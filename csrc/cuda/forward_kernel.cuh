@@ -244,11 +244,14 @@ __device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p,
                                     arena.get<scalar_t, kShared>(kForwardRows, b));
 }
 
-// log Z (B,) and the checkpoints: one CTA per sequence.
+// log Z (B,) and the checkpoints: one CTA per sequence. redo: null, or the
+// exp-domain forward's verdicts, and then only the sequences it marked
+// (redo[b] != 0) are computed; the others keep its outputs.
 template <typename scalar_t, bool DD, bool kShared>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
-    forward_kernel(const ForwardParams p, const Arena arena) {
+    forward_kernel(const ForwardParams p, const Arena arena, const int32_t* redo) {
   const int64_t b = blockIdx.x;
+  if (redo != nullptr && redo[b] == 0) return;
   const int64_t L = sequence_length(p, b);
   auto scan = make_scan<scalar_t, DD, false, kShared>(p, arena, b, L);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);

@@ -20,6 +20,11 @@
 //        static sigma[t, c]: warp per c, lanes over c'.
 //     C  ring update: thread tid owns ring entries i ≡ tid (mod 256),
 //        i = slot·C + c.
+//   exp-domain forward step t (static transition, the default; its mapping
+//   and six barriers a step are described in exp_forward_kernel.cuh): the
+//   ring pass over (duration group, label) threads, per-label factors and
+//   ghosts over label threads; sequences it cannot certify are marked, and
+//   the log-domain forward above then runs for them only.
 //   backward sweep step t (backward_kernel.cuh)
 //     S0 threads c ≡ tid (mod 256) stage alpha_hat/sigma_hat rows and the
 //        inputs of t; the first 256 labels' values were loaded into
@@ -130,6 +135,7 @@
 #include "semicrf.h"
 #include "semicrf_host.h"
 #include "backward_kernel.cuh"
+#include "exp_forward_kernel.cuh"
 #include "forward_kernel.cuh"
 
 namespace flashsemicrf {
@@ -143,9 +149,11 @@ using cuda::Arena;
 // for this stream's later work), then the kernel with one CTA of kThreads
 // per sequence on the current stream, checked. plan(p, elem_bytes,
 // smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
-// std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel).
-template <typename P, typename Plan, typename KernelFor>
-void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for) {
+// std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel); extra
+// arguments follow (p, arena) in the kernel's call.
+template <typename P, typename Plan, typename KernelFor, typename... Extra>
+void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for,
+                         Extra... extra) {
   TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
               scores.device());
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -168,16 +176,35 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
                                           static_cast<int>(smem)));
     }
     kernel<<<static_cast<unsigned>(p.B), cuda::kThreads, smem,
-             at::cuda::getCurrentCUDAStream()>>>(p, arena);
+             at::cuda::getCurrentCUDAStream()>>>(p, arena, extra...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 struct Cuda {
+  // FLASHSEMICRF_CUDA_ALGORITHM=exp (the default), static transition: the
+  // exp-domain forward, then the log-domain forward for the sequences whose
+  // log Z it could not certify (its CTAs for the others return at once, so
+  // nothing waits on the host). Otherwise the log-domain forward for all.
   static void run(const ForwardParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
-      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-    });
+    const int32_t* redo = nullptr;
+    at::Tensor verdicts;
+    if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM")) {
+      verdicts = at::empty({std::max<int64_t>(p.B, 1)}, scores.options().dtype(at::kInt));
+      launch_per_sequence(scores, p, cuda::plan_exp_forward_arena,
+                          [](auto zero, auto, auto smem) {
+                            return &cuda::exp_forward_kernel<decltype(zero),
+                                                             decltype(smem)::value>;
+                          },
+                          verdicts.data_ptr<int32_t>());
+      redo = verdicts.data_ptr<int32_t>();
+    }
+    launch_per_sequence(
+        scores, p, cuda::plan_forward_arena,
+        [](auto zero, auto dd, auto smem) {
+          return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+        },
+        redo);
   }
   static void run(const BackwardParams& p, const at::Tensor& scores) {
     launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd, auto smem) {

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "cuda/backward_kernel.cuh"
+#include "cuda/exp_forward_kernel.cuh"
 #include "cuda/forward_kernel.cuh"
 #include "semicrf_host.h"
 
@@ -22,9 +23,9 @@ struct Schedule {
 
 // launch_per_sequence of semicrf_cuda.cu under the emulator; returns the
 // arena's [shared memory bytes, workspace bytes per CTA].
-template <typename P, typename Plan, typename KernelFor>
+template <typename P, typename Plan, typename KernelFor, typename... Extra>
 at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, const P& p, Plan plan,
-                               KernelFor kernel_for) {
+                               KernelFor kernel_for, Extra... extra) {
   Arena arena = plan(p, scores.element_size(), static_cast<size_t>(s.smem_limit));
   const at::Tensor sizes = at::tensor({arena.smem_bytes, arena.workspace_stride});
   if (p.B == 0) return sizes;
@@ -45,7 +46,7 @@ at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, cons
                              static_cast<int>(smem)) != cudaSuccess)
       emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
     emu::launch(s.mode, static_cast<unsigned>(s.seed), p.B, cuda::kThreads, smem, kernel, p,
-                arena);
+                arena, extra...);
   });
   return sizes;
 }
@@ -77,7 +78,40 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
       [](auto zero, auto dd, auto smem) {
         return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-      }));
+      },
+      static_cast<const int32_t*>(nullptr)));
+  return out;
+}
+
+// The exp-domain forward as semicrf_cuda.cu runs it for the static
+// transition: exp_forward_kernel, then forward_kernel for the sequences it
+// marked. Returns log Z, the checkpoints, their offsets, the exp kernel's
+// arena sizes and the verdicts (1: recomputed by the log-domain kernel).
+std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at::Tensor duration,
+                                    at::Tensor lengths, at::Tensor st, at::Tensor et,
+                                    std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
+                                    int64_t interval, int64_t mode, int64_t seed,
+                                    int64_t smem_limit) {
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.forward(interval);
+  TORCH_CHECK(!pass.params.duration_dependent, "forward_exp: static transition only");
+  auto out = nan_filled(pass.outputs);
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  at::Tensor redo = at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
+  out.push_back(launch_per_sequence(
+      sched, scores, pass.params, cuda::plan_exp_forward_arena,
+      [](auto zero, auto, auto smem) {
+        return &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
+      },
+      redo.data_ptr<int32_t>()));
+  launch_per_sequence(
+      sched, scores, pass.params, cuda::plan_forward_arena,
+      [](auto zero, auto dd, auto smem) {
+        return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+      },
+      static_cast<const int32_t*>(redo.data_ptr<int32_t>()));
+  out.push_back(redo.narrow(0, 0, pass.params.B));
   return out;
 }
 
@@ -158,6 +192,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_log", &launch_log);
   m.def("clear_launch_log", [] { emu::launch_log().clear(); });
   m.def("forward", &forward);
+  m.def("forward_exp", &forward_exp);
   m.def("backward", &backward);
   m.def("viterbi", &viterbi);
   m.def("filter", &filter);

@@ -1,0 +1,126 @@
+// The bounds arithmetic of the exp-domain forward, shared by the C++ CPU
+// kernel and the CUDA kernel (csrc/cuda/exp_forward_kernel.cuh), so that both
+// charge, carry and accept the same ghosts. docs/design.md, "The CPU kernel's
+// exp-domain forward and backward", has the derivation.
+//
+// The exp-domain forward keeps bounds on what underflow lost as "ghosts":
+// float64 numbers in units of the dtype's smallest normal (tiny), relative
+// to the scale of the quantity they belong to, so that every bound is a
+// multiply-add and the per-step overhead is O(C) flops without logs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "semicrf.h"
+
+namespace flashsemicrf {
+
+constexpr double kLn2 = 0.69314718055994530942;
+// A dtype factor from fexp is within a few ulp of the true one: bounds
+// multiply by it times kUp.
+constexpr double kUp = 1.0 + 1e-6;
+// Every comparison that accepts an exp-domain value keeps 1% in reserve for
+// the bounds' own rounding.
+constexpr double kSlack = 1.01;
+
+// floor(log2(v)) for v > 0 (a lower bound for subnormals), from the bits.
+HOST_DEVICE int exponent_of(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const int e = static_cast<int>((b >> 23) & 0xffu);
+  return e == 0 ? -150 : e - 127;
+}
+HOST_DEVICE int exponent_of(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const int e = static_cast<int>((b >> 52) & 0x7ffu);
+  return e == 0 ? -1075 : e - 1023;
+}
+
+// The ghost (in units of the dtype's smallest normal) of a value computed as
+// x · f, f = fexp(log_f) in the dtype: ghost g of x times the true factor,
+// or, where f flushed, everything x and its ghost stood for (the true
+// factor is below tiny). Positive bounds never round to 0: a product that
+// underflows float64 is replaced by float64's smallest normal, above its
+// true value.
+template <typename scalar_t>
+HOST_DEVICE double ghost_through_factor(double g, scalar_t x, scalar_t f, double log_f) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  constexpr double kFloor = std::numeric_limits<double>::min();
+  const double tiny_d = static_cast<double>(std::numeric_limits<scalar_t>::min());
+  if (f >= std::numeric_limits<scalar_t>::min())
+    return g > 0 ? std::max(g * static_cast<double>(f) * kUp, kFloor) : 0.0;
+  if (log_f == kNegInf || (g == 0.0 && x == 0)) return 0.0;  // exact zeros
+  return std::max((g * tiny_d + static_cast<double>(x)) * kSlack, kFloor);
+}
+
+// NaN or +inf leaves nothing to bound: the exp-domain forwards hand such
+// sequences to the log scan, which gives the NaN.
+template <typename scalar_t>
+HOST_DEVICE bool unboundable(scalar_t x) {
+  return !(x < std::numeric_limits<scalar_t>::infinity());
+}
+
+// hi + lo += m in two-sum arithmetic: hi is the log scan's rounded offset,
+// lo the rounding it carries.
+HOST_DEVICE void two_sum_add(double& hi, double& lo, double m) {
+  const double s = hi + m, bb = s - hi;
+  lo += (hi - (s - bb)) + (m - bb);
+  hi = s;
+}
+
+// The ghost of alpha_hat = acc · endf (endf = fexp(log_endf)) from acc's
+// ghost g: through the factor, plus a smallest normal where the product fell
+// below it; 0 where it is absorbed into relative error (g · absorb_factor ≤
+// alpha_hat). *rejected where no bound is left.
+template <typename scalar_t>
+HOST_DEVICE double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double log_endf,
+                                  scalar_t alpha, double absorb_factor, bool* rejected) {
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  g = ghost_through_factor(g, acc, endf, log_endf);
+  if (acc > 0 && endf >= tiny && alpha < tiny) g += kSlack;
+  if (g > 0 && alpha > 0 && g * absorb_factor <= static_cast<double>(alpha)) g = 0.0;
+  if (!(g < 1e300)) *rejected = true;  // past any use (or NaN): fall back
+  return g;
+}
+
+// t = L: log Z from alpha_hat (relative to O + mes) and its ghosts ga, or
+// false where the ghost bound cannot certify it: Z ≥ rho · ghost(Z).
+template <typename scalar_t>
+HOST_DEVICE bool certified_log_z(const SequenceInputs<scalar_t>& in, int64_t C,
+                                 const scalar_t* alpha, const double* ga, double O, double mes,
+                                 double* log_z) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  const double tiny_d = static_cast<double>(tiny);
+  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+  double top = kNegInf, et_max = kNegInf;
+  for (int64_t c = 0; c < C; ++c) {
+    const double et = in.end_transition[c];
+    et_max = std::max(et_max, et);
+    if (alpha[c] > 0) top = std::max(top, et + exponent_of(alpha[c]) * kLn2);
+  }
+  const double mz = top > kNegInf ? top : (et_max > kNegInf ? et_max : 0.0);
+  double z = 0.0, gz = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double lz = static_cast<double>(in.end_transition[c]) - mz;
+    const scalar_t zf = fexp(static_cast<scalar_t>(lz));
+    const scalar_t term = alpha[c] > 0 ? alpha[c] * zf : scalar_t(0);
+    z += static_cast<double>(term);
+    gz += ghost_through_factor(ga[c], alpha[c], zf, lz);
+    if (alpha[c] > 0 && zf >= tiny && term < tiny) gz += kSlack;
+  }
+  if (!(gz < std::numeric_limits<double>::infinity()) || z != z) return false;
+  if (z == 0.0) {
+    *log_z = kNegInf;
+    return gz == 0.0;
+  }
+  *log_z = O + (mes + mz + ::log(z));
+  return z >= rho * gz * tiny_d * kSlack;
+}
+
+}  // namespace flashsemicrf
