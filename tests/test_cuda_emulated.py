@@ -458,6 +458,25 @@ def test_emulated_exp_forward_matches_cpu(emu, monkeypatch, shape, dtype):
         assert int(verdicts.sum()) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_backward_from_exp_forward(emu, monkeypatch, dtype):
+    """The CUDA backward from the CUDA exp-domain forward's checkpoints (what
+    autograd runs by default) against the CPU kernel's log-domain backward
+    from the same checkpoints: every gradient output, several spans."""
+    B, T, K, C, interval = 3, 60, 7, 4, 9
+    args = make(B, T, K, C, False, True, dtype, 61, neg_inf=True)
+    fwd = emu.forward_exp(*args, interval, 2, 2, ALL_SMEM)
+    assert int(fwd[4].sum()) == 0
+    monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
+    up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+    want = ops.backward(up, *args, *fwd[:3], interval, True)
+    got = emu.backward(up, *args, *fwd[:3], interval, True, 2, 3, ALL_SMEM)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    for name, a, b in zip(("scores", "transition", "duration", "start_transition",
+                           "end_transition", "start_scores", "end_scores"), got[:7], want):
+        close("grad_" + name, a, b, tol)
+
+
 def exp_placements(K, C, dtype):
     """smem limits that put the exp-domain forward's arena in every
     placement: all in shared memory; the float64 transition bound in the

@@ -285,7 +285,12 @@ struct CtaExpForward {
     }
   }
 
-  // The ring pass of step t (n = min(t, K) ages): partial sums per group.
+  // The ring pass of step t (n = min(t, K) ages): partial sums per group,
+  // as the CPU's ring_chunk_pass computes them per age. The ages a thread
+  // takes are split where its label's entries stop being able to grow
+  // (keep), so that neither loop tests it; the ring and weight addresses
+  // step by G ages (the ring's backwards, wrapping once at most: G <= K
+  // whenever a second age is taken, since n <= K).
   __device__ void ring_pass(int n) {
     const int tid = threadIdx.x;
     const int G = C <= kThreads ? kThreads / C : 1;
@@ -294,24 +299,55 @@ struct CtaExpForward {
     const scalar_t* fo = rs(kFo);
     auto pass = [&](int g, int c) {
       scalar_t a = 0, lm = 0, mn = inf;
-      const scalar_t f = fo[c];
+      // Ages >= 2 take the last advance's factor (none owed: 1, exact).
+      const scalar_t f = owes_advance ? fo[c] : scalar_t(1);
       const int last = last_duration()[c];
-      for (int d0 = g; d0 < n; d0 += G) {
-        scalar_t* r = ring + slot_before(tK, d0 + 1, K) * C + c;
+      // Ages d0+1 with d0 + 2 <= last can still grow.
+      const int alive = last - 1 < n ? (last - 1 > 0 ? last - 1 : 0) : n;
+      int d0 = g;
+      scalar_t* r = ring + slot_before(tK, d0 + 1, K) * C + c;
+      const scalar_t* w = weight + static_cast<int64_t>(d0) * C + c;
+      const int64_t step = static_cast<int64_t>(G) * C;
+      auto next = [&]() {
+        d0 += G;
+        r -= step;
+        if (r < ring) r += static_cast<int64_t>(K) * C;
+        w += step;
+      };
+      auto load = [&](bool scale) {
         scalar_t x = *r;
-        if (owes_advance && d0 > 0) {  // ages >= 2 take the last advance's factor
+        if (scale) {
           x = x * f;
           x = x < big ? x : big;
           *r = x;
         }
-        const scalar_t wd = weight[d0 * C + c];
+        return x;
+      };
+      if (d0 == 0 && n > 0) {  // age 1: the entries that started at t - 1, new
+        const scalar_t x = load(false), wd = *w;
         a += x * wd;
-        const bool keep = d0 + 2 <= last;  // an entry of age d0+1 that can still grow
+        const bool keep = 0 < alive;
         const scalar_t live = keep ? x : scalar_t(0);
         lm = live > lm ? live : lm;
-        // Only entries that meet a weight now or stay alive can lose anything.
         const scalar_t pos = (x > 0 && (wd > 0 || keep)) ? x : inf;
         mn = pos < mn ? pos : mn;
+        next();
+      }
+      // std::fmax / std::fmin: the CPU's `x > m ? x : m` and `x < m ? x : m`
+      // for numbers (one instruction instead of a compare and a select).
+#pragma unroll 2
+      for (; d0 < alive; next()) {
+        const scalar_t x = load(true);
+        a += x * *w;
+        lm = std::fmax(x, lm);
+        mn = std::fmin(x > 0 ? x : inf, mn);
+      }
+      // Only entries that meet a weight now can lose anything.
+#pragma unroll 2
+      for (; d0 < n; next()) {
+        const scalar_t x = load(true), wd = *w;
+        a += x * wd;
+        mn = std::fmin((x > 0 && wd > 0) ? x : inf, mn);
       }
       const int i = g * C + c;
       part[i] = a;
@@ -409,8 +445,12 @@ struct CtaExpForward {
   __device__ void starts(int64_t t) {
     const int tid = threadIdx.x;
     // alpha's range over the labels that can reach an end.
+    // And whether alpha_hat carries any ghost: where none does, the ghost
+    // mat-vec below adds nothing and is skipped (the CPU's `ghost`).
     double amax_d = 0.0, amin_d = kInf;
+    int ghost = 0;
     for (int c = lane_id(); c < C; c += kWarpSize) {
+      ghost |= rd(kGa)[c] > 0.0;
       if (!reaches(c)) continue;
       const double a = static_cast<double>(rs(kAlpha)[c]);
       amax_d = amax_d < a ? a : amax_d;
@@ -418,6 +458,7 @@ struct CtaExpForward {
     }
     amax_d = warp_reduce(amax_d, [](double a, double b) { return a < b ? b : a; });
     amin_d = warp_reduce(amin_d, [](double a, double b) { return b < a ? b : a; });
+    ghost = warp_reduce(ghost, [](int a, int b) { return a | b; });
     const scalar_t amax = static_cast<scalar_t>(amax_d), amin = static_cast<scalar_t>(amin_d);
     const scalar_t big = Limits::max();
     const scalar_t* alpha = rs(kAlpha);
@@ -425,16 +466,20 @@ struct CtaExpForward {
     for (int c = tid; c < C; c += kThreads) {
       // u = alpha_hat A, each sum over c' in order; zeros add exact zeros.
       scalar_t u = 0;
-      double work = 0.0;
       for (int cp = 0; cp < C; ++cp) {
         const scalar_t a = alpha[cp];
         if (a != 0) u += a * A[cp * C + c];
-        // The ghost mat-vec is exact: the cheap bound (largest ghost times
-        // the column sum) would spread one label's ghost into every column.
-        const double gcp = ga[cp];
-        if (gcp != 0.0) {
-          const double row = A_bound[cp * C + c];
-          if (row > 0) work += floored(gcp * row);
+      }
+      // The ghost mat-vec is exact: the cheap bound (largest ghost times the
+      // column sum) would spread one label's ghost into every column.
+      double work = 0.0;
+      if (ghost) {
+        for (int cp = 0; cp < C; ++cp) {
+          const double gcp = ga[cp];
+          if (gcp != 0.0) {
+            const double row = A_bound[cp * C + c];
+            if (row > 0) work += floored(gcp * row);
+          }
         }
       }
       const double ys = static_cast<double>(in.start(t, c)) + rd(kColMax)[c];
