@@ -93,12 +93,24 @@ __device__ __forceinline__ T max_ignoring_nan(T a, T b) {
   return a < b ? b : a;
 }
 
-// The largest of row[0 … n-1] and init, NaN ignored, by every warp on its own.
-template <typename T>
-__device__ __forceinline__ T row_max(const T* row, int n, T init) {
-  T m = init;
-  for (int i = lane_id(); i < n; i += kWarpSize) m = max_ignoring_nan(m, row[i]);
-  return warp_reduce(m, [](T a, T b) { return max_ignoring_nan(a, b); });
+// The largest of a[0 … n-1] (and of b[0 … n-1]), NaN ignored, by every warp
+// on its own; init for none. The two shuffle trees interleave, so the pair
+// costs about the latency of one.
+__device__ __forceinline__ void row_max_pair(const double* a, const double* b, int n, double init,
+                                             double* ma, double* mb) {
+  double x = init, y = init;
+  for (int i = lane_id(); i < n; i += kWarpSize) {
+    x = max_ignoring_nan(x, a[i]);
+    y = max_ignoring_nan(y, b[i]);
+  }
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const double x2 = __shfl_xor_sync(kFullMask, x, o), y2 = __shfl_xor_sync(kFullMask, y, o);
+    x = max_ignoring_nan(x, x2);
+    y = max_ignoring_nan(y, y2);
+  }
+  *ma = x;
+  *mb = y;
 }
 
 template <typename scalar_t, bool kShared>
@@ -133,6 +145,15 @@ struct CtaExpForward {
   double O = 0.0, mes = 0.0, sigma_rel = 0.0, ref_hi = 0.0, ref_lo = 0.0;
   bool owes_advance = false;
   int tK = 0;
+  // Read by every warp at the end of ends(t) for starts(t) and the log
+  // scan's offset: alpha_hat's largest entry, its range over the labels
+  // that can reach an end, and whether it carries a ghost.
+  scalar_t alpha_max = 0, alpha_reach_max = 0, alpha_reach_min = 0;
+  bool alpha_ghost = false;
+  // The largest score of the position the next advance() adds (NaN
+  // ignored; 0 where all are -inf), reduced before the step's ring pass so
+  // that its loads are in flight meanwhile.
+  double emit_max = 0.0;
 
   __device__ CtaExpForward(const ForwardParams& p, const Arena& arena, int64_t b, int64_t L_)
       : in(p, b), K(static_cast<int>(p.K)), C(static_cast<int>(p.C)), L(L_),
@@ -397,8 +418,8 @@ struct CtaExpForward {
     }
     __syncthreads();
     // The end factor is normalised against the mass it multiplies.
-    const double top = row_max(rd(kEndCand), C, kNegInf);
-    const double ya_max = row_max(rd(kEndYa), C, kNegInf);
+    double top, ya_max;
+    row_max_pair(rd(kEndCand), rd(kEndYa), C, kNegInf, &top, &ya_max);
     mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
     const scalar_t big = Limits::max();
     const double n_charge = static_cast<double>(n) * kSlack;
@@ -428,8 +449,9 @@ struct CtaExpForward {
       if (lost) reject();
     }
     __syncthreads();
+    alpha_summary();
     // The offset the log scan would have: its step subtracts its max alpha.
-    const scalar_t amax = row_max(rs(kAlpha), C, scalar_t(0));
+    const scalar_t amax = alpha_max;
     if (amax > 0) {
       const double shift = (O - ref_hi) - ref_lo;
       two_sum_add(ref_hi, ref_lo,
@@ -440,26 +462,45 @@ struct CtaExpForward {
     }
   }
 
+  // alpha_max, alpha_reach_max, alpha_reach_min and alpha_ghost from the
+  // alpha_hat and ga rows, by every warp, the four shuffle trees interleaved.
+  __device__ void alpha_summary() {
+    scalar_t all = 0, hi = 0, lo = Limits::infinity();
+    int ghost = 0;
+    for (int c = lane_id(); c < C; c += kWarpSize) {
+      const scalar_t a = rs(kAlpha)[c];
+      all = max_ignoring_nan(all, a);
+      ghost |= rd(kGa)[c] > 0.0;
+      if (!reaches(c)) continue;
+      hi = hi < a ? a : hi;
+      lo = a > 0 && a < lo ? a : lo;
+    }
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+      const scalar_t all2 = __shfl_xor_sync(kFullMask, all, o);
+      const scalar_t hi2 = __shfl_xor_sync(kFullMask, hi, o);
+      const scalar_t lo2 = __shfl_xor_sync(kFullMask, lo, o);
+      const int ghost2 = __shfl_xor_sync(kFullMask, ghost, o);
+      all = max_ignoring_nan(all, all2);
+      hi = hi < hi2 ? hi2 : hi;
+      lo = lo2 < lo ? lo2 : lo;
+      ghost |= ghost2;
+    }
+    alpha_max = all;
+    alpha_reach_max = hi;
+    alpha_reach_min = lo;
+    alpha_ghost = ghost != 0;
+  }
+
   // t < L, t >= 1: sigma_hat[t] and its ghost gs (the CPU's starts). One
   // barrier; sigma_hat and gs are then the calling thread's own (label c).
   __device__ void starts(int64_t t) {
     const int tid = threadIdx.x;
-    // alpha's range over the labels that can reach an end.
-    // And whether alpha_hat carries any ghost: where none does, the ghost
-    // mat-vec below adds nothing and is skipped (the CPU's `ghost`).
-    double amax_d = 0.0, amin_d = kInf;
-    int ghost = 0;
-    for (int c = lane_id(); c < C; c += kWarpSize) {
-      ghost |= rd(kGa)[c] > 0.0;
-      if (!reaches(c)) continue;
-      const double a = static_cast<double>(rs(kAlpha)[c]);
-      amax_d = amax_d < a ? a : amax_d;
-      amin_d = a > 0.0 && a < amin_d ? a : amin_d;
-    }
-    amax_d = warp_reduce(amax_d, [](double a, double b) { return a < b ? b : a; });
-    amin_d = warp_reduce(amin_d, [](double a, double b) { return b < a ? b : a; });
-    ghost = warp_reduce(ghost, [](int a, int b) { return a | b; });
-    const scalar_t amax = static_cast<scalar_t>(amax_d), amin = static_cast<scalar_t>(amin_d);
+    // alpha's range over the labels that can reach an end, and whether
+    // alpha_hat carries any ghost: where none does, the ghost mat-vec below
+    // adds nothing and is skipped (the CPU's `ghost`).
+    const scalar_t amax = alpha_reach_max, amin = alpha_reach_min;
+    const bool ghost = alpha_ghost;
     const scalar_t big = Limits::max();
     const scalar_t* alpha = rs(kAlpha);
     const double* ga = rd(kGa);
@@ -492,8 +533,8 @@ struct CtaExpForward {
       rd(kStartYs)[c] = reach ? ys : kNegInf;
     }
     __syncthreads();
-    const double top = row_max(rd(kStartCand), C, kNegInf);
-    const double ys_max = row_max(rd(kStartYs), C, kNegInf);
+    double top, ys_max;
+    row_max_pair(rd(kStartCand), rd(kStartYs), C, kNegInf, &top, &ys_max);
     const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
     sigma_rel = mes + mss;
     for (int c = tid; c < C; c += kThreads) {
@@ -520,6 +561,15 @@ struct CtaExpForward {
     }
   }
 
+  // emit_max for position t < L.
+  __device__ void reduce_emit_max(int64_t t) {
+    double m = kNegInf;
+    for (int c = lane_id(); c < C; c += kWarpSize)
+      m = max_ignoring_nan(m, static_cast<double>(in.score(t, c)));
+    m = warp_reduce(m, [](double a, double b) { return max_ignoring_nan(a, b); });
+    emit_max = m == kNegInf ? 0.0 : m;
+  }
+
   // A ghost carried through a float64 factor f: an upper bound even where
   // f or the product underflowed float64.
   __device__ static double scaled_ghost(double g, double f, bool exact_zero) {
@@ -535,11 +585,7 @@ struct CtaExpForward {
     const int tid = threadIdx.x;
     // Position t's scores relative to their finite max m (NaN or +inf:
     // rejected below).
-    double m = kNegInf;
-    for (int c = lane_id(); c < C; c += kWarpSize)
-      m = max_ignoring_nan(m, static_cast<double>(in.score(t, c)));
-    m = warp_reduce(m, [](double a, double b) { return max_ignoring_nan(a, b); });
-    if (m == kNegInf) m = 0.0;
+    const double m = emit_max;
     two_sum_add(ref_hi, ref_lo, m);
     for (int c = tid; c < C; c += kThreads) {
       const double lemit = static_cast<double>(in.score(t, c)) - m;
@@ -555,7 +601,8 @@ struct CtaExpForward {
       rd(kFreshMass)[c] = reaches(c) ? static_cast<double>(rs(kSigma)[c]) * e : 0.0;
     }
     __syncthreads();
-    const double old = row_max(rd(kOldMass), C, 0.0), fresh = row_max(rd(kFreshMass), C, 0.0);
+    double old, fresh;
+    row_max_pair(rd(kOldMass), rd(kFreshMass), C, 0.0, &old, &fresh);
     double top = std::max(old > 0 ? ::log(old) : kNegInf,
                           fresh > 0 ? sigma_rel + ::log(fresh) : kNegInf);
     if (top == kNegInf) top = 0.0;
@@ -639,13 +686,14 @@ struct CtaExpForward {
 // log Z its bounds certify; redo[b] = 1 for the others (their outputs are
 // left to the log-domain forward_kernel, launched after it with redo).
 // CTAs per SM the exp-domain forward asks room for: two (128 registers a
-// thread), one for the float64 workspace instantiation. At the log
+// thread) when its arrays are in shared memory, one for the workspace
+// instantiations (generic pointers, more live addresses). At the log
 // forward's four in float32 (64 registers) ptxas spilled 32-48 bytes, and
-// the float64 workspace one spilled 24 at 128: the per-label bounds keep
-// many float64 values live.
+// the workspace instantiations spilled 16-24 at 128: the per-label bounds
+// keep many float64 values live.
 template <typename scalar_t, bool kShared>
 constexpr int exp_forward_min_blocks() {
-  return sizeof(scalar_t) == sizeof(double) && !kShared ? 1 : 2;
+  return kShared ? 2 : 1;
 }
 
 template <typename scalar_t, bool kShared>
@@ -665,6 +713,7 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
       ++j;
       __syncthreads();
     }
+    if (t < L) scan.reduce_emit_max(t);
     if (t == 0) {
       scan.first();
     } else {
