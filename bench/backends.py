@@ -4,15 +4,15 @@ Every backend gets the same problem in our convention (README, "The model") and 
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 
-* ours (``cuda``, ``cuda-log``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
+* ours (``cuda``, ``cuda-exp``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
   with ``start_transition`` = flash-semicrf's "phantom start", the
   log-sum-exp of the transition over the previous label; ``cpu`` and
   ``cpu-log`` are the C++ kernel with its two algorithms, the scaled
   exp-domain forward (the default) and the log-domain scan, chosen by
   ``FLASHSEMICRF_CPU_ALGORITHM``, which the backend sets around each call
-  (forward and backward) and restores afterwards; ``cuda`` and ``cuda-log``
-  likewise are the CUDA kernels with the exp-domain forward (the default) and
-  the log-domain one, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``;
+  (forward and backward) and restores afterwards; ``cuda`` and ``cuda-exp``
+  likewise are the CUDA kernels with the log-domain forward (the default) and
+  the exp-domain one, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``;
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -45,7 +45,7 @@ import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "cuda-log", "triton", "cpu", "cpu-log", "torch")
+OURS = ("cuda", "cuda-exp", "triton", "cpu", "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
@@ -53,7 +53,7 @@ CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
 ONE_SEQUENCE_PER_THREAD = tuple(CPU_ALGORITHM)
 # The same for the CUDA kernels' forward.
 CUDA_ALGORITHM_ENV = "FLASHSEMICRF_CUDA_ALGORITHM"
-CUDA_ALGORITHM = {"cuda": "exp", "cuda-log": "log"}
+CUDA_ALGORITHM = {"cuda": "log", "cuda-exp": "exp"}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -63,7 +63,7 @@ LINEAR_CHAIN_ONLY = ("pytorch-crf",)
 # "dense" is torch-struct's O(log T) matrix products on (K·C)² blocks.
 KIND = {
     "cuda": "kernel",
-    "cuda-log": "kernel",
+    "cuda-exp": "kernel",
     "triton": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",

@@ -187,7 +187,7 @@ def headline_lines(h: dict) -> list[str]:
 # Column names for a reader: the library first, then which of its code paths.
 LABELS = {
     "cuda": "flashsemicrf CUDA",
-    "cuda-log": "flashsemicrf CUDA log-domain",
+    "cuda-exp": "flashsemicrf CUDA exp-domain",
     "triton": "flashsemicrf Triton",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
@@ -198,7 +198,7 @@ LABELS = {
     "pytorch-crf": "pytorch-crf",
 }
 # Our backends as the throughput column names them.
-SHORT = {"cuda": "CUDA", "cuda-log": "CUDA log", "triton": "Triton", "cpu": "C++",
+SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "triton": "Triton", "cpu": "C++",
          "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -272,10 +272,10 @@ def column_legend(meta: dict) -> dict[str, str]:
                 "(what the CRF part of a training step costs). Every call computes the "
                 "whole batch.",
         LABELS["cuda"]: "this library's handwritten CUDA kernels (`--backends cuda`) with "
-                        "their default forward, the exp-domain one for the static transition "
-                        "(`FLASHSEMICRF_CUDA_ALGORITHM=exp`).",
-        LABELS["cuda-log"]: "the same CUDA kernels with the log-domain forward everywhere "
-                            "(`FLASHSEMICRF_CUDA_ALGORITHM=log`, `--backends cuda-log`).",
+                        "their default, log-domain forward (`FLASHSEMICRF_CUDA_ALGORITHM=log`).",
+        LABELS["cuda-exp"]: "the same CUDA kernels with the exp-domain forward for the static "
+                            "transition (`FLASHSEMICRF_CUDA_ALGORITHM=exp`, "
+                            "`--backends cuda-exp`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",
@@ -303,7 +303,7 @@ def column_legend(meta: dict) -> dict[str, str]:
             "`CRF.forward` (`--backends pytorch-crf`).",
         THROUGHPUT:
             "how hard the fastest of this library's backends in that row (named in the "
-            "cell: C++, C++ log, CUDA, CUDA log, Triton or PyTorch ref.) keeps the device busy. "
+            "cell: C++, C++ log, CUDA, CUDA exp, Triton or PyTorch ref.) keeps the device busy. "
             "Log Z is a "
             "sum of log-sum-exp terms, one exponential each: B·T·(C² + K·C) per forward "
             "with a static transition, B·T·K·C² with a duration-dependent one, three "

@@ -88,6 +88,54 @@ HOST_DEVICE double ghost_of_alpha(double g, scalar_t acc, scalar_t endf, double 
   return g;
 }
 
+// The static forward's per-call tables, one label c at a time (the CPU
+// kernel's and the CUDA kernel's). The duration weights: w = fexp(duration[d-1,
+// c] - dur_max) in the dtype, 0 where that falls below tiny, handed to
+// store(d, w) for d = 1 … K. Returns the flushed true weights' total, each
+// rounded up and never to 0.
+template <typename scalar_t, typename Store>
+HOST_DEVICE double weight_column(const SequenceInputs<scalar_t>& in, int64_t K, int64_t c,
+                                 double dur_max, Store store) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  constexpr double kFloor = std::numeric_limits<double>::min();
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  double lost = 0.0;
+  for (int64_t d = 1; d <= K; ++d) {
+    const double x = static_cast<double>(in.dur(d, c)) - dur_max;
+    scalar_t w = fexp(static_cast<scalar_t>(x));
+    if (w < tiny && x > kNegInf) {
+      lost += std::max(::exp(x) * kUp, kFloor);
+      w = 0;
+    }
+    store(d, w);
+  }
+  return lost;
+}
+
+// The transition's column c: a = fexp(transition[c', c] - col_max) in the
+// dtype, 0 below tiny, and its float64 bound (rounded up, never to 0; 0 for
+// a -inf entry), handed to store(c', a, bound) for c' = 0 … C-1. Returns the
+// flushed entries' bounds' total.
+template <typename scalar_t, typename Store>
+HOST_DEVICE double transition_column(const SequenceInputs<scalar_t>& in, int64_t C, int64_t c,
+                                     double col_max, Store store) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  constexpr double kFloor = std::numeric_limits<double>::min();
+  const scalar_t tiny = std::numeric_limits<scalar_t>::min();
+  double lost = 0.0;
+  for (int64_t cp = 0; cp < C; ++cp) {
+    const double x = static_cast<double>(in.trans(cp, c)) - col_max;
+    const double xb = x > kNegInf ? std::max(::exp(x) * kUp, kFloor) : 0.0;
+    scalar_t a = fexp(static_cast<scalar_t>(x));
+    if (a < tiny) {
+      lost += xb;
+      a = 0;
+    }
+    store(cp, a, xb);
+  }
+  return lost;
+}
+
 // t = L: log Z from alpha_hat (relative to O + mes) and its ghosts ga, or
 // false where the ghost bound cannot certify it: Z ≥ rho · ghost(Z).
 template <typename scalar_t>

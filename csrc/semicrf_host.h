@@ -35,14 +35,15 @@ inline int64_t default_interval(int64_t T, int64_t K) {
 }
 
 // Which algorithm an environment variable selects for a kernel:
-// FLASHSEMICRF_CPU_ALGORITHM (the C++ CPU forward and backward) and
-// FLASHSEMICRF_CUDA_ALGORITHM (the CUDA forward). "exp" (the default, also
-// when unset or empty) runs the scaled exp-domain recurrences with the
-// log-domain kernels as their per-sequence fallbacks; "log" runs the log
-// domain everywhere. Read on every call.
-inline bool uses_exp_domain(const char* variable) {
+// FLASHSEMICRF_CPU_ALGORITHM (the C++ CPU forward and backward; unset means
+// exp) and FLASHSEMICRF_CUDA_ALGORITHM (the CUDA forward; unset means log).
+// "exp" runs the scaled exp-domain recurrences with the log-domain kernels
+// as their per-sequence fallbacks; "log" runs the log domain everywhere.
+// Read on every call; unset or empty gives `unset`.
+inline bool uses_exp_domain(const char* variable, bool unset) {
   const char* v = std::getenv(variable);
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "exp") == 0) return true;
+  if (v == nullptr || *v == '\0') return unset;
+  if (std::strcmp(v, "exp") == 0) return true;
   TORCH_CHECK(std::strcmp(v, "log") == 0, variable, " must be 'exp' or 'log' (or unset), got '",
               v, "'");
   return false;

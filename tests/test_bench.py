@@ -28,7 +28,7 @@ from bench.run import Runner, Settings, case_backends  # noqa: E402
 LATEST = ROOT / "bench" / "results" / "latest.md"
 TIME_CELL = re.compile(r"^\d[\d.]* ms( · (<0\.01|\d[\d.]*) MiB)?( ‡)?$")
 THROUGHPUT_CELL = re.compile(
-    r"^\d[\d.]*[kMGT]? \(\d[\d.]*%, (C\+\+|C\+\+ log|CUDA|CUDA log|Triton|PyTorch ref\.)\)$")
+    r"^\d[\d.]*[kMGT]? \(\d[\d.]*%, (C\+\+|C\+\+ log|CUDA|CUDA exp|Triton|PyTorch ref\.)\)$")
 RATIO_CELL = re.compile(r"^\d+(\.\d+)?(e-\d+)?×$")
 # The numeric cells of the exp-domain vs log-domain section, by column.
 NUMBER_CELLS = {

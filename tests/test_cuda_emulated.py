@@ -396,7 +396,7 @@ def test_emulated_viterbi_working_memory_grows_as_sqrt_T(emu):
 
 
 # The exp-domain forward (exp_forward_kernel, static transition; what
-# FLASHSEMICRF_CUDA_ALGORITHM=exp, the default, runs), then the log-domain
+# FLASHSEMICRF_CUDA_ALGORITHM=exp runs), then the log-domain
 # forward for the sequences it marks: held to the C++ CPU kernel's
 # exp-domain forward, which makes the same decisions from the same bounds.
 

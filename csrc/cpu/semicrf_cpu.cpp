@@ -662,17 +662,10 @@ struct ExpForward {
       }
       dur_max[c] = mx == kNegInf ? 0.0 : mx;
       weight_minpos[c] = Limits::infinity();
-      double lost = 0.0;
-      for (int64_t d = 1; d <= K; ++d) {
-        const double x = static_cast<double>(in.dur(d, c)) - dur_max[c];
-        scalar_t w = fexp(static_cast<scalar_t>(x));
-        if (w < tiny && x > kNegInf) {
-          lost += std::max(std::exp(x) * kUp, kFloor);
-          w = 0;
-        }
+      const double lost = weight_column(in, K, c, dur_max[c], [&](int64_t d, scalar_t w) {
         weight[(d - 1) * Cp + c] = w;
         if (w > 0) weight_minpos[c] = std::min(weight_minpos[c], w);
-      }
+      });
       // Entries are at most 1 (times rounding) when they meet a weight.
       weight_lost[c] = 2.0 * lost / tiny_d;
     }
@@ -681,19 +674,12 @@ struct ExpForward {
       for (int64_t cp = 0; cp < C; ++cp) mx = std::max(mx, static_cast<double>(in.trans(cp, c)));
       col_max[c] = mx == kNegInf ? 0.0 : mx;
       A_minpos[c] = Limits::infinity();
-      double lost = 0.0;
-      for (int64_t cp = 0; cp < C; ++cp) {
-        const double x = static_cast<double>(in.trans(cp, c)) - col_max[c];
-        const double xb = x > kNegInf ? std::max(std::exp(x) * kUp, kFloor) : 0.0;
-        scalar_t a = fexp(static_cast<scalar_t>(x));
-        if (a < tiny) {
-          lost += xb;
-          a = 0;
-        }
-        A_padded[cp * Cp + c] = a;
-        A_bound[cp * C + c] = xb;
-        if (a > 0) A_minpos[c] = std::min(A_minpos[c], a);
-      }
+      const double lost =
+          transition_column(in, C, c, col_max[c], [&](int64_t cp, scalar_t a, double xb) {
+            A_padded[cp * Cp + c] = a;
+            A_bound[cp * C + c] = xb;
+            if (a > 0) A_minpos[c] = std::min(A_minpos[c], a);
+          });
       A_lost[c] = lost / tiny_d;
     }
     // Labels that can reach an end: a fixed point over the finite
@@ -1784,9 +1770,9 @@ struct ExpForwardDD {
 };
 
 // FLASHSEMICRF_CPU_ALGORITHM (semicrf_host.h's uses_exp_domain): the
-// exp-domain forward and backward (both transition forms), or the log domain
-// everywhere.
-bool cpu_uses_exp_domain() { return uses_exp_domain("FLASHSEMICRF_CPU_ALGORITHM"); }
+// exp-domain forward and backward (both transition forms, the default), or
+// the log domain everywhere.
+bool cpu_uses_exp_domain() { return uses_exp_domain("FLASHSEMICRF_CPU_ALGORITHM", true); }
 
 template <typename scalar_t, bool DD>
 void backward_sequence(const BackwardParams& p, int64_t b) {

@@ -202,17 +202,10 @@ struct CtaExpForward {
       const double dmax = mx == kNegInf ? 0.0 : mx;
       rd(kDurMax)[c] = dmax;
       scalar_t wmin = Limits::infinity();
-      double lost = 0.0;
-      for (int d = 1; d <= K; ++d) {
-        const double x = static_cast<double>(in.dur(d, c)) - dmax;
-        scalar_t w = fexp(static_cast<scalar_t>(x));
-        if (w < tiny && x > kNegInf) {
-          lost += floored(::exp(x) * kUp);
-          w = 0;
-        }
+      double lost = weight_column(in, K, c, dmax, [&](int64_t d, scalar_t w) {
         weight[(d - 1) * C + c] = w;
         if (w > 0) wmin = wmin < w ? wmin : w;
-      }
+      });
       rs(kWeightMinpos)[c] = wmin;
       rd(kWeightLost)[c] = 2.0 * lost / tiny_d;  // entries are at most 1 when they meet a weight
       mx = kNegInf;
@@ -220,19 +213,11 @@ struct CtaExpForward {
       const double cmax = mx == kNegInf ? 0.0 : mx;
       rd(kColMax)[c] = cmax;
       scalar_t amin = Limits::infinity();
-      lost = 0.0;
-      for (int cp = 0; cp < C; ++cp) {
-        const double x = static_cast<double>(in.trans(cp, c)) - cmax;
-        const double xb = x > kNegInf ? floored(::exp(x) * kUp) : 0.0;
-        scalar_t a = fexp(static_cast<scalar_t>(x));
-        if (a < tiny) {
-          lost += xb;
-          a = 0;
-        }
+      lost = transition_column(in, C, c, cmax, [&](int64_t cp, scalar_t a, double xb) {
         A[cp * C + c] = a;
         A_bound[cp * C + c] = xb;
         if (a > 0) amin = amin < a ? amin : a;
-      }
+      });
       rs(kAMinpos)[c] = amin;
       rd(kALost)[c] = lost / tiny_d;
       last_duration()[c] = raw_last;
@@ -288,6 +273,18 @@ struct CtaExpForward {
   }
 
   __device__ bool reaches(int c) const { return last_duration()[c] > 0; }
+
+  // The end and start factors are normalised against the mass they
+  // multiply: label c's candidate is its score y plus log2 of its mass v
+  // (in ln units), none where it cannot reach an end or carries nothing.
+  __device__ static double scale_candidate(bool reach, scalar_t v, double y) {
+    return reach && v > 0 ? y + exponent_of(v) * kLn2 : kNegInf;
+  }
+  // The scale: the largest candidate, else the largest score of a label that
+  // can reach an end, else 0.
+  __device__ static double scale_of(double top, double y_max) {
+    return top > kNegInf ? top : (y_max > kNegInf ? y_max : 0.0);
+  }
 
   // Step 0: sigma_hat[0] relative to O = its finite max. Per label.
   __device__ void first() {
@@ -413,14 +410,13 @@ struct CtaExpForward {
       rd(kYa)[c] = ya;
       // Labels that cannot reach an end set no scale.
       const bool reach = reaches(c);
-      rd(kEndCand)[c] = reach && a > 0 ? ya + exponent_of(a) * kLn2 : kNegInf;
+      rd(kEndCand)[c] = scale_candidate(reach, a, ya);
       rd(kEndYa)[c] = reach ? ya : kNegInf;
     }
     __syncthreads();
-    // The end factor is normalised against the mass it multiplies.
     double top, ya_max;
     row_max_pair(rd(kEndCand), rd(kEndYa), C, kNegInf, &top, &ya_max);
-    mes = top > kNegInf ? top : (ya_max > kNegInf ? ya_max : 0.0);
+    mes = scale_of(top, ya_max);
     const scalar_t big = Limits::max();
     const double n_charge = static_cast<double>(n) * kSlack;
     for (int c = tid; c < C; c += kThreads) {
@@ -529,13 +525,13 @@ struct CtaExpForward {
       rd(kWork)[c] = work;
       rd(kYs)[c] = ys;
       const bool reach = reaches(c);
-      rd(kStartCand)[c] = reach && x > 0 ? ys + exponent_of(x) * kLn2 : kNegInf;
+      rd(kStartCand)[c] = scale_candidate(reach, x, ys);
       rd(kStartYs)[c] = reach ? ys : kNegInf;
     }
     __syncthreads();
     double top, ys_max;
     row_max_pair(rd(kStartCand), rd(kStartYs), C, kNegInf, &top, &ys_max);
-    const double mss = top > kNegInf ? top : (ys_max > kNegInf ? ys_max : 0.0);
+    const double mss = scale_of(top, ys_max);
     sigma_rel = mes + mss;
     for (int c = tid; c < C; c += kThreads) {
       const double ys = rd(kYs)[c];
@@ -682,9 +678,6 @@ struct CtaExpForward {
   }
 };
 
-// The exp-domain forward: log Z and the checkpoints for every sequence whose
-// log Z its bounds certify; redo[b] = 1 for the others (their outputs are
-// left to the log-domain forward_kernel, launched after it with redo).
 // CTAs per SM the exp-domain forward asks room for: two (128 registers a
 // thread) when its arrays are in shared memory, one for the workspace
 // instantiations (generic pointers, more live addresses). At the log
@@ -696,6 +689,9 @@ constexpr int exp_forward_min_blocks() {
   return kShared ? 2 : 1;
 }
 
+// The exp-domain forward: log Z and the checkpoints for every sequence whose
+// log Z its bounds certify; redo[b] = 1 for the others (their outputs are
+// left to the log-domain forward_kernel, launched after it with redo).
 template <typename scalar_t, bool kShared>
 __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kShared>())
     exp_forward_kernel(const ForwardParams p, const Arena arena, int32_t* redo) {

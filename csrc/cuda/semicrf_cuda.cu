@@ -20,11 +20,12 @@
 //        static sigma[t, c]: warp per c, lanes over c'.
 //     C  ring update: thread tid owns ring entries i ≡ tid (mod 256),
 //        i = slot·C + c.
-//   exp-domain forward step t (static transition, the default; its mapping
-//   and six barriers a step are described in exp_forward_kernel.cuh): the
-//   ring pass over (duration group, label) threads, per-label factors and
-//   ghosts over label threads; sequences it cannot certify are marked, and
-//   the log-domain forward above then runs for them only.
+//   exp-domain forward step t (static transition, with
+//   FLASHSEMICRF_CUDA_ALGORITHM=exp; its mapping and six barriers a step are
+//   described in exp_forward_kernel.cuh): the ring pass over (duration
+//   group, label) threads, per-label factors and ghosts over label threads;
+//   sequences it cannot certify are marked, and the log-domain forward
+//   above then runs for them only.
 //   backward sweep step t (backward_kernel.cuh)
 //     S0 threads c ≡ tid (mod 256) stage alpha_hat/sigma_hat rows and the
 //        inputs of t; the first 256 labels' values were loaded into
@@ -182,14 +183,15 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
 }
 
 struct Cuda {
-  // FLASHSEMICRF_CUDA_ALGORITHM=exp (the default), static transition: the
-  // exp-domain forward, then the log-domain forward for the sequences whose
-  // log Z it could not certify (its CTAs for the others return at once, so
-  // nothing waits on the host). Otherwise the log-domain forward for all.
+  // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
+  // forward, then the log-domain forward for the sequences whose log Z it
+  // could not certify (its CTAs for the others return at once, so nothing
+  // waits on the host). Otherwise (log, the default until a GPU has timed
+  // both: bench/results/gpu-forecast.md) the log-domain forward for all.
   static void run(const ForwardParams& p, const at::Tensor& scores) {
     const int32_t* redo = nullptr;
     at::Tensor verdicts;
-    if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM")) {
+    if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
       verdicts = at::empty({std::max<int64_t>(p.B, 1)}, scores.options().dtype(at::kInt));
       launch_per_sequence(scores, p, cuda::plan_exp_forward_arena,
                           [](auto zero, auto, auto smem) {
