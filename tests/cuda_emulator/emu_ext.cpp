@@ -98,7 +98,9 @@ std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at
   TORCH_CHECK(!pass.params.duration_dependent, "forward_exp: static transition only");
   auto out = nan_filled(pass.outputs);
   const Schedule sched{static_cast<int>(mode), seed, smem_limit};
-  at::Tensor redo = at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
+  // -7: a verdict the exp-domain kernel did not write shows (and reruns).
+  at::Tensor redo =
+      at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
   out.push_back(launch_per_sequence(
       sched, scores, pass.params, cuda::plan_exp_forward_arena,
       [](auto zero, auto, auto smem) {
