@@ -531,3 +531,26 @@ def test_emulated_exp_forward_adversarial(emu, monkeypatch, adv, dtype):
         assert int(verdicts.sum()) == B
     if dtype in adv.clean:
         assert int(verdicts.sum()) == 0
+
+
+def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch):
+    """Random problems with scores and parameters scaled up to 120 (where
+    float32, and at the largest scales float64, flushes mass that matters):
+    sequence by sequence, the CUDA exp-domain forward hands over exactly as
+    many sequences as the CPU kernel's, and log Z agrees with it (the log
+    scan's where handed over)."""
+    g = torch.Generator().manual_seed(5)
+    taken_total = 0
+    for i in range(24):
+        T = int(torch.randint(20, 120, (1,), generator=g))
+        K = int(torch.randint(2, 30, (1,), generator=g))
+        C = int(torch.randint(1, 7, (1,), generator=g))
+        scale = (1.0, 10.0, 40.0, 120.0)[i % 4]
+        for dtype in (torch.float32, torch.float64):
+            args = [a * scale if a is not None and a.is_floating_point() else a
+                    for a in make(2, T, K, C, False, i % 2 == 0, dtype, 1000 + i,
+                                  neg_inf=i % 3 == 0)]
+            verdicts, _ = check_exp_forward(emu, monkeypatch, args, 0, 2, i, ALL_SMEM,
+                                            tol=1e-9 if dtype == torch.float64 else 1e-4)
+            taken_total += int(verdicts.sum())
+    assert taken_total > 0  # the scales do reach the fallback
