@@ -8,7 +8,9 @@
 // checkpoints. The decisions are a function of the inputs, as on the CPU:
 // the same charges, the same absorption, the same final check. Sums run in
 // another order than the CPU's (a ring pass adds its duration groups in
-// group order), so results agree with the CPU kernel's to rounding.
+// group order), so results agree with the CPU kernel's to rounding; the
+// device keeps subnormals where the CPU kernel flushes them, and the CPU
+// kernel's ghost-free fast paths (which give the same zeros) are left out.
 //
 // Thread mapping, per step t (one CTA of kThreads per sequence):
 //   ring pass  C <= 256: thread g·C + c (g < G = 256 / C) takes label c and
