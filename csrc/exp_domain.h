@@ -58,6 +58,31 @@ HOST_DEVICE double ghost_through_factor(double g, scalar_t x, scalar_t f, double
   return std::max((g * tiny_d + static_cast<double>(x)) * kSlack, kFloor);
 }
 
+// A ghost carried through a float64 factor f: an upper bound even where f or
+// the product underflowed float64; 0 for no ghost, or where f is an exact
+// zero (a -inf score). (std::max spelled out, so that the CPU kernel's lanes
+// vectorise it with the same NaN rule.)
+HOST_DEVICE double scaled_ghost(double g, double f, bool exact_zero) {
+  constexpr double kFloor = std::numeric_limits<double>::min();
+  const double scaled = g * (f < kFloor ? kFloor : f) * kUp;
+  return g == 0.0 || exact_zero ? 0.0 : (scaled < kFloor ? kFloor : scaled);
+}
+
+// log Z is accepted only if Z >= rho · ghost(Z), rho the dtype's precision.
+template <typename scalar_t>
+HOST_DEVICE constexpr double certify_ratio() {
+  return sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+}
+
+// A ghost below value / (4 rho L) is absorbed into relative error: at most 2L
+// absorptions along any chain add 1/(2 rho) relative in all. Returns
+// tiny · 4 rho L · kSlack: a ghost g with g · absorb_factor <= value is absorbed.
+template <typename scalar_t>
+HOST_DEVICE double absorb_factor_for(int64_t L) {
+  return static_cast<double>(std::numeric_limits<scalar_t>::min()) * 4.0 *
+         certify_ratio<scalar_t>() * static_cast<double>(L > 1 ? L : 1) * kSlack;
+}
+
 // NaN or +inf leaves nothing to bound: the exp-domain forwards hand such
 // sequences to the log scan, which gives the NaN.
 template <typename scalar_t>
@@ -145,7 +170,7 @@ HOST_DEVICE bool certified_log_z(const SequenceInputs<scalar_t>& in, int64_t C,
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const scalar_t tiny = std::numeric_limits<scalar_t>::min();
   const double tiny_d = static_cast<double>(tiny);
-  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
+  const double rho = certify_ratio<scalar_t>();
   double top = kNegInf, et_max = kNegInf;
   for (int64_t c = 0; c < C; ++c) {
     const double et = in.end_transition[c];

@@ -578,10 +578,8 @@ struct ExpForward {
   // A power of 2, so that x * inv_tiny_d is exactly x / tiny_d.
   const double inv_tiny_d = 1.0 / static_cast<double>(Limits::min());
   static constexpr double kInf = std::numeric_limits<double>::infinity();
-  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
-  // A ghost below value / rho_abs is absorbed into relative error: at most
-  // 2L absorptions along any chain add 1/(2 rho) relative in all.
-  double absorb_factor;  // tiny · 4 rho L · kSlack: ghost · absorb_factor <= value absorbs
+  // exp_domain.h's absorb_factor_for: ghost · absorb_factor <= value absorbs.
+  double absorb_factor;
 
   // Per-call tables.
   std::vector<double> dur_max;          // (C) finite max over d of duration[d-1, c] (0 if none)
@@ -646,7 +644,7 @@ struct ExpForward {
         fo_d(Cp, 0.0),
         fn_d(Cp, 0.0), reaches(C_, 0), reach_mask(Cp, 0.0),
         srow(Cp, -Limits::infinity()) {
-    absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
+    absorb_factor = absorb_factor_for<scalar_t>(L);
     rejected = bad_parameters();
     tables();
   }
@@ -1078,7 +1076,7 @@ struct ExpForward {
     const double n_old = static_cast<double>(std::min(t, K - 1));
     const double old_charge = 2.0 * n_old * kSlack;
     const f64x8 floor8 = zero + kFloor;
-    // scaled_ghost, eight labels at a time.
+    // exp_domain.h's scaled_ghost, eight labels at a time.
     auto scaled8 = [&](f64x8 g, f64x8 f, i64x8 exact_zero) {
       const f64x8 scaled = g * (f < kFloor ? floor8 : f) * kUp;
       return (g == 0.0) | exact_zero ? zero : (scaled < kFloor ? floor8 : scaled);
@@ -1121,14 +1119,6 @@ struct ExpForward {
   void update_ring_ghost_free() {
     ring_ghost_free = true;
     for (int64_t c = 0; c < C; ++c) ring_ghost_free &= ghost_old[c] == 0.0 && ghost_new[c] == 0.0;
-  }
-
-  // A ghost carried through a float64 factor f: an upper bound even where
-  // f or the product underflowed float64.
-  static double scaled_ghost(double g, double f, bool exact_zero) {
-    // std::max spelled out, so that this vectorises with the same NaN rule.
-    const double scaled = g * (f < kFloor ? kFloor : f) * kUp;
-    return g == 0.0 || exact_zero ? 0.0 : (scaled < kFloor ? kFloor : scaled);
   }
 
   void ref_add(double m) { two_sum_add(ref_hi, ref_lo, m); }
@@ -1284,7 +1274,6 @@ struct ExpForwardDD {
   const int64_t Cp;  // C padded to whole chunks of kRingLanes: the stride of A_padded and u
   const scalar_t tiny = Limits::min();
   const double tiny_d = static_cast<double>(Limits::min());
-  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
   double absorb_factor;  // as ExpForward's: at most L absorptions along a chain
 
   // Per-call tables.
@@ -1336,7 +1325,7 @@ struct ExpForwardDD {
         alpha(Cp, 0), u(Cp, 0), livemax(C_), arg(C_), factor(C_), gacc(C_), ga(C_, 0.0), gu(C_),
         lemit(C_), lfresh(C_), old_factor(C_), u_ahead(kAhead * K_ * Cp, 0),
         u_ahead_step(kAhead * K_, -1), slot_scale(K_, 0.0), slot_ref_hi(K_, 0.0), slot_ref_lo(K_, 0.0) {
-    absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(std::max<int64_t>(L, 1)) * kSlack;
+    absorb_factor = absorb_factor_for<scalar_t>(L);
     rejected = bad_parameters() || !tables();
   }
 

@@ -138,8 +138,7 @@ struct CtaExpForward {
   const scalar_t tiny = Limits::min();
   const double tiny_d = static_cast<double>(Limits::min());
   const double inv_tiny_d = 1.0 / static_cast<double>(Limits::min());
-  const double rho = sizeof(scalar_t) < sizeof(double) ? 0x1p24 : 0x1p53;
-  double absorb_factor;
+  const double absorb_factor;  // exp_domain.h's absorb_factor_for(L)
 
   // State, the same bits in every thread: O, the end and start scales, the
   // log scan's offset (ref_hi + ref_lo), whether the ring owes the last
@@ -167,9 +166,8 @@ struct CtaExpForward {
         rows_d(arena.get<double, kShared>(kExpDoubles, b)),
         rows_s(arena.get<scalar_t, kShared>(kExpScalars, b)),
         part(rows_s + kExpScalarRows * p.C),
-        ints(arena.get<int32_t, kShared>(kExpInts, b)) {
-    absorb_factor = tiny_d * 4.0 * rho * static_cast<double>(L > 1 ? L : 1) * kSlack;
-  }
+        ints(arena.get<int32_t, kShared>(kExpInts, b)),
+        absorb_factor(absorb_factor_for<scalar_t>(L_)) {}
 
   // std::max(x, kFloor), without binding a reference to the static member
   // (which device code cannot take).
@@ -566,13 +564,6 @@ struct CtaExpForward {
       m = max_ignoring_nan(m, static_cast<double>(in.score(t, c)));
     m = warp_reduce(m, [](double a, double b) { return max_ignoring_nan(a, b); });
     emit_max = m == kNegInf ? 0.0 : m;
-  }
-
-  // A ghost carried through a float64 factor f: an upper bound even where
-  // f or the product underflowed float64.
-  __device__ static double scaled_ghost(double g, double f, bool exact_zero) {
-    const double scaled = g * (f < kFloor ? kFloor : f) * kUp;
-    return g == 0.0 || exact_zero ? 0.0 : (scaled < kFloor ? kFloor : scaled);
   }
 
   // Move the ring to step t+1 (t < L): position t's emissions, the segments
