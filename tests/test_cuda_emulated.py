@@ -409,14 +409,16 @@ def cpu_exp_forward(monkeypatch, args, interval):
     return (*out, int(fallbacks()) - before)
 
 
-def check_exp_forward(emu, monkeypatch, args, interval, mode, seed, smem, tol=None):
-    """The emulated exp-domain forward against the CPU kernel's: the same
-    number of sequences handed to the log scan, log Z and checkpoints to
-    rounding. Returns (verdicts, arena sizes)."""
+def check_exp_forward(emu, monkeypatch, args, interval, mode, seed, smem, tol=None,
+                      blocked=False):
+    """The emulated exp-domain forward (blocked: exp_blocked_kernel, else the
+    per-step exp_forward_kernel) against the CPU kernel's: the same number of
+    sequences handed to the log scan, log Z and checkpoints to rounding.
+    Returns (verdicts, arena sizes)."""
     dtype = args[0].dtype
     tol = tol if tol is not None else (1e-9 if dtype == torch.float64 else 2e-4)
     *want, taken = cpu_exp_forward(monkeypatch, args, interval)
-    got = emu.forward_exp(*args, interval, mode, seed, smem)
+    got = emu.forward_exp(*args, interval, mode, seed, smem, blocked)
     verdicts = got[4]
     assert set(verdicts.tolist()) <= {0, 1}, verdicts
     assert int(verdicts.sum()) == taken, (verdicts.tolist(), taken)
@@ -440,32 +442,42 @@ STATIC_SHAPES = [s for s in SHAPES if not s[4]] + [(2, 30, 40, 3, False, True, 7
                                                   (1, 9, 5, 300, False, False, 4)]
 
 
+# The two exp-domain kernels: per step (any C), and blocked (C <= 32, what
+# the device runs there).
+EXP_KERNELS = pytest.mark.parametrize("blocked", [False, True], ids=["step", "blocked"])
+
+
+@EXP_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("shape", STATIC_SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-{}-i{}".format(
     *s[:4], "bd" if s[5] else "nobd", s[6]))
-def test_emulated_exp_forward_matches_cpu(emu, monkeypatch, shape, dtype):
+def test_emulated_exp_forward_matches_cpu(emu, monkeypatch, shape, dtype, blocked):
     """Random problems (ragged, -inf entries, strided scores, K > T, T = 1,
     C > 32 and C > kThreads, K > 256): no sequence falls back, and log Z and
     the checkpoints are the CPU exp-domain forward's to rounding, in shared
     memory and in the workspace."""
     B, T, K, C, _, boundary, interval = shape
+    if blocked and C > 32:
+        pytest.skip("the blocked kernel takes C <= 32")
     seed = sum(shape[:4]) + 3
     for i, (mode, sched_seed) in enumerate(SCHEDULES):
         args = make(B, T, K, C, False, boundary, dtype, seed + i, neg_inf=(seed + i) % 3 == 0,
                     noncontig=i == 1)
         smem = ALL_SMEM if i == 0 else 0
-        verdicts, _ = check_exp_forward(emu, monkeypatch, args, interval, mode, sched_seed, smem)
+        verdicts, _ = check_exp_forward(emu, monkeypatch, args, interval, mode, sched_seed, smem,
+                                        blocked=blocked)
         assert int(verdicts.sum()) == 0
 
 
+@EXP_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_emulated_backward_from_exp_forward(emu, monkeypatch, dtype):
+def test_emulated_backward_from_exp_forward(emu, monkeypatch, dtype, blocked):
     """The CUDA backward from the CUDA exp-domain forward's checkpoints (what
     autograd runs by default) against the CPU kernel's log-domain backward
     from the same checkpoints: every gradient output, several spans."""
     B, T, K, C, interval = 3, 60, 7, 4, 9
     args = make(B, T, K, C, False, True, dtype, 61, neg_inf=True)
-    fwd = emu.forward_exp(*args, interval, 2, 2, ALL_SMEM)
+    fwd = emu.forward_exp(*args, interval, 2, 2, ALL_SMEM, blocked)
     assert int(fwd[4].sum()) == 0
     monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
     up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
@@ -477,7 +489,7 @@ def test_emulated_backward_from_exp_forward(emu, monkeypatch, dtype):
         close("grad_" + name, a, b, tol)
 
 
-def exp_placements(K, C, dtype):
+def exp_placements(K, C, dtype, blocked=False):
     """smem limits that put the exp-domain forward's arena in every
     placement: all in shared memory; the float64 transition bound in the
     workspace; the scalar transition too; the weights and the ring too; all
@@ -489,21 +501,25 @@ def exp_placements(K, C, dtype):
 
     ring = weight = aligned(K * C)
     trans, bound = aligned(C * C), aligned(C * C, 8)
-    rows = aligned(20 * C, 8) + aligned(11 * C + 3 * max(C, 256)) + aligned(3 * C + 3, 4)
+    partials = max(32 * C, 256) if blocked else max(C, 256)
+    rows = aligned(20 * C, 8) + aligned(11 * C + 3 * partials) + aligned(3 * C + 3, 4)
+    if blocked:  # near entries and staged inputs, F and the block's scalars, flush marks
+        rows += aligned(4 * 32 * C) + aligned(C + 3 + 32, 8) + aligned(2 * C + 2, 4)
     return {"all-smem": ALL_SMEM, "bound-global": ring + weight + trans + rows,
             "transition-global": ring + weight + rows, "tables-global": rows, "all-global": 0}
 
 
-def test_emulated_exp_forward_placements(emu, monkeypatch):
+@EXP_KERNELS
+def test_emulated_exp_forward_placements(emu, monkeypatch, blocked):
     """Every placement of the exp-domain forward's working memory gives the
     CPU kernel's results."""
     B, T, K, C = 2, 30, 9, 3
     for dtype in (torch.float64, torch.float32):
         seen = set()
-        limits = exp_placements(K, C, dtype)
+        limits = exp_placements(K, C, dtype, blocked)
         for n, (name, smem) in enumerate(limits.items()):
             args = make(B, T, K, C, False, True, dtype, 300 + n, neg_inf=n % 2 == 1)
-            _, sizes = check_exp_forward(emu, monkeypatch, args, 7, 2, n, smem)
+            _, sizes = check_exp_forward(emu, monkeypatch, args, 7, 2, n, smem, blocked=blocked)
             seen.add(tuple(sizes))
         assert len(seen) == len(limits), seen
 
@@ -513,9 +529,10 @@ def _static_adversaries():
     return ADVERSARIES
 
 
+@EXP_KERNELS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("adv", _static_adversaries(), ids=lambda a: a.name)
-def test_emulated_exp_forward_adversarial(emu, monkeypatch, adv, dtype):
+def test_emulated_exp_forward_adversarial(emu, monkeypatch, adv, dtype, blocked):
     """The CPU kernel's adversarial problems (mass forced through flushed
     labels, revived segments, dead ends, NaN, ...): the CUDA exp-domain
     forward hands exactly the sequences to the log scan that the CPU kernel
@@ -526,14 +543,16 @@ def test_emulated_exp_forward_adversarial(emu, monkeypatch, adv, dtype):
     args = op_args(adv.kw, dtype)
     B = args[0].shape[0]
     verdicts, _ = check_exp_forward(emu, monkeypatch, args, 0, 2, 5, ALL_SMEM,
-                                    tol=1e-9 if dtype == torch.float64 else 1e-4)
+                                    tol=1e-9 if dtype == torch.float64 else 1e-4,
+                                    blocked=blocked)
     if dtype in adv.breaks:
         assert int(verdicts.sum()) == B
     if dtype in adv.clean:
         assert int(verdicts.sum()) == 0
 
 
-def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch):
+@EXP_KERNELS
+def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch, blocked):
     """Random problems with scores and parameters scaled up to 120 (where
     float32, and at the largest scales float64, flushes mass that matters):
     sequence by sequence, the CUDA exp-domain forward hands over exactly as
@@ -551,6 +570,7 @@ def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch):
                     for a in make(2, T, K, C, False, i % 2 == 0, dtype, 1000 + i,
                                   neg_inf=i % 3 == 0)]
             verdicts, _ = check_exp_forward(emu, monkeypatch, args, 0, 2, i, ALL_SMEM,
-                                            tol=1e-9 if dtype == torch.float64 else 1e-4)
+                                            tol=1e-9 if dtype == torch.float64 else 1e-4,
+                                            blocked=blocked)
             taken_total += int(verdicts.sum())
     assert taken_total > 0  # the scales do reach the fallback

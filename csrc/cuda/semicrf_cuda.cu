@@ -25,7 +25,10 @@
 //   described in exp_forward_kernel.cuh): the ring pass over (duration
 //   group, label) threads, per-label factors and ghosts over label threads;
 //   sequences it cannot certify are marked, and the log-domain forward
-//   above then runs for them only.
+//   above then runs for them only. For C <= 32 it runs in blocks of up to
+//   32 positions instead (exp_blocked_kernel.cuh): the far part of every
+//   step of a block by the whole CTA, then the steps in warp 0; three
+//   barriers a block.
 //   backward sweep step t (backward_kernel.cuh)
 //     S0 threads c ≡ tid (mod 256) stage alpha_hat/sigma_hat rows and the
 //        inputs of t; the first 256 labels' values were loaded into
@@ -136,6 +139,7 @@
 #include "semicrf.h"
 #include "semicrf_host.h"
 #include "backward_kernel.cuh"
+#include "exp_blocked_kernel.cuh"
 #include "exp_forward_kernel.cuh"
 #include "forward_kernel.cuh"
 
@@ -184,21 +188,31 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
 
 struct Cuda {
   // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
-  // forward, then the log-domain forward for the sequences whose log Z it
-  // could not certify (its CTAs for the others return at once, so nothing
-  // waits on the host). Otherwise (log, the default until a GPU has timed
-  // both: bench/results/gpu-forecast.md) the log-domain forward for all.
+  // forward (in blocks of positions for C <= 32, else step by step), then
+  // the log-domain forward for the sequences whose log Z it could not
+  // certify (its CTAs for the others return at once, so nothing waits on the
+  // host). Otherwise (log, the default until a GPU has timed both:
+  // bench/results/gpu-forecast.md) the log-domain forward for all.
   static void run(const ForwardParams& p, const at::Tensor& scores) {
     const int32_t* redo = nullptr;
     at::Tensor verdicts;
     if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
       verdicts = at::empty({std::max<int64_t>(p.B, 1)}, scores.options().dtype(at::kInt));
-      launch_per_sequence(scores, p, cuda::plan_exp_forward_arena,
-                          [](auto zero, auto, auto smem) {
-                            return &cuda::exp_forward_kernel<decltype(zero),
-                                                             decltype(smem)::value>;
-                          },
-                          verdicts.data_ptr<int32_t>());
+      if (cuda::uses_blocked_exp_forward(p.C)) {
+        launch_per_sequence(scores, p, cuda::plan_exp_blocked_arena,
+                            [](auto zero, auto, auto smem) {
+                              return &cuda::exp_blocked_kernel<decltype(zero),
+                                                               decltype(smem)::value>;
+                            },
+                            verdicts.data_ptr<int32_t>());
+      } else {
+        launch_per_sequence(scores, p, cuda::plan_exp_forward_arena,
+                            [](auto zero, auto, auto smem) {
+                              return &cuda::exp_forward_kernel<decltype(zero),
+                                                               decltype(smem)::value>;
+                            },
+                            verdicts.data_ptr<int32_t>());
+      }
       redo = verdicts.data_ptr<int32_t>();
     }
     launch_per_sequence(

@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "cuda/backward_kernel.cuh"
+#include "cuda/exp_blocked_kernel.cuh"
 #include "cuda/exp_forward_kernel.cuh"
 #include "cuda/forward_kernel.cuh"
 #include "semicrf_host.h"
@@ -84,29 +85,41 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
 }
 
 // The exp-domain forward as semicrf_cuda.cu runs it for the static
-// transition: exp_forward_kernel, then forward_kernel for the sequences it
-// marked. Returns log Z, the checkpoints, their offsets, the exp kernel's
-// arena sizes and the verdicts (1: recomputed by the log-domain kernel).
+// transition: exp_blocked_kernel (blocked, C <= 32) or exp_forward_kernel
+// (per step), then forward_kernel for the sequences it marked. Returns log Z,
+// the checkpoints, their offsets, the exp kernel's arena sizes and the
+// verdicts (1: recomputed by the log-domain kernel).
 std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                     at::Tensor lengths, at::Tensor st, at::Tensor et,
                                     std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
                                     int64_t interval, int64_t mode, int64_t seed,
-                                    int64_t smem_limit) {
+                                    int64_t smem_limit, bool blocked) {
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
   call.label_major_tables();  // as for CUDA tensors
   auto pass = call.forward(interval);
   TORCH_CHECK(!pass.params.duration_dependent, "forward_exp: static transition only");
+  TORCH_CHECK(!blocked || cuda::uses_blocked_exp_forward(pass.params.C),
+              "forward_exp: the blocked kernel takes C <= ", cuda::kBlockedMaxLabels);
   auto out = nan_filled(pass.outputs);
   const Schedule sched{static_cast<int>(mode), seed, smem_limit};
   // -7: a verdict the exp-domain kernel did not write shows (and reruns).
   at::Tensor redo =
       at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
-  out.push_back(launch_per_sequence(
-      sched, scores, pass.params, cuda::plan_exp_forward_arena,
-      [](auto zero, auto, auto smem) {
-        return &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
-      },
-      redo.data_ptr<int32_t>()));
+  if (blocked) {
+    out.push_back(launch_per_sequence(
+        sched, scores, pass.params, cuda::plan_exp_blocked_arena,
+        [](auto zero, auto, auto smem) {
+          return &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>;
+        },
+        redo.data_ptr<int32_t>()));
+  } else {
+    out.push_back(launch_per_sequence(
+        sched, scores, pass.params, cuda::plan_exp_forward_arena,
+        [](auto zero, auto, auto smem) {
+          return &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
+        },
+        redo.data_ptr<int32_t>()));
+  }
   launch_per_sequence(
       sched, scores, pass.params, cuda::plan_forward_arena,
       [](auto zero, auto dd, auto smem) {

@@ -97,6 +97,14 @@ T __shfl_up_sync(unsigned mask, T v, unsigned d, int = 32) {
   return emu_shfl(2, v, static_cast<int>(d));
 }
 
+// __syncwarp: every lane of the warp meets here (a scheduling point, as a
+// shuffle is), so that a missing one changes results as a missing
+// __syncthreads does.
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  (void)emu_shfl(1, 0, 0);
+}
+
 // The kernels' `extern __shared__ unsigned char flashsemicrf_smem[]` (a
 // block-scope declaration in dynamic_smem()) names this array: one CTA runs at
 // a time, so one buffer serves them all.

@@ -1,0 +1,677 @@
+// The exp-domain forward in blocks of positions, static (C, C) transition,
+// C <= 32: the per-step kernel's numerics (exp_forward_kernel.cuh) with the
+// work rearranged so that a block of up to kBlockSteps positions costs three
+// CTA barriers instead of six a position.
+//
+// Within a block t0 … t0+len-1 the ring entries that started before t0 (the
+// far part) keep t0's scale, R[d'][c] at age d' when the block starts. Label
+// c's old-entry factors since t0 multiply into a float64 product F[c] (the
+// unrounded old_f of every advance), so step t0+k's sum over them is
+// F · S_k, S_k[c] = sum_d' R[d'][c] W[d'+k][c]: a Toeplitz product that the
+// whole CTA computes for every k of the block at once, with no write-back and
+// nothing between the steps to wait for; so are the largest live entry and
+// the smallest positive one (F times their maximum and minimum at t0's scale).
+// The entries that start inside the block (the near part, at most len a
+// label), the factors, normalisers and ghosts run in warp 0 with lane =
+// label, synchronised by shuffles and __syncwarp. At the block's end every
+// old entry is rescaled by F once and the near entries join the ring.
+//
+// Bounds (docs/design.md, "The CUDA exp-domain forward"): a far product
+// R · W below tiny loses less than tiny at t0's scale, F · tiny at step
+// t0+k's, so that step charges n_old · F (in the ghosts' units) where the
+// per-step scan charges n_old; forming F · S_k in float64 and rounding it to
+// the dtype is charged like any product that falls below tiny. Nothing old
+// flushes inside a block; the rescale at its end charges as the per-step
+// scan charges a flush (2 · min(t, K-1) entries' worth), for every label
+// with a positive entry that it takes below tiny. F stays a normal float64
+// number inside a block: F leaving [2^-900, 2^900] ends the block at that
+// step (an exact zero, from a -inf score, does not).
+// The near part, the generations, absorption, the final check and the
+// fallback are the per-step scan's. These charges are sound but not the CPU
+// kernel's, so the two can decide differently near the threshold.
+#pragma once
+
+#include "exp_forward_kernel.cuh"
+
+namespace flashsemicrf {
+namespace cuda {
+
+// Positions a block covers at most (also at most K, a checkpoint interval's
+// remainder, and what is left of the sequence).
+constexpr int kBlockSteps = 32;
+// Labels the blocked forward takes: one warp, one lane a label.
+constexpr int kBlockedMaxLabels = kWarpSize;
+
+// Extra arrays of the blocked forward, after the per-step kernel's.
+enum ExpBlockedArray {
+  kExpNear = kExpForwardArrays,  // (4, kBlockSteps, C) scalars: entries started in the
+                                 // block; the block's scores, start scores, end scores
+  kExpBlockDoubles,              // F (C); O, ref_hi, ref_lo; the block's emission maxima
+  kExpBlockInts,                 // flushed at the rescale (C), F an exact zero (C), steps
+                                 // run, a staged input unboundable
+  kExpBlockedArrays
+};
+
+HOST_DEVICE int64_t exp_blocked_partial_slots(int64_t C) {
+  return kBlockSteps * C > kThreads ? kBlockSteps * C : kThreads;
+}
+
+inline bool uses_blocked_exp_forward(int64_t C) { return C <= kBlockedMaxLabels; }
+
+inline Arena plan_exp_blocked_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
+  const int64_t e = static_cast<int64_t>(elem_bytes), d = sizeof(double), C = p.C, K = p.K;
+  const int64_t bytes[kExpBlockedArrays] = {
+      K * C * e,
+      K * C * e,
+      C * C * e,
+      C * C * d,
+      kExpDoubleRows * C * d,
+      (kExpScalarRows * C + 3 * exp_blocked_partial_slots(C)) * e,
+      (3 * C + 3) * static_cast<int64_t>(sizeof(int32_t)),
+      4 * kBlockSteps * C * e,
+      (C + 3 + kBlockSteps) * d,
+      (2 * C + 2) * static_cast<int64_t>(sizeof(int32_t))};
+  // As the per-step kernel's; the near entries and the block state are read
+  // every step by warp 0, the weights and the ring once a block by all.
+  const int evict[] = {kExpTransitionBound, kExpTransition, kExpWeight,    kExpRing,
+                       kExpDoubles,         kExpScalars,    kExpInts,      kExpNear,
+                       kExpBlockDoubles,    kExpBlockInts};
+  return plan_arena(bytes, kExpBlockedArrays, evict, 10, smem_limit);
+}
+
+// The largest of a and of b over the warp, NaN ignored, the two shuffle
+// trees interleaved.
+__device__ __forceinline__ void warp_max_pair(double& a, double& b) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const double a2 = __shfl_xor_sync(kFullMask, a, o), b2 = __shfl_xor_sync(kFullMask, b, o);
+    a = max_ignoring_nan(a, a2);
+    b = max_ignoring_nan(b, b2);
+  }
+}
+
+// The largest of v over the warp, NaN ignored.
+template <typename T>
+__device__ __forceinline__ T warp_max_ignoring_nan(T v) {
+  return warp_reduce(v, [](T a, T b) { return max_ignoring_nan(a, b); });
+}
+__device__ __forceinline__ bool warp_any(bool v) {
+  return warp_reduce(static_cast<int>(v), [](int a, int b) { return a | b; }) != 0;
+}
+
+template <typename scalar_t, bool kShared>
+struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
+  using Base = CtaExpForward<scalar_t, kShared>;
+  using Limits = typename Base::Limits;
+  using Base::A;
+  using Base::A_bound;
+  using Base::absorb_factor;
+  using Base::boundary;
+  using Base::C;
+  using Base::in;
+  using Base::inv_tiny_d;
+  using Base::K;
+  using Base::kInf;
+  using Base::kNegInf;
+  using Base::part;
+  using Base::rd;
+  using Base::reject;
+  using Base::rejected;
+  using Base::ring;
+  using Base::rs;
+  using Base::scale_candidate;
+  using Base::scale_of;
+  using Base::tiny;
+  using Base::tiny_d;
+  using Base::weight;
+
+  scalar_t* const near;
+  double* const blk_d;
+  int32_t* const blk_i;
+
+  // Warp 0's state. The scalars are the same bits in every lane; the rest is
+  // lane c's label (lanes c >= C hold a label with nothing in it).
+  double O = 0.0, mes = 0.0, sigma_rel = 0.0, ref_hi = 0.0, ref_lo = 0.0;
+  int tK = 0;
+  bool owes = false;  // the near entries owe the last advance's factor
+  bool valid = false, reach = false;
+  int last = 0;
+  double dur_max = 0.0, weight_lost = 0.0, col_max = 0.0, a_lost = 0.0;
+  scalar_t wminpos = 0, aminpos = 0;
+  double ghost_old = 0.0, ghost_new = 0.0, ga = 0.0, gs = 0.0;
+  scalar_t alpha = 0, sigma = 0, fo = 0;
+  double F = 1.0;
+  bool f_zero = false;  // F is an exact zero (a -inf score)
+  // From ends(t) for advance(t): the largest live entry, the smallest
+  // positive near entry, whether any entry that matters is positive.
+  scalar_t livemax = 0, near_min = 0;
+  bool any_pos = false;
+  // alpha_hat's summary, as the per-step kernel's alpha_summary.
+  scalar_t alpha_reach_max = 0, alpha_reach_min = 0;
+  bool alpha_ghost = false;
+
+  __device__ CtaExpBlocked(const ForwardParams& p, const Arena& arena, int64_t b, int64_t L_)
+      : Base(p, arena, b, L_),
+        near(arena.get<scalar_t, kShared>(kExpNear, b)),
+        blk_d(arena.get<double, kShared>(kExpBlockDoubles, b)),
+        blk_i(arena.get<int32_t, kShared>(kExpBlockInts, b)) {}
+
+  // The block's inputs, staged by the whole CTA before its steps so that
+  // warp 0's chain waits on no global load: row k holds position t0 + k's
+  // scores and start scores, and the end scores of t0 + k - 1.
+  __device__ scalar_t* staged_score() const { return near + kBlockSteps * C; }
+  __device__ scalar_t* staged_start() const { return near + 2 * kBlockSteps * C; }
+  __device__ scalar_t* staged_end() const { return near + 3 * kBlockSteps * C; }
+  __device__ double* staged_emit_max() const { return blk_d + C + 3; }
+  __device__ int32_t* flushed() const { return blk_i; }
+  __device__ int32_t* f_zero_row() const { return blk_i + C; }
+  __device__ int32_t& steps_run() const { return blk_i[2 * C]; }
+  // Set while staging, turned into a rejection by warp 0 after the barrier
+  // (the loop's rejected() check before staging must read the same in every
+  // thread).
+  __device__ int32_t& staged_bad() const { return blk_i[2 * C + 1]; }
+
+  // The per-step kernel's tables, reach and empty state; the block state
+  // zeroed (a checkpoint at t = 0 reads O = ref = 0); warp 0 takes its
+  // labels' constants into registers. Ends with a barrier.
+  __device__ void init() {
+    for (int i = threadIdx.x; i < C + 3; i += kThreads) blk_d[i] = i < C ? 1.0 : 0.0;
+    for (int i = threadIdx.x; i < 2 * C + 2; i += kThreads) blk_i[i] = 0;
+    Base::init();
+    if (warp_id() != 0) return;
+    const int c = lane_id();
+    valid = c < C;
+    if (!valid) return;
+    last = Base::last_duration()[c];
+    reach = last > 0;
+    dur_max = rd(kDurMax)[c];
+    weight_lost = rd(kWeightLost)[c];
+    col_max = rd(kColMax)[c];
+    a_lost = rd(kALost)[c];
+    wminpos = rs(kWeightMinpos)[c];
+    aminpos = rs(kAMinpos)[c];
+  }
+
+  // Checkpoint at a block's start t0 (the ring owes nothing there), as the
+  // log scan writes it. Reads the state warp 0 published.
+  __device__ void save(int t0K, scalar_t* out, double* out_offset) const {
+    const double O_ = blk_d[C], hi = blk_d[C + 1], lo = blk_d[C + 2];
+    const double shift = (O_ - hi) - lo;
+    for_each_entry(K, C, threadIdx.x, kThreads, [&](int row, int c) {
+      const scalar_t r = ring[slot_before(t0K, row + 1, K) * C + c];
+      out[row * C + c] = r > 0 ? static_cast<scalar_t>(::log(static_cast<double>(r)) + shift)
+                               : neg_inf<scalar_t>();
+    });
+    if (threadIdx.x == 0) *out_offset = hi;
+  }
+
+  // The far part of the block's steps k < len, at t0's scale, by the whole
+  // CTA: for each (k, c) the sum over the old ages d' <= min(n0, K - k) of
+  // R[d'] W[d'+k], the largest live R and the smallest positive R that meets
+  // a weight or can still grow, in G groups of ages (partials in group order).
+  __device__ void far_partials(int t0K, int n0, int len) const {
+    const int items = len * C;
+    const int G = items >= kThreads ? 1 : kThreads / items;
+    const int64_t slots = exp_blocked_partial_slots(C);
+    const scalar_t inf = Limits::infinity();
+    for (int i = threadIdx.x; i < G * items; i += kThreads) {
+      const int g = i / items, r = i - g * items, k = r / C, c = r - k * C;
+      const int last_c = Base::last_duration()[c];
+      const int top = n0 < K - k ? n0 : K - k;
+      scalar_t a = 0, lm = 0, mn = inf;
+      for (int d = 1 + g; d <= top; d += G) {
+        const scalar_t x = ring[slot_before(t0K, d, K) * C + c];
+        const scalar_t w = weight[(d + k - 1) * C + c];
+        a += x * w;
+        const bool keep = d + k < last_c;
+        lm = keep ? std::fmax(x, lm) : lm;
+        mn = std::fmin((x > 0 && (w > 0 || keep)) ? x : inf, mn);
+      }
+      part[i] = a;
+      part[slots + i] = lm;
+      part[2 * slots + i] = mn;
+    }
+  }
+
+  // Stage the inputs of steps t0 … t0+len-1 (all threads, before the
+  // block's barrier), with each position's largest score (NaN ignored; 0
+  // where all are -inf); mark NaN or +inf inputs of positions t < L, which
+  // the per-step kernel's advance rejects.
+  __device__ void stage_inputs(int64_t t0, int len) {
+    bool bad = false;
+    for (int i = threadIdx.x; i < len * C; i += kThreads) {
+      const int k = i / C, c = i - k * C;
+      const int64_t t = t0 + k;
+      if (t < Base::L) {
+        const scalar_t sc = in.score(t, c), st = in.start(t, c);
+        staged_score()[i] = sc;
+        staged_start()[i] = st;
+        bad |= unboundable(sc) || (boundary && (unboundable(st) || unboundable(in.end(t, c))));
+      }
+      if (t >= 1) staged_end()[i] = in.end(t - 1, c);
+    }
+    if (bad) staged_bad() = 1;
+    for (int k = warp_id(); k < len; k += kWarps) {
+      const int64_t t = t0 + k;
+      if (t >= Base::L) break;
+      double m = kNegInf;
+      for (int c = lane_id(); c < C; c += kWarpSize)
+        m = max_ignoring_nan(m, static_cast<double>(in.score(t, c)));
+      m = warp_max_ignoring_nan(m);
+      if (lane_id() == 0) staged_emit_max()[k] = m == kNegInf ? 0.0 : m;
+    }
+  }
+
+  // Step 0 (warp 0): sigma_hat[0] relative to O = its finite max.
+  __device__ void first() {
+    const int c = lane_id();
+    const double v = valid ? static_cast<double>(in.first(c)) : kNegInf;
+    const double m = warp_reduce(v, [](double a, double b) { return std::max(a, b); });
+    O = m == kNegInf ? 0.0 : m;
+    sigma_rel = 0.0;
+    ref_hi = O;
+    ref_lo = 0.0;
+    if (valid) {
+      const double x = v - O;
+      sigma = fexp(static_cast<scalar_t>(x));
+      gs = ghost_through_factor(0.0, scalar_t(1), sigma, x);
+    }
+  }
+
+  // Step t = t0 + k >= 1 (warp 0): alpha_hat and its ghost, from the near
+  // entries and the far partials of step k.
+  __device__ void ends(int64_t t, int k, int len) {
+    const int c = lane_id();
+    const int n = static_cast<int>(t < K ? t : K);
+    const scalar_t big = Limits::max(), inf = Limits::infinity();
+    if (tK == 0) {  // t % K == 0: generation 0 expires
+      ghost_old = ghost_new;
+      ghost_new = 0.0;
+    }
+    scalar_t a = 0, lm = 0, mn = inf;
+    if (valid) {
+      // Near ages 1 … k: entry j = k - d started at t0 + j; ages >= 2 take
+      // the last advance's factor on the way (the per-step ring pass).
+      for (int d = 1; d <= k; ++d) {
+        scalar_t* r = near + (k - d) * C + c;
+        scalar_t x = *r;
+        if (d >= 2 && owes) {
+          x = x * fo;
+          x = x < big ? x : big;
+          *r = x;
+        }
+        const scalar_t w = weight[(d - 1) * C + c];
+        a += x * w;
+        const bool keep = d < last;
+        lm = keep ? std::fmax(x, lm) : lm;
+        mn = std::fmin((x > 0 && (w > 0 || keep)) ? x : inf, mn);
+      }
+    }
+    owes = false;
+    double g = ghost_old + ghost_new;
+    const bool has_near = mn < inf;
+    bool has_far = false;
+    if (valid) {
+      const int items = len * C;
+      const int G = items >= kThreads ? 1 : kThreads / items;
+      const int64_t slots = exp_blocked_partial_slots(C);
+      scalar_t s = 0, flm = 0, fmn = inf;
+      for (int gi = 0; gi < G; ++gi) {
+        const int i = gi * items + k * C + c;
+        s += part[i];
+        flm = part[slots + i] > flm ? part[slots + i] : flm;
+        fmn = part[2 * slots + i] < fmn ? part[2 * slots + i] : fmn;
+      }
+      // F = 0 only as an exact zero inside a block: the old entries are zeros.
+      has_far = F > 0.0 && fmn < inf;
+      const double fd = F > 0.0 && s > 0 ? F * static_cast<double>(s) : 0.0;
+      const double big_d = static_cast<double>(big);
+      const scalar_t far_sum = static_cast<scalar_t>(fd < big_d ? fd : big_d);
+      a = far_sum + a;
+      if (F > 0.0 && flm > 0) {
+        const double x = F * static_cast<double>(flm);
+        const scalar_t xs = static_cast<scalar_t>(x < big_d ? x : big_d);
+        lm = xs > lm ? xs : lm;
+      }
+      // Products below tiny: n_near at this step's scale; n_old at t0's,
+      // F · tiny each at this step's; the far sum's own rounding.
+      if (has_near && static_cast<double>(mn * wminpos) < tiny_d)
+        g += static_cast<double>(k) * kSlack;
+      if (has_far && static_cast<double>(fmn * wminpos) < tiny_d)
+        g += static_cast<double>(n - k) * kSlack * F * kUp;
+      if (fd > 0.0 && fd < tiny_d) g += kSlack;
+      if (has_near || has_far) g += weight_lost;
+    }
+    livemax = lm;
+    near_min = mn;
+    any_pos = has_near || has_far;
+    const double ya =
+        valid ? static_cast<double>(staged_end()[k * C + c]) + dur_max : kNegInf;
+    double top = scale_candidate(reach, a, ya), ya_max = reach ? ya : kNegInf;
+    warp_max_pair(top, ya_max);
+    mes = scale_of(top, ya_max);
+    alpha = 0;
+    ga = 0.0;
+    if (valid) {
+      const scalar_t endf = fexp(static_cast<scalar_t>(ya - mes));
+      const scalar_t x = big < a ? big : a;
+      const scalar_t prod = x * endf;
+      alpha = x > 0 ? (big < prod ? big : prod) : scalar_t(0);
+      bool lost = false;
+      g = ghost_of_alpha(g, x, endf, ya - mes, alpha, absorb_factor, &lost);
+      if (!reach) {  // a label that cannot reach an end feeds only its like
+        g = 0.0;
+        lost = false;
+      }
+      ga = g;
+      if (lost) reject();
+    }
+    // alpha_hat's summary (alpha_summary of the per-step kernel).
+    scalar_t all = alpha, hi = reach ? alpha : scalar_t(0);
+    scalar_t lo = reach && alpha > 0 ? alpha : inf;
+    int ghost = ga > 0.0;
+#pragma unroll
+    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+      const scalar_t all2 = __shfl_xor_sync(kFullMask, all, o);
+      const scalar_t hi2 = __shfl_xor_sync(kFullMask, hi, o);
+      const scalar_t lo2 = __shfl_xor_sync(kFullMask, lo, o);
+      const int ghost2 = __shfl_xor_sync(kFullMask, ghost, o);
+      all = max_ignoring_nan(all, all2);
+      hi = hi < hi2 ? hi2 : hi;
+      lo = lo2 < lo ? lo2 : lo;
+      ghost |= ghost2;
+    }
+    alpha_reach_max = hi;
+    alpha_reach_min = lo;
+    alpha_ghost = ghost != 0;
+    // The offset the log scan would have: its step subtracts its max alpha.
+    if (all > 0) {
+      const double shift = (O - ref_hi) - ref_lo;
+      two_sum_add(ref_hi, ref_lo,
+                  static_cast<double>(static_cast<scalar_t>(
+                      ::log(static_cast<double>(all)) + shift + mes)));
+    } else {
+      two_sum_add(ref_hi, ref_lo, 0.0);
+    }
+  }
+
+  // t < L, t >= 1 (warp 0): sigma_hat[t] and its ghost.
+  __device__ void starts(int k) {
+    const int c = lane_id();
+    const scalar_t big = Limits::max();
+    const scalar_t amax = alpha_reach_max, amin = alpha_reach_min;
+    // u = alpha_hat A, each sum over c' in order; zeros add exact zeros.
+    scalar_t u = 0;
+    for (int cp = 0; cp < C; ++cp) {
+      const scalar_t a = __shfl_sync(kFullMask, alpha, cp);
+      if (valid && a != 0) u += a * A[cp * C + c];
+    }
+    // The exact ghost mat-vec, where alpha_hat carries a ghost.
+    double work = 0.0;
+    if (alpha_ghost) {
+      for (int cp = 0; cp < C; ++cp) {
+        const double gcp = __shfl_sync(kFullMask, ga, cp);
+        if (valid && gcp != 0.0) {
+          const double row = A_bound[cp * C + c];
+          if (row > 0) work += Base::floored(gcp * row);
+        }
+      }
+    }
+    const double ys =
+        valid ? static_cast<double>(staged_start()[k * C + c]) + col_max : kNegInf;
+    const scalar_t x = big < u ? big : u;
+    double top = scale_candidate(reach, x, ys), ys_max = reach ? ys : kNegInf;
+    warp_max_pair(top, ys_max);
+    const double mss = scale_of(top, ys_max);
+    sigma_rel = mes + mss;
+    sigma = 0;
+    gs = 0.0;
+    if (!valid) return;
+    const scalar_t h = fexp(static_cast<scalar_t>(ys - mss));
+    const scalar_t prod = x * h;
+    sigma = x > 0 ? (big < prod ? big : prod) : scalar_t(0);
+    if (!reach) return;
+    double g = work;
+    if (amax > 0) {
+      if (a_lost > 0) g += Base::floored(static_cast<double>(amax) * a_lost);
+      if (amin * aminpos < tiny) g += static_cast<double>(C) * kSlack;
+    }
+    g = ghost_through_factor(g, x, h, ys - mss);
+    if (x > 0 && h >= tiny && sigma < tiny) g += kSlack;
+    if (g > 0 && sigma > 0 && g * absorb_factor <= static_cast<double>(sigma)) g = 0.0;
+    if (!(g < 1e300)) reject();
+    gs = g;
+  }
+
+  // Move to step t+1 = t0+k+1 (warp 0, t < L): the per-step kernel's
+  // advance, with the old entries' factor folded into F and the new entry
+  // kept as near entry k. Returns whether the block must end here (F left
+  // the range where its float64 products are exact to rounding; the rescale
+  // then charges what it flushes).
+  __device__ bool advance(int64_t t, int k) {
+    const int c = lane_id();
+    const double m = staged_emit_max()[k];
+    two_sum_add(ref_hi, ref_lo, m);
+    const double lemit = valid ? static_cast<double>(staged_score()[k * C + c]) - m : kNegInf;
+    const scalar_t emit = fexp(static_cast<scalar_t>(lemit));
+    const bool flushed = static_cast<double>(emit) < tiny_d && lemit > kNegInf;
+    const double e_mass = flushed ? ::exp(lemit) : static_cast<double>(emit);
+    const double old_mass = valid ? static_cast<double>(livemax) * e_mass : 0.0;
+    const double fresh_mass = reach ? static_cast<double>(sigma) * e_mass : 0.0;
+    double old = old_mass, fresh = fresh_mass;
+    warp_max_pair(old, fresh);
+    double top = std::max(old > 0 ? ::log(old) : kNegInf,
+                          fresh > 0 ? sigma_rel + ::log(fresh) : kNegInf);
+    if (top == kNegInf) top = 0.0;
+    const double new_offset = O + (top + m);
+    const double base = (O - new_offset) + m;
+    const double so = ::exp(base), sn = ::exp(base + sigma_rel);
+    const double big = static_cast<double>(Limits::max());
+    const double old_charge = 2.0 * static_cast<double>(t < K - 1 ? t : K - 1) * kSlack;
+    bool cut = false;
+    if (valid) {
+      const double e = static_cast<double>(emit);
+      const double old_f = flushed ? ::exp(lemit + base) : (e == 0.0 ? 0.0 : e * so);
+      const double new_f = flushed ? ::exp(lemit + base + sigma_rel) : (e == 0.0 ? 0.0 : e * sn);
+      if (reach && ((any_pos && old_f > big) || (sigma > 0 && new_f > big))) reject();
+      fo = static_cast<scalar_t>(big < old_f ? big : old_f);
+      const scalar_t fn = static_cast<scalar_t>(big < new_f ? big : new_f);
+      const bool exact_zero = lemit == kNegInf;
+      const bool fresh_lost =
+          !exact_zero && sigma > 0 && static_cast<double>(sigma * fn) < tiny_d;
+      // Only the near entries take fo; the old ones are charged at the
+      // rescale where it flushes them.
+      const bool old_lost = !exact_zero && near_min < Limits::infinity() &&
+                            (static_cast<double>(fo) < tiny_d ||
+                             static_cast<double>(near_min * fo) < tiny_d);
+      const double go = scaled_ghost(ghost_old, old_f, exact_zero);
+      double gn = scaled_ghost(ghost_new, old_f, exact_zero) + scaled_ghost(gs, new_f, exact_zero);
+      gn += fresh_lost ? (static_cast<double>(sigma) * new_f * inv_tiny_d + 2.0) * kSlack : 0.0;
+      gn += old_lost ? old_charge : 0.0;
+      if (reach && !(go + gn < 1e300)) reject();
+      ghost_old = reach ? go : 0.0;
+      ghost_new = reach ? gn : 0.0;
+      const scalar_t entry = sigma * fn;
+      near[k * C + c] = Limits::max() < entry ? Limits::max() : entry;
+      // F: the old entries' factors since t0, unrounded.
+      if (exact_zero) {
+        F = 0.0;
+        f_zero = true;
+      } else if (F > 0.0 || !f_zero) {
+        F *= old_f;
+        cut = !(F >= 0x1p-900 && F <= 0x1p900);
+      }
+    }
+    owes = true;
+    O = new_offset;
+    tK = tK + 1 == K ? 0 : tK + 1;
+    return warp_any(cut);
+  }
+
+  // Warp 0, step L: log Z if the bounds certify it, else reject.
+  __device__ void finish(scalar_t* log_z) {
+    const int c = lane_id();
+    if (valid) {
+      rs(kAlpha)[c] = alpha;
+      rd(kGa)[c] = ga;
+    }
+    __syncwarp();
+    if (c == 0 && !rejected()) {
+      double z = 0.0;
+      if (certified_log_z(in, C, rs(kAlpha), rd(kGa), O, mes, &z)) {
+        *log_z = static_cast<scalar_t>(z);
+      } else {
+        reject();
+      }
+    }
+  }
+
+  // Warp 0 after the block's steps (k_run of them, the last at t1 - 1 < L):
+  // F, whether it is an exact zero, the scalars; the near entries join the
+  // ring with the last advance's factor applied (their slots held entries
+  // that have left it).
+  __device__ void publish(int t0K, int k_run) {
+    const int c = lane_id();
+    const scalar_t big = Limits::max();
+    if (valid) {
+      blk_d[c] = F;
+      f_zero_row()[c] = f_zero;
+      for (int j = 0; j < k_run; ++j) {
+        scalar_t x = near[j * C + c];
+        if (owes && j < k_run - 1) {
+          x = x * fo;
+          x = x < big ? x : big;
+        }
+        const int slot = t0K + j < K ? t0K + j : t0K + j - K;
+        ring[slot * C + c] = x;
+      }
+    }
+    owes = false;
+    if (c == 0) {
+      blk_d[C] = O;
+      blk_d[C + 1] = ref_hi;
+      blk_d[C + 2] = ref_lo;
+      steps_run() = k_run;
+    }
+    F = 1.0;
+    f_zero = false;
+  }
+
+  // All threads, after publish: the old entries still in the ring at t1 =
+  // t0 + k_run rescaled by F; a label with a positive entry taken below
+  // tiny is marked for the flush charge.
+  __device__ void rescale(int t0K, int n0, int k_run) const {
+    const scalar_t big = Limits::max();
+    const double big_d = static_cast<double>(big);
+    const int top = n0 < K - k_run ? n0 : K - k_run;
+    for_each_entry(top, C, threadIdx.x, kThreads, [&](int row, int c) {
+      scalar_t& r = ring[slot_before(t0K, row + 1, K) * C + c];
+      const scalar_t x = r;
+      const double y = static_cast<double>(x) * blk_d[c];
+      const scalar_t ys = static_cast<scalar_t>(y < big_d ? y : big_d);
+      r = ys;
+      if (x > 0 && ys < tiny && f_zero_row()[c] == 0) flushed()[c] = 1;
+    });
+  }
+
+  // Warp 0 at a block's start: the rejection staging marked; the flush
+  // charges of the last rescale, into the newest generation (where the
+  // per-step scan's advance puts them).
+  __device__ void take_flush_charges(int64_t t) {
+    const int c = lane_id();
+    __syncwarp();  // every lane has read staged_bad before lane 0 clears it
+    if (staged_bad() != 0) reject();
+    __syncwarp();
+    if (c == 0) staged_bad() = 0;
+    if (!valid) return;
+    if (flushed()[c] != 0) {
+      const int64_t s = t - 1;
+      if (reach) ghost_new += 2.0 * static_cast<double>(s < K - 1 ? s : K - 1) * kSlack;
+      flushed()[c] = 0;
+      if (reach && !(ghost_old + ghost_new < 1e300)) reject();
+    }
+  }
+};
+
+// The blocked exp-domain forward: as exp_forward_kernel (log Z and the
+// checkpoints where the bounds certify log Z, redo[b] = 1 elsewhere), for
+// C <= kBlockedMaxLabels.
+template <typename scalar_t, bool kShared>
+__global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kShared>())
+    exp_blocked_kernel(const ForwardParams p, const Arena arena, int32_t* redo) {
+  const int64_t b = blockIdx.x;
+  const int64_t L = sequence_length(p, b);
+  CtaExpBlocked<scalar_t, kShared> scan(p, arena, b, L);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  const int K = scan.K;
+  const bool warp0 = warp_id() == 0;
+  scan.init();
+  int64_t next_ckpt = 0, j = 0, t0 = 0;
+  for (;;) {
+    if (scan.rejected()) break;  // every thread reads it after the same barrier
+    const int t0K = static_cast<int>(t0 % K);
+    const int n0 = static_cast<int>(t0 < K ? t0 : K);
+    if (t0 == next_ckpt && t0 < p.T) {
+      scan.save(t0K, ckpt.at(j), ckpt.offset + j);
+      next_ckpt += p.interval;
+      ++j;
+    }
+    // The block: up to kBlockSteps steps, at most K (the far part is then
+    // every entry that started before t0), ending at the next checkpoint
+    // and at L.
+    int64_t len = kBlockSteps < K ? kBlockSteps : K;
+    if (L + 1 - t0 < len) len = L + 1 - t0;
+    if (next_ckpt > t0 && next_ckpt < p.T && next_ckpt - t0 < len) len = next_ckpt - t0;
+    scan.far_partials(t0K, n0, static_cast<int>(len));
+    scan.stage_inputs(t0, static_cast<int>(len));
+    __syncthreads();
+    bool done = false;
+    if (warp0) {
+      scan.tK = t0K;
+      scan.take_flush_charges(t0);
+      int k = 0;
+      for (; k < len; ++k) {
+        const int64_t t = t0 + k;
+        __syncwarp();
+        if (scan.rejected()) break;
+        if (t == 0) {
+          scan.first();
+        } else {
+          scan.ends(t, k, static_cast<int>(len));
+        }
+        if (t == L) {
+          scan.finish(static_cast<scalar_t*>(p.log_z) + b);
+          done = true;
+          break;
+        }
+        if (t > 0) scan.starts(k);
+        if (scan.advance(t, k)) {
+          ++k;
+          break;
+        }
+      }
+      if (done) {
+        if (lane_id() == 0) scan.steps_run() = -1;
+      } else {
+        scan.publish(t0K, k);
+      }
+    }
+    __syncthreads();
+    const int k_run = scan.steps_run();
+    if (scan.rejected() || k_run < 0) break;
+    scan.rescale(t0K, n0, k_run);
+    t0 += k_run;
+    __syncthreads();
+  }
+  const bool rejected = scan.rejected();
+  if (threadIdx.x == 0) redo[b] = rejected ? 1 : 0;
+  if (rejected) return;
+  const int64_t j0 = ckpt.first_unused(L);
+  if (j0 < p.n_ckpt) {
+    fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
+    for (int64_t i = j0 + threadIdx.x; i < p.n_ckpt; i += kThreads) ckpt.offset[i] = 0.0;
+  }
+}
+
+}  // namespace cuda
+}  // namespace flashsemicrf
