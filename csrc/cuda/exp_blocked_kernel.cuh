@@ -209,24 +209,51 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   // CTA: for each (k, c) the sum over the old ages d' <= min(n0, K - k) of
   // R[d'] W[d'+k], the largest live R and the smallest positive R that meets
   // a weight or can still grow, in G groups of ages (partials in group order).
+  // A thread's ages run in four stretches, in increasing order: where the
+  // ring's slots do not wrap and then where they do, each split where the
+  // entries stop being able to grow, so that no loop tests either and the
+  // addresses step by G ages.
   __device__ void far_partials(int t0K, int n0, int len) const {
     const int items = len * C;
     const int G = items >= kThreads ? 1 : kThreads / items;
     const int64_t slots = exp_blocked_partial_slots(C);
+    const int64_t step = static_cast<int64_t>(G) * C;
     const scalar_t inf = Limits::infinity();
     for (int i = threadIdx.x; i < G * items; i += kThreads) {
       const int g = i / items, r = i - g * items, k = r / C, c = r - k * C;
-      const int last_c = Base::last_duration()[c];
       const int top = n0 < K - k ? n0 : K - k;
+      const int grows = Base::last_duration()[c] - k - 1;  // ages <= grows can still grow
       scalar_t a = 0, lm = 0, mn = inf;
-      for (int d = 1 + g; d <= top; d += G) {
-        const scalar_t x = ring[slot_before(t0K, d, K) * C + c];
-        const scalar_t w = weight[(d + k - 1) * C + c];
-        a += x * w;
-        const bool keep = d + k < last_c;
-        lm = keep ? std::fmax(x, lm) : lm;
-        mn = std::fmin((x > 0 && (w > 0 || keep)) ? x : inf, mn);
-      }
+      // Ages lo … hi congruent to 1 + g (mod G), within one run of slots.
+      auto stretch = [&](int lo, int hi, bool keep) {
+        int off = (1 + g - lo) % G;
+        const int d = lo + (off < 0 ? off + G : off);
+        if (d > hi) return;
+        const int n = (hi - d) / G + 1;
+        const scalar_t* rp = ring + static_cast<int64_t>(d <= t0K ? t0K - d : t0K - d + K) * C + c;
+        const scalar_t* wp = weight + static_cast<int64_t>(d + k - 1) * C + c;
+        if (keep) {
+#pragma unroll 4
+          for (int j = 0; j < n; ++j, rp -= step, wp += step) {
+            const scalar_t x = *rp;
+            a += x * *wp;
+            lm = std::fmax(x, lm);
+            mn = std::fmin(x > 0 ? x : inf, mn);
+          }
+        } else {
+#pragma unroll 4
+          for (int j = 0; j < n; ++j, rp -= step, wp += step) {
+            const scalar_t x = *rp, w = *wp;
+            a += x * w;
+            mn = std::fmin((x > 0 && w > 0) ? x : inf, mn);
+          }
+        }
+      };
+      const int unwrapped = t0K < top ? t0K : top;
+      stretch(1, unwrapped < grows ? unwrapped : grows, true);
+      stretch(grows + 1 > 1 ? grows + 1 : 1, unwrapped, false);
+      stretch(t0K + 1, top < grows ? top : grows, true);
+      stretch(grows + 1 > t0K + 1 ? grows + 1 : t0K + 1, top, false);
       part[i] = a;
       part[slots + i] = lm;
       part[2 * slots + i] = mn;
