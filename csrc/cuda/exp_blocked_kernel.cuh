@@ -366,7 +366,8 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
         g += static_cast<double>(k) * kSlack;
       if (has_far && static_cast<double>(fmn * wminpos) < tiny_d)
         g += static_cast<double>(n - k) * kSlack * F * kUp;
-      if (fd > 0.0 && fd < tiny_d) g += kSlack;
+      // (F · s can underflow float64 to 0 where the dtype is float64.)
+      if (F > 0.0 && s > 0 && fd < tiny_d) g += kSlack;
       if (has_near || has_far) g += weight_lost;
     }
     livemax = lm;
@@ -594,7 +595,9 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     for_each_entry(top, C, threadIdx.x, kThreads, [&](int row, int c) {
       scalar_t& r = ring[slot_before(t0K, row + 1, K) * C + c];
       const scalar_t x = r;
-      const double y = static_cast<double>(x) * blk_d[c];
+      // F can pass float64's range where a label has no positive entry
+      // (nothing bounds its factors then): zeros stay zeros.
+      const double y = x > 0 ? static_cast<double>(x) * blk_d[c] : 0.0;
       const scalar_t ys = static_cast<scalar_t>(y < big_d ? y : big_d);
       r = ys;
       if (x > 0 && ys < tiny && f_zero_row()[c] == 0) flushed()[c] = 1;
@@ -690,14 +693,7 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
     t0 += k_run;
     __syncthreads();
   }
-  const bool rejected = scan.rejected();
-  if (threadIdx.x == 0) redo[b] = rejected ? 1 : 0;
-  if (rejected) return;
-  const int64_t j0 = ckpt.first_unused(L);
-  if (j0 < p.n_ckpt) {
-    fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
-    for (int64_t i = j0 + threadIdx.x; i < p.n_ckpt; i += kThreads) ckpt.offset[i] = 0.0;
-  }
+  hand_over_or_clear(p, ckpt, b, L, scan.rejected(), redo);
 }
 
 }  // namespace cuda

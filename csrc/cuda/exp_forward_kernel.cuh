@@ -682,6 +682,22 @@ constexpr int exp_forward_min_blocks() {
   return kShared ? 2 : 1;
 }
 
+// The end of an exp-domain forward kernel (all threads, after a barrier that
+// makes `rejected` the same in each): the verdict, and for a certified
+// sequence the checkpoints past its end, which are never read, set to the
+// empty state, so that outputs do not depend on memory contents.
+template <typename scalar_t>
+__device__ void hand_over_or_clear(const ForwardParams& p, const SequenceCheckpoints<scalar_t>& ckpt,
+                                   int64_t b, int64_t L, bool rejected, int32_t* redo) {
+  if (threadIdx.x == 0) redo[b] = rejected ? 1 : 0;
+  if (rejected) return;
+  const int64_t j0 = ckpt.first_unused(L);
+  if (j0 < p.n_ckpt) {
+    fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
+    for (int64_t i = j0 + threadIdx.x; i < p.n_ckpt; i += kThreads) ckpt.offset[i] = 0.0;
+  }
+}
+
 // The exp-domain forward: log Z and the checkpoints for every sequence whose
 // log Z its bounds certify; redo[b] = 1 for the others (their outputs are
 // left to the log-domain forward_kernel, launched after it with redo).
@@ -724,16 +740,7 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
     }
     __syncthreads();
   }
-  const bool rejected = scan.rejected();
-  if (threadIdx.x == 0) redo[b] = rejected ? 1 : 0;
-  if (rejected) return;
-  // Checkpoints past the end of a short sequence are never read: the empty
-  // state, so that outputs do not depend on memory contents.
-  const int64_t j0 = ckpt.first_unused(L);
-  if (j0 < p.n_ckpt) {
-    fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
-    for (int64_t i = j0 + threadIdx.x; i < p.n_ckpt; i += kThreads) ckpt.offset[i] = 0.0;
-  }
+  hand_over_or_clear(p, ckpt, b, L, scan.rejected(), redo);
 }
 
 }  // namespace cuda
