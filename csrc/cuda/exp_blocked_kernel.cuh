@@ -393,6 +393,9 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       }
       ga = g;
       if (lost) reject();
+      // The rows starts() reads (after the __syncwarp there).
+      rs(kAlpha)[c] = alpha;
+      rd(kGa)[c] = ga;
     }
     // alpha_hat's summary (alpha_summary of the per-step kernel).
     scalar_t all = alpha, hi = reach ? alpha : scalar_t(0);
@@ -428,20 +431,24 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     const int c = lane_id();
     const scalar_t big = Limits::max();
     const scalar_t amax = alpha_reach_max, amin = alpha_reach_min;
-    // u = alpha_hat A, each sum over c' in order; zeros add exact zeros.
+    // u = alpha_hat A, each sum over c' in order, from the rows ends()
+    // wrote (a broadcast load a term; a zero alpha adds an exact zero, as
+    // the per-step kernel's skipped term does: A is finite).
+    __syncwarp();
+    const scalar_t* alpha_row = rs(kAlpha);
+    const double* ga_row = rd(kGa);
     scalar_t u = 0;
-    for (int cp = 0; cp < C; ++cp) {
-      const scalar_t a = __shfl_sync(kFullMask, alpha, cp);
-      if (valid && a != 0) u += a * A[cp * C + c];
-    }
-    // The exact ghost mat-vec, where alpha_hat carries a ghost.
     double work = 0.0;
-    if (alpha_ghost) {
-      for (int cp = 0; cp < C; ++cp) {
-        const double gcp = __shfl_sync(kFullMask, ga, cp);
-        if (valid && gcp != 0.0) {
-          const double row = A_bound[cp * C + c];
-          if (row > 0) work += Base::floored(gcp * row);
+    if (valid) {
+      for (int cp = 0; cp < C; ++cp) u += alpha_row[cp] * A[cp * C + c];
+      // The exact ghost mat-vec, where alpha_hat carries a ghost.
+      if (alpha_ghost) {
+        for (int cp = 0; cp < C; ++cp) {
+          const double gcp = ga_row[cp];
+          if (gcp != 0.0) {
+            const double row = A_bound[cp * C + c];
+            if (row > 0) work += Base::floored(gcp * row);
+          }
         }
       }
     }
