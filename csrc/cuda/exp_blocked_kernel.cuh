@@ -79,17 +79,6 @@ inline Arena plan_exp_blocked_arena(const ForwardParams& p, size_t elem_bytes, s
   return plan_arena(bytes, kExpBlockedArrays, evict, 10, smem_limit);
 }
 
-// The largest of a and of b over the warp, NaN ignored, the two shuffle
-// trees interleaved.
-__device__ __forceinline__ void warp_max_pair(double& a, double& b) {
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-    const double a2 = __shfl_xor_sync(kFullMask, a, o), b2 = __shfl_xor_sync(kFullMask, b, o);
-    a = max_ignoring_nan(a, a2);
-    b = max_ignoring_nan(b, b2);
-  }
-}
-
 // The largest of v over the warp, NaN ignored.
 template <typename T>
 __device__ __forceinline__ T warp_max_ignoring_nan(T v) {
@@ -401,17 +390,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     scalar_t all = alpha, hi = reach ? alpha : scalar_t(0);
     scalar_t lo = reach && alpha > 0 ? alpha : inf;
     int ghost = ga > 0.0;
-#pragma unroll
-    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-      const scalar_t all2 = __shfl_xor_sync(kFullMask, all, o);
-      const scalar_t hi2 = __shfl_xor_sync(kFullMask, hi, o);
-      const scalar_t lo2 = __shfl_xor_sync(kFullMask, lo, o);
-      const int ghost2 = __shfl_xor_sync(kFullMask, ghost, o);
-      all = max_ignoring_nan(all, all2);
-      hi = hi < hi2 ? hi2 : hi;
-      lo = lo2 < lo ? lo2 : lo;
-      ghost |= ghost2;
-    }
+    alpha_summary_tree(all, hi, lo, ghost);
     alpha_reach_max = hi;
     alpha_reach_min = lo;
     alpha_ghost = ghost != 0;
@@ -495,12 +474,8 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     const double fresh_mass = reach ? static_cast<double>(sigma) * e_mass : 0.0;
     double old = old_mass, fresh = fresh_mass;
     warp_max_pair(old, fresh);
-    double top = std::max(old > 0 ? ::log(old) : kNegInf,
-                          fresh > 0 ? sigma_rel + ::log(fresh) : kNegInf);
-    if (top == kNegInf) top = 0.0;
-    const double new_offset = O + (top + m);
-    const double base = (O - new_offset) + m;
-    const double so = ::exp(base), sn = ::exp(base + sigma_rel);
+    const AdvanceScale sc = advance_scale(old, fresh, sigma_rel, O, m);
+    const double new_offset = sc.new_offset, base = sc.base, so = sc.so, sn = sc.sn;
     const double big = static_cast<double>(Limits::max());
     const double old_charge = 2.0 * static_cast<double>(t < K - 1 ? t : K - 1) * kSlack;
     bool cut = false;

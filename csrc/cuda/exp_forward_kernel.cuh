@@ -95,6 +95,17 @@ __device__ __forceinline__ T max_ignoring_nan(T a, T b) {
   return a < b ? b : a;
 }
 
+// The largest of a and of b over the warp, NaN ignored, the two shuffle
+// trees interleaved.
+__device__ __forceinline__ void warp_max_pair(double& a, double& b) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const double a2 = __shfl_xor_sync(kFullMask, a, o), b2 = __shfl_xor_sync(kFullMask, b, o);
+    a = max_ignoring_nan(a, a2);
+    b = max_ignoring_nan(b, b2);
+  }
+}
+
 // The largest of a[0 … n-1] (and of b[0 … n-1]), NaN ignored, by every warp
 // on its own; init for none. The two shuffle trees interleave, so the pair
 // costs about the latency of one.
@@ -105,14 +116,49 @@ __device__ __forceinline__ void row_max_pair(const double* a, const double* b, i
     x = max_ignoring_nan(x, a[i]);
     y = max_ignoring_nan(y, b[i]);
   }
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-    const double x2 = __shfl_xor_sync(kFullMask, x, o), y2 = __shfl_xor_sync(kFullMask, y, o);
-    x = max_ignoring_nan(x, x2);
-    y = max_ignoring_nan(y, y2);
-  }
+  warp_max_pair(x, y);
   *ma = x;
   *mb = y;
+}
+
+// The advance's new offset and factors: the largest mass that can still
+// matter (old entries, or new ones at sigma_rel) becomes 1. The factors come
+// from the rounded new offset, so that entries and offset stay consistent
+// however large the offset grows.
+struct AdvanceScale {
+  double new_offset, base, so, sn;
+};
+__device__ __forceinline__ AdvanceScale advance_scale(double old, double fresh, double sigma_rel,
+                                                      double O, double m) {
+  constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+  double top = std::max(old > 0 ? ::log(old) : kNegInf,
+                        fresh > 0 ? sigma_rel + ::log(fresh) : kNegInf);
+  if (top == kNegInf) top = 0.0;
+  AdvanceScale s;
+  s.new_offset = O + (top + m);
+  s.base = (O - s.new_offset) + m;
+  s.so = ::exp(s.base);
+  s.sn = ::exp(s.base + sigma_rel);
+  return s;
+}
+
+// alpha_hat's summary over the warp: the largest entry (NaN ignored), the
+// range over the labels that can reach an end, whether any carries a ghost;
+// the four shuffle trees interleaved.
+template <typename scalar_t>
+__device__ __forceinline__ void alpha_summary_tree(scalar_t& all, scalar_t& hi, scalar_t& lo,
+                                                   int& ghost) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const scalar_t all2 = __shfl_xor_sync(kFullMask, all, o);
+    const scalar_t hi2 = __shfl_xor_sync(kFullMask, hi, o);
+    const scalar_t lo2 = __shfl_xor_sync(kFullMask, lo, o);
+    const int ghost2 = __shfl_xor_sync(kFullMask, ghost, o);
+    all = max_ignoring_nan(all, all2);
+    hi = hi < hi2 ? hi2 : hi;
+    lo = lo2 < lo ? lo2 : lo;
+    ghost |= ghost2;
+  }
 }
 
 template <typename scalar_t, bool kShared>
@@ -471,17 +517,7 @@ struct CtaExpForward {
       hi = hi < a ? a : hi;
       lo = a > 0 && a < lo ? a : lo;
     }
-#pragma unroll
-    for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-      const scalar_t all2 = __shfl_xor_sync(kFullMask, all, o);
-      const scalar_t hi2 = __shfl_xor_sync(kFullMask, hi, o);
-      const scalar_t lo2 = __shfl_xor_sync(kFullMask, lo, o);
-      const int ghost2 = __shfl_xor_sync(kFullMask, ghost, o);
-      all = max_ignoring_nan(all, all2);
-      hi = hi < hi2 ? hi2 : hi;
-      lo = lo2 < lo ? lo2 : lo;
-      ghost |= ghost2;
-    }
+    alpha_summary_tree(all, hi, lo, ghost);
     alpha_max = all;
     alpha_reach_max = hi;
     alpha_reach_min = lo;
@@ -592,14 +628,8 @@ struct CtaExpForward {
     __syncthreads();
     double old, fresh;
     row_max_pair(rd(kOldMass), rd(kFreshMass), C, 0.0, &old, &fresh);
-    double top = std::max(old > 0 ? ::log(old) : kNegInf,
-                          fresh > 0 ? sigma_rel + ::log(fresh) : kNegInf);
-    if (top == kNegInf) top = 0.0;
-    // The factors come from the rounded new offset, so that entries and
-    // offset stay consistent however large the offset grows.
-    const double new_offset = O + (top + m);
-    const double base = (O - new_offset) + m;
-    const double so = ::exp(base), sn = ::exp(base + sigma_rel);
+    const AdvanceScale sc = advance_scale(old, fresh, sigma_rel, O, m);
+    const double new_offset = sc.new_offset, base = sc.base, so = sc.so, sn = sc.sn;
     const double big = static_cast<double>(Limits::max());
     const double old_charge = 2.0 * static_cast<double>(t < K - 1 ? t : K - 1) * kSlack;
     for (int c = tid; c < C; c += kThreads) {
