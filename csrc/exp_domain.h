@@ -98,6 +98,16 @@ HOST_DEVICE void two_sum_add(double& hi, double& lo, double m) {
   hi = s;
 }
 
+// The maximum the log scan's step subtracts (in its dtype), from alpha_hat's
+// largest entry amax relative to that scan's offset + shift + mes; 0 where
+// every label is 0. The exp-domain forwards add it to their record of the
+// log scan's offset, so that checkpoints are written in that scan's terms.
+template <typename scalar_t>
+HOST_DEVICE double log_scan_step(scalar_t amax, double shift, double mes) {
+  if (!(amax > 0)) return 0.0;
+  return static_cast<double>(static_cast<scalar_t>(::log(static_cast<double>(amax)) + shift + mes));
+}
+
 // The ghost of alpha_hat = acc · endf (endf = fexp(log_endf)) from acc's
 // ghost g: through the factor, plus a smallest normal where the product fell
 // below it; 0 where it is absorbed into relative error (g · absorb_factor ≤

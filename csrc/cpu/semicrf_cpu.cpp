@@ -559,10 +559,7 @@ bool unboundable_parameters(const SequenceInputs<scalar_t>& in, int64_t n_transi
 // alpha has Cp (a multiple of 8) entries, 0 in the padding.
 template <typename scalar_t>
 double log_scan_step_max(const scalar_t* alpha, int64_t Cp, double shift, double mes) {
-  const scalar_t amax = max_of<8>(alpha, Cp);
-  if (!(amax > 0)) return 0.0;
-  return static_cast<double>(
-      static_cast<scalar_t>(std::log(static_cast<double>(amax)) + shift + mes));
+  return log_scan_step(max_of<8>(alpha, Cp), shift, mes);
 }
 
 template <typename scalar_t>

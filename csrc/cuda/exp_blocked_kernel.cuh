@@ -59,18 +59,12 @@ HOST_DEVICE int64_t exp_blocked_partial_slots(int64_t C) {
 inline bool uses_blocked_exp_forward(int64_t C) { return C <= kBlockedMaxLabels; }
 
 inline Arena plan_exp_blocked_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
-  const int64_t e = static_cast<int64_t>(elem_bytes), d = sizeof(double), C = p.C, K = p.K;
-  const int64_t bytes[kExpBlockedArrays] = {
-      K * C * e,
-      K * C * e,
-      C * C * e,
-      C * C * d,
-      kExpDoubleRows * C * d,
-      (kExpScalarRows * C + 3 * exp_blocked_partial_slots(C)) * e,
-      (3 * C + 3) * static_cast<int64_t>(sizeof(int32_t)),
-      4 * kBlockSteps * C * e,
-      (C + 3 + kBlockSteps) * d,
-      (2 * C + 2) * static_cast<int64_t>(sizeof(int32_t))};
+  const int64_t e = static_cast<int64_t>(elem_bytes), C = p.C;
+  int64_t bytes[kExpBlockedArrays];
+  exp_forward_bytes(p, e, exp_blocked_partial_slots(C), bytes);
+  bytes[kExpNear] = 4 * kBlockSteps * C * e;
+  bytes[kExpBlockDoubles] = (C + 3 + kBlockSteps) * static_cast<int64_t>(sizeof(double));
+  bytes[kExpBlockInts] = (2 * C + 2) * static_cast<int64_t>(sizeof(int32_t));
   // As the per-step kernel's; the near entries and the block state are read
   // every step by warp 0, the weights and the ring once a block by all.
   const int evict[] = {kExpTransitionBound, kExpTransition, kExpWeight,    kExpRing,
@@ -395,14 +389,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     alpha_reach_min = lo;
     alpha_ghost = ghost != 0;
     // The offset the log scan would have: its step subtracts its max alpha.
-    if (all > 0) {
-      const double shift = (O - ref_hi) - ref_lo;
-      two_sum_add(ref_hi, ref_lo,
-                  static_cast<double>(static_cast<scalar_t>(
-                      ::log(static_cast<double>(all)) + shift + mes)));
-    } else {
-      two_sum_add(ref_hi, ref_lo, 0.0);
-    }
+    two_sum_add(ref_hi, ref_lo, log_scan_step(all, (O - ref_hi) - ref_lo, mes));
   }
 
   // t < L, t >= 1 (warp 0): sigma_hat[t] and its ghost.
@@ -507,7 +494,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       if (exact_zero) {
         F = 0.0;
         f_zero = true;
-      } else if (F > 0.0 || !f_zero) {
+      } else if (!f_zero) {
         F *= old_f;
         cut = !(F >= 0x1p-900 && F <= 0x1p900);
       }
@@ -518,15 +505,11 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     return warp_any(cut);
   }
 
-  // Warp 0, step L: log Z if the bounds certify it, else reject.
+  // Warp 0, step L: log Z if the bounds certify it (from the alpha_hat and
+  // ghost rows ends() wrote), else reject.
   __device__ void finish(scalar_t* log_z) {
-    const int c = lane_id();
-    if (valid) {
-      rs(kAlpha)[c] = alpha;
-      rd(kGa)[c] = ga;
-    }
     __syncwarp();
-    if (c == 0 && !rejected()) {
+    if (lane_id() == 0 && !rejected()) {
       double z = 0.0;
       if (certified_log_z(in, C, rs(kAlpha), rd(kGa), O, mes, &z)) {
         *log_z = static_cast<scalar_t>(z);
@@ -558,6 +541,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     }
     owes = false;
     if (c == 0) {
+      staged_bad() = 0;  // every lane read it before the steps' __syncwarp
       blk_d[C] = O;
       blk_d[C + 1] = ref_hi;
       blk_d[C + 2] = ref_lo;
@@ -591,10 +575,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   // per-step scan's advance puts them).
   __device__ void take_flush_charges(int64_t t) {
     const int c = lane_id();
-    __syncwarp();  // every lane has read staged_bad before lane 0 clears it
-    if (staged_bad() != 0) reject();
-    __syncwarp();
-    if (c == 0) staged_bad() = 0;
+    if (staged_bad() != 0) reject();  // cleared by publish(), after the steps
     if (!valid) return;
     if (flushed()[c] != 0) {
       const int64_t s = t - 1;

@@ -62,16 +62,22 @@ enum ExpScalarRow {
 // P1-style partial slots: one per (duration group, label), max(C, kThreads).
 HOST_DEVICE int64_t exp_partial_slots(int64_t C) { return C > kThreads ? C : kThreads; }
 
+// The sizes of the kExpForwardArrays arrays, with `slots` partials per row
+// of the ring pass (the blocked kernel has more).
+inline void exp_forward_bytes(const ForwardParams& p, int64_t e, int64_t slots, int64_t* bytes) {
+  const int64_t d = sizeof(double), C = p.C, K = p.K;
+  bytes[kExpRing] = K * C * e;
+  bytes[kExpWeight] = K * C * e;
+  bytes[kExpTransition] = C * C * e;
+  bytes[kExpTransitionBound] = C * C * d;
+  bytes[kExpDoubles] = kExpDoubleRows * C * d;
+  bytes[kExpScalars] = (kExpScalarRows * C + 3 * slots) * e;
+  bytes[kExpInts] = (3 * C + 3) * static_cast<int64_t>(sizeof(int32_t));
+}
+
 inline Arena plan_exp_forward_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
-  const int64_t e = static_cast<int64_t>(elem_bytes), d = sizeof(double), C = p.C, K = p.K;
-  const int64_t bytes[kExpForwardArrays] = {
-      K * C * e,
-      K * C * e,
-      C * C * e,
-      C * C * d,
-      kExpDoubleRows * C * d,
-      (kExpScalarRows * C + 3 * exp_partial_slots(C)) * e,
-      (3 * C + 3) * static_cast<int64_t>(sizeof(int32_t))};
+  int64_t bytes[kExpForwardArrays];
+  exp_forward_bytes(p, static_cast<int64_t>(elem_bytes), exp_partial_slots(p.C), bytes);
   // The float64 transition bound goes first (read only where a ghost is
   // carried), then the scalar transition (C reads a step per thread), then
   // the weights and the ring (K·C reads a step), then the rows.
@@ -493,15 +499,7 @@ struct CtaExpForward {
     __syncthreads();
     alpha_summary();
     // The offset the log scan would have: its step subtracts its max alpha.
-    const scalar_t amax = alpha_max;
-    if (amax > 0) {
-      const double shift = (O - ref_hi) - ref_lo;
-      two_sum_add(ref_hi, ref_lo,
-                  static_cast<double>(static_cast<scalar_t>(
-                      ::log(static_cast<double>(amax)) + shift + mes)));
-    } else {
-      two_sum_add(ref_hi, ref_lo, 0.0);
-    }
+    two_sum_add(ref_hi, ref_lo, log_scan_step(alpha_max, (O - ref_hi) - ref_lo, mes));
   }
 
   // alpha_max, alpha_reach_max, alpha_reach_min and alpha_ghost from the

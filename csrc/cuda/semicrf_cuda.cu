@@ -198,21 +198,14 @@ struct Cuda {
     at::Tensor verdicts;
     if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
       verdicts = at::empty({std::max<int64_t>(p.B, 1)}, scores.options().dtype(at::kInt));
-      if (cuda::uses_blocked_exp_forward(p.C)) {
-        launch_per_sequence(scores, p, cuda::plan_exp_blocked_arena,
-                            [](auto zero, auto, auto smem) {
-                              return &cuda::exp_blocked_kernel<decltype(zero),
-                                                               decltype(smem)::value>;
-                            },
-                            verdicts.data_ptr<int32_t>());
-      } else {
-        launch_per_sequence(scores, p, cuda::plan_exp_forward_arena,
-                            [](auto zero, auto, auto smem) {
-                              return &cuda::exp_forward_kernel<decltype(zero),
-                                                               decltype(smem)::value>;
-                            },
-                            verdicts.data_ptr<int32_t>());
-      }
+      const bool blocked = cuda::uses_blocked_exp_forward(p.C);
+      launch_per_sequence(
+          scores, p, blocked ? cuda::plan_exp_blocked_arena : cuda::plan_exp_forward_arena,
+          [blocked](auto zero, auto, auto smem) {
+            return blocked ? &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>
+                           : &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
+          },
+          verdicts.data_ptr<int32_t>());
       redo = verdicts.data_ptr<int32_t>();
     }
     launch_per_sequence(

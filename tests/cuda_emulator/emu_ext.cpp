@@ -105,21 +105,14 @@ std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at
   // -7: a verdict the exp-domain kernel did not write shows (and reruns).
   at::Tensor redo =
       at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
-  if (blocked) {
-    out.push_back(launch_per_sequence(
-        sched, scores, pass.params, cuda::plan_exp_blocked_arena,
-        [](auto zero, auto, auto smem) {
-          return &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>;
-        },
-        redo.data_ptr<int32_t>()));
-  } else {
-    out.push_back(launch_per_sequence(
-        sched, scores, pass.params, cuda::plan_exp_forward_arena,
-        [](auto zero, auto, auto smem) {
-          return &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
-        },
-        redo.data_ptr<int32_t>()));
-  }
+  out.push_back(launch_per_sequence(
+      sched, scores, pass.params,
+      blocked ? cuda::plan_exp_blocked_arena : cuda::plan_exp_forward_arena,
+      [blocked](auto zero, auto, auto smem) {
+        return blocked ? &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>
+                       : &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
+      },
+      redo.data_ptr<int32_t>()));
   launch_per_sequence(
       sched, scores, pass.params, cuda::plan_forward_arena,
       [](auto zero, auto dd, auto smem) {
