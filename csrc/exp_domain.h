@@ -102,10 +102,16 @@ HOST_DEVICE void two_sum_add(double& hi, double& lo, double m) {
 // largest entry amax relative to that scan's offset + shift + mes; 0 where
 // every label is 0. The exp-domain forwards add it to their record of the
 // log scan's offset, so that checkpoints are written in that scan's terms.
+// log_scan_step_from_log is the same from log(amax), for a caller that takes
+// the logs apart from the sum.
+template <typename scalar_t>
+HOST_DEVICE double log_scan_step_from_log(double log_amax, double shift, double mes) {
+  return static_cast<double>(static_cast<scalar_t>(log_amax + shift + mes));
+}
 template <typename scalar_t>
 HOST_DEVICE double log_scan_step(scalar_t amax, double shift, double mes) {
   if (!(amax > 0)) return 0.0;
-  return static_cast<double>(static_cast<scalar_t>(::log(static_cast<double>(amax)) + shift + mes));
+  return log_scan_step_from_log<scalar_t>(::log(static_cast<double>(amax)), shift, mes);
 }
 
 // The ghost of alpha_hat = acc · endf (endf = fexp(log_endf)) from acc's

@@ -13,8 +13,12 @@
 // the smallest positive one (F times their maximum and minimum at t0's scale).
 // The entries that start inside the block (the near part, at most len a
 // label), the factors, normalisers and ghosts run in warp 0 with lane =
-// label, synchronised by shuffles and __syncwarp. At the block's end every
-// old entry is rescaled by F once and the near entries join the ring.
+// label, synchronised by warp reductions and __syncwarp. At the block's end
+// every old entry is rescaled by F once and the near entries join the ring.
+// The chain's normalisers are powers of two, picked by one integer warp
+// reduction each (REDUX from sm_80 on), so that its factors need no float64
+// log or exp; the log scan's offset (the checkpoints' terms) is caught up
+// once a block from the steps' alpha_hat rows.
 //
 // Bounds (docs/design.md, "The CUDA exp-domain forward"): a far product
 // R · W below tiny loses less than tiny at t0's scale, F · tiny at step
@@ -28,7 +32,8 @@
 // step (an exact zero, from a -inf score, does not).
 // The near part, the generations, absorption, the final check and the
 // fallback are the per-step scan's. These charges are sound but not the CPU
-// kernel's, so the two can decide differently near the threshold.
+// kernel's (nor are its scales, which can sit up to a factor 2 from the
+// CPU's), so the two can decide differently near the threshold.
 #pragma once
 
 #include "exp_forward_kernel.cuh"
@@ -44,9 +49,11 @@ constexpr int kBlockedMaxLabels = kWarpSize;
 
 // Extra arrays of the blocked forward, after the per-step kernel's.
 enum ExpBlockedArray {
-  kExpNear = kExpForwardArrays,  // (4, kBlockSteps, C) scalars: entries started in the
-                                 // block; the block's scores, start scores, end scores
-  kExpBlockDoubles,              // F (C); O, ref_hi, ref_lo; the block's emission maxima
+  kExpNear = kExpForwardArrays,  // (5, kBlockSteps, C) scalars: entries started in the
+                                 // block; the block's scores, start scores, end scores;
+                                 // alpha_hat of each step
+  kExpBlockDoubles,              // F (C); O, ref_hi, ref_lo; per step of the block: the
+                                 // emission maximum, the offset and mes at ends()
   kExpBlockInts,                 // flushed at the rescale (C), F an exact zero (C), steps
                                  // run, a staged input unboundable
   kExpBlockedArrays
@@ -62,8 +69,8 @@ inline Arena plan_exp_blocked_arena(const ForwardParams& p, size_t elem_bytes, s
   const int64_t e = static_cast<int64_t>(elem_bytes), C = p.C;
   int64_t bytes[kExpBlockedArrays];
   exp_forward_bytes(p, e, exp_blocked_partial_slots(C), bytes);
-  bytes[kExpNear] = 4 * kBlockSteps * C * e;
-  bytes[kExpBlockDoubles] = (C + 3 + kBlockSteps) * static_cast<int64_t>(sizeof(double));
+  bytes[kExpNear] = 5 * kBlockSteps * C * e;
+  bytes[kExpBlockDoubles] = (C + 3 + 3 * kBlockSteps) * static_cast<int64_t>(sizeof(double));
   bytes[kExpBlockInts] = (2 * C + 2) * static_cast<int64_t>(sizeof(int32_t));
   // As the per-step kernel's; the near entries and the block state are read
   // every step by warp 0, the weights and the ring once a block by all.
@@ -78,8 +85,42 @@ template <typename T>
 __device__ __forceinline__ T warp_max_ignoring_nan(T v) {
   return warp_reduce(v, [](T a, T b) { return max_ignoring_nan(a, b); });
 }
-__device__ __forceinline__ bool warp_any(bool v) {
-  return warp_reduce(static_cast<int>(v), [](int a, int b) { return a | b; }) != 0;
+__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(kFullMask, v) != 0; }
+
+// The warp's largest int: one REDUX instruction from sm_80 on (and in the
+// emulator), a shuffle tree before.
+__device__ __forceinline__ int warp_max_int(int v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return warp_reduce(v, [](int a, int b) { return a > b ? a : b; });
+#else
+  return __reduce_max_sync(kFullMask, v);
+#endif
+}
+
+// The warp's largest hi and smallest lo, both nonnegative (+inf allowed, no
+// NaN). A nonnegative float's bits order as unsigned integers do, so float
+// takes two REDUX instructions from sm_80 on; double two shuffle trees.
+__device__ __forceinline__ void warp_range_nonneg(float& hi, float& lo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  hi = warp_reduce(hi, [](float a, float b) { return a < b ? b : a; });
+  lo = warp_reduce(lo, [](float a, float b) { return b < a ? b : a; });
+#else
+  unsigned h, l;
+  std::memcpy(&h, &hi, sizeof(h));
+  std::memcpy(&l, &lo, sizeof(l));
+  h = __reduce_max_sync(kFullMask, h);
+  l = __reduce_min_sync(kFullMask, l);
+  std::memcpy(&hi, &h, sizeof(h));
+  std::memcpy(&lo, &l, sizeof(l));
+#endif
+}
+__device__ __forceinline__ void warp_range_nonneg(double& hi, double& lo) {
+#pragma unroll
+  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
+    const double hi2 = __shfl_xor_sync(kFullMask, hi, o), lo2 = __shfl_xor_sync(kFullMask, lo, o);
+    hi = hi < hi2 ? hi2 : hi;
+    lo = lo2 < lo ? lo2 : lo;
+  }
 }
 
 template <typename scalar_t, bool kShared>
@@ -102,8 +143,6 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   using Base::rejected;
   using Base::ring;
   using Base::rs;
-  using Base::scale_candidate;
-  using Base::scale_of;
   using Base::tiny;
   using Base::tiny_d;
   using Base::weight;
@@ -114,7 +153,14 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
 
   // Warp 0's state. The scalars are the same bits in every lane; the rest is
   // lane c's label (lanes c >= C hold a label with nothing in it).
-  double O = 0.0, mes = 0.0, sigma_rel = 0.0, ref_hi = 0.0, ref_lo = 0.0;
+  // The offset is O + O_e · ln 2: the emission maxima (and step 0's) in O,
+  // the normalisers, powers of two, in O_e. The end and start scales are
+  // powers of two too, 2^mes_e and 2^mss_e (srel_e = mes_e + mss_e; all
+  // integer-valued doubles), so that the advance's factors are exact powers
+  // of two found from exponents: no float64 log or exp on the chain.
+  // ref_hi + ref_lo: the log scan's offset, caught up once a block.
+  double O = 0.0, O_e = 0.0, mes_e = 0.0, srel_e = 0.0;
+  double ref_hi = 0.0, ref_lo = 0.0;
   int tK = 0;
   bool owes = false;  // the near entries owe the last advance's factor
   bool valid = false, reach = false;
@@ -129,7 +175,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   // positive near entry, whether any entry that matters is positive.
   scalar_t livemax = 0, near_min = 0;
   bool any_pos = false;
-  // alpha_hat's summary, as the per-step kernel's alpha_summary.
+  // alpha_hat's summary over the labels that can reach an end.
   scalar_t alpha_reach_max = 0, alpha_reach_min = 0;
   bool alpha_ghost = false;
 
@@ -139,6 +185,43 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
         blk_d(arena.get<double, kShared>(kExpBlockDoubles, b)),
         blk_i(arena.get<int32_t, kShared>(kExpBlockInts, b)) {}
 
+  // The offset as one float64 number.
+  __device__ double offset() const { return O + O_e * kLn2; }
+  // 2^e for an integer-valued e: from the bits where it is a normal
+  // float64 number, 0 below float64's range, +inf above it.
+  __device__ static double power_of_two(double e) {
+    if (e > 1023.0) return kInf;
+    if (e < -1022.0) return e < -1074.0 ? 0.0 : ::ldexp(1.0, static_cast<int>(e));
+    const uint64_t bits = static_cast<uint64_t>(static_cast<int64_t>(e) + 1023) << 52;
+    double v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+
+  // A label's rank for the end (or start) scale, an int, so that one warp
+  // reduction finds the scale. A label that can reach an end, with a
+  // positive sum v and a finite score y, ranks by the exponent of the power
+  // of two at or above 2^exponent(v) e^y, ceil(y / ln 2) + exponent(v),
+  // above every label with a score alone (ranked by ceil(y / ln 2)); a
+  // label with neither: -1. The exponents are clamped to +-2^27 (scores of
+  // 9 * 10^7 nats); a scale at a clamp is rejected by scale_exponent.
+  static constexpr int kScaleClamp = 1 << 27;
+  __device__ static int scale_rank(bool reach, scalar_t v, double y) {
+    if (!reach || !(y > kNegInf)) return -1;
+    const bool with_sum = v > 0;
+    double e = ::ceil(y * (1.0 / kLn2)) + (with_sum ? exponent_of(v) : 0);
+    e = e < -kScaleClamp ? -kScaleClamp : (e > kScaleClamp ? kScaleClamp : e);
+    return static_cast<int>(e) + kScaleClamp + (with_sum ? 4 * kScaleClamp : 0);
+  }
+  // The scale's exponent from the warp's largest rank (0 where no label
+  // ranks); *clamped where it lies at a clamp.
+  __device__ static double scale_exponent(int rank, bool* clamped) {
+    if (rank < 0) return 0.0;
+    const int e = (rank >= 4 * kScaleClamp ? rank - 4 * kScaleClamp : rank) - kScaleClamp;
+    *clamped = e == kScaleClamp || e == -kScaleClamp;
+    return static_cast<double>(e);
+  }
+
   // The block's inputs, staged by the whole CTA before its steps so that
   // warp 0's chain waits on no global load: row k holds position t0 + k's
   // scores and start scores, and the end scores of t0 + k - 1.
@@ -146,6 +229,11 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   __device__ scalar_t* staged_start() const { return near + 2 * kBlockSteps * C; }
   __device__ scalar_t* staged_end() const { return near + 3 * kBlockSteps * C; }
   __device__ double* staged_emit_max() const { return blk_d + C + 3; }
+  // alpha_hat of step t0 + k (row k), the offset and mes its ends() had:
+  // the log scan's offset is caught up from them once a block.
+  __device__ scalar_t* alpha_row(int k) const { return near + (4 * kBlockSteps + k) * C; }
+  __device__ double* step_offset() const { return blk_d + C + 3 + kBlockSteps; }
+  __device__ double* step_mes() const { return blk_d + C + 3 + 2 * kBlockSteps; }
   __device__ int32_t* flushed() const { return blk_i; }
   __device__ int32_t* f_zero_row() const { return blk_i + C; }
   __device__ int32_t& steps_run() const { return blk_i[2 * C]; }
@@ -278,7 +366,8 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     const double v = valid ? static_cast<double>(in.first(c)) : kNegInf;
     const double m = warp_reduce(v, [](double a, double b) { return std::max(a, b); });
     O = m == kNegInf ? 0.0 : m;
-    sigma_rel = 0.0;
+    O_e = 0.0;
+    srel_e = 0.0;
     ref_hi = O;
     ref_lo = 0.0;
     if (valid) {
@@ -326,6 +415,8 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       const int G = items >= kThreads ? 1 : kThreads / items;
       const int64_t slots = exp_blocked_partial_slots(C);
       scalar_t s = 0, flm = 0, fmn = inf;
+      // (G is 1 once a block has len * C >= kThreads entries.)
+#pragma unroll 1
       for (int gi = 0; gi < G; ++gi) {
         const int i = gi * items + k * C + c;
         s += part[i];
@@ -358,9 +449,9 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     any_pos = has_near || has_far;
     const double ya =
         valid ? static_cast<double>(staged_end()[k * C + c]) + dur_max : kNegInf;
-    double top = scale_candidate(reach, a, ya), ya_max = reach ? ya : kNegInf;
-    warp_max_pair(top, ya_max);
-    mes = scale_of(top, ya_max);
+    bool clamped = false;
+    mes_e = scale_exponent(warp_max_int(scale_rank(reach, a, ya)), &clamped);
+    const double mes = mes_e * kLn2;
     alpha = 0;
     ga = 0.0;
     if (valid) {
@@ -376,20 +467,23 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       }
       ga = g;
       if (lost) reject();
-      // The rows starts() reads (after the __syncwarp there).
-      rs(kAlpha)[c] = alpha;
+      // The rows starts() and finish() read (after a __syncwarp).
+      alpha_row(k)[c] = alpha;
       rd(kGa)[c] = ga;
     }
-    // alpha_hat's summary (alpha_summary of the per-step kernel).
-    scalar_t all = alpha, hi = reach ? alpha : scalar_t(0);
-    scalar_t lo = reach && alpha > 0 ? alpha : inf;
-    int ghost = ga > 0.0;
-    alpha_summary_tree(all, hi, lo, ghost);
+    // alpha_hat's range over the labels that can reach an end, and whether
+    // any label carries a ghost (the log scan's offset is caught up from the
+    // rows once a block).
+    scalar_t hi = reach ? alpha : scalar_t(0), lo = reach && alpha > 0 ? alpha : inf;
+    warp_range_nonneg(hi, lo);
     alpha_reach_max = hi;
     alpha_reach_min = lo;
-    alpha_ghost = ghost != 0;
-    // The offset the log scan would have: its step subtracts its max alpha.
-    two_sum_add(ref_hi, ref_lo, log_scan_step(all, (O - ref_hi) - ref_lo, mes));
+    alpha_ghost = warp_any(ga > 0.0);
+    if (clamped) reject();
+    if (c == 0) {
+      step_offset()[k] = offset();
+      step_mes()[k] = mes;
+    }
   }
 
   // t < L, t >= 1 (warp 0): sigma_hat[t] and its ghost.
@@ -401,12 +495,12 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     // wrote (a broadcast load a term; a zero alpha adds an exact zero, as
     // the per-step kernel's skipped term does: A is finite).
     __syncwarp();
-    const scalar_t* alpha_row = rs(kAlpha);
+    const scalar_t* alpha_hat = alpha_row(k);
     const double* ga_row = rd(kGa);
     scalar_t u = 0;
     double work = 0.0;
     if (valid) {
-      for (int cp = 0; cp < C; ++cp) u += alpha_row[cp] * A[cp * C + c];
+      for (int cp = 0; cp < C; ++cp) u += alpha_hat[cp] * A[cp * C + c];
       // The exact ghost mat-vec, where alpha_hat carries a ghost.
       if (alpha_ghost) {
         for (int cp = 0; cp < C; ++cp) {
@@ -421,10 +515,11 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     const double ys =
         valid ? static_cast<double>(staged_start()[k * C + c]) + col_max : kNegInf;
     const scalar_t x = big < u ? big : u;
-    double top = scale_candidate(reach, x, ys), ys_max = reach ? ys : kNegInf;
-    warp_max_pair(top, ys_max);
-    const double mss = scale_of(top, ys_max);
-    sigma_rel = mes + mss;
+    bool clamped = false;
+    const double mss_e = scale_exponent(warp_max_int(scale_rank(reach, x, ys)), &clamped);
+    if (clamped) reject();
+    const double mss = mss_e * kLn2;
+    srel_e = mes_e + mss_e;
     sigma = 0;
     gs = 0.0;
     if (!valid) return;
@@ -452,24 +547,36 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   __device__ bool advance(int64_t t, int k) {
     const int c = lane_id();
     const double m = staged_emit_max()[k];
-    two_sum_add(ref_hi, ref_lo, m);
     const double lemit = valid ? static_cast<double>(staged_score()[k * C + c]) - m : kNegInf;
     const scalar_t emit = fexp(static_cast<scalar_t>(lemit));
     const bool flushed = static_cast<double>(emit) < tiny_d && lemit > kNegInf;
     const double e_mass = flushed ? ::exp(lemit) : static_cast<double>(emit);
     const double old_mass = valid ? static_cast<double>(livemax) * e_mass : 0.0;
     const double fresh_mass = reach ? static_cast<double>(sigma) * e_mass : 0.0;
-    double old = old_mass, fresh = fresh_mass;
-    warp_max_pair(old, fresh);
-    const AdvanceScale sc = advance_scale(old, fresh, sigma_rel, O, m);
-    const double new_offset = sc.new_offset, base = sc.base, so = sc.so, sn = sc.sn;
+    // The normaliser 2^j: the power of two at or below the largest new entry
+    // (an old entry times its factor, or a fresh one, at 2^srel_e), one
+    // integer shuffle tree. j is clamped to +-2^30: a j that scores of 10^9
+    // would need makes a factor overflow or flush, which is rejected or
+    // charged as any other.
+    constexpr int kNone = -(1 << 30) - 1;
+    int jc = kNone;
+    if (old_mass > 0 || fresh_mass > 0) {
+      const double eo = old_mass > 0 ? exponent_of(old_mass) : kNegInf;
+      const double ef = fresh_mass > 0 ? exponent_of(fresh_mass) + srel_e : kNegInf;
+      const double top = eo > ef ? eo : ef;
+      jc = static_cast<int>(top < -0x1p30 ? -0x1p30 : (top > 0x1p30 ? 0x1p30 : top));
+    }
+    jc = warp_reduce(jc, [](int a, int b) { return a > b ? a : b; });
+    const double j = jc == kNone ? 0.0 : static_cast<double>(jc);
+    const double base = -j * kLn2, so = power_of_two(-j), sn = power_of_two(srel_e - j);
     const double big = static_cast<double>(Limits::max());
     const double old_charge = 2.0 * static_cast<double>(t < K - 1 ? t : K - 1) * kSlack;
     bool cut = false;
     if (valid) {
       const double e = static_cast<double>(emit);
       const double old_f = flushed ? ::exp(lemit + base) : (e == 0.0 ? 0.0 : e * so);
-      const double new_f = flushed ? ::exp(lemit + base + sigma_rel) : (e == 0.0 ? 0.0 : e * sn);
+      const double new_f =
+          flushed ? ::exp(lemit + base + srel_e * kLn2) : (e == 0.0 ? 0.0 : e * sn);
       if (reach && ((any_pos && old_f > big) || (sigma > 0 && new_f > big))) reject();
       fo = static_cast<scalar_t>(big < old_f ? big : old_f);
       const scalar_t fn = static_cast<scalar_t>(big < new_f ? big : new_f);
@@ -500,18 +607,19 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       }
     }
     owes = true;
-    O = new_offset;
+    O += m;
+    O_e += j;
     tK = tK + 1 == K ? 0 : tK + 1;
     return warp_any(cut);
   }
 
-  // Warp 0, step L: log Z if the bounds certify it (from the alpha_hat and
-  // ghost rows ends() wrote), else reject.
-  __device__ void finish(scalar_t* log_z) {
+  // Warp 0, step L = t0 + k: log Z if the bounds certify it (from the
+  // alpha_hat and ghost rows ends() wrote), else reject.
+  __device__ void finish(int k, scalar_t* log_z) {
     __syncwarp();
     if (lane_id() == 0 && !rejected()) {
       double z = 0.0;
-      if (certified_log_z(in, C, rs(kAlpha), rd(kGa), O, mes, &z)) {
+      if (certified_log_z(in, C, alpha_row(k), rd(kGa), offset(), mes_e * kLn2, &z)) {
         *log_z = static_cast<scalar_t>(z);
       } else {
         reject();
@@ -523,9 +631,10 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   // F, whether it is an exact zero, the scalars; the near entries join the
   // ring with the last advance's factor applied (their slots held entries
   // that have left it).
-  __device__ void publish(int t0K, int k_run) {
+  __device__ void publish(int t0K, int k_run, int64_t t0) {
     const int c = lane_id();
     const scalar_t big = Limits::max();
+    catch_up_log_scan(t0 == 0 ? 1 : 0, k_run);
     if (valid) {
       blk_d[c] = F;
       f_zero_row()[c] = f_zero;
@@ -542,13 +651,37 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     owes = false;
     if (c == 0) {
       staged_bad() = 0;  // every lane read it before the steps' __syncwarp
-      blk_d[C] = O;
+      blk_d[C] = offset();
       blk_d[C + 1] = ref_hi;
       blk_d[C + 2] = ref_lo;
       steps_run() = k_run;
     }
     F = 1.0;
     f_zero = false;
+  }
+
+  // Warp 0: the offset the log scan would have after the block's k_run
+  // steps (its step subtracts its largest alpha, its advance the emission
+  // maximum), from the alpha_hat rows and offsets ends() kept (steps
+  // k_first …; step 0 of the sequence has none). Each lane takes one step's
+  // log; the sum runs in order, as the per-step kernel's does.
+  __device__ void catch_up_log_scan(int k_first, int k_run) {
+    const int k = lane_id();
+    double log_max = kNegInf;
+    if (k >= k_first && k < k_run) {
+      scalar_t amax = 0;
+      const scalar_t* row = alpha_row(k);
+      for (int i = 0; i < C; ++i) amax = max_ignoring_nan(amax, row[i]);
+      if (amax > 0) log_max = ::log(static_cast<double>(amax));
+    }
+    for (int i = 0; i < k_run; ++i) {
+      const double li = __shfl_sync(kFullMask, log_max, i);
+      if (li > kNegInf) {
+        const double shift = (step_offset()[i] - ref_hi) - ref_lo;
+        two_sum_add(ref_hi, ref_lo, log_scan_step_from_log<scalar_t>(li, shift, step_mes()[i]));
+      }
+      two_sum_add(ref_hi, ref_lo, staged_emit_max()[i]);
+    }
   }
 
   // All threads, after publish: the old entries still in the ring at t1 =
@@ -633,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
           scan.ends(t, k, static_cast<int>(len));
         }
         if (t == L) {
-          scan.finish(static_cast<scalar_t*>(p.log_z) + b);
+          scan.finish(k, static_cast<scalar_t*>(p.log_z) + b);
           done = true;
           break;
         }
@@ -646,7 +779,7 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
       if (done) {
         if (lane_id() == 0) scan.steps_run() = -1;
       } else {
-        scan.publish(t0K, k);
+        scan.publish(t0K, k, t0);
       }
     }
     __syncthreads();

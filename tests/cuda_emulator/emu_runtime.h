@@ -7,6 +7,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -105,6 +106,29 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
   (void)emu_shfl(1, 0, 0);
 }
 
+// The warp-wide reductions and votes (sm_80's REDUX, VOTE): every lane meets
+// here as at a shuffle and gets the same result. Kinds 3 … 6.
+template <typename T>
+T emu_warp_collective(int kind, T v) {
+  return emu_shfl(kind, v, 0);
+}
+inline int __reduce_max_sync(unsigned mask, int v) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_warp_collective(3, v);
+}
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_warp_collective(4, v);
+}
+inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_warp_collective(5, v);
+}
+inline int __any_sync(unsigned mask, int predicate) {
+  if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
+  return emu_warp_collective(6, predicate != 0 ? 1 : 0);
+}
+
 // The kernels' `extern __shared__ unsigned char flashsemicrf_smem[]` (a
 // block-scope declaration in dynamic_smem()) names this array: one CTA runs at
 // a time, so one buffer serves them all.
@@ -158,6 +182,34 @@ inline void run_block(Block& B, int nthreads) {
           fail("mismatched shuffles in warp " + std::to_string(w));
         if (lanes[0].kind != 0 && lanes[l].param != lanes[0].param)
           fail("mismatched shuffle params");
+      }
+      if (lanes[0].kind >= 3) {  // a reduction: every lane gets the same value
+        int32_t si;
+        uint32_t ui;
+        std::memcpy(&si, lanes[0].val, 4);
+        std::memcpy(&ui, lanes[0].val, 4);
+        for (int l = 1; l < 32; ++l) {
+          int32_t s2;
+          uint32_t u2;
+          std::memcpy(&s2, lanes[l].val, 4);
+          std::memcpy(&u2, lanes[l].val, 4);
+          switch (lanes[0].kind) {
+            case 3: si = std::max(si, s2); break;
+            case 4: ui = std::max(ui, u2); break;
+            case 5: ui = std::min(ui, u2); break;
+            default: si |= s2; break;
+          }
+        }
+        const bool is_signed = lanes[0].kind == 3 || lanes[0].kind == 6;
+        for (int l = 0; l < 32; ++l) {
+          std::memset(lanes[l].out, 0, 8);
+          if (is_signed) std::memcpy(lanes[l].out, &si, 4);
+          else std::memcpy(lanes[l].out, &ui, 4);
+          lanes[l].st = St::Ready;
+        }
+        ++B.shuffles;
+        progress = true;
+        continue;
       }
       for (int l = 0; l < 32; ++l) {
         int src;
