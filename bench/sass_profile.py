@@ -10,6 +10,16 @@ each loop body by class and the source lines they come from:
 
     python -m bench.sass_profile                      # every kernel, markdown
     python -m bench.sass_profile --kernel 'forward_kernel<float, false>'
+    python -m bench.sass_profile --kernel 'exp_blocked_kernel<float, true>' \
+        --by-function csrc/cuda/exp_blocked_kernel.cuh
+
+--by-function attributes a kernel's instructions to the __device__
+functions of one source file, through nvdisasm's inlining records: an
+instruction belongs to the outermost function of that file whose body
+holds a location of its inline chain (so a function counts the callees
+inlined into it), else to "(rest)". Out-of-line helpers (64-bit division, the
+non-converged paths of warp collectives) are placed after the kernel's
+code and fall into "(rest)".
 
 Counts are static: an instruction inside a loop counts once per iteration of
 the innermost loop holding it, whatever branches inside the body skip. The
@@ -73,6 +83,8 @@ class Instruction:
     text: str
     source: str  # "file:line" of the line-info record before it
     target: str | None  # branch target label
+    # The inline chain of that record, innermost first: (file path, line).
+    chain: tuple[tuple[str, int], ...] = ()
 
 
 @dataclasses.dataclass
@@ -118,6 +130,22 @@ class Kernel:
         c = collections.Counter(ins.source for ins in self.instructions[lo:hi + 1])
         return c.most_common(top)
 
+    def by_function(self, path: str, ranges: list[tuple[int, int, str]]) -> dict[str, collections.Counter]:
+        """Instructions by class for each function of `ranges` (first line,
+        last line, name) of the file whose path ends with `path`: the
+        outermost location of the chain inside one of them decides."""
+        out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for ins in self.instructions:
+            owner = "(rest)"
+            for f, line in reversed(ins.chain):
+                if f.endswith(path):
+                    inside = [(b - a, n) for a, b, n in ranges if a <= line <= b]
+                    if inside:
+                        owner = min(inside)[1]
+                        break
+            out[owner][opcode_class(ins.opcode)] += 1
+        return dict(out)
+
     def calls(self) -> collections.Counter:
         return collections.Counter(
             re.sub(r"\$__internal_\d+_\$", "", ins.target or ins.text.split()[-1])
@@ -142,6 +170,8 @@ def demangle(mangled: str) -> str:
 
 
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
+LOCATION = re.compile(r'"([^"]+)", line (\d+)')
+FUNCTION = re.compile(r"^(\s*)__device__\b.*?\b(\w+)\(")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 SECTION = re.compile(r"^\.text\.(\S+):")
@@ -151,20 +181,31 @@ def parse(disassembly: str) -> dict[str, Kernel]:
     kernels: dict[str, Kernel] = {}
     current: Kernel | None = None
     source = "?"
+    chain: tuple[tuple[str, int], ...] = ()
+    after_info = False
     pending_labels: list[str] = []
     for line in disassembly.splitlines():
         m = SECTION.match(line)
         if m:
             current = Kernel(demangle(m.group(1)), [], {})
             kernels[current.name] = current
-            source, pending_labels = "?", []
+            source, chain, pending_labels = "?", (), []
             continue
         if current is None:
             continue
         m = LINE_INFO.search(line)
         if m:
-            source = f"{Path(m.group(1)).name}:{m.group(2)}"
+            # With inlining records (nvdisasm -gi) one location is a run of
+            # records, innermost first, each "… inlined at" the next.
+            here = tuple((f, int(n)) for f, n in LOCATION.findall(line))
+            if after_info:
+                chain += here
+            else:
+                chain = here
+                source = f"{Path(m.group(1)).name}:{m.group(2)}"
+            after_info = True
             continue
+        after_info = False
         m = LABEL.match(line)
         if m:
             pending_labels.append(m.group(1))
@@ -178,7 +219,7 @@ def parse(disassembly: str) -> dict[str, Kernel]:
             callee = re.search(r"`\(([^)]+)\)", m.group(3)) if m.group(2).startswith("CALL") else None
             current.instructions.append(Instruction(
                 int(m.group(1), 16), m.group(2), m.group(0), source,
-                t.group(1) if t else (callee.group(1) if callee else None)))
+                t.group(1) if t else (callee.group(1) if callee else None), chain))
     return kernels
 
 
@@ -204,12 +245,41 @@ def disassemble() -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"nvcc failed:\n{proc.stderr[-4000:]}")
-        return subprocess.run([nvdisasm, "--print-line-info", str(cubin)],
+        return subprocess.run([nvdisasm, "--print-line-info-inline", str(cubin)],
                               capture_output=True, text=True, check=True).stdout
 
 
+def function_ranges(source: str) -> list[tuple[int, int, str]]:
+    """(first line, last line, name) of each __device__ function defined in
+    a source file's text: from its signature to the closing brace at the
+    signature's indentation (the project's format)."""
+    lines = source.splitlines()
+    out = []
+    for i, text in enumerate(lines):
+        m = FUNCTION.match(text)
+        if not m or text.rstrip().endswith(";"):
+            continue
+        close = m.group(1) + "}"
+        for j in range(i + 1, len(lines)):
+            if lines[j].rstrip() in (close, close + ";"):
+                out.append((i + 1, j + 1, m.group(2)))
+                break
+    return out
+
+
+def function_report(kernel: Kernel, path: Path) -> str:
+    rows = kernel.by_function(path.name, function_ranges(path.read_text()))
+    out = [f"## {kernel.name} by function of {path.name}\n",
+           "| function | instructions | " + " | ".join(SHOWN) + " |",
+           "|---" * (len(SHOWN) + 2) + "|"]
+    for name, c in sorted(rows.items(), key=lambda kv: -sum(kv[1].values())):
+        out.append(f"| {name} | {sum(c.values())} | " + " | ".join(str(c[s] or "") for s in SHOWN)
+                   + " |")
+    return "\n".join(out) + "\n"
+
+
 SHOWN = ("load generic", "load shared", "load global", "load local", "store generic",
-         "store shared", "store global", "store local", "shuffle", "barrier",
+         "store shared", "store global", "store local", "shuffle", "vote/match", "barrier",
          "mufu (exp/log/rcp)", "fp32", "fp64", "call")
 
 
@@ -247,9 +317,19 @@ def main(argv=None) -> None:
     ap.add_argument("--kernel", help="one kernel, e.g. 'backward_kernel<float, false>'")
     ap.add_argument("--min-loop", type=int, default=8, help="hide loops shorter than this")
     ap.add_argument("--sass", type=Path, help="read this nvdisasm output instead of compiling")
+    ap.add_argument("--by-function", type=Path, metavar="SOURCE",
+                    help="with --kernel: its instructions by __device__ function of SOURCE")
     args = ap.parse_args(argv)
+    if args.by_function and not args.kernel:
+        ap.error("--by-function needs --kernel")
     text = args.sass.read_text() if args.sass else disassemble()
-    print(report(parse(text), args.kernel, args.min_loop))
+    kernels = parse(text)
+    if args.by_function:
+        if args.kernel not in kernels:
+            ap.error(f"--kernel {args.kernel!r} is not in the disassembly")
+        print(function_report(kernels[args.kernel], args.by_function))
+        return
+    print(report(kernels, args.kernel, args.min_loop))
 
 
 if __name__ == "__main__":

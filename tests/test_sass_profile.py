@@ -59,3 +59,59 @@ def test_report_lists_each_loop_once():
     rows = [ln for ln in text.splitlines() if ln.startswith("| 0x")]
     assert len(rows) == 2
     assert "__cuda_sm20_rem_s64 ×1" in text
+
+
+INLINED = """
+.text._ZN12flashsemicrf4cuda18exp_blocked_kernelIfLb1EEEvNS_13ForwardParamsENS0_5ArenaEPi:
+	//## File "/x/csrc/cuda/blocked.cuh", line 30
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+	//## File "/x/csrc/semicrf.h", line 5 inlined at "/x/csrc/cuda/blocked.cuh", line 4
+	//## File "/x/csrc/cuda/blocked.cuh", line 4 inlined at "/x/csrc/cuda/blocked.cuh", line 31
+	//## File "/x/csrc/cuda/blocked.cuh", line 31
+        /*0010*/                   FFMA R2, R2, R3, R2 ;
+        /*0020*/                   REDUX.MAX.S32 UR4, R2 ;
+	//## File "/x/csrc/cuda/blocked.cuh", line 10 inlined at "/x/csrc/cuda/blocked.cuh", line 32
+	//## File "/x/csrc/cuda/blocked.cuh", line 32
+        /*0030*/                   DFMA R4, R4, R6, R4 ;
+	//## File "/x/csrc/cuda/blocked.cuh", line 14 inlined at "/x/csrc/cuda/blocked.cuh", line 3
+	//## File "/x/csrc/cuda/blocked.cuh", line 3 inlined at "/x/csrc/cuda/blocked.cuh", line 31
+	//## File "/x/csrc/cuda/blocked.cuh", line 31
+        /*0038*/                   FMUL R2, R2, R3 ;
+	//## File "/x/csrc/cuda/blocked.cuh", line 32
+        /*0040*/                   EXIT ;
+"""
+
+SOURCE = """struct S {
+  __device__ void ends() {
+    helper();
+    x = 1;
+  }
+
+  __device__ static int helper();
+  __device__ void advance(int k) const {
+    y = k;
+    z = k;
+  }
+  __device__ static int helper2() {
+    return 2;
+  }
+};
+"""
+
+
+def test_inline_chains_attribute_instructions_to_functions():
+    k = sp.parse(INLINED)["exp_blocked_kernel<float, true>"]
+    # The innermost record names the source line; the chain keeps every level.
+    assert k.instructions[1].source == "semicrf.h:5"
+    assert k.instructions[1].chain == (("/x/csrc/semicrf.h", 5), ("/x/csrc/cuda/blocked.cuh", 4),
+                                       ("/x/csrc/cuda/blocked.cuh", 4),
+                                       ("/x/csrc/cuda/blocked.cuh", 31),
+                                       ("/x/csrc/cuda/blocked.cuh", 31))
+    ranges = sp.function_ranges(SOURCE)
+    assert ranges == [(2, 5, "ends"), (8, 11, "advance"), (12, 14, "helper2")]  # a declaration
+    by = k.by_function("blocked.cuh", ranges)
+    # helper2, inlined into ends, counts with ends (the outermost).
+    assert by["ends"] == {"fp32": 2, "vote/match": 1}
+    assert "helper2" not in by
+    assert by["advance"] == {"fp64": 1}
+    assert by["(rest)"] == {"load const": 1, "branch/sync": 1}
