@@ -4,7 +4,7 @@ Every backend gets the same problem in our convention (README, "The model") and 
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 
-* ours (``cuda``, ``cuda-exp``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
+* ours (``cuda``, ``cuda-exp``, ``cuda-spans``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
   with ``start_transition`` = flash-semicrf's "phantom start", the
   log-sum-exp of the transition over the previous label; ``cpu`` and
   ``cpu-log`` are the C++ kernel with its two algorithms, the scaled
@@ -12,7 +12,9 @@ counted as part of what a user of that library pays:
   ``FLASHSEMICRF_CPU_ALGORITHM``, which the backend sets around each call
   (forward and backward) and restores afterwards; ``cuda`` and ``cuda-exp``
   likewise are the CUDA kernels with the log-domain forward (the default) and
-  the exp-domain one, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``;
+  the exp-domain one, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``, and
+  ``cuda-spans`` the exp-domain forward with every span's recompute run
+  before the backward's sweep (``FLASHSEMICRF_CUDA_RECOMPUTE=spans``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -45,15 +47,21 @@ import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "cuda-exp", "triton", "cpu", "cpu-log", "torch")
+OURS = ("cuda", "cuda-exp", "cuda-spans", "triton", "cpu", "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
 # Backends that run one sequence per thread (parallel over the batch only).
 ONE_SEQUENCE_PER_THREAD = tuple(CPU_ALGORITHM)
-# The same for the CUDA kernels' forward.
+# The same for the CUDA kernels: the forward's algorithm and where the
+# backward recomputes its spans.
 CUDA_ALGORITHM_ENV = "FLASHSEMICRF_CUDA_ALGORITHM"
-CUDA_ALGORITHM = {"cuda": "log", "cuda-exp": "exp"}
+CUDA_RECOMPUTE_ENV = "FLASHSEMICRF_CUDA_RECOMPUTE"
+CUDA_ENV = {
+    "cuda": {CUDA_ALGORITHM_ENV: "log", CUDA_RECOMPUTE_ENV: "sweep"},
+    "cuda-exp": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "sweep"},
+    "cuda-spans": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "spans"},
+}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -64,6 +72,7 @@ LINEAR_CHAIN_ONLY = ("pytorch-crf",)
 KIND = {
     "cuda": "kernel",
     "cuda-exp": "kernel",
+    "cuda-spans": "kernel",
     "triton": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",
@@ -296,7 +305,7 @@ def make(name: str, device: torch.device) -> Backend:
     """The backend, or one whose ``why`` says why it cannot run on ``device``."""
     kind = KIND[name]
     cuda = device.type == "cuda"
-    if name in CUDA_ALGORITHM and not cuda:
+    if name in CUDA_ENV and not cuda:
         return Backend(name, kind, None, "needs a CUDA device")
     if name == "triton" and not cuda:
         return Backend(name, kind, None, "needs a CUDA device (on CPU only under "
@@ -306,11 +315,11 @@ def make(name: str, device: torch.device) -> Backend:
     if name in CPU_ALGORITHM and cuda:
         return Backend(name, kind, None, "runs on CPU tensors only (run with --device cpu)")
     env = ({CPU_ALGORITHM_ENV: CPU_ALGORITHM[name]} if name in CPU_ALGORITHM else
-           {CUDA_ALGORITHM_ENV: CUDA_ALGORITHM[name]} if name in CUDA_ALGORITHM else {})
+           dict(CUDA_ENV[name]) if name in CUDA_ENV else {})
     try:
         if name in CPU_ALGORITHM:
             fn = _ours("cpu")
-        elif name in CUDA_ALGORITHM:
+        elif name in CUDA_ENV:
             fn = _ours("cuda")
         elif name in OURS:
             fn = _ours(name)

@@ -510,7 +510,7 @@ def timing_cases(dry_run: bool):
             # budget on a loaded 2-core CI machine (T = 2000 did not).
             BenchCase("genomics", "T", B=1, T=600, K=20, C=6, backends=ours, force=ours),
         ]
-    gpu = ("cuda", "cuda-exp", "triton", "flash-semicrf-triton")
+    gpu = ("cuda", "cuda-exp", "cuda-spans", "triton", "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
     return gpu + ("pytorch-crf",), [
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu),

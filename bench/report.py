@@ -188,6 +188,7 @@ def headline_lines(h: dict) -> list[str]:
 LABELS = {
     "cuda": "flashsemicrf CUDA",
     "cuda-exp": "flashsemicrf CUDA exp-domain",
+    "cuda-spans": "flashsemicrf CUDA exp-domain, span-parallel recompute",
     "triton": "flashsemicrf Triton",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
@@ -198,7 +199,8 @@ LABELS = {
     "pytorch-crf": "pytorch-crf",
 }
 # Our backends as the throughput column names them.
-SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "triton": "Triton", "cpu": "C++",
+SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans", "triton": "Triton",
+         "cpu": "C++",
          "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -276,6 +278,9 @@ def column_legend(meta: dict) -> dict[str, str]:
         LABELS["cuda-exp"]: "the same CUDA kernels with the exp-domain forward for the static "
                             "transition (`FLASHSEMICRF_CUDA_ALGORITHM=exp`, "
                             "`--backends cuda-exp`).",
+        LABELS["cuda-spans"]: "the exp-domain forward again, and every span's recompute run "
+                              "before the backward's sweep, one CTA a span "
+                              "(`FLASHSEMICRF_CUDA_RECOMPUTE=spans`, `--backends cuda-spans`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",

@@ -35,7 +35,7 @@ TOLERANCE = {
     torch.float64: {"logz": 1e-9, "grad": 1e-7},
 }
 # Cross-checks when the float64 reference is too slow, in order of trust.
-CROSS_CHECK_ORDER = ("cuda", "cuda-exp", "triton", "cpu", "cpu-log", "torch", "flash-semicrf-triton",
+CROSS_CHECK_ORDER = ("cuda", "cuda-exp", "cuda-spans", "triton", "cpu", "cpu-log", "torch", "flash-semicrf-triton",
                      "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 
 

@@ -40,13 +40,16 @@ inline int64_t default_interval(int64_t T, int64_t K) {
 // "exp" runs the scaled exp-domain recurrences with the log-domain kernels
 // as their per-sequence fallbacks; "log" runs the log domain everywhere.
 // Read on every call; unset or empty gives `unset`.
-inline bool uses_exp_domain(const char* variable, bool unset) {
+inline bool env_switch(const char* variable, const char* on, const char* off, bool unset) {
   const char* v = std::getenv(variable);
   if (v == nullptr || *v == '\0') return unset;
-  if (std::strcmp(v, "exp") == 0) return true;
-  TORCH_CHECK(std::strcmp(v, "log") == 0, variable, " must be 'exp' or 'log' (or unset), got '",
-              v, "'");
+  if (std::strcmp(v, on) == 0) return true;
+  TORCH_CHECK(std::strcmp(v, off) == 0, variable, " must be '", on, "' or '", off,
+              "' (or unset), got '", v, "'");
   return false;
+}
+inline bool uses_exp_domain(const char* variable, bool unset) {
+  return env_switch(variable, "exp", "log", unset);
 }
 
 // A pass's parameters with the output tensors they point into.

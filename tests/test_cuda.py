@@ -61,6 +61,27 @@ def test_cuda_matches_cpu_kernel_at_many_shapes(monkeypatch, B, T, K, C, dd, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B,T,K,C,dd", [(3, 400, 12, 5, False), (2, 300, 20, 4, True),
+                                        (1, 2000, 50, 24, False)], ids=lambda *a: None)
+def test_cuda_span_parallel_recompute_gives_the_same_bits(monkeypatch, B, T, K, C, dd, dtype):
+    """FLASHSEMICRF_CUDA_RECOMPUTE=spans (every span recomputed at once
+    before the sweeps) gives the default's gradients bit for bit."""
+    case = make_case(B + T + K + C, B, T, K, C, duration_dependent=dd, neg_inf=True)
+    kw = on(case.kwargs, "cuda", dtype)
+    upstream = torch.linspace(0.5, 2.0, B, dtype=torch.float64, device="cuda")
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_RECOMPUTE", "sweep")
+    lz, g = log_z_and_grads(kw, "cuda", upstream)
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_RECOMPUTE", "spans")
+    lz2, g2 = log_z_and_grads(kw, "cuda", upstream)
+    assert torch.equal(lz, lz2)
+    for name in g:
+        assert torch.equal(g[name], g2[name]), name
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_RECOMPUTE", "parallel")
+    with pytest.raises(RuntimeError, match="FLASHSEMICRF_CUDA_RECOMPUTE must be 'spans' or 'sweep'"):
+        log_z_and_grads(kw, "cuda", upstream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_cuda_exp_forward_adversarial(monkeypatch, dtype):
     """The CPU kernel's adversarial problems for the exp-domain forward
     (mass forced through flushed labels, revived segments, NaN, ...): the

@@ -245,6 +245,40 @@ def test_emulated_long(emu, dd, dtype):
 
 
 @pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
+def test_emulated_span_parallel_recompute_gives_the_same_bits(emu, dd):
+    """FLASHSEMICRF_CUDA_RECOMPUTE=spans: every span of every sequence is
+    recomputed first (recompute_kernel, one CTA a span), then the sweeps read
+    the rows. The same CtaScan code writes the same rows, so every gradient
+    is the in-sweep recompute's bit for bit; the workspace starts as NaN, so
+    a row the recompute kernel missed shows. Ragged lengths (spans past a
+    sequence's end), a dead sequence (-inf everywhere at one position), K > T,
+    T = 1, one span and many, both dtypes, both placements, both schedules."""
+    cases = [(3, 40, 6, 4, True, 7), (2, 23, 30, 3, False, 5), (2, 1, 3, 2, True, 1),
+             (1, 12, 4, 5, True, 40)]
+    for n, (B, T, K, C, boundary, interval) in enumerate(cases):
+        for dtype in (torch.float64, torch.float32):
+            args = list(make(B, T, K, C, dd, boundary, dtype, 60 + n, neg_inf=n % 2 == 1))
+            if B == 3:
+                args[0] = args[0].clone()
+                args[0][1, 2, :] = -math.inf  # sequence 1 has no segmentation
+            mode, seed = SCHEDULES[n % 2]
+            smem = ALL_SMEM if n % 2 == 0 else 0
+            f = emu.forward(*args, interval, mode, seed, smem)
+            if B == 3:
+                assert f[0][1] == -math.inf
+            up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+            serial = emu.backward(up, *args, *f[:3], interval, True, mode, seed, smem)
+            spans = emu.backward_spans(up, *args, *f[:3], interval, True, mode, seed, smem)
+            for name, a, b in zip(("scores", "transition", "duration", "start_transition",
+                                   "end_transition", "start_scores", "end_scores"),
+                                  serial[:7], spans[:7]):
+                assert (a is None) == (b is None), name
+                if a is not None:
+                    assert not torch.isnan(b).any(), (name, n, dtype)
+                    assert torch.equal(bitwise([a])[0], bitwise([b])[0]), (name, n, dtype)
+
+
+@pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
 def test_emulated_coverage_running_sums(emu, dd):
     """The scores gradient comes from running float64 sums over the whole
     sweep (the mass of the segments ending after u, less that of those

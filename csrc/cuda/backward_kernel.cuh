@@ -3,6 +3,12 @@
 // CtaScan, and sweep the backward ring down through the span, writing every
 // gradient element from one thread at a time (no atomics; barriers order the
 // steps). The CPU kernel's backward_sequence, step for step.
+//
+// The recomputes depend only on the checkpoints, so they can also run before
+// the sweep, every span of every sequence at once (recompute_kernel, one CTA
+// a span, into a buffer that holds all of a sequence's spans); the sweep then
+// reads them (precomputed) and only its own steps stay serial. The same
+// CtaScan code computes the same rows, so the gradients are the same bits.
 #pragma once
 
 #include "common_kernel.cuh"
@@ -26,8 +32,9 @@ enum BackwardArray {
   kBackwardScanRows = 2,    // (kScanRows, C)
   kBackwardSweepRows = 3,   // (kSweepRows, C), then kSweepPartials rows of partial_slots(C)
   kBackwardSpanAlpha = 4,   // (interval+1, C) the recomputed span's alpha_hat
-  kBackwardSpanSigma = 5,   // (interval+1, C) and sigma_hat
-  kBackwardSpanOffset = 6,  // (interval+1) doubles: their offsets
+                            // (every span's, (n_ckpt, interval+1, C), when precomputed)
+  kBackwardSpanSigma = 5,   // (interval+1, C) and sigma_hat (the same)
+  kBackwardSpanOffset = 6,  // (interval+1) doubles: their offsets (the same)
   kBackwardReduce = 7,      // (kWarps) doubles: one per warp for block sums
   kBackwardSums = 8,        // (2·K·C + (K or 1)·C·C + C + slots) doubles: the
                             // duration and transition gradients, summed in
@@ -36,9 +43,12 @@ enum BackwardArray {
   kBackwardArrays = 9
 };
 
-inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
+// spans: how many spans the span buffers hold (1, or n_ckpt when the
+// recomputes run before the sweep).
+inline Arena plan_backward_arena_for(const ForwardParams& p, size_t elem_bytes, size_t smem_limit,
+                                     int64_t spans) {
   const int64_t e = static_cast<int64_t>(elem_bytes), ld = padded_row(static_cast<int>(p.C));
-  const int64_t span = p.interval + 1, d = sizeof(double);
+  const int64_t span = spans * (p.interval + 1), d = sizeof(double);
   const int64_t sums = 2 * p.K * p.C + (p.duration_dependent ? p.K : 1) * p.C * p.C + p.C +
                        partial_slots(p.C);
   const int64_t rows = kSweepRows * p.C + kSweepPartials * partial_slots(p.C);
@@ -51,6 +61,52 @@ inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size
   const int evict[] = {kBackwardScanRing, kBackwardSums, kBackwardRing, kBackwardScanRows,
                        kBackwardSweepRows};
   return plan_arena(bytes, kBackwardArrays, evict, 5, smem_limit);
+}
+inline Arena plan_backward_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
+  return plan_backward_arena_for(p, elem_bytes, smem_limit, 1);
+}
+inline Arena plan_backward_arena_all_spans(const ForwardParams& p, size_t elem_bytes,
+                                           size_t smem_limit) {
+  return plan_backward_arena_for(p, elem_bytes, smem_limit, p.n_ckpt);
+}
+
+// The span-parallel recompute's own arrays, one set per CTA (span): the
+// CtaScan ring and rows, in shared memory where they fit.
+enum RecomputeArray { kRecomputeRing = 0, kRecomputeRows = 1, kRecomputeArrays = 2 };
+inline Arena plan_recompute_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
+  const int64_t e = static_cast<int64_t>(elem_bytes), ld = padded_row(static_cast<int>(p.C));
+  const int64_t bytes[kRecomputeArrays] = {p.ring_width * ld * e, kScanRows * p.C * e};
+  const int evict[] = {kRecomputeRing, kRecomputeRows};
+  return plan_arena(bytes, kRecomputeArrays, evict, 2, smem_limit);
+}
+
+// Span j's forward messages from its checkpoint (all threads): alpha_hat,
+// sigma_hat and their offsets at t = first(j) … last(j, L), in rows t - first.
+// Ends after a barrier, with the rows written.
+template <typename scalar_t, bool DD>
+__device__ void recompute_span(CtaScan<scalar_t, DD, false>& scan,
+                               const SequenceCheckpoints<scalar_t>& ckpt, int64_t j, int64_t L,
+                               int C, scalar_t* alpha_buf, scalar_t* sigma_buf, double* off_buf) {
+  const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
+  scan.load(first, ckpt.at(j), ckpt.offset + j);
+  __syncthreads();
+  for (int64_t t = first; t <= last; ++t) {
+    const scalar_t m = scan.step(t);
+    for (int c = threadIdx.x; c < C; c += kThreads) {
+      alpha_buf[(t - first) * C + c] = scan.alpha[c];
+      sigma_buf[(t - first) * C + c] = scan.sigma[c];
+    }
+    if (threadIdx.x == 0) off_buf[t - first] = scan.offset;
+    if (t < last) scan.advance(t, m);
+    __syncthreads();
+  }
+}
+
+// A dead sequence (log Z = -inf) has no gradient: both kernels skip it.
+template <typename scalar_t>
+__device__ bool sequence_is_dead(const BackwardParams& p, int64_t b) {
+  return static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]) ==
+         -std::numeric_limits<double>::infinity();
 }
 
 // This thread's share of the re-anchor total at t = first of span j, tK =
@@ -93,15 +149,17 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
 // One CTA per SM is enough (its working memory rarely leaves room for a
 // second): the bound lets a thread keep up to 255 registers, where the
 // compiler's default cap of 128 spilled.
+// precomputed: recompute_kernel has written every span's rows (the arena
+// from plan_backward_arena_all_spans); else each span is recomputed here.
 template <typename scalar_t, bool DD, bool kShared>
 __global__ void __launch_bounds__(kThreads, 1)
-    backward_kernel(const BackwardParams p, const Arena arena) {
+    backward_kernel(const BackwardParams p, const Arena arena, bool precomputed) {
   const int64_t b = blockIdx.x;
   // The forward's log Z only says whether the sequence is dead (-inf); the
   // sweep recomputes it in float64 at t = L, its first step (float32 log Z
   // carries |log Z|·6e-8 of rounding, too coarse for long sequences).
   double log_z = static_cast<double>(static_cast<const scalar_t*>(p.log_z)[b]);
-  if (log_z == -std::numeric_limits<double>::infinity()) return;  // outputs stay 0
+  if (sequence_is_dead<scalar_t>(p, b)) return;  // outputs stay 0
   const scalar_t g = static_cast<const scalar_t*>(p.grad_log_z)[b];
 
   const int64_t L = sequence_length(p, b);
@@ -111,9 +169,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SequenceGradients<scalar_t> grad(p, b);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
 
-  scalar_t* alpha_buf = arena.in_workspace<scalar_t>(kBackwardSpanAlpha, b);
-  scalar_t* sigma_buf = arena.in_workspace<scalar_t>(kBackwardSpanSigma, b);
-  double* off_buf = arena.in_workspace<double>(kBackwardSpanOffset, b);
+  scalar_t* const alpha_spans = arena.in_workspace<scalar_t>(kBackwardSpanAlpha, b);
+  scalar_t* const sigma_spans = arena.in_workspace<scalar_t>(kBackwardSpanSigma, b);
+  double* const off_spans = arena.in_workspace<double>(kBackwardSpanOffset, b);
+  scalar_t* alpha_buf = alpha_spans;  // span j's rows
+  scalar_t* sigma_buf = sigma_spans;
+  double* off_buf = off_spans;
   double* red = arena.in_workspace<double>(kBackwardReduce, b);  // block_sum's warp sums
   // The shared parameters' gradients are sums over every position: float32
   // sums of 10^6 terms would lose ~1e-3, so they add up in float64, each
@@ -188,17 +249,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     __syncthreads();  // the previous span's sweep is done with the buffers
-    scan.load(first, ckpt.at(j), ckpt.offset + j);
-    __syncthreads();
-    for (int64_t t = first; t <= last; ++t) {
-      const scalar_t m = scan.step(t);
-      for (int c = tid; c < C; c += kThreads) {
-        alpha_buf[(t - first) * C + c] = scan.alpha[c];
-        sigma_buf[(t - first) * C + c] = scan.sigma[c];
-      }
-      if (tid == 0) off_buf[t - first] = scan.offset;
-      if (t < last) scan.advance(t, m);
-      __syncthreads();
+    if (precomputed) {
+      const int64_t span = p.interval + 1;
+      alpha_buf = alpha_spans + j * span * C;
+      sigma_buf = sigma_spans + j * span * C;
+      off_buf = off_spans + j * span;
+    } else {
+      recompute_span(scan, ckpt, j, L, C, alpha_buf, sigma_buf, off_buf);
     }
 
     int tK = static_cast<int>(last % K);  // t % K, stepped down with t
@@ -458,6 +515,29 @@ __global__ void __launch_bounds__(kThreads, 1)
     grad.duration[i] = static_cast<scalar_t>(sum_dur[i]);
   for (int64_t i = tid; i < n_trans; i += kThreads)
     grad.transition[i] = static_cast<scalar_t>(sum_trans[i]);
+}
+
+// Every span of every sequence recomputed at once, before the sweep: CTA
+// b * n_ckpt + j takes span j of sequence b (spans past the sequence's end,
+// and dead sequences, have nothing to do) and writes its rows into the
+// backward arena's span buffers, which hold all of a sequence's spans.
+template <typename scalar_t, bool DD, bool kShared>
+__global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
+    recompute_kernel(const BackwardParams p, const Arena arena, const Arena backward_arena) {
+  const int64_t i = blockIdx.x, b = i / p.n_ckpt, j = i - b * p.n_ckpt;
+  if (sequence_is_dead<scalar_t>(p, b)) return;
+  const int64_t L = sequence_length(p, b);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  if (j > ckpt.last_span(L)) return;
+  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t, kShared>(kRecomputeRing, i),
+                                    arena.get<scalar_t, kShared>(kRecomputeRows, i));
+  scan.reset();
+  __syncthreads();
+  const int64_t span = p.interval + 1;
+  recompute_span(scan, ckpt, j, L, static_cast<int>(p.C),
+                 backward_arena.in_workspace<scalar_t>(kBackwardSpanAlpha, b) + j * span * p.C,
+                 backward_arena.in_workspace<scalar_t>(kBackwardSpanSigma, b) + j * span * p.C,
+                 backward_arena.in_workspace<double>(kBackwardSpanOffset, b) + j * span);
 }
 
 }  // namespace cuda

@@ -156,20 +156,11 @@ using cuda::Arena;
 // smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
 // std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel); extra
 // arguments follow (p, arena) in the kernel's call.
-template <typename P, typename Plan, typename KernelFor, typename... Extra>
-void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for,
-                         Extra... extra) {
-  TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
-              scores.device());
-  const c10::cuda::CUDAGuard guard(scores.device());
-  if (p.B == 0) return;
-  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  Arena arena = plan(p, scores.element_size(), smem_limit);
-  at::Tensor workspace;
-  if (arena.workspace_stride > 0) {
-    workspace = at::empty({p.B * arena.workspace_stride}, scores.options().dtype(at::kByte));
-    arena.workspace = workspace.data_ptr<uint8_t>();
-  }
+// One launch of grid CTAs of kThreads on the current stream, with the
+// arena's shared memory, checked.
+template <typename P, typename KernelFor, typename... Extra>
+void launch_kernel(const at::Tensor& scores, const P& p, int64_t grid, const Arena& arena,
+                   KernelFor kernel_for, Extra... extra) {
   const size_t smem = static_cast<size_t>(arena.smem_bytes);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda", [&] {
     const auto kernel = p.duration_dependent
@@ -180,10 +171,57 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           static_cast<int>(smem)));
     }
-    kernel<<<static_cast<unsigned>(p.B), cuda::kThreads, smem,
+    kernel<<<static_cast<unsigned>(grid), cuda::kThreads, smem,
              at::cuda::getCurrentCUDAStream()>>>(p, arena, extra...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void check_cuda(const at::Tensor& scores) {
+  TORCH_CHECK(scores.is_cuda(), "flashsemicrf: the CUDA kernels need CUDA tensors, got scores on ",
+              scores.device());
+}
+
+template <typename P, typename Plan, typename KernelFor, typename... Extra>
+void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for,
+                         Extra... extra) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  if (p.B == 0) return;
+  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  Arena arena = plan(p, scores.element_size(), smem_limit);
+  at::Tensor workspace;
+  if (arena.workspace_stride > 0) {
+    workspace = at::empty({p.B * arena.workspace_stride}, scores.options().dtype(at::kByte));
+    arena.workspace = workspace.data_ptr<uint8_t>();
+  }
+  launch_kernel(scores, p, p.B, arena, kernel_for, extra...);
+}
+
+// FLASHSEMICRF_CUDA_RECOMPUTE=spans: every span's recompute first, one CTA a
+// span (recompute_kernel), then the sweeps reading them; the two kernels
+// share one workspace (the sweep's arena, whose span buffers hold every
+// span, then one recompute arena a span).
+void launch_backward_with_span_recompute(const at::Tensor& scores, const BackwardParams& p) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  if (p.B == 0) return;
+  const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  const size_t e = scores.element_size();
+  Arena sweep = cuda::plan_backward_arena_all_spans(p, e, smem_limit);
+  Arena recompute = cuda::plan_recompute_arena(p, e, smem_limit);
+  const int64_t spans = p.B * p.n_ckpt;
+  at::Tensor workspace = at::empty(
+      {p.B * sweep.workspace_stride + spans * recompute.workspace_stride},
+      scores.options().dtype(at::kByte));
+  sweep.workspace = workspace.data_ptr<uint8_t>();
+  recompute.workspace = sweep.workspace + p.B * sweep.workspace_stride;
+  launch_kernel(scores, p, spans, recompute, [](auto zero, auto dd, auto smem) {
+    return &cuda::recompute_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  }, sweep);
+  launch_kernel(scores, p, p.B, sweep, [](auto zero, auto dd, auto smem) {
+    return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  }, true);
 }
 
 struct Cuda {
@@ -215,10 +253,22 @@ struct Cuda {
         },
         redo);
   }
+  // FLASHSEMICRF_CUDA_RECOMPUTE: `sweep` (default) recomputes each span in
+  // the backward kernel as its sweep reaches it; `spans` recomputes them all
+  // at once beforehand (launch_backward_with_span_recompute), taking
+  // 2·B·T·C scalars more working memory so that only the sweep stays serial.
   static void run(const BackwardParams& p, const at::Tensor& scores) {
-    launch_per_sequence(scores, p, cuda::plan_backward_arena, [](auto zero, auto dd, auto smem) {
-      return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-    });
+    if (env_switch("FLASHSEMICRF_CUDA_RECOMPUTE", "spans", "sweep", false)) {
+      launch_backward_with_span_recompute(scores, p);
+      return;
+    }
+    launch_per_sequence(
+        scores, p, cuda::plan_backward_arena,
+        [](auto zero, auto dd, auto smem) {
+          return &cuda::backward_kernel<decltype(zero), decltype(dd)::value,
+                                        decltype(smem)::value>;
+        },
+        false);
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
     launch_per_sequence(scores, p, cuda::plan_viterbi_arena, [](auto zero, auto dd) {

@@ -24,18 +24,10 @@ struct Schedule {
 
 // launch_per_sequence of semicrf_cuda.cu under the emulator; returns the
 // arena's [shared memory bytes, workspace bytes per CTA].
-template <typename P, typename Plan, typename KernelFor, typename... Extra>
-at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, const P& p, Plan plan,
-                               KernelFor kernel_for, Extra... extra) {
-  Arena arena = plan(p, scores.element_size(), static_cast<size_t>(s.smem_limit));
-  const at::Tensor sizes = at::tensor({arena.smem_bytes, arena.workspace_stride});
-  if (p.B == 0) return sizes;
-  at::Tensor workspace;
-  if (arena.workspace_stride > 0) {
-    // 0xff bytes: NaN for float and double.
-    workspace = at::full({p.B * arena.workspace_stride}, 255, scores.options().dtype(at::kByte));
-    arena.workspace = workspace.data_ptr<uint8_t>();
-  }
+// launch_kernel of semicrf_cuda.cu under the emulator.
+template <typename P, typename KernelFor, typename... Extra>
+void launch_kernel(const Schedule& s, const at::Tensor& scores, const P& p, int64_t grid,
+                   const Arena& arena, KernelFor kernel_for, Extra... extra) {
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated", [&] {
     const auto kernel = p.duration_dependent
                             ? cuda::pick_kernel(kernel_for, scalar_t(0), std::true_type{}, arena)
@@ -46,9 +38,52 @@ at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, cons
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)) != cudaSuccess)
       emu::fail("cudaFuncSetAttribute refused " + std::to_string(smem) + " bytes of shared memory");
-    emu::launch(s.mode, static_cast<unsigned>(s.seed), p.B, cuda::kThreads, smem, kernel, p,
+    emu::launch(s.mode, static_cast<unsigned>(s.seed), grid, cuda::kThreads, smem, kernel, p,
                 arena, extra...);
   });
+}
+
+// 0xff bytes: NaN for float and double, so that unwritten workspace shows.
+at::Tensor nan_workspace(const at::Tensor& scores, int64_t bytes) {
+  return at::full({bytes}, 255, scores.options().dtype(at::kByte));
+}
+
+template <typename P, typename Plan, typename KernelFor, typename... Extra>
+at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, const P& p, Plan plan,
+                               KernelFor kernel_for, Extra... extra) {
+  Arena arena = plan(p, scores.element_size(), static_cast<size_t>(s.smem_limit));
+  const at::Tensor sizes = at::tensor({arena.smem_bytes, arena.workspace_stride});
+  if (p.B == 0) return sizes;
+  at::Tensor workspace;
+  if (arena.workspace_stride > 0) {
+    workspace = nan_workspace(scores, p.B * arena.workspace_stride);
+    arena.workspace = workspace.data_ptr<uint8_t>();
+  }
+  launch_kernel(s, scores, p, p.B, arena, kernel_for, extra...);
+  return sizes;
+}
+
+// launch_backward_with_span_recompute of semicrf_cuda.cu; returns the sweep
+// arena's sizes and the recompute arena's.
+at::Tensor launch_backward_with_span_recompute(const Schedule& s, const at::Tensor& scores,
+                                               const BackwardParams& p) {
+  const size_t e = scores.element_size(), limit = static_cast<size_t>(s.smem_limit);
+  Arena sweep = cuda::plan_backward_arena_all_spans(p, e, limit);
+  Arena recompute = cuda::plan_recompute_arena(p, e, limit);
+  const at::Tensor sizes = at::tensor({sweep.smem_bytes, sweep.workspace_stride,
+                                       recompute.smem_bytes, recompute.workspace_stride});
+  if (p.B == 0) return sizes;
+  const int64_t spans = p.B * p.n_ckpt;
+  at::Tensor workspace =
+      nan_workspace(scores, p.B * sweep.workspace_stride + spans * recompute.workspace_stride);
+  sweep.workspace = workspace.data_ptr<uint8_t>();
+  recompute.workspace = sweep.workspace + p.B * sweep.workspace_stride;
+  launch_kernel(s, scores, p, spans, recompute, [](auto zero, auto dd, auto smem) {
+    return &cuda::recompute_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  }, sweep);
+  launch_kernel(s, scores, p, p.B, sweep, [](auto zero, auto dd, auto smem) {
+    return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  }, true);
   return sizes;
 }
 
@@ -123,23 +158,52 @@ std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at
   return out;
 }
 
-// The gradient outputs stay zero-filled, as the host allocates them.
+// The gradient outputs stay zero-filled, as the host allocates them. spans:
+// every span recomputed first (FLASHSEMICRF_CUDA_RECOMPUTE=spans), else in
+// the sweep.
+std::vector<at::Tensor> backward_impl(at::Tensor grad_log_z, at::Tensor scores,
+                                      at::Tensor transition, at::Tensor duration,
+                                      at::Tensor lengths, at::Tensor st, at::Tensor et,
+                                      std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
+                                      at::Tensor log_z, at::Tensor ring, at::Tensor off,
+                                      int64_t interval, bool boundary_mass, int64_t mode,
+                                      int64_t seed, int64_t smem_limit, bool spans) {
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  auto sizes =
+      spans ? launch_backward_with_span_recompute(sched, scores, pass.params)
+            : launch_per_sequence(
+                  sched, scores, pass.params, cuda::plan_backward_arena,
+                  [](auto zero, auto dd, auto smem) {
+                    return &cuda::backward_kernel<decltype(zero), decltype(dd)::value,
+                                                  decltype(smem)::value>;
+                  },
+                  false);
+  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
+  return {a0, a1, a2, a3, a4, a5, a6, sizes};
+}
+
 std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::Tensor transition,
                                  at::Tensor duration, at::Tensor lengths, at::Tensor st,
                                  at::Tensor et, std::optional<at::Tensor> ss,
                                  std::optional<at::Tensor> es, at::Tensor log_z, at::Tensor ring,
                                  at::Tensor off, int64_t interval, bool boundary_mass,
                                  int64_t mode, int64_t seed, int64_t smem_limit) {
-  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
-  call.label_major_tables();  // as for CUDA tensors
-  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
-  auto sizes = launch_per_sequence(
-      {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_backward_arena,
-      [](auto zero, auto dd, auto smem) {
-        return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-      });
-  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
-  return {a0, a1, a2, a3, a4, a5, a6, sizes};
+  return backward_impl(grad_log_z, scores, transition, duration, lengths, st, et, ss, es, log_z,
+                       ring, off, interval, boundary_mass, mode, seed, smem_limit, false);
+}
+
+std::vector<at::Tensor> backward_spans(at::Tensor grad_log_z, at::Tensor scores,
+                                       at::Tensor transition, at::Tensor duration,
+                                       at::Tensor lengths, at::Tensor st, at::Tensor et,
+                                       std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
+                                       at::Tensor log_z, at::Tensor ring, at::Tensor off,
+                                       int64_t interval, bool boundary_mass, int64_t mode,
+                                       int64_t seed, int64_t smem_limit) {
+  return backward_impl(grad_log_z, scores, transition, duration, lengths, st, et, ss, es, log_z,
+                       ring, off, interval, boundary_mass, mode, seed, smem_limit, true);
 }
 
 std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Tensor duration,
@@ -202,6 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("forward_exp", &forward_exp);
   m.def("backward", &backward);
+  m.def("backward_spans", &backward_spans);
   m.def("viterbi", &viterbi);
   m.def("filter", &filter);
 }
