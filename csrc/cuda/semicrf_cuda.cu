@@ -112,9 +112,12 @@
 // 2·K·C + C² + C + max(C, 256) doubles of sums, end-mass ring, running
 // coverage and partial start masses (2·K·C + K·C² + … for the (K, C, C)
 // transition). The backward also takes (interval+1)·C scalars twice and
-// interval+1 doubles of global memory for the recomputed span, plus 8
-// doubles for block_sum. All of it is one workspace tensor per call, each
-// array 16-byte aligned.
+// interval+1 doubles of global memory for the recomputed span (n_ckpt times
+// that with FLASHSEMICRF_CUDA_RECOMPUTE=spans, where recompute_kernel, one
+// CTA a span, grid = B·n_ckpt, fills every span's rows before the sweep,
+// each CTA with its own forward ring and rows), plus 8 doubles for
+// block_sum. All of it is one workspace tensor per call, each array
+// 16-byte aligned.
 //
 // Registers. The backward kernels are bounded for one CTA per SM (up to 255
 // registers a thread; at the default cap of 128 they spilled), the forward
@@ -148,14 +151,6 @@ namespace {
 
 using cuda::Arena;
 
-// The launch every op shares, under a device guard: the arena planned for
-// this device's opt-in shared memory, a workspace for the arrays it places in
-// global memory (freed into the caching allocator on return, which keeps it
-// for this stream's later work), then the kernel with one CTA of kThreads
-// per sequence on the current stream, checked. plan(p, elem_bytes,
-// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
-// std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel); extra
-// arguments follow (p, arena) in the kernel's call.
 // One launch of grid CTAs of kThreads on the current stream, with the
 // arena's shared memory, checked.
 template <typename P, typename KernelFor, typename... Extra>
@@ -182,6 +177,14 @@ void check_cuda(const at::Tensor& scores) {
               scores.device());
 }
 
+// The launch every op shares, under a device guard: the arena planned for
+// this device's opt-in shared memory, a workspace for the arrays it places in
+// global memory (freed into the caching allocator on return, which keeps it
+// for this stream's later work), then the kernel with one CTA of kThreads
+// per sequence on the current stream, checked. plan(p, elem_bytes,
+// smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
+// std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel); extra
+// arguments follow (p, arena) in the kernel's call.
 template <typename P, typename Plan, typename KernelFor, typename... Extra>
 void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for,
                          Extra... extra) {

@@ -158,52 +158,31 @@ std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at
   return out;
 }
 
-// The gradient outputs stay zero-filled, as the host allocates them. spans:
-// every span recomputed first (FLASHSEMICRF_CUDA_RECOMPUTE=spans), else in
-// the sweep.
-std::vector<at::Tensor> backward_impl(at::Tensor grad_log_z, at::Tensor scores,
-                                      at::Tensor transition, at::Tensor duration,
-                                      at::Tensor lengths, at::Tensor st, at::Tensor et,
-                                      std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
-                                      at::Tensor log_z, at::Tensor ring, at::Tensor off,
-                                      int64_t interval, bool boundary_mass, int64_t mode,
-                                      int64_t seed, int64_t smem_limit, bool spans) {
-  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
-  call.label_major_tables();  // as for CUDA tensors
-  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
-  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
-  auto sizes =
-      spans ? launch_backward_with_span_recompute(sched, scores, pass.params)
-            : launch_per_sequence(
-                  sched, scores, pass.params, cuda::plan_backward_arena,
-                  [](auto zero, auto dd, auto smem) {
-                    return &cuda::backward_kernel<decltype(zero), decltype(dd)::value,
-                                                  decltype(smem)::value>;
-                  },
-                  false);
-  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
-  return {a0, a1, a2, a3, a4, a5, a6, sizes};
-}
-
+// The gradient outputs stay zero-filled, as the host allocates them.
+// kSpans: every span recomputed first (FLASHSEMICRF_CUDA_RECOMPUTE=spans),
+// else in the sweep.
+template <bool kSpans>
 std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::Tensor transition,
                                  at::Tensor duration, at::Tensor lengths, at::Tensor st,
                                  at::Tensor et, std::optional<at::Tensor> ss,
                                  std::optional<at::Tensor> es, at::Tensor log_z, at::Tensor ring,
                                  at::Tensor off, int64_t interval, bool boundary_mass,
                                  int64_t mode, int64_t seed, int64_t smem_limit) {
-  return backward_impl(grad_log_z, scores, transition, duration, lengths, st, et, ss, es, log_z,
-                       ring, off, interval, boundary_mass, mode, seed, smem_limit, false);
-}
-
-std::vector<at::Tensor> backward_spans(at::Tensor grad_log_z, at::Tensor scores,
-                                       at::Tensor transition, at::Tensor duration,
-                                       at::Tensor lengths, at::Tensor st, at::Tensor et,
-                                       std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
-                                       at::Tensor log_z, at::Tensor ring, at::Tensor off,
-                                       int64_t interval, bool boundary_mass, int64_t mode,
-                                       int64_t seed, int64_t smem_limit) {
-  return backward_impl(grad_log_z, scores, transition, duration, lengths, st, et, ss, es, log_z,
-                       ring, off, interval, boundary_mass, mode, seed, smem_limit, true);
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  auto sizes =
+      kSpans ? launch_backward_with_span_recompute(sched, scores, pass.params)
+             : launch_per_sequence(
+                   sched, scores, pass.params, cuda::plan_backward_arena,
+                   [](auto zero, auto dd, auto smem) {
+                     return &cuda::backward_kernel<decltype(zero), decltype(dd)::value,
+                                                   decltype(smem)::value>;
+                   },
+                   false);
+  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
+  return {a0, a1, a2, a3, a4, a5, a6, sizes};
 }
 
 std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Tensor duration,
@@ -265,8 +244,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clear_launch_log", [] { emu::launch_log().clear(); });
   m.def("forward", &forward);
   m.def("forward_exp", &forward_exp);
-  m.def("backward", &backward);
-  m.def("backward_spans", &backward_spans);
+  m.def("backward", &backward<false>);
+  m.def("backward_spans", &backward<true>);
   m.def("viterbi", &viterbi);
   m.def("filter", &filter);
 }
