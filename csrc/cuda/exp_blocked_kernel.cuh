@@ -100,27 +100,22 @@ __device__ __forceinline__ int warp_max_int(int v) {
 // The warp's largest hi and smallest lo, both nonnegative (+inf allowed, no
 // NaN). A nonnegative float's bits order as unsigned integers do, so float
 // takes two REDUX instructions from sm_80 on; double two shuffle trees.
-__device__ __forceinline__ void warp_range_nonneg(float& hi, float& lo) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  hi = warp_reduce(hi, [](float a, float b) { return a < b ? b : a; });
-  lo = warp_reduce(lo, [](float a, float b) { return b < a ? b : a; });
-#else
-  unsigned h, l;
-  std::memcpy(&h, &hi, sizeof(h));
-  std::memcpy(&l, &lo, sizeof(l));
-  h = __reduce_max_sync(kFullMask, h);
-  l = __reduce_min_sync(kFullMask, l);
-  std::memcpy(&hi, &h, sizeof(h));
-  std::memcpy(&lo, &l, sizeof(l));
-#endif
-}
-__device__ __forceinline__ void warp_range_nonneg(double& hi, double& lo) {
-#pragma unroll
-  for (int o = kWarpSize / 2; o > 0; o >>= 1) {
-    const double hi2 = __shfl_xor_sync(kFullMask, hi, o), lo2 = __shfl_xor_sync(kFullMask, lo, o);
-    hi = hi < hi2 ? hi2 : hi;
-    lo = lo2 < lo ? lo2 : lo;
+template <typename T>
+__device__ __forceinline__ void warp_range_nonneg(T& hi, T& lo) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(T) == sizeof(unsigned)) {
+    unsigned h, l;
+    std::memcpy(&h, &hi, sizeof(h));
+    std::memcpy(&l, &lo, sizeof(l));
+    h = __reduce_max_sync(kFullMask, h);
+    l = __reduce_min_sync(kFullMask, l);
+    std::memcpy(&hi, &h, sizeof(h));
+    std::memcpy(&lo, &l, sizeof(l));
+    return;
   }
+#endif
+  hi = warp_reduce(hi, [](T a, T b) { return a < b ? b : a; });
+  lo = warp_reduce(lo, [](T a, T b) { return b < a ? b : a; });
 }
 
 template <typename scalar_t, bool kShared>
@@ -566,7 +561,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       const double top = eo > ef ? eo : ef;
       jc = static_cast<int>(top < -0x1p30 ? -0x1p30 : (top > 0x1p30 ? 0x1p30 : top));
     }
-    jc = warp_reduce(jc, [](int a, int b) { return a > b ? a : b; });
+    jc = warp_max_int(jc);
     const double j = jc == kNone ? 0.0 : static_cast<double>(jc);
     const double base = -j * kLn2, so = power_of_two(-j), sn = power_of_two(srel_e - j);
     const double big = static_cast<double>(Limits::max());

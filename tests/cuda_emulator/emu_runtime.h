@@ -108,25 +108,21 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 
 // The warp-wide reductions and votes (sm_80's REDUX, VOTE): every lane meets
 // here as at a shuffle and gets the same result. Kinds 3 … 6.
-template <typename T>
-T emu_warp_collective(int kind, T v) {
-  return emu_shfl(kind, v, 0);
-}
 inline int __reduce_max_sync(unsigned mask, int v) {
   if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
-  return emu_warp_collective(3, v);
+  return emu_shfl(3, v, 0);
 }
 inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
   if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
-  return emu_warp_collective(4, v);
+  return emu_shfl(4, v, 0);
 }
 inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
   if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
-  return emu_warp_collective(5, v);
+  return emu_shfl(5, v, 0);
 }
 inline int __any_sync(unsigned mask, int predicate) {
   if (mask != 0xffffffffu) throw std::runtime_error("partial mask");
-  return emu_warp_collective(6, predicate != 0 ? 1 : 0);
+  return emu_shfl(6, predicate != 0 ? 1 : 0, 0);
 }
 
 // The kernels' `extern __shared__ unsigned char flashsemicrf_smem[]` (a
@@ -183,28 +179,22 @@ inline void run_block(Block& B, int nthreads) {
         if (lanes[0].kind != 0 && lanes[l].param != lanes[0].param)
           fail("mismatched shuffle params");
       }
-      if (lanes[0].kind >= 3) {  // a reduction: every lane gets the same value
-        int32_t si;
-        uint32_t ui;
-        std::memcpy(&si, lanes[0].val, 4);
-        std::memcpy(&ui, lanes[0].val, 4);
+      if (lanes[0].kind >= 3) {  // a reduction of 32-bit values: every lane gets it
+        uint32_t r;
+        std::memcpy(&r, lanes[0].val, 4);
         for (int l = 1; l < 32; ++l) {
-          int32_t s2;
-          uint32_t u2;
-          std::memcpy(&s2, lanes[l].val, 4);
-          std::memcpy(&u2, lanes[l].val, 4);
+          uint32_t u;
+          std::memcpy(&u, lanes[l].val, 4);
           switch (lanes[0].kind) {
-            case 3: si = std::max(si, s2); break;
-            case 4: ui = std::max(ui, u2); break;
-            case 5: ui = std::min(ui, u2); break;
-            default: si |= s2; break;
+            case 3: r = static_cast<int32_t>(u) > static_cast<int32_t>(r) ? u : r; break;
+            case 4: r = std::max(r, u); break;
+            case 5: r = std::min(r, u); break;
+            default: r |= u; break;
           }
         }
-        const bool is_signed = lanes[0].kind == 3 || lanes[0].kind == 6;
         for (int l = 0; l < 32; ++l) {
           std::memset(lanes[l].out, 0, 8);
-          if (is_signed) std::memcpy(lanes[l].out, &si, 4);
-          else std::memcpy(lanes[l].out, &ui, 4);
+          std::memcpy(lanes[l].out, &r, 4);
           lanes[l].st = St::Ready;
         }
         ++B.shuffles;
