@@ -11,9 +11,9 @@ counted as part of what a user of that library pays:
   exp-domain forward (the default) and the log-domain scan, chosen by
   ``FLASHSEMICRF_CPU_ALGORITHM``, which the backend sets around each call
   (forward and backward) and restores afterwards; ``cuda`` and ``cuda-exp``
-  likewise are the CUDA kernels with the log-domain forward (the default) and
-  the exp-domain one, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``, and
-  ``cuda-spans`` the exp-domain forward with every span's recompute run
+  likewise are the CUDA kernels with the log-domain forward and sweep (the
+  default) and the exp-domain ones, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``,
+  and ``cuda-spans`` the exp-domain kernels with every span's recompute run
   before the backward's sweep (``FLASHSEMICRF_CUDA_RECOMPUTE=spans``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;

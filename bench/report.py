@@ -275,11 +275,11 @@ def column_legend(meta: dict) -> dict[str, str]:
                 "whole batch.",
         LABELS["cuda"]: "this library's handwritten CUDA kernels (`--backends cuda`) with "
                         "their default, log-domain forward (`FLASHSEMICRF_CUDA_ALGORITHM=log`).",
-        LABELS["cuda-exp"]: "the same CUDA kernels with the exp-domain forward for the static "
-                            "transition (`FLASHSEMICRF_CUDA_ALGORITHM=exp`, "
-                            "`--backends cuda-exp`).",
-        LABELS["cuda-spans"]: "the exp-domain forward again, and every span's recompute run "
-                              "before the backward's sweep, one CTA a span "
+        LABELS["cuda-exp"]: "the same CUDA kernels with the exp-domain forward and backward "
+                            "sweep for the static transition "
+                            "(`FLASHSEMICRF_CUDA_ALGORITHM=exp`, `--backends cuda-exp`).",
+        LABELS["cuda-spans"]: "the exp-domain forward and sweep again, and every span's "
+                              "recompute run before the backward's sweep, one CTA a span "
                               "(`FLASHSEMICRF_CUDA_RECOMPUTE=spans`, `--backends cuda-spans`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "

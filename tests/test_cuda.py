@@ -53,8 +53,9 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("B,T,K,C,dd", SHAPES, ids=lambda *a: None)
 def test_cuda_matches_cpu_kernel_at_many_shapes(monkeypatch, B, T, K, C, dd, dtype, algorithm):
-    """Both CUDA forwards (FLASHSEMICRF_CUDA_ALGORITHM: the exp-domain one
-    and the log-domain one, the default) against the C++ CPU kernel."""
+    """Both CUDA algorithms (FLASHSEMICRF_CUDA_ALGORITHM: the exp-domain
+    forward and backward sweep, and the log-domain ones, the default) against
+    the C++ CPU kernel."""
     monkeypatch.setenv("FLASHSEMICRF_CUDA_ALGORITHM", algorithm)
     case = make_case(B * 7 + T + K + C, B, T, K, C, duration_dependent=dd, neg_inf=C % 2 == 1)
     _compare_with_cpu_kernel(on(case.kwargs, dtype=dtype), dtype, tol_scale=10.0)
@@ -100,6 +101,26 @@ def test_cuda_exp_forward_adversarial(monkeypatch, dtype):
         assert torch.equal(torch.isnan(got), nan), adv.name
         assert_close(f"{adv.name}: log Z", got[~nan], want[~nan],
                      log_z_tol(want[~nan], TOL[dtype] * 10.0))
+
+
+@pytest.mark.parametrize("recompute", ["sweep", "spans"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_exp_backward_hands_over(monkeypatch, dtype, recompute):
+    """The exp-domain backward sweep (FLASHSEMICRF_CUDA_ALGORITHM=exp) with
+    either recompute mode: row 0 puts mass at risk behind an underflowed ring
+    entry (label 1's emission 720 nats down at one position, its start score
+    700 up), which the sweep hands to the log-domain one (the emulator test
+    checks that it does); row 1 is ordinary. Every gradient is the C++
+    kernel's."""
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_ALGORITHM", "exp")
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_RECOMPUTE", recompute)
+    case = make_case(17, 2, 40, 5, 3, optional=("start_scores",))
+    kw = on(case.kwargs, dtype=dtype)
+    kw["scores"] = kw["scores"].clone()
+    kw["start_scores"] = kw["start_scores"].clone()
+    kw["scores"][0, 12, 1] = -720.0
+    kw["start_scores"][0, 12, 1] = 700.0
+    _compare_with_cpu_kernel(kw, dtype, tol_scale=10.0)
 
 
 @pytest.mark.slow

@@ -643,3 +643,148 @@ def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch, blocke
                                             blocked=blocked)
             taken_total += int(verdicts.sum())
     assert taken_total > 0  # the scales do reach the fallback
+
+
+# The exp-domain backward sweep (exp_backward_kernel, static transition;
+# FLASHSEMICRF_CUDA_ALGORITHM=exp), then backward_kernel for the sequences it
+# marked, as semicrf_cuda.cu runs them, against the CPU kernel's log-domain
+# backward from the same checkpoints.
+
+GRAD_NAMES = ("scores", "transition", "duration", "start_transition", "end_transition",
+              "start_scores", "end_scores")
+
+
+def check_exp_backward(emu, args, interval, mode, seed, smem, *, spans=False, tol=None,
+                       boundary_mass=True):
+    """Every gradient of the emulated exp-domain backward (spans: every span
+    recomputed first) against the CPU kernel's log-domain one; returns
+    (verdicts, the exp sweep's arena sizes, the gradients)."""
+    dtype = args[0].dtype
+    tol = tol if tol is not None else (1e-9 if dtype == torch.float64 else 2e-4)
+    fwd = ops.forward(*args, interval)
+    B = args[0].shape[0]
+    up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+    want = ops.backward(up, *args, *fwd, interval, boundary_mass)
+    run = emu.backward_exp_spans if spans else emu.backward_exp
+    got = run(up, *args, *fwd, interval, boundary_mass, mode, seed, smem)
+    verdicts = got[8]
+    assert set(verdicts.tolist()) <= {0, 1}, verdicts  # every CTA wrote one
+    for name, a, b in zip(GRAD_NAMES, got[:7], want):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            close("grad_" + name, a, b, tol)
+    return verdicts, got[7].tolist(), got[:7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", STATIC_SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-{}-i{}".format(
+    *s[:4], "bd" if s[5] else "nobd", s[6]))
+def test_emulated_exp_backward_matches_cpu(emu, shape, dtype):
+    """Random problems (ragged, -inf entries, strided scores, several spans,
+    K > T, T = 1, C > 32 and C > kThreads, K > 256), spans recomputed in the
+    sweep and all at once: the exp-domain sweep certifies every sequence,
+    and every gradient is the CPU kernel's to rounding, in shared memory and
+    in the workspace."""
+    B, T, K, C, _, boundary, interval = shape
+    seed = sum(shape[:4]) + 5
+    for i, (mode, sched_seed) in enumerate(SCHEDULES):
+        args = make(B, T, K, C, False, boundary, dtype, seed + i, neg_inf=(seed + i) % 3 == 0,
+                    noncontig=i == 1)
+        smem = ALL_SMEM if i == 0 else 0
+        for spans in (False, True):
+            verdicts, _, _ = check_exp_backward(emu, args, interval, mode, sched_seed, smem,
+                                                spans=spans, boundary_mass=i == 0)
+            assert verdicts.tolist() == [0] * B
+
+
+def exp_backward_placements(K, C, dtype):
+    """smem limits that put the exp sweep's arena in every placement: all in
+    shared memory; the recompute's ring in the workspace; the float64 sums
+    too; the float64 ring too; the tables too; all in the workspace."""
+    elem = torch.empty((), dtype=dtype).element_size()
+
+    def aligned(n, size=elem):
+        return -(-n * size // 16) * 16
+
+    rows = aligned(5 * C) + aligned(5 * C)  # the recompute's rows, the staged rows
+    tables = aligned(K * C + C * C + 12 * C + 4 * max(C, 256) + 1, 8)
+    ring = aligned(K * (C | 1), 8)
+    sums = aligned(2 * K * C + C * C + C, 8)
+    return {"all-smem": ALL_SMEM, "scan-ring-global": sums + ring + tables + rows,
+            "sums-global": ring + tables + rows, "ring-global": tables + rows,
+            "tables-global": rows, "all-global": 0}
+
+
+def test_emulated_exp_backward_placements(emu):
+    """Every placement of the exp sweep's working memory gives the CPU
+    kernel's gradients, and the same bits under every schedule."""
+    B, T, K, C, interval = 2, 30, 9, 3, 7
+    for dtype in (torch.float64, torch.float32):
+        seen = set()
+        limits = exp_backward_placements(K, C, dtype)
+        for n, (name, smem) in enumerate(limits.items()):
+            args = make(B, T, K, C, False, True, dtype, 400 + n, neg_inf=n % 2 == 1)
+            outs = []
+            for mode, seed in SCHEDULES:
+                verdicts, sizes, grads = check_exp_backward(emu, args, interval, mode, seed, smem)
+                assert verdicts.tolist() == [0] * B, name
+                outs.append(bitwise(list(grads)))
+            assert all(torch.equal(a, b) for a, b in zip(*outs)), name
+            seen.add(tuple(sizes))
+        assert len(seen) == len(limits), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_emulated_exp_backward_long(emu, dtype):
+    """A few hundred positions and many spans: the re-anchors at every
+    checkpoint and (float32) the coverage renormalisations every K positions
+    keep the exp sweep on the CPU kernel's gradients; the scores gradient's
+    running sums cancel as in the log sweep."""
+    args = make(2, 300, 8, 4, False, True, dtype, 71, neg_inf=True, ragged=False)
+    verdicts, _, _ = check_exp_backward(emu, args, 13, 2, 3, ALL_SMEM)
+    assert verdicts.tolist() == [0, 0]
+    verdicts, _, _ = check_exp_backward(emu, args, 40, 1, 0, 0, spans=True)
+    assert verdicts.tolist() == [0, 0]
+
+
+def test_emulated_exp_backward_hands_over_what_it_cannot_certify(emu):
+    """Row 0 of each problem is one the exp sweep must not certify, row 1 an
+    ordinary one; row 0 goes to the log-domain sweep, and every gradient is
+    the CPU kernel's (NaN where it has NaN):
+    - mass at risk: at one position label 1's emission is 720 nats below
+      label 0's (the ring's label-1 entries fall below float64's normal
+      range as they move past it) while its start score there is 700 nats
+      up, so that its segments' posterior weight is ~e^700: the ghost
+      times that weight is past the tolerance (with the check disabled,
+      these rows are accepted);
+    - a NaN score;
+    - a finite duration score 800 nats below the label's largest (its
+      weight underflows in the table);
+    and a dead sequence (log Z = -inf) is certified with zero gradients."""
+    for dtype in (torch.float64, torch.float32):
+        args = list(make(2, 12, 4, 3, False, True, dtype, 3, ragged=False))
+        args[0], args[6] = args[0].clone(), args[6].clone()
+        args[0][0, 6, 1] = -720.0
+        args[6][0, 6, 1] = 700.0
+        verdicts, _, _ = check_exp_backward(emu, args, 5, 2, 1, ALL_SMEM)
+        assert verdicts.tolist() == [1, 0], dtype
+
+        args = list(make(2, 12, 4, 3, False, False, dtype, 4, ragged=False))
+        args[0] = args[0].clone()
+        args[0][0, 3, 2] = float("nan")
+        verdicts, _, grads = check_exp_backward(emu, args, 5, 1, 0, ALL_SMEM)
+        assert verdicts.tolist() == [1, 0], dtype
+        assert torch.isnan(grads[0][0]).any() and not torch.isnan(grads[0][1]).any()
+
+        args = list(make(2, 12, 4, 3, False, False, dtype, 5, ragged=False))
+        args[2] = args[2].clone()
+        args[2][1, 0] = args[2][:, 0].max() - 800.0
+        verdicts, _, _ = check_exp_backward(emu, args, 5, 2, 2, 0)
+        assert verdicts.tolist() == [1, 1], dtype  # the tables are every sequence's
+
+        args = list(make(2, 12, 4, 3, False, False, dtype, 6, ragged=False))
+        args[0] = args[0].clone()
+        args[0][0, 5, :] = -math.inf  # no segmentation of row 0
+        verdicts, _, grads = check_exp_backward(emu, args, 5, 2, 3, ALL_SMEM)
+        assert verdicts.tolist() == [0, 0], dtype
+        assert all(not g[0].any() for g in grads if g is not None)

@@ -102,6 +102,134 @@ __device__ void recompute_span(CtaScan<scalar_t, DD, false>& scan,
   }
 }
 
+// The sweeps' shared parts (backward_kernel here, exp_backward_kernel in
+// exp_backward_kernel.cuh).
+
+// P1's mapping of threads to (duration group, label): with C < kThreads,
+// thread tid = group·C + c takes label c and the durations d ≡ group + 1
+// (mod groups), so a warp reads C-contiguous runs of the ring, the duration
+// scores and the duration sums; with more labels, labels c ≡ tid and every
+// d. Fixed for the whole sweep, so each duration sum has one owner; a
+// thread's partials go to slot partial(c).
+struct SweepMapping {
+  int groups, my_group, my_label, label_stride;
+  __device__ explicit SweepMapping(int C)
+      : groups(C < kThreads ? kThreads / C : 1),
+        my_group(C < kThreads ? static_cast<int>(threadIdx.x) / C : 0),
+        my_label(C < kThreads ? (my_group < groups ? static_cast<int>(threadIdx.x) - my_group * C : C)
+                              : static_cast<int>(threadIdx.x)),
+        label_stride(C < kThreads ? C : kThreads) {}
+  __device__ int partial(int c) const { return groups > 1 ? static_cast<int>(threadIdx.x) : c; }
+};
+
+// The span rows a sweep reads: span j's alpha_hat, sigma_hat and offsets,
+// recomputed from its checkpoint (open, all threads; ends after a barrier)
+// or, precomputed, the rows recompute_kernel left in the span buffers
+// (every span's, one after another).
+template <typename scalar_t>
+struct SpanRows {
+  scalar_t* const alpha_spans;
+  scalar_t* const sigma_spans;
+  double* const off_spans;
+  scalar_t* alpha;
+  scalar_t* sigma;
+  double* off;
+  __device__ SpanRows(const Arena& arena, int64_t b)
+      : alpha_spans(arena.in_workspace<scalar_t>(kBackwardSpanAlpha, b)),
+        sigma_spans(arena.in_workspace<scalar_t>(kBackwardSpanSigma, b)),
+        off_spans(arena.in_workspace<double>(kBackwardSpanOffset, b)),
+        alpha(alpha_spans),
+        sigma(sigma_spans),
+        off(off_spans) {}
+  template <bool DD>
+  __device__ void open(bool precomputed, CtaScan<scalar_t, DD, false>& scan,
+                       const SequenceCheckpoints<scalar_t>& ckpt, int64_t j, int64_t L, int C,
+                       int64_t interval) {
+    if (precomputed) {
+      const int64_t span = interval + 1;
+      alpha = alpha_spans + j * span * C;
+      sigma = sigma_spans + j * span * C;
+      off = off_spans + j * span;
+    } else {
+      recompute_span(scan, ckpt, j, L, C, alpha, sigma, off);
+    }
+  }
+};
+
+// S0 of a sweep step: the inputs of step t into shared rows of C
+// (alpha_hat[t], sigma_hat[t], start_scores[t], scores[t-1], end_scores[t-1]),
+// threads c ≡ tid. The first kThreads labels' values are loaded into
+// registers a step ahead (load_ahead), so that S0 does not wait for global
+// memory.
+template <typename scalar_t>
+struct SweepStage {
+  scalar_t *alpha, *sigma, *start, *score, *end;  // the rows
+  struct Values {
+    scalar_t alpha, sigma, start, score, end;
+  } next;
+  // Thread tid's values of step t (row `row` of the span's buffers).
+  __device__ void load_ahead(const SequenceInputs<scalar_t>& in, const SpanRows<scalar_t>& span,
+                             int64_t t, int64_t row, int64_t L, int C) {
+    const int tid = threadIdx.x;
+    next = Values{};
+    if (tid < C) {
+      next.alpha = span.alpha[row * C + tid];
+      next.sigma = span.sigma[row * C + tid];
+      if (t < L) next.start = in.start(t, tid);
+      if (t > 0) {
+        next.score = in.score(t - 1, tid);
+        next.end = in.end(t - 1, tid);
+      }
+    }
+  }
+  __device__ void stage(const SequenceInputs<scalar_t>& in, const SpanRows<scalar_t>& span,
+                        int64_t t, int64_t row, int64_t L, int C) {
+    const int tid = threadIdx.x;
+    if (tid < C) {
+      alpha[tid] = next.alpha;
+      sigma[tid] = next.sigma;
+      start[tid] = next.start;
+      score[tid] = next.score;
+      end[tid] = next.end;
+    }
+    for (int c = tid + kThreads; c < C; c += kThreads) {
+      alpha[c] = span.alpha[row * C + c];
+      sigma[c] = span.sigma[row * C + c];
+      if (t < L) start[c] = in.start(t, c);
+      if (t > 0) {
+        score[c] = in.score(t - 1, c);
+        end[c] = in.end(t - 1, c);
+      }
+    }
+  }
+};
+
+// P1' of label c at step t (thread c ≡ tid), after the barrier that ends
+// P1: `mass`, the posteriors of the label-c segments starting at t, is the
+// start-score gradient; position t+K-1 is complete (no segment starting
+// below t reaches it): its coverage (the running sum `covered` of the
+// end-mass slots, see backward_kernel) is its scores gradient, and its slot
+// tK = t % K starts over at minus the mass that starts at t, for the
+// segments that end at t. At t = 0 no segment starts below 0: positions
+// K-2 … 0 are complete too.
+template <typename scalar_t>
+__device__ void finish_label(const SequenceGradients<scalar_t>& grad, double* ends,
+                             double* covered, int c, double mass, int64_t t, int tK, int K,
+                             int64_t L, int C) {
+  if (grad.start_scores) grad.start_scores[t * C + c] = static_cast<scalar_t>(mass);
+  if (t == 0) grad.start_transition[c] = static_cast<scalar_t>(mass);
+  double& slot = ends[tK * C + c];
+  covered[c] += slot;
+  if (t + K - 1 < L) grad.scores[(t + K - 1) * C + c] = static_cast<scalar_t>(covered[c]);
+  slot = -mass;
+  if (t == 0) {
+    for (int u = K - 2; u >= 0; --u) {
+      covered[c] += ends[(u + 1) * C + c];
+      if (u < L) grad.scores[static_cast<int64_t>(u) * C + c] = static_cast<scalar_t>(covered[c]);
+    }
+  }
+}
+
 // A dead sequence (log Z = -inf) has no gradient: both kernels skip it.
 template <typename scalar_t>
 __device__ bool sequence_is_dead(const BackwardParams& p, int64_t b) {
@@ -151,10 +279,14 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
 // compiler's default cap of 128 spilled.
 // precomputed: recompute_kernel has written every span's rows (the arena
 // from plan_backward_arena_all_spans); else each span is recomputed here.
+// redo: null, or the exp-domain sweep's verdicts (exp_backward_kernel.cuh):
+// only the sequences it marked are computed.
 template <typename scalar_t, bool DD, bool kShared>
 __global__ void __launch_bounds__(kThreads, 1)
-    backward_kernel(const BackwardParams p, const Arena arena, bool precomputed) {
+    backward_kernel(const BackwardParams p, const Arena arena, bool precomputed,
+                    const int32_t* redo) {
   const int64_t b = blockIdx.x;
+  if (redo && redo[b] == 0) return;
   // The forward's log Z only says whether the sequence is dead (-inf); the
   // sweep recomputes it in float64 at t = L, its first step (float32 log Z
   // carries |log Z|·6e-8 of rounding, too coarse for long sequences).
@@ -169,12 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SequenceGradients<scalar_t> grad(p, b);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
 
-  scalar_t* const alpha_spans = arena.in_workspace<scalar_t>(kBackwardSpanAlpha, b);
-  scalar_t* const sigma_spans = arena.in_workspace<scalar_t>(kBackwardSpanSigma, b);
-  double* const off_spans = arena.in_workspace<double>(kBackwardSpanOffset, b);
-  scalar_t* alpha_buf = alpha_spans;  // span j's rows
-  scalar_t* sigma_buf = sigma_spans;
-  double* off_buf = off_spans;
+  SpanRows<scalar_t> span(arena, b);  // span j's rows
   double* red = arena.in_workspace<double>(kBackwardReduce, b);  // block_sum's warp sums
   // The shared parameters' gradients are sums over every position: float32
   // sums of 10^6 terms would lose ~1e-3, so they add up in float64, each
@@ -204,83 +331,36 @@ __global__ void __launch_bounds__(kThreads, 1)
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
   scalar_t* ring = arena.get<scalar_t, kShared>(kBackwardRing, b);
   scalar_t* rows = arena.get<scalar_t, kShared>(kBackwardSweepRows, b);
-  scalar_t* s_alpha = rows;           // alpha_hat[t]
-  scalar_t* s_sigma = rows + C;       // sigma_hat[t]
+  SweepStage<scalar_t> stage{rows, rows + C, rows + 4 * C, rows + 5 * C, rows + 6 * C, {}};
+  scalar_t* s_alpha = stage.alpha;    // alpha_hat[t]
+  scalar_t* s_sigma = stage.sigma;    // sigma_hat[t]
   scalar_t* s_u = rows + 2 * C;       // static: start_scores[t] + tau[t]
   scalar_t* s_beta = rows + 3 * C;    // beta[t] before normalisation
-  scalar_t* s_start = rows + 4 * C;   // start_scores[t]
-  scalar_t* s_score = rows + 5 * C;   // scores[t-1]
-  scalar_t* s_end = rows + 6 * C;     // end_scores[t-1]
+  scalar_t* s_start = stage.start;    // start_scores[t]
+  scalar_t* s_score = stage.score;    // scores[t-1]
+  scalar_t* s_end = stage.end;        // end_scores[t-1]
   scalar_t* part_max = rows + kSweepRows * C;  // P1's partials, slot tid (or c)
   scalar_t* part_sum = part_max + partial_slots(C);
   double Q = 0.0;         // the same in every thread
   double coverage = 0.0;  // this thread's share of the mass covering coverage_position(t, K)
 
-  // P1's mapping: with C < kThreads, thread tid = group·C + c takes label c
-  // and the durations d ≡ group + 1 (mod groups), so a warp reads C-contiguous
-  // runs of the ring, the duration scores and the duration sums; with more
-  // labels, labels c ≡ tid and every d. Both fixed for the whole sweep: each
-  // duration sum has one owner.
-  const int groups = C < kThreads ? kThreads / C : 1;
-  const int my_group = C < kThreads ? tid / C : 0;
-  const int my_label = C < kThreads ? (my_group < groups ? tid - my_group * C : C) : tid;
-  const int label_stride = C < kThreads ? C : kThreads;
-
-  // The staged inputs of the next step (rows t-1), this thread's first label:
-  // loaded a step ahead so that S0 does not wait for global memory.
-  struct Staged {
-    scalar_t alpha, sigma, start, score, end;
-  };
-  auto stage_load = [&](int64_t t, int64_t row) {
-    Staged v{};
-    if (tid < C) {
-      v.alpha = alpha_buf[row * C + tid];
-      v.sigma = sigma_buf[row * C + tid];
-      if (t < L) v.start = in.start(t, tid);
-      if (t > 0) {
-        v.score = in.score(t - 1, tid);
-        v.end = in.end(t - 1, tid);
-      }
-    }
-    return v;
-  };
+  const SweepMapping map(C);  // P1's (duration group, label) of this thread
+  const int groups = map.groups;
 
   scan.reset();
   for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     __syncthreads();  // the previous span's sweep is done with the buffers
-    if (precomputed) {
-      const int64_t span = p.interval + 1;
-      alpha_buf = alpha_spans + j * span * C;
-      sigma_buf = sigma_spans + j * span * C;
-      off_buf = off_spans + j * span;
-    } else {
-      recompute_span(scan, ckpt, j, L, C, alpha_buf, sigma_buf, off_buf);
-    }
+    span.open(precomputed, scan, ckpt, j, L, C, p.interval);
 
     int tK = static_cast<int>(last % K);  // t % K, stepped down with t
-    Staged next = stage_load(last, last - first);
+    stage.load_ahead(in, span, last, last - first, L, C);
     for (int64_t t = last; t >= first; --t, tK = tK == 0 ? K - 1 : tK - 1) {
       // S0: stage this step's rows.
       const int64_t row = t - first;
-      if (tid < C) {
-        s_alpha[tid] = next.alpha;
-        s_sigma[tid] = next.sigma;
-        s_start[tid] = next.start;
-        s_score[tid] = next.score;
-        s_end[tid] = next.end;
-      }
-      for (int c = tid + kThreads; c < C; c += kThreads) {
-        s_alpha[c] = alpha_buf[row * C + c];
-        s_sigma[c] = sigma_buf[row * C + c];
-        if (t < L) s_start[c] = in.start(t, c);
-        if (t > 0) {
-          s_score[c] = in.score(t - 1, c);
-          s_end[c] = in.end(t - 1, c);
-        }
-      }
-      const double off = off_buf[row];
-      if (t > first) next = stage_load(t - 1, row - 1);
+      stage.stage(in, span, t, row, L, C);
+      const double off = span.off[row];
+      if (t > first) stage.load_ahead(in, span, t - 1, row - 1, L, C);
       __syncthreads();
 
       if (t == L) {
@@ -336,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool factored = !DD || t == 0;
       const bool need_tau = !DD && t > 0;
       const int d_check = K - tK;  // coverage_position(t, K) - t + 1
-      const int d_first = my_group + 1, d_stride = groups * C;
+      const int d_first = map.my_group + 1, d_stride = groups * C;
       // f(d, x, i, e) for this thread's durations d of label c: x the ring
       // entry plus the duration score, i = (d-1)·C + c and e the entry of
       // t+d in `ends`; indices stepped, not recomputed. Unrolled where the
@@ -359,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             f(d, ring[slot * ld + c] + in.duration[i], i, slot * C + c);
         }
       };
-      for (int c = my_label; c < C; c += label_stride) {
+      for (int c = map.my_label; c < C; c += map.label_stride) {
         scalar_t mx = neg_inf<scalar_t>();
         if (factored) for_my_durations(c, [&](int, scalar_t x, int, int) { mx = nan_max(mx, x); });
         const scalar_t tau_shift = lse_shift(mx);
@@ -385,7 +465,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (d >= d_check) reaching += post;
         });
         if (renormalises_within_spans<scalar_t>()) coverage += reaching;
-        const int slot = groups > 1 ? tid : c;
+        const int slot = map.partial(c);
         part_mass[slot] = mass;
         if (need_tau) {
           part_max[slot] = mx;
@@ -404,10 +484,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tK == 0) coverage = 0.0;
 
       // P1': thread c adds label c's partials in group order: the start mass
-      // (the start-score gradient), and, static, tau and u = start + tau.
-      // Position t+K-1 is complete (no segment starting below t reaches it):
-      // its coverage is written, and its ends slot starts over, for the
-      // segments that end at t.
+      // (finish_label: the start-score gradient, and the scores gradient of
+      // the position now complete), and, static, tau and u = start + tau.
       for (int c = tid; c < C; c += kThreads) {
         double mass = 0.0;
         scalar_t top = neg_inf<scalar_t>();
@@ -415,19 +493,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mass += part_mass[k * C + c];
           if (need_tau) top = nan_max(top, part_max[k * C + c]);
         }
-        if (grad.start_scores) grad.start_scores[t * C + c] = static_cast<scalar_t>(mass);
-        if (t == 0) grad.start_transition[c] = static_cast<scalar_t>(mass);
-        double& slot = ends[tK * C + c];
-        covered[c] += slot;
-        if (t + K - 1 < L) grad.scores[(t + K - 1) * C + c] = static_cast<scalar_t>(covered[c]);
-        slot = -mass;
-        if (t == 0) {
-          // No segment starts below 0: the positions below K-1 are complete too.
-          for (int u = K - 2; u >= 0; --u) {
-            covered[c] += ends[(u + 1) * C + c];
-            if (u < L) grad.scores[static_cast<int64_t>(u) * C + c] = static_cast<scalar_t>(covered[c]);
-          }
-        }
+        finish_label(grad, ends, covered, c, mass, t, tK, K, L, C);
         if (need_tau) {
           const scalar_t top_shift = lse_shift(top);
           scalar_t sum = 0;

@@ -58,6 +58,13 @@
 //        c ≡ tid of the boundary mass), summed in a double, then block_sum.
 //     block_sum: warps reduce by butterfly, lane 0 stores one double per
 //     warp, and after a barrier every thread adds the 8 in order.
+//   exp-domain backward sweep step t (static transition, with
+//   FLASHSEMICRF_CUDA_ALGORITHM=exp; exp_backward_kernel.cuh): the phases,
+//   mapping and owners above with float64 probabilities for logs; the ring's
+//   move to t-1 is fused into P1 (four barriers a step), and a re-anchor's
+//   crossing mass is summed before P1 moves the ring. Sequences whose lost
+//   mass it cannot bound are marked, and the log-domain sweep above then
+//   runs for them only.
 //   Viterbi: the forward step in the max semiring; the step's backpointer
 //   rows are written by the lane 0 that reduced each label (A: duration,
 //   and previous label for the (K, C, C) transition; B: static previous
@@ -142,6 +149,7 @@
 #include "semicrf.h"
 #include "semicrf_host.h"
 #include "backward_kernel.cuh"
+#include "exp_backward_kernel.cuh"
 #include "exp_blocked_kernel.cuh"
 #include "exp_forward_kernel.cuh"
 #include "forward_kernel.cuh"
@@ -203,15 +211,20 @@ void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, Kernel
 
 // FLASHSEMICRF_CUDA_RECOMPUTE=spans: every span's recompute first, one CTA a
 // span (recompute_kernel), then the sweeps reading them; the two kernels
-// share one workspace (the sweep's arena, whose span buffers hold every
-// span, then one recompute arena a span).
-void launch_backward_with_span_recompute(const at::Tensor& scores, const BackwardParams& p) {
+// share one workspace (the sweep's arena from plan_all_spans, whose span
+// buffers hold every span, then one recompute arena a span). sweep_for
+// picks the sweep kernel as launch_kernel's kernel_for; extra follows
+// (p, arena, precomputed = true) in its call.
+template <typename PlanAllSpans, typename SweepFor, typename... Extra>
+void launch_backward_with_span_recompute(const at::Tensor& scores, const BackwardParams& p,
+                                         PlanAllSpans plan_all_spans, SweepFor sweep_for,
+                                         Extra... extra) {
   check_cuda(scores);
   const c10::cuda::CUDAGuard guard(scores.device());
   if (p.B == 0) return;
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   const size_t e = scores.element_size();
-  Arena sweep = cuda::plan_backward_arena_all_spans(p, e, smem_limit);
+  Arena sweep = plan_all_spans(p, e, smem_limit);
   Arena recompute = cuda::plan_recompute_arena(p, e, smem_limit);
   const int64_t spans = p.B * p.n_ckpt;
   at::Tensor workspace = at::empty(
@@ -222,10 +235,18 @@ void launch_backward_with_span_recompute(const at::Tensor& scores, const Backwar
   launch_kernel(scores, p, spans, recompute, [](auto zero, auto dd, auto smem) {
     return &cuda::recompute_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
   }, sweep);
-  launch_kernel(scores, p, p.B, sweep, [](auto zero, auto dd, auto smem) {
-    return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-  }, true);
+  launch_kernel(scores, p, p.B, sweep, sweep_for, true, extra...);
 }
+
+// The log-domain sweep, for every sequence (redo null) or for those the
+// exp-domain sweep marked.
+auto log_sweep_kernel = [](auto zero, auto dd, auto smem) {
+  return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+};
+// The exp-domain sweep (static transition only).
+auto exp_sweep_kernel = [](auto zero, auto, auto smem) {
+  return &cuda::exp_backward_kernel<decltype(zero), decltype(smem)::value>;
+};
 
 struct Cuda {
   // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
@@ -260,18 +281,30 @@ struct Cuda {
   // the backward kernel as its sweep reaches it; `spans` recomputes them all
   // at once beforehand (launch_backward_with_span_recompute), taking
   // 2·B·T·C scalars more working memory so that only the sweep stays serial.
+  // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
+  // sweep, then the log-domain one for the sequences it could not certify
+  // (those recompute their spans themselves).
   static void run(const BackwardParams& p, const at::Tensor& scores) {
-    if (env_switch("FLASHSEMICRF_CUDA_RECOMPUTE", "spans", "sweep", false)) {
-      launch_backward_with_span_recompute(scores, p);
+    const bool spans = env_switch("FLASHSEMICRF_CUDA_RECOMPUTE", "spans", "sweep", false);
+    const int32_t* redo = nullptr;
+    at::Tensor verdicts;
+    if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
+      verdicts = at::empty({std::max<int64_t>(p.B, 1)}, scores.options().dtype(at::kInt));
+      int32_t* marks = verdicts.data_ptr<int32_t>();
+      if (spans) {
+        launch_backward_with_span_recompute(scores, p, cuda::plan_exp_backward_arena_all_spans,
+                                            exp_sweep_kernel, marks);
+      } else {
+        launch_per_sequence(scores, p, cuda::plan_exp_backward_arena, exp_sweep_kernel, false,
+                            marks);
+      }
+      redo = marks;
+    } else if (spans) {
+      launch_backward_with_span_recompute(scores, p, cuda::plan_backward_arena_all_spans,
+                                          log_sweep_kernel, static_cast<const int32_t*>(nullptr));
       return;
     }
-    launch_per_sequence(
-        scores, p, cuda::plan_backward_arena,
-        [](auto zero, auto dd, auto smem) {
-          return &cuda::backward_kernel<decltype(zero), decltype(dd)::value,
-                                        decltype(smem)::value>;
-        },
-        false);
+    launch_per_sequence(scores, p, cuda::plan_backward_arena, log_sweep_kernel, false, redo);
   }
   static void run(const ViterbiParams& p, const at::Tensor& scores) {
     launch_per_sequence(scores, p, cuda::plan_viterbi_arena, [](auto zero, auto dd) {

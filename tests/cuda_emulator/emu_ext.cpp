@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "cuda/backward_kernel.cuh"
+#include "cuda/exp_backward_kernel.cuh"
 #include "cuda/exp_blocked_kernel.cuh"
 #include "cuda/exp_forward_kernel.cuh"
 #include "cuda/forward_kernel.cuh"
@@ -65,10 +66,13 @@ at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, cons
 
 // launch_backward_with_span_recompute of semicrf_cuda.cu; returns the sweep
 // arena's sizes and the recompute arena's.
+template <typename PlanAllSpans, typename SweepFor, typename... Extra>
 at::Tensor launch_backward_with_span_recompute(const Schedule& s, const at::Tensor& scores,
-                                               const BackwardParams& p) {
+                                               const BackwardParams& p,
+                                               PlanAllSpans plan_all_spans, SweepFor sweep_for,
+                                               Extra... extra) {
   const size_t e = scores.element_size(), limit = static_cast<size_t>(s.smem_limit);
-  Arena sweep = cuda::plan_backward_arena_all_spans(p, e, limit);
+  Arena sweep = plan_all_spans(p, e, limit);
   Arena recompute = cuda::plan_recompute_arena(p, e, limit);
   const at::Tensor sizes = at::tensor({sweep.smem_bytes, sweep.workspace_stride,
                                        recompute.smem_bytes, recompute.workspace_stride});
@@ -81,11 +85,17 @@ at::Tensor launch_backward_with_span_recompute(const Schedule& s, const at::Tens
   launch_kernel(s, scores, p, spans, recompute, [](auto zero, auto dd, auto smem) {
     return &cuda::recompute_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
   }, sweep);
-  launch_kernel(s, scores, p, p.B, sweep, [](auto zero, auto dd, auto smem) {
-    return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-  }, true);
+  launch_kernel(s, scores, p, p.B, sweep, sweep_for, true, extra...);
   return sizes;
 }
+
+auto log_sweep_kernel = [](auto zero, auto dd, auto smem) {
+  return &cuda::backward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+};
+auto exp_sweep_kernel = [](auto zero, auto, auto smem) {
+  return &cuda::exp_backward_kernel<decltype(zero), decltype(smem)::value>;
+};
+const int32_t* const kAll = nullptr;  // backward_kernel's redo: every sequence
 
 template <typename Tuple, size_t... I>
 std::vector<at::Tensor> nan_filled(Tuple& out, std::index_sequence<I...>) {
@@ -172,17 +182,47 @@ std::vector<at::Tensor> backward(at::Tensor grad_log_z, at::Tensor scores, at::T
   call.label_major_tables();  // as for CUDA tensors
   auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
   const Schedule sched{static_cast<int>(mode), seed, smem_limit};
-  auto sizes =
-      kSpans ? launch_backward_with_span_recompute(sched, scores, pass.params)
-             : launch_per_sequence(
-                   sched, scores, pass.params, cuda::plan_backward_arena,
-                   [](auto zero, auto dd, auto smem) {
-                     return &cuda::backward_kernel<decltype(zero), decltype(dd)::value,
-                                                   decltype(smem)::value>;
-                   },
-                   false);
+  auto sizes = kSpans ? launch_backward_with_span_recompute(
+                            sched, scores, pass.params, cuda::plan_backward_arena_all_spans,
+                            log_sweep_kernel, kAll)
+                      : launch_per_sequence(sched, scores, pass.params, cuda::plan_backward_arena,
+                                            log_sweep_kernel, false, kAll);
   auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
   return {a0, a1, a2, a3, a4, a5, a6, sizes};
+}
+
+// The exp-domain backward as semicrf_cuda.cu runs it for the static
+// transition: exp_backward_kernel (spans recomputed in the sweep, or all
+// first with kSpans), then backward_kernel for the sequences it marked.
+// Returns the seven gradients, the exp sweep's arena sizes and the verdicts
+// (1: redone by the log-domain sweep).
+template <bool kSpans>
+std::vector<at::Tensor> backward_exp(at::Tensor grad_log_z, at::Tensor scores,
+                                     at::Tensor transition, at::Tensor duration,
+                                     at::Tensor lengths, at::Tensor st, at::Tensor et,
+                                     std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
+                                     at::Tensor log_z, at::Tensor ring, at::Tensor off,
+                                     int64_t interval, bool boundary_mass, int64_t mode,
+                                     int64_t seed, int64_t smem_limit) {
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
+  TORCH_CHECK(!pass.params.duration_dependent, "backward_exp: static transition only");
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  // -7: a verdict the exp sweep did not write shows (and reruns).
+  at::Tensor redo =
+      at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
+  int32_t* marks = redo.data_ptr<int32_t>();
+  auto sizes = kSpans ? launch_backward_with_span_recompute(
+                            sched, scores, pass.params, cuda::plan_exp_backward_arena_all_spans,
+                            exp_sweep_kernel, marks)
+                      : launch_per_sequence(sched, scores, pass.params,
+                                            cuda::plan_exp_backward_arena, exp_sweep_kernel,
+                                            false, marks);
+  launch_per_sequence(sched, scores, pass.params, cuda::plan_backward_arena, log_sweep_kernel,
+                      false, static_cast<const int32_t*>(marks));
+  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
+  return {a0, a1, a2, a3, a4, a5, a6, sizes, redo.narrow(0, 0, pass.params.B)};
 }
 
 std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Tensor duration,
@@ -246,6 +286,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_exp", &forward_exp);
   m.def("backward", &backward<false>);
   m.def("backward_spans", &backward<true>);
+  m.def("backward_exp", &backward_exp<false>);
+  m.def("backward_exp_spans", &backward_exp<true>);
   m.def("viterbi", &viterbi);
   m.def("filter", &filter);
 }
