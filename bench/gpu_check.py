@@ -10,7 +10,8 @@
                         CUDA, then Triton, against a float64 reference and the C++
                         CPU kernel on a fixed grid; TAG-correctness.txt
   sanitize              the program bench/gpu_check.sh runs under compute-sanitizer:
-                        forward, backward, Viterbi and filter at three sizes
+                        forward, backward, Viterbi and filter at three sizes, with
+                        the log-domain and the exp-domain kernels
   timings OUTDIR TAG --seconds S
                         the headline timings, in bench/results/'s CSV schema; TAG-timings.csv
   summary OUTDIR TAG    the closing table, from the files the sections wrote
@@ -461,38 +462,69 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
 
 # -- the program compute-sanitizer runs -----------------------------------------
 
+# (name, case, the CUDA algorithm switches set around it). The exp-domain
+# cases run the blocked forward (C = 7), the per-step one (C = 33), the
+# exp-domain backward sweep with either recompute mode, and its hand-over
+# to the log-domain kernels; the small ones come first, so that a tool that
+# runs out of time has still seen every kernel.
+EXP = {"FLASHSEMICRF_CUDA_ALGORITHM": "exp"}
 SANITIZE_CASES = (
-    ("small", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="C = 7, K > L for one sequence")),
-    ("small-kcc", Case(3, 40, 5, 7, dd=True, lengths=(40, 3, 17))),
-    ("medium", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="C = 33, K > L once")),
+    ("small", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="C = 7, K > L for one sequence"), {}),
+    ("small-exp", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="exp-domain, spans first"),
+     {**EXP, "FLASHSEMICRF_CUDA_RECOMPUTE": "spans"}),
+    ("small-kcc", Case(3, 40, 5, 7, dd=True, lengths=(40, 3, 17)), {}),
+    ("medium", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="C = 33, K > L once"), {}),
+    ("medium-exp", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="exp-domain"), EXP),
     ("ring", Case(2, 200, 1000, 64, lengths=(200, 150), optional=(),
-                  note="rings in global memory, K > T")),
+                  note="rings in global memory, K > T"), {}),
 )
 
 
 def sanitize(dry_run: bool) -> int:
-    """forward, backward, Viterbi and filter (through sample) of the "cuda" backend."""
+    """forward, backward, Viterbi and filter (through sample) of the "cuda"
+    backend, with each case's algorithm switches set around it (and the
+    previous values put back)."""
     import torch
 
     import flashsemicrf as fsc
 
     device, backend = ("cpu", "cpu") if dry_run else ("cuda", "cuda")
-    for name, case in SANITIZE_CASES:
-        kw = _on(make_inputs(case, seed=3), device, torch.float32)
-        t0 = time.monotonic()
-        z, _ = log_z_and_grads(kw, backend)
-        fsc.viterbi(**kw, backend=backend)
-        # Sampling runs the filter kernel, then a Python loop over T: short T
-        # (the same K and C, so the same working-memory placement).
-        short = replace(case, T=min(case.T, 40), lengths=tuple(min(n, 40) for n in case.lengths))
-        gen = torch.Generator(device=device).manual_seed(0)
-        fsc.sample(**_on(make_inputs(short, seed=4), device, torch.float32), backend=backend,
-                   num_samples=2, generator=gen)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        print(f"sanitize {name:9s} {case.id}: forward, backward, viterbi, filter ran "
-              f"({time.monotonic() - t0:.1f} s; log Z {[round(v, 3) for v in z.tolist()]})",
-              flush=True)
+    for name, case, switches in SANITIZE_CASES:
+        saved = {k: os.environ.get(k) for k in switches}
+        os.environ.update(switches)
+        try:
+            kw = _on(make_inputs(case, seed=3), device, torch.float32)
+            t0 = time.monotonic()
+            z, _ = log_z_and_grads(kw, backend)
+            if name == "small-exp":
+                # Mass at risk at one position of sequence 0: the exp-domain
+                # sweep hands it to the log-domain one.
+                kw["scores"] = kw["scores"].clone()
+                kw["scores"][0, 12, 1] = -720.0
+                if kw.get("start_scores") is not None:
+                    kw["start_scores"] = kw["start_scores"].clone()
+                    kw["start_scores"][0, 12, 1] = 700.0
+                log_z_and_grads(kw, backend)
+            fsc.viterbi(**kw, backend=backend)
+            # Sampling runs the filter kernel, then a Python loop over T:
+            # short T (the same K and C, so the same working-memory placement).
+            short = replace(case, T=min(case.T, 40),
+                            lengths=tuple(min(n, 40) for n in case.lengths))
+            gen = torch.Generator(device=device).manual_seed(0)
+            fsc.sample(**_on(make_inputs(short, seed=4), device, torch.float32), backend=backend,
+                       num_samples=2, generator=gen)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        switched = " ".join(f"{k}={v}" for k, v in switches.items())
+        print(f"sanitize {name:10s} {case.id}: forward, backward, viterbi, filter ran "
+              f"({time.monotonic() - t0:.1f} s; log Z {[round(v, 3) for v in z.tolist()]})"
+              + (f" with {switched}" if switched else ""), flush=True)
     return 0
 
 

@@ -788,3 +788,29 @@ def test_emulated_exp_backward_hands_over_what_it_cannot_certify(emu):
         verdicts, _, grads = check_exp_backward(emu, args, 5, 2, 3, ALL_SMEM)
         assert verdicts.tolist() == [0, 0], dtype
         assert all(not g[0].any() for g in grads if g is not None)
+
+
+def test_emulated_exp_backward_at_large_scales(emu):
+    """Random problems with scores and parameters scaled up to 120 (where
+    ring entries fall out of float64's range, and new ones overflow it): every
+    gradient is the CPU kernel's whether the exp sweep certified the
+    sequence or handed it to the log-domain one; at scale 1 none is handed
+    over, at the largest scale some are. (With these seeds, float64: 0 of 8
+    sequences at scale 1, 2 of 8 at 10, 7 of 8 at 40, 5 of 8 at 120; the
+    bound is conservative, see docs/design.md.)"""
+    g = torch.Generator().manual_seed(9)
+    handed = {1.0: 0, 10.0: 0, 40.0: 0, 120.0: 0}
+    for i in range(16):
+        T = int(torch.randint(20, 90, (1,), generator=g))
+        K = int(torch.randint(2, 25, (1,), generator=g))
+        C = int(torch.randint(1, 6, (1,), generator=g))
+        scale = (1.0, 10.0, 40.0, 120.0)[i % 4]
+        for dtype in (torch.float32, torch.float64):
+            args = [a * scale if a is not None and a.is_floating_point() else a
+                    for a in make(2, T, K, C, False, i % 2 == 0, dtype, 2000 + i,
+                                  neg_inf=i % 3 == 0)]
+            verdicts, _, _ = check_exp_backward(emu, args, 0, 2, i, ALL_SMEM,
+                                                tol=1e-9 if dtype == torch.float64 else 1e-4)
+            handed[scale] += int(verdicts.sum())
+    assert handed[1.0] == 0, handed
+    assert handed[120.0] > 0, handed
