@@ -10,24 +10,27 @@
 //
 // Exactness. Every message is a sum of products of nonnegative float64
 // terms, so rounding is relative (1e-16 a term); what underflow drops is the
-// only mass the sweep can lose. A per-label "ghost" bounds it all along:
-// the ring entries that fell below float64's smallest normal when the ring
-// moved, what beta_hat lacked when it opened new entries (bounded by the
-// same mat-vec through the transition), and the products that underflow
-// within a step (K + 1 smallest normals a term). Ghosts move with the ring
-// and live in two generations of K steps, as the entries they stand for
-// do. At every step a label's ghost times its posterior weight bounds what
-// its segments' posteriors can lack, and the alpha part times beta_hat's
-// bound what the transition posteriors can; past exp_sweep_tolerance (far
-// below either dtype's resolution) or at a NaN or an infinity, the
-// sequence is marked and backward_kernel redoes it in the log domain, the
-// forward's verdict scheme. Labels that no start can reach still count for
-// the ring's normaliser, which can only make the certificate stricter. The
-// CPU kernel's exp-domain
-// backward certifies by coverage instead (every position's posteriors must
-// sum to 1): it recomputes the forward in float64, where this sweep reads
-// the log-domain recompute's rows, whose float32 rounding a coverage test
-// could not tell from lost mass.
+// only mass the sweep can lose. Per label, two bounds follow it all along:
+// what beta_hat lacked when it opened an entry, relative to that entry (so
+// that later it meets the entry's own duration weight, moves with it, and
+// stays as small relative to the messages as it started), and an absolute
+// "ghost" for entries that fell below float64's smallest normal (in a move,
+// or when opened) with what they stood for. beta_hat's bound is the same
+// mat-vec through the transition over what each label's v lacks, and K + 1
+// smallest normals a term cover the products that underflow within a step.
+// Both bounds live in two generations of K steps, as the entries they
+// stand for do. At every step a label's bound times its posterior weight
+// bounds what its segments' posteriors can lack, and the alpha part times
+// beta_hat's bound what the transition posteriors can; past
+// exp_sweep_tolerance (far below either dtype's resolution) or at a NaN or
+// an infinity, the sequence is marked and backward_kernel redoes it in the
+// log domain, the forward's verdict scheme. Labels that no start can reach
+// still count for the ring's normaliser, which can only make the
+// certificate stricter. The CPU kernel's exp-domain backward certifies by
+// coverage instead (every position's posteriors must sum to 1): it
+// recomputes the forward in float64, where this sweep reads the log-domain
+// recompute's rows, whose float32 rounding a coverage test could not tell
+// from lost mass.
 #pragma once
 
 #include "backward_kernel.cuh"
@@ -55,6 +58,8 @@ enum ExpSweepRow {
   kRowLargest,      // the largest ring entry of c that can still matter
   kRowGhost,        // the ghost of c's ring entries added since the last t ≡ 0 (mod K)
   kRowGhostOld,     // and of those added in the K steps before
+  kRowRelative,     // what c's entries added since then lack, relative to each entry
+  kRowRelativeOld,  // and those added in the K steps before
   kExpSweepRows
 };
 // Per-thread partials of P1, one slot each (partial_slots): tau, the largest
@@ -177,6 +182,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   double* largest = at_row(kRowLargest);
   double* ghost = at_row(kRowGhost);
   double* ghost_old = at_row(kRowGhostOld);
+  double* rel = at_row(kRowRelative);
+  double* rel_old = at_row(kRowRelativeOld);
   const int64_t slots = partial_slots(C);
   double* part_tau = row + kExpSweepRows * C;
   double* part_lm = part_tau + slots;
@@ -223,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     start_max[c] = dm + cm;
     last_d[c] = lst;
     largest[c] = 0.0;
-    ghost[c] = ghost_old[c] = 0.0;
+    ghost[c] = ghost_old[c] = rel[c] = rel_old[c] = 0.0;
     if (bad) mark();
   }
 
@@ -289,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (!(fresh < kInf)) mark();
           largest[c] = last_d[c] > 1.0 ? fresh : 0.0;
           ghost[c] = o > 0.0 && fresh < kFloor ? kFloor : 0.0;
-          ghost_old[c] = 0.0;
+          ghost_old[c] = rel[c] = rel_old[c] = 0.0;
         }
         for_each_entry(K, C, tid, kThreads, [&](int slot, int c) {
           ring[slot * ld + c] = slot == tK ? opened(c) * n.value : 0.0;
@@ -449,11 +456,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         // once t ≡ 0 (mod K) comes again.
         if (tK == 0) {
           ghost_old[c] = ghost[c];
-          ghost[c] = 0.0;
+          rel_old[c] = rel[c];
+          ghost[c] = rel[c] = 0.0;
         }
-        // What this step's posteriors of c can lack: the ghosts of the
-        // entries read (W <= 1), and up to K + 1 underflowed products a term.
-        const double lacking = ghost[c] + ghost_old[c] + (K + 1) * kFloor;
+        // What this step's posteriors of c can lack: the relative bounds
+        // times tau (they meet the same W as their entries), the ghosts of
+        // the entries read (W <= 1), and up to K + 1 underflowed products a
+        // term.
+        const double lacking = (rel[c] > rel_old[c] ? rel[c] : rel_old[c]) * tau + ghost[c] +
+                               ghost_old[c] + (K + 1) * kFloor;
         if (!(lacking * weight[c] <= kTol) || !(tau < kInf)) mark();
         if (moves) {
           // A -inf score is an exact zero factor; any other factor that
@@ -504,8 +515,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // P3: re-anchor Q; the segments ending at t open in slot t % K (its
       // duration-K entry moved out in P1): beta_hat · exp(end_scores[t-1] +
-      // scores[t-1]), relative to the moved ring's offset, with what
-      // beta_hat lacked as their ghost.
+      // scores[t-1]), relative to the moved ring's offset. What beta_hat
+      // lacked goes with them: relative to the new entry where that is a
+      // normal number (so that it meets the entry's W later), else as a
+      // ghost.
       // (It supersedes a coverage renormalisation of this step: both
       // measure the same scale, the re-anchor all of it.)
       if (reanchor) Q = renormalised(anchor_q, block_sum(anchor_part, red) / gd);
@@ -519,8 +532,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         const double fresh = beta > 0.0 && lc > 0.0 ? beta * ex : 0.0;
         ring[tK * ld + c] = fresh;
         if (lc > 0.0) {
-          double gh = ghost[c] + beta_lost[c] * ex * kUp;
-          if (beta > 0.0 && ex > 0.0 && fresh < kFloor) gh += kFloor;
+          double gh = ghost[c];
+          if (fresh >= kFloor) {
+            const double r = beta_lost[c] / beta * kUp;
+            rel[c] = rel[c] > r ? rel[c] : r;
+            if (!(r < kInf)) mark();
+          } else {
+            gh += beta_lost[c] * ex * kUp + (beta > 0.0 && ex > 0.0 ? kFloor : 0.0);
+          }
           ghost[c] = gh;
           if (!(fresh < kInf) || !(gh < kInf)) mark();
         }
