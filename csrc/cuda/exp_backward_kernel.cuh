@@ -463,8 +463,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         // times tau (they meet the same W as their entries), the ghosts of
         // the entries read (W <= 1), and up to K + 1 underflowed products a
         // term.
-        const double lacking = (rel[c] > rel_old[c] ? rel[c] : rel_old[c]) * tau + ghost[c] +
-                               ghost_old[c] + (K + 1) * kFloor;
+        const double rel_c = rel[c] > rel_old[c] ? rel[c] : rel_old[c];
+        const double lacking = rel_c * tau + ghost[c] + ghost_old[c] + (K + 1) * kFloor;
         if (!(lacking * weight[c] <= kTol) || !(tau < kInf)) mark();
         if (moves) {
           // A -inf score is an exact zero factor; any other factor that
@@ -475,7 +475,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             const double v = gh * factor[c] * kUp;
             return gh > 0.0 && !zero_factor && v < kFloor ? kFloor : v;
           };
-          ghost[c] = moved_bound(ghost[c]) + (lost && !zero_factor ? K * kFloor : 0.0);
+          // Up to K entries fell below the smallest normal: each stood for
+          // at most that, and lacked its relative part of it.
+          const double lost_entries = lost && !zero_factor ? K * kFloor * (1.0 + rel_c) : 0.0;
+          ghost[c] = moved_bound(ghost[c]) + lost_entries;
           ghost_old[c] = moved_bound(ghost_old[c]);
           largest[c] = lm;
           const double e = ::exp(static_cast<double>(s_start[c]) + start_max[c] - mv);
