@@ -488,11 +488,11 @@ def sanitize(dry_run: bool) -> int:
 
     import flashsemicrf as fsc
 
+    from .backends import environment
+
     device, backend = ("cpu", "cpu") if dry_run else ("cuda", "cuda")
     for name, case, switches in SANITIZE_CASES:
-        saved = {k: os.environ.get(k) for k in switches}
-        os.environ.update(switches)
-        try:
+        with environment(switches):
             kw = _on(make_inputs(case, seed=3), device, torch.float32)
             t0 = time.monotonic()
             z, _ = log_z_and_grads(kw, backend)
@@ -515,12 +515,6 @@ def sanitize(dry_run: bool) -> int:
                        num_samples=2, generator=gen)
             if device == "cuda":
                 torch.cuda.synchronize()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         switched = " ".join(f"{k}={v}" for k, v in switches.items())
         print(f"sanitize {name:10s} {case.id}: forward, backward, viterbi, filter ran "
               f"({time.monotonic() - t0:.1f} s; log Z {[round(v, 3) for v in z.tolist()]})"

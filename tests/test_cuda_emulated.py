@@ -620,6 +620,23 @@ def test_emulated_blocked_forward_hands_over_scales_past_its_range(emu, score, w
     assert got[4].tolist() == [1, 0]
 
 
+def scaled_problems(seed, seed0, n, max_T, max_K, max_C):
+    """n random static problems, two sequences each, in both dtypes, with
+    every score and parameter scaled by 1, 10, 40 or 120 in turn (start and
+    end scores every other problem, -inf entries every third): yields
+    (i, scale, args)."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        T = int(torch.randint(20, max_T, (1,), generator=g))
+        K = int(torch.randint(2, max_K, (1,), generator=g))
+        C = int(torch.randint(1, max_C, (1,), generator=g))
+        scale = (1.0, 10.0, 40.0, 120.0)[i % 4]
+        for dtype in (torch.float32, torch.float64):
+            yield i, scale, [a * scale if a is not None and a.is_floating_point() else a
+                             for a in make(2, T, K, C, False, i % 2 == 0, dtype, seed0 + i,
+                                           neg_inf=i % 3 == 0)]
+
+
 @EXP_KERNELS
 def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch, blocked):
     """Random problems with scores and parameters scaled up to 120 (where
@@ -627,21 +644,12 @@ def test_emulated_exp_forward_decisions_at_large_scales(emu, monkeypatch, blocke
     sequence by sequence, the CUDA exp-domain forward hands over exactly as
     many sequences as the CPU kernel's, and log Z agrees with it (the log
     scan's where handed over)."""
-    g = torch.Generator().manual_seed(5)
     taken_total = 0
-    for i in range(24):
-        T = int(torch.randint(20, 120, (1,), generator=g))
-        K = int(torch.randint(2, 30, (1,), generator=g))
-        C = int(torch.randint(1, 7, (1,), generator=g))
-        scale = (1.0, 10.0, 40.0, 120.0)[i % 4]
-        for dtype in (torch.float32, torch.float64):
-            args = [a * scale if a is not None and a.is_floating_point() else a
-                    for a in make(2, T, K, C, False, i % 2 == 0, dtype, 1000 + i,
-                                  neg_inf=i % 3 == 0)]
-            verdicts, _ = check_exp_forward(emu, monkeypatch, args, 0, 2, i, ALL_SMEM,
-                                            tol=1e-9 if dtype == torch.float64 else 1e-4,
-                                            blocked=blocked)
-            taken_total += int(verdicts.sum())
+    for i, _, args in scaled_problems(5, 1000, 24, 120, 30, 7):
+        verdicts, _ = check_exp_forward(emu, monkeypatch, args, 0, 2, i, ALL_SMEM,
+                                        tol=1e-9 if args[0].dtype == torch.float64 else 1e-4,
+                                        blocked=blocked)
+        taken_total += int(verdicts.sum())
     assert taken_total > 0  # the scales do reach the fallback
 
 
@@ -799,19 +807,10 @@ def test_emulated_exp_backward_at_large_scales(emu):
     instead of a relative one, 2 of 8 float64 sequences were at scale 10 and
     7 of 8 at 40); at 120 some are (a new entry overflows, or entries that
     fell below the smallest normal meet weights of 1e85 and more)."""
-    g = torch.Generator().manual_seed(9)
     handed = {1.0: 0, 10.0: 0, 40.0: 0, 120.0: 0}
-    for i in range(16):
-        T = int(torch.randint(20, 90, (1,), generator=g))
-        K = int(torch.randint(2, 25, (1,), generator=g))
-        C = int(torch.randint(1, 6, (1,), generator=g))
-        scale = (1.0, 10.0, 40.0, 120.0)[i % 4]
-        for dtype in (torch.float32, torch.float64):
-            args = [a * scale if a is not None and a.is_floating_point() else a
-                    for a in make(2, T, K, C, False, i % 2 == 0, dtype, 2000 + i,
-                                  neg_inf=i % 3 == 0)]
-            verdicts, _, _ = check_exp_backward(emu, args, 0, 2, i, ALL_SMEM,
-                                                tol=1e-9 if dtype == torch.float64 else 1e-4)
-            handed[scale] += int(verdicts.sum())
+    for i, scale, args in scaled_problems(9, 2000, 16, 90, 25, 6):
+        verdicts, _, _ = check_exp_backward(emu, args, 0, 2, i, ALL_SMEM,
+                                            tol=1e-9 if args[0].dtype == torch.float64 else 1e-4)
+        handed[scale] += int(verdicts.sum())
     assert handed[1.0] == handed[10.0] == handed[40.0] == 0, handed
     assert handed[120.0] > 0, handed
