@@ -4,7 +4,8 @@ Every backend gets the same problem in our convention (README, "The model") and 
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 
-* ours (``cuda``, ``cuda-exp``, ``cuda-spans``, ``triton``, ``cpu``, ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
+* ours (``cuda``, ``cuda-exp``, ``cuda-spans``, ``cuda-parallel``, ``triton``, ``cpu``,
+  ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
   with ``start_transition`` = flash-semicrf's "phantom start", the
   log-sum-exp of the transition over the previous label; ``cpu`` and
   ``cpu-log`` are the C++ kernel with its two algorithms, the scaled
@@ -13,8 +14,12 @@ counted as part of what a user of that library pays:
   (forward and backward) and restores afterwards; ``cuda`` and ``cuda-exp``
   likewise are the CUDA kernels with the log-domain forward and sweep (the
   default) and the exp-domain ones, chosen by ``FLASHSEMICRF_CUDA_ALGORITHM``,
-  and ``cuda-spans`` the exp-domain kernels with every span's recompute run
-  before the backward's sweep (``FLASHSEMICRF_CUDA_RECOMPUTE=spans``);
+  ``cuda-spans`` the exp-domain kernels with every span's recompute run
+  before the backward's sweep (``FLASHSEMICRF_CUDA_RECOMPUTE=spans``), and
+  ``cuda-parallel`` the exp-domain forward with the backward's sweeps run
+  span-parallel: the mirror image's forward gives the backward ring at the
+  end of every span, then one CTA sweeps each span
+  (``FLASHSEMICRF_CUDA_SWEEP=parallel``); the other three set ``serial``;
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -47,20 +52,27 @@ import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "cuda-exp", "cuda-spans", "triton", "cpu", "cpu-log", "torch")
+OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton", "cpu", "cpu-log",
+        "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
 # Backends that run one sequence per thread (parallel over the batch only).
 ONE_SEQUENCE_PER_THREAD = tuple(CPU_ALGORITHM)
-# The same for the CUDA kernels: the forward's algorithm and where the
-# backward recomputes its spans.
+# The same for the CUDA kernels: the forward's algorithm, where the backward
+# recomputes its spans, and whether it sweeps them one after another or all
+# at once. Every backend sets all three, so that a value in the shell changes
+# none of them (parallel mode ignores the recompute switch; set it anyway).
 CUDA_ALGORITHM_ENV = "FLASHSEMICRF_CUDA_ALGORITHM"
 CUDA_RECOMPUTE_ENV = "FLASHSEMICRF_CUDA_RECOMPUTE"
+CUDA_SWEEP_ENV = "FLASHSEMICRF_CUDA_SWEEP"
 CUDA_ENV = {
-    "cuda": {CUDA_ALGORITHM_ENV: "log", CUDA_RECOMPUTE_ENV: "sweep"},
-    "cuda-exp": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "sweep"},
-    "cuda-spans": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "spans"},
+    "cuda": {CUDA_ALGORITHM_ENV: "log", CUDA_RECOMPUTE_ENV: "sweep", CUDA_SWEEP_ENV: "serial"},
+    "cuda-exp": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "sweep", CUDA_SWEEP_ENV: "serial"},
+    "cuda-spans": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "spans",
+                   CUDA_SWEEP_ENV: "serial"},
+    "cuda-parallel": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "sweep",
+                      CUDA_SWEEP_ENV: "parallel"},
 }
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
@@ -73,6 +85,7 @@ KIND = {
     "cuda": "kernel",
     "cuda-exp": "kernel",
     "cuda-spans": "kernel",
+    "cuda-parallel": "kernel",
     "triton": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",

@@ -465,13 +465,18 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
 # (name, case, the CUDA algorithm switches set around it). The exp-domain
 # cases run the blocked forward (C = 7), the per-step one (C = 33), the
 # exp-domain backward sweep with either recompute mode, and its hand-over
-# to the log-domain kernels; the small ones come first, so that a tool that
-# runs out of time has still seen every kernel.
+# to the log-domain kernels; "small-par" the span-parallel backward (the
+# mirror image's exp-domain forward, then one CTA a span: T = 40, K = 5
+# gives 3 spans, and the sequences of length 3 and 17 leave some empty).
+# The small ones come first, so that a tool that runs out of time has
+# still seen every kernel.
 EXP = {"FLASHSEMICRF_CUDA_ALGORITHM": "exp"}
 SANITIZE_CASES = (
     ("small", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="C = 7, K > L for one sequence"), {}),
     ("small-exp", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="exp-domain, spans first"),
      {**EXP, "FLASHSEMICRF_CUDA_RECOMPUTE": "spans"}),
+    ("small-par", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="exp-domain, span-parallel sweeps"),
+     {**EXP, "FLASHSEMICRF_CUDA_SWEEP": "parallel"}),
     ("small-kcc", Case(3, 40, 5, 7, dd=True, lengths=(40, 3, 17)), {}),
     ("medium", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="C = 33, K > L once"), {}),
     ("medium-exp", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="exp-domain"), EXP),
@@ -536,7 +541,8 @@ def timing_cases(dry_run: bool):
             # budget on a loaded 2-core CI machine (T = 2000 did not).
             BenchCase("genomics", "T", B=1, T=600, K=20, C=6, backends=ours, force=ours),
         ]
-    gpu = ("cuda", "cuda-exp", "cuda-spans", "triton", "flash-semicrf-triton")
+    gpu = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton",
+           "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
     return gpu + ("pytorch-crf",), [
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu),

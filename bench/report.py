@@ -189,6 +189,7 @@ LABELS = {
     "cuda": "flashsemicrf CUDA",
     "cuda-exp": "flashsemicrf CUDA exp-domain",
     "cuda-spans": "flashsemicrf CUDA exp-domain, span-parallel recompute",
+    "cuda-parallel": "flashsemicrf CUDA exp-domain, span-parallel sweeps",
     "triton": "flashsemicrf Triton",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
@@ -199,8 +200,8 @@ LABELS = {
     "pytorch-crf": "pytorch-crf",
 }
 # Our backends as the throughput column names them.
-SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans", "triton": "Triton",
-         "cpu": "C++",
+SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans",
+         "cuda-parallel": "CUDA parallel", "triton": "Triton", "cpu": "C++",
          "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -281,6 +282,11 @@ def column_legend(meta: dict) -> dict[str, str]:
         LABELS["cuda-spans"]: "the exp-domain forward and sweep again, and every span's "
                               "recompute run before the backward's sweep, one CTA a span "
                               "(`FLASHSEMICRF_CUDA_RECOMPUTE=spans`, `--backends cuda-spans`).",
+        LABELS["cuda-parallel"]: "the exp-domain forward, then the backward's sweeps "
+                                 "span-parallel: the mirror image's forward gives the backward "
+                                 "ring at every span's end and one CTA sweeps each span "
+                                 "(`FLASHSEMICRF_CUDA_SWEEP=parallel`, "
+                                 "`--backends cuda-parallel`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",

@@ -50,6 +50,12 @@ struct Params {
 struct ForwardParams : Params {
   int64_t interval = 1;  // checkpoint every `interval` steps
   int64_t n_ckpt = 0;    // ceil(T / interval)
+  // The problem is the mirror image of another one (CUDA's span-parallel
+  // backward): checkpoint i is saved before step L + 1 - (last_span(L) - i)
+  // · interval, where the mirror's forward ring is the original's backward
+  // ring at the last position of span last_span(L) - 1 - i
+  // (SequenceCheckpoints::first_saved).
+  bool mirrored = false;
   void* log_z = nullptr;          // (B,)
   void* ckpt_ring = nullptr;      // (B, n_ckpt, ring_width, C)
   double* ckpt_offset = nullptr;  // (B, n_ckpt)
@@ -67,6 +73,17 @@ struct BackwardParams : ForwardParams {
   void* grad_end_transition = nullptr;    // (B, C)
   void* grad_start_scores = nullptr;      // (B, T, C) or null
   void* grad_end_scores = nullptr;        // (B, T, C) or null
+  // Span-parallel sweeps (CUDA, static transition), or null: the backward
+  // ring at the last position of every span but the last, as the mirrored
+  // problem's forward checkpoints (B, n_ckpt, K, C) and offsets (B, n_ckpt);
+  // then one CTA sweeps each span, and writes its duration and transition
+  // sums to span_sums (B, n_ckpt, K·C + C·C) and the coverage of the K - 1
+  // positions after its last one (by the segments it starts) to span_spill
+  // (B, n_ckpt, K, C), both float64, for the host to add up.
+  const void* span_top_ring = nullptr;
+  const double* span_top_offset = nullptr;
+  double* span_sums = nullptr;
+  double* span_spill = nullptr;
 };
 
 // Viterbi: the max semiring, checkpointed like the forward so that the
@@ -366,12 +383,15 @@ struct SequenceGradients {
 // (ring_width, C), in the checkpoint layout, before the steps t = j·interval
 // < T: checkpoint j at at(j), its offset at offset[j]. The backward walks the
 // spans j = last_span(L) … 0, recomputing steps [first(j), last(j, L)] from
-// checkpoint j; checkpoints from first_unused(L) on are never read.
+// checkpoint j; checkpoints from first_unused(L) on are never read. A
+// mirrored problem's forward (ForwardParams::mirrored) saves them before the
+// steps first_saved(L) + i·interval instead, the first saved(L) of them.
 template <typename scalar_t>
 struct SequenceCheckpoints {
   scalar_t* ring;
   double* offset;
   int64_t stride, interval, count, T;
+  bool mirrored = false;
 
   HOST_DEVICE SequenceCheckpoints(scalar_t* ring_, double* offset_, const Params& p,
                                   int64_t interval_, int64_t count_)
@@ -379,7 +399,25 @@ struct SequenceCheckpoints {
         count(count_), T(p.T) {}
   HOST_DEVICE SequenceCheckpoints(const ForwardParams& p, int64_t b)
       : SequenceCheckpoints(static_cast<scalar_t*>(p.ckpt_ring) + b * p.n_ckpt * p.ring_width * p.C,
-                            p.ckpt_offset + b * p.n_ckpt, p, p.interval, p.n_ckpt) {}
+                            p.ckpt_offset + b * p.n_ckpt, p, p.interval, p.n_ckpt) {
+    mirrored = p.mirrored;
+  }
+  // The step before which the forward saves checkpoint 0, and how many it
+  // saves (one every interval steps from there, at most count). Mirrored:
+  // position t' of the mirror image is position L - 1 - t' of the original,
+  // so its ring before step t' holds the original's backward ring at
+  // position L - t'; the original's span j ends at (j + 1)·interval - 1.
+  HOST_DEVICE int64_t first_saved(int64_t L) const {
+    return mirrored ? L + 1 - last_span(L) * interval : 0;
+  }
+  HOST_DEVICE int64_t saved(int64_t L) const {
+    return mirrored ? last_span(L) : (first_unused(L) < count ? first_unused(L) : count);
+  }
+  // The step before which checkpoint j is saved, or L + 1 (never reached)
+  // once all are.
+  HOST_DEVICE int64_t step_of(int64_t j, int64_t L) const {
+    return j < saved(L) ? first_saved(L) + j * interval : L + 1;
+  }
   HOST_DEVICE scalar_t* at(int64_t j) const { return ring + j * stride; }
   HOST_DEVICE bool due(int64_t t) const { return t < T && t % interval == 0; }
   HOST_DEVICE int64_t last_span(int64_t L) const {
@@ -396,6 +434,14 @@ struct SequenceCheckpoints {
     return j < jl ? j : jl;
   }
 };
+
+// SequenceCheckpoints::step_of from the parameters themselves, for a loop
+// that should not keep the schedule in registers (the kernels read p from
+// constant memory).
+template <typename scalar_t>
+HOST_DEVICE int64_t checkpoint_step(const ForwardParams& p, int64_t j, int64_t L) {
+  return SequenceCheckpoints<scalar_t>(p, 0).step_of(j, L);
+}
 
 // The Viterbi backpointers of one span, rows first … last (at most
 // interval + 1 of them: the last span also holds row L), in a buffer of

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -274,6 +275,92 @@ class OpCall {
   at::Tensor scores_, transition_, duration_, duration_by_label_, transition_by_label_, lengths_,
       start_transition_, end_transition_;
   at::Tensor grad_log_z_, log_z_, ckpt_ring_, ckpt_offset_;
+};
+
+// The span-parallel backward's host side (CUDA, and its emulator's tests):
+// the sweeps of a sequence's spans run side by side, each from the backward
+// ring at its span's last position. Those rings are the forward checkpoints
+// of the problem's mirror image: position t' of the mirror is position
+// L - 1 - t' of the original (per sequence), its transition is the
+// transpose, and start and end swap (transitions and scores); with the
+// static transition the mirror's forward messages are the original's
+// backward ones, and its ring before step t' is the original's backward
+// ring at position L - t' (ForwardParams::mirrored places the checkpoints).
+// Usage: mirror(p) gives the mirror's forward pass to run with the
+// backend's forward; attach(p) points p at its checkpoints and at the
+// spans' partial sums; after the sweeps, finish(p) adds those up into the
+// gradient outputs, in a fixed order.
+class SpanParallelSweeps {
+ public:
+  // The static transition, and more than one span (else a sweep is serial anyway).
+  static bool applies(const BackwardParams& p) { return !p.duration_dependent && p.n_ckpt > 1; }
+
+  Pass<ForwardParams, ForwardOutputs>& mirror(const BackwardParams& p, const at::Tensor& scores) {
+    const auto opts = scores.options();
+    const int64_t B = p.B, T = p.T, K = p.K, C = p.C;
+    auto view = [&](const void* data, at::IntArrayRef sizes) {
+      return at::from_blob(const_cast<void*>(data), sizes, opts);
+    };
+    const at::Tensor lengths =
+        at::from_blob(const_cast<int64_t*>(p.lengths), {B}, opts.dtype(at::kLong));
+    const at::Tensor t = at::arange(T, opts.dtype(at::kLong)).unsqueeze(0);
+    const at::Tensor L = lengths.unsqueeze(1);
+    // Padding positions (t >= L) map to themselves.
+    const at::Tensor index = at::where(t < L, L - 1 - t, t).unsqueeze(2).expand({B, T, C});
+    auto mirrored = [&](const void* data, const int64_t* stride) -> std::optional<at::Tensor> {
+      if (data == nullptr) return std::nullopt;
+      const at::Tensor x = at::from_blob(const_cast<void*>(data), {B, T, C},
+                                         {stride[0], stride[1], stride[2]}, opts);
+      return x.gather(1, index);
+    };
+    // OpCall points into these; they live as long as this object.
+    scores_ = *mirrored(p.scores, p.scores_stride);
+    start_scores_ = mirrored(p.end_scores, p.end_stride);
+    end_scores_ = mirrored(p.start_scores, p.start_stride);
+    call_ = std::make_unique<OpCall>(
+        scores_, view(p.transition, {C, C}).t(), view(p.duration, {K, C}), lengths,
+        view(p.end_transition, {C}), view(p.start_transition, {C}), start_scores_, end_scores_);
+    if (!scores.is_cuda()) call_->label_major_tables();  // the CUDA emulator's tests
+    pass_ = std::make_unique<Pass<ForwardParams, ForwardOutputs>>(call_->forward(p.interval));
+    pass_->params.mirrored = true;
+    return *pass_;
+  }
+  const at::Tensor& mirrored_scores() const { return scores_; }
+
+  void attach(BackwardParams& p) {
+    const auto opts = scores_.options().dtype(at::kDouble);
+    sums_ = at::zeros({p.B, p.n_ckpt, p.K * p.C + p.C * p.C}, opts);
+    spill_ = at::zeros({p.B, p.n_ckpt, p.K, p.C}, opts);
+    p.span_top_ring = std::get<1>(pass_->outputs).data_ptr();
+    p.span_top_offset = std::get<2>(pass_->outputs).data_ptr<double>();
+    p.span_sums = sums_.data_ptr<double>();
+    p.span_spill = spill_.data_ptr<double>();
+  }
+
+  // The duration and transition gradients are the spans' float64 sums
+  // added up; the scores gradient of the K - 1 positions after a span's
+  // last also takes the coverage that span's segments gave them.
+  void finish(const BackwardParams& p) const {
+    const auto opts = scores_.options();
+    const int64_t B = p.B, T = p.T, K = p.K, C = p.C;
+    const at::Tensor total = sums_.sum(1);
+    at::from_blob(p.grad_duration, {B, K, C}, opts)
+        .copy_(total.narrow(1, 0, K * C).view({B, K, C}));
+    at::from_blob(p.grad_transition, {B, C, C}, opts)
+        .copy_(total.narrow(1, K * C, C * C).view({B, C, C}));
+    at::Tensor g_scores = at::from_blob(p.grad_scores, {B, T, C}, opts);
+    for (int64_t j = 0; j + 1 < p.n_ckpt; ++j) {
+      const int64_t next = (j + 1) * p.interval, n = std::min(K - 1, T - next);
+      if (n > 0)
+        g_scores.narrow(1, next, n).add_(spill_.select(1, j).narrow(1, 0, n).to(opts.dtype()));
+    }
+  }
+
+ private:
+  at::Tensor scores_, sums_, spill_;
+  std::optional<at::Tensor> start_scores_, end_scores_;
+  std::unique_ptr<OpCall> call_;
+  std::unique_ptr<Pass<ForwardParams, ForwardOutputs>> pass_;
 };
 
 // The four ops' entry points, written once: check the call, set up the

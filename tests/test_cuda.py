@@ -61,6 +61,24 @@ def test_cuda_matches_cpu_kernel_at_many_shapes(monkeypatch, B, T, K, C, dd, dty
     _compare_with_cpu_kernel(on(case.kwargs, dtype=dtype), dtype, tol_scale=10.0)
 
 
+@pytest.mark.parametrize("algorithm", ["exp", "log"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B,T,K,C,dd", SHAPES, ids=lambda *a: None)
+def test_cuda_span_parallel_sweeps(monkeypatch, B, T, K, C, dd, dtype, algorithm):
+    """FLASHSEMICRF_CUDA_SWEEP=parallel (the mirror image's forward, with
+    either algorithm, then one CTA a span; the (K, C, C) transition keeps the
+    serial sweep) against the C++ CPU kernel."""
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_ALGORITHM", algorithm)
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_SWEEP", "parallel")
+    case = make_case(B * 5 + T + K + C, B, T, K, C, duration_dependent=dd, neg_inf=C % 2 == 0)
+    _compare_with_cpu_kernel(on(case.kwargs, dtype=dtype), dtype, tol_scale=10.0)
+    if (B, T) == (2, 50):
+        monkeypatch.setenv("FLASHSEMICRF_CUDA_SWEEP", "spans")
+        with pytest.raises(RuntimeError,
+                           match="FLASHSEMICRF_CUDA_SWEEP must be 'parallel' or 'serial'"):
+            _compare_with_cpu_kernel(on(case.kwargs, dtype=dtype), dtype, tol_scale=10.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("B,T,K,C,dd", [(3, 400, 12, 5, False), (2, 300, 20, 4, True),
                                         (1, 2000, 50, 24, False)], ids=lambda *a: None)

@@ -814,3 +814,67 @@ def test_emulated_exp_backward_at_large_scales(emu):
         handed[scale] += int(verdicts.sum())
     assert handed[1.0] == handed[10.0] == handed[40.0] == 0, handed
     assert handed[120.0] > 0, handed
+
+
+def test_emulated_span_parallel_sweeps(emu):
+    """FLASHSEMICRF_CUDA_SWEEP=parallel: the mirror image's forward gives the
+    backward ring at the last position of every span, and one CTA a span
+    sweeps it alone (its own recompute, its own float64 sums, the coverage
+    past its span spilled to the host). Every gradient is the CPU kernel's
+    log-domain backward's, to rounding: shapes with ragged lengths (spans
+    past a sequence's end), -inf entries, a dead sequence, boundary scores,
+    strided scores, K > interval (coverage spills over several spans), one
+    position spans (interval 1), C > kThreads; both dtypes, both placements,
+    every schedule; the mirror's forward in the log and the exp domain. The
+    mirror's log Z is the problem's. Every other case hands the sweeps a log
+    Z off by 0.25: each span anchors its offset where its sweep starts (a
+    boundary, or a segment across it, has probability 1), so that a span
+    whose backward ring comes from the mirror still gets posteriors that sum
+    to 1."""
+    cases = [  # B, T, K, C, boundary, interval, noncontig, neg_inf
+        (3, 40, 6, 4, True, 7, False, False), (2, 23, 5, 3, False, 9, True, True),
+        (2, 12, 6, 2, True, 2, False, False), (1, 9, 3, 3, True, 1, False, True),
+        (2, 30, 4, 5, True, 10, False, False), (1, 6, 2, 257, False, 3, False, False),
+        (1, 400, 8, 4, True, 35, False, False)]  # coverage checks within the spans
+    for n, (B, T, K, C, boundary, interval, noncontig, neg_inf) in enumerate(cases):
+        for dtype in (torch.float64, torch.float32):
+            tol = 1e-9 if dtype == torch.float64 else 2e-4
+            args = list(make(B, T, K, C, False, boundary, dtype, 80 + n, neg_inf=neg_inf,
+                             noncontig=noncontig))
+            if B == 3:
+                args[0] = args[0].clone()
+                args[0][1, 2, :] = -math.inf  # sequence 1 has no segmentation
+            mode, seed = SCHEDULES[n % 2]
+            smem = ALL_SMEM if n % 2 == 0 else 0
+            f = ops.forward(*args, interval)
+            up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+            want = ops.backward(up, *args, *f, interval, True)
+            log_z = f[0] + 0.25 if n % 2 == 0 else f[0]
+            got = emu.backward_parallel(up, *args, log_z, *f[1:], interval, True, n % 2 == 1,
+                                        mode, seed, smem)
+            for name, a, b in zip(("scores", "transition", "duration", "start_transition",
+                                   "end_transition", "start_scores", "end_scores"),
+                                  got[:7], want):
+                close(f"{name} case {n} {dtype}", a, b, tol)
+            close(f"mirror log_z case {n} {dtype}", got[8], f[0], tol)
+
+
+def test_emulated_span_parallel_sweeps_after_a_hand_over(emu):
+    """The mirror image's exp-domain forward hands a sequence over to the
+    log-domain forward like any other (row 0's end scores at one position
+    are 2 * 10^8, the mirror's start scores there, past the blocked kernel's
+    range: test_emulated_blocked_forward_hands_over_scales_past_its_range);
+    the log-domain forward then saves the mirror's checkpoints in the same
+    places, and every gradient is the CPU kernel's."""
+    B, T, K, C = 2, 20, 4, 3
+    args = list(make(B, T, K, C, False, True, torch.float64, 11, ragged=False))
+    args[7] = args[7].clone()
+    args[7][0, 6, :] = 2e8
+    f = ops.forward(*args, 6)
+    up = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    want = ops.backward(up, *args, *f, 6, True)
+    got = emu.backward_parallel(up, *args, *f, 6, True, True, 2, 3, ALL_SMEM)
+    assert got[11].tolist() == [1, 0]
+    for name, a, b in zip(("scores", "transition", "duration", "start_transition",
+                           "end_transition", "start_scores", "end_scores"), got[:7], want):
+        close(name, a, b, 1e-6)

@@ -82,14 +82,17 @@ inline Arena plan_recompute_arena(const ForwardParams& p, size_t elem_bytes, siz
 
 // Span j's forward messages from its checkpoint (all threads): alpha_hat,
 // sigma_hat and their offsets at t = first(j) … last(j, L), in rows t - first.
-// Ends after a barrier, with the rows written.
+// Ends after a barrier, with the rows written; the scan's ring is left at
+// step last (the open segments [last-d, last)), relative to the offset
+// returned (row last's less the max that step last took out).
 template <typename scalar_t, bool DD>
-__device__ void recompute_span(CtaScan<scalar_t, DD, false>& scan,
+__device__ double recompute_span(CtaScan<scalar_t, DD, false>& scan,
                                const SequenceCheckpoints<scalar_t>& ckpt, int64_t j, int64_t L,
                                int C, scalar_t* alpha_buf, scalar_t* sigma_buf, double* off_buf) {
   const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
   scan.load(first, ckpt.at(j), ckpt.offset + j);
   __syncthreads();
+  double ring_offset = 0.0;
   for (int64_t t = first; t <= last; ++t) {
     const scalar_t m = scan.step(t);
     for (int c = threadIdx.x; c < C; c += kThreads) {
@@ -97,9 +100,14 @@ __device__ void recompute_span(CtaScan<scalar_t, DD, false>& scan,
       sigma_buf[(t - first) * C + c] = scan.sigma[c];
     }
     if (threadIdx.x == 0) off_buf[t - first] = scan.offset;
-    if (t < last) scan.advance(t, m);
+    if (t < last) {
+      scan.advance(t, m);
+    } else {
+      ring_offset = scan.offset - static_cast<double>(m);
+    }
     __syncthreads();
   }
+  return ring_offset;
 }
 
 // The sweeps' shared parts (backward_kernel here, exp_backward_kernel in
@@ -141,18 +149,19 @@ struct SpanRows {
         alpha(alpha_spans),
         sigma(sigma_spans),
         off(off_spans) {}
+  // Returns recompute_span's ring offset (0 when precomputed: no ring).
   template <bool DD>
-  __device__ void open(bool precomputed, CtaScan<scalar_t, DD, false>& scan,
-                       const SequenceCheckpoints<scalar_t>& ckpt, int64_t j, int64_t L, int C,
-                       int64_t interval) {
+  __device__ double open(bool precomputed, CtaScan<scalar_t, DD, false>& scan,
+                         const SequenceCheckpoints<scalar_t>& ckpt, int64_t j, int64_t L, int C,
+                         int64_t interval) {
     if (precomputed) {
       const int64_t span = interval + 1;
       alpha = alpha_spans + j * span * C;
       sigma = sigma_spans + j * span * C;
       off = off_spans + j * span;
-    } else {
-      recompute_span(scan, ckpt, j, L, C, alpha, sigma, off);
+      return 0.0;
     }
+    return recompute_span(scan, ckpt, j, L, C, alpha, sigma, off);
   }
 };
 
@@ -212,20 +221,34 @@ struct SweepStage {
 // tK = t % K starts over at minus the mass that starts at t, for the
 // segments that end at t. At t = 0 no segment starts below 0: positions
 // K-2 … 0 are complete too.
+//
+// A span-parallel sweep (spill non-null) counts only the segments that start
+// in its span [first, last]: the positions after `last` go to spill (row
+// u - last - 1), for the host to add to the next span's, and at t = first the
+// positions first + K - 2 … first are complete as far as its segments go
+// (the span before adds the rest).
 template <typename scalar_t>
 __device__ void finish_label(const SequenceGradients<scalar_t>& grad, double* ends,
                              double* covered, int c, double mass, int64_t t, int tK, int K,
-                             int64_t L, int C) {
+                             int64_t L, int C, int64_t first, int64_t last, double* spill) {
+  auto write = [&](int64_t u) {
+    if (u >= L) return;
+    if (spill && u > last) {
+      spill[(u - last - 1) * C + c] = covered[c];
+    } else {
+      grad.scores[u * C + c] = static_cast<scalar_t>(covered[c]);
+    }
+  };
   if (grad.start_scores) grad.start_scores[t * C + c] = static_cast<scalar_t>(mass);
   if (t == 0) grad.start_transition[c] = static_cast<scalar_t>(mass);
   double& slot = ends[tK * C + c];
   covered[c] += slot;
-  if (t + K - 1 < L) grad.scores[(t + K - 1) * C + c] = static_cast<scalar_t>(covered[c]);
+  write(t + K - 1);
   slot = -mass;
-  if (t == 0) {
-    for (int u = K - 2; u >= 0; --u) {
-      covered[c] += ends[(u + 1) * C + c];
-      if (u < L) grad.scores[static_cast<int64_t>(u) * C + c] = static_cast<scalar_t>(covered[c]);
+  if (t == 0 || (spill && t == first)) {
+    for (int k = K - 2; k >= 0; --k) {
+      covered[c] += ends[slot_after(tK, k + 1, K) * C + c];
+      write(t + k);
     }
   }
 }
@@ -247,19 +270,19 @@ __device__ bool sequence_is_dead(const BackwardParams& p, int64_t b) {
 // duration score. Every thread runs the loop over d1 and takes the (d2, c)
 // entries i = (d2-1)·C + c with i ≡ tid (mod kThreads), summing in a fixed
 // order into a double.
-template <typename scalar_t, bool DD>
-__device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, int tK, int K,
-                                int C, int ld, const scalar_t* fwd, const scalar_t* ring,
-                                const scalar_t* s_alpha, const scalar_t* s_beta, scalar_t q,
-                                scalar_t shift_beta, scalar_t shift_x) {
+//
+// crossing_part is the second sum alone, with the open segments' rows from
+// fwd_row(r) (checkpoint row r).
+template <typename scalar_t, bool DD, typename FwdRow>
+__device__ double crossing_part(const SequenceInputs<scalar_t>& in, int64_t t, int tK, int K,
+                                int C, int ld, FwdRow fwd_row, const scalar_t* ring,
+                                scalar_t shift_x) {
   const int tid = threadIdx.x;
   double part = 0.0;
-  for (int c = tid; c < C; c += kThreads)
-    part += static_cast<double>(fexp(s_alpha[c] + (s_beta[c] - q) + shift_beta));
   const int d1max = static_cast<int>(t < K - 1 ? t : K - 1);
   for (int d1 = 1; d1 <= d1max; ++d1) {
-    const scalar_t* a = fwd + (d1 - 1) * C;
-    const scalar_t* gain = fwd + (K + d1 - 1) * C;
+    const scalar_t* a = fwd_row(d1 - 1);
+    const scalar_t* gain = DD ? fwd_row(K + d1 - 1) : nullptr;
     for_each_entry(K - d1, C, tid, kThreads, [&](int r, int c) {
       const int d2 = r + 1, d = d1 + d2;
       scalar_t opened = a[c];
@@ -273,6 +296,17 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
   }
   return part;
 }
+template <typename scalar_t, bool DD>
+__device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, int tK, int K,
+                                int C, int ld, const scalar_t* fwd, const scalar_t* ring,
+                                const scalar_t* s_alpha, const scalar_t* s_beta, scalar_t q,
+                                scalar_t shift_beta, scalar_t shift_x) {
+  double part = 0.0;
+  for (int c = threadIdx.x; c < C; c += kThreads)
+    part += static_cast<double>(fexp(s_alpha[c] + (s_beta[c] - q) + shift_beta));
+  return part + crossing_part<scalar_t, DD>(
+                    in, t, tK, K, C, ld, [&](int r) { return fwd + r * C; }, ring, shift_x);
+}
 
 // One CTA per SM is enough (its working memory rarely leaves room for a
 // second): the bound lets a thread keep up to 255 registers, where the
@@ -281,11 +315,18 @@ __device__ double reanchor_part(const SequenceInputs<scalar_t>& in, int64_t t, i
 // from plan_backward_arena_all_spans); else each span is recomputed here.
 // redo: null, or the exp-domain sweep's verdicts (exp_backward_kernel.cuh):
 // only the sequences it marked are computed.
+// With p.span_top_ring (static transition, not precomputed, redo null) the
+// sweeps are span-parallel: CTA b·n_ckpt + j takes span j of sequence b
+// alone, starting from the backward ring at its last position (the mirrored
+// forward's checkpoint) instead of the sweep of the span after it, and
+// writes its partial sums to p.span_sums and p.span_spill (BackwardParams).
 template <typename scalar_t, bool DD, bool kShared>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const BackwardParams p, const Arena arena, bool precomputed,
                     const int32_t* redo) {
-  const int64_t b = blockIdx.x;
+  const bool parallel = !DD && p.span_top_ring != nullptr;
+  const int64_t cta = blockIdx.x;  // indexes the arena
+  const int64_t b = parallel ? cta / p.n_ckpt : cta;
   if (redo && redo[b] == 0) return;
   // The forward's log Z only says whether the sequence is dead (-inf); the
   // sweep recomputes it in float64 at t = L, its first step (float32 log Z
@@ -300,15 +341,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   const SequenceInputs<scalar_t> in(p, b);
   const SequenceGradients<scalar_t> grad(p, b);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  // The spans this CTA sweeps, last first.
+  const int64_t j_top = parallel ? cta - b * p.n_ckpt : ckpt.last_span(L);
+  const int64_t j_bottom = parallel ? j_top : 0;
+  if (j_top > ckpt.last_span(L)) return;  // parallel: past the sequence's end
 
-  SpanRows<scalar_t> span(arena, b);  // span j's rows
-  double* red = arena.in_workspace<double>(kBackwardReduce, b);  // block_sum's warp sums
+  SpanRows<scalar_t> span(arena, cta);  // span j's rows
+  double* red = arena.in_workspace<double>(kBackwardReduce, cta);  // block_sum's warp sums
   // The shared parameters' gradients are sums over every position: float32
   // sums of 10^6 terms would lose ~1e-3, so they add up in float64, each
   // element always in the same thread (duration entries (d-1)·C + c in P1's
   // owner of that (d, c); transitions c' ≡ warp, and c ≡ lane or
   // (d-1)·C + c ≡ lane, in P2), in the order of t as on the CPU.
-  double* sum_dur = arena.get<double, kShared>(kBackwardSums, b);  // (K, C)
+  double* sum_dur = arena.get<double, kShared>(kBackwardSums, cta);  // (K, C)
   double* sum_trans = sum_dur + static_cast<int64_t>(K) * C;        // (C, C) or (K, C, C)
   const int64_t n_trans = static_cast<int64_t>(DD ? K : 1) * C * C;
   // The scores gradient, position u: the mass of the segments that cover u,
@@ -325,12 +370,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   double* covered = ends + static_cast<int64_t>(K) * C;       // (C)
   double* part_mass = covered + C;                             // P1's partials
   fill(sum_dur, 2 * K * C + n_trans + C, 0.0);  // ordered by the first span's barrier
-  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t, kShared>(kBackwardScanRing, b),
-                                    arena.get<scalar_t, kShared>(kBackwardScanRows, b));
+  CtaScan<scalar_t, DD, false> scan(p, b, L, arena.get<scalar_t, kShared>(kBackwardScanRing, cta),
+                                    arena.get<scalar_t, kShared>(kBackwardScanRows, cta));
   // Backward ring: slot e % K holds the label-c segment [t, e) with its
   // emissions, end score and beta_hat[e], relative to the backward offset Q.
-  scalar_t* ring = arena.get<scalar_t, kShared>(kBackwardRing, b);
-  scalar_t* rows = arena.get<scalar_t, kShared>(kBackwardSweepRows, b);
+  scalar_t* ring = arena.get<scalar_t, kShared>(kBackwardRing, cta);
+  scalar_t* rows = arena.get<scalar_t, kShared>(kBackwardSweepRows, cta);
+  double* spill = parallel ? p.span_spill + cta * K * C : nullptr;
   SweepStage<scalar_t> stage{rows, rows + C, rows + 4 * C, rows + 5 * C, rows + 6 * C, {}};
   scalar_t* s_alpha = stage.alpha;    // alpha_hat[t]
   scalar_t* s_sigma = stage.sigma;    // sigma_hat[t]
@@ -348,12 +394,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int groups = map.groups;
 
   scan.reset();
-  for (int64_t j = ckpt.last_span(L); j >= 0; --j) {
+  for (int64_t j = j_top; j >= j_bottom; --j) {
     const int64_t first = ckpt.first(j), last = ckpt.last(j, L);
     __syncthreads();  // the previous span's sweep is done with the buffers
-    span.open(precomputed, scan, ckpt, j, L, C, p.interval);
+    const double scan_offset = span.open(precomputed, scan, ckpt, j, L, C, p.interval);
 
     int tK = static_cast<int>(last % K);  // t % K, stepped down with t
+    // A span-parallel sweep of any span but the last starts from the
+    // mirrored forward's checkpoint: its row d-1 is the segment [last,
+    // last+d) (slot (last+d) % K), relative to its offset. S0's barrier
+    // orders these writes before the reads.
+    const bool top_anchor = parallel && j < ckpt.last_span(L);
+    if (top_anchor) {
+      const int64_t i = ckpt.last_span(L) - 1 - j;
+      const scalar_t* top =
+          static_cast<const scalar_t*>(p.span_top_ring) + (b * p.n_ckpt + i) * K * C;
+      for_each_entry(K, C, tid, kThreads, [&](int r, int c) {
+        ring[slot_after(tK, r + 1, K) * ld + c] = top[r * C + c];
+      });
+      Q = p.span_top_offset[b * p.n_ckpt + i];
+    }
     stage.load_ahead(in, span, last, last - first, L, C);
     for (int64_t t = last; t >= first; --t, tK = tK == 0 ? K - 1 : tK - 1) {
       // S0: stage this step's rows.
@@ -391,6 +451,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       scalar_t shift = static_cast<scalar_t>(off + Q - log_z);
       const int dmax = static_cast<int>(L - t < K ? L - t : K);
       auto x_at = [&](int d, int c) { return ring[slot_after(tK, d, K) * ld + c] + in.dur(d, c); };
+      if (top_anchor && t == last) {
+        // Anchor Q where this span's sweep starts, before its first
+        // posterior: a segment boundary at t, or one segment across t, has
+        // probability 1. The boundary's mass is the label-c segments
+        // starting at t (a warp per label); the open segments [t-d1, t) are
+        // the recompute's forward ring, left at step t.
+        double part = 0.0;
+        for (int c = warp; c < C; c += kWarps) {
+          const scalar_t tau = warp_lse<scalar_t>(dmax, [&](int i) { return x_at(i + 1, c); });
+          if (lane == 0) part += first_segment_mass(s_sigma[c], tau, off + Q - log_z);
+        }
+        const scalar_t shift_x = static_cast<scalar_t>(scan_offset + Q - log_z);
+        part += crossing_part<scalar_t, false>(
+            in, t, tK, K, C, ld,
+            [&](int r) { return scan.ring + slot_before(scan.tK, r + 1, K) * ld; }, ring, shift_x);
+        Q = renormalised(Q, block_sum(part, red));
+        shift = static_cast<scalar_t>(off + Q - log_z);
+      }
       if (t == 0 && renormalises_within_spans<scalar_t>()) {
         // Every segmentation has a first segment, so the posteriors of the
         // segments starting at 0 sum to 1: measure them (a warp per label),
@@ -493,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mass += part_mass[k * C + c];
           if (need_tau) top = nan_max(top, part_max[k * C + c]);
         }
-        finish_label(grad, ends, covered, c, mass, t, tK, K, L, C);
+        finish_label(grad, ends, covered, c, mass, t, tK, K, L, C, first, last, spill);
         if (need_tau) {
           const scalar_t top_shift = lse_shift(top);
           scalar_t sum = 0;
@@ -507,6 +585,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (t == 0) break;  // uniform: the last step of the last span
       __syncthreads();
+      // A span-parallel sweep ends at its first position: P2 and P3 still
+      // give the transition and end-score gradients of t, but no later span
+      // needs Q re-anchored or the ring moved.
+      const bool ends_here = parallel && t == first;
 
       // P2: beta[t, c'] (the backward score of "a segment ended at t") and
       // the transition gradients, a warp per c'.
@@ -553,6 +635,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int c = tid; c < C; c += kThreads)
           grad.end_scores[(t - 1) * C + c] = fexp(s_alpha[c] + (s_beta[c] - q) + shift_beta) * g;
       }
+      if (ends_here) continue;  // uniform; P3's last barrier is not needed
       if (t == first) {
         // Re-anchor Q at every checkpoint (t = j·interval, j >= 1: t = 0 left
         // above, t = L continued): a segment boundary at t, or one segment
@@ -577,6 +660,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   __syncthreads();  // the sums' owners are done
+  if (parallel) {
+    // The host adds up the spans' sums in float64 (sum_dur and sum_trans
+    // are contiguous).
+    double* out = p.span_sums + cta * (static_cast<int64_t>(K) * C + n_trans);
+    for (int64_t i = tid; i < static_cast<int64_t>(K) * C + n_trans; i += kThreads)
+      out[i] = sum_dur[i];
+    return;
+  }
   for (int64_t i = tid; i < static_cast<int64_t>(K) * C; i += kThreads)
     grad.duration[i] = static_cast<scalar_t>(sum_dur[i]);
   for (int64_t i = tid; i < n_trans; i += kThreads)

@@ -449,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           lm = nan_max(lm, part_lm[k * C + c]);
           lost = lost || part_lost[k * C + c] != 0.0;
         }
-        finish_label(grad, ends, covered, c, mass, t, tK, K, L, C);
+        finish_label(grad, ends, covered, c, mass, t, tK, K, L, C, first, last, nullptr);
         if (reanchor) anchor_part += mass;
         // Ghosts in two generations of K steps: an entry added at step s is
         // read down to step s - K at most, so the older generation is gone

@@ -727,22 +727,21 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
   const int K = scan.K;
   const bool warp0 = warp_id() == 0;
   scan.init();
-  int64_t next_ckpt = 0, j = 0, t0 = 0;
+  int64_t j = 0, next_ckpt = checkpoint_step<scalar_t>(p, 0, L), t0 = 0;
   for (;;) {
     if (scan.rejected()) break;  // every thread reads it after the same barrier
     const int t0K = static_cast<int>(t0 % K);
     const int n0 = static_cast<int>(t0 < K ? t0 : K);
-    if (t0 == next_ckpt && t0 < p.T) {
+    if (t0 == next_ckpt) {
       scan.save(t0K, ckpt.at(j), ckpt.offset + j);
-      next_ckpt += p.interval;
-      ++j;
+      next_ckpt = checkpoint_step<scalar_t>(p, ++j, L);
     }
     // The block: up to kBlockSteps steps, at most K (the far part is then
     // every entry that started before t0), ending at the next checkpoint
     // and at L.
     int64_t len = kBlockSteps < K ? kBlockSteps : K;
     if (L + 1 - t0 < len) len = L + 1 - t0;
-    if (next_ckpt > t0 && next_ckpt < p.T && next_ckpt - t0 < len) len = next_ckpt - t0;
+    if (next_ckpt > t0 && next_ckpt - t0 < len) len = next_ckpt - t0;
     scan.far_partials(t0K, n0, static_cast<int>(len));
     scan.stage_inputs(t0, static_cast<int>(len));
     __syncthreads();

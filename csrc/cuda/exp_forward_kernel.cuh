@@ -719,7 +719,7 @@ __device__ void hand_over_or_clear(const ForwardParams& p, const SequenceCheckpo
                                    int64_t b, int64_t L, bool rejected, int32_t* redo) {
   if (threadIdx.x == 0) redo[b] = rejected ? 1 : 0;
   if (rejected) return;
-  const int64_t j0 = ckpt.first_unused(L);
+  const int64_t j0 = ckpt.saved(L);
   if (j0 < p.n_ckpt) {
     fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
     for (int64_t i = j0 + threadIdx.x; i < p.n_ckpt; i += kThreads) ckpt.offset[i] = 0.0;
@@ -737,13 +737,12 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
   CtaExpForward<scalar_t, kShared> scan(p, arena, b, L);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
   scan.init();
-  int64_t next_ckpt = 0, j = 0;
+  int64_t j = 0, next_ckpt = checkpoint_step<scalar_t>(p, 0, L);
   for (int64_t t = 0; t <= L; ++t) {
     if (scan.rejected()) break;  // every thread reads it after the same barrier
-    if (t == next_ckpt && t < p.T) {
+    if (t == next_ckpt) {
       scan.save(t, ckpt.at(j), ckpt.offset + j);
-      next_ckpt += p.interval;
-      ++j;
+      next_ckpt = checkpoint_step<scalar_t>(p, ++j, L);
       __syncthreads();
     }
     if (t < L) scan.reduce_emit_max(t);

@@ -257,12 +257,12 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
   scan.reset();
   __syncthreads();
-  int64_t next_ckpt = 0, j = 0;  // the next checkpoint (ckpt.due) and its index
+  // The next checkpoint and the step before which it is saved.
+  int64_t j = 0, next_ckpt = checkpoint_step<scalar_t>(p, 0, L);
   for (int64_t t = 0; t <= L; ++t) {
-    if (t == next_ckpt && t < p.T) {
+    if (t == next_ckpt) {
       scan.save(t, ckpt.at(j), ckpt.offset + j);
-      next_ckpt += p.interval;
-      ++j;
+      next_ckpt = checkpoint_step<scalar_t>(p, ++j, L);
     }
     const scalar_t m = scan.step(t);
     if (t == L) {
@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
   }
   // Checkpoints past the end of a short sequence are never read: the empty
   // state, so that outputs do not depend on memory contents.
-  const int64_t j0 = ckpt.first_unused(L);
+  const int64_t j0 = ckpt.saved(L);
   if (j0 < p.n_ckpt) {
     fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
     for (int64_t j = j0 + threadIdx.x; j < p.n_ckpt; j += kThreads) ckpt.offset[j] = 0.0;

@@ -65,6 +65,12 @@
 //   crossing mass is summed before P1 moves the ring. Sequences whose lost
 //   mass it cannot bound are marked, and the log-domain sweep above then
 //   runs for them only.
+//   span-parallel sweeps (FLASHSEMICRF_CUDA_SWEEP=parallel, static
+//   transition): grid = B·n_ckpt, CTA b·n_ckpt + j recomputes and sweeps
+//   span j of sequence b alone with backward_kernel's mapping, from the
+//   backward ring that the forward over the problem's mirror image left in
+//   its checkpoints (SpanParallelSweeps, semicrf_host.h), anchoring its
+//   offset at its last position before its first posterior.
 //   Viterbi: the forward step in the max semiring; the step's backpointer
 //   rows are written by the lane 0 that reduced each label (A: duration,
 //   and previous label for the (K, C, C) transition; B: static previous
@@ -124,7 +130,10 @@
 // CTA a span, grid = B·n_ckpt, fills every span's rows before the sweep,
 // each CTA with its own forward ring and rows), plus 8 doubles for
 // block_sum. All of it is one workspace tensor per call, each array
-// 16-byte aligned.
+// 16-byte aligned. The span-parallel sweeps take that per span (B·n_ckpt
+// CTAs), plus the mirror image's scores (and start/end scores) and
+// checkpoints, and (K·C + C²) + K·C doubles of partial sums and coverage
+// spill a span: working memory linear in T.
 //
 // Registers. The backward kernels are bounded for one CTA per SM (up to 255
 // registers a thread; at the default cap of 128 they spilled), the forward
@@ -193,20 +202,27 @@ void check_cuda(const at::Tensor& scores) {
 // smem_limit) -> Arena; kernel_for(scalar_t{}, std::bool_constant<DD>{}[,
 // std::bool_constant<kShared>{}]) -> the kernel (cuda::pick_kernel); extra
 // arguments follow (p, arena) in the kernel's call.
+// launch_ctas: the same with `ctas` CTAs, each with its own workspace slice
+// (launch_per_sequence: one a sequence).
 template <typename P, typename Plan, typename KernelFor, typename... Extra>
-void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for,
-                         Extra... extra) {
+void launch_ctas(const at::Tensor& scores, const P& p, int64_t ctas, Plan plan,
+                 KernelFor kernel_for, Extra... extra) {
   check_cuda(scores);
   const c10::cuda::CUDAGuard guard(scores.device());
-  if (p.B == 0) return;
+  if (ctas == 0) return;
   const size_t smem_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   Arena arena = plan(p, scores.element_size(), smem_limit);
   at::Tensor workspace;
   if (arena.workspace_stride > 0) {
-    workspace = at::empty({p.B * arena.workspace_stride}, scores.options().dtype(at::kByte));
+    workspace = at::empty({ctas * arena.workspace_stride}, scores.options().dtype(at::kByte));
     arena.workspace = workspace.data_ptr<uint8_t>();
   }
-  launch_kernel(scores, p, p.B, arena, kernel_for, extra...);
+  launch_kernel(scores, p, ctas, arena, kernel_for, extra...);
+}
+template <typename P, typename Plan, typename KernelFor, typename... Extra>
+void launch_per_sequence(const at::Tensor& scores, const P& p, Plan plan, KernelFor kernel_for,
+                         Extra... extra) {
+  launch_ctas(scores, p, p.B, plan, kernel_for, extra...);
 }
 
 // FLASHSEMICRF_CUDA_RECOMPUTE=spans: every span's recompute first, one CTA a
@@ -284,8 +300,25 @@ struct Cuda {
   // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
   // sweep, then the log-domain one for the sequences it could not certify
   // (those recompute their spans themselves).
+  // FLASHSEMICRF_CUDA_SWEEP=parallel, static transition: the mirror
+  // image's forward (with the forward's algorithm) gives the backward ring at
+  // the end of every span, and then one CTA a span recomputes and sweeps it
+  // (backward_kernel, log domain), all spans at once; the host adds up their
+  // partial sums (SpanParallelSweeps). The two switches above do not apply.
   static void run(const BackwardParams& p, const at::Tensor& scores) {
     const bool spans = env_switch("FLASHSEMICRF_CUDA_RECOMPUTE", "spans", "sweep", false);
+    const bool parallel = env_switch("FLASHSEMICRF_CUDA_SWEEP", "parallel", "serial", false);
+    if (parallel && SpanParallelSweeps::applies(p)) {
+      SpanParallelSweeps sweeps;
+      auto& mirror = sweeps.mirror(p, scores);
+      run(mirror.params, sweeps.mirrored_scores());
+      BackwardParams q = p;
+      sweeps.attach(q);
+      launch_ctas(scores, q, q.B * q.n_ckpt, cuda::plan_backward_arena, log_sweep_kernel, false,
+                  static_cast<const int32_t*>(nullptr));
+      sweeps.finish(q);
+      return;
+    }
     const int32_t* redo = nullptr;
     at::Tensor verdicts;
     if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {

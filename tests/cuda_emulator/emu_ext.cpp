@@ -50,18 +50,23 @@ at::Tensor nan_workspace(const at::Tensor& scores, int64_t bytes) {
 }
 
 template <typename P, typename Plan, typename KernelFor, typename... Extra>
-at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, const P& p, Plan plan,
-                               KernelFor kernel_for, Extra... extra) {
+at::Tensor launch_ctas(const Schedule& s, const at::Tensor& scores, const P& p, int64_t ctas,
+                       Plan plan, KernelFor kernel_for, Extra... extra) {
   Arena arena = plan(p, scores.element_size(), static_cast<size_t>(s.smem_limit));
   const at::Tensor sizes = at::tensor({arena.smem_bytes, arena.workspace_stride});
-  if (p.B == 0) return sizes;
+  if (ctas == 0) return sizes;
   at::Tensor workspace;
   if (arena.workspace_stride > 0) {
-    workspace = nan_workspace(scores, p.B * arena.workspace_stride);
+    workspace = nan_workspace(scores, ctas * arena.workspace_stride);
     arena.workspace = workspace.data_ptr<uint8_t>();
   }
-  launch_kernel(s, scores, p, p.B, arena, kernel_for, extra...);
+  launch_kernel(s, scores, p, ctas, arena, kernel_for, extra...);
   return sizes;
+}
+template <typename P, typename Plan, typename KernelFor, typename... Extra>
+at::Tensor launch_per_sequence(const Schedule& s, const at::Tensor& scores, const P& p, Plan plan,
+                               KernelFor kernel_for, Extra... extra) {
+  return launch_ctas(s, scores, p, p.B, plan, kernel_for, extra...);
 }
 
 // launch_backward_with_span_recompute of semicrf_cuda.cu; returns the sweep
@@ -134,6 +139,32 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
 // (per step), then forward_kernel for the sequences it marked. Returns log Z,
 // the checkpoints, their offsets, the exp kernel's arena sizes and the
 // verdicts (1: recomputed by the log-domain kernel).
+// semicrf_cuda.cu's forward for ForwardParams already filled in (the
+// mirror image's): exp (blocked where C allows) then the log-domain redo, or
+// log. Returns the exp kernel's verdicts (empty for log).
+at::Tensor run_forward(const Schedule& sched, const at::Tensor& scores, const ForwardParams& p,
+                       bool exp) {
+  if (!exp) {
+    launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+    }, static_cast<const int32_t*>(nullptr));
+    return at::empty({0}, scores.options().dtype(at::kInt));
+  }
+  const bool blocked = cuda::uses_blocked_exp_forward(p.C);
+  at::Tensor redo = at::full({std::max<int64_t>(p.B, 1)}, -7, scores.options().dtype(at::kInt));
+  launch_per_sequence(
+      sched, scores, p, blocked ? cuda::plan_exp_blocked_arena : cuda::plan_exp_forward_arena,
+      [blocked](auto zero, auto, auto smem) {
+        return blocked ? &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>
+                       : &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
+      },
+      redo.data_ptr<int32_t>());
+  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+    return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  }, static_cast<const int32_t*>(redo.data_ptr<int32_t>()));
+  return redo.narrow(0, 0, p.B);
+}
+
 std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                     at::Tensor lengths, at::Tensor st, at::Tensor et,
                                     std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
@@ -225,6 +256,40 @@ std::vector<at::Tensor> backward_exp(at::Tensor grad_log_z, at::Tensor scores,
   return {a0, a1, a2, a3, a4, a5, a6, sizes, redo.narrow(0, 0, pass.params.B)};
 }
 
+// The span-parallel backward as semicrf_cuda.cu runs it
+// (FLASHSEMICRF_CUDA_SWEEP=parallel, static transition, more than one span):
+// the mirror image's forward (exp_mirror: exp-domain, else log), then one
+// backward_kernel CTA a span, then the host's sums. Returns the seven
+// gradients, the sweep arena's sizes, and the mirror's log Z, checkpoints,
+// offsets and verdicts (empty for log).
+std::vector<at::Tensor> backward_parallel(at::Tensor grad_log_z, at::Tensor scores,
+                                          at::Tensor transition, at::Tensor duration,
+                                          at::Tensor lengths, at::Tensor st, at::Tensor et,
+                                          std::optional<at::Tensor> ss,
+                                          std::optional<at::Tensor> es, at::Tensor log_z,
+                                          at::Tensor ring, at::Tensor off, int64_t interval,
+                                          bool boundary_mass, bool exp_mirror, int64_t mode,
+                                          int64_t seed, int64_t smem_limit) {
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.backward(grad_log_z, log_z, ring, off, interval, boundary_mass);
+  TORCH_CHECK(SpanParallelSweeps::applies(pass.params),
+              "backward_parallel: static transition and more than one span only");
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  SpanParallelSweeps sweeps;
+  auto& mirror = sweeps.mirror(pass.params, scores);
+  auto mirror_out = nan_filled(mirror.outputs);
+  at::Tensor verdicts = run_forward(sched, sweeps.mirrored_scores(), mirror.params, exp_mirror);
+  BackwardParams q = pass.params;
+  sweeps.attach(q);
+  auto sizes = launch_ctas(sched, scores, q, q.B * q.n_ckpt, cuda::plan_backward_arena,
+                           log_sweep_kernel, false, kAll);
+  sweeps.finish(q);
+  auto& [a0, a1, a2, a3, a4, a5, a6] = pass.outputs;
+  return {a0, a1, a2, a3, a4, a5, a6, sizes, mirror_out[0], mirror_out[1], mirror_out[2],
+          verdicts};
+}
+
 std::vector<at::Tensor> viterbi(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                 at::Tensor lengths, at::Tensor st, at::Tensor et,
                                 std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
@@ -288,6 +353,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward_spans", &backward<true>);
   m.def("backward_exp", &backward_exp<false>);
   m.def("backward_exp_spans", &backward_exp<true>);
+  m.def("backward_parallel", &backward_parallel);
   m.def("viterbi", &viterbi);
   m.def("filter", &filter);
 }
