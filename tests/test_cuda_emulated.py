@@ -826,11 +826,11 @@ def test_emulated_span_parallel_sweeps(emu):
     strided scores, K > interval (coverage spills over several spans), one
     position spans (interval 1), C > kThreads; both dtypes, both placements,
     every schedule; the mirror's forward in the log and the exp domain. The
-    mirror's log Z is the problem's. Every other case hands the sweeps a log
-    Z off by 0.25: each span anchors its offset where its sweep starts (a
-    boundary, or a segment across it, has probability 1), so that a span
-    whose backward ring comes from the mirror still gets posteriors that sum
-    to 1."""
+    mirror's log Z is the problem's, and another schedule and placement give
+    the same bits. Every other case hands the sweeps a log Z off by 0.25:
+    each span anchors its offset where its sweep starts (a boundary, or a
+    segment across it, has probability 1), so that a span whose backward
+    ring comes from the mirror still gets posteriors that sum to 1."""
     cases = [  # B, T, K, C, boundary, interval, noncontig, neg_inf
         (3, 40, 6, 4, True, 7, False, False), (2, 23, 5, 3, False, 9, True, True),
         (2, 12, 6, 2, True, 2, False, False), (1, 9, 3, 3, True, 1, False, True),
@@ -857,6 +857,12 @@ def test_emulated_span_parallel_sweeps(emu):
                                   got[:7], want):
                 close(f"{name} case {n} {dtype}", a, b, tol)
             close(f"mirror log_z case {n} {dtype}", got[8], f[0], tol)
+            # Another schedule and the other placement: the same bits.
+            mode2, seed2 = SCHEDULES[(n + 1) % 2]
+            again = emu.backward_parallel(up, *args, log_z, *f[1:], interval, True, n % 2 == 1,
+                                          mode2, seed2, ALL_SMEM - smem)
+            for a, b in zip(bitwise(got[:7]), bitwise(again[:7])):
+                assert torch.equal(a, b), (n, dtype)
 
 
 def test_emulated_span_parallel_sweeps_after_a_hand_over(emu):
@@ -878,3 +884,22 @@ def test_emulated_span_parallel_sweeps_after_a_hand_over(emu):
     for name, a, b in zip(("scores", "transition", "duration", "start_transition",
                            "end_transition", "start_scores", "end_scores"), got[:7], want):
         close(name, a, b, 1e-6)
+
+
+def test_emulated_span_parallel_sweeps_at_large_scales(emu):
+    """The span-parallel sweeps on the random problems scaled up to 120
+    (scaled_problems; three or four spans each, the mirror's forward in the
+    exp domain, so at large scales some of it hands over): every gradient is
+    the CPU kernel's, so the anchors hold where the offsets are thousands of
+    nats."""
+    for i, scale, args in scaled_problems(9, 2100, 8, 90, 25, 6):
+        dtype = args[0].dtype
+        interval = max(1, args[0].shape[1] // 3)
+        f = ops.forward(*args, interval)
+        up = torch.tensor([1.0, 0.75], dtype=torch.float64).to(dtype)
+        want = ops.backward(up, *args, *f, interval, True)
+        got = emu.backward_parallel(up, *args, *f, interval, True, True, 2, i, ALL_SMEM)
+        for name, a, b in zip(("scores", "transition", "duration", "start_transition",
+                               "end_transition", "start_scores", "end_scores"), got[:7], want):
+            close(f"{name} problem {i} scale {scale} {dtype}", a, b,
+                  1e-9 if dtype == torch.float64 else 1e-4)
