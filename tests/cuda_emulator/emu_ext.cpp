@@ -144,10 +144,12 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
 // log. Returns the exp kernel's verdicts (empty for log).
 at::Tensor run_forward(const Schedule& sched, const at::Tensor& scores, const ForwardParams& p,
                        bool exp) {
+  auto log_forward = [](auto zero, auto dd, auto smem) {
+    return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  };
   if (!exp) {
-    launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
-      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-    }, static_cast<const int32_t*>(nullptr));
+    launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward,
+                        static_cast<const int32_t*>(nullptr));
     return at::empty({0}, scores.options().dtype(at::kInt));
   }
   const bool blocked = cuda::uses_blocked_exp_forward(p.C);
@@ -159,9 +161,8 @@ at::Tensor run_forward(const Schedule& sched, const at::Tensor& scores, const Fo
                        : &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
       },
       redo.data_ptr<int32_t>());
-  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
-    return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-  }, static_cast<const int32_t*>(redo.data_ptr<int32_t>()));
+  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward,
+                      static_cast<const int32_t*>(redo.data_ptr<int32_t>()));
   return redo.narrow(0, 0, p.B);
 }
 
