@@ -191,6 +191,16 @@ struct SweepStage {
       }
     }
   }
+  // S0 of step t of the span that starts at `first`: stage its rows, load
+  // step t-1's values ahead, and return the offset of its forward rows. The
+  // caller's barrier follows.
+  __device__ double enter(const SequenceInputs<scalar_t>& in, const SpanRows<scalar_t>& span,
+                          int64_t t, int64_t first, int64_t L, int C) {
+    const int64_t row = t - first;
+    stage(in, span, t, row, L, C);
+    if (t > first) load_ahead(in, span, t - 1, row - 1, L, C);
+    return span.off[row];
+  }
   __device__ void stage(const SequenceInputs<scalar_t>& in, const SpanRows<scalar_t>& span,
                         int64_t t, int64_t row, int64_t L, int C) {
     const int tid = threadIdx.x;
@@ -416,11 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     stage.load_ahead(in, span, last, last - first, L, C);
     for (int64_t t = last; t >= first; --t, tK = tK == 0 ? K - 1 : tK - 1) {
-      // S0: stage this step's rows.
-      const int64_t row = t - first;
-      stage.stage(in, span, t, row, L, C);
-      const double off = span.off[row];
-      if (t > first) stage.load_ahead(in, span, t - 1, row - 1, L, C);
+      const double off = stage.enter(in, span, t, first, L, C);  // S0
       __syncthreads();
 
       if (t == L) {

@@ -261,11 +261,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int tK = static_cast<int>(last % K);  // t % K, stepped down with t
     stage.load_ahead(in, span, last, last - first, L, C);
     for (int64_t t = last; t >= first; --t, tK = tK == 0 ? K - 1 : tK - 1) {
-      // S0: stage this step's rows.
-      const int64_t r = t - first;
-      stage.stage(in, span, t, r, L, C);
-      const double off = span.off[r];
-      if (t > first) stage.load_ahead(in, span, t - 1, r - 1, L, C);
+      const double off = stage.enter(in, span, t, first, L, C);  // S0
       __syncthreads();
 
       // The largest emission of position t-1 (it moves into Q with the

@@ -117,6 +117,10 @@ std::vector<at::Tensor> nan_filled(std::tuple<Ts...>& out) {
   return nan_filled(out, std::index_sequence_for<Ts...>{});
 }
 
+auto log_forward_kernel = [](auto zero, auto dd, auto smem) {
+  return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+};
+
 std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                 at::Tensor lengths, at::Tensor st, at::Tensor et,
                                 std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
@@ -127,45 +131,47 @@ std::vector<at::Tensor> forward(at::Tensor scores, at::Tensor transition, at::Te
   auto out = nan_filled(pass.outputs);
   out.push_back(launch_per_sequence(
       {static_cast<int>(mode), seed, smem_limit}, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd, auto smem) {
-        return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-      },
-      static_cast<const int32_t*>(nullptr)));
+      log_forward_kernel, static_cast<const int32_t*>(nullptr)));
   return out;
 }
 
 // The exp-domain forward as semicrf_cuda.cu runs it for the static
 // transition: exp_blocked_kernel (blocked, C <= 32) or exp_forward_kernel
-// (per step), then forward_kernel for the sequences it marked. Returns log Z,
-// the checkpoints, their offsets, the exp kernel's arena sizes and the
-// verdicts (1: recomputed by the log-domain kernel).
-// semicrf_cuda.cu's forward for ForwardParams already filled in (the
-// mirror image's): exp (blocked where C allows) then the log-domain redo, or
-// log. Returns the exp kernel's verdicts (empty for log).
-at::Tensor run_forward(const Schedule& sched, const at::Tensor& scores, const ForwardParams& p,
-                       bool exp) {
-  auto log_forward = [](auto zero, auto dd, auto smem) {
-    return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-  };
-  if (!exp) {
-    launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward,
-                        static_cast<const int32_t*>(nullptr));
-    return at::empty({0}, scores.options().dtype(at::kInt));
-  }
-  const bool blocked = cuda::uses_blocked_exp_forward(p.C);
+// (per step), then forward_kernel for the sequences it marked. Returns the
+// exp kernel's arena sizes and the verdicts (1: recomputed by the
+// log-domain kernel).
+std::pair<at::Tensor, at::Tensor> exp_forward_with_redo(const Schedule& sched,
+                                                        const at::Tensor& scores,
+                                                        const ForwardParams& p, bool blocked) {
+  // -7: a verdict the exp-domain kernel did not write shows (and reruns).
   at::Tensor redo = at::full({std::max<int64_t>(p.B, 1)}, -7, scores.options().dtype(at::kInt));
-  launch_per_sequence(
+  at::Tensor sizes = launch_per_sequence(
       sched, scores, p, blocked ? cuda::plan_exp_blocked_arena : cuda::plan_exp_forward_arena,
       [blocked](auto zero, auto, auto smem) {
         return blocked ? &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>
                        : &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
       },
       redo.data_ptr<int32_t>());
-  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward,
+  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward_kernel,
                       static_cast<const int32_t*>(redo.data_ptr<int32_t>()));
-  return redo.narrow(0, 0, p.B);
+  return {sizes, redo.narrow(0, 0, p.B)};
 }
 
+// semicrf_cuda.cu's forward for ForwardParams already filled in (the
+// mirror image's): exp (blocked where C allows) with the log-domain redo, or
+// log. Returns the exp kernel's verdicts (empty for log).
+at::Tensor run_forward(const Schedule& sched, const at::Tensor& scores, const ForwardParams& p,
+                       bool exp) {
+  if (exp) {
+    return exp_forward_with_redo(sched, scores, p, cuda::uses_blocked_exp_forward(p.C)).second;
+  }
+  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward_kernel,
+                      static_cast<const int32_t*>(nullptr));
+  return at::empty({0}, scores.options().dtype(at::kInt));
+}
+
+// exp_forward_with_redo on an op call's inputs. Returns log Z, the
+// checkpoints, their offsets, the exp kernel's arena sizes and the verdicts.
 std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at::Tensor duration,
                                     at::Tensor lengths, at::Tensor st, at::Tensor et,
                                     std::optional<at::Tensor> ss, std::optional<at::Tensor> es,
@@ -179,24 +185,9 @@ std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at
               "forward_exp: the blocked kernel takes C <= ", cuda::kBlockedMaxLabels);
   auto out = nan_filled(pass.outputs);
   const Schedule sched{static_cast<int>(mode), seed, smem_limit};
-  // -7: a verdict the exp-domain kernel did not write shows (and reruns).
-  at::Tensor redo =
-      at::full({std::max<int64_t>(pass.params.B, 1)}, -7, scores.options().dtype(at::kInt));
-  out.push_back(launch_per_sequence(
-      sched, scores, pass.params,
-      blocked ? cuda::plan_exp_blocked_arena : cuda::plan_exp_forward_arena,
-      [blocked](auto zero, auto, auto smem) {
-        return blocked ? &cuda::exp_blocked_kernel<decltype(zero), decltype(smem)::value>
-                       : &cuda::exp_forward_kernel<decltype(zero), decltype(smem)::value>;
-      },
-      redo.data_ptr<int32_t>()));
-  launch_per_sequence(
-      sched, scores, pass.params, cuda::plan_forward_arena,
-      [](auto zero, auto dd, auto smem) {
-        return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-      },
-      static_cast<const int32_t*>(redo.data_ptr<int32_t>()));
-  out.push_back(redo.narrow(0, 0, pass.params.B));
+  auto [sizes, verdicts] = exp_forward_with_redo(sched, scores, pass.params, blocked);
+  out.push_back(sizes);
+  out.push_back(verdicts);
   return out;
 }
 
