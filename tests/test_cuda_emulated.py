@@ -552,9 +552,10 @@ def exp_placements(K, C, dtype, blocked=False):
     trans, bound = aligned(C * C), aligned(C * C, 8)
     partials = max(32 * C, 256) if blocked else max(C, 256)
     rows = aligned(20 * C, 8) + aligned(11 * C + 3 * partials) + aligned(3 * C + 3, 4)
-    if blocked:  # near entries, staged inputs and alpha rows; F, the block's scalars and
-        # per-step doubles; flush marks
-        rows += aligned(5 * 32 * C) + aligned(C + 3 + 3 * 32, 8) + aligned(2 * C + 2, 4)
+    if blocked:  # near entries, staged inputs, alpha rows, far sums and maxima; F, the
+        # block's scalars, per-step doubles and far charges; flush marks
+        rows += (aligned(7 * 32 * C) + aligned(C + 3 + 3 * 32 + 32 * C, 8)
+                 + aligned(2 * C + 2, 4))
     return {"all-smem": ALL_SMEM, "bound-global": ring + weight + trans + rows,
             "transition-global": ring + weight + rows, "tables-global": rows, "all-global": 0}
 

@@ -1,6 +1,6 @@
 // The exp-domain forward in blocks of positions, static (C, C) transition,
 // C <= 32: the per-step kernel's numerics (exp_forward_kernel.cuh) with the
-// work rearranged so that a block of up to kBlockSteps positions costs three
+// work rearranged so that a block of up to kBlockSteps positions costs two
 // CTA barriers instead of six a position.
 //
 // Within a block t0 … t0+len-1 the ring entries that started before t0 (the
@@ -15,6 +15,11 @@
 // label), the factors, normalisers and ghosts run in warp 0 with lane =
 // label, synchronised by warp reductions and __syncwarp. At the block's end
 // every old entry is rescaled by F once and the near entries join the ring.
+// The far part is summed a block ahead: while warp 0 runs a block, warps
+// 1 … 7 sum the next block's terms of the entries that started before this
+// one (at this block's scale); after the steps the CTA multiplies them by
+// this block's F and adds the terms of the entries this block started, so
+// that only that join (up to kBlockSteps ages a term) separates two chains.
 // The chain's normalisers are powers of two, picked by one integer warp
 // reduction each (REDUX from sm_80 on), so that its factors need no float64
 // log or exp; the log scan's offset (the checkpoints' terms) is caught up
@@ -24,7 +29,9 @@
 // R · W below tiny loses less than tiny at t0's scale, F · tiny at step
 // t0+k's, so that step charges n_old · F (in the ghosts' units) where the
 // per-step scan charges n_old; forming F · S_k in float64 and rounding it to
-// the dtype is charged like any product that falls below tiny. Nothing old
+// the dtype is charged like any product that falls below tiny (so is the
+// part summed ahead: n_old · F_before · F, and its product with F_before
+// rounded to the dtype). Nothing old
 // flushes inside a block; the rescale at its end charges as the per-step
 // scan charges a flush (2 · min(t, K-1) entries' worth), for every label
 // with a positive entry that it takes below tiny. F stays a normal float64
@@ -49,11 +56,12 @@ constexpr int kBlockedMaxLabels = kWarpSize;
 
 // Extra arrays of the blocked forward, after the per-step kernel's.
 enum ExpBlockedArray {
-  kExpNear = kExpForwardArrays,  // (5, kBlockSteps, C) scalars: entries started in the
+  kExpNear = kExpForwardArrays,  // (7, kBlockSteps, C) scalars: entries started in the
                                  // block; the block's scores, start scores, end scores;
-                                 // alpha_hat of each step
+                                 // alpha_hat of each step; the far sums and live maxima
   kExpBlockDoubles,              // F (C); O, ref_hi, ref_lo; per step of the block: the
-                                 // emission maximum, the offset and mes at ends()
+                                 // emission maximum, the offset and mes at ends(); the
+                                 // far part's charges (kBlockSteps, C)
   kExpBlockInts,                 // flushed at the rescale (C), F an exact zero (C), steps
                                  // run, a staged input unboundable
   kExpBlockedArrays
@@ -65,12 +73,23 @@ HOST_DEVICE int64_t exp_blocked_partial_slots(int64_t C) {
 
 inline bool uses_blocked_exp_forward(int64_t C) { return C <= kBlockedMaxLabels; }
 
+// The steps of the block that starts at t0: up to kBlockSteps, at most K (the
+// far part is then every entry that started before t0), ending at the next
+// checkpoint (next_ckpt > t0) and at L.
+HOST_DEVICE int blocked_steps(int64_t t0, int64_t next_ckpt, int64_t L, int K) {
+  int64_t len = kBlockSteps < K ? kBlockSteps : K;
+  if (L + 1 - t0 < len) len = L + 1 - t0;
+  if (next_ckpt > t0 && next_ckpt - t0 < len) len = next_ckpt - t0;
+  return static_cast<int>(len);
+}
+
 inline Arena plan_exp_blocked_arena(const ForwardParams& p, size_t elem_bytes, size_t smem_limit) {
   const int64_t e = static_cast<int64_t>(elem_bytes), C = p.C;
   int64_t bytes[kExpBlockedArrays];
   exp_forward_bytes(p, e, exp_blocked_partial_slots(C), bytes);
-  bytes[kExpNear] = 5 * kBlockSteps * C * e;
-  bytes[kExpBlockDoubles] = (C + 3 + 3 * kBlockSteps) * static_cast<int64_t>(sizeof(double));
+  bytes[kExpNear] = 7 * kBlockSteps * C * e;
+  bytes[kExpBlockDoubles] =
+      (C + 3 + 3 * kBlockSteps + kBlockSteps * C) * static_cast<int64_t>(sizeof(double));
   bytes[kExpBlockInts] = (2 * C + 2) * static_cast<int64_t>(sizeof(int32_t));
   // As the per-step kernel's; the near entries and the block state are read
   // every step by warp 0, the weights and the ring once a block by all.
@@ -229,6 +248,13 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   __device__ scalar_t* alpha_row(int k) const { return near + (4 * kBlockSteps + k) * C; }
   __device__ double* step_offset() const { return blk_d + C + 3 + kBlockSteps; }
   __device__ double* step_mes() const { return blk_d + C + 3 + 2 * kBlockSteps; }
+  // The block's far part a (step, label), at the block start's scale: the
+  // sum, the largest live entry, and what the products that fell below tiny
+  // can have lost (in kSlack units at that scale; -1 where no old entry is
+  // positive), from far_sums() for ends().
+  __device__ scalar_t* far_sum() const { return near + 5 * kBlockSteps * C; }
+  __device__ scalar_t* far_max() const { return near + 6 * kBlockSteps * C; }
+  __device__ double* far_charge() const { return blk_d + C + 3 + 3 * kBlockSteps; }
   __device__ int32_t* flushed() const { return blk_i; }
   __device__ int32_t* f_zero_row() const { return blk_i + C; }
   __device__ int32_t& steps_run() const { return blk_i[2 * C]; }
@@ -271,24 +297,30 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     if (threadIdx.x == 0) *out_offset = hi;
   }
 
-  // The far part of the block's steps k < len, at t0's scale, by the whole
-  // CTA: for each (k, c) the sum over the old ages d' <= min(n0, K - k) of
-  // R[d'] W[d'+k], the largest live R and the smallest positive R that meets
-  // a weight or can still grow, in G groups of ages (partials in group order).
+  // The far part of a block's steps k < len at t0's scale, by threads
+  // first … first + n_threads - 1: for each (k, c) the sum over the old ages
+  // d' <= min(n0, K - k - shift) of R[d'] W[d'+k+shift], the largest live R
+  // and the smallest positive R that meets a weight or can still grow, in G
+  // groups of ages (partials in group order). shift = 0 for the block that
+  // starts at t0; shift = len for the block after it, whose entries that
+  // started before t0 are then the ones of age d' + len (warps 1 … 7 sum
+  // them while warp 0 runs the block's chain).
   // A thread's ages run in four stretches, in increasing order: where the
   // ring's slots do not wrap and then where they do, each split where the
   // entries stop being able to grow, so that no loop tests either and the
   // addresses step by G ages.
-  __device__ void far_partials(int t0K, int n0, int len) const {
+  __device__ void far_partials(int t0K, int n0, int len, int shift, int first,
+                               int n_threads) const {
     const int items = len * C;
-    const int G = items >= kThreads ? 1 : kThreads / items;
+    const int G = items >= n_threads ? 1 : n_threads / items;
     const int64_t slots = exp_blocked_partial_slots(C);
     const int64_t step = static_cast<int64_t>(G) * C;
     const scalar_t inf = Limits::infinity();
-    for (int i = threadIdx.x; i < G * items; i += kThreads) {
+    for (int i = first; i < G * items; i += n_threads) {
       const int g = i / items, r = i - g * items, k = r / C, c = r - k * C;
-      const int top = n0 < K - k ? n0 : K - k;
-      const int grows = Base::last_duration()[c] - k - 1;  // ages <= grows can still grow
+      const int ks = k + shift;
+      const int top = n0 < K - ks ? n0 : K - ks;
+      const int grows = Base::last_duration()[c] - ks - 1;  // ages <= grows can still grow
       scalar_t a = 0, lm = 0, mn = inf;
       // Ages lo … hi congruent to 1 + g (mod G), within one run of slots.
       auto stretch = [&](int lo, int hi, bool keep) {
@@ -297,7 +329,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
         if (d > hi) return;
         const int n = (hi - d) / G + 1;
         const scalar_t* rp = ring + static_cast<int64_t>(d <= t0K ? t0K - d : t0K - d + K) * C + c;
-        const scalar_t* wp = weight + static_cast<int64_t>(d + k - 1) * C + c;
+        const scalar_t* wp = weight + static_cast<int64_t>(d + ks - 1) * C + c;
         if (keep) {
 #pragma unroll 4
           for (int j = 0; j < n; ++j, rp -= step, wp += step) {
@@ -323,6 +355,70 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
       part[i] = a;
       part[slots + i] = lm;
       part[2 * slots + i] = mn;
+    }
+  }
+
+  // The far part of the block at t0 (all threads, before its barrier), for
+  // ends(): the partials far_partials() left, summed in group order (G from
+  // the n_threads that wrote them), and, where they were written the block
+  // before (ahead), at its start's scale: then times that block's F (the
+  // factor its rescale() applies to them) and joined by the entries that
+  // block started, ages 1 … k_prev at t0, read here from the ring. A
+  // product below tiny loses at most tiny at its own scale: F tiny at t0's
+  // for the older entries; a rounded F · sum that falls below tiny, tiny.
+  __device__ void far_sums(int t0K, int64_t t0, int len, bool ahead, int k_prev,
+                           int n_threads) const {
+    const int items = len * C;
+    const int G = items >= n_threads ? 1 : n_threads / items;
+    const int64_t slots = exp_blocked_partial_slots(C);
+    const scalar_t big = Limits::max(), inf = Limits::infinity();
+    const double big_d = static_cast<double>(big);
+    for (int i = threadIdx.x; i < items; i += kThreads) {
+      const int k = i / C, c = i - k * C;
+      const scalar_t wmin = Base::rs(kWeightMinpos)[c];
+      scalar_t so = 0, lmo = 0, mno = inf;
+      for (int g = 0; g < G; ++g) {
+        const int j = g * items + i;
+        so += part[j];
+        lmo = part[slots + j] > lmo ? part[slots + j] : lmo;
+        mno = part[2 * slots + j] < mno ? part[2 * slots + j] : mno;
+      }
+      // F = 0 only as an exact zero (a -inf score): the old entries are zeros.
+      const double Fb = ahead ? blk_d[c] : 1.0;
+      if (!(Fb > 0.0)) {
+        so = 0;
+        lmo = 0;
+        mno = inf;
+      }
+      const double fs = so > 0 ? Fb * static_cast<double>(so) : 0.0;
+      const scalar_t s_old = static_cast<scalar_t>(fs < big_d ? fs : big_d);
+      const double fl = lmo > 0 ? Fb * static_cast<double>(lmo) : 0.0;
+      scalar_t lm = static_cast<scalar_t>(fl < big_d ? fl : big_d);
+      // The entries the block before started, at t0's scale already.
+      scalar_t sm = 0, mnm = inf;
+      const int top = k_prev < K - k ? k_prev : K - k;
+      const int grows = Base::last_duration()[c] - k - 1;
+      for (int d = 1; d <= top; ++d) {
+        const scalar_t x = ring[slot_before(t0K, d, K) * C + c];
+        const scalar_t w = weight[(d + k - 1) * C + c];
+        sm += x * w;
+        const bool keep = d <= grows;
+        lm = keep ? std::fmax(x, lm) : lm;
+        mnm = std::fmin((x > 0 && (w > 0 || keep)) ? x : inf, mnm);
+      }
+      const int64_t t = t0 + k;
+      const double n_old = static_cast<double>((t < K ? t : K) - k);
+      double q = -1.0;
+      if (mno < inf || mnm < inf) {
+        q = 0.0;
+        if (mno < inf && static_cast<double>(mno * wmin) < tiny_d) q += n_old * Fb;
+        if (mnm < inf && static_cast<double>(mnm * wmin) < tiny_d) q += n_old;
+        const double rounded = static_cast<double>(s_old);
+        if (fs > 0.0 && rounded < tiny_d && rounded != fs) q += 1.0;
+      }
+      far_sum()[i] = s_old + sm;
+      far_max()[i] = lm;
+      far_charge()[i] = q;
     }
   }
 
@@ -374,7 +470,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
 
   // Step t = t0 + k >= 1 (warp 0): alpha_hat and its ghost, from the near
   // entries and the far partials of step k.
-  __device__ void ends(int64_t t, int k, int len) {
+  __device__ void ends(int64_t t, int k) {
     const int c = lane_id();
     const int n = static_cast<int>(t < K ? t : K);
     const scalar_t big = Limits::max(), inf = Limits::infinity();
@@ -406,20 +502,11 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     const bool has_near = mn < inf;
     bool has_far = false;
     if (valid) {
-      const int items = len * C;
-      const int G = items >= kThreads ? 1 : kThreads / items;
-      const int64_t slots = exp_blocked_partial_slots(C);
-      scalar_t s = 0, flm = 0, fmn = inf;
-      // (G is 1 once a block has len * C >= kThreads entries.)
-#pragma unroll 1
-      for (int gi = 0; gi < G; ++gi) {
-        const int i = gi * items + k * C + c;
-        s += part[i];
-        flm = part[slots + i] > flm ? part[slots + i] : flm;
-        fmn = part[2 * slots + i] < fmn ? part[2 * slots + i] : fmn;
-      }
+      const int i = k * C + c;
+      const scalar_t s = far_sum()[i], flm = far_max()[i];
+      const double q = far_charge()[i];
       // F = 0 only as an exact zero inside a block: the old entries are zeros.
-      has_far = F > 0.0 && fmn < inf;
+      has_far = F > 0.0 && q >= 0.0;
       const double fd = F > 0.0 && s > 0 ? F * static_cast<double>(s) : 0.0;
       const double big_d = static_cast<double>(big);
       const scalar_t far_sum = static_cast<scalar_t>(fd < big_d ? fd : big_d);
@@ -429,12 +516,12 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
         const scalar_t xs = static_cast<scalar_t>(x < big_d ? x : big_d);
         lm = xs > lm ? xs : lm;
       }
-      // Products below tiny: n_near at this step's scale; n_old at t0's,
-      // F · tiny each at this step's; the far sum's own rounding.
+      // Products below tiny: n_near at this step's scale; the far part's
+      // (far_sums(): in tiny units at t0's scale), F · tiny each at this
+      // step's; the far sum's own rounding.
       if (has_near && static_cast<double>(mn * wminpos) < tiny_d)
         g += static_cast<double>(k) * kSlack;
-      if (has_far && static_cast<double>(fmn * wminpos) < tiny_d)
-        g += static_cast<double>(n - k) * kSlack * F * kUp;
+      if (has_far) g += q * kSlack * F * kUp;
       // (F · s can underflow float64 to 0 where the dtype is float64.)
       if (F > 0.0 && s > 0 && fd < tiny_d) g += kSlack;
       if (has_near || has_far) g += weight_lost;
@@ -723,32 +810,54 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
   const int64_t b = blockIdx.x;
   const int64_t L = sequence_length(p, b);
   CtaExpBlocked<scalar_t, kShared> scan(p, arena, b, L);
-  const SequenceCheckpoints<scalar_t> ckpt(p, b);
   const int K = scan.K;
   const bool warp0 = warp_id() == 0;
+  constexpr int kAhead = kThreads - kWarpSize;  // warps 1 … 7
   scan.init();
-  int64_t j = 0, next_ckpt = checkpoint_step<scalar_t>(p, 0, L), t0 = 0;
+  // The checkpoints saved; whether scan.part holds this block's partials,
+  // summed ahead at the block before's scale; the steps that block ran.
+  // (Few registers live across the chain: the float64 instantiation in
+  // shared memory is capped at 128, so the schedule and the checkpoints'
+  // pointers are recomputed where they are needed.)
+  int64_t j = 0, t0 = 0;
+  bool ahead = false;
+  int k_run = 0;
   for (;;) {
     if (scan.rejected()) break;  // every thread reads it after the same barrier
     const int t0K = static_cast<int>(t0 % K);
     const int n0 = static_cast<int>(t0 < K ? t0 : K);
-    if (t0 == next_ckpt) {
-      scan.save(t0K, ckpt.at(j), ckpt.offset + j);
-      next_ckpt = checkpoint_step<scalar_t>(p, ++j, L);
+    // The block before's old entries to this block's scale (its near
+    // entries, published at it, are not touched: the far sums read them).
+    if (t0 > 0) {
+      const int64_t t_prev = t0 - k_run;
+      const int prev_t0K = t0K >= k_run ? t0K - k_run : t0K - k_run + K;
+      scan.rescale(prev_t0K, static_cast<int>(t_prev < K ? t_prev : K), k_run);
     }
-    // The block: up to kBlockSteps steps, at most K (the far part is then
-    // every entry that started before t0), ending at the next checkpoint
-    // and at L.
-    int64_t len = kBlockSteps < K ? kBlockSteps : K;
-    if (L + 1 - t0 < len) len = L + 1 - t0;
-    if (next_ckpt > t0 && next_ckpt - t0 < len) len = next_ckpt - t0;
-    scan.far_partials(t0K, n0, static_cast<int>(len));
-    scan.stage_inputs(t0, static_cast<int>(len));
+    const bool save_here = t0 == checkpoint_step<scalar_t>(p, j, L);
+    if (save_here || !ahead) __syncthreads();
+    if (save_here) {
+      const SequenceCheckpoints<scalar_t> ckpt(p, b);
+      scan.save(t0K, ckpt.at(j), ckpt.offset + j);
+      ++j;
+    }
+    const int64_t next_ckpt = checkpoint_step<scalar_t>(p, j, L);
+    const int len = blocked_steps(t0, next_ckpt, L, K);
+    if (!ahead) {  // the first block, or the block before ended early
+      scan.far_partials(t0K, n0, len, 0, threadIdx.x, kThreads);
+      __syncthreads();
+    }
+    scan.far_sums(t0K, t0, len, ahead, ahead ? k_run : 0, ahead ? kAhead : kThreads);
+    scan.stage_inputs(t0, len);
     __syncthreads();
+    // The next block, if this one runs all its steps.
+    const int64_t t1 = t0 + len;
     bool done = false;
     if (warp0) {
       scan.tK = t0K;
       scan.take_flush_charges(t0);
+      // The step at L, if the block reaches it (an int: L itself need not
+      // stay in a register across the chain).
+      const int k_last = L - t0 < len ? static_cast<int>(L - t0) : len;
       int k = 0;
       for (; k < len; ++k) {
         const int64_t t = t0 + k;
@@ -757,9 +866,9 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
         if (t == 0) {
           scan.first();
         } else {
-          scan.ends(t, k, static_cast<int>(len));
+          scan.ends(t, k);
         }
-        if (t == L) {
+        if (k == k_last) {
           scan.finish(k, static_cast<scalar_t*>(p.log_z) + b);
           done = true;
           break;
@@ -775,15 +884,20 @@ __global__ void __launch_bounds__(kThreads, exp_forward_min_blocks<scalar_t, kSh
       } else {
         scan.publish(t0K, k, t0);
       }
+    } else if (t1 <= L) {
+      // Meanwhile the next block's partials over the entries that started
+      // before t0 (the ring slots publish() writes hold none of them).
+      const int64_t ckpt1 = t1 == next_ckpt ? checkpoint_step<scalar_t>(p, j + 1, L) : next_ckpt;
+      scan.far_partials(t0K, n0, blocked_steps(t1, ckpt1, L, K), len,
+                        static_cast<int>(threadIdx.x) - kWarpSize, kAhead);
     }
     __syncthreads();
-    const int k_run = scan.steps_run();
+    k_run = scan.steps_run();
     if (scan.rejected() || k_run < 0) break;
-    scan.rescale(t0K, n0, k_run);
+    ahead = k_run == len && t1 <= L;
     t0 += k_run;
-    __syncthreads();
   }
-  hand_over_or_clear(p, ckpt, b, L, scan.rejected(), redo);
+  hand_over_or_clear(p, SequenceCheckpoints<scalar_t>(p, b), b, L, scan.rejected(), redo);
 }
 
 }  // namespace cuda
