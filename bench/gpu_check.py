@@ -466,8 +466,9 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
 # cases run the blocked forward (C = 7), the per-step one (C = 33), the
 # exp-domain backward sweep with either recompute mode, and its hand-over
 # to the log-domain kernels; "small-par" the span-parallel backward (the
-# mirror image's exp-domain forward, then one CTA a span: T = 40, K = 5
-# gives 3 spans, and the sequences of length 3 and 17 leave some empty).
+# mirror image's exp-domain forward, in the forward op beside the forward on
+# a second stream, then one CTA a span: T = 40, K = 5 gives 3 spans, and the
+# sequences of length 3 and 17 leave some empty).
 # The small ones come first, so that a tool that runs out of time has
 # still seen every kernel.
 EXP = {"FLASHSEMICRF_CUDA_ALGORITHM": "exp"}

@@ -13,7 +13,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(flashsemicrf, m) {
   // log Z (B,) and the checkpoints of the streaming forward: the ring state
-  // (B, ceil(T/interval), K or 2K, C) and its float64 offsets (B, N).
+  // (B, ceil(T/interval), K or 2K, C) and its float64 offsets (B, N); 2B
+  // rows where the CUDA forward also saves the mirror image's for its
+  // span-parallel backward (FLASHSEMICRF_CUDA_SWEEP=parallel, static
+  // transition), which every backward takes, reading rows 0 … B-1.
   // interval 0 means the default floor(sqrt(T·K)) (the backward must be given
   // the same interval as the forward).
   m.def(

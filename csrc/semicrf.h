@@ -59,6 +59,12 @@ struct ForwardParams : Params {
   void* log_z = nullptr;          // (B,)
   void* ckpt_ring = nullptr;      // (B, n_ckpt, ring_width, C)
   double* ckpt_offset = nullptr;  // (B, n_ckpt)
+  // The mirror image's checkpoints (B, n_ckpt, K, C) and offsets (B,
+  // n_ckpt), or null: rows B … 2B-1 of the checkpoint tensors, where a
+  // forward for CUDA's span-parallel backward saves them beside its own
+  // (its Backend::saves_mirror) and where that backward reads them.
+  void* mirror_ring = nullptr;
+  double* mirror_offset = nullptr;
 };
 
 // The backward: what the forward had, read back, plus the upstream gradient

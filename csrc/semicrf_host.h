@@ -143,17 +143,33 @@ class OpCall {
 
   at::ScalarType dtype() const { return scores_.scalar_type(); }
 
-  // (log_z (B,), checkpoint_ring (B, N, S, C), checkpoint_offset (B, N) float64)
-  Pass<ForwardParams, ForwardOutputs> forward(int64_t interval) {
+  // (log_z (B,), checkpoint_ring (B, N, S, C), checkpoint_offset (B, N) float64).
+  // with_mirror(p) (the backend's saves_mirror): twice the rows, B … 2B-1
+  // for the mirror image's checkpoints (ForwardParams::mirror_ring), zeros
+  // until the backend writes them.
+  template <typename WithMirror>
+  Pass<ForwardParams, ForwardOutputs> forward(int64_t interval, WithMirror with_mirror) {
     ForwardParams p = checkpointed(interval);
+    const bool mirror = with_mirror(static_cast<const ForwardParams&>(p));
+    const int64_t rows = mirror ? 2 * p.B : p.B;
     auto opts = scores_.options();
     at::Tensor log_z = at::empty({p.B}, opts);
-    at::Tensor ring = at::empty({p.B, p.n_ckpt, p.ring_width, p.C}, opts);
-    at::Tensor offset = at::empty({p.B, p.n_ckpt}, opts.dtype(at::kDouble));
+    at::Tensor ring = at::empty({rows, p.n_ckpt, p.ring_width, p.C}, opts);
+    at::Tensor offset = at::empty({rows, p.n_ckpt}, opts.dtype(at::kDouble));
     p.log_z = log_z.data_ptr();
     p.ckpt_ring = ring.data_ptr();
     p.ckpt_offset = offset.data_ptr<double>();
+    if (mirror) {
+      at::Tensor mirror_ring = ring.narrow(0, p.B, p.B), mirror_offset = offset.narrow(0, p.B, p.B);
+      mirror_ring.zero_();
+      mirror_offset.zero_();
+      p.mirror_ring = mirror_ring.data_ptr();
+      p.mirror_offset = mirror_offset.data_ptr<double>();
+    }
     return {p, {log_z, ring, offset}};
+  }
+  Pass<ForwardParams, ForwardOutputs> forward(int64_t interval) {
+    return forward(interval, [](const ForwardParams&) { return false; });
   }
 
   // Per-sequence gradients, zero-filled (kernels accumulate into them).
@@ -168,8 +184,13 @@ class OpCall {
     static_cast<ForwardParams&>(p) = checkpointed(interval);
     FLASHSEMICRF_CHECK_SHAPE(grad_log_z, p.B);
     FLASHSEMICRF_CHECK_SHAPE(log_z, p.B);
-    FLASHSEMICRF_CHECK_SHAPE(ckpt_ring, p.B, p.n_ckpt, p.ring_width, p.C);
-    FLASHSEMICRF_CHECK_SHAPE(ckpt_offset, p.B, p.n_ckpt);
+    // The static transition's checkpoints can hold the mirror image's too
+    // (rows B … 2B-1: a forward for CUDA's span-parallel backward).
+    const bool mirror = !p.duration_dependent && p.B > 0 && ckpt_ring.dim() == 4 &&
+                        ckpt_ring.size(0) == 2 * p.B;
+    const int64_t rows = mirror ? 2 * p.B : p.B;
+    FLASHSEMICRF_CHECK_SHAPE(ckpt_ring, rows, p.n_ckpt, p.ring_width, p.C);
+    FLASHSEMICRF_CHECK_SHAPE(ckpt_offset, rows, p.n_ckpt);
     check_like(grad_log_z, "grad_log_z");
     check_like(log_z, "log_z");
     check_like(ckpt_ring, "checkpoint_ring");
@@ -183,6 +204,10 @@ class OpCall {
     p.log_z = log_z_.data_ptr();
     p.ckpt_ring = ckpt_ring_.data_ptr();
     p.ckpt_offset = ckpt_offset_.data_ptr<double>();
+    if (mirror) {
+      p.mirror_ring = ckpt_ring_.narrow(0, p.B, p.B).data_ptr();
+      p.mirror_offset = ckpt_offset_.narrow(0, p.B, p.B).data_ptr<double>();
+    }
     p.boundary_mass = boundary_mass;
 
     auto opts = scores_.options();
@@ -287,15 +312,17 @@ class OpCall {
 // backward ones, and its ring before step t' is the original's backward
 // ring at position L - t' (ForwardParams::mirrored places the checkpoints).
 // Usage: mirror(p) gives the mirror's forward pass to run with the
-// backend's forward; attach(p) points p at its checkpoints and at the
-// spans' partial sums; after the sweeps, finish(p) adds those up into the
-// gradient outputs, in a fixed order.
+// backend's forward (in the forward pass itself where p.mirror_ring is set:
+// its checkpoints then go there; in the backward where the forward did not
+// save them); attach(p) points p at its checkpoints (or at the saved ones)
+// and at the spans' partial sums; after the sweeps, finish(p) adds those up
+// into the gradient outputs, in a fixed order.
 class SpanParallelSweeps {
  public:
   // The static transition, and more than one span (else a sweep is serial anyway).
-  static bool applies(const BackwardParams& p) { return !p.duration_dependent && p.n_ckpt > 1; }
+  static bool applies(const ForwardParams& p) { return !p.duration_dependent && p.n_ckpt > 1; }
 
-  Pass<ForwardParams, ForwardOutputs>& mirror(const BackwardParams& p, const at::Tensor& scores) {
+  Pass<ForwardParams, ForwardOutputs>& mirror(const ForwardParams& p, const at::Tensor& scores) {
     const auto opts = scores.options();
     const int64_t B = p.B, T = p.T, K = p.K, C = p.C;
     auto view = [&](const void* data, at::IntArrayRef sizes) {
@@ -323,16 +350,28 @@ class SpanParallelSweeps {
     if (!scores.is_cuda()) call_->label_major_tables();  // the CUDA emulator's tests
     pass_ = std::make_unique<Pass<ForwardParams, ForwardOutputs>>(call_->forward(p.interval));
     pass_->params.mirrored = true;
+    if (p.mirror_ring != nullptr) {  // the forward pass saves them for the backward
+      pass_->params.ckpt_ring = p.mirror_ring;
+      pass_->params.ckpt_offset = p.mirror_offset;
+      std::get<1>(pass_->outputs) = at::Tensor();
+      std::get<2>(pass_->outputs) = at::Tensor();
+    }
     return *pass_;
   }
   const at::Tensor& mirrored_scores() const { return scores_; }
 
-  void attach(BackwardParams& p) {
-    const auto opts = scores_.options().dtype(at::kDouble);
+  // The spans' starting rings: the mirror's checkpoints, from mirror() or
+  // saved by the forward (p.mirror_ring).
+  void attach(BackwardParams& p, const at::Tensor& scores) {
+    TORCH_CHECK(pass_ != nullptr || p.mirror_ring != nullptr,
+                "flashsemicrf: the span-parallel sweeps need the mirror image's checkpoints");
+    opts_ = scores.options();
+    const auto opts = opts_.dtype(at::kDouble);
     sums_ = at::zeros({p.B, p.n_ckpt, p.K * p.C + p.C * p.C}, opts);
     spill_ = at::zeros({p.B, p.n_ckpt, p.K, p.C}, opts);
-    p.span_top_ring = std::get<1>(pass_->outputs).data_ptr();
-    p.span_top_offset = std::get<2>(pass_->outputs).data_ptr<double>();
+    p.span_top_ring = p.mirror_ring ? p.mirror_ring : std::get<1>(pass_->outputs).data_ptr();
+    p.span_top_offset =
+        p.mirror_offset ? p.mirror_offset : std::get<2>(pass_->outputs).data_ptr<double>();
     p.span_sums = sums_.data_ptr<double>();
     p.span_spill = spill_.data_ptr<double>();
   }
@@ -341,7 +380,7 @@ class SpanParallelSweeps {
   // added up; the scores gradient of the K - 1 positions after a span's
   // last also takes the coverage that span's segments gave them.
   void finish(const BackwardParams& p) const {
-    const auto opts = scores_.options();
+    const auto opts = opts_;
     const int64_t B = p.B, T = p.T, K = p.K, C = p.C;
     const at::Tensor total = sums_.sum(1);
     at::from_blob(p.grad_duration, {B, K, C}, opts)
@@ -358,6 +397,7 @@ class SpanParallelSweeps {
 
  private:
   at::Tensor scores_, sums_, spill_;
+  at::TensorOptions opts_;
   std::optional<at::Tensor> start_scores_, end_scores_;
   std::unique_ptr<OpCall> call_;
   std::unique_ptr<Pass<ForwardParams, ForwardOutputs>> pass_;
@@ -376,7 +416,7 @@ struct OpEntries {
                                 const std::optional<at::Tensor>& end_scores, int64_t interval) {
     OpCall call(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores);
-    auto pass = call.forward(interval);
+    auto pass = call.forward(interval, Backend::saves_mirror);
     Backend::run(pass.params, scores);
     return pass.outputs;
   }

@@ -13,7 +13,12 @@ of csrc/semicrf.cpp (docs/design.md, "The op contract"):
     filter(<the eight inputs>) -> (alpha_hat, sigma_hat (B, T+1, C), offset (B, T+1) float64)
 
 with N = ceil(T / interval) checkpoints and S = K (static transition) or 2K
-(duration-dependent). The namespaces: ``flashsemicrf`` (the C++ and CUDA
+(duration-dependent). One exception: the CUDA forward with
+FLASHSEMICRF_CUDA_SWEEP=parallel and the static transition also saves the
+problem's mirror image's checkpoints for its span-parallel backward, as rows
+B … 2B-1 of checkpoint_ring and checkpoint_offset (rows 0 … B-1 as above);
+every backward takes the checkpoints with B or, for the static transition,
+2B rows. The namespaces: ``flashsemicrf`` (the C++ and CUDA
 kernels), ``flashsemicrf_triton`` and ``flashsemicrf_torch`` (the reference).
 
 This module holds what they share, so that the backends import it and never
@@ -24,7 +29,9 @@ namespace's ops with a Problem. It imports no backend.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -196,13 +203,33 @@ def _checkpoint_shape(scores: Tensor, transition: Tensor, duration: Tensor, inte
     return (B, n_ckpt, width, C)
 
 
+def saves_mirror(namespace: str, scores: Tensor, transition: Tensor) -> bool:
+    """Whether ``<namespace>::forward`` also saves the mirror image's
+    checkpoints (2B rows): the CUDA kernels' span-parallel backward
+    (FLASHSEMICRF_CUDA_SWEEP=parallel, read at each call as the C++ op reads
+    it), static transition. The C++ op's Cuda::saves_mirror decides the same."""
+    return (namespace == "flashsemicrf" and scores.device.type == "cuda"
+            and transition.dim() == 2
+            and os.environ.get("FLASHSEMICRF_CUDA_SWEEP", "serial") == "parallel")
+
+
+def sequence_checkpoints(transition: Tensor, ring: Tensor, offset: Tensor, B: int):
+    """The checkpoints of the B sequences, as a backward reads them: rows
+    0 … B-1 where the forward also saved the mirror image's (2B rows, static
+    transition: saves_mirror), else the checkpoints as given."""
+    if transition.dim() == 2 and B > 0 and ring.dim() == 4 and ring.shape[0] == 2 * B:
+        return ring[:B], offset[:B]
+    return ring, offset
+
+
 def forward_fake(scores, transition, duration, lengths, start_transition, end_transition,
-                 start_scores, end_scores, interval):
-    shape = _checkpoint_shape(scores, transition, duration, interval)
+                 start_scores, end_scores, interval, *, namespace: str = ""):
+    B, n_ckpt, width, C = _checkpoint_shape(scores, transition, duration, interval)
+    rows = 2 * B if saves_mirror(namespace, scores, transition) else B
     return (
-        scores.new_empty(scores.shape[0]),
-        scores.new_empty(shape),
-        scores.new_empty(shape[:2], dtype=torch.float64),
+        scores.new_empty(B),
+        scores.new_empty((rows, n_ckpt, width, C)),
+        scores.new_empty((rows, n_ckpt), dtype=torch.float64),
     )
 
 
@@ -301,6 +328,8 @@ def register(namespace: str) -> None:
     """Give ``<namespace>::{forward, backward, viterbi, filter}`` the shared
     fakes and ``forward`` the autograd formula. The ops must be defined."""
     for name, fake in FAKES.items():
+        if name == "forward":
+            fake = functools.partial(forward_fake, namespace=namespace)
         torch.library.register_fake(f"{namespace}::{name}", fake)
     torch.library.register_autograd(
         f"{namespace}::forward", _autograd_formula(namespace), setup_context=_setup_context

@@ -244,6 +244,53 @@ def test_checkpoints_interoperate(backend, duration_dependent, interval):
 
 
 @pytest.mark.parametrize("backend", ALL)
+def test_backward_takes_the_mirror_rows(backend):
+    """With the static transition every backward also takes checkpoints with
+    2B rows (what the CUDA forward returns for its span-parallel backward:
+    rows B … 2B-1 the mirror image's) and reads rows 0 … B-1: NaN in the
+    others changes no bit."""
+    case = make_case(7, 3, 13, 4, 3, duration_dependent=False, neg_inf=True)
+    device = DEVICE[backend]
+    x = problem(on(case.kwargs, device))
+    ops = _ops(backend)
+    log_z, ckpt = REFERENCE.forward(problem(case.kwargs), 5)
+    log_z, ckpt = log_z.to(device), Checkpoints(*(t.to(device) for t in ckpt))
+    doubled = Checkpoints(*(torch.cat([t, torch.full_like(t, math.nan)]) for t in ckpt))
+    up = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device=device)
+    want = ops.backward(x, up, log_z, ckpt, 5, True)
+    got = ops.backward(x, up, log_z, doubled, 5, True)
+    for name, a, b in zip(Gradients._fields, got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), name
+
+
+def test_fake_forward_has_the_mirror_rows_where_the_cuda_op_does(monkeypatch):
+    """The fake forward (torch.compile's shapes) gives 2B checkpoint rows
+    exactly where the C++ op's CUDA forward saves the mirror image's: the
+    flashsemicrf namespace, CUDA tensors, the static transition,
+    FLASHSEMICRF_CUDA_SWEEP=parallel. (No GPU is needed for fake tensors.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def rows(namespace, device, sweep, dd=False):
+        monkeypatch.setenv("FLASHSEMICRF_CUDA_SWEEP", sweep)
+        with FakeTensorMode():
+            s = torch.empty(2, 30, 3, device=device)
+            tr = torch.empty(*((5, 3, 3) if dd else (3, 3)), device=device)
+            d, bt = torch.empty(5, 3, device=device), torch.empty(3, device=device)
+            n = torch.empty(2, dtype=torch.long, device=device)
+            out = getattr(torch.ops, namespace).forward(s, tr, d, n, bt, bt, None, None, 7)
+        assert out[1].shape[0] == out[2].shape[0]
+        return out[1].shape[0]
+
+    assert rows("flashsemicrf", "cuda", "parallel") == 4
+    assert rows("flashsemicrf", "cuda", "serial") == 2
+    assert rows("flashsemicrf", "cuda", "parallel", dd=True) == 2
+    assert rows("flashsemicrf", "cpu", "parallel") == 2
+    assert rows("flashsemicrf_torch", "cuda", "parallel") == 2
+
+
+@pytest.mark.parametrize("backend", ALL)
 @DD
 @pytest.mark.parametrize("interval", [1, 2, 3])
 def test_backward_reanchors_at_every_checkpoint(backend, duration_dependent, interval):

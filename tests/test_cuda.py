@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flashsemicrf as F
-from conftest import TOL, assert_close, log_z_and_grads, log_z_tol, make_case, on
+from conftest import TOL, assert_close, log_z_and_grads, log_z_tol, make_case, on, problem
 from flashsemicrf import backends
 
 pytestmark = [
@@ -77,6 +77,48 @@ def test_cuda_span_parallel_sweeps(monkeypatch, B, T, K, C, dd, dtype, algorithm
         with pytest.raises(RuntimeError,
                            match="FLASHSEMICRF_CUDA_SWEEP must be 'parallel' or 'serial'"):
             _compare_with_cpu_kernel(on(case.kwargs, dtype=dtype), dtype, tol_scale=10.0)
+
+
+@pytest.mark.parametrize("algorithm", ["exp", "log"])
+def test_cuda_forward_saves_the_mirror(monkeypatch, algorithm):
+    """FLASHSEMICRF_CUDA_SWEEP=parallel: the forward op also runs the mirror
+    image's forward, on a second stream, and returns 2B checkpoint rows;
+    rows 0 … B-1 and log Z are the serial mode's bits, and the backward from
+    the 2B rows gives the bits of the backward that runs the mirror itself
+    (given B rows). The training loss under torch.compile(fullgraph=True),
+    whose fake forward must say 2B rows too, agrees with eager mode."""
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_ALGORITHM", algorithm)
+    case = make_case(31, 3, 400, 12, 5, duration_dependent=False, neg_inf=True)
+    x = problem(on(case.kwargs, "cuda"))
+    ops = backends.resolve("test", "cuda", "cuda")
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_SWEEP", "serial")
+    log_z, ckpt = ops.forward(x, 40)
+    monkeypatch.setenv("FLASHSEMICRF_CUDA_SWEEP", "parallel")
+    log_z2, ckpt2 = ops.forward(x, 40)
+    assert ckpt2.ring.shape[0] == ckpt2.offset.shape[0] == 6
+    assert torch.equal(log_z, log_z2)
+    assert torch.equal(ckpt.ring, ckpt2.ring[:3]) and torch.equal(ckpt.offset, ckpt2.offset[:3])
+    up = torch.linspace(0.5, 2.0, 3, dtype=torch.float64, device="cuda")
+    saved = ops.backward(x, up, log_z2, ckpt2, 40, True)
+    itself = ops.backward(x, up, log_z, ckpt, 40, True)
+    for a, b in zip(saved, itself):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+    kw = on(case.kwargs, "cuda")
+
+    def loss(scores):
+        return F.log_partition(scores, kw["transition"], kw["duration"], kw["lengths"],
+                               backend="cuda").sum()
+
+    scores = kw["scores"].detach().requires_grad_()
+    compiled = torch.compile(loss, fullgraph=True)
+    got = compiled(scores)
+    (g_got,) = torch.autograd.grad(got, scores)
+    want = loss(scores)
+    (g_want,) = torch.autograd.grad(want, scores)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

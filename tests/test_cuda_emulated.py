@@ -904,3 +904,50 @@ def test_emulated_span_parallel_sweeps_at_large_scales(emu):
                                "end_transition", "start_scores", "end_scores"), got[:7], want):
             close(f"{name} problem {i} scale {scale} {dtype}", a, b,
                   1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_emulated_forward_saves_the_mirror_for_the_sweeps(emu):
+    """With the span-parallel sweeps the forward op also runs the mirror
+    image's forward (on a GPU beside its own, on a second stream) and returns
+    its checkpoints as rows B … 2B-1. Rows 0 … B-1 and log Z are the plain
+    forward's bits; the backward given the 2B rows skips the mirror's
+    forward and gives the bits of the backward that runs it (and the CPU
+    kernel's gradients); the CPU op's backward takes the 2B rows too (it
+    reads rows 0 … B-1). With one span the mirror does not run and its rows
+    stay zeros."""
+    cases = [  # B, T, K, C, boundary, interval, exp
+        (3, 40, 6, 4, True, 7, True), (2, 23, 5, 3, False, 9, False),
+        (2, 30, 4, 40, True, 10, True), (2, 12, 6, 2, True, 12, True)]
+    for n, (B, T, K, C, boundary, interval, exp) in enumerate(cases):
+        for dtype in (torch.float64, torch.float32):
+            args = make(B, T, K, C, False, boundary, dtype, 90 + n, neg_inf=n % 2 == 1)
+            mode, seed = SCHEDULES[n % 2]
+            smem = ALL_SMEM if n % 2 == 0 else 0
+            got = emu.forward_with_mirror(*args, interval, exp, mode, seed, smem)
+            log_z, ring, off = got[:3]
+            assert ring.shape[0] == off.shape[0] == 2 * B
+            if exp:
+                plain = emu.forward_exp(*args, interval, mode, seed, smem, C <= 32)
+            else:
+                plain = emu.forward(*args, interval, mode, seed, smem)
+            for a, b in zip(bitwise([log_z, ring[:B], off[:B]]), bitwise(plain[:3])):
+                assert torch.equal(a, b), (n, dtype)
+            up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+            cpu = ops.backward(up, *args, log_z, ring, off, interval, True)
+            want = ops.backward(up, *args, log_z, ring[:B], off[:B], interval, True)
+            for a, b in zip(bitwise(cpu), bitwise(want)):
+                assert torch.equal(a, b), (n, dtype)
+            if T <= interval:  # one span: no mirror
+                assert got[4].numel() == 0
+                assert not ring[B:].any() and not off[B:].any()
+                continue
+            saved = emu.backward_parallel(up, *args, log_z, ring, off, interval, True, exp,
+                                          mode, seed, smem)
+            assert saved[8].numel() == 0  # the mirror's forward did not run again
+            again = emu.backward_parallel(up, *args, log_z, ring[:B], off[:B], interval, True,
+                                          exp, mode, seed, smem)
+            for a, b in zip(bitwise(saved[:7]), bitwise(again[:7])):
+                assert torch.equal(a, b), (n, dtype)
+            tol = 1e-9 if dtype == torch.float64 else 2e-4
+            for name, a, b in zip(GRAD_NAMES, saved[:7], want):
+                close(f"{name} case {n} {dtype}", a, b, tol)

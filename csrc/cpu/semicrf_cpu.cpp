@@ -3711,6 +3711,8 @@ void for_each_sequence(const Params& p, at::ScalarType dtype, Fn fn) {
 }
 
 struct Cpu {
+  // The CPU backward sweeps serially: no mirror image's checkpoints.
+  static bool saves_mirror(const ForwardParams&) { return false; }
   static void run(const ForwardParams& p, const at::Tensor& scores) {
     const bool exp_domain = cpu_uses_exp_domain();
     for_each_sequence(p, scores.scalar_type(), [&](auto zero, auto dd, int64_t b) {

@@ -70,7 +70,10 @@
 //   span j of sequence b alone with backward_kernel's mapping, from the
 //   backward ring that the forward over the problem's mirror image left in
 //   its checkpoints (SpanParallelSweeps, semicrf_host.h), anchoring its
-//   offset at its last position before its first posterior.
+//   offset at its last position before its first posterior. That mirror
+//   forward runs in the forward op, beside the forward on a second stream
+//   (B more CTAs), and its checkpoints are rows B … 2B-1 of the forward's
+//   checkpoint outputs; a backward given B rows runs it itself first.
 //   Viterbi: the forward step in the max semiring; the step's backpointer
 //   rows are written by the lane 0 that reduced each label (A: duration,
 //   and previous label for the (K, C, C) transition; B: static previous
@@ -150,6 +153,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -264,14 +268,62 @@ auto exp_sweep_kernel = [](auto zero, auto, auto smem) {
   return &cuda::exp_backward_kernel<decltype(zero), decltype(smem)::value>;
 };
 
+// Work queued on `to` from here on waits for what is queued on `from` so far
+// (an event without timing; ATen's CUDAEvent header warns under gcc).
+void stream_waits_for(cudaStream_t to, cudaStream_t from) {
+  cudaEvent_t event;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(event, from));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(to, event, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(event));  // released once the wait is done
+}
+
+// FLASHSEMICRF_CUDA_SWEEP=parallel: the span-parallel backward.
+bool uses_parallel_sweeps() {
+  return env_switch("FLASHSEMICRF_CUDA_SWEEP", "parallel", "serial", false);
+}
+
 struct Cuda {
+  // With the span-parallel sweeps and the static transition the forward
+  // also saves the mirror image's checkpoints (rows B … 2B-1 of its
+  // checkpoint outputs; flashsemicrf._contract's fake says the same), so
+  // that the backward starts with its sweeps.
+  static bool saves_mirror(const ForwardParams& p) {
+    return !p.duration_dependent && uses_parallel_sweeps();
+  }
+
   // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
   // forward (in blocks of positions for C <= 32, else step by step), then
   // the log-domain forward for the sequences whose log Z it could not
   // certify (its CTAs for the others return at once, so nothing waits on the
   // host). Otherwise (log, the default until a GPU has timed both:
   // bench/results/gpu-forecast.md) the log-domain forward for all.
+  // Where p.mirror_ring is set (saves_mirror) and there is more than one
+  // span, the mirror image's forward runs beside it on a second stream: B
+  // more CTAs at once, which the GPU has room for at small B, so that the
+  // backward's chain is already done when the backward starts.
   static void run(const ForwardParams& p, const at::Tensor& scores) {
+    if (p.mirror_ring != nullptr && SpanParallelSweeps::applies(p)) {
+      check_cuda(scores);
+      const c10::cuda::CUDAGuard guard(scores.device());
+      SpanParallelSweeps sweeps;
+      auto& mirror = sweeps.mirror(p, scores);  // the mirrored copy, on this stream
+      const at::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream();
+      const at::cuda::CUDAStream side = at::cuda::getStreamFromPool(false, main.device_index());
+      stream_waits_for(side, main);
+      {
+        // Its workspace comes from the side stream's pool; what it reads
+        // from this one is freed only after this stream has waited for it.
+        const c10::cuda::CUDAStreamGuard on_side(side);
+        run_forward(mirror.params, sweeps.mirrored_scores());
+      }
+      run_forward(p, scores);
+      stream_waits_for(main, side);
+      return;
+    }
+    run_forward(p, scores);
+  }
+  static void run_forward(const ForwardParams& p, const at::Tensor& scores) {
     const int32_t* redo = nullptr;
     at::Tensor verdicts;
     if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
@@ -305,15 +357,18 @@ struct Cuda {
   // the end of every span, and then one CTA a span recomputes and sweeps it
   // (backward_kernel, log domain), all spans at once; the host adds up their
   // partial sums (SpanParallelSweeps). The two switches above do not apply.
+  // Where the forward saved the mirror's checkpoints (p.mirror_ring) the
+  // sweeps start from those; else the mirror's forward runs here first.
   static void run(const BackwardParams& p, const at::Tensor& scores) {
     const bool spans = env_switch("FLASHSEMICRF_CUDA_RECOMPUTE", "spans", "sweep", false);
-    const bool parallel = env_switch("FLASHSEMICRF_CUDA_SWEEP", "parallel", "serial", false);
-    if (parallel && SpanParallelSweeps::applies(p)) {
+    if (uses_parallel_sweeps() && SpanParallelSweeps::applies(p)) {
       SpanParallelSweeps sweeps;
-      auto& mirror = sweeps.mirror(p, scores);
-      run(mirror.params, sweeps.mirrored_scores());
+      if (p.mirror_ring == nullptr) {
+        auto& mirror = sweeps.mirror(p, scores);
+        run_forward(mirror.params, sweeps.mirrored_scores());
+      }
       BackwardParams q = p;
-      sweeps.attach(q);
+      sweeps.attach(q, scores);
       launch_ctas(scores, q, q.B * q.n_ckpt, cuda::plan_backward_arena, log_sweep_kernel, false,
                   static_cast<const int32_t*>(nullptr));
       sweeps.finish(q);

@@ -40,8 +40,10 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
              boundary_mass: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     p = Problem(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
+    ckpt = _contract.Checkpoints(*_contract.sequence_checkpoints(
+        transition, checkpoint_ring, checkpoint_offset, scores.shape[0]))
     g = reference.backward(
-        p, grad_log_z, log_z, _contract.Checkpoints(checkpoint_ring, checkpoint_offset), interval,
+        p, grad_log_z, log_z, ckpt, interval,
         returns_boundary_gradient(start_scores is not None, boundary_mass),
         returns_boundary_gradient(end_scores is not None, boundary_mass),
     )

@@ -191,6 +191,40 @@ std::vector<at::Tensor> forward_exp(at::Tensor scores, at::Tensor transition, at
   return out;
 }
 
+// The forward op as semicrf_cuda.cu runs it with the span-parallel sweeps
+// (FLASHSEMICRF_CUDA_SWEEP=parallel, static transition): its checkpoint
+// outputs have 2B rows, and where there is more than one span the mirror
+// image's forward (exp: exp-domain, else log, as the forward) writes rows
+// B … 2B-1 (one after the other here; on a GPU on two streams). Returns log
+// Z, the checkpoints, their offsets, and the forward's and the mirror's
+// verdicts (empty for log, and the mirror's where it does not run).
+std::vector<at::Tensor> forward_with_mirror(at::Tensor scores, at::Tensor transition,
+                                            at::Tensor duration, at::Tensor lengths,
+                                            at::Tensor st, at::Tensor et,
+                                            std::optional<at::Tensor> ss,
+                                            std::optional<at::Tensor> es, int64_t interval,
+                                            bool exp, int64_t mode, int64_t seed,
+                                            int64_t smem_limit) {
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.forward(interval, [](const ForwardParams& p) { return !p.duration_dependent; });
+  TORCH_CHECK(pass.params.mirror_ring != nullptr, "forward_with_mirror: static transition only");
+  auto out = nan_filled(pass.outputs);
+  const int64_t B = pass.params.B;
+  out[1].narrow(0, B, B).zero_();  // as OpCall leaves them: rows no step saves stay zeros
+  out[2].narrow(0, B, B).zero_();
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  at::Tensor mirror_verdicts = at::empty({0}, scores.options().dtype(at::kInt));
+  if (SpanParallelSweeps::applies(pass.params)) {
+    SpanParallelSweeps sweeps;
+    auto& mirror = sweeps.mirror(pass.params, scores);
+    mirror_verdicts = run_forward(sched, sweeps.mirrored_scores(), mirror.params, exp);
+  }
+  out.push_back(run_forward(sched, scores, pass.params, exp));
+  out.push_back(mirror_verdicts);
+  return out;
+}
+
 // The gradient outputs stay zero-filled, as the host allocates them.
 // kSpans: every span recomputed first (FLASHSEMICRF_CUDA_RECOMPUTE=spans),
 // else in the sweep.
@@ -250,10 +284,11 @@ std::vector<at::Tensor> backward_exp(at::Tensor grad_log_z, at::Tensor scores,
 
 // The span-parallel backward as semicrf_cuda.cu runs it
 // (FLASHSEMICRF_CUDA_SWEEP=parallel, static transition, more than one span):
-// the mirror image's forward (exp_mirror: exp-domain, else log), then one
+// the mirror image's forward (exp_mirror: exp-domain, else log) unless the
+// checkpoints hold its rows (2B rows: forward_with_mirror), then one
 // backward_kernel CTA a span, then the host's sums. Returns the seven
 // gradients, the sweep arena's sizes, and the mirror's log Z, checkpoints,
-// offsets and verdicts (empty for log).
+// offsets and verdicts (empty for log, and all four where it did not run).
 std::vector<at::Tensor> backward_parallel(at::Tensor grad_log_z, at::Tensor scores,
                                           at::Tensor transition, at::Tensor duration,
                                           at::Tensor lengths, at::Tensor st, at::Tensor et,
@@ -269,11 +304,16 @@ std::vector<at::Tensor> backward_parallel(at::Tensor grad_log_z, at::Tensor scor
               "backward_parallel: static transition and more than one span only");
   const Schedule sched{static_cast<int>(mode), seed, smem_limit};
   SpanParallelSweeps sweeps;
-  auto& mirror = sweeps.mirror(pass.params, scores);
-  auto mirror_out = nan_filled(mirror.outputs);
-  at::Tensor verdicts = run_forward(sched, sweeps.mirrored_scores(), mirror.params, exp_mirror);
+  const at::Tensor none = at::empty({0}, scores.options());
+  std::vector<at::Tensor> mirror_out{none, none, none};
+  at::Tensor verdicts = at::empty({0}, scores.options().dtype(at::kInt));
+  if (pass.params.mirror_ring == nullptr) {
+    auto& mirror = sweeps.mirror(pass.params, scores);
+    mirror_out = nan_filled(mirror.outputs);
+    verdicts = run_forward(sched, sweeps.mirrored_scores(), mirror.params, exp_mirror);
+  }
   BackwardParams q = pass.params;
-  sweeps.attach(q);
+  sweeps.attach(q, scores);
   auto sizes = launch_ctas(sched, scores, q, q.B * q.n_ckpt, cuda::plan_backward_arena,
                            log_sweep_kernel, false, kAll);
   sweeps.finish(q);
@@ -341,6 +381,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clear_launch_log", [] { emu::launch_log().clear(); });
   m.def("forward", &forward);
   m.def("forward_exp", &forward_exp);
+  m.def("forward_with_mirror", &forward_with_mirror);
   m.def("backward", &backward<false>);
   m.def("backward_spans", &backward<true>);
   m.def("backward_exp", &backward_exp<false>);

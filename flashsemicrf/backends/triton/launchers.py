@@ -149,6 +149,8 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
     B, T, K, C = p.B, p.T, p.K, p.C
     interval = _contract.checkpoint_interval(T, K, interval)
     n_ckpt = _contract.checkpoint_count(T, interval)
+    checkpoint_ring, checkpoint_offset = _contract.sequence_checkpoints(
+        transition, checkpoint_ring, checkpoint_offset, B)
     if tuple(checkpoint_ring.shape) != (B, n_ckpt, p.S, C) or \
             tuple(checkpoint_offset.shape) != (B, n_ckpt):
         raise ValueError(
