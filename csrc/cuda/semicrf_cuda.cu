@@ -26,9 +26,8 @@
 //   group, label) threads, per-label factors and ghosts over label threads;
 //   sequences it cannot certify are marked, and the log-domain forward
 //   above then runs for them only. For C <= 32 it runs in blocks of up to
-//   32 positions instead (exp_blocked_kernel.cuh): the far part of every
-//   step of a block by the whole CTA, then the steps in warp 0; three
-//   barriers a block.
+//   32 positions instead (exp_blocked_kernel.cuh): the steps in warp 0,
+//   while warps 1-7 sum the next block's far part; two barriers a block.
 //   backward sweep step t (backward_kernel.cuh)
 //     S0 threads c ≡ tid (mod 256) stage alpha_hat/sigma_hat rows and the
 //        inputs of t; the first 256 labels' values were loaded into
