@@ -14,6 +14,12 @@
                         the log-domain and the exp-domain kernels
   timings OUTDIR TAG --seconds S
                         the headline timings, in bench/results/'s CSV schema; TAG-timings.csv
+  profile OUTDIR TAG --seconds S [--work DIR]
+                        the forward chain at B = 1: microseconds a position for
+                        each CUDA forward, then Nsight Compute on one blocked
+                        exp-domain forward (stall samples a SASS instruction);
+                        TAG-profile.txt, the report and its CSV pages in DIR
+  chain                 the program ncu runs: one cuda-exp forward, B = 1
   summary OUTDIR TAG    the closing table, from the files the sections wrote
 
 Only the public API of flashsemicrf is used. --dry-run runs the same code on the
@@ -545,9 +551,19 @@ def timing_cases(dry_run: bool):
     gpu = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton",
            "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
+    # fwd+bwd of ours first: the two targets are fwd+bwd. (flash-semicrf 0.2.0's
+    # Triton fwd+bwd took 301 s at B = 8, T = 10^5 on an H200, more than a
+    # device call can spare: its forward is timed below.)
+    fwd_bwd = ("cuda-parallel", "cuda-exp", "cuda", "triton")
     return gpu + ("pytorch-crf",), [
-        BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu),
-        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=gpu, force=gpu),
+        BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=fwd_bwd,
+                  force=fwd_bwd, passes=("fwd+bwd",)),
+        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=fwd_bwd[:2],
+                  force=fwd_bwd[:2], passes=("fwd+bwd",)),
+        BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu,
+                  passes=("fwd",)),
+        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=gpu, force=gpu,
+                  passes=("fwd",)),
         # The memory headline: memory above the inputs at T = 10^6, K = 1000.
         BenchCase("headline", "headline", B=1, T=1_000_000, K=1000, C=24, backends=gpu,
                   force=gpu),
@@ -591,6 +607,202 @@ def timings(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
     return 0
 
 
+# -- the forward chain, profiled ------------------------------------------------
+
+# One sequence: the forward is one CTA's chain (warp 0's steps), the case the
+# B = 1, T = 10^6 target turns on. Float32, C = 24, K = 200, static transition.
+CHAIN = dict(K=200, C=24)
+CHAIN_T = 200_000  # timed: about 0.6 s a forward at 3 µs a position
+CHAIN_T_PROFILED = 20_000  # under ncu, which replays the kernel for its passes
+CHAIN_KERNEL = "exp_blocked_kernel"
+
+
+def chain_inputs(T: int, device, seed: int = 0):
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    K, C = CHAIN["K"], CHAIN["C"]
+    return (torch.randn(1, T, C, device=device, generator=g),
+            torch.randn(C, C, device=device, generator=g),
+            torch.randn(K, C, device=device, generator=g),
+            torch.full((1,), T, dtype=torch.long, device=device))
+
+
+def chain_run(dry_run: bool) -> int:
+    """One exp-domain forward at B = 1 (what ncu profiles), after a warm-up
+    at T = 64 whose launch ncu skips (-s 1)."""
+    import torch
+
+    from . import backends as bk
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    b = bk.make("cpu" if dry_run else "cuda-exp", device)
+    with bk.environment(b.env):
+        b.fn(*chain_inputs(64, device))
+        z = b.fn(*chain_inputs(CHAIN_T_PROFILED // (100 if dry_run else 1), device))
+    print(f"chain: log Z {float(z[0]):.3f}", flush=True)
+    return 0
+
+
+def chain_times(log, dry_run: bool, deadline: float) -> None:
+    """Microseconds a position of each CUDA forward at B = 1 (CUDA events,
+    best of two after a warm-up)."""
+    import torch
+
+    from . import backends as bk
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    names = ("cpu", "cpu-log") if dry_run else ("cuda-exp", "cuda")
+    T = CHAIN_T // (100 if dry_run else 1)
+    args = chain_inputs(T, device)
+    for name in names:
+        if time.monotonic() > deadline:
+            _say(f"chain {name:9s} SKIPPED: out of budget", log)
+            continue
+        b = bk.make(name, device)
+        times = []
+        with bk.environment(b.env), torch.no_grad():
+            b.fn(*chain_inputs(256, device))
+            for _ in range(2):
+                t0 = time.perf_counter()
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                        enable_timing=True)
+                    start.record()
+                    z = b.fn(*args)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end) / 1e3)
+                else:
+                    z = b.fn(*args)
+                    times.append(time.perf_counter() - t0)
+        _say(f"chain {name:9s} B1 T{T} K{CHAIN['K']} C{CHAIN['C']} forward: "
+             f"{min(times) * 1e3:.1f} ms, {min(times) / T * 1e6:.3f} µs a position "
+             f"(log Z {float(z[0]):.3f})", log)
+
+
+def find_ncu() -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which("ncu")
+    if found:
+        return found
+    for pattern in ("/usr/local/cuda/bin/ncu", "/opt/nvidia/nsight-compute/*/ncu"):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[-1]
+    return None
+
+
+def _column(header: list[str], *words: str) -> int | None:
+    for i, name in enumerate(header):
+        if all(w.lower() in name.lower() for w in words):
+            return i
+    return None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def stall_table(csv_text: str, top: int = 40) -> list[str]:
+    """The instructions with the most warp-stall samples, from ncu's source
+    page as CSV (--page source --print-source sass --csv): their share of
+    all samples, the instruction, and what else the page gives for it."""
+    rows = list(csv.reader(line for line in csv_text.splitlines() if line.strip()))
+    start = next((i for i, r in enumerate(rows) if _column(r, "source") is not None
+                  and _column(r, "sampl") is not None), None)
+    if start is None:
+        return ["stall table: no header with 'Source' and a samples column in the source "
+                "page; its first lines: " + " | ".join(",".join(r)[:200] for r in rows[:3])]
+    header, body = rows[start], rows[start + 1:]
+    src = _column(header, "source")
+    address = _column(header, "address")
+    samples = _column(header, "sampling", "all") or _column(header, "sampl")
+    not_issued = _column(header, "sampling", "not")
+    executed = _column(header, "instructions executed")
+    total = sum(_number(r[samples]) for r in body if len(r) > samples) or 1.0
+    body.sort(key=lambda r: -_number(r[samples]) if len(r) > samples else 0.0)
+    lines = [f"stall table: {len(body)} instructions, {total:.0f} samples; the top {top} "
+             f"(columns: {header[samples]!r}"
+             + (f", {header[not_issued]!r}" if not_issued is not None else "")
+             + (f", {header[executed]!r}" if executed is not None else "") + ")"]
+    cum = 0.0
+    for r in body[:top]:
+        if len(r) <= max(samples, src):
+            continue
+        n = _number(r[samples])
+        cum += n
+        extra = (f" {_number(r[not_issued]):8.0f}" if not_issued is not None else "") + (
+            f" {_number(r[executed]):12.0f}" if executed is not None else "")
+        where = r[address] if address is not None else "?"
+        lines.append(f"{100 * n / total:6.2f}% {100 * cum / total:6.1f}% {n:8.0f}{extra} "
+                     f"{where:>8s}  {r[src].strip()[:110]}")
+    return lines
+
+
+def profile(out: Path, tag: str, seconds: float, dry_run: bool, work: Path) -> int:
+    import subprocess
+
+    deadline = time.monotonic() + seconds
+    path = out / f"{tag}-profile.txt"
+    with open(path, "a") as log:
+        _say(f"# the forward chain at B = 1, budget {seconds:.0f} s"
+             + (" (dry run: the C++ kernel's two algorithms, no ncu)" if dry_run else ""), log)
+        # ncu gets the rest, at least half or a minute.
+        chain_times(log, dry_run, deadline - (0.0 if dry_run else min(60.0, seconds / 2)))
+        ncu = None if dry_run else find_ncu()
+        if ncu is None:
+            _say("ncu: not run (" + ("dry run" if dry_run else "not found") + ")", log)
+            return 0
+        report = work / f"{tag}-chain"
+        cmd = [ncu, "--clock-control", "none", "--target-processes", "all",
+               "-k", f"regex:{CHAIN_KERNEL}", "-s", "1", "-c", "1",
+               "--section", "SourceCounters", "--section", "WarpStateStats",
+               "--section", "SchedulerStats", "--section", "LaunchStats",
+               "--section", "Occupancy", "--section", "SpeedOfLight",
+               "--import-source", "yes", "-f", "-o", str(report),
+               sys.executable, "-m", "bench.gpu_check", "chain"]
+        left = deadline - time.monotonic() - 20
+        if left < 20:
+            _say(f"ncu: SKIPPED: {left:.0f} s left", log)
+            return 0
+        _say("$ " + " ".join(cmd), log)
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            log.write(proc.stdout[-4000:] + proc.stderr[-4000:] + "\n")
+            _say(f"ncu: exit {proc.returncode} ({time.monotonic() - t0:.0f} s)", log)
+        except subprocess.TimeoutExpired:
+            _say(f"ncu: TIMEOUT after {left:.0f} s", log)
+            return 1
+        rep = report.with_suffix(".ncu-rep")
+        if not rep.exists():
+            return 1
+        pages = (("details", ["--page", "details"], None),
+                 ("sass", ["--page", "source", "--print-source", "sass", "--csv"], "sass.csv"),
+                 ("cuda", ["--page", "source", "--print-source", "cuda", "--csv"], "cuda.csv"))
+        for name, args, save in pages:
+            try:
+                proc = subprocess.run([ncu, "-i", str(rep), *args], capture_output=True,
+                                      text=True, timeout=max(10.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"ncu page {name}: TIMEOUT", log)
+                continue
+            _say(f"ncu page {name}: exit {proc.returncode}, {len(proc.stdout)} characters", log)
+            if save is None:
+                log.write(proc.stdout[:60_000] + proc.stderr[-2000:] + "\n")
+                continue
+            (work / f"{tag}-chain-{save}").write_text(proc.stdout)
+            for line in stall_table(proc.stdout, 40 if name == "sass" else 25):
+                _say(line, log)
+    return 0
+
+
 # -- the closing table ---------------------------------------------------------------
 
 
@@ -617,6 +829,11 @@ def summary(out: Path, tag: str) -> int:
                 if re.search(r"\d+ (passed|failed|error|skipped|deselected|tests? collected)", ln)]
         if tail:
             lines.append(f"{'pytest':12s} {tail[-1].strip('= ')}")
+    prof = out / f"{tag}-profile.txt"
+    if prof.exists():
+        for line in prof.read_text().splitlines():
+            if line.startswith(("chain ", "ncu: ")):
+                lines.append(f"{'profile':12s} {line[:150]}")
     san = out / f"{tag}-sanitizer.txt"
     if san.exists():
         tool = None
@@ -642,10 +859,11 @@ def summary(out: Path, tag: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check")
     p.add_argument("command", choices=("pick-wheel", "verify", "env", "correctness", "sanitize",
-                                       "timings", "summary"))
+                                       "timings", "profile", "chain", "summary"))
     p.add_argument("args", nargs="*")
     p.add_argument("--seconds", type=float, default=120.0)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--work", type=Path, default=None, help="profile: where the ncu report goes")
     a = p.parse_args(argv)
     if a.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -657,6 +875,8 @@ def main(argv=None) -> int:
         return verify(Path(a.args[0]).resolve(), a.dry_run)
     if a.command == "sanitize":
         return sanitize(a.dry_run)
+    if a.command == "chain":
+        return chain_run(a.dry_run)
     out, tag = Path(a.args[0]), a.args[1]
     if a.command == "env":
         environment(out, tag, a.dry_run)
@@ -665,6 +885,8 @@ def main(argv=None) -> int:
         return correctness(out, tag, a.seconds, a.dry_run)
     if a.command == "timings":
         return timings(out, tag, a.seconds, a.dry_run)
+    if a.command == "profile":
+        return profile(out, tag, a.seconds, a.dry_run, a.work or out)
     return summary(out, tag)
 
 

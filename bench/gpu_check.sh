@@ -12,18 +12,28 @@
 #                   carried flash-semicrf, torch-struct and pytorch-crf wheels
 #   3 correctness   CUDA and Triton against a float64 reference and the C++ kernel
 #     pytest        -m "(cuda or triton) and not slow", nvidia-smi -L on top
-#   4 sanitizer     compute-sanitizer memcheck, racecheck, synccheck, initcheck
-#   5 timings       headline sizes with CUDA events, bench/results/ CSV schema
-#   6 summary       a short table, printed last
+#   4 profile       the forward chain at B = 1: microseconds a position, then
+#                   Nsight Compute's stall samples a SASS instruction of one
+#                   blocked exp-domain forward
+#   5 timings       fwd+bwd of the two targets, then the headline sizes'
+#                   forwards, with CUDA events, bench/results/ CSV schema
+#   6 sanitizer     compute-sanitizer memcheck, racecheck, synccheck, initcheck
+#   7 summary       a short table, printed last
 # --dry-run: every section on this CPU with tiny sizes and stand-ins (the C++
-# kernel for CUDA, Triton's interpreter, no sanitizer, pytest only collects).
+# kernel for CUDA, Triton's interpreter, no sanitizer, no ncu, pytest only
+# collects).
 # --budget: the whole run's seconds (default 450: 7.5 minutes, install included).
+# --sections: which of correctness, pytest, profile, timings and sanitizer run
+# (default all, in the order above), each NAME or NAME:SECONDS to change its
+# cap, e.g. --sections profile,timings:240,sanitizer:200 (environment and
+# install always run).
 #
 # OUTDIR: $OUT when set, else bench/results/gpu-check-<device>-<time>. It gets
-# at most 8 files: summary.txt, install.txt, <device>-env.json,
-# <device>-correctness.txt, <device>-pytest.txt, <device>-sanitizer.txt,
+# at most 8 files: summary.txt, <device>-env.json, <device>-correctness.txt,
+# <device>-pytest.txt, <device>-profile.txt, <device>-sanitizer.txt,
 # <device>-timings.csv and, last, <device>-gpu-check.tar.gz holding all of them
-# plus one log per sanitizer tool (<device>-memcheck.txt, ...).
+# plus the install log, one log per sanitizer tool (<device>-memcheck.txt, ...)
+# and the profile's ncu report and its pages as CSV.
 # Carried wheels: $FLASHSEMICRF_GPU_CHECK_WHEELS (default .gpu/ in the checkout);
 # the interpreter: $PYTHON (default python3).
 set -uo pipefail
@@ -33,11 +43,13 @@ PYTHON=${PYTHON:-python3}
 DRY=0
 BUDGET=450
 OUTDIR=""
+SECTIONS=correctness,pytest,profile,timings,sanitizer
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --sections) SECTIONS=$2; shift ;;
+    -h|--help) sed -n '2,36p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
     *) OUTDIR=$1 ;;
   esac
@@ -67,6 +79,7 @@ fi
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 SUMMARY=$OUTDIR/summary.txt
+INSTALL_LOG=$WORK/install.txt
 SITE=$WORK/site
 FAILED=0
 export PYTHONUNBUFFERED=1
@@ -134,7 +147,7 @@ install_wheels() {  # the given wheels into a fresh $WORK/site, which becomes $S
   SITE=$WORK/site
   rm -rf "$SITE" && mkdir -p "$SITE"
   "$PYTHON" -m pip install --no-index --no-deps --no-compile --disable-pip-version-check \
-    --target "$SITE" "$@" >> "$OUTDIR/install.txt" 2>&1
+    --target "$SITE" "$@" >> "$INSTALL_LOG" 2>&1
 }
 
 section_install() {
@@ -145,20 +158,20 @@ section_install() {
     [ -f "$w" ] && extras+=("$w")
   done
   say "install: carried comparison wheels: ${extras[*]:-none (flash-semicrf, torch-struct and pytorch-crf as installed, if at all)}"
-  wheel=$(cd "$WORK" && PYTHONPATH="$REPO" "$PYTHON" -m bench.gpu_check pick-wheel "$WHEELS" 2>>"$OUTDIR/install.txt")
+  wheel=$(cd "$WORK" && PYTHONPATH="$REPO" "$PYTHON" -m bench.gpu_check pick-wheel "$WHEELS" 2>>"$INSTALL_LOG")
   rc=1
   if [ -n "$wheel" ]; then
     say "install: $wheel"
-    install_wheels "$wheel" "${extras[@]}" && { py -m bench.gpu_check verify "$REPO" "${DRYFLAG[@]}" 2>&1 | tee -a "$OUTDIR/install.txt"; rc=${PIPESTATUS[0]}; }
+    install_wheels "$wheel" "${extras[@]}" && { py -m bench.gpu_check verify "$REPO" "${DRYFLAG[@]}" 2>&1 | tee -a "$INSTALL_LOG" "$SUMMARY"; rc=${PIPESTATUS[0]}; }
   else
-    say "install: $(tail -n 1 "$OUTDIR/install.txt")"
+    say "install: $(tail -n 1 "$INSTALL_LOG")"
   fi
   if [ "$rc" -ne 0 ] && [ "$DRY" = 1 ]; then
     say "install: dry run: no usable wheel, and no build here (a GPU run builds one with every core); using the checkout's in-place build"
     SITE=$REPO
     [ ${#extras[@]} -gt 0 ] && "$PYTHON" -m pip install --no-index --no-deps --no-compile \
-      --target "$WORK/extras" "${extras[@]}" >> "$OUTDIR/install.txt" 2>&1
-    py -m bench.gpu_check verify "$REPO" --dry-run 2>&1 | tee -a "$OUTDIR/install.txt"
+      --target "$WORK/extras" "${extras[@]}" >> "$INSTALL_LOG" 2>&1
+    py -m bench.gpu_check verify "$REPO" --dry-run 2>&1 | tee -a "$INSTALL_LOG" "$SUMMARY"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 2 ] && rc=0  # an in-place build may predate its own source record
   elif [ "$rc" -ne 0 ]; then
@@ -174,12 +187,12 @@ section_install() {
     (cd "$REPO" && FLASHSEMICRF_CUDA_ARCH_LIST="$cap" FLASHSEMICRF_CPU_ARCH=native \
       FLASHSEMICRF_FORCE_CUDA=1 MAX_JOBS="$(nproc)" \
       timeout -k 5 "$seconds" "$PYTHON" -m pip wheel \
-      --no-build-isolation --no-deps -v -w "$WORK/dist" .) >> "$OUTDIR/install.txt" 2>&1
+      --no-build-isolation --no-deps -v -w "$WORK/dist" .) >> "$INSTALL_LOG" 2>&1
     rc=$?
     say "install: the build took $((SECONDS - t0)) s (exit $rc)"
     [ $rc -ne 0 ] && return $rc
     install_wheels "$WORK"/dist/flashsemicrf-*.whl "${extras[@]}" || return 1
-    py -m bench.gpu_check verify "$REPO" 2>&1 | tee -a "$OUTDIR/install.txt"
+    py -m bench.gpu_check verify "$REPO" 2>&1 | tee -a "$INSTALL_LOG" "$SUMMARY"
     rc=${PIPESTATUS[0]}
   fi
   [ "$SITE" = "$REPO" ] && [ -d "$WORK/extras" ] && SITE="$REPO:$WORK/extras"
@@ -244,6 +257,11 @@ section_sanitizer() {
   ! grep -q "ERROR SUMMARY: [1-9]" "$out"
 }
 
+section_profile() {
+  py_timed "$1" -m bench.gpu_check profile "$OUTDIR" "$TAG" --seconds $(($1 - 15)) \
+    --work "$WORK" "${DRYFLAG[@]}"
+}
+
 section_timings() {
   py_timed "$1" -m bench.gpu_check timings "$OUTDIR" "$TAG" --seconds $(($1 - 15)) "${DRYFLAG[@]}"
 }
@@ -253,10 +271,20 @@ say "gpu_check: $TAG, budget ${BUDGET} s, out: $OUTDIR, work: $WORK"
 run_section environment 30 10 section_env
 run_section install 300 20 section_install
 if grep -q "== section install: ok" "$SUMMARY"; then
-  run_section correctness 150 30 section_correctness
-  run_section pytest 90 30 section_pytest
-  run_section sanitizer 100 30 section_sanitizer
-  run_section timings 90 30 section_timings
+  for item in ${SECTIONS//,/ }; do
+    name=${item%%:*}
+    case "$name" in
+      correctness) cap=150 ;;
+      pytest) cap=90 ;;
+      profile) cap=90 ;;
+      timings) cap=120 ;;
+      sanitizer) cap=100 ;;
+      *) say "== section $name: UNKNOWN: --sections takes correctness, pytest, profile, timings, sanitizer"
+         FAILED=1; continue ;;
+    esac
+    [ "$item" != "$name" ] && cap=${item#*:}
+    run_section "$name" "$cap" 30 "section_$name"
+  done
 else
   say "== section correctness: SKIPPED: nothing installed to check"
 fi
@@ -265,8 +293,10 @@ fi
 "$PYTHON" "$REPO/bench/gpu_check.py" summary "$OUTDIR" "$TAG" > "$WORK/summary-table.txt" 2>&1
 cat "$WORK/summary-table.txt" >> "$SUMMARY"
 files=()
-for f in "$OUTDIR"/{summary.txt,install.txt} "$OUTDIR/$TAG"-{env.json,correctness.txt,pytest.txt,sanitizer.txt,timings.csv} \
-         "$WORK/$TAG"-{memcheck,racecheck,synccheck,initcheck}.txt; do
+for f in "$OUTDIR/summary.txt" "$INSTALL_LOG" \
+         "$OUTDIR/$TAG"-{env.json,correctness.txt,pytest.txt,profile.txt,sanitizer.txt,timings.csv} \
+         "$WORK/$TAG"-{memcheck,racecheck,synccheck,initcheck}.txt \
+         "$WORK/$TAG"-chain.ncu-rep "$WORK/$TAG"-chain-{sass,cuda}.csv; do
   [ -f "$f" ] && files+=("$f")
 done
 tar czf "$OUTDIR/$TAG-gpu-check.tar.gz" --transform 's,^.*/,,' "${files[@]}" 2>/dev/null

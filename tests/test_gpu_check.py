@@ -24,7 +24,7 @@ from bench.report import COLUMNS  # noqa: E402
 
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 TAG = "cpu-dry-run"
-SECTIONS = ("environment", "install", "correctness", "pytest", "sanitizer", "timings")
+SECTIONS = ("environment", "install", "correctness", "pytest", "profile", "timings", "sanitizer")
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or not SCRIPT.is_file(),
                                 reason="needs bash and the checkout's bench/gpu_check.sh")
@@ -58,14 +58,14 @@ def test_dry_run_runs_every_section(carried, tmp_path):
         assert re.search(rf"^== section {name}: ok ", summary, re.M), f"{name} not ok:\n{summary}"
     installed = re.search(r"^install: (\S+\.whl)$", summary, re.M)
     assert installed and Path(installed[1]).parent == carried, summary
-    assert "verify: built from this checkout's sources" in (out / "install.txt").read_text()
+    assert "verify: built from this checkout's sources" in summary
 
     # At most 8 files, none in a subfolder: what comes back from the device.
     files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(["summary.txt", "install.txt", f"{TAG}-env.json",
+    assert files == sorted(["summary.txt", f"{TAG}-env.json",
                             f"{TAG}-correctness.txt", f"{TAG}-pytest.txt",
-                            f"{TAG}-sanitizer.txt", f"{TAG}-timings.csv",
-                            f"{TAG}-gpu-check.tar.gz"]), files
+                            f"{TAG}-profile.txt", f"{TAG}-sanitizer.txt",
+                            f"{TAG}-timings.csv", f"{TAG}-gpu-check.tar.gz"]), files
 
     corr = (out / f"{TAG}-correctness.txt").read_text()
     for backend in gpu_check.GPU_BACKENDS:
@@ -95,9 +95,14 @@ def test_dry_run_runs_every_section(carried, tmp_path):
                for r in rows if r["backend"] == "torch"), rows
     assert any(r["backend"] == "torch" for r in timed), rows
 
+    profile = (out / f"{TAG}-profile.txt").read_text()
+    chain = [ln for ln in profile.splitlines() if ln.startswith("chain ")]
+    assert len(chain) == 2 and all("µs a position" in ln for ln in chain), profile
+    assert "ncu: not run (dry run)" in profile
+
     with tarfile.open(out / f"{TAG}-gpu-check.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {f for f in files if not f.endswith(".tar.gz")} <= names, names
+    assert {f for f in files if not f.endswith(".tar.gz")} | {"install.txt"} <= names, names
     # The closing table is the output's tail.
     lines = proc.stdout.strip().splitlines()
     tail = lines[max(i for i, ln in enumerate(lines) if ln.startswith("== summary")):]
@@ -155,3 +160,31 @@ def test_stale_build_is_told_by_its_sources(tmp_path):
     (tmp_path / "csrc/a.cu").write_text("kernel v2")
     (tmp_path / "flashsemicrf/new.py").write_text("")
     assert gpu_check.source_differences(tmp_path, recorded) == ["csrc/a.cu", "flashsemicrf/new.py"]
+
+
+def test_sections_choose_what_runs_and_their_caps(tmp_path):
+    out = tmp_path / "out"
+    proc = dry_run(out, tmp_path / "no-wheels", "--sections", "profile:45,nonsense")
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 1, summary  # the unknown name is a failure of the check
+    assert re.search(r"^== section profile: ok \(\d+ s of 45 s\)$", summary, re.M), summary
+    assert "== section nonsense: UNKNOWN" in summary
+    for name in ("correctness", "pytest", "timings", "sanitizer"):
+        assert f"== section {name}:" not in summary, summary
+
+
+def test_stall_table_ranks_instructions_by_their_samples():
+    page = "\n".join([
+        '"Address","Source","Warp Stall Sampling (All Samples)",'
+        '"Warp Stall Sampling (Not-issued Samples)","Instructions Executed"',
+        '"0x10","LDS R1, [R2]","30","25","1,000"',
+        '"0x20","FFMA R3, R1, R4, R3","60","50","1,000"',
+        '"0x30","EXIT","10","0","1"',
+    ])
+    lines = gpu_check.stall_table(page, top=2)
+    assert lines[0].startswith("stall table: 3 instructions, 100 samples; the top 2"), lines
+    assert len(lines) == 3
+    assert "FFMA" in lines[1] and lines[1].split()[:2] == ["60.00%", "60.0%"], lines
+    assert "LDS" in lines[2] and lines[2].split()[:2] == ["30.00%", "90.0%"], lines
+    assert "1000" in lines[1]  # the executed count, thousands separator read
+    assert gpu_check.stall_table("no,header\n1,2")[0].startswith("stall table: no header")
