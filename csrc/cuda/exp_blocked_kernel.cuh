@@ -53,8 +53,6 @@ namespace cuda {
 constexpr int kBlockSteps = 32;
 // Labels the blocked forward takes: one warp, one lane a label.
 constexpr int kBlockedMaxLabels = kWarpSize;
-// Near ages ends() loads ahead of their arithmetic.
-constexpr int kNearGroup = 4;
 
 // Extra arrays of the blocked forward, after the per-step kernel's.
 enum ExpBlockedArray {
@@ -484,34 +482,19 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
     if (valid) {
       // Near ages 1 … k: entry j = k - d started at t0 + j; ages >= 2 take
       // the last advance's factor on the way (the per-step ring pass).
-      // kNearGroup ages at a time, their loads first: the write-back of one
-      // age would otherwise order the next age's loads after it (the
-      // compiler cannot tell the slots apart), a shared-memory round trip
-      // an age on warp 0's chain. The sums run in the same order.
-      for (int d0 = 1; d0 <= k; d0 += kNearGroup) {
-        scalar_t xs[kNearGroup], ws[kNearGroup];
-#pragma unroll
-        for (int i = 0; i < kNearGroup; ++i) {
-          const int d = d0 + i;
-          xs[i] = d <= k ? near[(k - d) * C + c] : scalar_t(0);
-          ws[i] = d <= k ? weight[(d - 1) * C + c] : scalar_t(0);
+      for (int d = 1; d <= k; ++d) {
+        scalar_t* r = near + (k - d) * C + c;
+        scalar_t x = *r;
+        if (d >= 2 && owes) {
+          x = x * fo;
+          x = x < big ? x : big;
+          *r = x;
         }
-#pragma unroll
-        for (int i = 0; i < kNearGroup; ++i) {
-          const int d = d0 + i;
-          if (d > k) break;
-          scalar_t x = xs[i];
-          if (d >= 2 && owes) {
-            x = x * fo;
-            x = x < big ? x : big;
-            near[(k - d) * C + c] = x;
-          }
-          const scalar_t w = ws[i];
-          a += x * w;
-          const bool keep = d < last;
-          lm = keep ? std::fmax(x, lm) : lm;
-          mn = std::fmin((x > 0 && (w > 0 || keep)) ? x : inf, mn);
-        }
+        const scalar_t w = weight[(d - 1) * C + c];
+        a += x * w;
+        const bool keep = d < last;
+        lm = keep ? std::fmax(x, lm) : lm;
+        mn = std::fmin((x > 0 && (w > 0 || keep)) ? x : inf, mn);
       }
     }
     owes = false;
