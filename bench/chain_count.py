@@ -11,10 +11,11 @@ csrc/cuda/exp_blocked_kernel.cuh ran. Each basic block of the kernel's SASS
 (bench.sass_profile's disassembly, split at labels and after branches) is
 taken to run as often as the most-run line it holds, in lane-executions a
 step divided by the lanes (C: every lane holds a label, so the warp runs a
-block whenever its lanes do; C = 32 by default so that no lane idles). Code
-inlined from other files counts at its call site's line: a callee's rarely
-taken branches count as taken, so the figures lean high there; a branch a
-few lanes take counts as the fraction of lanes, so they lean low there.
+block whenever its lanes do; C = 32 by default so that no lane idles). A
+block of an inlined helper (power_of_two, ghost_of_alpha, ...) counts at its
+call site's rate times the fraction of the helper's calls, over all its
+call sites, that reached it. A branch only a few lanes take counts as the
+fraction of lanes, so the figures lean low there.
 
 Prints, for each __device__ function of the chain (ends, starts, advance)
 and for the rest of the step loop, the SASS instructions and how many of
@@ -78,34 +79,69 @@ def site(ins: sass_profile.Instruction, name: str,
     return found
 
 
-def per_step(kernel: sass_profile.Kernel, counts: dict[int, float], name: str,
-             ranges: list[tuple[int, int, str]], functions=CHAIN):
+def per_step(kernel: sass_profile.Kernel, counts: dict[str, dict[int, float]], name: str,
+             ranges: dict[str, list[tuple[int, int, str]]], functions=CHAIN):
     """({function: (static instructions, instructions a step outside inner
     loops)}, {line: (function, runs a step, static instructions)} for the
-    lines of inner loops), from line counts already divided by steps × lanes.
-    A block whose lines run more than 2.5 times a step is an inner loop's body,
-    unrolled: its instructions a step need the unroll factor, which the
-    line counts do not give, so they are listed apart."""
+    lines of inner loops).
+
+    counts: gcov's line counts by file name, divided by steps × lanes;
+    ranges: each file's __device__ / HOST_DEVICE functions. A block runs as
+    often as its most-run line of `name` inside `functions` (gcov counts a
+    statement spread over two lines at both, so up to 2.5 a step is
+    straight-line code run once). A block whose lines run more than that is
+    an inner loop's body, unrolled: its instructions a step need the unroll
+    factor, which the line counts do not give, so they are listed apart. An
+    inlined helper's instructions in a block run, at each call, the
+    fraction of the helper's calls that reached the block's most-run line
+    of it (its entry line's count against that line's, over all its call
+    sites)."""
     static: collections.Counter = collections.Counter()
     dynamic: collections.Counter = collections.Counter()
     loops: dict[int, list] = {}
-    ranges = [r for r in ranges if r[2] in functions]
+    chain_ranges = [r for r in ranges.get(name, []) if r[2] in functions]
+    own = counts.get(name, {})
     for block in basic_blocks(kernel):
-        sites = [site(ins, name, ranges) for ins in block]
-        freq = max((counts.get(s[0], 0.0) for s in sites if s is not None), default=0.0)
-        for s in sites:
+        sites = [site(ins, name, chain_ranges) for ins in block]
+        freq = max((own.get(s[0], 0.0) for s in sites if s is not None), default=0.0)
+        # The helpers inlined here: (file, function) -> (entry count, most-run line's).
+        reached: dict[tuple[str, int], float] = {}
+        helper_of = []
+        for ins, s in zip(block, sites):
+            h = helper(ins, s, ranges, counts)
+            helper_of.append(h)
+            if h is not None:
+                key, entry, line_count = h
+                reached[key] = max(reached.get(key, 0.0), line_count / entry if entry else 1.0)
+        for s, h in zip(sites, helper_of):
             if s is None:
                 continue
             static[s[1]] += 1
-            # gcov counts a statement spread over two lines at both: up to
-            # twice a step is straight-line code run once.
             if freq <= 2.5:
-                dynamic[s[1]] += min(freq, 1.0)
+                dynamic[s[1]] += min(freq, 1.0) * (min(reached[h[0]], 1.0) if h else 1.0)
             else:
-                entry = loops.setdefault(s[0], [s[1], counts.get(s[0], 0.0), 0])
+                entry = loops.setdefault(s[0], [s[1], own.get(s[0], 0.0), 0])
                 entry[2] += 1
     return ({f: (static[f], dynamic[f]) for f in functions},
             {n: tuple(v) for n, v in sorted(loops.items())})
+
+
+def helper(ins: sass_profile.Instruction, at: tuple[int, str] | None,
+           ranges: dict[str, list[tuple[int, int, str]]], counts: dict[str, dict[int, float]]):
+    """((file, entry line), entry count, count of the instruction's own line)
+    for an instruction inlined from a helper function (its innermost
+    location, inside another function than the chain's, in a file gcov
+    counted), else None."""
+    if at is None or not ins.chain:
+        return None
+    f, n = Path(ins.chain[0][0]).name, ins.chain[0][1]
+    holding = [r for r in ranges.get(f, []) if r[0] <= n <= r[1]]
+    if not holding or f not in counts:
+        return None
+    lo, _, fn = max(holding)  # the innermost function holding the line
+    if fn == at[1] and lo <= at[0]:
+        return None  # the chain function's own code
+    return (f, lo), counts[f].get(lo, 0.0), counts[f].get(n, 0.0)
 
 
 def gcov_counts(gcov_text: str) -> dict[int, int]:
@@ -163,14 +199,17 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["gcov", "-o", str(a.build), "-r", "-s", str(ROOT),
                         str(a.build / "emu_ext.o")], cwd=tmp, check=True, capture_output=True)
-        report = Path(tmp) / f"{SOURCE.name}.gcov"
-        counts = gcov_counts(report.read_text())
-    lanes_steps = a.T * a.C
-    scaled = {n: c / lanes_steps for n, c in counts.items()}
+        lanes_steps = a.T * a.C
+        counts = {}
+        for report in Path(tmp).glob("*.gcov"):
+            source = report.name[:-len(".gcov")]
+            counts[source] = {n: c / lanes_steps for n, c in gcov_counts(report.read_text()).items()}
+    ranges = {}
+    for path in [*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc" / "cuda").glob("*.cuh")]:
+        ranges[path.name] = sass_profile.function_ranges(path.read_text())
     text = a.sass.read_text() if a.sass else sass_profile.disassemble()
     kernel = sass_profile.parse(text)[a.kernel]
-    ranges = sass_profile.function_ranges(SOURCE.read_text())
-    rows, loops = per_step(kernel, scaled, SOURCE.name, ranges)
+    rows, loops = per_step(kernel, counts, SOURCE.name, ranges)
     print(f"{a.kernel}: warp 0's instructions a step, B = 1, T = {a.T}, K = 200, C = {a.C}")
     print(f"{'function':10s} {'static':>7s} {'a step, outside inner loops':>28s}")
     for f, (st, dyn) in rows.items():

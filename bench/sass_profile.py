@@ -171,7 +171,7 @@ def demangle(mangled: str) -> str:
 
 LINE_INFO = re.compile(r'//## File "([^"]+)", line (\d+)')
 LOCATION = re.compile(r'"([^"]+)", line (\d+)')
-FUNCTION = re.compile(r"^(\s*)__device__\b.*?\b(\w+)\(")
+FUNCTION = re.compile(r"^(\s*)(?:__device__|HOST_DEVICE)\b.*?\b(\w+)\(")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
 LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 SECTION = re.compile(r"^\.text\.(\S+):")

@@ -70,8 +70,9 @@ def test_counts_weigh_blocks_and_keep_inner_loops_apart():
     ranges = sp.function_ranges(SOURCE)
     assert ranges == [(10, 17, "step")]
     # 16 steps of 4 lanes: lines 11-13 run once a step, line 15 eight times.
-    scaled = {n: c / 64 for n, c in counts.items()}
-    rows, loops = cc.per_step(kernel, scaled, "chain.cuh", ranges, functions=("step",))
+    scaled = {"chain.cuh": {n: c / 64 for n, c in counts.items()}}
+    rows, loops = cc.per_step(kernel, scaled, "chain.cuh", {"chain.cuh": ranges},
+                              functions=("step",))
     # The first block: 4 instructions once a step (the inlined helper's two
     # at their call site, line 12); the branch's DADD: once, at line 13's
     # count (a rare branch leans high, as the module says); line 14's block:
@@ -80,3 +81,24 @@ def test_counts_weigh_blocks_and_keep_inner_loops_apart():
     assert static == 9  # every instruction but EXIT (line 40 is outside step)
     assert dynamic == 4 + 1 + 0
     assert loops == {15: ("step", 8.0, 3)}
+
+
+HELPER = "x\n" * 4 + """\
+HOST_DEVICE double helper(double v) {
+  if (v > 0)
+    return v * 2;  // line 7
+  return 0;
+}
+"""
+
+
+def test_an_inlined_helper_counts_at_the_share_of_calls_that_reach_it():
+    kernel = sp.parse(EXCERPT)["kernel<float, true>"]
+    assert sp.function_ranges(HELPER) == [(5, 9, "helper")]
+    # The helper is entered 4 times a step over all its call sites, and its
+    # line 7 runs once: the two instructions from it count a quarter each.
+    counts = {"chain.cuh": {n: c / 64 for n, c in cc.gcov_counts(GCOV).items()},
+              "exp_domain.h": {5: 4.0, 7: 1.0}}
+    ranges = {"chain.cuh": sp.function_ranges(SOURCE), "exp_domain.h": sp.function_ranges(HELPER)}
+    rows, _ = cc.per_step(kernel, counts, "chain.cuh", ranges, functions=("step",))
+    assert rows["step"] == (9, 2 + 2 * 0.25 + 1 + 0)
