@@ -57,11 +57,15 @@ def emu():
     build = Path(os.environ.get("FLASHSEMICRF_EMULATOR_BUILD", ROOT / "build" / "cuda_emulator"))
     build.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", "2")
+    # FLASHSEMICRF_EMULATOR_COVERAGE=1: gcc --coverage, so that gcov says
+    # which lines of the device code the tests ran (build it apart).
+    coverage = os.environ.get("FLASHSEMICRF_EMULATOR_COVERAGE") == "1"
     return cpp_extension.load(
         name="flashsemicrf_cuda_emulator",
         sources=[str(HERE / "emu_ext.cpp")],
         extra_include_paths=[str(ROOT / "csrc"), str(HERE)],
-        extra_cflags=["-O2"],
+        extra_cflags=["-O1", "--coverage"] if coverage else ["-O2"],
+        extra_ldflags=["--coverage"] if coverage else [],
         build_directory=str(build),
         verbose=False,
     )
