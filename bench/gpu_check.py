@@ -45,6 +45,10 @@ from pathlib import Path
 OPTIONAL = ("start_transition", "end_transition", "start_scores", "end_scores")
 SHARED = ("transition", "duration", "start_transition", "end_transition")  # sums over T
 GPU_BACKENDS = ("cuda", "triton")
+# The CUDA path again with the exp-domain kernels (bench.backends' switches),
+# on the grid's static-transition cases: the (K, C, C) form runs the log
+# domain whatever the switch says.
+CUDA_VARIANTS = ("cuda-exp", "cuda-parallel")
 
 
 def _say(line: str, log=None) -> None:
@@ -417,6 +421,8 @@ def sampling_check(backend: str, device, n: int) -> tuple[bool, str]:
 def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
     import torch
 
+    from . import backends as bk
+
     deadline = time.monotonic() + seconds
     device = torch.device("cpu" if dry_run else "cuda")
     grid = DRY_GRID if dry_run else GRID
@@ -424,33 +430,42 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
     failures, ran, skipped = 0, 0, 0
     with open(path, "a") as log:
         _say(f"# correctness on {device}, budget {seconds:.0f} s"
-             + (" (dry run: 'cuda' is the C++ kernel, Triton interpreted)" if dry_run else ""),
+             + (" (dry run: 'cuda' and its variants are the C++ kernel, Triton interpreted)" if dry_run else ""),
              log)
         references: dict[Case, dict] = {}
-        for backend in GPU_BACKENDS:
-            run_as = "cpu" if dry_run and backend == "cuda" else backend
+        # cuda, its exp-domain variants, then Triton: a budget cut loses Triton first.
+        for backend in (GPU_BACKENDS[0], *CUDA_VARIANTS, *GPU_BACKENDS[1:]):
+            variant = backend in CUDA_VARIANTS
+            run_as = "cpu" if dry_run and backend.startswith("cuda") else (
+                "cuda" if variant else backend)
+            switches = bk.CUDA_ENV[backend] if variant else {}
             for case in grid:
+                if variant and case.dd:
+                    continue
                 if time.monotonic() > deadline:
-                    _say(f"{backend:7s} {case.id:42s} SKIPPED: out of budget", log)
+                    _say(f"{backend:13s} {case.id:42s} SKIPPED: out of budget", log)
                     skipped += 1
                     continue
                 t0 = time.monotonic()
                 try:
                     if case not in references:
                         references[case] = compute_reference(case)
-                    ok, detail = check_case(case, run_as, device, references[case])
+                    with bk.environment(switches):
+                        ok, detail = check_case(case, run_as, device, references[case])
                 except Exception as exc:  # noqa: BLE001 — a failing backend is a result
                     ok, detail = False, f"ERROR {type(exc).__name__}: {str(exc)[:300]}"
                 ran += 1
                 failures += not ok
                 ref = references.get(case, {}).get("backend", "?")
-                _say(f"{backend:7s} {case.id:42s} {'PASS' if ok else 'FAIL'}  {detail}  "
+                _say(f"{backend:13s} {case.id:42s} {'PASS' if ok else 'FAIL'}  {detail}  "
                      f"[ref {ref} f64, {time.monotonic() - t0:.1f} s]"
                      + (f"  ({case.note})" if case.note else ""), log)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            if variant:
+                continue  # sampling runs the filter kernel: log domain whatever the switch
             if time.monotonic() > deadline:
-                _say(f"{backend:7s} sampling SKIPPED: out of budget", log)
+                _say(f"{backend:13s} sampling SKIPPED: out of budget", log)
                 skipped += 1
                 continue
             try:
@@ -459,8 +474,8 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
                 ok, detail = False, f"ERROR {type(exc).__name__}: {str(exc)[:300]}"
             ran += 1
             failures += not ok
-            _say(f"{backend:7s} {'sampling ' + SAMPLING.id:42s} {'PASS' if ok else 'FAIL'}  {detail}",
-                 log)
+            _say(f"{backend:13s} {'sampling ' + SAMPLING.id:42s} {'PASS' if ok else 'FAIL'}  "
+                 f"{detail}", log)
         _say(f"correctness: {ran - failures}/{ran} passed, {failures} failed, "
              f"{skipped} skipped", log)
     return 1 if failures else 0

@@ -68,11 +68,15 @@ def test_dry_run_runs_every_section(carried, tmp_path):
                             f"{TAG}-timings.csv", f"{TAG}-gpu-check.tar.gz"]), files
 
     corr = (out / f"{TAG}-correctness.txt").read_text()
-    for backend in gpu_check.GPU_BACKENDS:
-        lines = [ln for ln in corr.splitlines() if ln.startswith(backend)]
-        assert len(lines) == len(gpu_check.DRY_GRID) + 1, lines  # + sampling
+    static = [c for c in gpu_check.DRY_GRID if not c.dd]
+    for backend in (*gpu_check.GPU_BACKENDS, *gpu_check.CUDA_VARIANTS):
+        lines = [ln for ln in corr.splitlines() if ln.split(" ", 1)[0] == backend]
+        # + sampling for cuda and triton; the exp-domain variants: static cases only
+        want = len(static) if backend in gpu_check.CUDA_VARIANTS else len(gpu_check.DRY_GRID) + 1
+        assert len(lines) == want, lines
         assert all(" PASS " in ln for ln in lines), lines
-    assert "correctness: 10/10 passed, 0 failed, 0 skipped" in corr
+    n = 2 * (len(gpu_check.DRY_GRID) + 1) + 2 * len(static)
+    assert f"correctness: {n}/{n} passed, 0 failed, 0 skipped" in corr
 
     pytest_log = (out / f"{TAG}-pytest.txt").read_text()
     assert re.search(r"\d+/\d+ tests collected \(\d+ deselected\)", pytest_log), pytest_log[-500:]
@@ -130,7 +134,9 @@ def test_correctness_stops_at_its_budget(tmp_path, monkeypatch):
     rc = gpu_check.main(["correctness", str(tmp_path), TAG, "--seconds", "0", "--dry-run"])
     text = (tmp_path / f"{TAG}-correctness.txt").read_text()
     assert rc == 0
-    assert text.count("SKIPPED: out of budget") == 2 * (len(gpu_check.DRY_GRID) + 1), text
+    static = [c for c in gpu_check.DRY_GRID if not c.dd]
+    assert text.count("SKIPPED: out of budget") == 2 * (len(gpu_check.DRY_GRID) + 1) + 2 * len(
+        static), text
     assert "0/0 passed" in text
 
 
