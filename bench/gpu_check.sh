@@ -10,7 +10,8 @@
 #   2 install       the carried wheel (pip --no-index --no-deps --target), or a
 #                   build with every core when none fits or it is stale; the
 #                   carried flash-semicrf, torch-struct and pytorch-crf wheels
-#   3 correctness   CUDA and Triton against a float64 reference and the C++ kernel
+#   3 correctness   CUDA (log; exp-domain and span-parallel on the static cases)
+#                   and Triton against a float64 reference and the C++ kernel
 #     pytest        -m "(cuda or triton) and not slow", nvidia-smi -L on top
 #   4 profile       the forward chain at B = 1: microseconds a position, then
 #                   Nsight Compute's stall samples a SASS instruction of one
