@@ -17,10 +17,11 @@ call site's rate times the fraction of the helper's calls, over all its
 call sites, that reached it. A branch only a few lanes take counts as the
 fraction of lanes, so the figures lean low there.
 
-Prints, for each __device__ function of the chain (ends, starts, advance)
-and for the rest of the step loop, the SASS instructions and how many of
-them a step issues. bench/results/gpu-forecast.md sets the sum against the
-measured time a position.
+Prints, for each __device__ function of the chain (ends, starts, advance),
+its SASS instructions and how many of them a step issues outside inner
+loops, then each inner loop's lines with their runs a step and static
+instructions. bench/results/gpu-forecast.md multiplies the loops out and
+sets the sum against the measured time a position.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def per_step(kernel: sass_profile.Kernel, counts: dict[str, dict[int, float]], n
     for block in basic_blocks(kernel):
         sites = [site(ins, name, chain_ranges) for ins in block]
         freq = max((own.get(s[0], 0.0) for s in sites if s is not None), default=0.0)
-        # The helpers inlined here: (file, function) -> (entry count, most-run line's).
+        # The helpers inlined here: (file, entry line) -> the largest share of
+        # the helper's calls that reached one of this block's lines of it.
         reached: dict[tuple[str, int], float] = {}
         helper_of = []
         for ins, s in zip(block, sites):

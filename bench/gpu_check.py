@@ -430,7 +430,8 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
     failures, ran, skipped = 0, 0, 0
     with open(path, "a") as log:
         _say(f"# correctness on {device}, budget {seconds:.0f} s"
-             + (" (dry run: 'cuda' and its variants are the C++ kernel, Triton interpreted)" if dry_run else ""),
+             + (" (dry run: 'cuda' and its variants are the C++ kernel, Triton interpreted)"
+                if dry_run else ""),
              log)
         references: dict[Case, dict] = {}
         # cuda, its exp-domain variants, then Triton: a budget cut loses Triton first.
@@ -660,11 +661,13 @@ def chain_run(dry_run: bool) -> int:
 
 
 def chain_times(log, dry_run: bool, deadline: float) -> None:
-    """Microseconds a position of each CUDA forward at B = 1 (CUDA events,
-    best of two after a warm-up)."""
+    """Microseconds a position of each CUDA forward at B = 1 (bench.measure's
+    median of two, CUDA events on a GPU, after a call that warms up and gives
+    log Z)."""
     import torch
 
     from . import backends as bk
+    from . import measure
 
     device = torch.device("cpu" if dry_run else "cuda")
     names = ("cpu", "cpu-log") if dry_run else ("cuda-exp", "cuda")
@@ -675,24 +678,11 @@ def chain_times(log, dry_run: bool, deadline: float) -> None:
             _say(f"chain {name:9s} SKIPPED: out of budget", log)
             continue
         b = bk.make(name, device)
-        times = []
         with bk.environment(b.env), torch.no_grad():
-            b.fn(*chain_inputs(256, device))
-            for _ in range(2):
-                t0 = time.perf_counter()
-                if device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                        enable_timing=True)
-                    start.record()
-                    z = b.fn(*args)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end) / 1e3)
-                else:
-                    z = b.fn(*args)
-                    times.append(time.perf_counter() - t0)
+            z = b.fn(*args)
+            seconds = measure.median_seconds(lambda: b.fn(*args), device, 2)
         _say(f"chain {name:9s} B1 T{T} K{CHAIN['K']} C{CHAIN['C']} forward: "
-             f"{min(times) * 1e3:.1f} ms, {min(times) / T * 1e6:.3f} µs a position "
+             f"{seconds * 1e3:.1f} ms, {seconds / T * 1e6:.3f} µs a position "
              f"(log Z {float(z[0]):.3f})", log)
 
 
