@@ -217,7 +217,6 @@ def bitwise(xs):
             if x.dtype.is_floating_point else x for x in xs if x is not None]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
 def test_emulated_deterministic(emu, dd):
     """Bit-identical results under every schedule and placement."""
@@ -236,7 +235,6 @@ def test_emulated_deterministic(emu, dd):
                 assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dd", [False, True], ids=["cc", "kcc"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_emulated_long(emu, dd, dtype):
@@ -357,6 +355,28 @@ def test_emulated_launch_limits_are_enforced(emu):
         emu.probe_launch(1, 1056, 0, False)
     with pytest.raises(RuntimeError, match="grid"):
         emu.probe_launch(2**31, 32, 0, False)
+
+
+def test_emulator_catches_what_it_says_it_catches(emu):
+    """The emulator's scheduler, checked on kernels that break its rules:
+    a missing barrier changes results, a divergent or partial-mask shuffle
+    and a barrier some threads skip raise, and values cross fibers intact."""
+    neighbour = (torch.arange(64, dtype=torch.float32) + 1) % 64
+    for mode, seed in SCHEDULES:
+        assert torch.equal(emu.probe_rules(0, mode, seed), neighbour)
+    # In order, thread i reads thread i+1's slot before it is written: the
+    # shared memory's NaN fill shows.
+    assert emu.probe_rules(1, 0, 0)[:63].isnan().all()
+    with pytest.raises(RuntimeError, match="divergent shuffle"):
+        emu.probe_rules(2, 2, 1)
+    with pytest.raises(RuntimeError, match="partial mask"):
+        emu.probe_rules(3, 2, 1)
+    with pytest.raises(RuntimeError, match="exited threads"):
+        emu.probe_rules(4, 0, 0)
+    # After an error the next launch runs normally.
+    warp_sums = torch.tensor([float(sum(range(32)))] * 32 + [float(sum(range(32, 64)))] * 32)
+    for mode, seed in SCHEDULES:
+        assert torch.equal(emu.probe_rules(5, mode, seed), warp_sums)
 
 
 def test_emulated_launches_take_the_opt_in_path(emu):

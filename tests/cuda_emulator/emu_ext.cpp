@@ -366,6 +366,37 @@ static void probe_launch(int64_t grid, int64_t threads, int64_t smem, bool set_a
   emu::launch(0, 0, grid, static_cast<int>(threads), static_cast<size_t>(smem), probe_kernel);
 }
 
+// The emulator's own test: small kernels that break the rules it says it
+// catches, and one that keeps them. Thread i writes i to shared memory and
+// reads its neighbour's value after the CTA barrier (kind 0) or without it
+// (kind 1, a race: in order, thread 0 reads before thread 1 has written);
+// kind 2 shuffles in half a warp, kind 3 with a partial mask (thrown inside
+// the fiber), kind 4 leaves a barrier to the other threads; kind 5 sums
+// across the warp with shuffles, so values cross fibers through switches.
+static void probe_rules_kernel(int kind, float* out) {
+  auto* smem = reinterpret_cast<float*>(flashsemicrf::cuda::flashsemicrf_smem);
+  const int n = 64, i = static_cast<int>(threadIdx.x);
+  float v = static_cast<float>(i);
+  if (kind == 2 && i % 32 < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  if (kind == 3) v = __shfl_xor_sync(0x0000ffffu, v, 1);
+  if (kind == 4 && i >= 32) return;
+  if (kind == 5) {
+    for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+    out[i] = v;
+    return;
+  }
+  smem[i] = v;
+  if (kind != 1) __syncthreads();
+  out[i] = smem[(i + 1) % n];
+}
+
+static torch::Tensor probe_rules(int64_t kind, int64_t mode, int64_t seed) {
+  auto out = torch::full({64}, -1.0, torch::kFloat32);
+  emu::launch(static_cast<int>(mode), static_cast<unsigned>(seed), 1, 64, 64 * sizeof(float),
+              probe_rules_kernel, static_cast<int>(kind), out.data_ptr<float>());
+  return out;
+}
+
 // Every launch so far: (grid, threads, dynamic smem bytes, smem bytes allowed).
 static std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> launch_log() {
   std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> out;
@@ -377,6 +408,7 @@ static std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> launch_log() 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("probe_launch", &probe_launch);
+  m.def("probe_rules", &probe_rules);
   m.def("launch_log", &launch_log);
   m.def("clear_launch_log", [] { emu::launch_log().clear(); });
   m.def("forward", &forward);
