@@ -645,6 +645,59 @@ def test_emulated_blocked_forward_hands_over_scales_past_its_range(emu, score, w
     assert got[4].tolist() == [1, 0]
 
 
+def outshone_label(dtype, gap, w, duration=None, T=80, K=96, dies=70):
+    """Two labels, two sequences (lengths T, T-3). Label 0 may end; its one
+    segment that counts runs to the end at a duration score of -w, `gap`
+    nats a position below label 1: the whole sequence (duration None), or,
+    after label 1, `duration` positions (started in the block before the
+    last). Label 1 holds the scale with segments of any duration but dies at
+    position `dies` (-inf scores): no segmentation ends in it. At the last
+    block's start label 0's entry lies far below label 1's, and its product
+    with the duration's weight exp(-w) lies below the dtype's range there,
+    in the far part the CTA sums: a float64 product with the block before's
+    factor F that underflows, a product below tiny at that block's scale,
+    or one of an entry that block started."""
+    lengths = torch.tensor([T, T - 3])
+    scores = torch.zeros(2, T, 2, dtype=torch.float64)
+    scores[..., 0] = -gap
+    scores[:, dies:, 1] = -math.inf
+    trans = torch.full((2, 2), -math.inf, dtype=torch.float64)
+    dur = torch.full((K, 2), -math.inf, dtype=torch.float64)
+    dur[0, 0] = 0.0  # the largest weight, so that exp(-w) stays relative to 1
+    if duration is None:
+        dur[lengths - 1, 0] = -w
+    else:
+        trans[1, :] = 0.0
+        dur[duration - 1, 0] = -w
+    dur[:, 1] = 0.0
+    zero = torch.zeros(2, dtype=torch.float64)
+    args = [scores, trans, dur, lengths, zero, zero, None, None]
+    return [a.to(dtype) if a is not None and a.is_floating_point() else a for a in args]
+
+
+@pytest.mark.parametrize("dtype,gap,w,duration", [
+    (torch.float64, 8.0, 300.0, None), (torch.float64, 8.0, 500.0, None),
+    (torch.float64, 8.0, 600.0, 40), (torch.float32, 1.0, 50.0, None),
+    (torch.float32, 1.0, 70.0, 40)],
+    ids=["f64-F-times-sum-underflows", "f64-below-tiny-summed-ahead",
+         "f64-below-tiny-block-before", "f32", "f32-block-before"])
+def test_emulated_blocked_forward_charges_what_the_far_part_loses(emu, dtype, gap, w, duration):
+    """Where label 0's mass, lost in the blocked forward's far part, is all
+    of Z once label 1 dies, the blocked kernel must see the loss and hand the
+    sequences to the log scan: log Z is the reference's (it was -inf, with no
+    hand-over, when float64's underflow of F times the far sum went
+    uncharged; each float64 case fails if its charge is left out). The
+    per-step kernel gets the same log Z."""
+    args = outshone_label(dtype, gap, w, duration)
+    want = ops.forward(*[a.double() if a is not None and a.is_floating_point() else a
+                         for a in args], 0)[0]
+    assert bool(torch.isfinite(want).all())
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for blocked in (True, False):
+        got = emu.forward_exp(*args, 0, 2, 1, ALL_SMEM, blocked)
+        close(f"log_z (blocked={blocked})", got[0].double(), want, tol * abs(float(want[0])))
+
+
 def scaled_problems(seed, seed0, n, max_T, max_K, max_C):
     """n random static problems, two sequences each, in both dtypes, with
     every score and parameter scaled by 1, 10, 40 or 120 in turn (start and

@@ -365,7 +365,10 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
   // factor its rescale() applies to them) and joined by the entries that
   // block started, ages 1 … k_prev at t0, read here from the ring. A
   // product below tiny loses at most tiny at its own scale: F tiny at t0's
-  // for the older entries; a rounded F · sum that falls below tiny, tiny.
+  // for the older entries; an F · sum that falls below tiny, tiny, whether
+  // the dtype's rounding or float64's own underflow (to a subnormal or to 0:
+  // a float64 far sum at the block before's scale can be 2^-1000 smaller at
+  // t0's) took it there.
   __device__ void far_sums(int t0K, int64_t t0, int len, bool ahead, int k_prev,
                            int n_threads) const {
     const int items = len * C;
@@ -414,7 +417,7 @@ struct CtaExpBlocked : CtaExpForward<scalar_t, kShared> {
         if (mno < inf && static_cast<double>(mno * wmin) < tiny_d) q += n_old * Fb;
         if (mnm < inf && static_cast<double>(mnm * wmin) < tiny_d) q += n_old;
         const double rounded = static_cast<double>(s_old);
-        if (fs > 0.0 && rounded < tiny_d && rounded != fs) q += 1.0;
+        if (so > 0 && rounded < tiny_d) q += 1.0;
       }
       far_sum()[i] = s_old + sm;
       far_max()[i] = lm;
