@@ -894,6 +894,148 @@ def test_emulated_exp_backward_at_large_scales(emu):
     assert handed[120.0] > 0, handed
 
 
+def random_exp_problem(rng, dtype, family):
+    """One random static problem, two sequences, for the exp-domain
+    kernels' certificates (the forward op's positional arguments):
+    "mixed": labels a few nats a position apart, some dying partway
+    (-inf scores from a random position), sparse duration columns with
+    very negative scores, -inf transitions and boundary transitions;
+    "boundary": the same with start and end scores up to 200 nats (float32:
+    40); "outshone": outshone_label's pattern with every size at random
+    (label 0's one segment, of random duration, starts after label 1 or at
+    0; extra weaker labels), where the far part's losses are all of Z.
+    Sizes go up to the float64 range: 12 nats a position and duration
+    scores of -700 (float32: 2 and -85)."""
+    f64 = dtype == torch.float64
+    neg = -math.inf
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if family == "outshone":
+        T = rng.randint(40, 200)
+        D = rng.randint(2, T)
+        K = rng.randint(D, D + 40)
+        gap, w = (rng.uniform(3, 12), rng.uniform(0, 700)) if f64 else \
+            (rng.uniform(0.3, 2.0), rng.uniform(0, 85))
+        C = rng.randint(2, 4)
+        lengths = torch.tensor([T, rng.randint(T - 5, T)])
+        scores = torch.zeros(2, T, C, dtype=torch.float64)
+        scores[..., 0] = -gap
+        scores[..., 2:] = -3 * gap
+        scores[:, rng.randint(T - D, T):, 1] = neg
+        trans = torch.full((C, C), neg, dtype=torch.float64)
+        trans[1, :] = 0.0
+        trans[1, 1] = 0.0 if rng.random() < 0.5 else neg
+        trans[2:, 0] = 0.0
+        dur = torch.full((K, C), neg, dtype=torch.float64)
+        dur[0, 0], dur[D - 1, 0] = 0.0, -w
+        dur[:, 1] = 0.0
+        dur[:, 2:] = randn(K, C - 2)
+        st = torch.zeros(C, dtype=torch.float64)
+        et = torch.full((C,), neg, dtype=torch.float64)
+        et[0] = 0.0
+        et[1] = 0.0 if rng.random() < 0.5 else neg
+        args = [scores, trans, dur, lengths, st, et, None, None]
+    else:
+        C, T = rng.randint(2, 5), rng.randint(30, 160)
+        K = rng.randint(2, T + 20)
+        gap = rng.choice([1, 4, 10] if f64 else [0.3, 1, 2])
+        scores = randn(2, T, C)
+        for c in range(C):
+            scores[..., c] -= gap * rng.choice([0, 0, 1, 2, 4])
+        for _ in range(rng.randint(0, 2)):
+            c, at = rng.randrange(C), rng.randint(0, T)
+            scores[:, at:, c] = neg if rng.random() < 0.7 else scores[:, at:, c] + 5 * gap
+        trans = randn(C, C).masked_fill(torch.rand(C, C, generator=g) < 0.4, neg)
+        dur = randn(K, C)
+        w = rng.choice([50, 300, 600] if f64 else [10, 40, 70])
+        for c in range(C):
+            if rng.random() < 0.4:
+                dur[:, c] = neg
+                dur[0, c] = 0.0
+                for d in rng.sample(range(K), min(K, rng.randint(1, 3))):
+                    dur[d, c] = -w * rng.random() if d else 0.0
+            elif rng.random() < 0.3:
+                dur[:, c] = torch.linspace(0, -w, K, dtype=torch.float64)
+        st = randn(C).masked_fill(torch.rand(C, generator=g) < 0.3, neg)
+        et = randn(C).masked_fill(torch.rand(C, generator=g) < 0.3, neg)
+        st[rng.randrange(C)] = 0.0
+        et[rng.randrange(C)] = 0.0
+        lengths = torch.tensor([T, rng.randint(1, T)])
+        ss = es = None
+        if family == "boundary":
+            scale = rng.choice([1, 30, 200] if f64 else [1, 10, 40])
+            ss, es = randn(2, T, C) * scale, randn(2, T, C) * scale
+        args = [scores, trans, dur, lengths, st, et, ss, es]
+    return [a.to(dtype) if a is not None and a.is_floating_point() else a for a in args]
+
+
+def test_emulated_exp_domain_random_adversaries(emu, monkeypatch):
+    """Random problems built to make the exp-domain kernels lose mass that
+    matters (random_exp_problem's three families, both dtypes): the blocked
+    and per-step CUDA forwards and the CPU kernel's exp-domain forward give
+    the float64 log-domain log Z, certified or handed over; the CUDA
+    exp-domain backward and the CPU kernel's give every gradient to within
+    what the float32 log-domain backward itself misses (or 1e-9, float64)
+    plus rounding. It runs 6 problems a family and those where a kernel
+    was once wrong (FLASHSEMICRF_EXP_FUZZ_PROBLEMS=N: N a family; 80 ran
+    clean)."""
+    import random
+
+    n = int(os.environ.get("FLASHSEMICRF_EXP_FUZZ_PROBLEMS", "6"))
+    # Problems this test found wrong: the CPU kernel's exp-domain backward
+    # gave NaN transition gradients (its alpha-beta scale overflowed float64
+    # where a label had alpha_hat 0), and the CUDA exp-domain backward
+    # certified a sequence whose new entry beta_hat · exp(end terms) had
+    # underflowed uncharged (beta_hat was 1e255).
+    found = {("boundary", 135), ("boundary", 155)}
+    rng = random.Random(20261205)
+    up64 = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    for family in ("mixed", "boundary", "outshone"):
+        # Generated in the same order whatever n, so that `found` stays put.
+        for i in range(2 * max(n, 80)):
+            dtype = (torch.float32, torch.float64)[i % 2]
+            args = random_exp_problem(rng, dtype, family)
+            if i >= 2 * n and (family, i) not in found:
+                continue
+            wide = [a.double() if a is not None and a.is_floating_point() else a for a in args]
+            where = f"{family} problem {i} ({dtype})"
+            ref = ops.forward(*wide, 0)
+            want = ref[0]
+            tol = (1e-9 if dtype == torch.float64 else 1e-4) * want.abs().clamp(min=1.0)
+            log_zs = {"cpu-exp": cpu_exp_forward(monkeypatch, args, 0)[0]}
+            monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
+            for blocked, name in ((True, "blocked"), (False, "step")):  # C <= 5 here
+                log_zs[name] = emu.forward_exp(*args, 0, 2, i, ALL_SMEM, blocked)[0]
+            for name, got in log_zs.items():
+                got = got.double()
+                ok = ((got - want).abs() <= tol) | (torch.isinf(want) & (got == want))
+                assert bool(ok.all()), f"{where}, {name}: {got.tolist()} != {want.tolist()}"
+            if not bool(torch.isfinite(want).all()):
+                continue
+            # The gradients, against the float64 log-domain backward; the
+            # float32 log-domain backward's own error sets the scale.
+            grads = ops.backward(up64, *wide, *ref, 0, True)
+            up = up64.to(dtype)
+            fwd = ops.forward(*args, 0)
+            plain = ops.backward(up, *args, *fwd, 0, True)
+            exp_grads = {"cuda-exp": emu.backward_exp(up, *args, *fwd, 0, True, 2, i, ALL_SMEM)}
+            monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "exp")
+            exp_grads["cpu-exp"] = ops.backward(up, *args, *ops.forward(*args, 0), 0, True)
+            monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
+            for name, got in exp_grads.items():
+                for gname, a, b, base in zip(GRAD_NAMES, got, grads, plain):
+                    if b is None or b.numel() == 0:
+                        continue
+                    magnitude = max(1.0, float(b.abs().max()))
+                    slack = (1e-9 if dtype == torch.float64 else 2e-4) * magnitude
+                    limit = 4 * float((base.double() - b).abs().max()) + slack
+                    err = float((a.double() - b).abs().max())
+                    assert err <= limit, f"{where}, {name} d{gname}: {err} > {limit}"
+
+
 def test_emulated_span_parallel_sweeps(emu):
     """FLASHSEMICRF_CUDA_SWEEP=parallel: the mirror image's forward gives the
     backward ring at the last position of every span, and one CTA a span

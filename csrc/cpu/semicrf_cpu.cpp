@@ -3238,6 +3238,7 @@ struct ExpBackward {
     }
     Qb = Q.plus(mv);
     const double sa = std::exp(rel(aoff, Qb));
+    if (!(sa < std::numeric_limits<double>::infinity())) failed = true;  // as below
     double* __restrict w_t = wbatch.data() + n_batch * C;
     for (int64_t c = 0; c < C; ++c) w_t[c] = alpha[c] * sa;
     // v_d in place of x_d (0 past dmax, for the batch); beta_hat[c'] =
@@ -3375,6 +3376,7 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         if (q == -std::numeric_limits<double>::infinity()) q = 0.0;
         eb.Qb = Offset{q, 0.0};
         const double sb = std::exp(eb.rel(aoff, eb.Qb));
+        if (!(sb < std::numeric_limits<double>::infinity())) return false;  // as below
         for (int64_t c = 0; c < C; ++c) {
           eb.bet[c] = std::exp(static_cast<double>(in.end_transition[c]) - q);
           const scalar_t mass = static_cast<scalar_t>(alpha[c] * eb.bet[c] * sb * gd);
@@ -3510,6 +3512,11 @@ bool backward_sequence_exp(const BackwardParams& p, int64_t b) {
         matvec_padded(eb.v.data(), eb.At_pad.data(), C, eb.Cp, eb.bet.data());
       }
       const double sa = std::exp(eb.rel(aoff, eb.Qb));
+      // alpha_hat's and beta_hat's scales so far apart (boundary scores of
+      // hundreds of nats can put them there) that their product's scale
+      // leaves float64: a label with alpha_hat 0 would give 0 · inf = NaN
+      // posteriors, which no coverage sum sees. The log domain redoes it.
+      if (!(sa < std::numeric_limits<double>::infinity())) return false;
       if (grad.end_scores)
         for (int64_t cp = 0; cp < C; ++cp)
           grad.end_scores[(t - 1) * C + cp] =

@@ -332,11 +332,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int d1max = static_cast<int>(t < K - 1 ? t : K - 1);
         for_each_entry(d1max, C, tid, kThreads, [&](int r1, int c) {
           const int d1 = r1 + 1;
-          const double open = ::exp(static_cast<double>(ck[r1 * C + c]) + base + dur_max[c]);
-          if (open == 0.0) return;
+          const double arg = static_cast<double>(ck[r1 * C + c]) + base + dur_max[c];
+          if (arg == -kInf) return;
+          const double open = ::exp(arg);
           double s = 0.0;
           for (int d2 = 1; d1 + d2 <= K; ++d2)
             s += ring[slot_after(tK, d2, K) * ld + c] * W[(d1 + d2 - 1) * C + c];
+          // The ring's entries are not bounded by 1 (a new entry is beta_hat
+          // times its end terms), so an open part below the smallest normal
+          // can still stand for mass: less than s of them.
+          if (open < kFloor && !(s * kFloor <= kTol)) mark();
           anchor_part += open * s;
         });
         anchor_part *= gd;
@@ -462,6 +467,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         const double rel_c = rel[c] > rel_old[c] ? rel[c] : rel_old[c];
         const double lacking = rel_c * tau + ghost[c] + ghost_old[c] + (K + 1) * kFloor;
         if (!(lacking * weight[c] <= kTol) || !(tau < kInf)) mark();
+        // The posterior weight itself below the smallest normal: the
+        // posteriors x · weight lack up to tau of them (tau need not be
+        // small: the ring's entries are relative to the ring's largest).
+        if (weight[c] < kFloor && static_cast<double>(s_sigma[c]) > -kInf &&
+            !(tau * kFloor <= kTol))
+          mark();
         if (moves) {
           // A -inf score is an exact zero factor; any other factor that
           // leaves a positive bound below the smallest normal rounds it up
@@ -508,6 +519,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           beta_lost[cp] = lost;
           if (grad.end_scores) grad.end_scores[(t - 1) * C + cp] = static_cast<scalar_t>(a * beta);
           if (!(a0 < kInf) || !(a0 * lost <= kTol) || !(beta < kInf)) mark();
+          // An alpha part below the smallest normal: row cp's transition
+          // posteriors and end-score mass, a0 · beta, lack up to beta of them.
+          if (a0 < kFloor && static_cast<double>(s_alpha[cp]) > -kInf &&
+              !(beta * kFloor <= kTol))
+            mark();
         }
       }
       __syncthreads();
@@ -526,9 +542,19 @@ __global__ void __launch_bounds__(kThreads, 1)
       const double open_shift = mv + n.log;
       for (int c = tid; c < C; c += kThreads) {
         const double beta = beta_row[c], lc = last_d[c];
-        const double ex = ::exp((static_cast<double>(s_score[c]) - m) +
-                                static_cast<double>(s_end[c]) + open_shift);
-        const double fresh = beta > 0.0 && lc > 0.0 ? beta * ex : 0.0;
+        const double arg = (static_cast<double>(s_score[c]) - m) +
+                           static_cast<double>(s_end[c]) + open_shift;
+        const double ex = ::exp(arg);
+        // beta_hat is not bounded by 1 (only the ring's largest entry that
+        // can still matter is brought near 1), so its product with a factor
+        // below the smallest normal can be an ordinary number: then it is
+        // taken from the logs, and so is its bound. (A factor past the
+        // largest double still gives inf, which hands the sequence over.)
+        const bool wide = arg > -kInf && ex < kFloor;
+        const auto times_ex = [&](double x) {
+          return x > 0.0 ? (wide ? ::exp(::log(x) + arg) : x * ex) : 0.0;
+        };
+        const double fresh = lc > 0.0 ? times_ex(beta) : 0.0;
         ring[tK * ld + c] = fresh;
         if (lc > 0.0) {
           double gh = ghost[c];
@@ -537,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             rel[c] = rel[c] > r ? rel[c] : r;
             if (!(r < kInf)) mark();
           } else {
-            gh += beta_lost[c] * ex * kUp + (beta > 0.0 && ex > 0.0 ? kFloor : 0.0);
+            gh += times_ex(beta_lost[c]) * kUp + (beta > 0.0 && arg > -kInf ? kFloor : 0.0);
           }
           ghost[c] = gh;
           if (!(fresh < kInf) || !(gh < kInf)) mark();
