@@ -645,33 +645,48 @@ def test_emulated_blocked_forward_hands_over_scales_past_its_range(emu, score, w
     assert got[4].tolist() == [1, 0]
 
 
-def outshone_label(dtype, gap, w, duration=None, T=80, K=96, dies=70):
-    """Two labels, two sequences (lengths T, T-3). Label 0 may end; its one
-    segment that counts runs to the end at a duration score of -w, `gap`
-    nats a position below label 1: the whole sequence (duration None), or,
-    after label 1, `duration` positions (started in the block before the
-    last). Label 1 holds the scale with segments of any duration but dies at
-    position `dies` (-inf scores): no segmentation ends in it. At the last
-    block's start label 0's entry lies far below label 1's, and its product
-    with the duration's weight exp(-w) lies below the dtype's range there,
-    in the far part the CTA sums: a float64 product with the block before's
-    factor F that underflows, a product below tiny at that block's scale,
-    or one of an entry that block started."""
-    lengths = torch.tensor([T, T - 3])
-    scores = torch.zeros(2, T, 2, dtype=torch.float64)
+def outshone_label(dtype, gap, w, duration=None, T=80, K=96, dies=70, *, lengths=None,
+                   label_1_loops=True, label_1_ends=True, extra=None):
+    """Two labels, two sequences (lengths T, T-3 unless given). Label 0 may
+    end; its one segment that counts runs to the end at a duration score of
+    -w, `gap` nats a position below label 1: the whole sequence (duration
+    None), or, after label 1, `duration` positions (started in the block
+    before the last). Label 1 holds the scale with segments of any duration
+    but dies at position `dies` (-inf scores): no segmentation ends in it.
+    At the last block's start label 0's entry lies far below label 1's, and
+    its product with the duration's weight exp(-w) lies below the dtype's
+    range there, in the far part the CTA sums: a float64 product with the
+    block before's factor F that underflows, a product below tiny at that
+    block's scale, or one of an entry that block started. random_exp_problem
+    varies it: label 1 without its self-transition or its end, and extra
+    labels (their duration scores `extra`, (K, n)), 3·gap below, that lead
+    to label 0."""
+    lengths = torch.tensor([T, T - 3]) if lengths is None else lengths
+    C = 2 + (0 if extra is None else extra.shape[1])
+    scores = torch.zeros(2, T, C, dtype=torch.float64)
     scores[..., 0] = -gap
+    scores[..., 2:] = -3 * gap
     scores[:, dies:, 1] = -math.inf
-    trans = torch.full((2, 2), -math.inf, dtype=torch.float64)
-    dur = torch.full((K, 2), -math.inf, dtype=torch.float64)
+    trans = torch.full((C, C), -math.inf, dtype=torch.float64)
+    dur = torch.full((K, C), -math.inf, dtype=torch.float64)
     dur[0, 0] = 0.0  # the largest weight, so that exp(-w) stays relative to 1
     if duration is None:
         dur[lengths - 1, 0] = -w
     else:
         trans[1, :] = 0.0
+        if not label_1_loops:
+            trans[1, 1] = -math.inf
+        trans[2:, 0] = 0.0
         dur[duration - 1, 0] = -w
     dur[:, 1] = 0.0
-    zero = torch.zeros(2, dtype=torch.float64)
-    args = [scores, trans, dur, lengths, zero, zero, None, None]
+    if extra is not None:
+        dur[:, 2:] = extra
+    st = torch.zeros(C, dtype=torch.float64)
+    et = torch.full((C,), -math.inf, dtype=torch.float64)
+    et[0] = 0.0
+    if label_1_ends:
+        et[1] = 0.0
+    args = [scores, trans, dur, lengths, st, et, None, None]
     return [a.to(dtype) if a is not None and a.is_floating_point() else a for a in args]
 
 
@@ -921,23 +936,11 @@ def random_exp_problem(rng, dtype, family):
             (rng.uniform(0.3, 2.0), rng.uniform(0, 85))
         C = rng.randint(2, 4)
         lengths = torch.tensor([T, rng.randint(T - 5, T)])
-        scores = torch.zeros(2, T, C, dtype=torch.float64)
-        scores[..., 0] = -gap
-        scores[..., 2:] = -3 * gap
-        scores[:, rng.randint(T - D, T):, 1] = neg
-        trans = torch.full((C, C), neg, dtype=torch.float64)
-        trans[1, :] = 0.0
-        trans[1, 1] = 0.0 if rng.random() < 0.5 else neg
-        trans[2:, 0] = 0.0
-        dur = torch.full((K, C), neg, dtype=torch.float64)
-        dur[0, 0], dur[D - 1, 0] = 0.0, -w
-        dur[:, 1] = 0.0
-        dur[:, 2:] = randn(K, C - 2)
-        st = torch.zeros(C, dtype=torch.float64)
-        et = torch.full((C,), neg, dtype=torch.float64)
-        et[0] = 0.0
-        et[1] = 0.0 if rng.random() < 0.5 else neg
-        args = [scores, trans, dur, lengths, st, et, None, None]
+        dies = rng.randint(T - D, T)
+        loops = rng.random() < 0.5
+        ends = rng.random() < 0.5
+        return outshone_label(dtype, gap, w, D, T, K, dies, lengths=lengths, label_1_loops=loops,
+                              label_1_ends=ends, extra=randn(K, C - 2))
     else:
         C, T = rng.randint(2, 5), rng.randint(30, 160)
         K = rng.randint(2, T + 20)
