@@ -4,7 +4,8 @@ Every backend gets the same problem in our convention (README, "The model") and 
 to its own inputs inside the call, so the mapping is timed and its memory
 counted as part of what a user of that library pays:
 
-* ours (``cuda``, ``cuda-exp``, ``cuda-spans``, ``cuda-parallel``, ``triton``, ``cpu``,
+* ours (``cuda``, ``cuda-exp``, ``cuda-spans``, ``cuda-parallel``, ``cuda-chunks``,
+  ``triton``, ``cpu``,
   ``cpu-log``, ``torch``): ``flashsemicrf.log_partition``
   with ``start_transition`` = flash-semicrf's "phantom start", the
   log-sum-exp of the transition over the previous label; ``cpu`` and
@@ -20,6 +21,10 @@ counted as part of what a user of that library pays:
   span-parallel: the mirror image's forward gives the backward ring at the
   end of every span, then one CTA sweeps each span
   (``FLASHSEMICRF_CUDA_SWEEP=parallel``); the other three set ``serial``;
+  ``cuda-chunks`` is ``cuda-parallel`` with the forward (and the mirror
+  image's) chunked: one CTA a span of each sequence, each from a guess a
+  warm-up before it, put on one scale at the junctions
+  (``FLASHSEMICRF_CUDA_FORWARD=chunks``; the others set ``serial``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -52,27 +57,35 @@ import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton", "cpu", "cpu-log",
-        "torch")
+OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton", "cpu",
+        "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
 # Backends that run one sequence per thread (parallel over the batch only).
 ONE_SEQUENCE_PER_THREAD = tuple(CPU_ALGORITHM)
 # The same for the CUDA kernels: the forward's algorithm, where the backward
-# recomputes its spans, and whether it sweeps them one after another or all
-# at once. Every backend sets all three, so that a value in the shell changes
-# none of them (parallel mode ignores the recompute switch; set it anyway).
+# recomputes its spans, whether it sweeps them one after another or all at
+# once, and whether the forward runs chunked. Every backend sets all four, so
+# that a value in the shell changes none of them (parallel mode ignores the
+# recompute switch, and the chunked forward the algorithm's; set them anyway).
 CUDA_ALGORITHM_ENV = "FLASHSEMICRF_CUDA_ALGORITHM"
 CUDA_RECOMPUTE_ENV = "FLASHSEMICRF_CUDA_RECOMPUTE"
 CUDA_SWEEP_ENV = "FLASHSEMICRF_CUDA_SWEEP"
+CUDA_FORWARD_ENV = "FLASHSEMICRF_CUDA_FORWARD"
+
+
+def _cuda_env(algorithm: str, recompute: str, sweep: str, forward: str) -> dict[str, str]:
+    return {CUDA_ALGORITHM_ENV: algorithm, CUDA_RECOMPUTE_ENV: recompute,
+            CUDA_SWEEP_ENV: sweep, CUDA_FORWARD_ENV: forward}
+
+
 CUDA_ENV = {
-    "cuda": {CUDA_ALGORITHM_ENV: "log", CUDA_RECOMPUTE_ENV: "sweep", CUDA_SWEEP_ENV: "serial"},
-    "cuda-exp": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "sweep", CUDA_SWEEP_ENV: "serial"},
-    "cuda-spans": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "spans",
-                   CUDA_SWEEP_ENV: "serial"},
-    "cuda-parallel": {CUDA_ALGORITHM_ENV: "exp", CUDA_RECOMPUTE_ENV: "sweep",
-                      CUDA_SWEEP_ENV: "parallel"},
+    "cuda": _cuda_env("log", "sweep", "serial", "serial"),
+    "cuda-exp": _cuda_env("exp", "sweep", "serial", "serial"),
+    "cuda-spans": _cuda_env("exp", "spans", "serial", "serial"),
+    "cuda-parallel": _cuda_env("exp", "sweep", "parallel", "serial"),
+    "cuda-chunks": _cuda_env("exp", "sweep", "parallel", "chunks"),
 }
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
@@ -86,6 +99,7 @@ KIND = {
     "cuda-exp": "kernel",
     "cuda-spans": "kernel",
     "cuda-parallel": "kernel",
+    "cuda-chunks": "kernel",
     "triton": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",

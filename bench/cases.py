@@ -118,7 +118,7 @@ def _gpu(full: bool) -> dict[str, list[Case]]:
     ner = dict(K=16, C=9)
     speech = dict(K=30, C=39)
     tagging = dict(K=1, C=9)
-    gpu_backends = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton",
+    gpu_backends = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
                     "flash-semicrf-triton")
     headline = [
         Case("headline", "headline", B=8, T=100_000, K=200, C=24, force=gpu_backends),

@@ -47,8 +47,8 @@ SHARED = ("transition", "duration", "start_transition", "end_transition")  # sum
 GPU_BACKENDS = ("cuda", "triton")
 # The CUDA path again with the exp-domain kernels (bench.backends' switches),
 # on the grid's static-transition cases: the (K, C, C) form runs the log
-# domain whatever the switch says.
-CUDA_VARIANTS = ("cuda-exp", "cuda-parallel")
+# domain whatever the switch says (and its forward is never chunked).
+CUDA_VARIANTS = ("cuda-exp", "cuda-parallel", "cuda-chunks")
 
 
 def _say(line: str, log=None) -> None:
@@ -500,6 +500,9 @@ SANITIZE_CASES = (
      {**EXP, "FLASHSEMICRF_CUDA_RECOMPUTE": "spans"}),
     ("small-par", Case(3, 40, 5, 7, lengths=(40, 3, 17), note="exp-domain, span-parallel sweeps"),
      {**EXP, "FLASHSEMICRF_CUDA_SWEEP": "parallel"}),
+    ("small-chunks", Case(3, 400, 5, 7, lengths=(400, 3, 170),
+                          note="chunked forward and mirror, span-parallel sweeps"),
+     {"FLASHSEMICRF_CUDA_FORWARD": "chunks", "FLASHSEMICRF_CUDA_SWEEP": "parallel"}),
     ("small-kcc", Case(3, 40, 5, 7, dd=True, lengths=(40, 3, 17)), {}),
     ("medium", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="C = 33, K > L once"), {}),
     ("medium-exp", Case(4, 600, 64, 33, lengths=(600, 31, 444, 600), note="exp-domain"), EXP),
@@ -564,18 +567,18 @@ def timing_cases(dry_run: bool):
             # budget on a loaded 2-core CI machine (T = 2000 did not).
             BenchCase("genomics", "T", B=1, T=600, K=20, C=6, backends=ours, force=ours),
         ]
-    gpu = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton",
+    gpu = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
            "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
     # fwd+bwd of ours first: the two targets are fwd+bwd. (flash-semicrf 0.2.0's
     # Triton fwd+bwd took 301 s at B = 8, T = 10^5 on an H200, more than a
     # device call can spare: its forward is timed below.)
-    fwd_bwd = ("cuda-parallel", "cuda-exp", "cuda", "triton")
+    fwd_bwd = ("cuda-chunks", "cuda-parallel", "cuda-exp", "cuda", "triton")
     return gpu + ("pytorch-crf",), [
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=fwd_bwd,
                   force=fwd_bwd, passes=("fwd+bwd",)),
-        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=fwd_bwd[:2],
-                  force=fwd_bwd[:2], passes=("fwd+bwd",)),
+        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=fwd_bwd[:3],
+                  force=fwd_bwd[:3], passes=("fwd+bwd",)),
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu,
                   passes=("fwd",)),
         BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=gpu, force=gpu,
@@ -670,18 +673,18 @@ def chain_times(log, dry_run: bool, deadline: float) -> None:
     from . import measure
 
     device = torch.device("cpu" if dry_run else "cuda")
-    names = ("cpu", "cpu-log") if dry_run else ("cuda-exp", "cuda")
+    names = ("cpu", "cpu-log") if dry_run else ("cuda-exp", "cuda", "cuda-chunks")
     T = CHAIN_T // (100 if dry_run else 1)
     args = chain_inputs(T, device)
     for name in names:
         if time.monotonic() > deadline:
-            _say(f"chain {name:9s} SKIPPED: out of budget", log)
+            _say(f"chain {name:11s} SKIPPED: out of budget", log)
             continue
         b = bk.make(name, device)
         with bk.environment(b.env), torch.no_grad():
             z = b.fn(*args)
             seconds = measure.median_seconds(lambda: b.fn(*args), device, 2)
-        _say(f"chain {name:9s} B1 T{T} K{CHAIN['K']} C{CHAIN['C']} forward: "
+        _say(f"chain {name:11s} B1 T{T} K{CHAIN['K']} C{CHAIN['C']} forward: "
              f"{seconds * 1e3:.1f} ms, {seconds / T * 1e6:.3f} µs a position "
              f"(log Z {float(z[0]):.3f})", log)
 

@@ -190,6 +190,7 @@ LABELS = {
     "cuda-exp": "flashsemicrf CUDA exp-domain",
     "cuda-spans": "flashsemicrf CUDA exp-domain, span-parallel recompute",
     "cuda-parallel": "flashsemicrf CUDA exp-domain, span-parallel sweeps",
+    "cuda-chunks": "flashsemicrf CUDA chunked forward, span-parallel sweeps",
     "triton": "flashsemicrf Triton",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
@@ -201,7 +202,7 @@ LABELS = {
 }
 # Our backends as the throughput column names them.
 SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans",
-         "cuda-parallel": "CUDA parallel", "triton": "Triton", "cpu": "C++",
+         "cuda-parallel": "CUDA parallel", "cuda-chunks": "CUDA chunks", "triton": "Triton", "cpu": "C++",
          "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -287,6 +288,11 @@ def column_legend(meta: dict) -> dict[str, str]:
                                  "ring at every span's end and one CTA sweeps each span "
                                  "(`FLASHSEMICRF_CUDA_SWEEP=parallel`, "
                                  "`--backends cuda-parallel`).",
+        LABELS["cuda-chunks"]: "the span-parallel sweeps, and the forward (the problem's and "
+                               "its mirror image's) chunked: one CTA a span, each starting "
+                               "a warm-up before its span from a guess, the chunks put on "
+                               "one scale where each has forgotten its guess "
+                               "(`FLASHSEMICRF_CUDA_FORWARD=chunks`, `--backends cuda-chunks`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",

@@ -35,8 +35,8 @@ TOLERANCE = {
     torch.float64: {"logz": 1e-9, "grad": 1e-7},
 }
 # Cross-checks when the float64 reference is too slow, in order of trust.
-CROSS_CHECK_ORDER = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "triton", "cpu", "cpu-log",
-                     "torch", "flash-semicrf-triton", "flash-semicrf-torch", "torch-struct",
+CROSS_CHECK_ORDER = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
+                     "cpu", "cpu-log", "torch", "flash-semicrf-triton", "flash-semicrf-torch", "torch-struct",
                      "pytorch-crf")
 
 

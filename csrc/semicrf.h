@@ -65,6 +65,22 @@ struct ForwardParams : Params {
   // (its Backend::saves_mirror) and where that backward reads them.
   void* mirror_ring = nullptr;
   double* mirror_offset = nullptr;
+  // The chunked forward (CUDA, static transition): `chunks` > 1 CTAs a
+  // sequence, CTA b·chunks + j scanning the spans of checkpoints n·j …
+  // n·j + n - 1 (n = chunk_spans), from position step_of(n·j) (0 for j = 0)
+  // to step_of(n·j + n), the last one to L. Chunk j > 0 starts `warmup`
+  // positions early from a guessed state (the start of a sequence there);
+  // where the scan has forgotten the guess, its state is the true one times
+  // a constant, which junction_kernel measures against the ring that chunk
+  // j - 1 ended with (junction_ring (B·chunks, K, C) and junction_offset,
+  // checkpoint layout) and adds to chunk j's checkpoint offsets and to log
+  // Z (the last chunk's, in float64 in chunk_log_z (B,)).
+  int64_t chunks = 1;
+  int64_t chunk_spans = 1;
+  int64_t warmup = 0;
+  void* junction_ring = nullptr;
+  double* junction_offset = nullptr;
+  double* chunk_log_z = nullptr;
 };
 
 // The backward: what the forward had, read back, plus the upstream gradient
@@ -315,12 +331,16 @@ struct SequenceInputs {
   const scalar_t* end_transition;
   int64_t C, K;
 
-  HOST_DEVICE SequenceInputs(const Params& p, int64_t b)
-      : scores(static_cast<const scalar_t*>(p.scores) + b * p.scores_stride[0]),
-        start_scores(p.start_scores
-                         ? static_cast<const scalar_t*>(p.start_scores) + b * p.start_stride[0]
-                         : nullptr),
-        end_scores(p.end_scores ? static_cast<const scalar_t*>(p.end_scores) + b * p.end_stride[0]
+  // first: the position that is row 0 of these views (a chunk of the
+  // sequence that a CTA scans as if it started there).
+  HOST_DEVICE SequenceInputs(const Params& p, int64_t b, int64_t first = 0)
+      : scores(static_cast<const scalar_t*>(p.scores) + b * p.scores_stride[0] +
+               first * p.scores_stride[1]),
+        start_scores(p.start_scores ? static_cast<const scalar_t*>(p.start_scores) +
+                                          b * p.start_stride[0] + first * p.start_stride[1]
+                                    : nullptr),
+        end_scores(p.end_scores ? static_cast<const scalar_t*>(p.end_scores) +
+                                      b * p.end_stride[0] + first * p.end_stride[1]
                                 : nullptr),
         s_t(p.scores_stride[1]), s_c(p.scores_stride[2]), ss_t(p.start_stride[1]),
         ss_c(p.start_stride[2]), es_t(p.end_stride[1]), es_c(p.end_stride[2]),

@@ -510,3 +510,26 @@ def test_viterbi_bench_finds_flash_semicrfs_path(tmp_path):
         T = int(cells[0].replace(",", ""))
         assert float(diff) < 1e-3 * T  # float32 rounding of a sum over T positions
         assert flash_segments == f"{cells[3]} segments"
+
+
+def test_forgetting_measures_what_the_chunked_forward_relies_on():
+    """bench.forgetting: a scan started from a guess matches the true one
+    (every log ratio within the thresholds) on a random problem within the
+    chunked forward's warm-ups, never on labels in two groups that never
+    transition into each other, and at once where the guess is the truth's
+    own start state (tau = 1)."""
+    from bench import forgetting
+
+    g = torch.Generator().manual_seed(3)
+    K, C, T = 4, 3, 400
+    scores = torch.randn(T, C, generator=g, dtype=torch.float64)
+    transition = 0.5 * torch.randn(C, C, generator=g, dtype=torch.float64)
+    duration = 0.5 * torch.randn(K, C, generator=g, dtype=torch.float64)
+    found = forgetting.steps_to_forget(scores, transition, duration, 50, 300)
+    assert all(f is not None and K - 1 <= f <= w
+               for f, w in zip(found, forgetting.warmups(K))), found
+    apart = transition.clone()
+    apart[:1, 1:] = -math.inf
+    apart[1:, :1] = -math.inf
+    assert forgetting.steps_to_forget(scores, apart, duration, 50, 300) == [None, None]
+    assert forgetting.steps_to_forget(scores, transition, duration, 1, 10) == [1, 1]

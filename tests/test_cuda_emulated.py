@@ -1145,7 +1145,7 @@ def test_emulated_forward_saves_the_mirror_for_the_sweeps(emu):
             args = make(B, T, K, C, False, boundary, dtype, 90 + n, neg_inf=n % 2 == 1)
             mode, seed = SCHEDULES[n % 2]
             smem = ALL_SMEM if n % 2 == 0 else 0
-            got = emu.forward_with_mirror(*args, interval, exp, mode, seed, smem)
+            got = emu.forward_with_mirror(*args, interval, exp, mode, seed, smem, -2)
             log_z, ring, off = got[:3]
             assert ring.shape[0] == off.shape[0] == 2 * B
             if exp:
@@ -1173,3 +1173,129 @@ def test_emulated_forward_saves_the_mirror_for_the_sweeps(emu):
             tol = 1e-9 if dtype == torch.float64 else 2e-4
             for name, a, b in zip(GRAD_NAMES, saved[:7], want):
                 close(f"{name} case {n} {dtype}", a, b, tol)
+
+
+def chunked_problems(seed0, *, wide=True):
+    """Problems for the chunked forward (static transition, several spans),
+    each of which makes two chunks or more in both dtypes, the later ones
+    starting from a guess; wide=False leaves out C > kThreads (which runs in
+    float32 only: its emulation is slow, and float64 would need a longer
+    sequence for two chunks). Yields (name, args, interval, schedule, smem)."""
+    cases = [  # B, T, K, C, boundary, interval, noncontig, neg_inf, lengths
+        (3, 400, 8, 4, True, 0, False, False, None),  # the default interval, 56
+        (2, 600, 5, 3, False, 20, True, True, None),
+        (2, 600, 30, 6, True, 12, False, False, None),  # K > interval: chunks of many spans
+        (1, 170, 4, 257, False, 40, False, False, None),  # C > kThreads
+        (4, 500, 6, 5, True, 50, False, False, [500, 1, 137, 250]),  # ragged, T = 1
+    ]
+    for n, (B, T, K, C, boundary, interval, noncontig, neg_inf, lengths) in enumerate(cases):
+        if C > 256 and not wide:
+            continue
+        for dtype in (torch.float64, torch.float32)[(C > 256):]:
+            args = list(make(B, T, K, C, False, boundary, dtype, seed0 + n, neg_inf=neg_inf,
+                             noncontig=noncontig))
+            if lengths is not None:
+                args[3] = torch.tensor(lengths)
+            yield (f"case {n} {dtype}", args, interval, SCHEDULES[n % 2],
+                   ALL_SMEM if n % 2 == 0 else 0)
+
+
+def same_checkpoints(name, got, want, tol):
+    """Two checkpoint sets (ring, offsets) hold the same log values (entry +
+    offset) to tol relative, and -inf in the same places."""
+    ring_g, off_g = got
+    ring_w, off_w = want
+    dead_g, dead_w = ring_g == -math.inf, ring_w == -math.inf
+    assert torch.equal(dead_g, dead_w), name
+    value_g = ring_g.double() + off_g[..., None, None]
+    value_w = ring_w.double() + off_w[..., None, None]
+    close(name, value_g[~dead_g], value_w[~dead_w], tol)
+
+
+def test_emulated_chunked_forward(emu):
+    """FLASHSEMICRF_CUDA_FORWARD=chunks: one CTA a span, each from a guess
+    chunk_warmup positions before its span, and the junctions put them on one
+    scale. On random problems every sequence with more than one span is
+    accepted (verdict 0), and log Z, the checkpoints and the gradients the
+    backward gets from them are the serial forward's to rounding: ragged
+    lengths (a T = 1 sequence, chunks past a sequence's end), -inf entries,
+    boundary scores, strided scores, K > interval, C > kThreads; both
+    dtypes, both placements, every schedule. Another schedule and placement
+    give the same bits."""
+    for case, args, interval, (mode, seed), smem in chunked_problems(120):
+        B, dtype = args[0].shape[0], args[0].dtype
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        serial = emu.forward(*args, interval, mode, seed, smem)
+        got = emu.forward_chunked(*args, interval, -1, mode, seed, smem)
+        assert got[3].tolist() == [0] * B, (case, got[3].tolist())
+        close(f"log_z {case}", got[0], serial[0], tol)
+        same_checkpoints(f"checkpoints {case}", got[1:3], serial[1:3], tol)
+        up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+        want = ops.backward(up, *args, *serial[:3], interval, True)
+        grads = ops.backward(up, *args, *got[:3], interval, True)
+        for name, a, b in zip(GRAD_NAMES, grads, want):
+            close(f"{name} {case}", a, b, 1e-9 if dtype == torch.float64 else 2e-4)
+        mode2, seed2 = SCHEDULES[1 - SCHEDULES.index((mode, seed))]
+        again = emu.forward_chunked(*args, interval, -1, mode2, seed2, ALL_SMEM - smem)
+        for a, b in zip(bitwise(got), bitwise(again)):
+            assert torch.equal(a, b), case
+
+
+def test_emulated_chunked_forward_hands_over_what_it_has_not_forgotten(emu):
+    """A chunk whose ring still depends on its guess is not accepted, and the
+    serial forward redoes the sequence, bit for bit: a warm-up shorter than K
+    (the ring still holds the guess's empty entries), two groups of labels
+    that never transition into each other (the guess's split of the mass
+    between them is never forgotten), a sequence with no segmentation (its
+    truth dies where the guess lives), and NaN scores; the other sequences
+    of the batch are still accepted."""
+    for dtype in (torch.float64, torch.float32):
+        args = list(make(3, 600, 6, 4, False, True, dtype, 7, ragged=False))
+        serial = emu.forward(*args, 30, 2, 4, ALL_SMEM)
+        short = emu.forward_chunked(*args, 30, 5, 2, 4, ALL_SMEM)
+        assert short[3].tolist() == [1, 1, 1], dtype
+        for a, b in zip(bitwise(short[:3]), bitwise(serial[:3])):
+            assert torch.equal(a, b), dtype
+        # Labels {0, 1} and {2, 3} apart; sequence 1 dies at position 5,
+        # before the warm-ups start (float64: chunk 1 starts at 300, its
+        # warm-up at 8); sequence 2 has a NaN score at position 150.
+        trans = args[1].clone()
+        trans[:2, 2:] = -math.inf
+        trans[2:, :2] = -math.inf
+        apart = list(args)
+        apart[1] = trans
+        scores = args[0].clone()
+        scores[1, 5, :] = -math.inf
+        scores[2, 150, 1] = math.nan
+        mixed = list(args)
+        mixed[0] = scores
+        for case, problem, verdicts in (("apart", apart, [1, 1, 1]),
+                                        ("dead and NaN", mixed, [0, 1, 1])):
+            serial = emu.forward(*problem, 30, 2, 4, ALL_SMEM)
+            got = emu.forward_chunked(*problem, 30, -1, 1, 0, 0)
+            assert got[3].tolist() == verdicts, (case, dtype, got[3].tolist())
+            for a, b in zip(bitwise(got[:3]), bitwise(serial[:3])):
+                b0 = [x[1:] for x in (a, b)] if case != "apart" else (a, b)
+                assert torch.equal(*b0), (case, dtype)
+        assert got[0][1] == -math.inf and math.isnan(got[0][2])
+
+
+def test_emulated_chunked_forward_for_the_span_parallel_sweeps(emu):
+    """The mirror image's forward chunked as well (FLASHSEMICRF_CUDA_FORWARD=
+    chunks with FLASHSEMICRF_CUDA_SWEEP=parallel, where nothing of the
+    backward's chain stays serial): every gradient of the span-parallel
+    sweeps from its checkpoints is the CPU kernel's, and log Z the serial
+    forward's, to rounding."""
+    for case, args, interval, (mode, seed), smem in chunked_problems(140, wide=False):
+        B, dtype = args[0].shape[0], args[0].dtype
+        got = emu.forward_with_mirror(*args, interval, False, mode, seed, smem, -1)
+        log_z, ring, off = got[:3]
+        assert got[3].tolist() == [0] * B and got[4].tolist() == [0] * B, case
+        f = ops.forward(*args, interval)
+        close(f"log_z {case}", log_z, f[0], 1e-9 if dtype == torch.float64 else 1e-5)
+        up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
+        want = ops.backward(up, *args, *f, interval, True)
+        grads = emu.backward_parallel(up, *args, log_z, ring, off, interval, True, False,
+                                      mode, seed, smem)
+        for name, a, b in zip(GRAD_NAMES, grads[:7], want):
+            close(f"{name} {case}", a, b, 1e-9 if dtype == torch.float64 else 2e-4)

@@ -71,12 +71,13 @@ def ptxas_command(ninja: Path, cubin: Path) -> list[str]:
 
 def kernel_name(mangled: str) -> str:
     """_ZN12flashsemicrf4cuda15backward_kernelIdLb1EE... -> backward_kernel<double, true>;
-    a third bool (the shared-memory placement) -> backward_kernel<double, true, true>."""
+    a third bool (the shared-memory placement) -> backward_kernel<double, true, true>;
+    no bool -> junction_kernel<double>."""
     m = re.match(r"_ZN12flashsemicrf4cuda(\d+)", mangled)
     if m:
         n = int(m.group(1))
         name = mangled[m.end():m.end() + n]
-        args = re.match(r"I([fd])((?:Lb[01]E)+)E", mangled[m.end() + n:])
+        args = re.match(r"I([fd])((?:Lb[01]E)*)E", mangled[m.end() + n:])
         if args:
             dtype = {"f": "float", "d": "double"}[args.group(1)]
             flags = ["true" if f == "1" else "false" for f in re.findall(r"Lb([01])E", args.group(2))]

@@ -75,7 +75,7 @@ def test_dry_run_runs_every_section(carried, tmp_path):
         want = len(static) if backend in gpu_check.CUDA_VARIANTS else len(gpu_check.DRY_GRID) + 1
         assert len(lines) == want, lines
         assert all(" PASS " in ln for ln in lines), lines
-    n = 2 * (len(gpu_check.DRY_GRID) + 1) + 2 * len(static)
+    n = 2 * (len(gpu_check.DRY_GRID) + 1) + len(gpu_check.CUDA_VARIANTS) * len(static)
     assert f"correctness: {n}/{n} passed, 0 failed, 0 skipped" in corr
 
     pytest_log = (out / f"{TAG}-pytest.txt").read_text()
@@ -135,8 +135,8 @@ def test_correctness_stops_at_its_budget(tmp_path, monkeypatch):
     text = (tmp_path / f"{TAG}-correctness.txt").read_text()
     assert rc == 0
     static = [c for c in gpu_check.DRY_GRID if not c.dd]
-    assert text.count("SKIPPED: out of budget") == 2 * (len(gpu_check.DRY_GRID) + 1) + 2 * len(
-        static), text
+    assert text.count("SKIPPED: out of budget") == 2 * (len(gpu_check.DRY_GRID) + 1) + len(
+        gpu_check.CUDA_VARIANTS) * len(static), text
     assert "0/0 passed" in text
 
 

@@ -33,8 +33,10 @@ struct CtaScan {
   int32_t* bp_duration = nullptr;  // MAX: the next step's backpointer rows (C), or null
   int32_t* bp_previous = nullptr;
 
-  __device__ CtaScan(const Params& p, int64_t b, int64_t L_, scalar_t* ring_, scalar_t* rows)
-      : in(p, b), K(static_cast<int>(p.K)), C(static_cast<int>(p.C)),
+  // first: the position the scan calls 0 (a chunk's; see forward_kernel).
+  __device__ CtaScan(const Params& p, int64_t b, int64_t L_, scalar_t* ring_, scalar_t* rows,
+                     int64_t first = 0)
+      : in(p, b, first), K(static_cast<int>(p.K)), C(static_cast<int>(p.C)),
         ld(padded_row(static_cast<int>(p.C))), L(L_), ring(ring_), raw(rows),
         alpha(rows + p.C), sigma(rows + 2 * p.C), score_row(rows + 3 * p.C),
         start_row(rows + 4 * p.C) {}
@@ -236,54 +238,206 @@ inline Arena plan_forward_arena(const Params& p, size_t elem_bytes, size_t smem_
   return plan_arena(bytes, kForwardArrays, evict, 2, smem_limit);
 }
 
-// kShared: the plan keeps the ring and rows in shared memory (Arena).
+// kShared: the plan keeps the ring and rows in shared memory (Arena). cta:
+// the workspace slice (the sequence's, or a chunk's); first: as CtaScan's.
 template <typename scalar_t, bool DD, bool MAX, bool kShared = false>
 __device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p, const Arena& arena,
-                                                                 int64_t b, int64_t L) {
-  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get<scalar_t, kShared>(kForwardRing, b),
-                                    arena.get<scalar_t, kShared>(kForwardRows, b));
+                                                                 int64_t b, int64_t L,
+                                                                 int64_t cta = -1,
+                                                                 int64_t first = 0) {
+  if (cta < 0) cta = b;
+  return CtaScan<scalar_t, DD, MAX>(p, b, L, arena.get<scalar_t, kShared>(kForwardRing, cta),
+                                    arena.get<scalar_t, kShared>(kForwardRows, cta), first);
+}
+
+// The chunked forward's warm-up and acceptance. A chunk starts `warmup`
+// positions before its first checkpoint from a guess; the ring G it holds at
+// that checkpoint is accepted against the ring R the chunk before ended with
+// when one shift r puts every entry's log ratio within its own allowance:
+// |log R_i - log G_i - r| <= a_i, a_i = chunk_slack + kChunkUlps units of
+// rounding of the larger of the two stored logs (entries -inf in both
+// excepted). The future of a ring (later rings, log Z) is a sum of its
+// entries times positive weights, so the chunk's own future, moved by r, is
+// then R's to within max a_i in log: the slack, or a few ulps of an entry
+// far below the ring's largest (float32 stores an entry 500 nats down to
+// 3e-5 anyway). Where the scan has forgotten its guess the two rings are the
+// same up to rounding (often bit for bit), and r is the difference of their
+// offsets; the warm-ups are what random problems need for that (a ring
+// forgets nothing before K steps: its oldest entry is K steps old), and a
+// chunk that has not is rejected, its sequence redone serially.
+template <typename scalar_t>
+HOST_DEVICE constexpr int64_t chunk_warmup(int64_t K) {
+  return sizeof(scalar_t) == sizeof(double) ? 6 * K + 256 : 3 * K + 128;
+}
+template <typename scalar_t>
+HOST_DEVICE constexpr double chunk_slack() {
+  return sizeof(scalar_t) == sizeof(double) ? 0x1p-36 : 0x1p-18;
+}
+constexpr double kChunkUlps = 8.0;
+template <typename scalar_t>
+HOST_DEVICE constexpr double chunk_unit_rounding() {
+  return sizeof(scalar_t) == sizeof(double) ? 0x1p-53 : 0x1p-24;
+}
+// Spans a chunk: enough that its warm-up costs at most as many steps as
+// its own positions (a user's short interval would otherwise buy a warm-up
+// per span).
+HOST_DEVICE int64_t chunk_spans(const ForwardParams& p, int64_t warmup) {
+  return warmup <= p.interval ? 1 : (warmup + p.interval - 1) / p.interval;
+}
+// p with its chunks filled in for warm-up `warmup`; its `chunks` stays 1
+// (the serial forward) where that leaves one chunk.
+inline ForwardParams chunked(const ForwardParams& p, int64_t warmup) {
+  ForwardParams q = p;
+  q.warmup = warmup;
+  q.chunk_spans = chunk_spans(p, warmup);
+  const int64_t chunks = (p.n_ckpt + q.chunk_spans - 1) / q.chunk_spans;
+  q.chunks = p.duration_dependent || chunks < 2 ? 1 : chunks;
+  return q;
 }
 
 // log Z (B,) and the checkpoints: one CTA per sequence. redo: null, or the
-// exp-domain forward's verdicts, and then only the sequences it marked
-// (redo[b] != 0) are computed; the others keep its outputs.
+// exp-domain forward's (or the junctions') verdicts, and then only the
+// sequences it marked (redo[b] != 0) are computed; the others keep its
+// outputs. With p.chunks > 1 (static transition) CTA b·chunks + j scans
+// chunk j of sequence b (ForwardParams): from `warmup` positions before its
+// first checkpoint, from the state a sequence has at its start, saving its
+// checkpoints and, where the next chunk begins, its ring as the junction;
+// junction_kernel then puts the chunks' offsets on one scale.
 template <typename scalar_t, bool DD, bool kShared>
 __global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
     forward_kernel(const ForwardParams p, const Arena arena, const int32_t* redo) {
-  const int64_t b = blockIdx.x;
+  const int64_t cta = blockIdx.x;
+  const int64_t b = cta / p.chunks, chunk = cta - b * p.chunks;
   if (redo != nullptr && redo[b] == 0) return;
   const int64_t L = sequence_length(p, b);
-  auto scan = make_scan<scalar_t, DD, false, kShared>(p, arena, b, L);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  // The chunk: checkpoints j0 … from position tau, to `end` (its junction)
+  // or, the last one, to L.
+  const int64_t j0 = chunk * p.chunk_spans;
+  const int64_t tau = chunk == 0 ? 0 : ckpt.step_of(j0, L);
+  if (tau > L) return;  // past this sequence's last checkpoint: no chunk
+  const int64_t next = ckpt.step_of(j0 + p.chunk_spans, L);
+  const bool last = p.chunks == 1 || next > L;
+  const int64_t end = last ? L : next;
+  const int64_t first = tau > p.warmup ? tau - p.warmup : 0;
+  auto scan = make_scan<scalar_t, DD, false, kShared>(p, arena, b, end - first, cta, first);
   scan.reset();
   __syncthreads();
   // The next checkpoint and the step before which it is saved.
-  int64_t j = 0, next_ckpt = checkpoint_step<scalar_t>(p, 0, L);
-  for (int64_t t = 0; t <= L; ++t) {
+  int64_t j = j0, next_ckpt = checkpoint_step<scalar_t>(p, j0, L);
+  for (int64_t t = first; t <= end; ++t) {
+    if (t == end && !last) {
+      scan.save(t - first, static_cast<scalar_t*>(p.junction_ring) + cta * ckpt.stride,
+                p.junction_offset + cta);
+      break;
+    }
     if (t == next_ckpt) {
-      scan.save(t, ckpt.at(j), ckpt.offset + j);
+      scan.save(t - first, ckpt.at(j), ckpt.offset + j);
       next_ckpt = checkpoint_step<scalar_t>(p, ++j, L);
     }
-    const scalar_t m = scan.step(t);
+    const scalar_t m = scan.step(t - first);
     if (t == L) {
       if (warp_id() == 0) {
         const scalar_t v =
             warp_lse<scalar_t>(scan.C, [&](int c) { return scan.in.last(scan.alpha[c], c); });
-        if (lane_id() == 0)
-          static_cast<scalar_t*>(p.log_z)[b] =
-              static_cast<scalar_t>(scan.offset + static_cast<double>(v));
+        if (lane_id() == 0) {
+          const double log_z = scan.offset + static_cast<double>(v);
+          static_cast<scalar_t*>(p.log_z)[b] = static_cast<scalar_t>(log_z);
+          if (p.chunks > 1) p.chunk_log_z[b] = log_z;
+        }
       }
     } else {
-      scan.advance(t, m);
+      scan.advance(t - first, m);
     }
     __syncthreads();
   }
   // Checkpoints past the end of a short sequence are never read: the empty
   // state, so that outputs do not depend on memory contents.
-  const int64_t j0 = ckpt.saved(L);
-  if (j0 < p.n_ckpt) {
-    fill(ckpt.at(j0), (p.n_ckpt - j0) * ckpt.stride, neg_inf<scalar_t>());
-    for (int64_t j = j0 + threadIdx.x; j < p.n_ckpt; j += kThreads) ckpt.offset[j] = 0.0;
+  const int64_t unused = ckpt.saved(L);
+  if (last && unused < p.n_ckpt) {
+    fill(ckpt.at(unused), (p.n_ckpt - unused) * ckpt.stride, neg_inf<scalar_t>());
+    for (int64_t j = unused + threadIdx.x; j < p.n_ckpt; j += kThreads) ckpt.offset[j] = 0.0;
+  }
+}
+
+// The chunked forward's second launch, one CTA a sequence (static
+// transition): walks its junctions in order, measuring each chunk's ring at
+// its first checkpoint against the ring the chunk before ended with, in
+// float64 logs (chunk_slack): an entry -inf, NaN or inf in one ring alone,
+// or no shift that fits every entry's allowance, rejects the sequence
+// (redo[b] = 1: the serial forward redoes it). Otherwise the middle of the
+// shifts that fit, summed over the junctions so far, is added to the chunk's
+// checkpoint offsets, and at the end to log Z (redo[b] = 0).
+// Dynamic shared memory: junction_smem_bytes.
+constexpr size_t junction_smem_bytes() { return kWarps * (2 * sizeof(double) + sizeof(int)); }
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    junction_kernel(const ForwardParams p, int32_t* redo) {
+  double* const low = dynamic_smem<double>();
+  double* const high = low + kWarps;
+  int* const bad = reinterpret_cast<int*>(high + kWarps);
+  const int64_t b = blockIdx.x;
+  const int64_t L = sequence_length(p, b);
+  const SequenceCheckpoints<scalar_t> ckpt(p, b);
+  const int64_t stride = ckpt.stride;
+  const int64_t n = p.chunk_spans, saved = ckpt.saved(L);
+  const int64_t chunks = (saved + n - 1) / n;  // those that start at or before L
+  double shift = 0.0;
+  bool accepted = true;
+  for (int64_t chunk = 1; chunk < chunks && accepted; ++chunk) {
+    const scalar_t* ended = static_cast<const scalar_t*>(p.junction_ring) +
+                            (b * p.chunks + chunk - 1) * stride;
+    const scalar_t* began = ckpt.at(chunk * n);
+    const double base = p.junction_offset[b * p.chunks + chunk - 1] - ckpt.offset[chunk * n];
+    // The shifts that fit every entry so far: [lo, hi].
+    double lo = -INFINITY, hi = INFINITY;
+    int mismatch = 0;
+    for (int64_t i = threadIdx.x; i < stride; i += kThreads) {
+      const scalar_t x = ended[i], y = began[i];
+      if (x == neg_inf<scalar_t>() && y == neg_inf<scalar_t>()) continue;
+      const double r = (static_cast<double>(x) - static_cast<double>(y)) + base;
+      if (!(r > -INFINITY && r < INFINITY)) {
+        mismatch = 1;  // -inf in one only, NaN, or inf
+      } else {
+        const double a = chunk_slack<scalar_t>() +
+                         kChunkUlps * chunk_unit_rounding<scalar_t>() *
+                             fmax(fabs(static_cast<double>(x)), fabs(static_cast<double>(y)));
+        lo = fmax(lo, r - a);
+        hi = fmin(hi, r + a);
+      }
+    }
+    for (int o = kWarpSize / 2; o > 0; o /= 2) {
+      lo = fmax(lo, __shfl_xor_sync(kFullMask, lo, o));
+      hi = fmin(hi, __shfl_xor_sync(kFullMask, hi, o));
+      mismatch |= __shfl_xor_sync(kFullMask, mismatch, o);
+    }
+    if (lane_id() == 0) {
+      low[warp_id()] = lo;
+      high[warp_id()] = hi;
+      bad[warp_id()] = mismatch;
+    }
+    __syncthreads();
+    lo = -INFINITY;
+    hi = INFINITY;
+    mismatch = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      lo = fmax(lo, low[w]);
+      hi = fmin(hi, high[w]);
+      mismatch |= bad[w];
+    }
+    __syncthreads();  // the slots are written again at the next junction
+    if (mismatch || !(lo <= hi)) {
+      accepted = false;
+    } else {
+      if (hi < INFINITY) shift += 0.5 * (lo + hi);  // else both rings are empty
+      const int64_t stop = chunk * n + n < saved ? chunk * n + n : saved;
+      for (int64_t j = chunk * n + threadIdx.x; j < stop; j += kThreads) ckpt.offset[j] += shift;
+    }
+  }
+  if (threadIdx.x == 0) {
+    if (accepted)
+      static_cast<scalar_t*>(p.log_z)[b] = static_cast<scalar_t>(p.chunk_log_z[b] + shift);
+    redo[b] = accepted ? 0 : 1;
   }
 }
 

@@ -73,6 +73,12 @@
 //   forward runs in the forward op, beside the forward on a second stream
 //   (B more CTAs), and its checkpoints are rows B … 2B-1 of the forward's
 //   checkpoint outputs; a backward given B rows runs it itself first.
+//   chunked forward (FLASHSEMICRF_CUDA_FORWARD=chunks, static transition):
+//   grid = B·chunks, CTA b·chunks + j runs the forward step's mapping over
+//   chunk j of sequence b (a warm-up from a guess, then its spans); then
+//   junction_kernel, one CTA a sequence, walks the junctions in order:
+//   threads over the ring's entries, each junction's range of fitting
+//   shifts reduced by shuffles and one slot a warp (two barriers).
 //   Viterbi: the forward step in the max semiring; the step's backpointer
 //   rows are written by the lane 0 that reduced each label (A: duration,
 //   and previous label for the (K, C, C) transition; B: static previous
@@ -282,6 +288,48 @@ bool uses_parallel_sweeps() {
   return env_switch("FLASHSEMICRF_CUDA_SWEEP", "parallel", "serial", false);
 }
 
+// FLASHSEMICRF_CUDA_FORWARD=chunks: the chunked forward (forward_kernel's
+// chunks), static transition.
+bool uses_chunked_forward(const ForwardParams& p) {
+  return !p.duration_dependent &&
+         env_switch("FLASHSEMICRF_CUDA_FORWARD", "chunks", "serial", false);
+}
+
+// The chunked forward's two launches, one CTA a chunk and then one a
+// sequence for the junctions, where the sequences make two chunks or more
+// (cuda::chunked); returns the verdicts (B,), 1 for the sequences the serial
+// forward must redo, or an undefined tensor where nothing ran. Its buffers
+// are freed into this stream's pool, which keeps them until the work queued
+// on it is done.
+at::Tensor run_chunked_forward(const ForwardParams& p, const at::Tensor& scores) {
+  check_cuda(scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  int64_t warmup = 0;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_chunks", [&] {
+    warmup = cuda::chunk_warmup<scalar_t>(p.K);
+  });
+  ForwardParams q = cuda::chunked(p, warmup);
+  if (q.chunks < 2 || p.B == 0) return at::Tensor();
+  const int64_t ctas = p.B * q.chunks;
+  at::Tensor verdicts = at::empty({p.B}, scores.options().dtype(at::kInt));
+  at::Tensor junction_ring = at::empty({ctas, p.ring_width, p.C}, scores.options());
+  at::Tensor doubles = at::empty({ctas + p.B}, scores.options().dtype(at::kDouble));
+  q.junction_ring = junction_ring.data_ptr();
+  q.junction_offset = doubles.data_ptr<double>();
+  q.chunk_log_z = q.junction_offset + ctas;
+  launch_ctas(scores, q, ctas, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+    return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+  }, static_cast<const int32_t*>(nullptr));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_junctions", [&] {
+    cuda::junction_kernel<scalar_t><<<static_cast<unsigned>(p.B), cuda::kThreads,
+                                      cuda::junction_smem_bytes(),
+                                      at::cuda::getCurrentCUDAStream()>>>(
+        q, verdicts.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return verdicts;
+}
+
 struct Cuda {
   // With the span-parallel sweeps and the static transition the forward
   // also saves the mirror image's checkpoints (rows B … 2B-1 of its
@@ -291,13 +339,16 @@ struct Cuda {
     return !p.duration_dependent && uses_parallel_sweeps();
   }
 
-  // FLASHSEMICRF_CUDA_ALGORITHM=exp, static transition: the exp-domain
-  // forward (in blocks of positions for C <= 32, else step by step), then
-  // the log-domain forward for the sequences whose log Z it could not
-  // certify (its CTAs for the others return at once, so nothing waits on the
-  // host). Otherwise (log, the default until a GPU has timed both:
-  // bench/results/gpu-forecast.md) the log-domain forward for all.
-  // Where p.mirror_ring is set (saves_mirror) and there is more than one
+  // FLASHSEMICRF_CUDA_FORWARD=chunks, static transition, two chunks or
+  // more: the chunked forward (run_chunked_forward), then the serial
+  // log-domain forward for the sequences its junctions rejected (whatever
+  // the algorithm switch says). Else FLASHSEMICRF_CUDA_ALGORITHM=exp,
+  // static transition: the exp-domain forward (in blocks of positions for
+  // C <= 32, else step by step), then the log-domain forward for the
+  // sequences whose log Z it could not certify (its CTAs for the others
+  // return at once, so nothing waits on the host). Otherwise (log, the
+  // default until a GPU has timed both: bench/results/gpu-forecast.md) the
+  // log-domain forward for all. Where p.mirror_ring is set (saves_mirror) and there is more than one
   // span, the mirror image's forward runs beside it on a second stream: B
   // more CTAs at once, which the GPU has room for at small B, so that the
   // backward's chain is already done when the backward starts.
@@ -325,7 +376,10 @@ struct Cuda {
   static void run_forward(const ForwardParams& p, const at::Tensor& scores) {
     const int32_t* redo = nullptr;
     at::Tensor verdicts;
-    if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
+    if (uses_chunked_forward(p)) verdicts = run_chunked_forward(p, scores);
+    if (verdicts.defined()) {
+      redo = verdicts.data_ptr<int32_t>();
+    } else if (!p.duration_dependent && uses_exp_domain("FLASHSEMICRF_CUDA_ALGORITHM", false)) {
       verdicts = at::empty({std::max<int64_t>(p.B, 1)}, scores.options().dtype(at::kInt));
       const bool blocked = cuda::uses_blocked_exp_forward(p.C);
       launch_per_sequence(

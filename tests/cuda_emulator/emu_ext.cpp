@@ -157,11 +157,73 @@ std::pair<at::Tensor, at::Tensor> exp_forward_with_redo(const Schedule& sched,
   return {sizes, redo.narrow(0, 0, p.B)};
 }
 
+// run_chunked_forward of semicrf_cuda.cu (FLASHSEMICRF_CUDA_FORWARD=chunks),
+// then forward_kernel for the sequences the junctions rejected. warmup < 0:
+// chunk_warmup's. Returns the verdicts (1: redone serially), or an undefined
+// tensor where the sequences make one chunk (cuda::chunked) and nothing ran.
+at::Tensor chunked_forward_with_redo(const Schedule& sched, const at::Tensor& scores,
+                                     const ForwardParams& p, int64_t warmup) {
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_chunks", [&] {
+    if (warmup < 0) warmup = cuda::chunk_warmup<scalar_t>(p.K);
+  });
+  ForwardParams q = cuda::chunked(p, warmup);
+  if (q.chunks < 2 || p.B == 0) return at::Tensor();
+  const int64_t ctas = p.B * q.chunks;
+  // -7 and NaN: a verdict or a junction the kernels did not write shows.
+  at::Tensor verdicts = at::full({p.B}, -7, scores.options().dtype(at::kInt));
+  at::Tensor junction_ring = at::full({ctas, p.ring_width, p.C}, NAN, scores.options());
+  at::Tensor doubles = at::full({ctas + p.B}, NAN, scores.options().dtype(at::kDouble));
+  q.junction_ring = junction_ring.data_ptr();
+  q.junction_offset = doubles.data_ptr<double>();
+  q.chunk_log_z = q.junction_offset + ctas;
+  launch_ctas(sched, scores, q, ctas, cuda::plan_forward_arena, log_forward_kernel,
+              static_cast<const int32_t*>(nullptr));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_junctions", [&] {
+    emu::launch(sched.mode, static_cast<unsigned>(sched.seed), p.B, cuda::kThreads,
+                cuda::junction_smem_bytes(), cuda::junction_kernel<scalar_t>, q,
+                verdicts.data_ptr<int32_t>());
+  });
+  launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward_kernel,
+                      static_cast<const int32_t*>(verdicts.data_ptr<int32_t>()));
+  return verdicts;
+}
+
+// The forward op's chunked forward (chunked_forward_with_redo) on an op
+// call's inputs. Returns log Z, the checkpoints, their offsets and the
+// verdicts (empty where the sequences make one chunk and the serial forward
+// ran).
+std::vector<at::Tensor> forward_chunked(at::Tensor scores, at::Tensor transition,
+                                        at::Tensor duration, at::Tensor lengths, at::Tensor st,
+                                        at::Tensor et, std::optional<at::Tensor> ss,
+                                        std::optional<at::Tensor> es, int64_t interval,
+                                        int64_t warmup, int64_t mode, int64_t seed,
+                                        int64_t smem_limit) {
+  OpCall call(scores, transition, duration, lengths, st, et, ss, es);
+  call.label_major_tables();  // as for CUDA tensors
+  auto pass = call.forward(interval);
+  TORCH_CHECK(!pass.params.duration_dependent, "forward_chunked: static transition only");
+  auto out = nan_filled(pass.outputs);
+  const Schedule sched{static_cast<int>(mode), seed, smem_limit};
+  at::Tensor verdicts = chunked_forward_with_redo(sched, scores, pass.params, warmup);
+  if (!verdicts.defined()) {  // one chunk: the serial forward
+    launch_per_sequence(sched, scores, pass.params, cuda::plan_forward_arena, log_forward_kernel,
+                        static_cast<const int32_t*>(nullptr));
+    verdicts = at::empty({0}, scores.options().dtype(at::kInt));
+  }
+  out.push_back(verdicts);
+  return out;
+}
+
 // semicrf_cuda.cu's forward for ForwardParams already filled in (the
-// mirror image's): exp (blocked where C allows) with the log-domain redo, or
-// log. Returns the exp kernel's verdicts (empty for log).
+// mirror image's): chunked where it applies (chunk_warmup >= -1), else exp
+// (blocked where C allows) with the log-domain redo, or log. Returns the
+// chunked or exp forward's verdicts (empty for log).
 at::Tensor run_forward(const Schedule& sched, const at::Tensor& scores, const ForwardParams& p,
-                       bool exp) {
+                       bool exp, int64_t chunk_warmup = -2) {
+  if (chunk_warmup >= -1 && !p.duration_dependent) {
+    at::Tensor verdicts = chunked_forward_with_redo(sched, scores, p, chunk_warmup);
+    if (verdicts.defined()) return verdicts;
+  }
   if (exp) {
     return exp_forward_with_redo(sched, scores, p, cuda::uses_blocked_exp_forward(p.C)).second;
   }
@@ -204,7 +266,7 @@ std::vector<at::Tensor> forward_with_mirror(at::Tensor scores, at::Tensor transi
                                             std::optional<at::Tensor> ss,
                                             std::optional<at::Tensor> es, int64_t interval,
                                             bool exp, int64_t mode, int64_t seed,
-                                            int64_t smem_limit) {
+                                            int64_t smem_limit, int64_t chunk_warmup) {
   OpCall call(scores, transition, duration, lengths, st, et, ss, es);
   call.label_major_tables();  // as for CUDA tensors
   auto pass = call.forward(interval, [](const ForwardParams& p) { return !p.duration_dependent; });
@@ -218,9 +280,10 @@ std::vector<at::Tensor> forward_with_mirror(at::Tensor scores, at::Tensor transi
   if (SpanParallelSweeps::applies(pass.params)) {
     SpanParallelSweeps sweeps;
     auto& mirror = sweeps.mirror(pass.params, scores);
-    mirror_verdicts = run_forward(sched, sweeps.mirrored_scores(), mirror.params, exp);
+    mirror_verdicts =
+        run_forward(sched, sweeps.mirrored_scores(), mirror.params, exp, chunk_warmup);
   }
-  out.push_back(run_forward(sched, scores, pass.params, exp));
+  out.push_back(run_forward(sched, scores, pass.params, exp, chunk_warmup));
   out.push_back(mirror_verdicts);
   return out;
 }
@@ -414,6 +477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward);
   m.def("forward_exp", &forward_exp);
   m.def("forward_with_mirror", &forward_with_mirror);
+  m.def("forward_chunked", &forward_chunked);
   m.def("backward", &backward<false>);
   m.def("backward_spans", &backward<true>);
   m.def("backward_exp", &backward_exp<false>);
