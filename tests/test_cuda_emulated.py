@@ -1227,7 +1227,7 @@ def test_emulated_chunked_forward(emu):
         tol = 1e-9 if dtype == torch.float64 else 1e-5
         serial = emu.forward(*args, interval, mode, seed, smem)
         got = emu.forward_chunked(*args, interval, -1, mode, seed, smem)
-        assert got[3].tolist() == [0] * B, (case, got[3].tolist())
+        assert got[3].tolist() == got[4].tolist() == [0] * B, (case, got[3:])
         close(f"log_z {case}", got[0], serial[0], tol)
         same_checkpoints(f"checkpoints {case}", got[1:3], serial[1:3], tol)
         up = torch.linspace(0.5, 1.5, B, dtype=torch.float64).to(dtype)
@@ -1242,9 +1242,12 @@ def test_emulated_chunked_forward(emu):
 
 
 def test_emulated_chunked_forward_hands_over_what_it_has_not_forgotten(emu):
-    """A chunk whose ring still depends on its guess is not accepted, and the
-    serial forward redoes the sequence, bit for bit: a warm-up shorter than K
-    (the ring still holds the guess's empty entries), two groups of labels
+    """A chunk whose ring still depends on its guess is not accepted; its
+    sequence's chunks try again with a warm-up four times as long, and if
+    that fails too the serial forward redoes the sequence, bit for bit: a
+    warm-up shorter than K both times (the ring still holds the guess's
+    empty entries; one that is too short only the first time is accepted
+    the second, to rounding), two groups of labels
     that never transition into each other (the guess's split of the mass
     between them is never forgotten), a sequence with no segmentation (its
     truth dies where the guess lives), and NaN scores; the other sequences
@@ -1252,13 +1255,21 @@ def test_emulated_chunked_forward_hands_over_what_it_has_not_forgotten(emu):
     for dtype in (torch.float64, torch.float32):
         args = list(make(3, 600, 6, 4, False, True, dtype, 7, ragged=False))
         serial = emu.forward(*args, 30, 2, 4, ALL_SMEM)
-        short = emu.forward_chunked(*args, 30, 5, 2, 4, ALL_SMEM)
-        assert short[3].tolist() == [1, 1, 1], dtype
+        short = emu.forward_chunked(*args, 30, 1, 2, 4, ALL_SMEM)  # the retry's: 4
+        assert short[3].tolist() == short[4].tolist() == [1, 1, 1], dtype
         for a, b in zip(bitwise(short[:3]), bitwise(serial[:3])):
             assert torch.equal(a, b), dtype
-        # Labels {0, 1} and {2, 3} apart; sequence 1 dies at position 5,
-        # before the warm-ups start (float64: chunk 1 starts at 300, its
-        # warm-up at 8); sequence 2 has a NaN score at position 150.
+        # 8 positions are too few (K = 6, and these labels take longer to
+        # mix); the retry's 32 are enough.
+        retried = emu.forward_chunked(*args, 30, 8, 2, 4, ALL_SMEM)
+        assert retried[4].tolist() == [1, 1, 1] and retried[3].tolist() == [0, 0, 0], dtype
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        close(f"retried log_z {dtype}", retried[0], serial[0], tol)
+        same_checkpoints(f"retried checkpoints {dtype}", retried[1:3], serial[1:3], tol)
+        # Labels {0, 1} and {2, 3} apart; sequence 1 dies at position 5;
+        # sequence 2 has a NaN score at position 150. Warm-ups of 8 and then
+        # 32 positions, chunks of one span (30): from chunk 2 on both start
+        # after position 5 from a guess.
         trans = args[1].clone()
         trans[:2, 2:] = -math.inf
         trans[2:, :2] = -math.inf
@@ -1272,7 +1283,7 @@ def test_emulated_chunked_forward_hands_over_what_it_has_not_forgotten(emu):
         for case, problem, verdicts in (("apart", apart, [1, 1, 1]),
                                         ("dead and NaN", mixed, [0, 1, 1])):
             serial = emu.forward(*problem, 30, 2, 4, ALL_SMEM)
-            got = emu.forward_chunked(*problem, 30, -1, 1, 0, 0)
+            got = emu.forward_chunked(*problem, 30, 8, 1, 0, 0)
             assert got[3].tolist() == verdicts, (case, dtype, got[3].tolist())
             for a, b in zip(bitwise(got[:3]), bitwise(serial[:3])):
                 b0 = [x[1:] for x in (a, b)] if case != "apart" else (a, b)
@@ -1299,3 +1310,49 @@ def test_emulated_chunked_forward_for_the_span_parallel_sweeps(emu):
                                       mode, seed, smem)
         for name, a, b in zip(GRAD_NAMES, grads[:7], want):
             close(f"{name} {case}", a, b, 1e-9 if dtype == torch.float64 else 2e-4)
+
+
+def test_emulated_chunked_forward_random_adversaries(emu):
+    """The chunked forward on random_exp_problem's adversarial families
+    (dying labels, sparse durations down to -700, -inf transitions, start
+    and end scores up to 200 nats, a label that outshines another and
+    dies), about five spans a sequence, warm-ups drawn from 1 to 3K so that
+    junctions are met near the edge of forgetting: a sequence the junctions
+    accept has the serial forward's log Z and checkpoints to rounding, one
+    they reject its bits. It runs 4 problems a family
+    (FLASHSEMICRF_CHUNK_FUZZ_PROBLEMS=N: N a family); both verdicts occur."""
+    import random
+
+    n = int(os.environ.get("FLASHSEMICRF_CHUNK_FUZZ_PROBLEMS", "4"))
+    rng = random.Random(20261206)
+    verdicts = []
+    for family in ("mixed", "boundary", "outshone"):
+        for i in range(2 * n):
+            dtype = (torch.float32, torch.float64)[i % 2]
+            args = random_exp_problem(rng, dtype, family)
+            T, K = args[0].shape[1], args[2].shape[0]
+            interval = max(1, T // 5)
+            warmup = rng.randint(1, 3 * K)
+            where = f"{family} problem {i} ({dtype}), warm-up {warmup}"
+            mode, seed = SCHEDULES[i % 2]
+            serial = emu.forward(*args, interval, mode, seed, ALL_SMEM)
+            got = emu.forward_chunked(*args, interval, warmup, mode, seed, ALL_SMEM)
+            if got[3].numel() == 0:  # one chunk: the serial forward ran
+                continue
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            for b, verdict in enumerate(got[3].tolist()):
+                verdicts.append(verdict)
+                rows = [x[b] for x in got[:3]], [x[b] for x in serial[:3]]
+                if verdict:
+                    for a, w in zip(bitwise(rows[0]), bitwise(rows[1])):
+                        assert torch.equal(a, w), f"{where}, sequence {b}"
+                else:
+                    have, want = float(got[0][b]), float(serial[0][b])
+                    if math.isfinite(want):
+                        assert abs(have - want) <= tol * max(1.0, abs(want)), \
+                            f"{where}, sequence {b}: log Z {have} != {want}"
+                    else:
+                        assert have == want, f"{where}, sequence {b}: log Z {have} != {want}"
+                    same_checkpoints(f"{where}, sequence {b}: checkpoints", rows[0][1:],
+                                     rows[1][1:], tol)
+    assert 0 in verdicts and 1 in verdicts, verdicts

@@ -269,6 +269,11 @@ template <typename scalar_t>
 HOST_DEVICE constexpr int64_t chunk_warmup(int64_t K) {
   return sizeof(scalar_t) == sizeof(double) ? 6 * K + 256 : 3 * K + 128;
 }
+// A sequence whose junctions reject the first warm-up gets one more try,
+// with a warm-up this many times as long (its chunks keep their spans; a
+// warm-up that reaches position 0 starts there, from the true start), before
+// the serial forward redoes it.
+constexpr int64_t kChunkRetryWarmup = 4;
 template <typename scalar_t>
 HOST_DEVICE constexpr double chunk_slack() {
   return sizeof(scalar_t) == sizeof(double) ? 0x1p-36 : 0x1p-18;
@@ -367,16 +372,19 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks<scalar_t>())
 // or no shift that fits every entry's allowance, rejects the sequence
 // (redo[b] = 1: the serial forward redoes it). Otherwise the middle of the
 // shifts that fit, summed over the junctions so far, is added to the chunk's
-// checkpoint offsets, and at the end to log Z (redo[b] = 0).
+// checkpoint offsets, and at the end to log Z (redo[b] = 0). retry: only
+// the sequences redo marks are measured again (the chunks' second try), the
+// others keep their verdict 0.
 // Dynamic shared memory: junction_smem_bytes.
 constexpr size_t junction_smem_bytes() { return kWarps * (2 * sizeof(double) + sizeof(int)); }
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    junction_kernel(const ForwardParams p, int32_t* redo) {
+    junction_kernel(const ForwardParams p, int32_t* redo, bool retry) {
   double* const low = dynamic_smem<double>();
   double* const high = low + kWarps;
   int* const bad = reinterpret_cast<int*>(high + kWarps);
   const int64_t b = blockIdx.x;
+  if (retry && redo[b] == 0) return;
   const int64_t L = sequence_length(p, b);
   const SequenceCheckpoints<scalar_t> ckpt(p, b);
   const int64_t stride = ckpt.stride;

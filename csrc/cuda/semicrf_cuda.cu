@@ -295,12 +295,13 @@ bool uses_chunked_forward(const ForwardParams& p) {
          env_switch("FLASHSEMICRF_CUDA_FORWARD", "chunks", "serial", false);
 }
 
-// The chunked forward's two launches, one CTA a chunk and then one a
-// sequence for the junctions, where the sequences make two chunks or more
-// (cuda::chunked); returns the verdicts (B,), 1 for the sequences the serial
-// forward must redo, or an undefined tensor where nothing ran. Its buffers
-// are freed into this stream's pool, which keeps them until the work queued
-// on it is done.
+// The chunked forward's launches, one CTA a chunk and then one a sequence
+// for the junctions, twice (the second time for the sequences the first
+// rejected, with a longer warm-up: kChunkRetryWarmup), where the sequences
+// make two chunks or more (cuda::chunked); returns the verdicts (B,), 1 for
+// the sequences the serial forward must redo, or an undefined tensor where
+// nothing ran. Its buffers are freed into this stream's pool, which keeps
+// them until the work queued on it is done.
 at::Tensor run_chunked_forward(const ForwardParams& p, const at::Tensor& scores) {
   check_cuda(scores);
   const c10::cuda::CUDAGuard guard(scores.device());
@@ -317,16 +318,19 @@ at::Tensor run_chunked_forward(const ForwardParams& p, const at::Tensor& scores)
   q.junction_ring = junction_ring.data_ptr();
   q.junction_offset = doubles.data_ptr<double>();
   q.chunk_log_z = q.junction_offset + ctas;
-  launch_ctas(scores, q, ctas, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
-    return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-  }, static_cast<const int32_t*>(nullptr));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_junctions", [&] {
-    cuda::junction_kernel<scalar_t><<<static_cast<unsigned>(p.B), cuda::kThreads,
-                                      cuda::junction_smem_bytes(),
-                                      at::cuda::getCurrentCUDAStream()>>>(
-        q, verdicts.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  int32_t* const marks = verdicts.data_ptr<int32_t>();
+  for (const bool retry : {false, true}) {
+    if (retry) q.warmup = warmup * cuda::kChunkRetryWarmup;
+    launch_ctas(scores, q, ctas, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
+      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
+    }, static_cast<const int32_t*>(retry ? marks : nullptr));
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_junctions", [&] {
+      cuda::junction_kernel<scalar_t><<<static_cast<unsigned>(p.B), cuda::kThreads,
+                                        cuda::junction_smem_bytes(),
+                                        at::cuda::getCurrentCUDAStream()>>>(q, marks, retry);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
   return verdicts;
 }
 

@@ -160,9 +160,11 @@ std::pair<at::Tensor, at::Tensor> exp_forward_with_redo(const Schedule& sched,
 // run_chunked_forward of semicrf_cuda.cu (FLASHSEMICRF_CUDA_FORWARD=chunks),
 // then forward_kernel for the sequences the junctions rejected. warmup < 0:
 // chunk_warmup's. Returns the verdicts (1: redone serially), or an undefined
-// tensor where the sequences make one chunk (cuda::chunked) and nothing ran.
+// tensor where the sequences make one chunk (cuda::chunked) and nothing ran;
+// *first, if given, receives the first try's verdicts.
 at::Tensor chunked_forward_with_redo(const Schedule& sched, const at::Tensor& scores,
-                                     const ForwardParams& p, int64_t warmup) {
+                                     const ForwardParams& p, int64_t warmup,
+                                     at::Tensor* first = nullptr) {
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_chunks", [&] {
     if (warmup < 0) warmup = cuda::chunk_warmup<scalar_t>(p.K);
   });
@@ -176,22 +178,28 @@ at::Tensor chunked_forward_with_redo(const Schedule& sched, const at::Tensor& sc
   q.junction_ring = junction_ring.data_ptr();
   q.junction_offset = doubles.data_ptr<double>();
   q.chunk_log_z = q.junction_offset + ctas;
-  launch_ctas(sched, scores, q, ctas, cuda::plan_forward_arena, log_forward_kernel,
-              static_cast<const int32_t*>(nullptr));
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_junctions", [&] {
-    emu::launch(sched.mode, static_cast<unsigned>(sched.seed), p.B, cuda::kThreads,
-                cuda::junction_smem_bytes(), cuda::junction_kernel<scalar_t>, q,
-                verdicts.data_ptr<int32_t>());
-  });
+  int32_t* const marks = verdicts.data_ptr<int32_t>();
+  for (const bool retry : {false, true}) {
+    if (retry) {
+      if (first != nullptr) *first = verdicts.clone();
+      q.warmup = warmup * cuda::kChunkRetryWarmup;
+    }
+    launch_ctas(sched, scores, q, ctas, cuda::plan_forward_arena, log_forward_kernel,
+                static_cast<const int32_t*>(retry ? marks : nullptr));
+    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_junctions", [&] {
+      emu::launch(sched.mode, static_cast<unsigned>(sched.seed), p.B, cuda::kThreads,
+                  cuda::junction_smem_bytes(), cuda::junction_kernel<scalar_t>, q, marks, retry);
+    });
+  }
   launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward_kernel,
                       static_cast<const int32_t*>(verdicts.data_ptr<int32_t>()));
   return verdicts;
 }
 
 // The forward op's chunked forward (chunked_forward_with_redo) on an op
-// call's inputs. Returns log Z, the checkpoints, their offsets and the
-// verdicts (empty where the sequences make one chunk and the serial forward
-// ran).
+// call's inputs. Returns log Z, the checkpoints, their offsets, the verdicts
+// and the first try's verdicts (both empty where the sequences make one
+// chunk and the serial forward ran).
 std::vector<at::Tensor> forward_chunked(at::Tensor scores, at::Tensor transition,
                                         at::Tensor duration, at::Tensor lengths, at::Tensor st,
                                         at::Tensor et, std::optional<at::Tensor> ss,
@@ -204,13 +212,15 @@ std::vector<at::Tensor> forward_chunked(at::Tensor scores, at::Tensor transition
   TORCH_CHECK(!pass.params.duration_dependent, "forward_chunked: static transition only");
   auto out = nan_filled(pass.outputs);
   const Schedule sched{static_cast<int>(mode), seed, smem_limit};
-  at::Tensor verdicts = chunked_forward_with_redo(sched, scores, pass.params, warmup);
+  at::Tensor first;
+  at::Tensor verdicts = chunked_forward_with_redo(sched, scores, pass.params, warmup, &first);
   if (!verdicts.defined()) {  // one chunk: the serial forward
     launch_per_sequence(sched, scores, pass.params, cuda::plan_forward_arena, log_forward_kernel,
                         static_cast<const int32_t*>(nullptr));
-    verdicts = at::empty({0}, scores.options().dtype(at::kInt));
+    verdicts = first = at::empty({0}, scores.options().dtype(at::kInt));
   }
   out.push_back(verdicts);
+  out.push_back(first);
   return out;
 }
 
