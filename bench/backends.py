@@ -25,6 +25,8 @@ counted as part of what a user of that library pays:
   image's) chunked: one CTA a span of each sequence, each from a guess a
   warm-up before it, put on one scale at the junctions
   (``FLASHSEMICRF_CUDA_FORWARD=chunks``; the others set ``serial``);
+  ``triton-chunks`` is ``triton`` with the same chunked forward
+  (``FLASHSEMICRF_TRITON_FORWARD=chunks``; ``triton`` sets ``serial``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -57,8 +59,8 @@ import torch
 
 Tensor = torch.Tensor
 
-OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton", "cpu",
-        "cpu-log", "torch")
+OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
+        "triton-chunks", "cpu", "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
@@ -87,6 +89,10 @@ CUDA_ENV = {
     "cuda-parallel": _cuda_env("exp", "sweep", "parallel", "serial"),
     "cuda-chunks": _cuda_env("exp", "sweep", "parallel", "chunks"),
 }
+# The Triton forward, serial or chunked.
+TRITON_FORWARD_ENV = "FLASHSEMICRF_TRITON_FORWARD"
+TRITON_ENV = {"triton": {TRITON_FORWARD_ENV: "serial"},
+              "triton-chunks": {TRITON_FORWARD_ENV: "chunks"}}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -101,6 +107,7 @@ KIND = {
     "cuda-parallel": "kernel",
     "cuda-chunks": "kernel",
     "triton": "kernel",
+    "triton-chunks": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",
     "torch": "loop",
@@ -334,7 +341,7 @@ def make(name: str, device: torch.device) -> Backend:
     cuda = device.type == "cuda"
     if name in CUDA_ENV and not cuda:
         return Backend(name, kind, None, "needs a CUDA device")
-    if name == "triton" and not cuda:
+    if name in TRITON_ENV and not cuda:
         return Backend(name, kind, None, "needs a CUDA device (on CPU only under "
                        "TRITON_INTERPRET=1: not benchmarked)")
     if name == "flash-semicrf-triton" and not cuda:
@@ -342,12 +349,15 @@ def make(name: str, device: torch.device) -> Backend:
     if name in CPU_ALGORITHM and cuda:
         return Backend(name, kind, None, "runs on CPU tensors only (run with --device cpu)")
     env = ({CPU_ALGORITHM_ENV: CPU_ALGORITHM[name]} if name in CPU_ALGORITHM else
-           dict(CUDA_ENV[name]) if name in CUDA_ENV else {})
+           dict(CUDA_ENV[name]) if name in CUDA_ENV else
+           dict(TRITON_ENV[name]) if name in TRITON_ENV else {})
     try:
         if name in CPU_ALGORITHM:
             fn = _ours("cpu")
         elif name in CUDA_ENV:
             fn = _ours("cuda")
+        elif name in TRITON_ENV:
+            fn = _ours("triton")
         elif name in OURS:
             fn = _ours(name)
         elif name == "flash-semicrf-triton":

@@ -49,6 +49,8 @@ GPU_BACKENDS = ("cuda", "triton")
 # on the grid's static-transition cases: the (K, C, C) form runs the log
 # domain whatever the switch says (and its forward is never chunked).
 CUDA_VARIANTS = ("cuda-exp", "cuda-parallel", "cuda-chunks")
+# The Triton path again with its chunked forward (static transition only).
+TRITON_VARIANTS = ("triton-chunks",)
 
 
 def _say(line: str, log=None) -> None:
@@ -434,12 +436,14 @@ def correctness(out: Path, tag: str, seconds: float, dry_run: bool) -> int:
                 if dry_run else ""),
              log)
         references: dict[Case, dict] = {}
-        # cuda, its exp-domain variants, then Triton: a budget cut loses Triton first.
-        for backend in (GPU_BACKENDS[0], *CUDA_VARIANTS, *GPU_BACKENDS[1:]):
-            variant = backend in CUDA_VARIANTS
+        # cuda, its variants, then Triton and its variant: a budget cut loses
+        # Triton first.
+        for backend in (GPU_BACKENDS[0], *CUDA_VARIANTS, *GPU_BACKENDS[1:], *TRITON_VARIANTS):
+            variant = backend in CUDA_VARIANTS or backend in TRITON_VARIANTS
             run_as = "cpu" if dry_run and backend.startswith("cuda") else (
-                "cuda" if variant else backend)
-            switches = bk.CUDA_ENV[backend] if variant else {}
+                "cuda" if backend in CUDA_VARIANTS else
+                "triton" if backend in TRITON_VARIANTS else backend)
+            switches = ({**bk.CUDA_ENV, **bk.TRITON_ENV}[backend] if variant else {})
             for case in grid:
                 if variant and case.dd:
                     continue
@@ -568,7 +572,7 @@ def timing_cases(dry_run: bool):
             BenchCase("genomics", "T", B=1, T=600, K=20, C=6, backends=ours, force=ours),
         ]
     gpu = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-           "flash-semicrf-triton")
+           "triton-chunks", "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
     # fwd+bwd of ours first: the two targets are fwd+bwd. (flash-semicrf 0.2.0's
     # Triton fwd+bwd took 301 s at B = 8, T = 10^5 on an H200, more than a

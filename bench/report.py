@@ -192,6 +192,7 @@ LABELS = {
     "cuda-parallel": "flashsemicrf CUDA exp-domain, span-parallel sweeps",
     "cuda-chunks": "flashsemicrf CUDA chunked forward, span-parallel sweeps",
     "triton": "flashsemicrf Triton",
+    "triton-chunks": "flashsemicrf Triton, chunked forward",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
     "torch": "flashsemicrf (PyTorch reference)",
@@ -202,7 +203,8 @@ LABELS = {
 }
 # Our backends as the throughput column names them.
 SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans",
-         "cuda-parallel": "CUDA parallel", "cuda-chunks": "CUDA chunks", "triton": "Triton", "cpu": "C++",
+         "cuda-parallel": "CUDA parallel", "cuda-chunks": "CUDA chunks", "triton": "Triton",
+         "triton-chunks": "Triton chunks", "cpu": "C++",
          "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -294,6 +296,9 @@ def column_legend(meta: dict) -> dict[str, str]:
                                "one scale where each has forgotten its guess "
                                "(`FLASHSEMICRF_CUDA_FORWARD=chunks`, `--backends cuda-chunks`).",
         LABELS["triton"]: "this library's Triton kernels (`--backends triton`).",
+        LABELS["triton-chunks"]: "the Triton kernels with the chunked forward of the CUDA "
+                                 "one (`FLASHSEMICRF_TRITON_FORWARD=chunks`, "
+                                 "`--backends triton-chunks`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",
         LABELS["cpu-log"]: "the same C++ kernel with its older log-domain algorithm, "

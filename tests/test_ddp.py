@@ -74,6 +74,10 @@ def _worker(rank: int, init_file: str, out_dir: str, state: dict) -> None:
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
         torch.save({"loss": loss.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks are done communicating before either tears its group
+        # down: without it a rank was once aborted by gloo ("terminate called
+        # without an active exception", SIGABRT) in a loaded CI run.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -69,13 +69,14 @@ def test_dry_run_runs_every_section(carried, tmp_path):
 
     corr = (out / f"{TAG}-correctness.txt").read_text()
     static = [c for c in gpu_check.DRY_GRID if not c.dd]
-    for backend in (*gpu_check.GPU_BACKENDS, *gpu_check.CUDA_VARIANTS):
+    variants = (*gpu_check.CUDA_VARIANTS, *gpu_check.TRITON_VARIANTS)
+    for backend in (*gpu_check.GPU_BACKENDS, *variants):
         lines = [ln for ln in corr.splitlines() if ln.split(" ", 1)[0] == backend]
-        # + sampling for cuda and triton; the exp-domain variants: static cases only
-        want = len(static) if backend in gpu_check.CUDA_VARIANTS else len(gpu_check.DRY_GRID) + 1
+        # + sampling for cuda and triton; their variants: static cases only
+        want = len(static) if backend in variants else len(gpu_check.DRY_GRID) + 1
         assert len(lines) == want, lines
         assert all(" PASS " in ln for ln in lines), lines
-    n = 2 * (len(gpu_check.DRY_GRID) + 1) + len(gpu_check.CUDA_VARIANTS) * len(static)
+    n = 2 * (len(gpu_check.DRY_GRID) + 1) + len(variants) * len(static)
     assert f"correctness: {n}/{n} passed, 0 failed, 0 skipped" in corr
 
     pytest_log = (out / f"{TAG}-pytest.txt").read_text()
@@ -135,8 +136,9 @@ def test_correctness_stops_at_its_budget(tmp_path, monkeypatch):
     text = (tmp_path / f"{TAG}-correctness.txt").read_text()
     assert rc == 0
     static = [c for c in gpu_check.DRY_GRID if not c.dd]
+    variants = (*gpu_check.CUDA_VARIANTS, *gpu_check.TRITON_VARIANTS)
     assert text.count("SKIPPED: out of budget") == 2 * (len(gpu_check.DRY_GRID) + 1) + len(
-        gpu_check.CUDA_VARIANTS) * len(static), text
+        variants) * len(static), text
     assert "0/0 passed" in text
 
 

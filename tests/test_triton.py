@@ -95,6 +95,8 @@ def test_lengths_are_runtime_arguments():
     GPU below; the interpreter keeps no kernel cache to count)."""
     per_kernel = {
         kernels._forward_kernel: {"T", "interval", "n_ckpt"},
+        kernels._chunk_forward_kernel: {"T", "interval", "n_ckpt", "chunks", "chunk_spans",
+                                        "warmup"},
         kernels._backward_kernel: {"T", "interval", "n_ckpt"},
         kernels._viterbi_kernel: {"T", "interval", "n_ckpt"},
         kernels._filter_kernel: {"T"},
@@ -104,7 +106,8 @@ def test_lengths_are_runtime_arguments():
         # Pointers, sizes and meta-parameters only: the launchers make every
         # tensor contiguous, so no stride (which would change with T) is passed.
         others = [name for name in kernel.arg_names
-                  if not (name.endswith("_ptr") or name.isupper() or name in SIZES)]
+                  if not (name.endswith("_ptr") or name.isupper() or name in SIZES
+                          or name in expected)]
         assert not others, f"{kernel.__name__} takes {others}"
 
 
@@ -195,6 +198,24 @@ for T in (12, 17, 30):
 assert len(traced) == 2, f"{len(traced)} graphs for three lengths"
 assert all("triton_kernel_wrapper" in code for code in traced)
 print("torch.compile: one forward and one backward graph")
+
+# The chunked forward's kernel (its first launch is refused, so the junctions
+# and the serial redo are the interpreter's to test).
+import os
+
+os.environ["FLASHSEMICRF_TRITON_FORWARD"] = "chunks"
+launchers.CHUNK_WARMUP = 8
+for dtype in (torch.float32, torch.float64):
+    g = torch.Generator().manual_seed(1)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+    try:
+        ops.forward(r(2, 200, 3), r(3, 3), r(5, 3), torch.tensor([200, 120]), r(3), r(3),
+                    r(2, 200, 3), None, 10)
+    except NoLaunch:
+        pass
+chunk_compiled = sum(len(e[0]) for e in kernels._chunk_forward_kernel.device_caches.values())
+assert chunk_compiled == 2, chunk_compiled
+print("chunked forward: compiled for both dtypes")
 """
 
 
@@ -210,6 +231,70 @@ def test_kernels_compile_for_sm90_and_new_lengths_reuse_them():
                          text=True, timeout=600)
     print(out.stdout[-2000:], out.stderr[-6000:])
     assert out.returncode == 0, out.stderr[-6000:]
+
+
+def _chunk_problem(dtype, seed, *, apart=False):
+    """Three sequences (80, 80, 23 positions), K = 4, C = 3, boundary scores;
+    apart: labels {0} and {1, 2} never transition into each other."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    transition = r(3, 3)
+    if apart:
+        transition[0, 1:] = float("-inf")
+        transition[1:, 0] = float("-inf")
+    return [x.to(TRITON_DEVICE) if x is not None else None for x in (
+        r(3, 80, 3), transition, r(4, 3), torch.tensor([80, 80, 23]), r(3), r(3), r(3, 80, 3),
+        r(3, 80, 3))]
+
+
+def test_chunked_forward_joins_chunks_from_guesses(monkeypatch):
+    """FLASHSEMICRF_TRITON_FORWARD=chunks (docs/design.md, "The forward in
+    chunks"): checkpoints every 8 positions, a warm-up of 20 (chunks of three
+    spans, each but the first starting from a guess 20 positions early; the
+    23-long sequence makes one chunk). float32 joins every chunk at the
+    first try; float64, with its tighter allowance, only at the retry, whose
+    warm-up of 80 starts every chunk at 0. Log Z, the checkpoints and the
+    gradients a backward takes from them are the serial forward's to
+    rounding. With labels that never mix and a warm-up of 8 (chunks of one
+    span; the retry's 32 still start the later chunks from guesses) the long
+    sequences are rejected both times and the serial forward redoes them,
+    bit for bit; the short one joins at the retry."""
+    ops = torch.ops.flashsemicrf_triton
+    monkeypatch.setattr(launchers, "CHUNK_WARMUP", 20)
+    for dtype, first_try in ((torch.float32, [True] * 3), (torch.float64, [False, False, True])):
+        args = _chunk_problem(dtype, 5)
+        monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "serial")
+        serial = ops.forward(*args, 8)
+        monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "chunks")
+        *got, first, final = launchers.forward_with_verdicts(*args, 8)
+        assert first.tolist() == first_try and final.tolist() == [True] * 3, (dtype, first, final)
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+        assert_close(f"log Z {dtype}", got[0], serial[0], tol)
+        dead = got[1] == float("-inf")
+        assert torch.equal(dead, serial[1] == float("-inf"))
+        values = [(ring.double() + off[..., None, None])[~dead] for ring, off in (got[1:],
+                                                                                 serial[1:])]
+        assert_close(f"checkpoints {dtype}", values[0], values[1], tol)
+        # The C++ kernel's backward takes either's checkpoints (one layout).
+        up = torch.tensor([0.5, 1.0, 1.5], dtype=dtype)
+        cpu = [x.cpu() if x is not None else None for x in args]
+        want = torch.ops.flashsemicrf.backward(up, *cpu, *[x.cpu() for x in serial], 8, True)
+        grads = torch.ops.flashsemicrf.backward(up, *cpu, *[x.cpu() for x in got], 8, True)
+        for name, a, b in zip(Gradients._fields, grads, want):
+            assert_close(f"d/d {name} {dtype}", a, b, 1e-9 if dtype == torch.float64 else 2e-4)
+    monkeypatch.setattr(launchers, "CHUNK_WARMUP", 8)
+    args = _chunk_problem(torch.float32, 5, apart=True)
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "serial")
+    serial = ops.forward(*args, 8)
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "chunks")
+    *got, first, final = launchers.forward_with_verdicts(*args, 8)
+    assert first.tolist() == [False] * 3 and final.tolist() == [False, False, True], (first, final)
+    for a, b in zip(got, serial):
+        assert torch.equal(a[:2], b[:2])
+    assert_close("log Z, the short sequence", got[0][2], serial[0][2], 1e-5)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -14,6 +14,9 @@ kernel cannot run on the fake tensors a decomposition traces with.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 
@@ -45,6 +48,16 @@ TILE_REGISTERS_PER_THREAD = 16
 # 32 terms round to < 32·eps relative, and a float64 tile spills at C = 24
 # (ptxas -v). Tests lower it to exercise the flushes.
 FLUSH_POSITIONS = 32
+# The chunked forward (FLASHSEMICRF_TRITON_FORWARD=chunks; docs/design.md,
+# "The forward in chunks"): the CUDA kernels' warm-ups and acceptance
+# (csrc/cuda/forward_kernel.cuh), None for chunk_warmup's 3K + 128 (float64
+# 6K + 256) positions; tests lower it to start chunks from guesses on short
+# sequences.
+CHUNK_WARMUP: int | None = None
+CHUNK_RETRY_WARMUP = 4
+CHUNK_SLACK = {torch.float32: 2.0**-18, torch.float64: 2.0**-36}
+CHUNK_ULPS = 8.0
+UNIT_ROUNDING = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
 
 def _check(scores, transition, duration, lengths, start_transition, end_transition,
@@ -122,9 +135,103 @@ class _Launch:
         return self.empty(self.B, self.S, self.C_PAD)
 
 
+def _chunk_plan(p: _Launch, interval: int, n_ckpt: int) -> tuple[int, int, int]:
+    """(warm-up, checkpoint spans a chunk, chunks a sequence), as the CUDA
+    kernels' chunked(): enough spans a chunk that its warm-up is no longer
+    than its own positions."""
+    warmup = CHUNK_WARMUP
+    if warmup is None:
+        warmup = 6 * p.K + 256 if p.scores.dtype == torch.float64 else 3 * p.K + 128
+    spans = 1 if warmup <= interval else -(-warmup // interval)
+    return warmup, spans, -(-n_ckpt // spans)
+
+
+def _join_chunks(p: _Launch, ring, offset, junction, junction_offset, log_z64, interval,
+                 n_ckpt, chunks, spans):
+    """The junctions of every sequence at once (junction_kernel of the CUDA
+    kernels, in tensor ops): chunk j's ring at its first checkpoint against
+    the ring chunk j - 1 ended with, in float64 logs, one shift fitting every
+    entry's allowance. Returns (accepted (B,), the float64 shift of every
+    checkpoint (B, n_ckpt), log Z's (B,))."""
+    B = p.B
+    saved = torch.clamp(p.inputs[3] // interval + 1, max=n_ckpt)
+    count = (saved + spans - 1) // spans  # chunks that start at or before L
+    firsts = torch.arange(1, chunks, device=ring.device) * spans  # (J,) checkpoints
+    began = ring[:, firsts].reshape(B, chunks - 1, -1).double()
+    ended = junction.view(B, chunks, -1)[:, :-1].double()
+    base = junction_offset.view(B, chunks)[:, :-1] - offset[:, firsts]
+    empty = (ended == -math.inf) & (began == -math.inf)
+    r = (ended - began) + base[..., None]
+    bad = (~empty & ~torch.isfinite(r)).any(-1)
+    allowance = CHUNK_SLACK[p.scores.dtype] + CHUNK_ULPS * UNIT_ROUNDING[p.scores.dtype] * \
+        torch.maximum(ended.abs(), began.abs())
+    lo = torch.where(empty | bad[..., None], -math.inf, r - allowance).amax(-1)
+    hi = torch.where(empty | bad[..., None], math.inf, r + allowance).amin(-1)
+    valid = torch.arange(1, chunks, device=ring.device)[None, :] < count[:, None]  # (B, J)
+    accepted = (valid.logical_not() | (~bad & (lo <= hi))).all(1)
+    fits = valid & torch.isfinite(hi)
+    shift = torch.cumsum(torch.where(fits, 0.5 * (lo + hi), 0.0), 1)  # chunks 1 … J
+    shift = torch.cat([shift.new_zeros(B, 1), shift], 1)  # chunk 0
+    per_ckpt = shift.repeat_interleave(spans, 1)[:, :n_ckpt]
+    kept = torch.arange(n_ckpt, device=ring.device)[None, :] < saved[:, None]
+    per_ckpt = torch.where(kept, per_ckpt, 0.0)  # past the end: offsets stay 0
+    total = shift.gather(1, (count - 1).clamp(min=0)[:, None])[:, 0]
+    return accepted, per_ckpt, log_z64 + total
+
+
+def _chunked_forward(p: _Launch, interval, n_ckpt, log_z, ring, offset):
+    """The chunked forward (static transition, two chunks or more): the chunks,
+    their junctions, a second try with a longer warm-up for the sequences the
+    first rejected, and the serial forward for those rejected twice. Returns
+    the sequences accepted at the first try and at the last (B,)."""
+    warmup, spans, chunks = _chunk_plan(p, interval, n_ckpt)
+    junction = p.empty(p.B * chunks, p.K, p.C)
+    junction_offset = p.empty(p.B * chunks, dtype=torch.float64)
+    log_z64 = p.empty(p.B, dtype=torch.float64)
+    workspace = p.empty(p.B * chunks, p.K, p.C_PAD)
+    chunk_kernel = torch.library.wrap_triton(kernels._chunk_forward_kernel)
+    meta = {k: v for k, v in p.meta.items() if k != "DD"}
+    redo = p.inputs[3]  # any pointer: not read without REDO
+    for retry in (False, True):
+        if retry:
+            redo = accepted.logical_not().to(torch.int32)
+        chunk_kernel[(p.B * chunks,)](
+            *p.inputs, log_z64, ring, offset, junction, junction_offset, workspace, redo,
+            p.T, p.K, p.C, interval, n_ckpt, chunks, spans,
+            warmup * (CHUNK_RETRY_WARMUP if retry else 1), REDO=retry, **meta)
+        accepted, shift, joined = _join_chunks(p, ring, offset, junction, junction_offset,
+                                               log_z64, interval, n_ckpt, chunks, spans)
+        if not retry:
+            first_try = accepted
+    offset.add_(torch.where(accepted[:, None], shift, 0.0))
+    log_z.copy_(joined.to(log_z.dtype))
+    torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
+        *p.inputs, log_z, ring, offset, p.ring_workspace(), accepted.logical_not().to(torch.int32),
+        p.T, p.K, p.C, interval, n_ckpt, REDO=True, **p.meta)
+    return first_try, accepted
+
+
+def uses_chunked_forward() -> bool:
+    """FLASHSEMICRF_TRITON_FORWARD: ``chunks`` or ``serial`` (the default), read
+    at each call (a torch.compile graph keeps what it read when traced)."""
+    value = os.environ.get("FLASHSEMICRF_TRITON_FORWARD", "") or "serial"
+    if value not in ("chunks", "serial"):
+        raise ValueError("FLASHSEMICRF_TRITON_FORWARD must be 'chunks' or 'serial' (or unset), "
+                         f"got {value!r}")
+    return value == "chunks"
+
+
 def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
             start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
             end_scores: Tensor | None, interval: int) -> tuple[Tensor, Tensor, Tensor]:
+    return forward_with_verdicts(scores, transition, duration, lengths, start_transition,
+                                 end_transition, start_scores, end_scores, interval)[:3]
+
+
+def forward_with_verdicts(scores, transition, duration, lengths, start_transition,
+                          end_transition, start_scores, end_scores, interval):
+    """forward's outputs and, where the chunked forward ran, the sequences its
+    junctions accepted at the first try and at the last (else None, None)."""
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
     interval = _contract.checkpoint_interval(p.T, p.K, interval)
@@ -132,11 +239,15 @@ def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tenso
     log_z = p.empty(p.B)
     ring = p.empty(p.B, n_ckpt, p.S, p.C)
     offset = p.empty(p.B, n_ckpt, dtype=torch.float64)
+    verdicts = None, None
     if p.B:
-        torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
-            *p.inputs, log_z, ring, offset, p.ring_workspace(),
-            p.T, p.K, p.C, interval, n_ckpt, **p.meta)
-    return log_z, ring, offset
+        if not p.dd and _chunk_plan(p, interval, n_ckpt)[2] >= 2 and uses_chunked_forward():
+            verdicts = _chunked_forward(p, interval, n_ckpt, log_z, ring, offset)
+        else:
+            torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
+                *p.inputs, log_z, ring, offset, p.ring_workspace(), p.inputs[3],
+                p.T, p.K, p.C, interval, n_ckpt, REDO=False, **p.meta)
+    return (log_z, ring, offset, *verdicts)
 
 
 def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: Tensor,
