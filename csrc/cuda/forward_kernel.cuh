@@ -265,9 +265,8 @@ __device__ __forceinline__ CtaScan<scalar_t, DD, MAX> make_scan(const Params& p,
 // offsets; the warm-ups are what random problems need for that (a ring
 // forgets nothing before K steps: its oldest entry is K steps old), and a
 // chunk that has not is rejected, its sequence redone serially.
-template <typename scalar_t>
-HOST_DEVICE constexpr int64_t chunk_warmup(int64_t K) {
-  return sizeof(scalar_t) == sizeof(double) ? 6 * K + 256 : 3 * K + 128;
+inline int64_t chunk_warmup(int64_t K, size_t elem_bytes) {
+  return elem_bytes == sizeof(double) ? 6 * K + 256 : 3 * K + 128;
 }
 // A sequence whose junctions reject the first warm-up gets one more try,
 // with a warm-up this many times as long (its chunks keep their spans; a
@@ -298,6 +297,32 @@ inline ForwardParams chunked(const ForwardParams& p, int64_t warmup) {
   const int64_t chunks = (p.n_ckpt + q.chunk_spans - 1) / q.chunk_spans;
   q.chunks = p.duration_dependent || chunks < 2 ? 1 : chunks;
   return q;
+}
+// The chunked forward's buffers, in scalars of the compute dtype (ring) and
+// doubles: a junction ring and offset a CTA, and a float64 log Z a sequence.
+inline int64_t chunk_ring_scalars(const ForwardParams& q) {
+  return q.B * q.chunks * q.ring_width * q.C;
+}
+inline int64_t chunk_doubles(const ForwardParams& q) { return q.B * q.chunks + q.B; }
+// The chunked forward's two tries, host side (semicrf_cuda.cu and the CUDA
+// emulator run the same): q from chunked(), its buffers at `ring` and
+// `doubles`; launch(q, redo) runs forward_kernel over B·q.chunks CTAs (redo
+// null the first time, the marks the second), junctions(q, marks, retry)
+// junction_kernel over B. The second try, for the sequences the first
+// rejected, has a warm-up kChunkRetryWarmup times as long. The marks are
+// the verdicts (1: the serial forward must redo the sequence).
+template <typename Launch, typename Junctions>
+void run_chunk_tries(ForwardParams q, void* ring, double* doubles, int32_t* marks,
+                     Launch launch, Junctions junctions) {
+  q.junction_ring = ring;
+  q.junction_offset = doubles;
+  q.chunk_log_z = doubles + q.B * q.chunks;
+  const int64_t warmup = q.warmup;
+  for (const bool retry : {false, true}) {
+    q.warmup = retry ? warmup * kChunkRetryWarmup : warmup;
+    launch(q, static_cast<const int32_t*>(retry ? marks : nullptr));
+    junctions(q, marks, retry);
+  }
 }
 
 // log Z (B,) and the checkpoints: one CTA per sequence. redo: null, or the

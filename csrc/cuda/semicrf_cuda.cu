@@ -295,42 +295,38 @@ bool uses_chunked_forward(const ForwardParams& p) {
          env_switch("FLASHSEMICRF_CUDA_FORWARD", "chunks", "serial", false);
 }
 
-// The chunked forward's launches, one CTA a chunk and then one a sequence
-// for the junctions, twice (the second time for the sequences the first
-// rejected, with a longer warm-up: kChunkRetryWarmup), where the sequences
-// make two chunks or more (cuda::chunked); returns the verdicts (B,), 1 for
-// the sequences the serial forward must redo, or an undefined tensor where
+// The chunked forward's launches (cuda::run_chunk_tries: one CTA a chunk,
+// then one a sequence for the junctions, twice), where the sequences make two
+// chunks or more (cuda::chunked); returns the verdicts (B,), 1 for the
+// sequences the serial forward must redo, or an undefined tensor where
 // nothing ran. Its buffers are freed into this stream's pool, which keeps
 // them until the work queued on it is done.
 at::Tensor run_chunked_forward(const ForwardParams& p, const at::Tensor& scores) {
   check_cuda(scores);
   const c10::cuda::CUDAGuard guard(scores.device());
-  int64_t warmup = 0;
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_chunks", [&] {
-    warmup = cuda::chunk_warmup<scalar_t>(p.K);
-  });
-  ForwardParams q = cuda::chunked(p, warmup);
+  const ForwardParams q = cuda::chunked(p, cuda::chunk_warmup(p.K, scores.element_size()));
   if (q.chunks < 2 || p.B == 0) return at::Tensor();
-  const int64_t ctas = p.B * q.chunks;
   at::Tensor verdicts = at::empty({p.B}, scores.options().dtype(at::kInt));
-  at::Tensor junction_ring = at::empty({ctas, p.ring_width, p.C}, scores.options());
-  at::Tensor doubles = at::empty({ctas + p.B}, scores.options().dtype(at::kDouble));
-  q.junction_ring = junction_ring.data_ptr();
-  q.junction_offset = doubles.data_ptr<double>();
-  q.chunk_log_z = q.junction_offset + ctas;
-  int32_t* const marks = verdicts.data_ptr<int32_t>();
-  for (const bool retry : {false, true}) {
-    if (retry) q.warmup = warmup * cuda::kChunkRetryWarmup;
-    launch_ctas(scores, q, ctas, cuda::plan_forward_arena, [](auto zero, auto dd, auto smem) {
-      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value, decltype(smem)::value>;
-    }, static_cast<const int32_t*>(retry ? marks : nullptr));
-    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_junctions", [&] {
-      cuda::junction_kernel<scalar_t><<<static_cast<unsigned>(p.B), cuda::kThreads,
-                                        cuda::junction_smem_bytes(),
-                                        at::cuda::getCurrentCUDAStream()>>>(q, marks, retry);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  at::Tensor ring = at::empty({cuda::chunk_ring_scalars(q)}, scores.options());
+  at::Tensor doubles = at::empty({cuda::chunk_doubles(q)}, scores.options().dtype(at::kDouble));
+  cuda::run_chunk_tries(
+      q, ring.data_ptr(), doubles.data_ptr<double>(), verdicts.data_ptr<int32_t>(),
+      [&](const ForwardParams& r, const int32_t* redo) {
+        launch_ctas(scores, r, r.B * r.chunks, cuda::plan_forward_arena,
+                    [](auto zero, auto dd, auto smem) {
+                      return &cuda::forward_kernel<decltype(zero), decltype(dd)::value,
+                                                   decltype(smem)::value>;
+                    },
+                    redo);
+      },
+      [&](const ForwardParams& r, int32_t* marks, bool retry) {
+        AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "flashsemicrf_cuda_junctions", [&] {
+          cuda::junction_kernel<scalar_t><<<static_cast<unsigned>(r.B), cuda::kThreads,
+                                            cuda::junction_smem_bytes(),
+                                            at::cuda::getCurrentCUDAStream()>>>(r, marks, retry);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
   return verdicts;
 }
 
@@ -352,10 +348,11 @@ struct Cuda {
   // sequences whose log Z it could not certify (its CTAs for the others
   // return at once, so nothing waits on the host). Otherwise (log, the
   // default until a GPU has timed both: bench/results/gpu-forecast.md) the
-  // log-domain forward for all. Where p.mirror_ring is set (saves_mirror) and there is more than one
-  // span, the mirror image's forward runs beside it on a second stream: B
-  // more CTAs at once, which the GPU has room for at small B, so that the
-  // backward's chain is already done when the backward starts.
+  // log-domain forward for all. Where p.mirror_ring is set (saves_mirror)
+  // and there is more than one span, the mirror image's forward runs beside
+  // it on a second stream: B more CTAs at once, which the GPU has room for at
+  // small B, so that the backward's chain is already done when the backward
+  // starts.
   static void run(const ForwardParams& p, const at::Tensor& scores) {
     if (p.mirror_ring != nullptr && SpanParallelSweeps::applies(p)) {
       check_cuda(scores);

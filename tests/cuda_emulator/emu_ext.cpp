@@ -165,32 +165,28 @@ std::pair<at::Tensor, at::Tensor> exp_forward_with_redo(const Schedule& sched,
 at::Tensor chunked_forward_with_redo(const Schedule& sched, const at::Tensor& scores,
                                      const ForwardParams& p, int64_t warmup,
                                      at::Tensor* first = nullptr) {
-  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_chunks", [&] {
-    if (warmup < 0) warmup = cuda::chunk_warmup<scalar_t>(p.K);
-  });
-  ForwardParams q = cuda::chunked(p, warmup);
+  if (warmup < 0) warmup = cuda::chunk_warmup(p.K, scores.element_size());
+  const ForwardParams q = cuda::chunked(p, warmup);
   if (q.chunks < 2 || p.B == 0) return at::Tensor();
-  const int64_t ctas = p.B * q.chunks;
   // -7 and NaN: a verdict or a junction the kernels did not write shows.
   at::Tensor verdicts = at::full({p.B}, -7, scores.options().dtype(at::kInt));
-  at::Tensor junction_ring = at::full({ctas, p.ring_width, p.C}, NAN, scores.options());
-  at::Tensor doubles = at::full({ctas + p.B}, NAN, scores.options().dtype(at::kDouble));
-  q.junction_ring = junction_ring.data_ptr();
-  q.junction_offset = doubles.data_ptr<double>();
-  q.chunk_log_z = q.junction_offset + ctas;
-  int32_t* const marks = verdicts.data_ptr<int32_t>();
-  for (const bool retry : {false, true}) {
-    if (retry) {
-      if (first != nullptr) *first = verdicts.clone();
-      q.warmup = warmup * cuda::kChunkRetryWarmup;
-    }
-    launch_ctas(sched, scores, q, ctas, cuda::plan_forward_arena, log_forward_kernel,
-                static_cast<const int32_t*>(retry ? marks : nullptr));
-    AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_junctions", [&] {
-      emu::launch(sched.mode, static_cast<unsigned>(sched.seed), p.B, cuda::kThreads,
-                  cuda::junction_smem_bytes(), cuda::junction_kernel<scalar_t>, q, marks, retry);
-    });
-  }
+  at::Tensor ring = at::full({cuda::chunk_ring_scalars(q)}, NAN, scores.options());
+  at::Tensor doubles = at::full({cuda::chunk_doubles(q)}, NAN,
+                                scores.options().dtype(at::kDouble));
+  cuda::run_chunk_tries(
+      q, ring.data_ptr(), doubles.data_ptr<double>(), verdicts.data_ptr<int32_t>(),
+      [&](const ForwardParams& r, const int32_t* redo) {
+        launch_ctas(sched, scores, r, r.B * r.chunks, cuda::plan_forward_arena,
+                    log_forward_kernel, redo);
+      },
+      [&](const ForwardParams& r, int32_t* marks, bool retry) {
+        AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "emulated_junctions", [&] {
+          emu::launch(sched.mode, static_cast<unsigned>(sched.seed), r.B, cuda::kThreads,
+                      cuda::junction_smem_bytes(), cuda::junction_kernel<scalar_t>, r, marks,
+                      retry);
+        });
+        if (!retry && first != nullptr) *first = verdicts.clone();
+      });
   launch_per_sequence(sched, scores, p, cuda::plan_forward_arena, log_forward_kernel,
                       static_cast<const int32_t*>(verdicts.data_ptr<int32_t>()));
   return verdicts;

@@ -422,75 +422,30 @@ def _copy_checkpoint(
 # --------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "chunks", "chunk_spans", "warmup"])
 def _forward_kernel(
     # inputs
     scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
     end_sc_ptr,
     # outputs and workspace
-    log_z_ptr, ckpt_ptr, ckpt_off_ptr, ring_ws_ptr, redo_ptr,
+    log_z_ptr, log_z64_ptr, ckpt_ptr, ckpt_off_ptr, junction_ptr, junction_off_ptr, ring_ws_ptr,
+    redo_ptr,
     # sizes
-    T, K, C, interval, n_ckpt,
+    T, K, C, interval, n_ckpt, chunks, chunk_spans, warmup,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, REDO: tl.constexpr,
     C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """log Z and the checkpoints, one program a sequence. REDO: only the
-    sequences redo_ptr marks (those the chunked forward could not join)."""
-    b = tl.program_id(0).to(tl.int64)
-    active = True
-    if REDO:
-        active = tl.load(redo_ptr + b) != 0
-    if active:
-        inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr,
-                                  end_tr_ptr, start_sc_ptr, end_sc_ptr)
-        L = tl.load(lengths_ptr + b)
-        S = 2 * K if DD else K
-        ckpt_ptr += b * n_ckpt * S * C  # (N, S, C) of this sequence
-        ckpt_off_ptr += b * n_ckpt
-        ring = ring_ws_ptr + b * S * C_PAD
-        trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
-        _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
-        offset = tl.full([], 0.0, tl.float64)  # the ring's offset
-        for t in range(0, L + 1):
-            if (t % interval == 0) & (t < T):
-                j = t // interval
-                _copy_checkpoint(t, ring, ckpt_ptr + j * S * C, K, C, True, DD, C_PAD, BLOCK_D)
-                tl.store(ckpt_off_ptr + j, offset)
-            alpha, _sigma, o_t, offset, _bd, _bp = _step_and_advance(
-                t, t < L, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START,
-                HAS_END, C_PAD, BLOCK_D)
-            if t == L:
-                value = _lse(alpha + _labels(end_tr_ptr, C, C_PAD, float("-inf")), 0)
-                tl.store(log_z_ptr + b, (o_t + value.to(tl.float64)).to(value.dtype))
-        # Checkpoints past the end of a short sequence are never read: the empty state.
-        first_unused = L // interval + 1
-        _fill(ckpt_ptr + first_unused * S * C, (n_ckpt - first_unused) * S, C, float("-inf"),
-              C_PAD, BLOCK_D)
-        for j in range(first_unused, n_ckpt):
-            tl.store(ckpt_off_ptr + j, 0.0)
-
-
-@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "chunks", "chunk_spans", "warmup"])
-def _chunk_forward_kernel(
-    # inputs
-    scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
-    end_sc_ptr,
-    # outputs and workspace
-    log_z64_ptr, ckpt_ptr, ckpt_off_ptr, junction_ptr, junction_off_ptr, ring_ws_ptr, redo_ptr,
-    # sizes
-    T, K, C, interval, n_ckpt, chunks, chunk_spans, warmup,
-    # meta-parameters
-    HAS_START: tl.constexpr, HAS_END: tl.constexpr, REDO: tl.constexpr,
-    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The chunked forward (static transition; docs/design.md, "The forward in
-    chunks"): program b·chunks + j scans checkpoints j·chunk_spans … of
-    sequence b, starting `warmup` positions before the first of them from
-    the state a sequence has at its start, and saves its checkpoints and,
-    unless it reaches L, the ring it ends with (junction (B·chunks, K, C) and
-    its offset); the last chunk writes log Z in float64 (log_z64). The
-    launcher joins the chunks. REDO: only the sequences redo_ptr marks."""
+    """log Z and the checkpoints. One program a sequence (chunks = 1,
+    chunk_spans >= n_ckpt, warmup 0: the junction and log_z64 pointers are
+    not written), or the chunked forward (static transition; docs/design.md,
+    "The forward in chunks"): program b·chunks + j scans checkpoints
+    j·chunk_spans … of sequence b, starting `warmup` positions before the
+    first of them from the state a sequence has at its start, and saves its
+    checkpoints and, unless it reaches L, the ring it ends with (junction
+    (B·chunks, K, C) and its offset); the last chunk also writes log Z in
+    float64 (log_z64), and the launcher joins the chunks. REDO: only the
+    sequences redo_ptr marks."""
     cta = tl.program_id(0).to(tl.int64)
     b = cta // chunks
     chunk = cta - b * chunks
@@ -501,6 +456,7 @@ def _chunk_forward_kernel(
     if REDO:
         active = active & (tl.load(redo_ptr + b) != 0)
     if active:
+        S = 2 * K if DD else K
         tau = j0 * interval
         last = j0 + chunk_spans >= saved
         end = tl.where(last, L, (j0 + chunk_spans) * interval)
@@ -510,34 +466,37 @@ def _chunk_forward_kernel(
                                   start_tr_ptr, end_tr_ptr, start_sc_ptr + first * C,
                                   end_sc_ptr + first * C)
         T_chunk = T - first
-        ckpt_ptr += b * n_ckpt * K * C
+        ckpt_ptr += b * n_ckpt * S * C  # (N, S, C) of this sequence
         ckpt_off_ptr += b * n_ckpt
-        ring = ring_ws_ptr + cta * K * C_PAD
-        trans_tile = _transition_tile(trans_ptr, C, C_PAD, False)
-        _fill(ring, K, C_PAD, float("-inf"), C_PAD, BLOCK_D)
-        offset = tl.full([], 0.0, tl.float64)
+        ring = ring_ws_ptr + cta * S * C_PAD
+        trans_tile = _transition_tile(trans_ptr, C, C_PAD, DD)
+        _fill(ring, S, C_PAD, float("-inf"), C_PAD, BLOCK_D)
+        offset = tl.full([], 0.0, tl.float64)  # the ring's offset
         steps = end - first + tl.where(last, 1, 0)
         for t in range(0, steps):
             g = first + t
             if (g % interval == 0) & (g >= tau) & (g < T):
                 j = g // interval
-                _copy_checkpoint(t, ring, ckpt_ptr + j * K * C, K, C, True, False, C_PAD,
-                                 BLOCK_D)
+                _copy_checkpoint(t, ring, ckpt_ptr + j * S * C, K, C, True, DD, C_PAD, BLOCK_D)
                 tl.store(ckpt_off_ptr + j, offset)
             alpha, _sigma, o_t, offset, _bd, _bp = _step_and_advance(
-                t, g < L, offset, ring, trans_tile, inputs, T_chunk, K, C, False, False,
+                t, g < L, offset, ring, trans_tile, inputs, T_chunk, K, C, False, DD,
                 HAS_START, HAS_END, C_PAD, BLOCK_D)
             if g == L:
                 value = _lse(alpha + _labels(end_tr_ptr, C, C_PAD, float("-inf")), 0)
-                tl.store(log_z64_ptr + b, o_t + value.to(tl.float64))
+                log_z = o_t + value.to(tl.float64)
+                tl.store(log_z_ptr + b, log_z.to(value.dtype))
+                if chunks > 1:
+                    tl.store(log_z64_ptr + b, log_z)
         if last:
-            # Checkpoints past the end of a short sequence: the empty state.
-            _fill(ckpt_ptr + saved * K * C, (n_ckpt - saved) * K, C, float("-inf"), C_PAD,
+            # Checkpoints past the end of a short sequence are never read: the
+            # empty state.
+            _fill(ckpt_ptr + saved * S * C, (n_ckpt - saved) * S, C, float("-inf"), C_PAD,
                   BLOCK_D)
             for j in range(saved, n_ckpt):
                 tl.store(ckpt_off_ptr + j, 0.0)
         else:
-            _copy_checkpoint(steps, ring, junction_ptr + cta * K * C, K, C, True, False, C_PAD,
+            _copy_checkpoint(steps, ring, junction_ptr + cta * S * C, K, C, True, DD, C_PAD,
                              BLOCK_D)
             tl.store(junction_off_ptr + cta, offset)
 

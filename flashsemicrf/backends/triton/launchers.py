@@ -189,26 +189,38 @@ def _chunked_forward(p: _Launch, interval, n_ckpt, log_z, ring, offset):
     junction_offset = p.empty(p.B * chunks, dtype=torch.float64)
     log_z64 = p.empty(p.B, dtype=torch.float64)
     workspace = p.empty(p.B * chunks, p.K, p.C_PAD)
-    chunk_kernel = torch.library.wrap_triton(kernels._chunk_forward_kernel)
-    meta = {k: v for k, v in p.meta.items() if k != "DD"}
     redo = p.inputs[3]  # any pointer: not read without REDO
     for retry in (False, True):
         if retry:
             redo = accepted.logical_not().to(torch.int32)
-        chunk_kernel[(p.B * chunks,)](
-            *p.inputs, log_z64, ring, offset, junction, junction_offset, workspace, redo,
-            p.T, p.K, p.C, interval, n_ckpt, chunks, spans,
-            warmup * (CHUNK_RETRY_WARMUP if retry else 1), REDO=retry, **meta)
+        _launch_forward(p, (p.B * chunks,), log_z, log_z64, ring, offset, junction,
+                        junction_offset, workspace, redo, interval, n_ckpt, chunks, spans,
+                        warmup * (CHUNK_RETRY_WARMUP if retry else 1), retry)
         accepted, shift, joined = _join_chunks(p, ring, offset, junction, junction_offset,
                                                log_z64, interval, n_ckpt, chunks, spans)
         if not retry:
             first_try = accepted
     offset.add_(torch.where(accepted[:, None], shift, 0.0))
     log_z.copy_(joined.to(log_z.dtype))
-    torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
-        *p.inputs, log_z, ring, offset, p.ring_workspace(), accepted.logical_not().to(torch.int32),
-        p.T, p.K, p.C, interval, n_ckpt, REDO=True, **p.meta)
+    _serial_forward(p, log_z, ring, offset, interval, n_ckpt,
+                    redo=accepted.logical_not().to(torch.int32))
     return first_try, accepted
+
+
+def _launch_forward(p: _Launch, grid, log_z, log_z64, ring, offset, junction, junction_offset,
+                    workspace, redo, interval, n_ckpt, chunks, spans, warmup, REDO):
+    torch.library.wrap_triton(kernels._forward_kernel)[grid](
+        *p.inputs, log_z, log_z64, ring, offset, junction, junction_offset, workspace, redo,
+        p.T, p.K, p.C, interval, n_ckpt, chunks, spans, warmup, REDO=REDO, **p.meta)
+
+
+def _serial_forward(p: _Launch, log_z, ring, offset, interval, n_ckpt, redo=None):
+    """One program a sequence (only the sequences `redo` marks, if given): the
+    one-chunk case of the kernel, whose junction and float64 log Z pointers
+    are then never written (any valid ones are passed)."""
+    _launch_forward(p, (p.B,), log_z, offset, ring, offset, ring, offset, p.ring_workspace(),
+                    p.inputs[3] if redo is None else redo, interval, n_ckpt, 1, n_ckpt, 0,
+                    redo is not None)
 
 
 def uses_chunked_forward() -> bool:
@@ -244,9 +256,7 @@ def forward_with_verdicts(scores, transition, duration, lengths, start_transitio
         if not p.dd and _chunk_plan(p, interval, n_ckpt)[2] >= 2 and uses_chunked_forward():
             verdicts = _chunked_forward(p, interval, n_ckpt, log_z, ring, offset)
         else:
-            torch.library.wrap_triton(kernels._forward_kernel)[(p.B,)](
-                *p.inputs, log_z, ring, offset, p.ring_workspace(), p.inputs[3],
-                p.T, p.K, p.C, interval, n_ckpt, REDO=False, **p.meta)
+            _serial_forward(p, log_z, ring, offset, interval, n_ckpt)
     return (log_z, ring, offset, *verdicts)
 
 
