@@ -26,7 +26,9 @@ counted as part of what a user of that library pays:
   warm-up before it, put on one scale at the junctions
   (``FLASHSEMICRF_CUDA_FORWARD=chunks``; the others set ``serial``);
   ``triton-chunks`` is ``triton`` with the same chunked forward
-  (``FLASHSEMICRF_TRITON_FORWARD=chunks``; ``triton`` sets ``serial``);
+  (``FLASHSEMICRF_TRITON_FORWARD=chunks``; the others set ``serial``);
+  ``triton-exp`` is ``triton`` with the exp-domain forward
+  (``FLASHSEMICRF_TRITON_ALGORITHM=exp``; the others set ``log``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -60,7 +62,7 @@ import torch
 Tensor = torch.Tensor
 
 OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-        "triton-chunks", "cpu", "cpu-log", "torch")
+        "triton-chunks", "triton-exp", "cpu", "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
@@ -89,10 +91,12 @@ CUDA_ENV = {
     "cuda-parallel": _cuda_env("exp", "sweep", "parallel", "serial"),
     "cuda-chunks": _cuda_env("exp", "sweep", "parallel", "chunks"),
 }
-# The Triton forward, serial or chunked.
+# The Triton forward: serial or chunked, log or exp domain (both set always).
 TRITON_FORWARD_ENV = "FLASHSEMICRF_TRITON_FORWARD"
-TRITON_ENV = {"triton": {TRITON_FORWARD_ENV: "serial"},
-              "triton-chunks": {TRITON_FORWARD_ENV: "chunks"}}
+TRITON_ALGORITHM_ENV = "FLASHSEMICRF_TRITON_ALGORITHM"
+TRITON_ENV = {"triton": {TRITON_FORWARD_ENV: "serial", TRITON_ALGORITHM_ENV: "log"},
+              "triton-chunks": {TRITON_FORWARD_ENV: "chunks", TRITON_ALGORITHM_ENV: "log"},
+              "triton-exp": {TRITON_FORWARD_ENV: "serial", TRITON_ALGORITHM_ENV: "exp"}}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -108,6 +112,7 @@ KIND = {
     "cuda-chunks": "kernel",
     "triton": "kernel",
     "triton-chunks": "kernel",
+    "triton-exp": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",
     "torch": "loop",

@@ -49,8 +49,9 @@ GPU_BACKENDS = ("cuda", "triton")
 # on the grid's static-transition cases: the (K, C, C) form runs the log
 # domain whatever the switch says (and its forward is never chunked).
 CUDA_VARIANTS = ("cuda-exp", "cuda-parallel", "cuda-chunks")
-# The Triton path again with its chunked forward (static transition only).
-TRITON_VARIANTS = ("triton-chunks",)
+# The Triton path again with its chunked and its exp-domain forward (static
+# transition only).
+TRITON_VARIANTS = ("triton-chunks", "triton-exp")
 
 
 def _say(line: str, log=None) -> None:
@@ -572,7 +573,7 @@ def timing_cases(dry_run: bool):
             BenchCase("genomics", "T", B=1, T=600, K=20, C=6, backends=ours, force=ours),
         ]
     gpu = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-           "triton-chunks", "flash-semicrf-triton")
+           "triton-chunks", "triton-exp", "flash-semicrf-triton")
     tagging = ("cuda", "triton", "pytorch-crf")
     # fwd+bwd of ours first: the two targets are fwd+bwd. (flash-semicrf 0.2.0's
     # Triton fwd+bwd took 301 s at B = 8, T = 10^5 on an H200, more than a

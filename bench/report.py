@@ -193,6 +193,7 @@ LABELS = {
     "cuda-chunks": "flashsemicrf CUDA chunked forward, span-parallel sweeps",
     "triton": "flashsemicrf Triton",
     "triton-chunks": "flashsemicrf Triton, chunked forward",
+    "triton-exp": "flashsemicrf Triton exp-domain",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
     "torch": "flashsemicrf (PyTorch reference)",
@@ -204,7 +205,7 @@ LABELS = {
 # Our backends as the throughput column names them.
 SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans",
          "cuda-parallel": "CUDA parallel", "cuda-chunks": "CUDA chunks", "triton": "Triton",
-         "triton-chunks": "Triton chunks", "cpu": "C++",
+         "triton-chunks": "Triton chunks", "triton-exp": "Triton exp", "cpu": "C++",
          "cpu-log": "C++ log", "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -299,6 +300,8 @@ def column_legend(meta: dict) -> dict[str, str]:
         LABELS["triton-chunks"]: "the Triton kernels with the chunked forward of the CUDA "
                                  "one (`FLASHSEMICRF_TRITON_FORWARD=chunks`, "
                                  "`--backends triton-chunks`).",
+        LABELS["triton-exp"]: "the Triton kernels with the exp-domain forward of the CUDA one "
+                              "(`FLASHSEMICRF_TRITON_ALGORITHM=exp`, `--backends triton-exp`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",
         LABELS["cpu-log"]: "the same C++ kernel with its older log-domain algorithm, "

@@ -93,7 +93,7 @@ def main() -> None:
 
     ops = torch.ops.flashsemicrf_triton
     named = {"forward": kernels._forward_kernel, "backward": kernels._backward_kernel,
-             "viterbi": kernels._viterbi_kernel}
+             "viterbi": kernels._viterbi_kernel, "exp forward": kernels._exp_forward_kernel}
     seen: set[int] = set()
     print("| dtype | transition | K | C | kernel | warps | registers | spill stores (B) "
           "| spill loads (B) |")
@@ -112,7 +112,10 @@ def main() -> None:
                                              torch.zeros(B, 1, dtype=torch.float64), T, True),
             "viterbi": lambda: ops.viterbi(*args),
         }
+        if not dd:  # FLASHSEMICRF_TRITON_ALGORITHM=exp: static transition only
+            calls["exp forward"] = lambda: ops.forward(*args, T)
         for name, call in calls.items():
+            os.environ["FLASHSEMICRF_TRITON_ALGORITHM"] = "exp" if name == "exp forward" else "log"
             try:
                 call()
             except NoLaunch:

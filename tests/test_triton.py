@@ -9,6 +9,7 @@ under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -98,6 +99,7 @@ def test_lengths_are_runtime_arguments():
         kernels._backward_kernel: {"T", "interval", "n_ckpt"},
         kernels._viterbi_kernel: {"T", "interval", "n_ckpt"},
         kernels._filter_kernel: {"T"},
+        kernels._exp_forward_kernel: {"T", "interval", "n_ckpt"},
     }
     for kernel, expected in per_kernel.items():
         assert expected <= _do_not_specialize(kernel), kernel.__name__
@@ -217,6 +219,25 @@ for dtype in (torch.float32, torch.float64):
         raise AssertionError("the chunked forward launched nothing")
 assert compiled() == before, (before, compiled())
 print("chunked forward: the compiled forward kernels, for both dtypes")
+
+# The exp-domain forward: one kernel a dtype, whatever the length.
+os.environ["FLASHSEMICRF_TRITON_FORWARD"] = "serial"
+os.environ["FLASHSEMICRF_TRITON_ALGORITHM"] = "exp"
+exp_kernels = lambda: sum(len(e[0]) for e in kernels._exp_forward_kernel.device_caches.values())
+for dtype in (torch.float32, torch.float64):
+    before = exp_kernels()
+    for T in (9, 40, 1000):
+        g = torch.Generator().manual_seed(T)
+        r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+        try:
+            ops.forward(r(2, T, 3), r(3, 3), r(5, 3), torch.tensor([T, 1]), r(3), r(3),
+                        r(2, T, 3), r(2, T, 3), 0)
+        except NoLaunch:
+            pass
+        else:
+            raise AssertionError("the exp-domain forward launched nothing")
+        assert exp_kernels() == before + 1, (dtype, T, before, exp_kernels())
+print("exp-domain forward: one kernel a dtype")
 """
 
 
@@ -296,6 +317,163 @@ def test_chunked_forward_joins_chunks_from_guesses(monkeypatch):
     for a, b in zip(got, serial):
         assert torch.equal(a[:2], b[:2])
     assert_close("log Z, the short sequence", got[0][2], serial[0][2], 1e-5)
+
+
+# --------------------------------------------------------------------------
+# The exp-domain forward (FLASHSEMICRF_TRITON_ALGORITHM=exp), held to the C++
+# CPU kernel's, which makes the same decisions from the same bounds
+# --------------------------------------------------------------------------
+
+
+def _check_exp_forward(monkeypatch, args, interval, tol):
+    """Triton's exp-domain forward against the CPU kernel's: as many sequences
+    handed to the log scan, log Z, the checkpoints and their offsets to
+    rounding. Returns the sequences it certified (B,)."""
+    monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "exp")
+    fallbacks = torch.ops.flashsemicrf_testing.cpu_exp_fallbacks
+    before = int(fallbacks())
+    want = torch.ops.flashsemicrf.forward(*[x.cpu() if x is not None else None for x in args],
+                                          interval)
+    taken = int(fallbacks()) - before
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_ALGORITHM", "exp")
+    *got, _, certified = launchers.forward_with_verdicts(*args, interval)
+    got = [x.cpu() for x in got]
+    assert int((~certified).sum()) == taken, (certified.tolist(), taken)
+    # NaN inputs give NaN from both (the log scan's); the rest must agree.
+    nan = torch.isnan(want[0])
+    assert torch.equal(torch.isnan(got[0]), nan)
+    got, want = [x[~nan] for x in got], [x[~nan] for x in want]
+    assert_close("log Z", got[0], want[0], tol)
+    assert_close("checkpoint offsets", got[2], want[2], tol)
+    # The CPU kernel flushes subnormals, the interpreter keeps them: an entry
+    # below the dtype's normal range relative to the normaliser may be -inf
+    # in one checkpoint and finite in the other; elsewhere they agree.
+    ring, ring_cpu = got[1], want[1]
+    below = math.log(torch.finfo(ring.dtype).tiny) + 1.0
+    top = torch.maximum(ring, ring_cpu).flatten(2).amax(-1)[..., None, None]
+    one_sided = torch.isinf(ring) != torch.isinf(ring_cpu)
+    finite_side = torch.where(torch.isinf(ring), ring_cpu, ring)
+    assert bool((finite_side < top + below)[one_sided].all())
+    # Entries far below the normaliser are large logs: rounding relative to them.
+    scale = torch.where(torch.isfinite(ring_cpu), ring_cpu.abs().clamp(min=1.0), 1.0)
+    assert_close("checkpoints / max(1, |checkpoint|)", torch.where(one_sided, ring_cpu, ring)
+                 / scale, ring_cpu / scale, tol)
+    return certified
+
+
+# (B, T, K, C, interval): ragged lengths, K > T, T = 1, C = 1, one span and several.
+EXP_SHAPES = [(3, 20, 5, 3, 4), (2, 6, 9, 2, 0), (1, 1, 1, 1, 0), (2, 24, 3, 5, 7),
+              (2, 12, 4, 1, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", EXP_SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-i{}".format(*s))
+def test_exp_forward_matches_the_cpu_kernels(monkeypatch, shape, dtype):
+    """Random problems with every optional input, -inf entries on odd seeds:
+    no sequence falls back, and log Z and the checkpoints are the CPU
+    exp-domain forward's to rounding."""
+    B, T, K, C, interval = shape
+    seed = sum(shape)
+    case = make_case(seed, B, T, K, C, neg_inf=seed % 2 == 1, dtype=dtype)
+    args = _op_args(case.kwargs, dtype)
+    certified = _check_exp_forward(monkeypatch, args, interval,
+                                   1e-9 if dtype == torch.float64 else 2e-4)
+    assert bool(certified.all())
+
+
+def _op_args(kw, dtype):
+    """The forward op's positional arguments, on the Triton device."""
+    from test_cpu_exp_domain import op_args
+
+    return [x.to(TRITON_DEVICE) if x is not None else None for x in op_args(kw, dtype)]
+
+
+def _adversaries():
+    from test_cpu_exp_domain import ADVERSARIES
+
+    return ADVERSARIES
+
+
+# The interpreter takes 15-40 s for each of the other adversaries (T = 200-500,
+# K = 8-100); FLASHSEMICRF_TRITON_ADVERSARIES=all runs them too.
+QUICK_ADVERSARIES = {"huge_scores", "blocked_position", "nan_input", "flushed_start"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("adv", _adversaries(), ids=lambda a: a.name)
+def test_exp_forward_adversaries(monkeypatch, adv, dtype):
+    """The CPU kernel's adversarial problems (mass forced through flushed
+    labels, revived segments, dead ends, NaN, ...): the Triton exp-domain
+    forward hands as many sequences to the log scan as the CPU kernel does,
+    every one where the adversary says a plain exp-domain scan is wrong,
+    none where it says the scan is clean, and its results are the CPU's to
+    rounding."""
+    if adv.name not in QUICK_ADVERSARIES and \
+            os.environ.get("FLASHSEMICRF_TRITON_ADVERSARIES") != "all":
+        pytest.skip("slow under the interpreter: FLASHSEMICRF_TRITON_ADVERSARIES=all runs it")
+    args = _op_args(adv.kw, dtype)
+    certified = _check_exp_forward(monkeypatch, args, 0,
+                                   1e-9 if dtype == torch.float64 else 1e-4)
+    if dtype in adv.breaks:
+        assert not bool(certified.any())
+    if dtype in adv.clean:
+        assert bool(certified.all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_exp_forward_falls_back_where_underflow_matters(monkeypatch, dtype):
+    """The CPU kernel's forced_low_label, small enough for every run: in the
+    grammar 0 -> 1 -> 2 the middle label, `gap` nats a position below the
+    others, must hold one segment of exactly K = 8 positions, so its open
+    entries fall below the dtype's range long before they close and a plain
+    exp-domain scan loses all of Z. Only the ghosts' charges for entries
+    taken below the smallest normal see it: the sequence goes to the log
+    scan, as on the CPU; the other, where label 1 scores as the others do, is
+    certified."""
+    T, K, C = 40, 8, 3
+    gap = 20.0 if dtype == torch.float32 else 120.0
+    g = torch.Generator().manual_seed(3)
+    scores = 0.5 * torch.randn(2, T, C, generator=g, dtype=torch.float64)
+    scores[0, :, 1] -= gap
+    neg = -math.inf
+    trans = torch.full((C, C), neg, dtype=torch.float64)
+    trans[0, 0] = trans[2, 2] = trans[0, 1] = trans[1, 2] = 0.0
+    dur = torch.zeros(K, C, dtype=torch.float64)
+    dur[:, 1] = neg
+    dur[K - 1, 1] = 0.0
+    ends = torch.full((C,), neg, dtype=torch.float64)
+    ends[2] = 0.0
+    starts = torch.full((C,), neg, dtype=torch.float64)
+    starts[0] = 0.0
+    kw = dict(scores=scores, transition=trans, duration=dur, lengths=torch.tensor([T, T - 5]),
+              start_transition=starts, end_transition=ends)
+    certified = _check_exp_forward(monkeypatch, _op_args(kw, dtype), 0,
+                                   1e-9 if dtype == torch.float64 else 1e-4)
+    assert certified.tolist() == [False, True]
+
+
+def test_exp_forward_gradients(monkeypatch):
+    """With FLASHSEMICRF_TRITON_ALGORITHM=exp the public functions' log Z and
+    every gradient (the Triton backward from the exp-domain forward's
+    checkpoints) are the reference's; the (K, C, C) transition keeps the log
+    scan."""
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_ALGORITHM", "exp")
+    for dd in (False, True):
+        case = make_case(77, 3, 14, 4, 3, duration_dependent=dd, neg_inf=True)
+        up = torch.linspace(0.5, 2.0, case.B, dtype=torch.float64)
+        log_z, g = log_z_and_grads(on(case.kwargs, TRITON_DEVICE), "triton",
+                                   up.to(TRITON_DEVICE))
+        log_z_ref, g_ref = log_z_and_grads(case.kwargs, "torch", up)
+        assert_close(f"log Z dd={dd}", log_z, log_z_ref, 1e-9)
+        for name in g:
+            assert_close(f"d/d {name} dd={dd}", g[name], g_ref[name], 1e-9)
+
+
+def test_exp_forward_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_ALGORITHM", "fast")
+    case = make_case(3, 1, 4, 2, 2)
+    with pytest.raises(ValueError, match="FLASHSEMICRF_TRITON_ALGORITHM must be 'exp' or 'log'"):
+        F.log_partition(**on(case.kwargs, TRITON_DEVICE), backend="triton")
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
@@ -380,3 +558,26 @@ def test_gpu_new_length_does_not_recompile():
             kernels._forward_kernel, kernels._backward_kernel, kernels._viterbi_kernel,
             kernels._filter_kernel)])
     assert all(c == counts[0] for c in counts), counts
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gpu_triton_exp_forward_matches_the_cpu_kernels(monkeypatch, dtype):
+    """The compiled exp-domain forward against the CPU kernel's: no sequence
+    falls back on the GPU shapes' static problems, as many as the CPU
+    kernel's on each of its adversarial problems, and log Z and the
+    checkpoints agree to rounding."""
+    tol = 1e-9 if dtype == torch.float64 else 1e-3
+    for B, T, K, C, dd in GPU_SHAPES:
+        if not dd:
+            case = make_case(T, B, T, K, C, neg_inf=True, dtype=dtype)
+            args = [x.cuda() if x is not None else None for x in _op_args(case.kwargs, dtype)]
+            assert bool(_check_exp_forward(monkeypatch, args, 0, tol).all()), (B, T, K, C)
+    for adv in _adversaries():
+        args = [x.cuda() if x is not None else None for x in _op_args(adv.kw, dtype)]
+        certified = _check_exp_forward(monkeypatch, args, 0, tol)
+        if dtype in adv.breaks:
+            assert not bool(certified.any()), adv.name
+        if dtype in adv.clean:
+            assert bool(certified.all()), adv.name

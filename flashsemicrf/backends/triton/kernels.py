@@ -1,4 +1,5 @@
-"""Triton kernels of the streaming semi-CRF: forward, backward, Viterbi, filter.
+"""Triton kernels of the streaming semi-CRF: forward (log and exp domain), backward,
+Viterbi, filter.
 
 The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
 (docs/design.md). Mapping:
@@ -36,6 +37,11 @@ The scan is the one of flashsemicrf/reference.py and csrc/cpu/semicrf_cpu.cpp
   scans, then recomputes the spans last first, each one's backpointers into
   interval + 1 rows, and follows the path through them (O(√(T·K)·C) memory
   per sequence, not O(T·C) backpointers).
+* The exp-domain forward (FLASHSEMICRF_TRITON_ALGORITHM=exp, static
+  transition), :func:`_exp_forward_kernel`, keeps the ring as probabilities
+  relative to a float64 offset (a term is a multiply-add, not an exp) with
+  the CUDA and CPU kernels' bounds on what underflow loses; a sequence they
+  cannot certify is redone by the log-domain forward (its section below).
 * Ring slots are t ± d wrapped into [0, K) by a compare and an add
   (:func:`_ring_slot`): one integer division per step, none per element.
 
@@ -499,6 +505,378 @@ def _forward_kernel(
             _copy_checkpoint(steps, ring, junction_ptr + cta * S * C, K, C, True, DD, C_PAD,
                              BLOCK_D)
             tl.store(junction_off_ptr + cta, offset)
+
+
+# --------------------------------------------------------------------------
+# The exp-domain forward (static transition)
+# --------------------------------------------------------------------------
+#
+# FLASHSEMICRF_TRITON_ALGORITHM=exp: the CUDA kernels' exp_forward_kernel
+# (csrc/cuda/exp_forward_kernel.cuh; docs/design.md, "The CPU kernel's
+# exp-domain forward and backward") as tile operations, one program a
+# sequence. The ring holds probabilities relative to one float64 offset O,
+# so that a term is a multiply-add where the log scan spends an exp; ghosts
+# (float64 bounds, in units of the dtype's smallest normal, on what
+# underflow lost) certify log Z, and a sequence they cannot certify is marked
+# in `redo` for _forward_kernel, which rewrites its outputs. The charges,
+# absorption and final check are exp_domain.h's, so the decisions are the
+# CPU kernel's (tests/test_triton.py holds them to it); sums run in tile
+# order, so results agree with it to rounding. The per-call tables (W, A,
+# their bounds, the labels that can reach an end) are the launcher's, in
+# tensor ops: they depend on the parameters only.
+
+_LN2 = tl.constexpr(0.6931471805599453)
+_UP = tl.constexpr(1.0 + 1e-6)  # exp_domain.h's kUp: a dtype factor is within this of exact
+_SLACK = tl.constexpr(1.01)  # kSlack: what every accepting comparison keeps in reserve
+_FLOOR = tl.constexpr(2.2250738585072014e-308)  # float64's smallest normal
+_HUGE = tl.constexpr(1e300)  # a ghost past any use: fall back
+
+
+@triton.jit
+def _exp(x):
+    """exp in x's dtype, correctly rounded but for float64's own error: the
+    bounds take the dtype's factors as exact to 1e-6 (_UP), which tl.exp's
+    fast float32 path (ex2.approx of x·log2 e) misses by 5e-6 near -87.
+    These exps are O(C) a position, so float64's costs little."""
+    return tl.exp(x.to(tl.float64)).to(x.dtype)
+
+
+@triton.jit
+def _exponent_of(v, F64: tl.constexpr):
+    """floor(log2(v)) for v > 0, from the bits (a lower bound for subnormals)."""
+    if F64:
+        e = ((v.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32)
+        return tl.where(e == 0, -1075, e - 1023)
+    else:
+        e = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        return tl.where(e == 0, -150, e - 127)
+
+
+@triton.jit
+def _scale_of(top, y_max):
+    """The largest candidate, else the largest score of a label that can
+    reach an end, else 0 (float64 scalars)."""
+    return tl.where(top > _NEG_INF, top, tl.where(y_max > _NEG_INF, y_max, 0.0))
+
+
+@triton.jit
+def _ghost_through_factor(g, x, f, log_f, TINY: tl.constexpr):
+    """exp_domain.h's ghost_through_factor: the ghost of x · f (f = exp(log_f)
+    in the dtype) from x's ghost g: carried through the factor, or, where f
+    flushed, everything x and g stood for; 0 for exact zeros."""
+    fd = f.to(tl.float64)
+    carried = tl.where(g > 0, tl.maximum(g * fd * _UP, _FLOOR), 0.0)
+    exact = (log_f == _NEG_INF) | ((g == 0.0) & (x == 0))
+    flushed = tl.where(exact, 0.0, tl.maximum((g * TINY + x.to(tl.float64)) * _SLACK, _FLOOR))
+    return tl.where(fd >= TINY, carried, flushed)
+
+
+@triton.jit
+def _scaled_ghost(g, f, exact_zero):
+    """exp_domain.h's scaled_ghost: g through a float64 factor f, an upper
+    bound even where f or the product underflowed."""
+    scaled = g * tl.where(f < _FLOOR, _FLOOR, f) * _UP
+    return tl.where((g == 0.0) | exact_zero, 0.0, tl.where(scaled < _FLOOR, _FLOOR, scaled))
+
+
+@triton.jit
+def _two_sum_add(hi, lo, m):
+    """hi + lo += m, the rounding of hi kept in lo (float64 scalars)."""
+    s = hi + m
+    bb = s - hi
+    return s, lo + ((hi - (s - bb)) + (m - bb))
+
+
+@triton.jit
+def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, BIG: tl.constexpr,
+                   C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One pass over the n = min(t, K) ages of the ring at step t: the
+    previous advance's factor fo applied to ages >= 2 (written back), and per
+    label the weighted sum, the largest entry that can still grow (age <
+    its label's last duration) and the smallest positive entry that can
+    still matter (one that grows, or meets a positive weight)."""
+    cs = tl.arange(0, C_PAD)
+    ds = tl.arange(0, BLOCK_D)
+    alive = tl.where(last - 1 < n, tl.maximum(last - 1, 0), n)  # ages d - 1 < alive grow
+    acc = tl.zeros([C_PAD], fo.dtype)
+    livemax = tl.zeros([C_PAD], fo.dtype)
+    rmin = tl.full([C_PAD], float("inf"), fo.dtype)
+    for a0 in range(0, n, BLOCK_D):
+        age = a0 + ds  # d - 1
+        ok = age < n
+        slot = _ring_slot(tK, -tl.where(ok, age + 1, 0), K)
+        ptrs = ring + slot[:, None] * C_PAD + cs[None, :]
+        r = tl.load(ptrs)
+        scaled = r * fo[None, :]
+        owed = (ok & (age >= 1))[:, None]
+        x = tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r)
+        tl.store(ptrs, x, mask=owed)
+        w = tl.load(weight_ptr + tl.where(ok, age, 0)[:, None] * C_PAD + cs[None, :])
+        x = tl.where(ok[:, None], x, 0.0)
+        acc += tl.sum(x * w, 0)
+        grows = age[:, None] < alive[None, :]
+        livemax = tl.maximum(livemax, tl.max(tl.where(grows, x, 0.0), 0))
+        matters = (x > 0) & (grows | (w > 0))
+        rmin = tl.minimum(rmin, tl.min(tl.where(matters, x, float("inf")), 0))
+    return acc, livemax, rmin
+
+
+@triton.jit
+def _exp_save(ring, ckpt, tK, n, fo, shift, K, C, BIG: tl.constexpr, C_PAD: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Checkpoint at step t as the log scan writes it: the owed factor applied
+    (and written back), row d - 1 = log r + shift (the ring's offset less the
+    log scan's), -inf for 0."""
+    cs = tl.arange(0, C_PAD)
+    cl = tl.minimum(cs, C - 1)
+    cm = cs < C
+    rs = tl.arange(0, BLOCK_D)
+    tl.debug_barrier()
+    for r0 in range(0, K, BLOCK_D):
+        rows = r0 + rs
+        rok = rows < K
+        rows = tl.where(rok, rows, 0)
+        ptrs = ring + _ring_slot(tK, -rows - 1, K)[:, None] * C_PAD + cs[None, :]
+        r = tl.load(ptrs)
+        owed = (rok & (rows >= 1) & (rows < n))[:, None]
+        scaled = r * fo[None, :]
+        r = tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r)
+        tl.store(ptrs, r, mask=owed)
+        logs = tl.where(r > 0, (tl.log(r.to(tl.float64)) + shift).to(r.dtype), float("-inf"))
+        tl.store(ckpt + rows[:, None] * C + cl[None, :], logs, mask=rok[:, None] & cm[None, :])
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
+def _exp_forward_kernel(
+    # inputs
+    scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr, start_sc_ptr,
+    end_sc_ptr,
+    # the per-call tables (launchers._exp_tables)
+    weight_ptr, a_ptr, a_bound_ptr, label64_ptr, label_s_ptr, last_ptr, unboundable_ptr,
+    # outputs and workspace
+    log_z_ptr, ckpt_ptr, ckpt_off_ptr, ring_ws_ptr, redo_ptr,
+    # sizes
+    T, K, C, interval, n_ckpt,
+    # meta-parameters
+    DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr, C_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr, F64: tl.constexpr, TINY: tl.constexpr, BIG: tl.constexpr,
+    RHO: tl.constexpr,
+):
+    """log Z and the checkpoints of sequence b where the ghosts certify log Z;
+    redo[b] = 1 for the others (outputs left to _forward_kernel's REDO)."""
+    b = tl.program_id(0).to(tl.int64)
+    L = tl.load(lengths_ptr + b)
+    inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                              start_sc_ptr, end_sc_ptr)
+    scores_b, start_b, end_b = inputs[0], inputs[5], inputs[6]
+    DT = scores_ptr.dtype.element_ty
+    f64 = tl.float64
+    cs = tl.arange(0, C_PAD)
+    cm = cs < C
+    ckpt_ptr += b * n_ckpt * K * C
+    ckpt_off_ptr += b * n_ckpt
+    ring = ring_ws_ptr + b * K * C_PAD
+    # The per-label tables (launchers._exp_tables) are read where used, as A
+    # and its bounds are: held in registers across the scan they spill
+    # (ptxas -v). Rows of label64: the duration and column maxima, the
+    # flushed weights' and transitions' bounds; of label_s: the smallest
+    # positive weight and transition.
+    last = tl.load(last_ptr + cs)  # the last duration of a label that can reach an end, else 0
+    reach = last > 0
+    tile = cs[:, None] * C_PAD + cs[None, :]
+    # NaN or +inf parameters leave nothing to bound: the log scan gives the NaN.
+    rejected = tl.load(unboundable_ptr)
+    # A ghost below value / (4 rho L) is absorbed into relative error.
+    absorb = TINY * 4.0 * RHO * tl.maximum(L, 1).to(f64) * _SLACK
+    _fill(ring, K, C_PAD, 0.0, C_PAD, BLOCK_D)
+    zero64 = tl.zeros([C_PAD], f64)
+    one = tl.full([C_PAD], 1.0, DT)
+    O = tl.full([], 0.0, f64)  # the ring's offset
+    mes = tl.full([], 0.0, f64)  # alpha_hat's scale past O
+    sigma_rel = tl.full([], 0.0, f64)  # sigma_hat's scale past O
+    ref_hi = tl.full([], 0.0, f64)  # the log scan's offset, hi + lo
+    ref_lo = tl.full([], 0.0, f64)
+    log_z = tl.full([], 0.0, f64)
+    tK = tl.full([], 0, tl.int32)  # t % K
+    fo = one  # the factor the ring owes its entries of age >= 2 (1: none)
+    alpha = tl.zeros([C_PAD], DT)
+    sigma = tl.zeros([C_PAD], DT)
+    livemax = tl.zeros([C_PAD], DT)
+    rmin = tl.full([C_PAD], float("inf"), DT)
+    ga = zero64  # ghosts of alpha_hat, sigma_hat, and the ring's two generations
+    gs = zero64
+    ghost_old = zero64
+    ghost_new = zero64
+    for t in range(0, L + 1):
+        n = tl.minimum(t, K)
+        if (t % interval == 0) & (t < T):
+            _exp_save(ring, ckpt_ptr + (t // interval) * K * C, tK, n, fo, (O - ref_hi) - ref_lo,
+                      K, C, BIG, C_PAD, BLOCK_D)
+            tl.store(ckpt_off_ptr + t // interval, ref_hi)
+            fo = one
+        if t == 0:
+            # sigma_hat[0] relative to O = its finite maximum.
+            first = (_labels(start_tr_ptr, C, C_PAD, float("-inf"))
+                     + _row(start_b, 0, C, C_PAD, HAS_START)).to(f64)
+            top = tl.max(first, 0)
+            O = tl.where(top == _NEG_INF, 0.0, top)
+            ref_hi = O
+            x0 = first - O
+            sigma = _exp(x0.to(DT))
+            gs = tl.where((sigma < TINY) & (x0 != _NEG_INF), _SLACK, zero64)
+        else:
+            # alpha_hat[t] = end factor · sum_d ring · W, and its ghost ga.
+            expire = tK == 0  # generation 0's entries have all left the ring
+            ghost_old = tl.where(expire, ghost_new, ghost_old)
+            ghost_new = tl.where(expire, 0.0, ghost_new)
+            acc, livemax, rmin = _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, BIG,
+                                                C_PAD, BLOCK_D)
+            fo = one
+            tl.debug_barrier()
+            ya = _row(end_b, t - 1, C, C_PAD, HAS_END).to(f64) + tl.load(label64_ptr + cs)
+            # The end factor is normalised against the mass it multiplies.
+            cand = tl.where(reach & (acc > 0),
+                            ya + _exponent_of(acc, F64).to(f64) * _LN2, _NEG_INF)
+            mes = _scale_of(tl.max(cand, 0), tl.max(tl.where(reach, ya, _NEG_INF), 0))
+            endf = _exp((ya - mes).to(DT))
+            xa = tl.where(BIG < acc, BIG, acc)
+            prod = xa * endf
+            alpha = tl.where(xa > 0, tl.where(BIG < prod, BIG, prod), 0.0)
+            has = rmin < float("inf")
+            g = ghost_old + ghost_new
+            w_minpos = tl.load(label_s_ptr + cs)
+            g += tl.where(has & ((rmin * w_minpos).to(f64) < TINY), n.to(f64) * _SLACK, 0.0)
+            g += tl.where(has, tl.load(label64_ptr + 2 * C_PAD + cs), 0.0)
+            g = _ghost_through_factor(g, xa, endf, ya - mes, TINY)
+            g += tl.where((xa > 0) & (endf >= TINY) & (alpha < TINY), _SLACK, zero64)
+            g = tl.where((g > 0) & (alpha > 0) & (g * absorb <= alpha.to(f64)), 0.0, g)
+            # A label that cannot reach an end feeds only its like.
+            rejected |= tl.max(tl.where(reach & ~(g < _HUGE), 1, 0), 0)
+            ga = tl.where(reach, g, 0.0)
+            # The offset the log scan would have: its step subtracts its max alpha.
+            amax = tl.max(tl.where(cm, alpha, 0.0), 0)
+            step = tl.where(amax > 0, (tl.log(amax.to(f64)) + ((O - ref_hi) - ref_lo) + mes)
+                            .to(DT).to(f64), 0.0)
+            ref_hi, ref_lo = _two_sum_add(ref_hi, ref_lo, step)
+        if t == L:
+            # log Z, accepted iff Z >= rho · ghost(Z).
+            end_tr = _labels(end_tr_ptr, C, C_PAD, float("-inf")).to(f64)
+            top = tl.max(tl.where(alpha > 0, end_tr + _exponent_of(alpha, F64).to(f64) * _LN2,
+                                  _NEG_INF), 0)
+            mz = _scale_of(top, tl.max(end_tr, 0))
+            lz = end_tr - mz
+            zf = _exp(lz.to(DT))
+            term = tl.where(alpha > 0, alpha * zf, 0.0)
+            z = tl.sum(term.to(f64), 0)
+            gz = _ghost_through_factor(ga, alpha, zf, lz, TINY)
+            gz += tl.where((alpha > 0) & (zf >= TINY) & (term < TINY), _SLACK, zero64)
+            gz = tl.sum(tl.where(cm, gz, 0.0), 0)
+            certified = tl.where(z == 0.0, gz == 0.0, z >= RHO * gz * TINY * _SLACK)
+            certified = certified & (gz < float("inf")) & (z == z)
+            rejected |= tl.where(certified, 0, 1)
+            log_z = tl.where(z == 0.0, _NEG_INF, O + (mes + mz + tl.log(z)))
+        else:
+            if t > 0:
+                # sigma_hat[t] = (alpha_hat A) · start factor, and its ghost gs;
+                # the ghost mat-vec is exact (a column-sum bound would spread
+                # one label's ghost into every column).
+                reach_alpha = tl.where(reach, alpha, 0.0)
+                amax = tl.max(reach_alpha, 0)
+                amin = tl.min(tl.where(reach & (alpha > 0), alpha, float("inf")), 0)
+                u = tl.sum(alpha[:, None] * tl.load(a_ptr + tile), 0)
+                work = zero64
+                if tl.max(tl.where(ga != 0.0, 1, 0), 0) != 0:  # else it adds nothing
+                    bound = tl.load(a_bound_ptr + tile)
+                    work = tl.sum(tl.where((ga[:, None] != 0.0) & (bound > 0),
+                                           tl.maximum(ga[:, None] * bound, _FLOOR), 0.0), 0)
+                ys = _row(start_b, t, C, C_PAD, HAS_START).to(f64) + tl.load(label64_ptr + C_PAD + cs)
+                xs = tl.where(BIG < u, BIG, u)
+                cand = tl.where(reach & (xs > 0), ys + _exponent_of(xs, F64).to(f64) * _LN2,
+                                _NEG_INF)
+                mss = _scale_of(tl.max(cand, 0), tl.max(tl.where(reach, ys, _NEG_INF), 0))
+                sigma_rel = mes + mss
+                h = _exp((ys - mss).to(DT))
+                prod = xs * h
+                sigma = tl.where(xs > 0, tl.where(BIG < prod, BIG, prod), 0.0)
+                g = work
+                if amax > 0:
+                    a_lost = tl.load(label64_ptr + 3 * C_PAD + cs)
+                    g += tl.where(a_lost > 0, tl.maximum(amax.to(f64) * a_lost, _FLOOR), 0.0)
+                    a_minpos = tl.load(label_s_ptr + C_PAD + cs)
+                    g += tl.where((amin * a_minpos).to(f64) < TINY, C.to(f64) * _SLACK, zero64)
+                g = _ghost_through_factor(g, xs, h, ys - mss, TINY)
+                g += tl.where((xs > 0) & (h >= TINY) & (sigma < TINY), _SLACK, zero64)
+                g = tl.where((g > 0) & (sigma > 0) & (g * absorb <= sigma.to(f64)), 0.0, g)
+                rejected |= tl.max(tl.where(reach & ~(g < _HUGE), 1, 0), 0)
+                gs = tl.where(reach, g, 0.0)
+            # The advance to step t + 1: position t's emissions relative to
+            # their finite maximum m, the normaliser (the largest entry that
+            # can still matter becomes 1), the ghosts, the new entries.
+            score = _labels(scores_b + t * C, C, C_PAD, float("-inf"))
+            s64 = score.to(f64)
+            m = tl.max(tl.where(s64 == s64, s64, _NEG_INF), 0)
+            m = tl.where(m == _NEG_INF, 0.0, m)
+            ref_hi, ref_lo = _two_sum_add(ref_hi, ref_lo, m)
+            lemit = s64 - m
+            emit = _exp(lemit.to(DT))
+            # A label whose emission factor flushed takes its factors from
+            # float64, so that a flush never loses more than the final
+            # factor's underflow.
+            flushed = (emit < TINY) & (lemit > _NEG_INF)
+            e = tl.where(flushed, _exp(lemit), emit.to(f64))
+            old_mass = tl.max(tl.where(cm, livemax.to(f64) * e, 0.0), 0)
+            fresh_mass = tl.max(tl.where(reach, sigma.to(f64) * e, 0.0), 0)
+            top = tl.maximum(tl.where(old_mass > 0, tl.log(old_mass), _NEG_INF),
+                             tl.where(fresh_mass > 0, sigma_rel + tl.log(fresh_mass), _NEG_INF))
+            top = tl.where(top == _NEG_INF, 0.0, top)
+            new_offset = O + (top + m)
+            base = (O - new_offset) + m
+            old_f = tl.where(flushed, _exp(lemit + base), tl.where(e == 0.0, 0.0, e * _exp(base)))
+            new_f = tl.where(flushed, _exp(lemit + base + sigma_rel),
+                             tl.where(e == 0.0, 0.0, e * _exp(base + sigma_rel)))
+            # A factor past the dtype's range has no bound where it multiplies
+            # something.
+            has = rmin < float("inf")
+            rejected |= tl.max(tl.where(reach & ((has & (old_f > BIG)) | ((sigma > 0) & (new_f > BIG))),
+                                        1, 0), 0)
+            fo = tl.where(BIG < old_f, BIG, old_f).to(DT)
+            fn = tl.where(BIG < new_f, BIG, new_f).to(DT)
+            # Ghosts: every generation follows its entries, the new entries
+            # bring sigma's ghost, entries this step takes below tiny are
+            # charged in full; a -inf score's exact zeros are not.
+            exact_zero = lemit == _NEG_INF
+            entry = sigma * fn
+            fresh_lost = ~exact_zero & (sigma > 0) & (entry.to(f64) < TINY)
+            old_lost = ~exact_zero & has & ((fo < TINY) | (rmin * fo < TINY))
+            go = _scaled_ghost(ghost_old, old_f, exact_zero)
+            gn = _scaled_ghost(ghost_new, old_f, exact_zero) + _scaled_ghost(gs, new_f, exact_zero)
+            gn += tl.where(fresh_lost, (sigma.to(f64) * new_f * (1.0 / TINY) + 2.0) * _SLACK, 0.0)
+            gn += tl.where(old_lost, 2.0 * tl.minimum(t, K - 1).to(f64) * _SLACK, 0.0)
+            rejected |= tl.max(tl.where(reach & ~(go + gn < _HUGE), 1, 0), 0)
+            ghost_old = tl.where(reach, go, 0.0)
+            ghost_new = tl.where(reach, gn, 0.0)
+            bad = ~(score < float("inf"))
+            if HAS_START:
+                bad |= ~(_row(start_b, t, C, C_PAD, True) < float("inf"))
+            if HAS_END:
+                bad |= ~(_row(end_b, t, C, C_PAD, True) < float("inf"))
+            rejected |= tl.max(tl.where(cm & bad, 1, 0), 0)
+            # The segments starting at t enter the ring (slot t % K).
+            tl.debug_barrier()
+            tl.store(ring + tK * C_PAD + cs, tl.where(cm, tl.where(BIG < entry, BIG, entry), 0.0))
+            tl.debug_barrier()
+            O = new_offset
+            tK = tl.where(tK + 1 == K, 0, tK + 1)
+    tl.store(redo_ptr + b, rejected)
+    if rejected == 0:
+        tl.store(log_z_ptr + b, log_z.to(DT))
+        # Checkpoints past the end of a short sequence are never read: the
+        # empty state.
+        saved = tl.minimum(L // interval + 1, n_ckpt)
+        _fill(ckpt_ptr + saved * K * C, (n_ckpt - saved) * K, C, float("-inf"), C_PAD, BLOCK_D)
+        for j in range(saved, n_ckpt):
+            tl.store(ckpt_off_ptr + j, 0.0)
 
 
 # --------------------------------------------------------------------------

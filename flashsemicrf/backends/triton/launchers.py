@@ -223,6 +223,97 @@ def _serial_forward(p: _Launch, log_z, ring, offset, interval, n_ckpt, redo=None
                     redo is not None)
 
 
+# The exp-domain forward (FLASHSEMICRF_TRITON_ALGORITHM=exp): exp_domain.h's
+# constants, which its tables share with the kernel.
+EXP_UP = 1.0 + 1e-6
+CERTIFY_RATIO = {torch.float32: 2.0**24, torch.float64: 2.0**53}
+
+
+def _exp_tables(p: _Launch):
+    """The exp-domain forward's per-call tables, padded to C_PAD labels:
+    exp_domain.h's weight_column and transition_column (W = exp(duration -
+    its column maximum), A = exp(transition - its column maximum) in the
+    dtype, 0 below the smallest normal, with bounds on what that flushed),
+    and the labels that can reach an end, a least fixed point over the
+    finite transitions taken as a transitive closure (ceil(log2 C) boolean
+    products: no data-dependent loop on the host). Returns (W (K, C_PAD),
+    A (C_PAD, C_PAD), A's float64 bounds, float64 rows (duration maxima,
+    column maxima, flushed weights' and transitions' bounds in units of the
+    smallest normal), dtype rows (smallest positive weight and transition),
+    each label's last finite duration where it can reach an end, else 0
+    (int32), and 1 where a parameter is NaN or +inf (int32 (1,)))."""
+    dt, dev = p.scores.dtype, p.scores.device
+    tiny = torch.finfo(dt).tiny
+    floor = torch.finfo(torch.float64).tiny
+    K, C, C_PAD = p.K, p.C, p.C_PAD
+    transition, duration, start_tr, end_tr = (p.inputs[i] for i in (1, 2, 4, 5))
+    neg, inf = -math.inf, math.inf
+
+    def column_tables(scores):
+        """(N, C) scores exp'd per column against its maximum (0 for none):
+        (the table, what flushed in units of tiny per column, the maxima,
+        each entry's float64 bound, rounded up, never to 0 but for -inf)."""
+        x = scores.double()
+        top = x.amax(0)
+        top = torch.where(top == neg, 0.0, top)
+        x = x - top
+        bound = torch.where(x > neg, torch.clamp(torch.exp(x) * EXP_UP, min=floor), 0.0)
+        table = torch.exp(x.to(dt))
+        flushed = table < tiny
+        return (torch.where(flushed, 0.0, table), torch.where(flushed, bound, 0.0).sum(0) / tiny,
+                top, bound)
+
+    weight, weight_lost, dur_max, _ = column_tables(duration)
+    weight_lost = 2.0 * weight_lost  # entries are at most 1 when they meet a weight
+    a, a_lost, col_max, a_bound = column_tables(transition)
+    minpos = [torch.where(x > 0, x, inf).amin(0) for x in (weight, a)]
+    raw_last = torch.where(duration > neg, torch.arange(1, K + 1, device=dev)[:, None], 0).amax(0)
+    # c reaches an end if it has a duration and ends, or transitions into a
+    # label that reaches one: closure of "one step" (rows of labels with a
+    # duration) and "stay" by repeated squaring.
+    step = ((transition > neg) & (raw_last > 0)[:, None]) | torch.eye(C, dtype=torch.bool,
+                                                                         device=dev)
+    for _ in range(max(1, (C - 1).bit_length())):
+        step = (step.double() @ step.double()) > 0
+    reach = (step.double() @ ((raw_last > 0) & (end_tr > neg)).double()) > 0
+    last = torch.where(reach, raw_last, 0)
+    unbound = torch.stack([~(x < inf).all() for x in (transition, duration, start_tr, end_tr)])
+
+    def padded(x, value, dtype, square=False):  # labels (the last axis, and the first) to C_PAD
+        pad = [0, C_PAD - C] + ([0, C_PAD - C] if square else [])
+        return torch.nn.functional.pad(x.to(dtype), pad, value=value).contiguous()
+
+    return (padded(weight, 0.0, dt), padded(a, 0.0, dt, True),
+            padded(a_bound, 0.0, torch.float64, True),
+            padded(torch.stack([dur_max, col_max, weight_lost, a_lost]), 0.0, torch.float64),
+            padded(torch.stack(minpos), inf, dt), padded(last, 0, torch.int32),
+            unbound.any().to(torch.int32).reshape(1))
+
+
+def _exp_forward(p: _Launch, log_z, ring, offset, interval, n_ckpt):
+    """The exp-domain forward (static transition), then the log-domain forward
+    for the sequences whose log Z it could not certify. Returns the
+    certified sequences (B,)."""
+    dt = p.scores.dtype
+    redo = p.empty(p.B, dtype=torch.int32)
+    torch.library.wrap_triton(kernels._exp_forward_kernel)[(p.B,)](
+        *p.inputs, *_exp_tables(p), log_z, ring, offset, p.empty(p.B, p.K, p.C_PAD), redo,
+        p.T, p.K, p.C, interval, n_ckpt, F64=dt == torch.float64, TINY=torch.finfo(dt).tiny,
+        BIG=torch.finfo(dt).max, RHO=CERTIFY_RATIO[dt], **p.meta)
+    _serial_forward(p, log_z, ring, offset, interval, n_ckpt, redo=redo)
+    return redo == 0
+
+
+def uses_exp_forward() -> bool:
+    """FLASHSEMICRF_TRITON_ALGORITHM: ``exp`` or ``log`` (the default), read at
+    each call (a torch.compile graph keeps what it read when traced)."""
+    value = os.environ.get("FLASHSEMICRF_TRITON_ALGORITHM", "") or "log"
+    if value not in ("exp", "log"):
+        raise ValueError("FLASHSEMICRF_TRITON_ALGORITHM must be 'exp' or 'log' (or unset), "
+                         f"got {value!r}")
+    return value == "exp"
+
+
 def uses_chunked_forward() -> bool:
     """FLASHSEMICRF_TRITON_FORWARD: ``chunks`` or ``serial`` (the default), read
     at each call (a torch.compile graph keeps what it read when traced)."""
@@ -242,8 +333,12 @@ def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tenso
 
 def forward_with_verdicts(scores, transition, duration, lengths, start_transition,
                           end_transition, start_scores, end_scores, interval):
-    """forward's outputs and, where the chunked forward ran, the sequences its
-    junctions accepted at the first try and at the last (else None, None)."""
+    """forward's outputs and the sequences the forward's fast path took: the
+    chunked forward's junctions accepted at the first try and at the last, or
+    (twice) those the exp-domain forward certified; None, None where the
+    serial log-domain forward ran alone. The chunked forward comes first
+    where both are asked for (static transition, two chunks or more); its
+    sequences rejected twice go to the log-domain forward, as in CUDA."""
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
     interval = _contract.checkpoint_interval(p.T, p.K, interval)
@@ -255,6 +350,9 @@ def forward_with_verdicts(scores, transition, duration, lengths, start_transitio
     if p.B:
         if not p.dd and _chunk_plan(p, interval, n_ckpt)[2] >= 2 and uses_chunked_forward():
             verdicts = _chunked_forward(p, interval, n_ckpt, log_z, ring, offset)
+        elif not p.dd and uses_exp_forward():
+            certified = _exp_forward(p, log_z, ring, offset, interval, n_ckpt)
+            verdicts = certified, certified
         else:
             _serial_forward(p, log_z, ring, offset, interval, n_ckpt)
     return (log_z, ring, offset, *verdicts)
