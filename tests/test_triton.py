@@ -321,7 +321,7 @@ def test_chunked_forward_joins_chunks_from_guesses(monkeypatch):
 
 # --------------------------------------------------------------------------
 # The exp-domain forward (FLASHSEMICRF_TRITON_ALGORITHM=exp), held to the C++
-# CPU kernel's, which makes the same decisions from the same bounds
+# CPU kernel's, whose bounds it applies, and to the float64 log domain
 # --------------------------------------------------------------------------
 
 
@@ -450,6 +450,57 @@ def test_exp_forward_falls_back_where_underflow_matters(monkeypatch, dtype):
     certified = _check_exp_forward(monkeypatch, _op_args(kw, dtype), 0,
                                    1e-9 if dtype == torch.float64 else 1e-4)
     assert certified.tolist() == [False, True]
+
+
+def test_exp_forward_random_adversaries(monkeypatch):
+    """random_exp_problem's three families of problems built to make an
+    exp-domain scan lose mass that matters (labels dying partway, duration
+    scores to the dtype's range, boundary scores up to 200 nats, the
+    outshone label), both dtypes: log Z is the float64 log-domain scan's,
+    the sequences handed to the log scan are its results bit for bit, and
+    the certified ones' checkpoints are its to rounding. (The fallbacks
+    are not counted against the CPU kernel here: on the outshone family
+    the CUDA kernels, emulated, and this one hand over sequences that the
+    CPU kernel certifies.) One problem a family and dtype by default (the
+    interpreter takes 5-30 s each); FLASHSEMICRF_TRITON_FUZZ_PROBLEMS=N
+    runs N."""
+    import random
+
+    from test_cuda_emulated import random_exp_problem
+
+    n = int(os.environ.get("FLASHSEMICRF_TRITON_FUZZ_PROBLEMS", "1"))
+    rng = random.Random(20261205)
+    for family in ("mixed", "boundary", "outshone"):
+        for i in range(2 * n):
+            dtype = (torch.float32, torch.float64)[i % 2]
+            where = f"{family} problem {i} ({dtype})"
+            args = random_exp_problem(rng, dtype, family)
+            truth = torch.ops.flashsemicrf.forward(
+                *[a.double() if a is not None and a.is_floating_point() else a for a in args],
+                0)[0]
+            args = [a.to(TRITON_DEVICE) if a is not None else None for a in args]
+            monkeypatch.setenv("FLASHSEMICRF_TRITON_ALGORITHM", "log")
+            plain = [x.cpu() for x in launchers.forward(*args, 0)]
+            monkeypatch.setenv("FLASHSEMICRF_TRITON_ALGORITHM", "exp")
+            *got, _, certified = launchers.forward_with_verdicts(*args, 0)
+            got, certified = [x.cpu() for x in got], certified.cpu()
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            lz = got[0].double()
+            ok = ((lz - truth).abs() <= tol * truth.abs().clamp(min=1.0)) | \
+                (torch.isinf(truth) & (lz == truth))
+            assert bool(ok.all()), (where, lz.tolist(), truth.tolist())
+            for a, b in zip(got, plain):
+                assert torch.equal(a[~certified], b[~certified]), where
+            ring = [(r.double() + o[..., None, None])[certified] for r, o in (got[1:], plain[1:])]
+            # Entries below the dtype's normal range relative to the
+            # checkpoint's largest (-inf, or subnormal with a few bits left,
+            # in the exp-domain ring) are inside the certified bound; the
+            # others agree to rounding.
+            top = ring[1].flatten(2).amax(-1)[..., None, None]
+            normal = ring[1] > top + math.log(torch.finfo(dtype).tiny) + 1.0
+            scale = ring[1][normal].abs().clamp(min=1.0)
+            assert_close(f"checkpoints, {where}", ring[0][normal] / scale,
+                         ring[1][normal] / scale, tol)
 
 
 def test_exp_forward_gradients(monkeypatch):

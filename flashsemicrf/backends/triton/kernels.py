@@ -519,9 +519,9 @@ def _forward_kernel(
 # (float64 bounds, in units of the dtype's smallest normal, on what
 # underflow lost) certify log Z, and a sequence they cannot certify is marked
 # in `redo` for _forward_kernel, which rewrites its outputs. The charges,
-# absorption and final check are exp_domain.h's, so the decisions are the
-# CPU kernel's (tests/test_triton.py holds them to it); sums run in tile
-# order, so results agree with it to rounding. The per-call tables (W, A,
+# absorption and final check are exp_domain.h's, as in the CPU kernel
+# (tests/test_triton.py compares the fallbacks on its adversarial problems);
+# sums run in tile order, so results agree with it to rounding. The per-call tables (W, A,
 # their bounds, the labels that can reach an end) are the launcher's, in
 # tensor ops: they depend on the parameters only.
 
