@@ -519,9 +519,10 @@ def _forward_kernel(
 # (float64 bounds, in units of the dtype's smallest normal, on what
 # underflow lost) certify log Z, and a sequence they cannot certify is marked
 # in `redo` for _forward_kernel, which rewrites its outputs. The charges,
-# absorption and final check are exp_domain.h's, as in the CPU kernel
-# (tests/test_triton.py compares the fallbacks on its adversarial problems);
-# sums run in tile order, so results agree with it to rounding. The per-call tables (W, A,
+# absorption and final check are exp_domain.h's, and values below the
+# dtype's smallest normal are flushed to 0 (_flushed), as in the CPU kernel
+# (tests/test_triton.py compares the fallbacks with its own); sums run in
+# tile order, so results agree with it to rounding. The per-call tables (W, A,
 # their bounds, the labels that can reach an end) are the launcher's, in
 # tensor ops: they depend on the parameters only.
 
@@ -588,8 +589,21 @@ def _two_sum_add(hi, lo, m):
 
 
 @triton.jit
-def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, BIG: tl.constexpr,
-                   C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _flushed(x, TINY: tl.constexpr):
+    """x, or 0 below the dtype's smallest normal, as the CPU kernel's flush-to-
+    zero mode computes it. Every way a value falls below tiny is charged to
+    a ghost where it happens, so the flush loses nothing unbounded; a kept
+    subnormal, though, is a positive value that later charges and factors
+    carry as mass at risk, and a label that grows by e^700 afterwards turns
+    that into a bound no log Z can pass (an outshone problem of the tests
+    was handed to the log scan here, and certified on the CPU, until the
+    values were flushed)."""
+    return tl.where(x < TINY, 0.0, x)
+
+
+@triton.jit
+def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, TINY: tl.constexpr,
+                   BIG: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """One pass over the n = min(t, K) ages of the ring at step t: the
     previous advance's factor fo applied to ages >= 2 (written back), and per
     label the weighted sum, the largest entry that can still grow (age <
@@ -609,7 +623,7 @@ def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, BIG: tl.constexpr,
         r = tl.load(ptrs)
         scaled = r * fo[None, :]
         owed = (ok & (age >= 1))[:, None]
-        x = tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r)
+        x = _flushed(tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r), TINY)
         tl.store(ptrs, x, mask=owed)
         w = tl.load(weight_ptr + tl.where(ok, age, 0)[:, None] * C_PAD + cs[None, :])
         x = tl.where(ok[:, None], x, 0.0)
@@ -618,7 +632,7 @@ def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, BIG: tl.constexpr,
         livemax = tl.maximum(livemax, tl.max(tl.where(grows, x, 0.0), 0))
         matters = (x > 0) & (grows | (w > 0))
         rmin = tl.minimum(rmin, tl.min(tl.where(matters, x, float("inf")), 0))
-    return acc, livemax, rmin
+    return _flushed(acc, TINY), livemax, rmin
 
 
 @triton.jit
@@ -730,7 +744,7 @@ def _exp_forward_kernel(
             expire = tK == 0  # generation 0's entries have all left the ring
             ghost_old = tl.where(expire, ghost_new, ghost_old)
             ghost_new = tl.where(expire, 0.0, ghost_new)
-            acc, livemax, rmin = _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, BIG,
+            acc, livemax, rmin = _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, TINY, BIG,
                                                 C_PAD, BLOCK_D)
             fo = one
             tl.debug_barrier()
@@ -742,7 +756,7 @@ def _exp_forward_kernel(
             endf = _exp((ya - mes).to(DT))
             xa = tl.where(BIG < acc, BIG, acc)
             prod = xa * endf
-            alpha = tl.where(xa > 0, tl.where(BIG < prod, BIG, prod), 0.0)
+            alpha = _flushed(tl.where(xa > 0, tl.where(BIG < prod, BIG, prod), 0.0), TINY)
             has = rmin < float("inf")
             g = ghost_old + ghost_new
             w_minpos = tl.load(label_s_ptr + cs)
@@ -784,7 +798,7 @@ def _exp_forward_kernel(
                 reach_alpha = tl.where(reach, alpha, 0.0)
                 amax = tl.max(reach_alpha, 0)
                 amin = tl.min(tl.where(reach & (alpha > 0), alpha, float("inf")), 0)
-                u = tl.sum(alpha[:, None] * tl.load(a_ptr + tile), 0)
+                u = _flushed(tl.sum(alpha[:, None] * tl.load(a_ptr + tile), 0), TINY)
                 work = zero64
                 if tl.max(tl.where(ga != 0.0, 1, 0), 0) != 0:  # else it adds nothing
                     bound = tl.load(a_bound_ptr + tile)
@@ -798,7 +812,7 @@ def _exp_forward_kernel(
                 sigma_rel = mes + mss
                 h = _exp((ys - mss).to(DT))
                 prod = xs * h
-                sigma = tl.where(xs > 0, tl.where(BIG < prod, BIG, prod), 0.0)
+                sigma = _flushed(tl.where(xs > 0, tl.where(BIG < prod, BIG, prod), 0.0), TINY)
                 g = work
                 if amax > 0:
                     a_lost = tl.load(label64_ptr + 3 * C_PAD + cs)
@@ -864,7 +878,8 @@ def _exp_forward_kernel(
             rejected |= tl.max(tl.where(cm & bad, 1, 0), 0)
             # The segments starting at t enter the ring (slot t % K).
             tl.debug_barrier()
-            tl.store(ring + tK * C_PAD + cs, tl.where(cm, tl.where(BIG < entry, BIG, entry), 0.0))
+            entry = _flushed(tl.where(BIG < entry, BIG, entry), TINY)
+            tl.store(ring + tK * C_PAD + cs, tl.where(cm, entry, 0.0))
             tl.debug_barrier()
             O = new_offset
             tK = tl.where(tK + 1 == K, 0, tK + 1)
