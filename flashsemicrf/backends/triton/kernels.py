@@ -602,6 +602,15 @@ def _flushed(x, TINY: tl.constexpr):
 
 
 @triton.jit
+def _pay_owed(r, fo, owed, BIG: tl.constexpr):
+    """Ring entries r with the previous advance's factor fo applied where
+    ``owed`` (capped at the dtype's largest value, so that an entry that can
+    no longer matter meets its zero weight as 0, never as inf · 0)."""
+    scaled = r * fo[None, :]
+    return tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r)
+
+
+@triton.jit
 def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, TINY: tl.constexpr,
                    BIG: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
     """One pass over the n = min(t, K) ages of the ring at step t: the
@@ -621,9 +630,8 @@ def _exp_ring_pass(ring, weight_ptr, tK, n, fo, last, K, TINY: tl.constexpr,
         slot = _ring_slot(tK, -tl.where(ok, age + 1, 0), K)
         ptrs = ring + slot[:, None] * C_PAD + cs[None, :]
         r = tl.load(ptrs)
-        scaled = r * fo[None, :]
         owed = (ok & (age >= 1))[:, None]
-        x = _flushed(tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r), TINY)
+        x = _flushed(_pay_owed(r, fo, owed, BIG), TINY)
         tl.store(ptrs, x, mask=owed)
         w = tl.load(weight_ptr + tl.where(ok, age, 0)[:, None] * C_PAD + cs[None, :])
         x = tl.where(ok[:, None], x, 0.0)
@@ -653,8 +661,7 @@ def _exp_save(ring, ckpt, tK, n, fo, shift, K, C, BIG: tl.constexpr, C_PAD: tl.c
         ptrs = ring + _ring_slot(tK, -rows - 1, K)[:, None] * C_PAD + cs[None, :]
         r = tl.load(ptrs)
         owed = (rok & (rows >= 1) & (rows < n))[:, None]
-        scaled = r * fo[None, :]
-        r = tl.where(owed, tl.where(scaled < BIG, scaled, BIG), r)
+        r = _pay_owed(r, fo, owed, BIG)
         tl.store(ptrs, r, mask=owed)
         logs = tl.where(r > 0, (tl.log(r.to(tl.float64)) + shift).to(r.dtype), float("-inf"))
         tl.store(ckpt + rows[:, None] * C + cl[None, :], logs, mask=rok[:, None] & cm[None, :])
