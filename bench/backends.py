@@ -29,6 +29,9 @@ counted as part of what a user of that library pays:
   (``FLASHSEMICRF_TRITON_FORWARD=chunks``; the others set ``serial``);
   ``triton-exp`` is ``triton`` with the exp-domain forward
   (``FLASHSEMICRF_TRITON_ALGORITHM=exp``; the others set ``log``);
+  ``triton-spans`` is ``triton`` with every span of the backward recomputed
+  at once before its sweep (``FLASHSEMICRF_TRITON_RECOMPUTE=spans``; the
+  others set ``sweep``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -62,7 +65,7 @@ import torch
 Tensor = torch.Tensor
 
 OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-        "triton-chunks", "triton-exp", "cpu", "cpu-log", "torch")
+        "triton-chunks", "triton-exp", "triton-spans", "cpu", "cpu-log", "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
@@ -91,12 +94,22 @@ CUDA_ENV = {
     "cuda-parallel": _cuda_env("exp", "sweep", "parallel", "serial"),
     "cuda-chunks": _cuda_env("exp", "sweep", "parallel", "chunks"),
 }
-# The Triton forward: serial or chunked, log or exp domain (both set always).
+# The Triton forward: serial or chunked, log or exp domain; the backward's
+# recomputes: in the sweep or every span at once (all three set always).
 TRITON_FORWARD_ENV = "FLASHSEMICRF_TRITON_FORWARD"
 TRITON_ALGORITHM_ENV = "FLASHSEMICRF_TRITON_ALGORITHM"
-TRITON_ENV = {"triton": {TRITON_FORWARD_ENV: "serial", TRITON_ALGORITHM_ENV: "log"},
-              "triton-chunks": {TRITON_FORWARD_ENV: "chunks", TRITON_ALGORITHM_ENV: "log"},
-              "triton-exp": {TRITON_FORWARD_ENV: "serial", TRITON_ALGORITHM_ENV: "exp"}}
+TRITON_RECOMPUTE_ENV = "FLASHSEMICRF_TRITON_RECOMPUTE"
+
+
+def _triton_env(forward: str, algorithm: str, recompute: str) -> dict[str, str]:
+    return {TRITON_FORWARD_ENV: forward, TRITON_ALGORITHM_ENV: algorithm,
+            TRITON_RECOMPUTE_ENV: recompute}
+
+
+TRITON_ENV = {"triton": _triton_env("serial", "log", "sweep"),
+              "triton-chunks": _triton_env("chunks", "log", "sweep"),
+              "triton-exp": _triton_env("serial", "exp", "sweep"),
+              "triton-spans": _triton_env("serial", "log", "spans")}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -113,6 +126,7 @@ KIND = {
     "triton": "kernel",
     "triton-chunks": "kernel",
     "triton-exp": "kernel",
+    "triton-spans": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",
     "torch": "loop",

@@ -50,8 +50,9 @@ GPU_BACKENDS = ("cuda", "triton")
 # domain whatever the switch says (and its forward is never chunked).
 CUDA_VARIANTS = ("cuda-exp", "cuda-parallel", "cuda-chunks")
 # The Triton path again with its chunked and its exp-domain forward (static
-# transition only).
-TRITON_VARIANTS = ("triton-chunks", "triton-exp")
+# transition only) and with its span recomputes (which apply to both forms;
+# run on the static cases too, to keep the section's budget).
+TRITON_VARIANTS = ("triton-chunks", "triton-exp", "triton-spans")
 
 
 def _say(line: str, log=None) -> None:
@@ -578,8 +579,9 @@ def timing_cases(dry_run: bool):
     # fwd+bwd of ours first: the two targets are fwd+bwd. (flash-semicrf 0.2.0's
     # Triton fwd+bwd took 301 s at B = 8, T = 10^5 on an H200, more than a
     # device call can spare: its forward is timed below.)
-    fwd_bwd = ("cuda-chunks", "cuda-parallel", "cuda-exp", "cuda", "triton")
-    return gpu + ("pytorch-crf",), [
+    fwd_bwd = ("cuda-chunks", "cuda-parallel", "cuda-exp", "cuda", "triton", "triton-spans")
+    # triton-spans differs from triton in the backward only: fwd+bwd alone.
+    return gpu + ("triton-spans", "pytorch-crf"), [
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=fwd_bwd,
                   force=fwd_bwd, passes=("fwd+bwd",)),
         BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=fwd_bwd[:3],

@@ -194,6 +194,7 @@ LABELS = {
     "triton": "flashsemicrf Triton",
     "triton-chunks": "flashsemicrf Triton, chunked forward",
     "triton-exp": "flashsemicrf Triton exp-domain",
+    "triton-spans": "flashsemicrf Triton, span-parallel recompute",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
     "torch": "flashsemicrf (PyTorch reference)",
@@ -205,8 +206,9 @@ LABELS = {
 # Our backends as the throughput column names them.
 SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans",
          "cuda-parallel": "CUDA parallel", "cuda-chunks": "CUDA chunks", "triton": "Triton",
-         "triton-chunks": "Triton chunks", "triton-exp": "Triton exp", "cpu": "C++",
-         "cpu-log": "C++ log", "torch": "PyTorch ref."}
+         "triton-chunks": "Triton chunks", "triton-exp": "Triton exp",
+         "triton-spans": "Triton spans", "cpu": "C++", "cpu-log": "C++ log",
+         "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
 PINNED = {"flash_semicrf": "0.2.0", "torch_struct": "0.5", "pytorch_crf": "0.7.2"}
@@ -302,6 +304,10 @@ def column_legend(meta: dict) -> dict[str, str]:
                                  "`--backends triton-chunks`).",
         LABELS["triton-exp"]: "the Triton kernels with the exp-domain forward of the CUDA one "
                               "(`FLASHSEMICRF_TRITON_ALGORITHM=exp`, `--backends triton-exp`).",
+        LABELS["triton-spans"]: "the Triton kernels with every span of the backward recomputed "
+                                "at once, one program a span, before the sweep "
+                                "(`FLASHSEMICRF_TRITON_RECOMPUTE=spans`, "
+                                "`--backends triton-spans`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",
         LABELS["cpu-log"]: "the same C++ kernel with its older log-domain algorithm, "

@@ -13,6 +13,7 @@ Must run in a process of its own: the stand-in driver replaces the real one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -59,6 +60,22 @@ def install_compile_only_driver() -> None:
     driver.set_active(CompileOnlyDriver())
 
 
+@contextlib.contextmanager
+def compiled_not_launched(*kernels):
+    """Launches of these kernels compile them and return without running, so
+    that an op that launches another kernel after them gets that one
+    compiled too (the stand-in driver refuses the first launch otherwise)."""
+    runs = [k.run for k in kernels]
+    for kernel, run in zip(kernels, runs):
+        kernel.run = lambda *a, _run=run, grid, warmup, **kw: _run(*a, grid=grid, warmup=True,
+                                                                   **kw)
+    try:
+        yield
+    finally:
+        for kernel in kernels:
+            del kernel.run  # the class's method again
+
+
 def _ptxas() -> str:
     for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
         if root and os.access(os.path.join(root, "bin", "ptxas"), os.X_OK):
@@ -92,8 +109,14 @@ def main() -> None:
     from flashsemicrf.backends.triton import kernels, launchers  # noqa: F401 (defines the ops)
 
     ops = torch.ops.flashsemicrf_triton
-    named = {"forward": kernels._forward_kernel, "backward": kernels._backward_kernel,
-             "viterbi": kernels._viterbi_kernel, "exp forward": kernels._exp_forward_kernel}
+    # What each call compiles: (label, kernel); the labels of a kernel's
+    # compiled variants follow the call that compiled them.
+    named = {"forward": [("forward", kernels._forward_kernel)],
+             "backward": [("backward", kernels._backward_kernel)],
+             "viterbi": [("viterbi", kernels._viterbi_kernel)],
+             "exp forward": [("exp forward", kernels._exp_forward_kernel)],
+             "span recompute": [("span recompute", kernels._recompute_kernel),
+                                ("backward, recomputed", kernels._backward_kernel)]}
     seen: set[int] = set()
     print("| dtype | transition | K | C | kernel | warps | registers | spill stores (B) "
           "| spill loads (B) |")
@@ -114,20 +137,28 @@ def main() -> None:
         }
         if not dd:  # FLASHSEMICRF_TRITON_ALGORITHM=exp: static transition only
             calls["exp forward"] = lambda: ops.forward(*args, T)
+        # FLASHSEMICRF_TRITON_RECOMPUTE=spans: the recompute kernel, then the
+        # backward that only sweeps.
+        calls["span recompute"] = calls["backward"]
         for name, call in calls.items():
             os.environ["FLASHSEMICRF_TRITON_ALGORITHM"] = "exp" if name == "exp forward" else "log"
-            try:
-                call()
-            except NoLaunch:
-                pass
-            for cache in named[name].device_caches.values():
-                for compiled in cache[0].values():
-                    if id(compiled) in seen:
-                        continue
-                    seen.add(id(compiled))
-                    regs, st, ld = ptxas_usage(compiled.asm["ptx"])
-                    print(f"| {str(dtype)[6:]} | {'(K, C, C)' if dd else '(C, C)'} | {K} | {C} "
-                          f"| {name} | {compiled.metadata.num_warps} | {regs} | {st} | {ld} |")
+            os.environ["FLASHSEMICRF_TRITON_RECOMPUTE"] = (
+                "spans" if name == "span recompute" else "sweep")
+            with compiled_not_launched(kernels._recompute_kernel):
+                try:
+                    call()
+                except NoLaunch:
+                    pass
+            for label, kernel in named[name]:
+                for cache in kernel.device_caches.values():
+                    for compiled in cache[0].values():
+                        if id(compiled) in seen:
+                            continue
+                        seen.add(id(compiled))
+                        regs, st, ld = ptxas_usage(compiled.asm["ptx"])
+                        print(f"| {str(dtype)[6:]} | {'(K, C, C)' if dd else '(C, C)'} | {K} "
+                              f"| {C} | {label} | {compiled.metadata.num_warps} | {regs} | {st} "
+                              f"| {ld} |")
 
 
 if __name__ == "__main__":

@@ -238,6 +238,52 @@ for dtype in (torch.float32, torch.float64):
             raise AssertionError("the exp-domain forward launched nothing")
         assert exp_kernels() == before + 1, (dtype, T, before, exp_kernels())
 print("exp-domain forward: one kernel a dtype")
+
+# The span recomputes in parallel: one recompute kernel and one sweep-only
+# backward a dtype and transition form, whatever the length (the recompute's
+# launch compiles without running, so that the backward after it compiles).
+from bench.triton_registers import compiled_not_launched
+
+os.environ["FLASHSEMICRF_TRITON_ALGORITHM"] = "log"
+os.environ["FLASHSEMICRF_TRITON_RECOMPUTE"] = "spans"
+SPAN_KERNELS = (kernels._recompute_kernel, kernels._backward_kernel)
+span_kernels = lambda: [sum(len(e[0]) for e in k.device_caches.values()) for k in SPAN_KERNELS]
+with compiled_not_launched(kernels._recompute_kernel):
+    for dtype in (torch.float32, torch.float64):
+        for dd in (False, True):
+            before = span_kernels()
+            for B, T in ((2, 9), (3, 17), (1, 1), (2, 1000)):
+                g = torch.Generator().manual_seed(T)
+                r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+                K, C = 5, 3
+                iv = checkpoint_interval(T, K, 0)
+                n = (T + iv - 1) // iv
+                S = 2 * K if dd else K
+                try:
+                    ops.backward(r(B), r(B, T, C), r(K, C, C) if dd else r(C, C), r(K, C),
+                                 torch.randint(1, T + 1, (B,), generator=g), r(C), r(C), None,
+                                 None, r(B), r(B, n, S, C), torch.zeros(B, n, dtype=torch.float64),
+                                 0, True)
+                except NoLaunch:
+                    pass
+                else:
+                    raise AssertionError("the sweep after the span recomputes launched nothing")
+                assert span_kernels() == [b + 1 for b in before], (dtype, dd, T, span_kernels())
+print("span recomputes: one recompute kernel and one sweep a variant")
+
+# torch.compile keeps the switch it read when traced: its backward graph
+# launches the recompute kernel, then the sweep.
+torch._dynamo.reset()
+traced.clear()
+fn = torch.compile(log_z, fullgraph=True, dynamic=True,
+                   backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+try:
+    fn(*x)
+except NoLaunch:
+    pass
+launches = traced[-1].count("triton_kernel_wrapper_functional(")
+assert len(traced) == 2 and launches == 2 and "RECOMPUTED': True" in traced[1], traced[-1]
+print("torch.compile, span recomputes: the recompute and the sweep in the backward graph")
 """
 
 
@@ -317,6 +363,70 @@ def test_chunked_forward_joins_chunks_from_guesses(monkeypatch):
     for a, b in zip(got, serial):
         assert torch.equal(a[:2], b[:2])
     assert_close("log Z, the short sequence", got[0][2], serial[0][2], 1e-5)
+
+
+# --------------------------------------------------------------------------
+# The span recomputes in parallel (FLASHSEMICRF_TRITON_RECOMPUTE=spans)
+# --------------------------------------------------------------------------
+
+# (B, T, K, C, dd, interval): several spans with ragged lengths (the last span
+# short or a sequence ending before the last checkpoint), K > interval (open
+# segments across several checkpoints), interval 1, T = 1, one span.
+RECOMPUTE_SHAPES = [(3, 23, 4, 3, False, 5), (3, 17, 6, 2, True, 4), (2, 9, 7, 3, False, 2),
+                    (2, 6, 3, 2, True, 1), (2, 1, 3, 2, False, 0), (2, 8, 2, 3, False, 0)]
+
+
+def _recompute_both_ways(monkeypatch, args, interval, up):
+    ops = torch.ops.flashsemicrf_triton
+    # Workspace filled with NaN, so that a row no kernel wrote shows (freed
+    # memory would otherwise hand the spans' buffers the sweep's old rows).
+    monkeypatch.setattr(launchers._Launch, "empty", lambda self, *shape, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or self.scores.dtype, device=self.scores.device))
+    fwd = ops.forward(*args, interval)
+    grads = []
+    for mode in ("sweep", "spans"):
+        monkeypatch.setenv("FLASHSEMICRF_TRITON_RECOMPUTE", mode)
+        grads.append(ops.backward(up, *args, *fwd, interval, True))
+    return fwd[0], grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("shape", RECOMPUTE_SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-dd{:d}-i{}"
+                         .format(*s))
+def test_span_recompute_gives_the_same_bits(monkeypatch, shape, dtype):
+    """FLASHSEMICRF_TRITON_RECOMPUTE=spans: every span of every sequence is
+    recomputed at once (_recompute_kernel, one program a span) and the sweep
+    reads the rows; they come from the same code in the same order, so
+    every gradient is the default's bit for bit, and the reference's. The
+    first sequence is dead (a position no label may take: log Z = -inf),
+    whose spans both ways skip, leaving zero gradients."""
+    B, T, K, C, dd, interval = shape
+    case = make_case(101, B, T, K, C, duration_dependent=dd, neg_inf=True, dtype=dtype)
+    kw = dict(case.kwargs)
+    kw["scores"] = kw["scores"].clone()
+    kw["scores"][0, T // 2] = float("-inf")
+    args = _op_args(kw, dtype)
+    up = torch.linspace(0.5, 2.0, B, dtype=dtype, device=TRITON_DEVICE)
+    log_z, (sweep, spans) = _recompute_both_ways(monkeypatch, args, interval, up)
+    assert log_z[0] == float("-inf") and bool(torch.isfinite(log_z[1:]).all()), log_z
+    for name, a, b in zip(Gradients._fields, spans, sweep):
+        assert torch.equal(a, b), name
+        assert not bool(a[:1].ne(0).any()) if a.dim() > 1 else True, name
+    # And the reference's, so that neither way can be wrong in the same way.
+    ref = torch.ops.flashsemicrf.backward(
+        up.cpu(), *[x.cpu() if x is not None else None for x in args],
+        *[x.cpu() for x in torch.ops.flashsemicrf.forward(
+            *[x.cpu() if x is not None else None for x in args], interval)], interval, True)
+    for name, a, b in zip(Gradients._fields, spans, ref):
+        assert_close(f"d/d {name}", a.cpu(), b, 1e-9 if dtype == torch.float64 else 2e-4)
+
+
+def test_span_recompute_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_RECOMPUTE", "parallel")
+    case = make_case(3, 1, 4, 2, 2)
+    with pytest.raises(ValueError, match="FLASHSEMICRF_TRITON_RECOMPUTE must be 'spans' or"):
+        log_z_and_grads(on(case.kwargs, TRITON_DEVICE), "triton",
+                        torch.ones(1, dtype=torch.float64, device=TRITON_DEVICE))
 
 
 # --------------------------------------------------------------------------
@@ -561,6 +671,23 @@ def test_gpu_triton_matches_cuda_and_reference(B, T, K, C, dd):
         for name in g:
             assert_close(f"d/d {name} vs cuda", g[name], g_c[name], 2e-4)
     check_viterbi(kw, on(kw, "cpu"), "triton", torch.float32, C)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("B,T,K,C,dd", GPU_SHAPES, ids=lambda v: str(v))
+def test_gpu_span_recompute_matches_the_sweep(monkeypatch, B, T, K, C, dd):
+    """FLASHSEMICRF_TRITON_RECOMPUTE=spans compiled: every gradient is the
+    default's (bit for bit under the interpreter; here two compiled kernels
+    hold the recompute, so to rounding), with checkpoints every 16
+    positions."""
+    case = make_case(T, B, T, K, C, duration_dependent=dd, neg_inf=True, dtype=torch.float32)
+    args = [x.cuda() if x is not None else None for x in _op_args(case.kwargs, torch.float32)]
+    up = torch.linspace(0.5, 2.0, B, device="cuda")
+    _, (sweep, spans) = _recompute_both_ways(monkeypatch, args, 16, up)
+    for name, a, b in zip(Gradients._fields, spans, sweep):
+        scale = b.abs().max().clamp(min=1.0) if b.numel() else 1.0
+        assert_close(f"d/d {name}, relative to its largest", a / scale, b / scale, 1e-5)
 
 
 @pytest.mark.cuda

@@ -979,6 +979,68 @@ def _open_back(back, tK, q, fresh, emit, K, C, EMPTY: tl.constexpr, C_PAD: tl.co
     tl.debug_barrier()
 
 
+@triton.jit
+def _recompute_span(
+    j, L, last_span, ring, ckpt, ckpt_off, alpha_buf, sigma_buf, off_buf, trans_tile, inputs, T,
+    K, C, interval, DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Span j's forward messages from its checkpoint (ckpt, ckpt_off: the
+    sequence's) into the span buffers, row t - first: alpha_hat, sigma_hat
+    and the offset O_t. The one code both the backward kernel and
+    _recompute_kernel run, so the rows are the same bits either way."""
+    cs = tl.arange(0, C_PAD)
+    S = 2 * K if DD else K
+    first = j * interval
+    last = tl.where(j == last_span, L, first + interval - 1)
+    _copy_checkpoint(first, ring, ckpt + j * S * C, K, C, False, DD, C_PAD, BLOCK_D)
+    offset = tl.load(ckpt_off + j)
+    for t in range(first, last + 1):
+        alpha, sigma, o_t, offset, _bd, _bp = _step_and_advance(
+            t, t < last, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START,
+            HAS_END, C_PAD, BLOCK_D)
+        tl.store(alpha_buf + (t - first) * C_PAD + cs, alpha)
+        tl.store(sigma_buf + (t - first) * C_PAD + cs, sigma)
+        tl.store(off_buf + (t - first), o_t)
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
+def _recompute_kernel(
+    # inputs
+    scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr,
+    start_sc_ptr, end_sc_ptr, log_z_ptr, ckpt_ptr, ckpt_off_ptr,
+    # outputs: the span buffers of every span, (B, n_ckpt, interval + 1, ...)
+    alpha_ws_ptr, sigma_ws_ptr, off_ws_ptr,
+    # workspace: a ring a program
+    ring_ws_ptr,
+    # sizes
+    T, K, C, interval, n_ckpt,
+    # meta-parameters
+    DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """FLASHSEMICRF_TRITON_RECOMPUTE=spans: program b * n_ckpt + j recomputes
+    span j of sequence b, all spans at once; _backward_kernel with RECOMPUTED
+    then only sweeps. Spans past a sequence's end, and the spans of a
+    sequence with no valid segmentation (the sweep skips them), do nothing."""
+    span = tl.program_id(0).to(tl.int64)
+    b = span // n_ckpt
+    j = span - b * n_ckpt
+    inputs = _sequence_inputs(b, T, C, scores_ptr, trans_ptr, dur_ptr, start_tr_ptr, end_tr_ptr,
+                              start_sc_ptr, end_sc_ptr)
+    L = tl.load(lengths_ptr + b)
+    S = 2 * K if DD else K
+    last_span = tl.minimum(L // interval, n_ckpt - 1)
+    if (j <= last_span) & (tl.load(log_z_ptr + b) != float("-inf")):
+        rows = span * (interval + 1)
+        _recompute_span(
+            j, L, last_span, ring_ws_ptr + span * S * C_PAD, ckpt_ptr + b * n_ckpt * S * C,
+            ckpt_off_ptr + b * n_ckpt, alpha_ws_ptr + rows * C_PAD, sigma_ws_ptr + rows * C_PAD,
+            off_ws_ptr + rows, _transition_tile(trans_ptr, C, C_PAD, DD), inputs, T, K, C,
+            interval, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
+
+
 @triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
 def _backward_kernel(
     # inputs
@@ -994,8 +1056,12 @@ def _backward_kernel(
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     WANT_START: tl.constexpr, WANT_END: tl.constexpr, FLUSH: tl.constexpr,
-    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    RECOMPUTED: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """The gradients of sequence b: span after span, last first, the span's
+    forward messages recomputed into the span buffers (or, with RECOMPUTED,
+    read from _recompute_kernel's, one set a span), then the backward
+    messages swept through them."""
     b = tl.program_id(0).to(tl.int64)
     DT = scores_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
@@ -1018,9 +1084,6 @@ def _backward_kernel(
     g_end_tr_ptr += b * C
     ring = ring_ws_ptr + b * S * C_PAD
     back = back_ws_ptr + b * K * C_PAD  # slot e % K: the segment [t, e)
-    alpha_buf = alpha_ws_ptr + b * (interval + 1) * C_PAD
-    sigma_buf = sigma_ws_ptr + b * (interval + 1) * C_PAD
-    off_buf = off_ws_ptr + b * (interval + 1)
 
     log_z = tl.load(log_z_ptr + b)
     g = tl.load(grad_ptr + b)
@@ -1043,17 +1106,18 @@ def _backward_kernel(
         first = j * interval
         last = tl.where(j == last_span, L, first + interval - 1)
 
-        # Recompute the span's forward messages into the span buffers.
-        _copy_checkpoint(first, ring, ckpt_ptr + j * S * C, K, C, False, DD, C_PAD, BLOCK_D)
-        offset = tl.load(ckpt_off_ptr + j)
-        for t in range(first, last + 1):
-            alpha, sigma, o_t, offset, _bd, _bp = _step_and_advance(
-                t, t < last, offset, ring, trans_tile, inputs, T, K, C, False, DD, HAS_START,
-                HAS_END, C_PAD, BLOCK_D)
-            tl.store(alpha_buf + (t - first) * C_PAD + cs, alpha)
-            tl.store(sigma_buf + (t - first) * C_PAD + cs, sigma)
-            tl.store(off_buf + (t - first), o_t)
-        tl.debug_barrier()
+        # The span's forward messages, in the span buffers.
+        if RECOMPUTED:
+            rows = (b * n_ckpt + j) * (interval + 1)
+        else:
+            rows = b * (interval + 1)
+        alpha_buf = alpha_ws_ptr + rows * C_PAD
+        sigma_buf = sigma_ws_ptr + rows * C_PAD
+        off_buf = off_ws_ptr + rows
+        if not RECOMPUTED:
+            _recompute_span(j, L, last_span, ring, ckpt_ptr, ckpt_off_ptr, alpha_buf, sigma_buf,
+                            off_buf, trans_tile, inputs, T, K, C, interval, DD, HAS_START,
+                            HAS_END, C_PAD, BLOCK_D)
 
         # Sweep the backward messages through the span, last position first.
         for i in range(0, last - first + 1):

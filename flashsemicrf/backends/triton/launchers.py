@@ -4,7 +4,7 @@ Same schemas, outputs, fakes and autograd formula as the C++ ops
 (flashsemicrf/_contract.py). Each launcher checks its arguments (for direct
 calls: the public functions validate first), makes every input contiguous
 (the kernels take no strides), allocates the outputs and the workspace, and
-launches one program per sequence.
+launches one program per sequence (per chunk or span where a switch asks).
 
 Compiled kernels are defined with ``torch.library.triton_op``, so
 torch.compile sees the kernels; interpreted ones (TRITON_INTERPRET=1) with
@@ -324,6 +324,16 @@ def uses_chunked_forward() -> bool:
     return value == "chunks"
 
 
+def uses_span_recompute() -> bool:
+    """FLASHSEMICRF_TRITON_RECOMPUTE: ``spans`` or ``sweep`` (the default), read
+    at each call (a torch.compile graph keeps what it read when traced)."""
+    value = os.environ.get("FLASHSEMICRF_TRITON_RECOMPUTE", "") or "sweep"
+    if value not in ("spans", "sweep"):
+        raise ValueError("FLASHSEMICRF_TRITON_RECOMPUTE must be 'spans' or 'sweep' (or unset), "
+                         f"got {value!r}")
+    return value == "spans"
+
+
 def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
             start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
             end_scores: Tensor | None, interval: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -389,16 +399,37 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
     g_start_sc = p.zeros(B, T, C) if want_start else p.empty(0)
     g_end_sc = p.zeros(B, T, C) if want_end else p.empty(0)
     if B:
-        span = interval + 1  # rows of the span buffers: boundaries first … last
+        log_z = log_z.contiguous()
+        checkpoint_ring = checkpoint_ring.contiguous()
+        checkpoint_offset = checkpoint_offset.contiguous()
+        rows = interval + 1  # rows of a span buffer: boundaries first … last
+        recomputed = uses_span_recompute()
+        if recomputed:
+            # Every span of every sequence at once, one program a span, into
+            # span buffers that hold all of a sequence's spans (n_ckpt ·
+            # (interval + 1) >= T rows: working memory linear in T); the
+            # sweep below then only reads them.
+            alpha_buf = p.empty(B, n_ckpt, rows, p.C_PAD)
+            sigma_buf = p.empty(B, n_ckpt, rows, p.C_PAD)
+            off_buf = p.empty(B, n_ckpt, rows, dtype=torch.float64)
+            torch.library.wrap_triton(kernels._recompute_kernel)[(B * n_ckpt,)](
+                *p.inputs, log_z, checkpoint_ring, checkpoint_offset, alpha_buf, sigma_buf,
+                off_buf, p.empty(B * n_ckpt, p.S, p.C_PAD), T, K, C, interval, n_ckpt,
+                **p.meta)
+            ring = p.empty(1)  # the sweep recomputes nothing
+        else:
+            alpha_buf = p.empty(B, rows, p.C_PAD)
+            sigma_buf = p.empty(B, rows, p.C_PAD)
+            off_buf = p.empty(B, rows, dtype=torch.float64)
+            ring = p.ring_workspace()
         torch.library.wrap_triton(kernels._backward_kernel)[(B,)](
-            grad_log_z.contiguous(), *p.inputs, log_z.contiguous(), checkpoint_ring.contiguous(),
-            checkpoint_offset.contiguous(),
+            grad_log_z.contiguous(), *p.inputs, log_z, checkpoint_ring, checkpoint_offset,
             g_scores, g_trans, g_dur, g_start_tr, g_end_tr,
             g_start_sc if want_start else g_scores, g_end_sc if want_end else g_scores,
-            p.ring_workspace(), p.empty(B, K, p.C_PAD), p.empty(B, span, p.C_PAD),
-            p.empty(B, span, p.C_PAD), p.empty(B, span, dtype=torch.float64),
+            ring, p.empty(B, K, p.C_PAD), alpha_buf, sigma_buf, off_buf,
             T, K, C, interval, n_ckpt,
-            WANT_START=want_start, WANT_END=want_end, FLUSH=FLUSH_POSITIONS, **p.meta)
+            WANT_START=want_start, WANT_END=want_end, FLUSH=FLUSH_POSITIONS,
+            RECOMPUTED=recomputed, **p.meta)
     dt = p.scores.dtype
     return g_scores, g_trans.to(dt), g_dur.to(dt), g_start_tr, g_end_tr, g_start_sc, g_end_sc
 
