@@ -304,34 +304,29 @@ def _exp_forward(p: _Launch, log_z, ring, offset, interval, n_ckpt):
     return redo == 0
 
 
+def _switch(name: str, on: str, off: str) -> bool:
+    """The environment switch ``name``: ``on``, or ``off`` (the default, also
+    when unset or empty). Read at each call (a torch.compile graph keeps
+    what it read when traced)."""
+    value = os.environ.get(name, "") or off
+    if value not in (on, off):
+        raise ValueError(f"{name} must be '{on}' or '{off}' (or unset), got {value!r}")
+    return value == on
+
+
 def uses_exp_forward() -> bool:
-    """FLASHSEMICRF_TRITON_ALGORITHM: ``exp`` or ``log`` (the default), read at
-    each call (a torch.compile graph keeps what it read when traced)."""
-    value = os.environ.get("FLASHSEMICRF_TRITON_ALGORITHM", "") or "log"
-    if value not in ("exp", "log"):
-        raise ValueError("FLASHSEMICRF_TRITON_ALGORITHM must be 'exp' or 'log' (or unset), "
-                         f"got {value!r}")
-    return value == "exp"
+    """FLASHSEMICRF_TRITON_ALGORITHM: ``exp``, or ``log`` (the default)."""
+    return _switch("FLASHSEMICRF_TRITON_ALGORITHM", "exp", "log")
 
 
 def uses_chunked_forward() -> bool:
-    """FLASHSEMICRF_TRITON_FORWARD: ``chunks`` or ``serial`` (the default), read
-    at each call (a torch.compile graph keeps what it read when traced)."""
-    value = os.environ.get("FLASHSEMICRF_TRITON_FORWARD", "") or "serial"
-    if value not in ("chunks", "serial"):
-        raise ValueError("FLASHSEMICRF_TRITON_FORWARD must be 'chunks' or 'serial' (or unset), "
-                         f"got {value!r}")
-    return value == "chunks"
+    """FLASHSEMICRF_TRITON_FORWARD: ``chunks``, or ``serial`` (the default)."""
+    return _switch("FLASHSEMICRF_TRITON_FORWARD", "chunks", "serial")
 
 
 def uses_span_recompute() -> bool:
-    """FLASHSEMICRF_TRITON_RECOMPUTE: ``spans`` or ``sweep`` (the default), read
-    at each call (a torch.compile graph keeps what it read when traced)."""
-    value = os.environ.get("FLASHSEMICRF_TRITON_RECOMPUTE", "") or "sweep"
-    if value not in ("spans", "sweep"):
-        raise ValueError("FLASHSEMICRF_TRITON_RECOMPUTE must be 'spans' or 'sweep' (or unset), "
-                         f"got {value!r}")
-    return value == "spans"
+    """FLASHSEMICRF_TRITON_RECOMPUTE: ``spans``, or ``sweep`` (the default)."""
+    return _switch("FLASHSEMICRF_TRITON_RECOMPUTE", "spans", "sweep")
 
 
 def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
