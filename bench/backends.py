@@ -31,7 +31,10 @@ counted as part of what a user of that library pays:
   (``FLASHSEMICRF_TRITON_ALGORITHM=exp``; the others set ``log``);
   ``triton-spans`` is ``triton`` with every span of the backward recomputed
   at once before its sweep (``FLASHSEMICRF_TRITON_RECOMPUTE=spans``; the
-  others set ``sweep``);
+  others set ``sweep``); ``triton-parallel`` is ``triton-chunks`` with the
+  backward's sweeps span-parallel, each span from a guess a warm-up after
+  it, joined where the guess is forgotten
+  (``FLASHSEMICRF_TRITON_SWEEP=parallel``; the others set ``serial``);
 * flash-semicrf 0.2.0: ``cum_scores`` = prefix sums of the scores with a
   leading zero row, ``duration_bias`` = our duration;
 * torch-struct 0.5: the dense edge tensor ``edge[b, s, d, c, c']`` (index
@@ -65,7 +68,8 @@ import torch
 Tensor = torch.Tensor
 
 OURS = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-        "triton-chunks", "triton-exp", "triton-spans", "cpu", "cpu-log", "torch")
+        "triton-chunks", "triton-exp", "triton-spans", "triton-parallel", "cpu", "cpu-log",
+        "torch")
 # The C++ kernel reads this variable on every call: its algorithm per backend.
 CPU_ALGORITHM_ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 CPU_ALGORITHM = {"cpu": "exp", "cpu-log": "log"}
@@ -95,21 +99,25 @@ CUDA_ENV = {
     "cuda-chunks": _cuda_env("exp", "sweep", "parallel", "chunks"),
 }
 # The Triton forward: serial or chunked, log or exp domain; the backward's
-# recomputes: in the sweep or every span at once (all three set always).
+# recomputes: in the sweep or every span at once; its sweeps: serial or
+# span-parallel (all four set always; the parallel sweeps recompute every
+# span at once whatever the recompute switch says).
 TRITON_FORWARD_ENV = "FLASHSEMICRF_TRITON_FORWARD"
 TRITON_ALGORITHM_ENV = "FLASHSEMICRF_TRITON_ALGORITHM"
 TRITON_RECOMPUTE_ENV = "FLASHSEMICRF_TRITON_RECOMPUTE"
+TRITON_SWEEP_ENV = "FLASHSEMICRF_TRITON_SWEEP"
 
 
-def _triton_env(forward: str, algorithm: str, recompute: str) -> dict[str, str]:
+def _triton_env(forward: str, algorithm: str, recompute: str, sweep: str) -> dict[str, str]:
     return {TRITON_FORWARD_ENV: forward, TRITON_ALGORITHM_ENV: algorithm,
-            TRITON_RECOMPUTE_ENV: recompute}
+            TRITON_RECOMPUTE_ENV: recompute, TRITON_SWEEP_ENV: sweep}
 
 
-TRITON_ENV = {"triton": _triton_env("serial", "log", "sweep"),
-              "triton-chunks": _triton_env("chunks", "log", "sweep"),
-              "triton-exp": _triton_env("serial", "exp", "sweep"),
-              "triton-spans": _triton_env("serial", "log", "spans")}
+TRITON_ENV = {"triton": _triton_env("serial", "log", "sweep", "serial"),
+              "triton-chunks": _triton_env("chunks", "log", "sweep", "serial"),
+              "triton-exp": _triton_env("serial", "exp", "sweep", "serial"),
+              "triton-spans": _triton_env("serial", "log", "spans", "serial"),
+              "triton-parallel": _triton_env("chunks", "log", "spans", "parallel")}
 ALL = OURS + ("flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
 # Backends that model one label per position only (no durations): run where K = 1.
 LINEAR_CHAIN_ONLY = ("pytorch-crf",)
@@ -127,6 +135,7 @@ KIND = {
     "triton-chunks": "kernel",
     "triton-exp": "kernel",
     "triton-spans": "kernel",
+    "triton-parallel": "kernel",
     "cpu": "kernel",
     "cpu-log": "kernel",
     "torch": "loop",

@@ -119,7 +119,8 @@ def _gpu(full: bool) -> dict[str, list[Case]]:
     speech = dict(K=30, C=39)
     tagging = dict(K=1, C=9)
     gpu_backends = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-                    "triton-chunks", "triton-exp", "triton-spans", "flash-semicrf-triton")
+                    "triton-chunks", "triton-exp", "triton-spans", "triton-parallel",
+                    "flash-semicrf-triton")
     headline = [
         Case("headline", "headline", B=8, T=100_000, K=200, C=24, force=gpu_backends),
         # The memory headline: only the streaming GPU kernels can hold it.

@@ -49,10 +49,11 @@ GPU_BACKENDS = ("cuda", "triton")
 # on the grid's static-transition cases: the (K, C, C) form runs the log
 # domain whatever the switch says (and its forward is never chunked).
 CUDA_VARIANTS = ("cuda-exp", "cuda-parallel", "cuda-chunks")
-# The Triton path again with its chunked and its exp-domain forward (static
-# transition only) and with its span recomputes (which apply to both forms;
-# run on the static cases too, to keep the section's budget).
-TRITON_VARIANTS = ("triton-chunks", "triton-exp", "triton-spans")
+# The Triton path again with its chunked and its exp-domain forward, its
+# span recomputes and its parallel sweeps (with the chunked forward), on the
+# static cases (the recomputes apply to both forms; static only, to keep
+# the section's budget).
+TRITON_VARIANTS = ("triton-chunks", "triton-exp", "triton-spans", "triton-parallel")
 
 
 def _say(line: str, log=None) -> None:
@@ -579,13 +580,17 @@ def timing_cases(dry_run: bool):
     # fwd+bwd of ours first: the two targets are fwd+bwd. (flash-semicrf 0.2.0's
     # Triton fwd+bwd took 301 s at B = 8, T = 10^5 on an H200, more than a
     # device call can spare: its forward is timed below.)
-    fwd_bwd = ("cuda-chunks", "cuda-parallel", "cuda-exp", "cuda", "triton", "triton-spans")
-    # triton-spans differs from triton in the backward only: fwd+bwd alone.
-    return gpu + ("triton-spans", "pytorch-crf"), [
+    fwd_bwd = ("cuda-chunks", "cuda-parallel", "cuda-exp", "cuda", "triton-parallel", "triton",
+               "triton-spans")
+    # B = 1: the chunked and span-parallel kernels, and the exp-domain serial one.
+    fwd_bwd_1 = ("cuda-chunks", "cuda-parallel", "cuda-exp", "triton-parallel")
+    # triton-spans and triton-parallel differ from triton and triton-chunks
+    # in the backward only: fwd+bwd alone.
+    return gpu + ("triton-spans", "triton-parallel", "pytorch-crf"), [
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=fwd_bwd,
                   force=fwd_bwd, passes=("fwd+bwd",)),
-        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=fwd_bwd[:3],
-                  force=fwd_bwd[:3], passes=("fwd+bwd",)),
+        BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=fwd_bwd_1,
+                  force=fwd_bwd_1, passes=("fwd+bwd",)),
         BenchCase("headline", "headline", B=8, T=100_000, K=200, C=24, backends=gpu, force=gpu,
                   passes=("fwd",)),
         BenchCase("genomics", "T", B=1, T=1_000_000, K=200, C=24, backends=gpu, force=gpu,

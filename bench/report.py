@@ -195,6 +195,7 @@ LABELS = {
     "triton-chunks": "flashsemicrf Triton, chunked forward",
     "triton-exp": "flashsemicrf Triton exp-domain",
     "triton-spans": "flashsemicrf Triton, span-parallel recompute",
+    "triton-parallel": "flashsemicrf Triton chunked forward, span-parallel sweeps",
     "cpu": "flashsemicrf C++ (CPU)",
     "cpu-log": "flashsemicrf C++ log-domain (CPU)",
     "torch": "flashsemicrf (PyTorch reference)",
@@ -207,7 +208,8 @@ LABELS = {
 SHORT = {"cuda": "CUDA", "cuda-exp": "CUDA exp", "cuda-spans": "CUDA spans",
          "cuda-parallel": "CUDA parallel", "cuda-chunks": "CUDA chunks", "triton": "Triton",
          "triton-chunks": "Triton chunks", "triton-exp": "Triton exp",
-         "triton-spans": "Triton spans", "cpu": "C++", "cpu-log": "C++ log",
+         "triton-spans": "Triton spans", "triton-parallel": "Triton parallel", "cpu": "C++",
+         "cpu-log": "C++ log",
          "torch": "PyTorch ref."}
 # The comparison packages' versions when a run's JSON does not record them (the
 # versions the bench and test extras pin).
@@ -308,6 +310,12 @@ def column_legend(meta: dict) -> dict[str, str]:
                                 "at once, one program a span, before the sweep "
                                 "(`FLASHSEMICRF_TRITON_RECOMPUTE=spans`, "
                                 "`--backends triton-spans`).",
+        LABELS["triton-parallel"]: "the Triton kernels with the chunked forward and the "
+                                   "backward's sweeps span-parallel, each span from a guess a "
+                                   "warm-up after it, joined where the guess is forgotten "
+                                   "(`FLASHSEMICRF_TRITON_FORWARD=chunks`, "
+                                   "`FLASHSEMICRF_TRITON_SWEEP=parallel`, "
+                                   "`--backends triton-parallel`).",
         LABELS["cpu"]: "this library's compiled C++ kernel, one sequence per thread "
                        f"(`--backends cpu`){cpu_algorithm}.",
         LABELS["cpu-log"]: "the same C++ kernel with its older log-domain algorithm, "

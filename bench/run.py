@@ -36,8 +36,9 @@ TOLERANCE = {
 }
 # Cross-checks when the float64 reference is too slow, in order of trust.
 CROSS_CHECK_ORDER = ("cuda", "cuda-exp", "cuda-spans", "cuda-parallel", "cuda-chunks", "triton",
-                     "triton-chunks", "triton-exp", "triton-spans", "cpu", "cpu-log", "torch",
-                     "flash-semicrf-triton", "flash-semicrf-torch", "torch-struct", "pytorch-crf")
+                     "triton-chunks", "triton-exp", "triton-spans", "triton-parallel", "cpu",
+                     "cpu-log", "torch", "flash-semicrf-triton", "flash-semicrf-torch",
+                     "torch-struct", "pytorch-crf")
 
 
 @dataclass

@@ -109,14 +109,16 @@ def main() -> None:
     from flashsemicrf.backends.triton import kernels, launchers  # noqa: F401 (defines the ops)
 
     ops = torch.ops.flashsemicrf_triton
-    # What each call compiles: (label, kernel); the labels of a kernel's
-    # compiled variants follow the call that compiled them.
+    # What each call compiles: (label, kernel), in the order it compiles them
+    # (a kernel listed twice compiles two variants).
     named = {"forward": [("forward", kernels._forward_kernel)],
              "backward": [("backward", kernels._backward_kernel)],
              "viterbi": [("viterbi", kernels._viterbi_kernel)],
              "exp forward": [("exp forward", kernels._exp_forward_kernel)],
              "span recompute": [("span recompute", kernels._recompute_kernel),
-                                ("backward, recomputed", kernels._backward_kernel)]}
+                                ("backward, recomputed", kernels._backward_kernel)],
+             "parallel sweeps": [("backward, parallel", kernels._backward_kernel),
+                                 ("backward, redo", kernels._backward_kernel)]}
     seen: set[int] = set()
     print("| dtype | transition | K | C | kernel | warps | registers | spill stores (B) "
           "| spill loads (B) |")
@@ -140,25 +142,41 @@ def main() -> None:
         # FLASHSEMICRF_TRITON_RECOMPUTE=spans: the recompute kernel, then the
         # backward that only sweeps.
         calls["span recompute"] = calls["backward"]
+        if not dd:  # FLASHSEMICRF_TRITON_SWEEP=parallel: two spans or more
+            calls["parallel sweeps"] = lambda: ops.backward(
+                r(B), *args, r(B), r(B, 2, S, C), torch.zeros(B, 2, dtype=torch.float64),
+                T // 2, True)
         for name, call in calls.items():
             os.environ["FLASHSEMICRF_TRITON_ALGORITHM"] = "exp" if name == "exp forward" else "log"
             os.environ["FLASHSEMICRF_TRITON_RECOMPUTE"] = (
                 "spans" if name == "span recompute" else "sweep")
-            with compiled_not_launched(kernels._recompute_kernel):
+            os.environ["FLASHSEMICRF_TRITON_SWEEP"] = (
+                "parallel" if name == "parallel sweeps" else "serial")
+            # The parallel sweeps launch three kernels: each compiles, none runs.
+            launched = (kernels._recompute_kernel, kernels._backward_kernel) \
+                if name == "parallel sweeps" else (kernels._recompute_kernel,)
+            with compiled_not_launched(*launched):
                 try:
                     call()
                 except NoLaunch:
                     pass
-            for label, kernel in named[name]:
+            fresh = {}  # kernel -> its variants this call compiled, in order
+            for _, kernel in named[name]:
                 for cache in kernel.device_caches.values():
                     for compiled in cache[0].values():
-                        if id(compiled) in seen:
-                            continue
-                        seen.add(id(compiled))
-                        regs, st, ld = ptxas_usage(compiled.asm["ptx"])
-                        print(f"| {str(dtype)[6:]} | {'(K, C, C)' if dd else '(C, C)'} | {K} "
-                              f"| {C} | {label} | {compiled.metadata.num_warps} | {regs} | {st} "
-                              f"| {ld} |")
+                        if id(compiled) not in seen:
+                            seen.add(id(compiled))
+                            fresh.setdefault(id(kernel), []).append(compiled)
+            listed = named[name]
+            for k, (label, kernel) in enumerate(listed):
+                variants = fresh.get(id(kernel), [])
+                again = any(other is kernel for _, other in listed[k + 1:])
+                take, fresh[id(kernel)] = (variants[:1], variants[1:]) if again else (variants, [])
+                for compiled in take:
+                    regs, st, ld = ptxas_usage(compiled.asm["ptx"])
+                    print(f"| {str(dtype)[6:]} | {'(K, C, C)' if dd else '(C, C)'} | {K} "
+                          f"| {C} | {label} | {compiled.metadata.num_warps} | {regs} | {st} "
+                          f"| {ld} |")
 
 
 if __name__ == "__main__":

@@ -284,6 +284,38 @@ except NoLaunch:
 launches = traced[-1].count("triton_kernel_wrapper_functional(")
 assert len(traced) == 2 and launches == 2 and "RECOMPUTED': True" in traced[1], traced[-1]
 print("torch.compile, span recomputes: the recompute and the sweep in the backward graph")
+
+# The sweeps in parallel: one parallel sweep and one redo variant a dtype,
+# whatever the length (every launch compiles without running; the junctions
+# then read unwritten workspace, which only decides what the redo takes).
+os.environ["FLASHSEMICRF_TRITON_RECOMPUTE"] = "sweep"
+os.environ["FLASHSEMICRF_TRITON_SWEEP"] = "parallel"
+with compiled_not_launched(kernels._recompute_kernel, kernels._backward_kernel):
+    for dtype in (torch.float32, torch.float64):
+        before = span_kernels()
+        for B, T in ((2, 9), (3, 17), (2, 1000)):
+            g = torch.Generator().manual_seed(T)
+            r = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
+            K, C = 5, 3
+            iv = checkpoint_interval(T, K, 0)
+            n = (T + iv - 1) // iv
+            ops.backward(r(B), r(B, T, C), r(C, C), r(K, C), torch.full((B,), T), r(C), r(C),
+                         None, None, r(B), r(B, n, K, C),
+                         torch.zeros(B, n, dtype=torch.float64), 0, True)
+            assert span_kernels() == [before[0], before[1] + 2], (dtype, T, span_kernels())
+print("parallel sweeps: one parallel sweep and one redo kernel a dtype")
+
+torch._dynamo.reset()
+traced.clear()
+fn = torch.compile(log_z, fullgraph=True, dynamic=True,
+                   backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+try:
+    fn(*x)
+except NoLaunch:
+    pass
+launches = traced[-1].count("triton_kernel_wrapper_functional(")
+assert len(traced) == 2 and launches == 3 and "PARALLEL': True" in traced[1], traced[-1]
+print("torch.compile, parallel sweeps: the recompute, the sweeps and the redo in one graph")
 """
 
 
@@ -425,6 +457,94 @@ def test_span_recompute_switch_is_checked(monkeypatch):
     monkeypatch.setenv("FLASHSEMICRF_TRITON_RECOMPUTE", "parallel")
     case = make_case(3, 1, 4, 2, 2)
     with pytest.raises(ValueError, match="FLASHSEMICRF_TRITON_RECOMPUTE must be 'spans' or"):
+        log_z_and_grads(on(case.kwargs, TRITON_DEVICE), "triton",
+                        torch.ones(1, dtype=torch.float64, device=TRITON_DEVICE))
+
+
+# --------------------------------------------------------------------------
+# The sweeps in parallel (FLASHSEMICRF_TRITON_SWEEP=parallel)
+# --------------------------------------------------------------------------
+
+# (B, T, K, C, interval, warm-up): several spans, ragged; K > interval (spill
+# rows of one span over several later ones); interval 1.
+PARALLEL_SHAPES = [(3, 40, 4, 3, 8, 20), (2, 23, 6, 2, 4, 30), (2, 17, 3, 3, 1, 12)]
+
+
+def _sweep_both_ways(monkeypatch, args, interval, up):
+    """(forward, serial sweep's gradients, parallel sweeps' gradients, the
+    sequences whose parallel sweeps were accepted), NaN in every workspace."""
+    ops = torch.ops.flashsemicrf_triton
+    monkeypatch.setattr(launchers._Launch, "empty", lambda self, *shape, dtype=None: torch.full(
+        shape, float("nan"), dtype=dtype or self.scores.dtype, device=self.scores.device))
+    fwd = ops.forward(*args, interval)
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "serial")
+    serial = ops.backward(up, *args, *fwd, interval, True)
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "parallel")
+    parallel, accepted = launchers.backward_with_verdicts(up, *args, *fwd, interval, True)
+    return fwd, serial, parallel, accepted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", PARALLEL_SHAPES, ids=lambda s: "B{}-T{}-K{}-C{}-i{}-w{}"
+                         .format(*s))
+def test_parallel_sweeps_match_the_serial_sweep(monkeypatch, shape, dtype):
+    """FLASHSEMICRF_TRITON_SWEEP=parallel: one program a span, each but the
+    last from a guess a warm-up after its span, anchored at the next span's
+    first position, joined where the guess is forgotten. Boundary scores,
+    -inf entries, ragged lengths and a dead sequence (zero gradients).
+    float32, whose allowance a short warm-up meets: every live sequence is
+    joined at once and every gradient is the serial sweep's and the
+    reference's to rounding. float64: the short warm-up may not forget to
+    its allowance, and what is not joined is redone by the serial sweep;
+    with a warm-up past the end every span starts from the exact ring and
+    every sequence is joined."""
+    B, T, K, C, interval, warmup = shape
+    case = make_case(101, B, T, K, C, neg_inf=True, dtype=dtype)
+    kw = dict(case.kwargs)
+    # A full-length sequence (spans that start from guesses), a dead one, and
+    # one a position short of the end.
+    kw["lengths"] = torch.tensor([T, T // 2, T - 1][:B])
+    kw["scores"] = kw["scores"].clone()
+    kw["scores"][1, 0] = float("-inf")  # sequence 1 dies
+    args = _op_args(kw, dtype)
+    up = torch.linspace(0.5, 2.0, B, dtype=dtype, device=TRITON_DEVICE)
+    cpu = [x.cpu() if x is not None else None for x in args]
+    ref = torch.ops.flashsemicrf.backward(up.cpu(), *cpu, *torch.ops.flashsemicrf.forward(
+        *cpu, interval), interval, True)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    warmups = (warmup,) if dtype == torch.float32 else (warmup, T)
+    for w in warmups:
+        monkeypatch.setattr(launchers, "CHUNK_WARMUP", w)
+        fwd, serial, parallel, accepted = _sweep_both_ways(monkeypatch, args, interval, up)
+        assert fwd[0][1] == float("-inf") and bool(torch.isfinite(fwd[0][::2]).all()), fwd[0]
+        if dtype == torch.float32 or w == T:
+            assert accepted.tolist() == [True] * B, (w, accepted)
+        for name, a, b, r in zip(Gradients._fields, parallel, serial, ref):
+            if a.dim() > 1:
+                assert not bool(a[1].ne(0).any()), name  # the dead sequence
+            assert_close(f"d/d {name} w={w}, vs serial", a, b, tol)
+            assert_close(f"d/d {name} w={w}, vs reference", a.cpu(), r, tol)
+
+
+def test_parallel_sweeps_hand_over_what_they_have_not_forgotten(monkeypatch):
+    """Labels {0} and {1, 2} never transition into each other: a guess's
+    split of the mass between them is never forgotten, so every junction
+    after a guess fails and the serial sweep redoes the sequence, bit for
+    bit; the 23-long sequence's spans all start within a warm-up of its end
+    but the first, whose junction fails too."""
+    monkeypatch.setattr(launchers, "CHUNK_WARMUP", 8)
+    args = _chunk_problem(torch.float32, 5, apart=True)
+    up = torch.tensor([0.5, 1.0, 1.5], device=TRITON_DEVICE)
+    _, serial, parallel, accepted = _sweep_both_ways(monkeypatch, args, 8, up)
+    assert accepted.tolist() == [False] * 3, accepted
+    for name, a, b in zip(Gradients._fields, parallel, serial):
+        assert torch.equal(a, b), name
+
+
+def test_parallel_sweeps_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "spans")
+    case = make_case(3, 1, 4, 2, 2)
+    with pytest.raises(ValueError, match="FLASHSEMICRF_TRITON_SWEEP must be 'parallel' or"):
         log_z_and_grads(on(case.kwargs, TRITON_DEVICE), "triton",
                         torch.ones(1, dtype=torch.float64, device=TRITON_DEVICE))
 
@@ -688,6 +808,25 @@ def test_gpu_span_recompute_matches_the_sweep(monkeypatch, B, T, K, C, dd):
     for name, a, b in zip(Gradients._fields, spans, sweep):
         scale = b.abs().max().clamp(min=1.0) if b.numel() else 1.0
         assert_close(f"d/d {name}, relative to its largest", a / scale, b / scale, 1e-5)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("B,T,K,C,dd", [s for s in GPU_SHAPES if not s[4]], ids=lambda v: str(v))
+def test_gpu_parallel_sweeps_match_the_serial_sweep(monkeypatch, B, T, K, C, dd):
+    """FLASHSEMICRF_TRITON_SWEEP=parallel compiled, checkpoints every 16
+    positions and a warm-up of 2K + 16, so that most spans start from a
+    guess: every gradient is the serial sweep's to rounding, whichever
+    sequences were joined."""
+    monkeypatch.setattr(launchers, "CHUNK_WARMUP", 2 * K + 16)
+    case = make_case(T, B, T, K, C, neg_inf=True, dtype=torch.float32)
+    args = [x.cuda() if x is not None else None for x in _op_args(case.kwargs, torch.float32)]
+    up = torch.linspace(0.5, 2.0, B, device="cuda")
+    _, serial, parallel, accepted = _sweep_both_ways(monkeypatch, args, 16, up)
+    for name, a, b in zip(Gradients._fields, parallel, serial):
+        scale = b.abs().max().clamp(min=1.0) if b.numel() else 1.0
+        assert_close(f"d/d {name}, relative to its largest ({accepted.tolist()} joined)",
+                     a / scale, b / scale, 1e-4)
 
 
 @pytest.mark.cuda

@@ -919,7 +919,7 @@ def _reanchor(
     closing part [t, t+d2) the backward ring at step t (slot (t+d2) % K,
     relative to Q_ring, the offset before this step's q). Only reads: the
     ring move that follows fences the workspace. Q is kept when the total is
-    0 or not finite."""
+    0 or not finite; the second result says whether it was neither."""
     trans_ptr, dur_ptr = inputs[1], inputs[2]
     DT = dur_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
@@ -951,7 +951,7 @@ def _reanchor(
             terms = tl.exp(enter + closing + dur + shift_x)
             total += tl.sum(tl.sum(tl.where(ok, terms, 0.0), 1), 0).to(tl.float64)
     good = (total > 0) & (total - total == 0)
-    return tl.where(good, Q - tl.log(tl.where(good, total, 1.0)), Q)
+    return tl.where(good, Q - tl.log(tl.where(good, total, 1.0)), Q), good
 
 
 @triton.jit
@@ -1041,7 +1041,95 @@ def _recompute_kernel(
             interval, DD, HAS_START, HAS_END, C_PAD, BLOCK_D)
 
 
-@triton.jit(do_not_specialize=["T", "interval", "n_ckpt"])
+@triton.jit
+def _copy_rows(src, dst, rows, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``rows`` rows of C_PAD elements from src to dst."""
+    cs = tl.arange(0, C_PAD)
+    rs = tl.arange(0, BLOCK_D)
+    tl.debug_barrier()
+    for r0 in range(0, rows, BLOCK_D):
+        r = r0 + rs
+        rok = r < rows
+        r = tl.where(rok, r, 0)
+        ptrs = r[:, None] * C_PAD + cs[None, :]
+        tl.store(dst + ptrs, tl.load(src + ptrs), mask=rok[:, None])
+    tl.debug_barrier()
+
+
+@triton.jit
+def _tau(back, tK, dur_ptr, dmax, K, C, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """tau[t, c] = LSE_d (ring entry of [t, t+d) + duration), d <= dmax: the
+    backward score of "a label-c segment starts at t", from the backward
+    ring at step t (slot tK = t % K)."""
+    cs = tl.arange(0, C_PAD)
+    cm = cs < C
+    ds = tl.arange(0, BLOCK_D)
+    tau_max = tl.full([C_PAD], float("-inf"), back.dtype.element_ty)
+    tau_sum = tl.zeros([C_PAD], back.dtype.element_ty)
+    tl.debug_barrier()
+    for k in range(0, tl.cdiv(dmax, BLOCK_D)):
+        d = k * BLOCK_D + 1 + ds
+        dok = d <= dmax
+        d_row = tl.where(dok, d - 1, 0)
+        ok = dok[:, None] & cm[None, :]
+        slot = _ring_slot(tK, tl.where(dok, d, 0), K)
+        x = tl.load(back + slot[:, None] * C_PAD + cs[None, :])
+        x = tl.where(ok, x + _durations(dur_ptr, d_row, ok, C, C_PAD), float("-inf"))
+        tau_max, tau_sum = _lse_update(tau_max, tau_sum, x, 0)
+    return _lse_finish(tau_max, tau_sum)
+
+
+@triton.jit
+def _warm_up_back(
+    e0, last, L, Q, back, trans_tile, end_tr, alpha_next, off_next, ckpt_next, ckpt_off_next,
+    log_z64, inputs, K, C, HAS_START: tl.constexpr, HAS_END: tl.constexpr, C_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The parallel sweeps' start (static transition): the backward ring from
+    position e0 down to step ``last``, without posteriors. At e0 = L it
+    starts as the serial sweep does; below L from a guess, a sequence that
+    ends at e0 with every label alike, which the ring forgets as the chunked
+    forward's chunks forget theirs (its junction checks that it has). At
+    last + 1, the next span's first position (its checkpoint, its alpha_hat
+    row alpha_next at offset off_next), Q is anchored as the serial sweep
+    re-anchors it at a checkpoint, so that the guess's scale never reaches a
+    posterior. Returns (Q, anchored)."""
+    scores_ptr, start_sc_ptr, end_sc_ptr, dur_ptr = inputs[0], inputs[5], inputs[6], inputs[2]
+    DT = scores_ptr.dtype.element_ty
+    cs = tl.arange(0, C_PAD)
+    cm = cs < C
+    anchored = tl.full([], 0, tl.int1)
+    for i in range(0, e0 - last):
+        t = e0 - i
+        tK = _step_slot(t, K)
+        if t == e0:
+            beta = tl.where(t == L, end_tr, tl.where(cm, 0.0, float("-inf")).to(DT))
+            Q_ring = tl.full([], 0.0, tl.float64)  # the ring is empty
+        else:
+            start_t = _row(start_sc_ptr, t, C, C_PAD, HAS_START)
+            tau = _tau(back, tK, dur_ptr, tl.minimum(K, L - t), K, C, C_PAD, BLOCK_D)
+            beta = _lse(trans_tile + (start_t + tau)[None, :], 1)
+            Q_ring = Q
+        beta = tl.where(cm, beta, float("-inf"))
+        q = _finite_or_zero(tl.max(beta, 0))
+        beta = beta - q
+        Q = Q_ring + q.to(tl.float64)
+        if t == last + 1:
+            shift_beta = (off_next + Q - log_z64).to(DT)
+            Q, anchored = _reanchor(t, tK, Q, Q_ring, alpha_next, beta, shift_beta, back,
+                                    ckpt_next, ckpt_off_next, log_z64, inputs, K, C, False,
+                                    C_PAD, BLOCK_D)
+        emit, emit_max = _emissions(scores_ptr, t - 1, C, C_PAD)
+        Q += emit_max.to(tl.float64)
+        fresh = beta + _row(end_sc_ptr, t - 1, C, C_PAD, HAS_END)
+        if t == e0:
+            _open_back(back, tK, q, fresh, emit, K, C, True, C_PAD, BLOCK_D)
+        else:
+            _open_back(back, tK, q, fresh, emit, K, C, False, C_PAD, BLOCK_D)
+    return Q, anchored
+
+
+@triton.jit(do_not_specialize=["T", "interval", "n_ckpt", "warmup"])
 def _backward_kernel(
     # inputs
     grad_ptr, scores_ptr, trans_ptr, dur_ptr, lengths_ptr, start_tr_ptr, end_tr_ptr,
@@ -1051,18 +1139,36 @@ def _backward_kernel(
     g_end_sc_ptr,
     # workspace
     ring_ws_ptr, back_ws_ptr, alpha_ws_ptr, sigma_ws_ptr, off_ws_ptr,
+    # the parallel sweeps' (any pointer otherwise): coverage past a span's
+    # end, the rings at the junctions, spans that could not anchor; the
+    # sequences a REDO launch takes
+    spill_ptr, junction_ptr, unanchored_ptr, redo_ptr,
     # sizes
-    T, K, C, interval, n_ckpt,
+    T, K, C, interval, n_ckpt, warmup,
     # meta-parameters
     DD: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     WANT_START: tl.constexpr, WANT_END: tl.constexpr, FLUSH: tl.constexpr,
-    RECOMPUTED: tl.constexpr, C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+    RECOMPUTED: tl.constexpr, PARALLEL: tl.constexpr, REDO: tl.constexpr,
+    C_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The gradients of sequence b: span after span, last first, the span's
     forward messages recomputed into the span buffers (or, with RECOMPUTED,
     read from _recompute_kernel's, one set a span), then the backward
-    messages swept through them."""
-    b = tl.program_id(0).to(tl.int64)
+    messages swept through them. REDO: only the sequences redo marks.
+
+    PARALLEL (static transition, RECOMPUTED): program b * n_ckpt + j sweeps
+    span j of sequence b alone, starting from _warm_up_back's ring; its
+    transition and duration sums go to rows of their own (the launcher adds
+    them up), the coverage of positions past its span to its spill rows,
+    and it saves the ring it warmed up with (junction row 0) and the ring it
+    ends with (row 1) for the launcher to compare."""
+    pid = tl.program_id(0).to(tl.int64)
+    if PARALLEL:
+        b = pid // n_ckpt
+        jp = pid - b * n_ckpt  # the span this program sweeps
+    else:
+        b = pid
+        jp = pid * 0
     DT = scores_ptr.dtype.element_ty
     cs = tl.arange(0, C_PAD)
     cl = tl.minimum(cs, C - 1)
@@ -1078,12 +1184,14 @@ def _backward_kernel(
     g_scores_ptr += b * T * C  # (T, C) of this sequence, like the boundary gradients
     g_start_sc_ptr += b * T * C
     g_end_sc_ptr += b * T * C
-    g_trans_ptr += b * (K * C * C if DD else C * C)
-    g_dur_ptr += b * K * C
+    g_trans_ptr += pid * (K * C * C if DD else C * C)  # PARALLEL: a span's own rows
+    g_dur_ptr += pid * K * C
     g_start_tr_ptr += b * C
     g_end_tr_ptr += b * C
     ring = ring_ws_ptr + b * S * C_PAD
-    back = back_ws_ptr + b * K * C_PAD  # slot e % K: the segment [t, e)
+    back = back_ws_ptr + pid * K * C_PAD  # slot e % K: the segment [t, e)
+    spill_ptr += pid * K * C  # row u - last - 1: position u past the span
+    junction_ptr += pid * 2 * K * C_PAD
 
     log_z = tl.load(log_z_ptr + b)
     g = tl.load(grad_ptr + b)
@@ -1100,9 +1208,16 @@ def _backward_kernel(
     Q = tl.full([], 0.0, tl.float64)  # backward offset
     last_span = tl.minimum(L // interval, n_ckpt - 1)
     # A sequence with no valid segmentation keeps its zero gradients.
-    n_spans = tl.where(log_z == float("-inf"), 0, last_span + 1)
+    if PARALLEL:
+        top = jp
+        n_spans = tl.where((log_z == float("-inf")) | (jp > last_span), 0, 1)
+    else:
+        top = last_span
+        n_spans = tl.where(log_z == float("-inf"), 0, last_span + 1)
+    if REDO:
+        n_spans = tl.where(tl.load(redo_ptr + b) != 0, n_spans, 0)
     for jj in range(0, n_spans):
-        j = last_span - jj
+        j = top - jj
         first = j * interval
         last = tl.where(j == last_span, L, first + interval - 1)
 
@@ -1118,6 +1233,18 @@ def _backward_kernel(
             _recompute_span(j, L, last_span, ring, ckpt_ptr, ckpt_off_ptr, alpha_buf, sigma_buf,
                             off_buf, trans_tile, inputs, T, K, C, interval, DD, HAS_START,
                             HAS_END, C_PAD, BLOCK_D)
+        if PARALLEL:
+            if j < last_span:
+                # The next span's first row: position last + 1.
+                nxt = rows + interval + 1
+                _fill(back, K, C_PAD, float("-inf"), C_PAD, BLOCK_D)
+                Q, anchored = _warm_up_back(
+                    tl.minimum(L, last + 1 + warmup), last, L, Q, back, trans_tile, end_tr,
+                    tl.load(alpha_ws_ptr + nxt * C_PAD + cs), tl.load(off_ws_ptr + nxt),
+                    ckpt_ptr + (j + 1) * S * C, tl.load(ckpt_off_ptr + j + 1), log_z64, inputs,
+                    K, C, HAS_START, HAS_END, C_PAD, BLOCK_D)
+                tl.store(unanchored_ptr + pid, tl.where(anchored, 0, 1))
+                _copy_rows(back, junction_ptr, K, C_PAD, BLOCK_D)
 
         # Sweep the backward messages through the span, last position first.
         for i in range(0, last - first + 1):
@@ -1195,8 +1322,21 @@ def _backward_kernel(
                     cover = covered[None, :] + tl.cumsum(post, 0, reverse=True)
                     covered += tl.sum(post, 0)
                     pos = tl.where(dok, t + d - 1, t)
-                    gs_ptrs = g_scores_ptr + pos[:, None] * C + cl[None, :]
-                    tl.store(gs_ptrs, tl.load(gs_ptrs, mask=ok, other=0.0) + cover, mask=ok)
+                    if PARALLEL:
+                        # Positions past the span: its spill rows.
+                        past = (pos > last)[:, None]
+                        own = ok & ~past
+                        gs_ptrs = g_scores_ptr + pos[:, None] * C + cl[None, :]
+                        tl.store(gs_ptrs, tl.load(gs_ptrs, mask=own, other=0.0) + cover,
+                                 mask=own)
+                        row = tl.where(pos > last, pos - last - 1, 0)
+                        sp_ptrs = spill_ptr + row[:, None] * C + cl[None, :]
+                        tl.store(sp_ptrs, tl.load(sp_ptrs, mask=ok & past, other=0.0) + cover,
+                                 mask=ok & past)
+                    else:
+                        gs_ptrs = g_scores_ptr + pos[:, None] * C + cl[None, :]
+                        tl.store(gs_ptrs, tl.load(gs_ptrs, mask=ok, other=0.0) + cover,
+                                 mask=ok)
                 if WANT_START:
                     tl.store(g_start_sc_ptr + t * C + cl, covered, mask=cm)
                 if t == 0:
@@ -1225,7 +1365,7 @@ def _backward_kernel(
                         # at t, or one segment across t, has probability 1, so
                         # the rounding that forward and backward gather over
                         # (t, L] cannot pile up over the whole sequence.
-                        Q = _reanchor(
+                        Q, _anchored = _reanchor(
                             t, tK, Q, Q_ring, alpha, beta, shift_beta, back,
                             ckpt_ptr + j * S * C, tl.load(ckpt_off_ptr + j), log_z64,
                             inputs, K, C, DD, C_PAD, BLOCK_D)
@@ -1241,6 +1381,9 @@ def _backward_kernel(
                     tl.store(g_trans_2d, total, mask=ok2)
                     g_trans_acc = tl.zeros([C_PAD, C_PAD], DT)
         tl.debug_barrier()
+        if PARALLEL:
+            if j > 0:  # the ring moved to step first - 1, for span j - 1's junction
+                _copy_rows(back, junction_ptr + K * C_PAD, K, C_PAD, BLOCK_D)
 
 
 # --------------------------------------------------------------------------

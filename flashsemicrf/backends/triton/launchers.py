@@ -329,6 +329,11 @@ def uses_span_recompute() -> bool:
     return _switch("FLASHSEMICRF_TRITON_RECOMPUTE", "spans", "sweep")
 
 
+def uses_parallel_sweeps() -> bool:
+    """FLASHSEMICRF_TRITON_SWEEP: ``parallel``, or ``serial`` (the default)."""
+    return _switch("FLASHSEMICRF_TRITON_SWEEP", "parallel", "serial")
+
+
 def forward(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
             start_transition: Tensor, end_transition: Tensor, start_scores: Tensor | None,
             end_scores: Tensor | None, interval: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -368,6 +373,17 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
              start_scores: Tensor | None, end_scores: Tensor | None, log_z: Tensor,
              checkpoint_ring: Tensor, checkpoint_offset: Tensor, interval: int,
              boundary_mass: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_with_verdicts(grad_log_z, scores, transition, duration, lengths,
+                                  start_transition, end_transition, start_scores, end_scores,
+                                  log_z, checkpoint_ring, checkpoint_offset, interval,
+                                  boundary_mass)[0]
+
+
+def backward_with_verdicts(grad_log_z, scores, transition, duration, lengths, start_transition,
+                           end_transition, start_scores, end_scores, log_z, checkpoint_ring,
+                           checkpoint_offset, interval, boundary_mass):
+    """backward's gradients and the sequences whose parallel sweeps were
+    accepted (B,), or None where the serial sweep ran alone."""
     p = _Launch(scores, transition, duration, lengths, start_transition, end_transition,
                 start_scores, end_scores)
     B, T, K, C = p.B, p.T, p.K, p.C
@@ -393,12 +409,15 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
     want_end = _contract.returns_boundary_gradient(p.has_end, boundary_mass)
     g_start_sc = p.zeros(B, T, C) if want_start else p.empty(0)
     g_end_sc = p.zeros(B, T, C) if want_end else p.empty(0)
+    grads = (g_scores, g_trans, g_dur, g_start_tr, g_end_tr, g_start_sc, g_end_sc)
+    accepted = None
     if B:
         log_z = log_z.contiguous()
         checkpoint_ring = checkpoint_ring.contiguous()
         checkpoint_offset = checkpoint_offset.contiguous()
         rows = interval + 1  # rows of a span buffer: boundaries first … last
-        recomputed = uses_span_recompute()
+        parallel = uses_parallel_sweeps() and not p.dd and n_ckpt >= 2
+        recomputed = parallel or uses_span_recompute()
         if recomputed:
             # Every span of every sequence at once, one program a span, into
             # span buffers that hold all of a sequence's spans (n_ckpt ·
@@ -417,16 +436,85 @@ def backward(grad_log_z: Tensor, scores: Tensor, transition: Tensor, duration: T
             sigma_buf = p.empty(B, rows, p.C_PAD)
             off_buf = p.empty(B, rows, dtype=torch.float64)
             ring = p.ring_workspace()
+        args = (grad_log_z.contiguous(), *p.inputs, log_z, checkpoint_ring, checkpoint_offset)
+        boundary = (g_start_sc if want_start else g_scores, g_end_sc if want_end else g_scores)
+        meta = dict(WANT_START=want_start, WANT_END=want_end, FLUSH=FLUSH_POSITIONS,
+                    RECOMPUTED=recomputed, **p.meta)
+        spans = B * n_ckpt
+        back = p.empty(spans if parallel else B, K, p.C_PAD)
+        redo = p.inputs[3]  # any pointer: not read without REDO
+        if parallel:
+            accepted = _parallel_sweeps(p, args, grads, boundary, ring, back, alpha_buf,
+                                        sigma_buf, off_buf, interval, n_ckpt, meta)
+            redo = accepted.logical_not().to(torch.int32)
+        # The serial sweep: every sequence, or (REDO) those the parallel
+        # sweeps could not join, whose programs alone do anything.
         torch.library.wrap_triton(kernels._backward_kernel)[(B,)](
-            grad_log_z.contiguous(), *p.inputs, log_z, checkpoint_ring, checkpoint_offset,
-            g_scores, g_trans, g_dur, g_start_tr, g_end_tr,
-            g_start_sc if want_start else g_scores, g_end_sc if want_end else g_scores,
-            ring, p.empty(B, K, p.C_PAD), alpha_buf, sigma_buf, off_buf,
-            T, K, C, interval, n_ckpt,
-            WANT_START=want_start, WANT_END=want_end, FLUSH=FLUSH_POSITIONS,
-            RECOMPUTED=recomputed, **p.meta)
+            *args, g_scores, g_trans, g_dur, g_start_tr, g_end_tr, *boundary,
+            ring, back, alpha_buf, sigma_buf, off_buf, ring, ring, redo, redo,
+            T, K, C, interval, n_ckpt, 0, PARALLEL=False, REDO=parallel, **meta)
     dt = p.scores.dtype
-    return g_scores, g_trans.to(dt), g_dur.to(dt), g_start_tr, g_end_tr, g_start_sc, g_end_sc
+    return (g_scores, g_trans.to(dt), g_dur.to(dt), g_start_tr, g_end_tr, g_start_sc,
+            g_end_sc), accepted
+
+
+def _parallel_sweeps(p: _Launch, args, grads, boundary, ring, back, alpha_buf, sigma_buf,
+                     off_buf, interval, n_ckpt, meta):
+    """FLASHSEMICRF_TRITON_SWEEP=parallel (static transition, two spans or
+    more; docs/design.md, "The sweeps in parallel"): one program a span, each
+    but the last starting a warm-up after its span from a guess; then, in
+    tensor ops, every junction (a span's warmed-up ring against the ring the
+    next span ended with, entry by entry in float64, one log ratio within
+    the chunked forward's allowance), the spans' float64 sums added up in
+    span order, and each span's spill added to the positions after it, in
+    span order. Returns the sequences accepted (B,); the others' gradients
+    are left zero, for the serial sweep to redo."""
+    B, T, K, C = p.B, p.T, p.K, p.C
+    g_scores, g_trans, g_dur, g_start_tr, g_end_tr, g_start_sc, g_end_sc = grads
+    spans = B * n_ckpt
+    span_trans = p.zeros(spans, C, C, dtype=torch.float64)
+    span_dur = p.zeros(spans, K, C, dtype=torch.float64)
+    spill = p.zeros(spans, K, C)
+    junction = p.empty(spans, 2, K, p.C_PAD)
+    unanchored = torch.zeros(spans, dtype=torch.int32, device=p.scores.device)
+    warmup = _chunk_plan(p, interval, n_ckpt)[0]
+    torch.library.wrap_triton(kernels._backward_kernel)[(spans,)](
+        *args, g_scores, span_trans, span_dur, g_start_tr, g_end_tr, *boundary,
+        ring, back, alpha_buf, sigma_buf, off_buf, spill, junction, unanchored, unanchored,
+        T, K, C, interval, n_ckpt, warmup, PARALLEL=True, REDO=False, **meta)
+    lengths, log_z = p.inputs[3], args[9]
+    last_span = torch.clamp(lengths // interval, max=n_ckpt - 1)
+    # Junction j: span j's warmed-up ring, span j + 1's last, for j < last_span.
+    junction = junction.view(B, n_ckpt, 2, K, p.C_PAD)[..., :C].double()
+    warmed, ended = junction[:, :-1, 0].flatten(2), junction[:, 1:, 1].flatten(2)
+    empty = (warmed == -math.inf) & (ended == -math.inf)
+    r = torch.where(empty, 0.0, warmed - ended)
+    bad = (~empty & ~torch.isfinite(r)).any(-1)
+    allowance = CHUNK_SLACK[p.scores.dtype] + CHUNK_ULPS * UNIT_ROUNDING[p.scores.dtype] * \
+        torch.maximum(warmed.abs(), ended.abs())
+    lo = torch.where(empty, -math.inf, r - allowance).amax(-1)
+    hi = torch.where(empty, math.inf, r + allowance).amin(-1)
+    valid = torch.arange(n_ckpt - 1, device=g_scores.device)[None, :] < last_span[:, None]
+    fits = ~bad & (lo <= hi) & (unanchored.view(B, n_ckpt)[:, :-1] == 0)
+    accepted = (~valid | fits).all(1) | (log_z == -math.inf)
+    # The spans' sums, and their coverage of the positions after them: spill
+    # row r of span j is position (j + 1) · interval + r, in layers of
+    # `interval` rows, within which no position takes two spans' rows (so
+    # that index_add_ adds each once, in a fixed order). Positions past T
+    # take only zeros (nothing covers them): clamped to T - 1.
+    g_trans += span_trans.view(B, n_ckpt, C, C).sum(1)
+    g_dur += span_dur.view(B, n_ckpt, K, C).sum(1)
+    spill = spill.view(B, n_ckpt, K, C)[:, :-1]
+    starts = torch.arange(1, n_ckpt, device=g_scores.device) * interval
+    for r0 in range(0, K, interval):
+        r = torch.arange(r0, min(r0 + interval, K), device=g_scores.device)
+        pos = (starts[:, None] + r[None, :]).clamp(max=T - 1).flatten()
+        g_scores.index_add_(1, pos, spill[:, :, r0:r0 + interval].flatten(1, 2))
+    # The rejected sequences' gradients start again from zero.
+    for g in grads:
+        if g.numel():
+            g.masked_fill_(~accepted.view(B, *[1] * (g.dim() - 1)), 0)
+    return accepted
 
 
 def viterbi(scores: Tensor, transition: Tensor, duration: Tensor, lengths: Tensor,
