@@ -417,7 +417,7 @@ def backward_with_verdicts(grad_log_z, scores, transition, duration, lengths, st
         checkpoint_offset = checkpoint_offset.contiguous()
         rows = interval + 1  # rows of a span buffer: boundaries first … last
         parallel = uses_parallel_sweeps() and not p.dd and n_ckpt >= 2
-        recomputed = parallel or uses_span_recompute()
+        recomputed = uses_span_recompute() or parallel
         if recomputed:
             # Every span of every sequence at once, one program a span, into
             # span buffers that hold all of a sequence's spans (n_ckpt ·
