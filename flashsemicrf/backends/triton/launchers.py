@@ -461,14 +461,14 @@ def backward_with_verdicts(grad_log_z, scores, transition, duration, lengths, st
 def _parallel_sweeps(p: _Launch, args, grads, boundary, ring, back, alpha_buf, sigma_buf,
                      off_buf, interval, n_ckpt, meta):
     """FLASHSEMICRF_TRITON_SWEEP=parallel (static transition, two spans or
-    more; docs/design.md, "The sweeps in parallel"): one program a span, each
-    but the last starting a warm-up after its span from a guess; then, in
-    tensor ops, every junction (a span's warmed-up ring against the ring the
-    next span ended with, entry by entry in float64, one log ratio within
-    the chunked forward's allowance), the spans' float64 sums added up in
-    span order, and each span's spill added to the positions after it, in
-    span order. Returns the sequences accepted (B,); the others' gradients
-    are left zero, for the serial sweep to redo."""
+    more; docs/design.md, "The Triton sweeps in parallel"): one program a
+    span, each but the last starting a warm-up after its span from a guess;
+    then, in tensor ops, every junction (a span's warmed-up ring against the
+    ring the next span ended with, entry by entry in float64, one log ratio
+    within the chunked forward's allowance), the spans' float64 sums added
+    up in span order, and each span's spill added to the positions after
+    it, in span order. Returns the sequences accepted (B,); the others'
+    gradients are left zero, for the serial sweep to redo."""
     B, T, K, C = p.B, p.T, p.K, p.C
     g_scores, g_trans, g_dur, g_start_tr, g_end_tr, g_start_sc, g_end_sc = grads
     spans = B * n_ckpt
