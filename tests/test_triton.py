@@ -96,7 +96,8 @@ def test_lengths_are_runtime_arguments():
     GPU below; the interpreter keeps no kernel cache to count)."""
     per_kernel = {
         kernels._forward_kernel: {"T", "interval", "n_ckpt", "chunks", "chunk_spans", "warmup"},
-        kernels._backward_kernel: {"T", "interval", "n_ckpt"},
+        kernels._backward_kernel: {"T", "interval", "n_ckpt", "warmup"},
+        kernels._recompute_kernel: {"T", "interval", "n_ckpt"},
         kernels._viterbi_kernel: {"T", "interval", "n_ckpt"},
         kernels._filter_kernel: {"T"},
         kernels._exp_forward_kernel: {"T", "interval", "n_ckpt"},
