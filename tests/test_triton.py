@@ -200,6 +200,22 @@ assert len(traced) == 2, f"{len(traced)} graphs for three lengths"
 assert all("triton_kernel_wrapper" in code for code in traced)
 print("torch.compile: one forward and one backward graph")
 
+
+# log_z traced afresh (with the switches as they are now) into one forward
+# and one backward graph: the kernel launches in the backward graph.
+def traced_launches():
+    torch._dynamo.reset()
+    traced.clear()
+    fn = torch.compile(log_z, fullgraph=True, dynamic=True,
+                       backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    try:
+        fn(*x)
+    except NoLaunch:
+        pass
+    assert len(traced) == 2, traced
+    return traced[1].count("triton_kernel_wrapper_functional(")
+
+
 # The chunked forward runs the same forward kernel, chunk sizes and warm-up
 # being runtime arguments: it compiles nothing new (its first launch is
 # refused, so the junctions and the serial redo are the interpreter's to test).
@@ -274,16 +290,7 @@ print("span recomputes: one recompute kernel and one sweep a variant")
 
 # torch.compile keeps the switch it read when traced: its backward graph
 # launches the recompute kernel, then the sweep.
-torch._dynamo.reset()
-traced.clear()
-fn = torch.compile(log_z, fullgraph=True, dynamic=True,
-                   backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-try:
-    fn(*x)
-except NoLaunch:
-    pass
-launches = traced[-1].count("triton_kernel_wrapper_functional(")
-assert len(traced) == 2 and launches == 2 and "RECOMPUTED': True" in traced[1], traced[-1]
+assert traced_launches() == 2 and "RECOMPUTED': True" in traced[1], traced[-1]
 print("torch.compile, span recomputes: the recompute and the sweep in the backward graph")
 
 # The sweeps in parallel: one parallel sweep and one redo variant a dtype,
@@ -306,16 +313,7 @@ with compiled_not_launched(kernels._recompute_kernel, kernels._backward_kernel):
             assert span_kernels() == [before[0], before[1] + 2], (dtype, T, span_kernels())
 print("parallel sweeps: one parallel sweep and one redo kernel a dtype")
 
-torch._dynamo.reset()
-traced.clear()
-fn = torch.compile(log_z, fullgraph=True, dynamic=True,
-                   backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
-try:
-    fn(*x)
-except NoLaunch:
-    pass
-launches = traced[-1].count("triton_kernel_wrapper_functional(")
-assert len(traced) == 2 and launches == 3 and "PARALLEL': True" in traced[1], traced[-1]
+assert traced_launches() == 3 and "PARALLEL': True" in traced[1], traced[-1]
 print("torch.compile, parallel sweeps: the recompute, the sweeps and the redo in one graph")
 """
 
@@ -409,12 +407,16 @@ RECOMPUTE_SHAPES = [(3, 23, 4, 3, False, 5), (3, 17, 6, 2, True, 4), (2, 9, 7, 3
                     (2, 6, 3, 2, True, 1), (2, 1, 3, 2, False, 0), (2, 8, 2, 3, False, 0)]
 
 
-def _recompute_both_ways(monkeypatch, args, interval, up):
-    ops = torch.ops.flashsemicrf_triton
-    # Workspace filled with NaN, so that a row no kernel wrote shows (freed
-    # memory would otherwise hand the spans' buffers the sweep's old rows).
+def _poison_workspace(monkeypatch):
+    """Workspace filled with NaN, so that a row no kernel wrote shows (freed
+    memory would otherwise hand the spans' buffers the sweep's old rows)."""
     monkeypatch.setattr(launchers._Launch, "empty", lambda self, *shape, dtype=None: torch.full(
         shape, float("nan"), dtype=dtype or self.scores.dtype, device=self.scores.device))
+
+
+def _recompute_both_ways(monkeypatch, args, interval, up):
+    ops = torch.ops.flashsemicrf_triton
+    _poison_workspace(monkeypatch)
     fwd = ops.forward(*args, interval)
     grads = []
     for mode in ("sweep", "spans"):
@@ -475,8 +477,7 @@ def _sweep_both_ways(monkeypatch, args, interval, up):
     """(forward, serial sweep's gradients, parallel sweeps' gradients, the
     sequences whose parallel sweeps were accepted), NaN in every workspace."""
     ops = torch.ops.flashsemicrf_triton
-    monkeypatch.setattr(launchers._Launch, "empty", lambda self, *shape, dtype=None: torch.full(
-        shape, float("nan"), dtype=dtype or self.scores.dtype, device=self.scores.device))
+    _poison_workspace(monkeypatch)
     fwd = ops.forward(*args, interval)
     monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "serial")
     serial = ops.backward(up, *args, *fwd, interval, True)
