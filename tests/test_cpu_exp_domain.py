@@ -18,6 +18,7 @@ API.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +26,7 @@ import torch
 
 import flashsemicrf  # noqa: F401  (loads the compiled ops when they are built)
 from conftest import assert_close, log_z_and_grads, make_case, random_small_cases
+from exp_problems import assert_within_log_domain_error, random_exp_problems
 
 ENV = "FLASHSEMICRF_CPU_ALGORITHM"
 GRADIENTS = ("scores", "transition", "duration", "start_transition", "end_transition",
@@ -588,6 +590,53 @@ def _as_close_to_float64_as_log(monkeypatch, adv, dtype):
         for name, gr in g_e.items():
             if gr.dim() > 0 and gr.shape[0] == B:
                 assert (gr[adv.dead_row] == 0).all(), name
+
+
+@pytest.mark.parametrize("family", ["mixed", "boundary", "outshone"])
+def test_random_adversaries(monkeypatch, family):
+    """random_exp_problem's problems, built to make an exp-domain kernel lose
+    mass that matters (labels dying partway, duration scores to the dtype's
+    range, start and end scores up to 200 nats, the outshone label), both
+    dtypes: the exp-domain forward gives the float64 log-domain log Z
+    (certified or handed to the log scan), and the exp-domain backward every
+    gradient to within what the log-domain backward in the same dtype itself
+    misses, plus rounding: no NaN. The same problems, in the same order, as
+    the CUDA kernels' under the emulator; 6 a family by default, and those
+    where a kernel was once wrong (FLASHSEMICRF_EXP_FUZZ_PROBLEMS=N runs N a
+    family)."""
+    n = int(os.environ.get("FLASHSEMICRF_EXP_FUZZ_PROBLEMS", "6"))
+    # Boundary problem 135 (float64, log Z 25 639): the exp-domain backward
+    # gave NaN transition and end-score gradients. Its alpha-beta scale
+    # exp(aoff - Qb) overflowed to inf where a label had alpha_hat = 0, and
+    # 0 * inf reached the posteriors that the coverage check does not sum.
+    found = {("boundary", 135)}
+    up64 = torch.tensor([0.7, 1.3], dtype=F64)
+    checked = 0
+    for drawn, i, dtype, args in random_exp_problems(n, found):
+        if drawn != family:
+            continue
+        checked += 1
+        where = f"{family} problem {i} ({dtype})"
+        wide = [a.double() if a is not None and a.is_floating_point() else a for a in args]
+        monkeypatch.setenv(ENV, "log")
+        truth = torch.ops.flashsemicrf.forward(*wide, 0)
+        plain_fwd = torch.ops.flashsemicrf.forward(*args, 0)
+        monkeypatch.setenv(ENV, "exp")
+        fwd = torch.ops.flashsemicrf.forward(*args, 0)
+        want = truth[0]
+        tol = (1e-9 if dtype == F64 else 1e-4) * want.abs().clamp(min=1.0)
+        got = fwd[0].double()
+        ok = ((got - want).abs() <= tol) | (torch.isinf(want) & (got == want))
+        assert bool(ok.all()), f"{where}: log Z {got.tolist()} != {want.tolist()}"
+        if not bool(torch.isfinite(want).all()):
+            continue
+        up = up64.to(dtype)
+        got = torch.ops.flashsemicrf.backward(up, *args, *fwd[:3], 0, True)
+        monkeypatch.setenv(ENV, "log")
+        want = torch.ops.flashsemicrf.backward(up64, *wide, *truth[:3], 0, True)
+        plain = torch.ops.flashsemicrf.backward(up, *args, *plain_fwd[:3], 0, True)
+        assert_within_log_domain_error(where, got, want, plain, dtype)
+    assert checked >= 2 * n
 
 
 # -- the duration-dependent (K, C, C) transition --------------------------------------------------

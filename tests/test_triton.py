@@ -699,7 +699,7 @@ def test_exp_forward_random_adversaries(monkeypatch):
     runs N. (It found the outshone problem of _flushed's comment.)"""
     import random
 
-    from test_cuda_emulated import random_exp_problem
+    from exp_problems import random_exp_problem
 
     n = int(os.environ.get("FLASHSEMICRF_TRITON_FUZZ_PROBLEMS", "1"))
     rng = random.Random(20261205)
