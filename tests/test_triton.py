@@ -543,6 +543,71 @@ def test_parallel_sweeps_hand_over_what_they_have_not_forgotten(monkeypatch):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_chunks_and_parallel_sweeps_random_adversaries(monkeypatch):
+    """The chunked forward and the parallel sweeps on random_exp_problem's
+    adversarial families (labels dying partway, sparse durations down to
+    -700, -inf transitions, start and end scores up to 200 nats, the
+    outshone label), about five spans a sequence, warm-ups drawn from 1 to
+    min(3K, T/2) so that junctions are met near the edge of forgetting: log
+    Z is the float64 log domain's (a sequence the forward's junctions reject
+    has the serial forward's bits), and every gradient the parallel sweeps
+    take from the chunked forward's checkpoints is the float64 log-domain
+    backward's to within what the serial sweep in the same dtype misses,
+    plus rounding. One problem a family by default (float32, float64,
+    float32; the interpreter takes 20-50 s each), and both verdicts of both
+    passes occur; FLASHSEMICRF_TRITON_FUZZ_PROBLEMS=N runs 2N a family."""
+    import random
+
+    from exp_problems import assert_within_log_domain_error, random_exp_problem
+
+    ops = torch.ops.flashsemicrf_triton
+    variable = "FLASHSEMICRF_TRITON_FUZZ_PROBLEMS"
+    count = 2 * int(os.environ[variable]) if variable in os.environ else 1
+    rng = random.Random(20261207)
+    verdicts = {"forward": set(), "sweeps": set()}
+    up64 = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    for f, family in enumerate(("mixed", "boundary", "outshone")):
+        for i in range(count):
+            dtype = (torch.float32, torch.float64)[(f + i) % 2]
+            args = random_exp_problem(rng, dtype, family)
+            T, K = args[0].shape[1], args[2].shape[0]
+            interval = max(1, T // 5)
+            warmup = rng.randint(1, max(1, min(3 * K, T // 2)))
+            where = f"{family} problem {i} ({dtype}), warm-up {warmup}"
+            monkeypatch.setattr(launchers, "CHUNK_WARMUP", warmup)
+            wide = [a.double() if a is not None and a.is_floating_point() else a for a in args]
+            monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
+            truth = torch.ops.flashsemicrf.forward(*wide, interval)
+            args = [a.to(TRITON_DEVICE) if a is not None else None for a in args]
+            monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "serial")
+            serial = ops.forward(*args, interval)
+            monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "chunks")
+            *fwd, _, joined = launchers.forward_with_verdicts(*args, interval)
+            want = truth[0]
+            got = fwd[0].double().cpu()
+            tol = (1e-9 if dtype == torch.float64 else 1e-4) * want.abs().clamp(min=1.0)
+            ok = ((got - want).abs() <= tol) | (torch.isinf(want) & (got == want))
+            assert bool(ok.all()), f"{where}: log Z {got.tolist()} != {want.tolist()}"
+            if joined is not None:  # two chunks or more
+                verdicts["forward"] |= set(joined.tolist())
+                for b in (~joined).nonzero().flatten().tolist():
+                    for a, s in zip(fwd, serial):
+                        assert torch.equal(a[b], s[b]), where
+            if not bool(torch.isfinite(want).all()):
+                continue
+            up = up64.to(dtype).to(TRITON_DEVICE)
+            grads64 = torch.ops.flashsemicrf.backward(up64, *wide, *truth[:3], interval, True)
+            monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "serial")
+            plain = [g.cpu() for g in ops.backward(up, *args, *serial, interval, True)]
+            monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "parallel")
+            grads, accepted = launchers.backward_with_verdicts(up, *args, *fwd, interval, True)
+            if accepted is not None:  # two spans or more
+                verdicts["sweeps"] |= set(accepted.tolist())
+            assert_within_log_domain_error(where, [g.cpu() for g in grads], grads64, plain, dtype)
+    assert verdicts == {"forward": {False, True}, "sweeps": {False, True}}, verdicts
+
+
 def test_parallel_sweeps_switch_is_checked(monkeypatch):
     monkeypatch.setenv("FLASHSEMICRF_TRITON_SWEEP", "spans")
     case = make_case(3, 1, 4, 2, 2)
