@@ -144,6 +144,22 @@ def random_exp_problems(n, found=(), seed=20261205):
             if i < 2 * n or (family, i) in found:
                 yield family, i, dtype, args
 
+
+def widened(args):
+    """The op's arguments with every floating tensor in float64 (the truth
+    the exp-domain kernels are held to)."""
+    return [a.double() if a is not None and a.is_floating_point() else a for a in args]
+
+
+def assert_log_z(where, got, want, dtype):
+    """log Z `got` (a kernel's, in `dtype`) is the float64 log-domain `want`
+    to 1e-9 (float64) or 1e-4 (float32) relative, at least absolute; -inf
+    where it is -inf."""
+    got = got.double().cpu()
+    tol = (1e-9 if dtype == torch.float64 else 1e-4) * want.abs().clamp(min=1.0)
+    ok = ((got - want).abs() <= tol) | (torch.isinf(want) & (got == want))
+    assert bool(ok.all()), f"{where}: log Z {got.tolist()} != {want.tolist()}"
+
 # The op's gradient outputs, in its order.
 OP_GRAD_NAMES = ("scores", "transition", "duration", "start_transition", "end_transition",
                  "start_scores", "end_scores")

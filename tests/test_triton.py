@@ -559,7 +559,8 @@ def test_chunks_and_parallel_sweeps_random_adversaries(monkeypatch):
     passes occur; FLASHSEMICRF_TRITON_FUZZ_PROBLEMS=N runs 2N a family."""
     import random
 
-    from exp_problems import assert_within_log_domain_error, random_exp_problem
+    from exp_problems import (assert_log_z, assert_within_log_domain_error, random_exp_problem,
+                              widened)
 
     ops = torch.ops.flashsemicrf_triton
     variable = "FLASHSEMICRF_TRITON_FUZZ_PROBLEMS"
@@ -576,7 +577,7 @@ def test_chunks_and_parallel_sweeps_random_adversaries(monkeypatch):
             warmup = rng.randint(1, max(1, min(3 * K, T // 2)))
             where = f"{family} problem {i} ({dtype}), warm-up {warmup}"
             monkeypatch.setattr(launchers, "CHUNK_WARMUP", warmup)
-            wide = [a.double() if a is not None and a.is_floating_point() else a for a in args]
+            wide = widened(args)
             monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
             truth = torch.ops.flashsemicrf.forward(*wide, interval)
             args = [a.to(TRITON_DEVICE) if a is not None else None for a in args]
@@ -584,17 +585,13 @@ def test_chunks_and_parallel_sweeps_random_adversaries(monkeypatch):
             serial = ops.forward(*args, interval)
             monkeypatch.setenv("FLASHSEMICRF_TRITON_FORWARD", "chunks")
             *fwd, _, joined = launchers.forward_with_verdicts(*args, interval)
-            want = truth[0]
-            got = fwd[0].double().cpu()
-            tol = (1e-9 if dtype == torch.float64 else 1e-4) * want.abs().clamp(min=1.0)
-            ok = ((got - want).abs() <= tol) | (torch.isinf(want) & (got == want))
-            assert bool(ok.all()), f"{where}: log Z {got.tolist()} != {want.tolist()}"
+            assert_log_z(where, fwd[0], truth[0], dtype)
             if joined is not None:  # two chunks or more
                 verdicts["forward"] |= set(joined.tolist())
                 for b in (~joined).nonzero().flatten().tolist():
                     for a, s in zip(fwd, serial):
                         assert torch.equal(a[b], s[b]), where
-            if not bool(torch.isfinite(want).all()):
+            if not bool(torch.isfinite(truth[0]).all()):
                 continue
             up = up64.to(dtype).to(TRITON_DEVICE)
             grads64 = torch.ops.flashsemicrf.backward(up64, *wide, *truth[:3], interval, True)
@@ -764,7 +761,7 @@ def test_exp_forward_random_adversaries(monkeypatch):
     runs N. (It found the outshone problem of _flushed's comment.)"""
     import random
 
-    from exp_problems import random_exp_problem
+    from exp_problems import assert_log_z, random_exp_problem, widened
 
     n = int(os.environ.get("FLASHSEMICRF_TRITON_FUZZ_PROBLEMS", "1"))
     rng = random.Random(20261205)
@@ -774,18 +771,13 @@ def test_exp_forward_random_adversaries(monkeypatch):
             where = f"{family} problem {i} ({dtype})"
             args = random_exp_problem(rng, dtype, family)
             monkeypatch.setenv("FLASHSEMICRF_CPU_ALGORITHM", "log")
-            truth = torch.ops.flashsemicrf.forward(
-                *[a.double() if a is not None and a.is_floating_point() else a for a in args],
-                0)[0]
+            truth = torch.ops.flashsemicrf.forward(*widened(args), 0)[0]
             args = [a.to(TRITON_DEVICE) if a is not None else None for a in args]
             monkeypatch.setenv("FLASHSEMICRF_TRITON_ALGORITHM", "log")
             plain = [x.cpu() for x in launchers.forward(*args, 0)]
             tol = 1e-9 if dtype == torch.float64 else 1e-4
             certified, got = _check_exp_forward(monkeypatch, args, 0, tol)
-            lz = got[0].double()
-            ok = ((lz - truth).abs() <= tol * truth.abs().clamp(min=1.0)) | \
-                (torch.isinf(truth) & (lz == truth))
-            assert bool(ok.all()), (where, lz.tolist(), truth.tolist())
+            assert_log_z(where, got[0], truth, dtype)
             for a, b in zip(got, plain):
                 assert torch.equal(a[~certified], b[~certified]), where
             ring = [(r.double() + o[..., None, None])[certified] for r, o in (got[1:], plain[1:])]
